@@ -1,0 +1,8 @@
+#pragma once
+
+namespace cohort::tools {
+
+// Each returns the process exit code: 0 on success, 1 on a runtime error, 2 on bad usage.
+int RunGenerate(int argc, char** argv);
+
+}  // namespace cohort::tools

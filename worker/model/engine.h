@@ -1,0 +1,69 @@
+// The model engine: one forward step over a batch of sequences, whatever their phase.
+//
+// Each sequence in a step brings the tokens whose KV entries this step computes, at consecutive
+// positions from `start_position`; the positions before it are already in the paged latent cache,
+// in the blocks its `block_table` lists (block i holds positions [i*block_size, (i+1)*block_size)).
+// A sequence in prefill brings many tokens, one in decode brings one; they share the step.
+//
+//   COHORT_ASSIGN_OR_RETURN(auto engine, CreateEngine({.model_dir = dir}));
+//   std::vector<float> logits(batch.size() * engine->config().vocab_size);
+//   COHORT_RETURN_IF_ERROR(engine->Forward(batch, logits));
+//
+// The KV cache stores, per token and layer, MLA's compressed latent (kv_lora_rank values, after
+// kv_a_layernorm) and the rotated rope key (qk_rope_head_dim values), not full keys and values.
+// Which blocks belong to whom is the caller's business (worker/kv/block_allocator.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "worker/model/config.h"
+
+namespace cohort {
+
+struct SequenceStep {
+  std::span<const int32_t> tokens;
+  int64_t start_position = 0;
+  std::span<const int32_t> block_table;
+  // Whether to return the logits of this sequence's last token in this step (false for a
+  // prefill chunk that does not reach the end of the prompt).
+  bool compute_logits = true;
+};
+
+struct KvCacheGeometry {
+  int64_t block_size_tokens = 0;
+  int64_t num_blocks = 0;
+  int64_t bytes_per_token = 0;  // all layers
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+
+  virtual const ModelConfig& config() const = 0;
+  virtual const KvCacheGeometry& kv_geometry() const = 0;
+
+  // Runs one step. `logits` receives one row of vocab_size floats for each sequence with
+  // compute_logits, in batch order. InvalidArgument for a token outside the vocabulary, a position
+  // past max_position_embeddings, or a block table too short or naming a block that does not exist.
+  virtual absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) = 0;
+};
+
+struct EngineOptions {
+  std::string model_dir;
+  std::string device = "cpu";
+  int64_t kv_block_size = 16;
+  // KV cache size: num_kv_blocks when positive, else as many blocks as kv_cache_bytes holds.
+  int64_t num_kv_blocks = 0;
+  int64_t kv_cache_bytes = int64_t{256} << 20;
+  int num_threads = 0;  // CPU backend; 0: one per core
+};
+
+// Loads the checkpoint and builds the engine for `options.device`. Errors name the file and
+// tensor that were wrong.
+absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const EngineOptions& options);
+
+}  // namespace cohort
