@@ -71,18 +71,21 @@ absl::Status Generate(const GenerateFlags& f) {
   if (f.prefill_chunk <= 0) return absl::InvalidArgumentError("--prefill-chunk must be positive");
   COHORT_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, ParsePromptIds(f.prompt_ids));
 
+  // The context check comes before the engine sizes its cache from the request.
+  COHORT_ASSIGN_OR_RETURN(const ModelConfig model_config, LoadModelConfig(f.model));
+  const int64_t total = static_cast<int64_t>(tokens.size()) + f.max_tokens;
+  if (total > model_config.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt (", tokens.size(), ") plus --max-tokens (", f.max_tokens,
+                                                   ") exceeds the model's context of ",
+                                                   model_config.max_position_embeddings, " tokens"));
+  }
   EngineOptions options;
   options.model_dir = f.model;
   options.device = f.device;
   options.num_threads = f.threads;
+  options.num_kv_blocks = BlocksForTokens(total, options.kv_block_size);  // one request: exactly its blocks
   COHORT_ASSIGN_OR_RETURN(auto engine, CreateEngine(options));
   const ModelConfig& config = engine->config();
-  const int64_t total = static_cast<int64_t>(tokens.size()) + f.max_tokens;
-  if (total > config.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", tokens.size(), ") plus --max-tokens (", f.max_tokens,
-                                                   ") exceeds the model's context of ",
-                                                   config.max_position_embeddings, " tokens"));
-  }
   spdlog::info("loaded {} ({} layers, vocab {}) from {}", config.architecture_name, config.num_layers,
                config.vocab_size, f.model);
 
