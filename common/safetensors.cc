@@ -91,7 +91,8 @@ absl::Status SafetensorsFile::ParseHeader(std::span<const std::byte> bytes) {
     for (const auto& dim : *shape_it) {
       if (!dim.is_number_unsigned()) return where("shape entries must be non-negative integers");
       uint64_t d = dim.get<uint64_t>();
-      if (d != 0 && elements > (uint64_t{1} << 62) / d) return where("shape is too large");
+      // Bounded so that elements * DTypeSize (at most 8) cannot overflow below.
+      if (d != 0 && elements > (uint64_t{1} << 60) / d) return where("shape is too large");
       elements *= d;
       view.shape.push_back(static_cast<int64_t>(d));
     }
@@ -113,7 +114,7 @@ absl::Status SafetensorsFile::ParseHeader(std::span<const std::byte> bytes) {
     view.data = data.subspan(begin, end - begin);
     auto [it, inserted] = tensors_.emplace(name, std::move(view));
     if (!inserted) return where("appears twice");
-    ranges.emplace_back(begin, &it->second);
+    if (end > begin) ranges.emplace_back(begin, &it->second);  // empty tensors occupy nothing
   }
 
   std::sort(ranges.begin(), ranges.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
