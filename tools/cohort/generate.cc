@@ -14,7 +14,7 @@
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "tools/cohort/commands.h"
-#include "worker/kv/block_allocator.h"
+#include "worker/kv/block_manager.h"
 #include "worker/model/engine.h"
 
 namespace cohort::tools {
@@ -90,9 +90,9 @@ absl::Status Generate(const GenerateFlags& f) {
                config.vocab_size, f.model);
 
   const KvCacheGeometry& kv = engine->kv_geometry();
-  BlockAllocator blocks(kv.num_blocks);
+  BlockManager blocks({.num_blocks = kv.num_blocks, .block_size = kv.block_size_tokens, .prefix_caching = false});
   std::vector<int32_t> block_table;
-  if (!blocks.Allocate(BlocksForTokens(total, kv.block_size_tokens), block_table)) {
+  if (!blocks.Grow(block_table, BlocksForTokens(total, kv.block_size_tokens))) {
     return absl::ResourceExhaustedError(absl::StrCat("the KV cache holds ", kv.num_blocks * kv.block_size_tokens,
                                                      " tokens; this request needs ", total));
   }
@@ -122,7 +122,7 @@ absl::Status Generate(const GenerateFlags& f) {
     tokens.push_back(next);
     if (!f.ignore_eos && config.eos_token_id && next == *config.eos_token_id) break;
   }
-  blocks.Free(block_table);
+  blocks.Release(block_table);
   if (logits_file && !logits_file.flush()) {
     return absl::DataLossError(absl::StrCat("--logits-out: writing ", f.logits_out, " failed"));
   }

@@ -11,7 +11,7 @@
 //
 // The KV cache stores, per token and layer, MLA's compressed latent (kv_lora_rank values, after
 // kv_a_layernorm) and the rotated rope key (qk_rope_head_dim values), not full keys and values.
-// Which blocks belong to whom is the caller's business (worker/kv/block_allocator.h).
+// Which blocks belong to whom is the caller's business (worker/kv/block_manager.h).
 #pragma once
 
 #include <cstdint>

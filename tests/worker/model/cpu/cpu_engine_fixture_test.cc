@@ -7,7 +7,7 @@
 
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
-#include "worker/kv/block_allocator.h"
+#include "worker/kv/block_manager.h"
 #include "worker/model/engine.h"
 
 namespace cohort {
@@ -53,7 +53,7 @@ int32_t Argmax(const std::vector<float>& row) {
 void Generate(Engine& engine, std::vector<Sequence>& seqs, int64_t chunk, const std::vector<int>& join_step) {
   const int64_t vocab = engine.config().vocab_size;
   const int64_t block_size = engine.kv_geometry().block_size_tokens;
-  BlockAllocator blocks(engine.kv_geometry().num_blocks);
+  BlockManager blocks({.num_blocks = engine.kv_geometry().num_blocks, .block_size = block_size, .prefix_caching = false});
   for (int step = 0; !std::all_of(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.done(); }); ++step) {
     std::vector<SequenceStep> batch;
     std::vector<Sequence*> in_batch;
@@ -61,8 +61,7 @@ void Generate(Engine& engine, std::vector<Sequence>& seqs, int64_t chunk, const 
       Sequence& s = seqs[i];
       if (s.done() || step < join_step[i]) continue;
       const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(s.tokens.size()) - s.computed);
-      const int64_t needed = BlocksForTokens(s.computed + n, block_size) - static_cast<int64_t>(s.block_table.size());
-      ASSERT_TRUE(blocks.Allocate(std::max<int64_t>(needed, 0), s.block_table));
+      ASSERT_TRUE(blocks.Grow(s.block_table, BlocksForTokens(s.computed + n, block_size)));
       batch.push_back({{s.tokens.data() + s.computed, static_cast<size_t>(n)}, s.computed, s.block_table,
                        s.computed + n == static_cast<int64_t>(s.tokens.size())});
       in_batch.push_back(&s);
@@ -79,7 +78,7 @@ void Generate(Engine& engine, std::vector<Sequence>& seqs, int64_t chunk, const 
       s.run.generated.push_back(Argmax(r));
       s.run.logits.push_back(std::move(r));
       s.tokens.push_back(s.run.generated.back());
-      if (s.done()) blocks.Free(s.block_table);
+      if (s.done()) blocks.Release(s.block_table);
     }
   }
 }
