@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev
+  nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev prometheus-cpp-dev
+  python3-grpcio python3-protobuf
 )
 
 missing=()

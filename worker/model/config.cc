@@ -263,6 +263,30 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const
   return c;
 }
 
+ParameterCounts CountParameters(const ModelConfig& c) {
+  const int64_t h = c.hidden_size, heads = c.num_heads;
+  int64_t attention = c.q_lora_rank > 0 ? h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim()
+                                        : h * heads * c.qk_head_dim();
+  attention += h * c.kv_cache_width() + c.kv_lora_rank + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim) +
+               heads * c.v_head_dim * h + 2 * h;
+  const int64_t expert = 3 * h * c.moe_intermediate_size;
+  ParameterCounts counts;
+  counts.total = counts.active_per_token = c.vocab_size * h * (c.tie_word_embeddings ? 1 : 2) + h;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    counts.total += attention;
+    counts.active_per_token += attention;
+    if (c.IsMoeLayer(layer)) {
+      const int64_t shared = c.n_shared_experts * expert + c.n_routed_experts * h;  // with the router
+      counts.total += shared + c.n_routed_experts * expert;
+      counts.active_per_token += shared + c.num_experts_per_tok * expert;
+    } else {
+      counts.total += 3 * h * c.intermediate_size;
+      counts.active_per_token += 3 * h * c.intermediate_size;
+    }
+  }
+  return counts;
+}
+
 absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   const std::string path = model_dir + "/config.json";
   std::ifstream in(path);

@@ -80,6 +80,12 @@ struct ModelConfig {
   }
 };
 
+struct ParameterCounts {
+  int64_t total = 0;
+  int64_t active_per_token = 0;  // what one token's forward pass reads: routed experts counted top-k times
+};
+ParameterCounts CountParameters(const ModelConfig& config);
+
 // Parses config.json text. `source` names the file in error messages.
 absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text, const std::string& source);
 // Reads `<dir>/config.json`.

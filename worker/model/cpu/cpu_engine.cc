@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -26,8 +27,10 @@ class CpuEngine final : public Engine {
         geometry_(geometry),
         rope_(config_),
         router_(config_),
-        kv_cache_(static_cast<size_t>(config_.num_layers) * geometry.num_blocks * geometry.block_size_tokens *
-                  config_.kv_cache_width()) {}
+        // Not zeroed: every slot is written before it is read, and untouched pages cost nothing.
+        kv_cache_(std::make_unique_for_overwrite<float[]>(static_cast<size_t>(config_.num_layers) *
+                                                          geometry.num_blocks * geometry.block_size_tokens *
+                                                          config_.kv_cache_width())) {}
 
   const ModelConfig& config() const override { return config_; }
   const KvCacheGeometry& kv_geometry() const override { return geometry_; }
@@ -39,7 +42,7 @@ class CpuEngine final : public Engine {
   float* CacheSlot(int64_t layer, std::span<const int32_t> block_table, int64_t pos) {
     const int64_t block = block_table[pos / geometry_.block_size_tokens];
     const int64_t offset = pos % geometry_.block_size_tokens;
-    return kv_cache_.data() +
+    return kv_cache_.get() +
            ((layer * geometry_.num_blocks + block) * geometry_.block_size_tokens + offset) * config_.kv_cache_width();
   }
 
@@ -53,7 +56,7 @@ class CpuEngine final : public Engine {
   KvCacheGeometry geometry_;
   Rope rope_;
   TopkRouter router_;
-  std::vector<float> kv_cache_;  // [layer][block][slot][kv_lora_rank + qk_rope_head_dim]
+  std::unique_ptr<float[]> kv_cache_;  // [layer][block][slot][kv_lora_rank + qk_rope_head_dim]
 
   // Per-step token layout, rebuilt by Forward.
   std::span<const SequenceStep> batch_;

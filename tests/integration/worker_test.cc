@@ -1,0 +1,295 @@
+// cohort-worker as a client sees it: a real process on 127.0.0.1, spoken to over gRPC.
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <future>
+#include <random>
+#include <thread>
+
+#include "cohort/worker/v1/worker.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/testing/fixtures.h"
+#include "tests/testing/paths.h"
+#include "tests/testing/worker_process.h"
+
+namespace cohort {
+namespace {
+
+using cohort::v1::GenerateRequest;
+using cohort::v1::GenerateResponse;
+using cohort::worker::v1::LoadReport;
+using cohort::worker::v1::Worker;
+using testing::WorkerProcess;
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  cohort::v1::Final final;
+};
+
+GenerateRequest Greedy(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
+  GenerateRequest request;
+  for (int32_t t : prompt) request.mutable_token_ids()->add_ids(static_cast<uint32_t>(t));
+  request.mutable_sampling()->set_temperature(0.0f);
+  request.mutable_stopping()->set_max_tokens(max_tokens);
+  request.mutable_stopping()->set_ignore_eos(true);
+  return request;
+}
+
+StreamResult Generate(Worker::Stub& stub, const GenerateRequest& request, grpc::ClientContext* context = nullptr) {
+  grpc::ClientContext own;
+  grpc::ClientContext* ctx = context != nullptr ? context : &own;
+  StreamResult result;
+  auto reader = stub.Generate(ctx, request);
+  GenerateResponse response;
+  while (reader->Read(&response)) {
+    if (response.has_chunk()) {
+      for (uint32_t t : response.chunk().token_ids()) result.tokens.push_back(static_cast<int32_t>(t));
+    } else if (response.has_final()) {
+      result.final = response.final();
+    }
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+// Reads load reports until `done(report)` or `timeout_ms`; returns whether it was satisfied.
+bool WaitForLoad(Worker::Stub& stub, const std::function<bool(const LoadReport&)>& done, int timeout_ms = 5000) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
+  auto reader = stub.StreamLoad(&ctx, {});
+  LoadReport report;
+  while (reader->Read(&report)) {
+    if (done(report)) {
+      ctx.TryCancel();
+      reader->Finish();
+      return true;
+    }
+  }
+  reader->Finish();
+  return false;
+}
+
+std::vector<int32_t> RandomPrompt(std::mt19937& rng, int vocab) {
+  std::vector<int32_t> prompt(3 + rng() % 30);
+  for (auto& t : prompt) t = 2 + static_cast<int32_t>(rng() % (vocab - 2));
+  return prompt;
+}
+
+TEST(WorkerTest, ConcurrentStreamsGiveTheSameGreedyTokensAsSequentialOnes) {
+  const testing::Fixture fixture = testing::LoadFixture("v2_lite_like");
+  auto worker = WorkerProcess::Start(fixture.model_dir, {"--max-batch-tokens", "64", "--kv-block-size", "8"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+
+  std::mt19937 rng(5);
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& c : fixture.cases) prompts.push_back(c.prompt);
+  while (prompts.size() < 32) prompts.push_back(RandomPrompt(rng, 512));
+
+  std::vector<std::vector<int32_t>> sequential;
+  for (const auto& p : prompts) {
+    StreamResult r = Generate(*stub, Greedy(p, 10));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.final.finish_reason(), cohort::v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(r.final.usage().completion_tokens(), 10u);
+    sequential.push_back(r.tokens);
+  }
+  for (size_t c = 0; c < fixture.cases.size(); ++c) {
+    EXPECT_EQ(sequential[c], fixture.cases[c].generated) << "transformers' greedy tokens, case " << c;
+  }
+
+  std::vector<std::future<StreamResult>> concurrent;
+  for (const auto& p : prompts) {
+    concurrent.push_back(std::async(std::launch::async, [&stub, p] { return Generate(*stub, Greedy(p, 10)); }));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    StreamResult r = concurrent[i].get();
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, sequential[i]) << "stream " << i;
+  }
+}
+
+TEST(WorkerTest, SharedPrefixIsReportedAsCachedPromptTokens) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"), {"--kv-block-size", "4"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  std::vector<int32_t> system(12);
+  for (int i = 0; i < 12; ++i) system[i] = 100 + i;
+  ASSERT_TRUE(Generate(*stub, Greedy(system, 2)).status.ok());
+  std::vector<int32_t> prompt = system;
+  prompt.insert(prompt.end(), {7, 8, 9});
+  StreamResult r = Generate(*stub, Greedy(prompt, 2));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.final.usage().cached_prompt_tokens(), 12u);
+  EXPECT_EQ(r.final.usage().prompt_tokens(), 15u);
+}
+
+TEST(WorkerTest, CancellingAStreamFreesItsBlocks) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"),
+                                     {"--prefix-caching=false", "--kv-cache-bytes", "4000000"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  uint32_t total_blocks = 0;
+  ASSERT_TRUE(WaitForLoad(*stub, [&](const LoadReport& r) {
+    total_blocks = r.total_kv_blocks();
+    return r.free_kv_blocks() == r.total_kv_blocks();
+  }));
+
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, Greedy({5, 6, 7, 8, 9}, 480));
+  GenerateResponse first;
+  ASSERT_TRUE(reader->Read(&first));
+  EXPECT_TRUE(WaitForLoad(*stub, [&](const LoadReport& r) { return r.running_requests() == 1 && r.free_kv_blocks() < total_blocks; }));
+  ctx.TryCancel();
+  GenerateResponse ignored;
+  while (reader->Read(&ignored)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitForLoad(*stub, [&](const LoadReport& r) {
+    return r.running_requests() == 0 && r.free_kv_blocks() == total_blocks;
+  })) << "blocks were not freed after cancellation";
+
+  // A deadline ends a request the same way.
+  grpc::ClientContext short_ctx;
+  short_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+  StreamResult late = Generate(*stub, Greedy({5, 6, 7}, 480), &short_ctx);
+  EXPECT_EQ(late.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(WaitForLoad(*stub, [&](const LoadReport& r) {
+    return r.running_requests() == 0 && r.free_kv_blocks() == total_blocks;
+  }));
+}
+
+TEST(WorkerTest, FullQueueGivesResourceExhausted) {
+  // The fixture with the longest context, so that a request runs for a good fraction of a second.
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v2_group_limited"),
+                                     {"--max-running", "1", "--max-queue", "1"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  grpc::ClientContext running_ctx, waiting_ctx;
+  // Requests not yet running count against the queue, so the second is sent once the first runs.
+  auto running = std::async(std::launch::async, [&] { return Generate(*stub, Greedy({1, 2, 3}, 1000), &running_ctx); });
+  ASSERT_TRUE(WaitForLoad(*stub, [](const LoadReport& r) { return r.running_requests() == 1; }));
+  auto waiting = std::async(std::launch::async, [&] { return Generate(*stub, Greedy({4, 5, 6}, 1000), &waiting_ctx); });
+  ASSERT_TRUE(WaitForLoad(*stub, [](const LoadReport& r) { return r.running_requests() == 1 && r.waiting_requests() == 1; }));
+
+  StreamResult refused = Generate(*stub, Greedy({7, 8, 9}, 5));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status.error_message().find("--max-queue"), std::string::npos) << refused.status.error_message();
+  running_ctx.TryCancel();
+  waiting_ctx.TryCancel();
+  running.get();
+  waiting.get();
+}
+
+TEST(WorkerTest, InvalidRequestsNameTheField) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"), {});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  struct Case {
+    const char* what;
+    std::function<void(GenerateRequest&)> edit;
+    grpc::StatusCode code;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {"negative temperature", [](auto& r) { r.mutable_sampling()->set_temperature(-1); },
+       grpc::StatusCode::INVALID_ARGUMENT, "sampling.temperature"},
+      {"top_p above 1", [](auto& r) { r.mutable_sampling()->set_top_p(1.5f); }, grpc::StatusCode::INVALID_ARGUMENT,
+       "sampling.top_p"},
+      {"max_tokens past context", [](auto& r) { r.mutable_stopping()->set_max_tokens(100000); },
+       grpc::StatusCode::INVALID_ARGUMENT, "stopping.max_tokens"},
+      {"token outside vocabulary", [](auto& r) { r.mutable_token_ids()->add_ids(99999); },
+       grpc::StatusCode::INVALID_ARGUMENT, "99999"},
+      {"empty prompt", [](auto& r) { r.clear_token_ids(); }, grpc::StatusCode::INVALID_ARGUMENT, "prompt"},
+      {"unknown model", [](auto& r) { r.set_model("gpt-17"); }, grpc::StatusCode::NOT_FOUND, "gpt-17"},
+      {"text prompt without tokenizer", [](auto& r) { r.set_text("hello"); }, grpc::StatusCode::UNIMPLEMENTED,
+       "tokenizer"},
+  };
+  for (const Case& c : cases) {
+    GenerateRequest request = Greedy({1, 2, 3}, 4);
+    c.edit(request);
+    StreamResult r = Generate(*stub, request);
+    EXPECT_EQ(r.status.error_code(), c.code) << c.what << ": " << r.status.error_message();
+    EXPECT_NE(r.status.error_message().find(c.message), std::string::npos) << c.what << ": " << r.status.error_message();
+  }
+  // The worker is still healthy afterwards.
+  EXPECT_TRUE(Generate(*stub, Greedy({1, 2, 3}, 4)).status.ok());
+}
+
+TEST(WorkerTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"), {"--drain-timeout", "20"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, Greedy({3, 4, 5}, 400));
+  GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  worker->Signal(SIGTERM);
+  ASSERT_TRUE(WaitForLoad(*stub, [](const LoadReport& r) {
+    return r.state() == cohort::worker::v1::WORKER_STATE_DRAINING;
+  }));
+  StreamResult refused = Generate(*stub, Greedy({1}, 2));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+
+  int tokens = static_cast<int>(response.chunk().token_ids_size());
+  cohort::v1::Final final;
+  while (reader->Read(&response)) {
+    tokens += response.chunk().token_ids_size();
+    if (response.has_final()) final = response.final();
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 400);
+  EXPECT_EQ(final.finish_reason(), cohort::v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(worker->Wait(20), 0) << worker->Log();
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  (void)!write(fd, request.data(), request.size());
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+double MetricValue(const std::string& text, const std::string& name) {
+  for (size_t pos = text.find("\n" + name + " "); pos != std::string::npos;) {
+    return std::stod(text.substr(pos + name.size() + 2));
+  }
+  return -1;
+}
+
+TEST(WorkerTest, PrometheusMetricsCountTheWork) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"), {});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3, 4}, 6)).status.ok());
+  ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3, 4}, 6)).status.ok());
+  // Counters are updated with the next load report (at most 100 ms later).
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const std::string text = HttpGet(worker->metrics_port(), "/metrics");
+  EXPECT_EQ(MetricValue(text, "cohort_worker_generated_tokens_total"), 12) << text;
+  EXPECT_EQ(MetricValue(text, "cohort_worker_prompt_tokens_total"), 8) << text;
+  EXPECT_EQ(MetricValue(text, "cohort_worker_requests_finished_total"), 2) << text;
+  EXPECT_EQ(MetricValue(text, "cohort_worker_time_to_first_token_seconds_count"), 2) << text;
+  EXPECT_GT(MetricValue(text, "cohort_worker_kv_blocks_total"), 0) << text;
+  EXPECT_EQ(MetricValue(text, "cohort_worker_requests_running"), 0) << text;
+}
+
+}  // namespace
+}  // namespace cohort

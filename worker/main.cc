@@ -1,0 +1,175 @@
+// cohort-worker: serves one model on this node's devices over gRPC (worker.proto), with continuous
+// batching over a paged KV cache. See --help.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/flags.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "spdlog/spdlog.h"
+#include "worker/model/engine.h"
+#include "worker/server/engine_loop.h"
+#include "worker/server/load_publisher.h"
+#include "worker/server/metrics.h"
+#include "worker/server/worker_service.h"
+
+namespace cohort {
+namespace {
+
+struct WorkerFlags {
+  std::string model;
+  std::string model_name;
+  std::string host = "0.0.0.0";
+  int port = 50061;
+  int metrics_port = 9091;
+  std::string port_file;
+  std::string device = "cpu";
+  int kv_block_size = 16;
+  int64_t kv_cache_bytes = int64_t{1} << 30;
+  int max_batch_tokens = 2048;
+  int max_running = 256;
+  int max_queue = 1024;
+  bool prefix_caching = true;
+  double drain_timeout_s = 30;
+  std::string worker_id;
+  int threads = 0;
+  std::string log_level = "info";
+};
+
+// SIGTERM and SIGINT are turned into a flag the main thread polls; nothing else runs in the handler.
+volatile std::sig_atomic_t g_signal = 0;
+void OnSignal(int signal) { g_signal = signal; }
+
+absl::Status Serve(const WorkerFlags& f) {
+  if (f.max_batch_tokens <= 0 || f.max_running <= 0 || f.max_queue < 0) {
+    return absl::InvalidArgumentError("--max-batch-tokens and --max-running must be positive, --max-queue >= 0");
+  }
+  EngineOptions engine_options;
+  engine_options.model_dir = f.model;
+  engine_options.device = f.device;
+  engine_options.kv_block_size = f.kv_block_size;
+  engine_options.kv_cache_bytes = f.kv_cache_bytes;
+  engine_options.num_threads = f.threads;
+  COHORT_ASSIGN_OR_RETURN(auto engine, CreateEngine(engine_options));
+  const ModelConfig config = engine->config();
+  const KvCacheGeometry kv = engine->kv_geometry();
+  const std::string model_name =
+      f.model_name.empty() ? std::filesystem::path(f.model).lexically_normal().filename().string() : f.model_name;
+  spdlog::info("loaded {} '{}' from {}: {} layers, {} routed experts; KV cache {} blocks of {} tokens", 
+               config.architecture_name, model_name, f.model, config.num_layers, config.n_routed_experts,
+               kv.num_blocks, kv.block_size_tokens);
+
+  std::unique_ptr<WorkerMetrics> metrics;
+  if (f.metrics_port >= 0) {
+    COHORT_ASSIGN_OR_RETURN(metrics, WorkerMetrics::Create(absl::StrCat(f.host, ":", f.metrics_port)));
+  }
+
+  LoadPublisher publisher;
+  EngineLoopOptions loop_options;
+  loop_options.scheduler = {.max_batch_tokens = f.max_batch_tokens, .max_running = f.max_running};
+  loop_options.prefix_caching = f.prefix_caching;
+  loop_options.max_queue = f.max_queue;
+  loop_options.model_name = model_name;
+  EngineLoop loop(std::move(engine), loop_options, publisher, metrics.get());
+  COHORT_RETURN_IF_ERROR(loop.WarmUp());
+
+  WorkerService service(loop, publisher);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port, " (port in use?)"));
+  }
+  loop.set_worker_id(f.worker_id.empty() ? absl::StrCat(f.host, ":", port) : f.worker_id);
+  loop.Start();
+  server->GetHealthCheckService()->SetServingStatus(true);
+  spdlog::info("serving on {}:{}{}", f.host, port,
+               metrics ? absl::StrCat(", metrics on :", metrics->port(), "/metrics") : std::string());
+  if (!f.port_file.empty()) {
+    // Written whole under a temporary name, then renamed: a reader never sees half a file.
+    const std::string tmp = f.port_file + ".tmp";
+    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port}, {"metrics_port", metrics ? metrics->port() : -1}}.dump()
+                       << "\n";
+    std::filesystem::rename(tmp, f.port_file);
+  }
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  while (g_signal == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+
+  spdlog::info("signal {}: draining (up to {} s)", static_cast<int>(g_signal), f.drain_timeout_s);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  loop.Drain();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(f.drain_timeout_s);
+  while (!loop.idle() && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!loop.idle()) spdlog::warn("drain timeout: ending the requests still running with UNAVAILABLE");
+  loop.Stop();
+  // Give streams a moment to deliver their last messages, then close.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  spdlog::info("drained; exiting");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace cohort
+
+int main(int argc, char** argv) {
+  using cohort::FlagSet;
+  cohort::WorkerFlags f;
+  FlagSet flags("cohort-worker",
+                "Serves one DeepSeek-V2/V3 model over gRPC (cohort.worker.v1.Worker) with continuous batching\n"
+                "over a paged KV cache. Ready (gRPC health SERVING) once the model is loaded and one forward\n"
+                "pass succeeded. SIGTERM drains: new requests get UNAVAILABLE, running ones finish, then exit 0.");
+  flags.Add("model", &f.model, "checkpoint folder: config.json and model*.safetensors", /*required=*/true);
+  flags.Add("model-name", &f.model_name, "name clients use for the model (default: the folder's name)");
+  flags.Add("host", &f.host, "address to listen on");
+  flags.Add("port", &f.port, "gRPC port (0: any free port; see --port-file)");
+  flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
+  flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
+  flags.Add("device", &f.device, "backend: cpu");
+  flags.Add("kv-block-size", &f.kv_block_size, "tokens per KV-cache block");
+  flags.Add("kv-cache-bytes", &f.kv_cache_bytes, "memory for the KV cache");
+  flags.Add("max-batch-tokens", &f.max_batch_tokens, "tokens computed per step, all requests together");
+  flags.Add("max-running", &f.max_running, "requests in the running batch at most");
+  flags.Add("max-queue", &f.max_queue, "waiting requests at most; more get RESOURCE_EXHAUSTED");
+  flags.Add("prefix-caching", &f.prefix_caching, "reuse the KV blocks of shared prompt prefixes");
+  flags.Add("drain-timeout", &f.drain_timeout_s, "seconds SIGTERM waits for running requests");
+  flags.Add("worker-id", &f.worker_id, "name in load reports (default host:port)");
+  flags.Add("threads", &f.threads, "CPU backend threads (0: one per core)");
+  flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
+  if (auto st = flags.Parse(argc, argv); !st.ok()) {
+    if (FlagSet::IsHelp(st)) {
+      std::fputs(flags.Usage().c_str(), stdout);
+      return 0;
+    }
+    std::fprintf(stderr, "cohort-worker: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (auto st = cohort::InitLogging(f.log_level); !st.ok()) {
+    std::fprintf(stderr, "cohort-worker: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (auto st = cohort::Serve(f); !st.ok()) {
+    spdlog::critical("{}", std::string(st.message()));
+    return 1;
+  }
+  return 0;
+}

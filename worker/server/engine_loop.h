@@ -1,0 +1,121 @@
+// The worker's engine thread: the only thread that touches the scheduler, the block manager and
+// the engine. Each iteration takes in new and cancelled requests, schedules a step, runs it,
+// samples, and sends tokens to each request's sink.
+//
+// Thread-safety: Submit, Cancel, Drain and the accessors may be called from any thread (gRPC
+// reactors); everything else runs on the engine thread. The inbox mutex `mu_` guards only the
+// hand-over between the two; no lock is held while a step runs or while a sink is called.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cohort/v1/inference.pb.h"
+#include "worker/kv/block_manager.h"
+#include "worker/model/engine.h"
+#include "worker/scheduler/scheduler.h"
+#include "worker/server/generate_request.h"
+#include "worker/server/load_publisher.h"
+#include "worker/server/metrics.h"
+
+namespace cohort {
+
+// Where a request's output goes. Called on the engine thread; implementations must not block.
+class GenerationSink {
+ public:
+  virtual ~GenerationSink() = default;
+  virtual void OnChunk(cohort::v1::GenerateResponse chunk) = 0;
+  // The last call for a request: `final` (finish reason and usage) when status is OK, else the error.
+  virtual void OnFinish(const absl::Status& status, cohort::v1::GenerateResponse final) = 0;
+};
+
+struct EngineLoopOptions {
+  SchedulerOptions scheduler;
+  bool prefix_caching = true;
+  int64_t max_queue = 1024;  // waiting requests beyond this are refused with RESOURCE_EXHAUSTED
+  std::string worker_id;
+  std::string model_name;
+  int64_t report_interval_ms = 100;
+};
+
+class EngineLoop {
+ public:
+  // `metrics` may be null.
+  EngineLoop(std::unique_ptr<Engine> engine, const EngineLoopOptions& options, LoadPublisher& publisher,
+             WorkerMetrics* metrics);
+  ~EngineLoop();
+
+  // The name load reports carry; call before Start.
+  void set_worker_id(std::string id) { options_.worker_id = std::move(id); }
+  // Runs one real forward pass of one token; the worker is ready only after it succeeds.
+  absl::Status WarmUp();
+  void Start();
+
+  // Queues a request and returns its id. UNAVAILABLE when draining, RESOURCE_EXHAUSTED when the
+  // queue is full, INVALID_ARGUMENT when it could never fit in the KV cache.
+  absl::StatusOr<uint64_t> Submit(GenerateSpec spec, std::shared_ptr<GenerationSink> sink);
+  // The request leaves the batch, its blocks are freed and its sink finishes with CANCELLED, all
+  // within one step. Unknown ids are ignored.
+  void Cancel(uint64_t id);
+  // Refuses new requests from now on; running and queued ones finish.
+  void Drain();
+  bool draining() const { return draining_.load(); }
+  // No request queued or running.
+  bool idle() const { return live_requests_.load() == 0; }
+  // Ends the thread; requests still there finish with UNAVAILABLE.
+  void Stop();
+
+  const ModelLimits& limits() const { return limits_; }
+  const ModelConfig& model_config() const { return engine_->config(); }
+
+ private:
+  struct Live;  // a request's sink, sampler and timings
+  struct Pending {
+    uint64_t id;
+    GenerateSpec spec;
+    std::shared_ptr<GenerationSink> sink;
+  };
+
+  void Run();
+  void TakeInbox();
+  void Step();
+  void Finish(uint64_t id, const absl::Status& status, cohort::v1::FinishReason reason);
+  void PublishLoad(int64_t step_time_us);
+
+  std::unique_ptr<Engine> engine_;
+  EngineLoopOptions options_;
+  LoadPublisher& publisher_;
+  WorkerMetrics* metrics_;
+  ModelLimits limits_;
+  BlockManager blocks_;
+  Scheduler scheduler_;
+  std::unordered_map<uint64_t, std::unique_ptr<Live>> live_;  // engine thread only
+  std::vector<float> logits_;
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::vector<Pending> inbox_;       // guarded by mu_
+  std::vector<uint64_t> cancels_;    // guarded by mu_
+  bool stop_ = false;                // guarded by mu_
+  uint64_t next_id_ = 1;             // guarded by mu_
+
+  std::atomic<bool> draining_{false};
+  std::atomic<int64_t> live_requests_{0};   // queued in the inbox or known to the scheduler
+  std::atomic<int64_t> waiting_requests_{0};
+  std::thread thread_;
+  std::chrono::steady_clock::time_point last_report_{};
+  bool load_changed_ = true;
+  int64_t last_step_us_ = 0;
+  int64_t last_step_tokens_ = 0;
+  uint64_t reported_queries_ = 0;  // prefix-cache counters already added to the metrics
+  uint64_t reported_hits_ = 0;
+};
+
+}  // namespace cohort
