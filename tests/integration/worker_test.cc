@@ -74,6 +74,32 @@ bool WaitForLoad(Worker::Stub& stub, const std::function<bool(const LoadReport&)
   return false;
 }
 
+std::string HttpGet(int port, const std::string& path) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  (void)!write(fd, request.data(), request.size());
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+double MetricValue(const std::string& text, const std::string& name) {
+  for (size_t pos = text.find("\n" + name + " "); pos != std::string::npos;) {
+    return std::stod(text.substr(pos + name.size() + 2));
+  }
+  return -1;
+}
+
 std::vector<int32_t> RandomPrompt(std::mt19937& rng, int vocab) {
   std::vector<int32_t> prompt(3 + rng() % 30);
   for (auto& t : prompt) t = 2 + static_cast<int32_t>(rng() % (vocab - 2));
@@ -112,6 +138,39 @@ TEST(WorkerTest, ConcurrentStreamsGiveTheSameGreedyTokensAsSequentialOnes) {
     ASSERT_TRUE(r.status.ok()) << r.status.error_message();
     EXPECT_EQ(r.tokens, sequential[i]) << "stream " << i;
   }
+}
+
+// A KV cache far smaller than the concurrent streams need: requests are preempted and recomputed,
+// and every stream must still get exactly the tokens it gets alone.
+TEST(WorkerTest, PreemptedStreamsStillGetTheirExactTokens) {
+  const std::string model = testing::SourcePath("tests/fixtures/models/v2_lite_like");
+  // v2_lite_like caches 3 layers x 40 floats per token: 3840 bytes per block of 8 tokens. 40 blocks
+  // hold 320 tokens; 24 streams of up to 45 tokens need about 1000.
+  auto worker = WorkerProcess::Start(model, {"--kv-block-size", "8", "--kv-cache-bytes", "153600",
+                                             "--max-batch-tokens", "128"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  std::mt19937 rng(9);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 24; ++i) prompts.push_back(RandomPrompt(rng, 512));
+  std::vector<std::vector<int32_t>> alone;
+  for (const auto& p : prompts) {
+    StreamResult r = Generate(*stub, Greedy(p, 12));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    alone.push_back(r.tokens);
+  }
+  std::vector<std::future<StreamResult>> together;
+  for (const auto& p : prompts) {
+    together.push_back(std::async(std::launch::async, [&stub, p] { return Generate(*stub, Greedy(p, 12)); }));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    StreamResult r = together[i].get();
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens, alone[i]) << "stream " << i;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // metrics follow the next load report
+  EXPECT_GT(MetricValue(HttpGet(worker->metrics_port(), "/metrics"), "cohort_worker_preemptions_total"), 0)
+      << "the cache was meant to be too small for the batch";
 }
 
 TEST(WorkerTest, SharedPrefixIsReportedAsCachedPromptTokens) {
@@ -246,32 +305,6 @@ TEST(WorkerTest, SigtermDrainsRunningRequestsAndRefusesNewOnes) {
   EXPECT_EQ(tokens, 400);
   EXPECT_EQ(final.finish_reason(), cohort::v1::FINISH_REASON_LENGTH);
   EXPECT_EQ(worker->Wait(20), 0) << worker->Log();
-}
-
-std::string HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  (void)!write(fd, request.data(), request.size());
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, n);
-  close(fd);
-  return out;
-}
-
-double MetricValue(const std::string& text, const std::string& name) {
-  for (size_t pos = text.find("\n" + name + " "); pos != std::string::npos;) {
-    return std::stod(text.substr(pos + name.size() + 2));
-  }
-  return -1;
 }
 
 TEST(WorkerTest, PrometheusMetricsCountTheWork) {

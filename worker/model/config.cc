@@ -271,7 +271,10 @@ ParameterCounts CountParameters(const ModelConfig& c) {
                heads * c.v_head_dim * h + 2 * h;
   const int64_t expert = 3 * h * c.moe_intermediate_size;
   ParameterCounts counts;
-  counts.total = counts.active_per_token = c.vocab_size * h * (c.tie_word_embeddings ? 1 : 2) + h;
+  // A token reads one row of the embedding but all of the LM head (DeepSeek's "activated" counts
+  // likewise leave the embedding out).
+  counts.total = c.vocab_size * h * (c.tie_word_embeddings ? 1 : 2) + h;
+  counts.active_per_token = c.vocab_size * h + h;
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     counts.total += attention;
     counts.active_per_token += attention;

@@ -159,6 +159,21 @@ TEST(ModelConfigTest, ParsesDeepSeekV2Lite) {
   EXPECT_TRUE(c.IsMoeLayer(1));
 }
 
+// The published headline numbers: V3 671B total / 37B activated, V2-Lite 15.7B / 2.4B. They are
+// rounded; ours leave out V3's multi-token-prediction layer and, for activated, the embedding table.
+TEST(ModelConfigTest, ParameterCountsMatchThePublishedModels) {
+  auto v3 = Parse(DeepSeekV3());
+  ASSERT_TRUE(v3.ok()) << v3.status();
+  ParameterCounts c3 = CountParameters(*v3);
+  EXPECT_NEAR(c3.total / 1e9, 671, 671 * 0.02);
+  EXPECT_NEAR(c3.active_per_token / 1e9, 37, 37 * 0.02);
+  auto lite = Parse(DeepSeekV2Lite());
+  ASSERT_TRUE(lite.ok()) << lite.status();
+  ParameterCounts c2 = CountParameters(*lite);
+  EXPECT_NEAR(c2.total / 1e9, 15.7, 15.7 * 0.02);
+  EXPECT_NEAR(c2.active_per_token / 1e9, 2.4, 2.4 * 0.05);
+}
+
 TEST(ModelConfigTest, V2AlwaysRotatesInterleavedPairs) {
   json config = DeepSeekV2Lite();
   config["rope_interleave"] = false;
