@@ -1,7 +1,9 @@
 #include "worker/server/worker_service.h"
 
-#include <deque>
+#include <atomic>
 #include <mutex>
+
+#include "common/grpc_stream.h"
 
 #include "spdlog/spdlog.h"
 
@@ -11,124 +13,42 @@ namespace {
 using cohort::v1::GenerateResponse;
 using cohort::worker::v1::LoadReport;
 
-// Streams one request's output. The engine thread pushes messages; at most one write is in flight,
-// the rest wait in `queue_`. Locking: `mu_` guards the queue and the flags only, and is never held
-// while calling into gRPC (a reaction may run inline).
-class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse>, public GenerationSink {
+// Streams one request's output: the engine thread pushes messages into the queue.
+class GenerateReactor final : public QueuedWriteReactor<GenerateResponse>, public GenerationSink {
  public:
   explicit GenerateReactor(EngineLoop& loop) : loop_(loop) {}
 
-  // Takes ownership of itself until OnDone.
   void Begin(std::shared_ptr<GenerateReactor> self, GenerateSpec spec) {
-    self_ = std::move(self);
-    absl::StatusOr<uint64_t> id = loop_.Submit(std::move(spec), self_);
+    Retain(self);
+    absl::StatusOr<uint64_t> id = loop_.Submit(std::move(spec), std::move(self));
     if (!id.ok()) {
-      FinishOnce(ToGrpcStatus(id.status()));
+      FinishNow(ToGrpcStatus(id.status()));
       return;
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    id_ = *id;
+    id_.store(*id);
   }
 
   // Ends the stream with `status` at once (the request was invalid).
   void Reject(std::shared_ptr<GenerateReactor> self, const grpc::Status& status) {
-    self_ = std::move(self);
-    FinishOnce(status);
+    Retain(std::move(self));
+    FinishNow(status);
   }
 
-  void OnChunk(GenerateResponse chunk) override { Enqueue(std::move(chunk), nullptr); }
+  void OnChunk(GenerateResponse chunk) override { Push(std::move(chunk), nullptr); }
 
   void OnFinish(const absl::Status& status, GenerateResponse final) override {
-    grpc::Status grpc_status = ToGrpcStatus(status);
-    if (status.ok()) {
-      Enqueue(std::move(final), &grpc_status);
-    } else {
-      Enqueue(std::nullopt, &grpc_status);
-    }
-  }
-
-  void OnWriteDone(bool ok) override {
-    const GenerateResponse* next = nullptr;
-    bool finish = false;
-    grpc::Status status;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.pop_front();
-      if (!ok) return;  // the stream broke; OnCancel follows
-      if (!queue_.empty()) {
-        next = &queue_.front();
-      } else {
-        writing_ = false;
-        finish = final_status_.has_value() && !finished_;
-        if (finish) {
-          finished_ = true;
-          status = *final_status_;
-        }
-      }
-    }
-    if (next != nullptr) StartWrite(next);
-    if (finish) Finish(status);
+    const grpc::Status grpc_status = ToGrpcStatus(status);
+    Push(status.ok() ? std::optional<GenerateResponse>(std::move(final)) : std::nullopt, &grpc_status);
   }
 
   void OnCancel() override {
-    uint64_t id;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      id = id_;
-    }
-    if (id != 0) loop_.Cancel(id);
-    FinishOnce(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
-  }
-
-  void OnDone() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    done_ = true;
-    self_.reset();  // the engine loop may still hold a reference; its pushes are then ignored
+    if (const uint64_t id = id_.load(); id != 0) loop_.Cancel(id);
+    FinishNow(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
   }
 
  private:
-  // Queues a message (if any) and, with `status`, the end of the stream after it.
-  void Enqueue(std::optional<GenerateResponse> message, const grpc::Status* status) {
-    const GenerateResponse* start = nullptr;
-    bool finish = false;
-    grpc::Status finish_status;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (done_ || finished_) return;
-      if (message) queue_.push_back(std::move(*message));  // deque: references to queued items stay valid
-      if (status != nullptr) final_status_ = *status;
-      if (writing_) return;
-      if (!queue_.empty()) {
-        writing_ = true;
-        start = &queue_.front();
-      } else if (final_status_) {
-        finished_ = true;
-        finish = true;
-        finish_status = *final_status_;
-      }
-    }
-    if (start != nullptr) StartWrite(start);
-    if (finish) Finish(finish_status);
-  }
-
-  void FinishOnce(const grpc::Status& status) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (finished_) return;
-      finished_ = true;
-    }
-    Finish(status);
-  }
-
   EngineLoop& loop_;
-  std::mutex mu_;
-  std::shared_ptr<GenerateReactor> self_;
-  uint64_t id_ = 0;  // 0 until the engine loop accepted the request
-  std::deque<GenerateResponse> queue_;
-  std::optional<grpc::Status> final_status_;
-  bool writing_ = false;
-  bool finished_ = false;
-  bool done_ = false;
+  std::atomic<uint64_t> id_{0};  // 0 until the engine loop accepted the request
 };
 
 // Streams load reports: whenever no write is in flight and the publisher has a newer state, the
