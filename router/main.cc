@@ -1,0 +1,162 @@
+// cohort-router: the stateless front of a Cohort deployment. Serves the public cohort.v1 API and
+// relays each request to the worker that serves it best. See --help.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/flags.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "router/policy/policy.h"
+#include "router/pool/worker_pool.h"
+#include "router/server/dispatcher.h"
+#include "router/server/inference_service.h"
+#include "router/server/metrics.h"
+#include "spdlog/spdlog.h"
+
+namespace cohort {
+namespace {
+
+struct RouterFlags {
+  std::string host = "0.0.0.0";
+  int port = 50051;
+  int metrics_port = 9090;
+  std::string port_file;
+  std::string workers;
+  std::string workers_dns;
+  int dns_interval_ms = 3000;
+  std::string hosts_file;
+  std::string policy = "prefix_affinity";
+  int queue_timeout_ms = 10000;
+  int max_retries = 2;
+  double shutdown_timeout_s = 30;
+  std::string log_level = "info";
+};
+
+volatile std::sig_atomic_t g_signal = 0;
+void OnSignal(int signal) { g_signal = signal; }
+
+absl::Status Serve(const RouterFlags& f) {
+  if (f.workers.empty() && f.workers_dns.empty()) {
+    return absl::InvalidArgumentError("no workers: give --workers host:port,... and/or --workers-dns name:port");
+  }
+  if (!f.workers_dns.empty() && f.workers_dns.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("--workers-dns: '", f.workers_dns, "' is not name:port"));
+  }
+  COHORT_ASSIGN_OR_RETURN(std::unique_ptr<RoutingPolicy> policy, MakePolicy(f.policy));
+  WorkerPoolOptions pool_options;
+  for (absl::string_view w : absl::StrSplit(f.workers, ',', absl::SkipWhitespace())) {
+    if (w.find(':') == absl::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("--workers: '", w, "' is not host:port"));
+    }
+    pool_options.addresses.emplace_back(w);
+  }
+  pool_options.dns_target = f.workers_dns;
+  pool_options.dns_interval = std::chrono::milliseconds(f.dns_interval_ms);
+  pool_options.hosts_file = f.hosts_file;
+
+  std::unique_ptr<RouterMetrics> metrics;
+  if (f.metrics_port >= 0) {
+    COHORT_ASSIGN_OR_RETURN(metrics, RouterMetrics::Create(absl::StrCat(f.host, ":", f.metrics_port)));
+  }
+  WorkerPool pool(pool_options);
+  pool.Start();
+  Dispatcher dispatcher(pool, *policy,
+                        {.max_retries = f.max_retries, .queue_timeout = std::chrono::milliseconds(f.queue_timeout_ms)},
+                        metrics.get());
+  InferenceService service(dispatcher);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port, " (port in use?)"));
+  }
+  spdlog::info("serving cohort.v1.Inference on {}:{} with policy {}{}", f.host, port, f.policy,
+               metrics ? absl::StrCat(", metrics on :", metrics->port(), "/metrics") : std::string());
+  if (!f.port_file.empty()) {
+    const std::string tmp = f.port_file + ".tmp";
+    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port}, {"metrics_port", metrics ? metrics->port() : -1}}.dump()
+                       << "\n";
+    std::filesystem::rename(tmp, f.port_file);
+  }
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  // Readiness follows the workers: SERVING while at least one can take requests.
+  bool serving = false;
+  server->GetHealthCheckService()->SetServingStatus(false);
+  while (g_signal == 0) {
+    const std::vector<WorkerStatus> workers = pool.Statuses();
+    bool any_ready = false;
+    for (const WorkerStatus& w : workers) any_ready |= w.ready && !w.ejected;
+    if (any_ready != serving) {
+      serving = any_ready;
+      server->GetHealthCheckService()->SetServingStatus(serving);
+      spdlog::info(serving ? "ready: a worker can take requests" : "not ready: no worker can take requests");
+    }
+    if (metrics) metrics->UpdateWorkers(workers);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  spdlog::info("signal {}: finishing open streams (up to {} s)", static_cast<int>(g_signal), f.shutdown_timeout_s);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_timeout_s * 1000)));
+  pool.Stop();
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace cohort
+
+int main(int argc, char** argv) {
+  using cohort::FlagSet;
+  cohort::RouterFlags f;
+  FlagSet flags("cohort-router",
+                "Serves the public cohort.v1.Inference API and relays each request to a cohort-worker, chosen by\n"
+                "load, KV-cache occupancy and prefix affinity from the workers' load-report streams. Keeps no\n"
+                "state that the streams do not rebuild: run as many replicas as you like.");
+  flags.Add("host", &f.host, "address to listen on");
+  flags.Add("port", &f.port, "gRPC port (0: any free port; see --port-file)");
+  flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
+  flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
+  flags.Add("workers", &f.workers, "workers as host:port,host:port");
+  flags.Add("workers-dns", &f.workers_dns, "name:port resolved to every worker (a headless Service), re-resolved");
+  flags.Add("dns-interval-ms", &f.dns_interval_ms, "how often --workers-dns is re-resolved");
+  flags.Add("hosts-file", &f.hosts_file, "resolve --workers-dns through this hosts-format file (tests)");
+  flags.Add("policy", &f.policy, "prefix_affinity, least_loaded or round_robin");
+  flags.Add("queue-timeout-ms", &f.queue_timeout_ms, "wait this long for a worker with room, then RESOURCE_EXHAUSTED");
+  flags.Add("max-retries", &f.max_retries, "other workers tried when one fails before streaming");
+  flags.Add("shutdown-timeout", &f.shutdown_timeout_s, "seconds SIGTERM waits for open streams");
+  flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
+  if (auto st = flags.Parse(argc, argv); !st.ok()) {
+    if (FlagSet::IsHelp(st)) {
+      std::fputs(flags.Usage().c_str(), stdout);
+      return 0;
+    }
+    std::fprintf(stderr, "cohort-router: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (auto st = cohort::InitLogging(f.log_level); !st.ok()) {
+    std::fprintf(stderr, "cohort-router: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (auto st = cohort::Serve(f); !st.ok()) {
+    spdlog::critical("{}", std::string(st.message()));
+    return absl::IsInvalidArgument(st) ? 2 : 1;
+  }
+  return 0;
+}
