@@ -144,7 +144,7 @@ int main(int argc, char** argv) {
   flags.Add("port", &f.port, "gRPC port (0: any free port; see --port-file)");
   flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
   flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
-  flags.Add("device", &f.device, "backend: cpu");
+  flags.Add("device", &f.device, "backend: cpu, or null (no compute: for overhead benchmarks)");
   flags.Add("kv-block-size", &f.kv_block_size, "tokens per KV-cache block");
   flags.Add("kv-cache-bytes", &f.kv_cache_bytes, "memory for the KV cache");
   flags.Add("max-batch-tokens", &f.max_batch_tokens, "tokens computed per step, all requests together");

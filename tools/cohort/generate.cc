@@ -145,7 +145,7 @@ int RunGenerate(int argc, char** argv) {
   flags.Add("seed", &f.seed, "random seed for sampling");
   flags.Add("ignore-eos", &f.ignore_eos, "keep generating past the end-of-sequence token");
   flags.Add("logits-out", &f.logits_out, "write the logits that chose each token: float32 LE, [generated, vocab]");
-  flags.Add("device", &f.device, "backend to run on: cpu");
+  flags.Add("device", &f.device, "backend: cpu, or null (no compute: for overhead benchmarks)");
   flags.Add("prefill-chunk", &f.prefill_chunk, "most prompt tokens computed in one step");
   flags.Add("threads", &f.threads, "CPU threads (0: one per core)");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off (logs go to stderr)");

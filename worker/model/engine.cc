@@ -4,18 +4,77 @@
 #include "common/status.h"
 #include "worker/model/checkpoint.h"
 #include "worker/model/cpu/cpu_engine.h"
+#include "worker/model/null_engine.h"
 
 namespace cohort {
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const EngineOptions& options) {
-  if (options.device != "cpu") {
-    return absl::UnimplementedError(
-        absl::StrCat("--device ", options.device, " is not available in this build (only cpu so far)"));
+  if (options.device != "cpu" && options.device != "null") {
+    return absl::UnimplementedError(absl::StrCat("--device ", options.device,
+                                                 " is not available in this build (cpu, or null for benchmarks)"));
   }
   COHORT_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
+  if (options.device == "null") return CreateNullEngine(options, std::move(config));
   COHORT_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options.model_dir));
   // The CPU backend copies what it needs out of the mapped files, which close with `checkpoint`.
   return cpu::CreateCpuEngine(options, std::move(config), *checkpoint);
+}
+
+absl::Status ValidateBatch(const ModelConfig& config, const KvCacheGeometry& geometry,
+                           std::span<const SequenceStep> batch, size_t logits_size) {
+  size_t rows = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const SequenceStep& seq = batch[s];
+    auto bad = [&](const std::string& what) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " of the batch: ", what));
+    };
+    if (seq.tokens.empty()) return bad("no tokens");
+    if (seq.start_position < 0) return bad("negative start position");
+    const int64_t end = seq.start_position + static_cast<int64_t>(seq.tokens.size());
+    if (end > config.max_position_embeddings) {
+      return bad(absl::StrCat("reaches position ", end, ", past the model's context of ",
+                              config.max_position_embeddings, " tokens"));
+    }
+    for (int32_t t : seq.tokens) {
+      if (t < 0 || t >= config.vocab_size) {
+        return bad(absl::StrCat("token id ", t, " is outside the vocabulary [0, ", config.vocab_size, ")"));
+      }
+    }
+    const int64_t blocks_needed = (end + geometry.block_size_tokens - 1) / geometry.block_size_tokens;
+    if (static_cast<int64_t>(seq.block_table.size()) < blocks_needed) {
+      return bad(absl::StrCat("block table has ", seq.block_table.size(), " blocks, ", blocks_needed, " needed"));
+    }
+    for (int64_t i = 0; i < blocks_needed; ++i) {
+      if (seq.block_table[i] < 0 || seq.block_table[i] >= geometry.num_blocks) {
+        return bad(absl::StrCat("block id ", seq.block_table[i], " does not exist"));
+      }
+    }
+    rows += seq.compute_logits ? 1 : 0;
+  }
+  if (logits_size < rows * config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("logits buffer holds ", logits_size, " floats, ",
+                                                   rows * config.vocab_size, " needed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KvCacheGeometry> PlanKvCache(const EngineOptions& options, const ModelConfig& config,
+                                            int64_t bytes_per_value) {
+  if (options.kv_block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-block-size must be positive, got ", options.kv_block_size));
+  }
+  KvCacheGeometry geometry;
+  geometry.block_size_tokens = options.kv_block_size;
+  geometry.bytes_per_token = config.num_layers * config.kv_cache_width() * bytes_per_value;
+  geometry.num_blocks = options.num_kv_blocks > 0
+                            ? options.num_kv_blocks
+                            : options.kv_cache_bytes / (geometry.bytes_per_token * geometry.block_size_tokens);
+  if (geometry.num_blocks <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV cache of ", options.kv_cache_bytes, " bytes holds no block of ", geometry.block_size_tokens,
+        " tokens (", geometry.bytes_per_token * geometry.block_size_tokens, " bytes each): raise --kv-cache-bytes"));
+  }
+  return geometry;
 }
 
 }  // namespace cohort

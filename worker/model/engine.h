@@ -12,6 +12,10 @@
 // The KV cache stores, per token and layer, MLA's compressed latent (kv_lora_rank values, after
 // kv_a_layernorm) and the rotated rope key (qk_rope_head_dim values), not full keys and values.
 // Which blocks belong to whom is the caller's business (worker/kv/block_manager.h).
+//
+// Backends (EngineOptions::device): "cpu", the float32 reference (cpu/cpu_engine.h), and "null",
+// which computes nothing and writes predictable logits, for benchmarking the router and worker
+// without the model (null_engine.h).
 #pragma once
 
 #include <cstdint>
@@ -54,7 +58,7 @@ class Engine {
 
 struct EngineOptions {
   std::string model_dir;
-  std::string device = "cpu";
+  std::string device = "cpu";  // "cpu", or "null" (no weights, no compute: benchmarks only)
   int64_t kv_block_size = 16;
   // KV cache size: num_kv_blocks when positive, else as many blocks as kv_cache_bytes holds.
   int64_t num_kv_blocks = 0;
@@ -63,7 +67,18 @@ struct EngineOptions {
 };
 
 // Loads the checkpoint and builds the engine for `options.device`. Errors name the file and
-// tensor that were wrong.
+// tensor that were wrong. The null device reads only config.json.
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const EngineOptions& options);
+
+// For backends. The InvalidArgument errors Engine::Forward documents; every backend checks a batch
+// with this before touching it, so all of them refuse the same batches with the same messages.
+absl::Status ValidateBatch(const ModelConfig& config, const KvCacheGeometry& geometry,
+                           std::span<const SequenceStep> batch, size_t logits_size);
+
+// For backends. The cache `options` asks for when each cached value takes `bytes_per_value` bytes:
+// num_kv_blocks blocks when positive, else as many as kv_cache_bytes holds. InvalidArgument for a
+// block size that is not positive or a cache that holds no block.
+absl::StatusOr<KvCacheGeometry> PlanKvCache(const EngineOptions& options, const ModelConfig& config,
+                                            int64_t bytes_per_value);
 
 }  // namespace cohort

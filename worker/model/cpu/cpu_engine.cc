@@ -6,7 +6,6 @@
 #include <memory>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "worker/model/cpu/ops.h"
 #include "worker/model/cpu/weights.h"
@@ -46,7 +45,6 @@ class CpuEngine final : public Engine {
            ((layer * geometry_.num_blocks + block) * geometry_.block_size_tokens + offset) * config_.kv_cache_width();
   }
 
-  absl::Status Validate(std::span<const SequenceStep> batch, size_t logits_size) const;
   void Attention(int64_t layer, const float* x, float* out);
   void Mlp(const MlpWeights& mlp, const float* x, int64_t rows, float* out);
   void Moe(const MoeWeights& moe, const float* x, float* out);
@@ -64,45 +62,8 @@ class CpuEngine final : public Engine {
   std::vector<int32_t> token_sequence_;
 };
 
-absl::Status CpuEngine::Validate(std::span<const SequenceStep> batch, size_t logits_size) const {
-  size_t rows = 0;
-  for (size_t s = 0; s < batch.size(); ++s) {
-    const SequenceStep& seq = batch[s];
-    auto bad = [&](const std::string& what) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", s, " of the batch: ", what));
-    };
-    if (seq.tokens.empty()) return bad("no tokens");
-    if (seq.start_position < 0) return bad("negative start position");
-    const int64_t end = seq.start_position + static_cast<int64_t>(seq.tokens.size());
-    if (end > config_.max_position_embeddings) {
-      return bad(absl::StrCat("reaches position ", end, ", past the model's context of ",
-                              config_.max_position_embeddings, " tokens"));
-    }
-    for (int32_t t : seq.tokens) {
-      if (t < 0 || t >= config_.vocab_size) {
-        return bad(absl::StrCat("token id ", t, " is outside the vocabulary [0, ", config_.vocab_size, ")"));
-      }
-    }
-    const int64_t blocks_needed = (end + geometry_.block_size_tokens - 1) / geometry_.block_size_tokens;
-    if (static_cast<int64_t>(seq.block_table.size()) < blocks_needed) {
-      return bad(absl::StrCat("block table has ", seq.block_table.size(), " blocks, ", blocks_needed, " needed"));
-    }
-    for (int64_t i = 0; i < blocks_needed; ++i) {
-      if (seq.block_table[i] < 0 || seq.block_table[i] >= geometry_.num_blocks) {
-        return bad(absl::StrCat("block id ", seq.block_table[i], " does not exist"));
-      }
-    }
-    rows += seq.compute_logits ? 1 : 0;
-  }
-  if (logits_size < rows * config_.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("logits buffer holds ", logits_size, " floats, ",
-                                                   rows * config_.vocab_size, " needed"));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CpuEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
-  COHORT_RETURN_IF_ERROR(Validate(batch, logits.size()));
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
   const int64_t hidden = config_.hidden_size;
 
   batch_ = batch;
@@ -276,20 +237,7 @@ void CpuEngine::Moe(const MoeWeights& moe, const float* x, float* out) {
 absl::StatusOr<std::unique_ptr<Engine>> CreateCpuEngine(const EngineOptions& options, ModelConfig config,
                                                         const Checkpoint& checkpoint) {
   if (options.num_threads > 0) omp_set_num_threads(options.num_threads);
-  if (options.kv_block_size <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--kv-block-size must be positive, got ", options.kv_block_size));
-  }
-  KvCacheGeometry geometry;
-  geometry.block_size_tokens = options.kv_block_size;
-  geometry.bytes_per_token = config.num_layers * config.kv_cache_width() * static_cast<int64_t>(sizeof(float));
-  geometry.num_blocks = options.num_kv_blocks > 0
-                            ? options.num_kv_blocks
-                            : options.kv_cache_bytes / (geometry.bytes_per_token * geometry.block_size_tokens);
-  if (geometry.num_blocks <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV cache of ", options.kv_cache_bytes, " bytes holds no block of ", geometry.block_size_tokens,
-        " tokens (", geometry.bytes_per_token * geometry.block_size_tokens, " bytes each): raise --kv-cache-bytes"));
-  }
+  COHORT_ASSIGN_OR_RETURN(const KvCacheGeometry geometry, PlanKvCache(options, config, sizeof(float)));
   COHORT_ASSIGN_OR_RETURN(ModelWeights weights, LoadModelWeights(config, checkpoint));
   return std::make_unique<CpuEngine>(std::move(config), std::move(weights), geometry);
 }
