@@ -4,7 +4,8 @@
 //   round_robin     each candidate in turn
 //   least_loaded    the lowest cost
 //   prefix_affinity (default) the candidate holding the longest cached prefix of the prompt, unless
-//                   its cost exceeds `hotspot_factor` x the lowest cost (+ `hotspot_slack`); otherwise
+//                   its cost exceeds `hotspot_factor` x the lowest cost + `hotspot_slack` (the slack
+//                   absorbs load reports that lag a few requests behind); otherwise
 //                   the cheaper of two random candidates (power of two choices), so that many
 //                   router replicas with the same view do not all pick the same worker.
 #pragma once
@@ -59,7 +60,7 @@ class LeastLoadedPolicy final : public RoutingPolicy {
 
 class PrefixAffinityPolicy final : public RoutingPolicy {
  public:
-  explicit PrefixAffinityPolicy(double hotspot_factor = 1.5, double hotspot_slack = 2.0)
+  explicit PrefixAffinityPolicy(double hotspot_factor = 1.5, double hotspot_slack = 4.0)
       : hotspot_factor_(hotspot_factor), hotspot_slack_(hotspot_slack) {}
   size_t Choose(std::span<const Candidate> candidates, std::mt19937_64& rng) override;
 

@@ -205,6 +205,13 @@ void WorkerPool::OnDispatched(const std::string& address) {
   if (auto it = members_.find(address); it != members_.end()) ++it->second->dispatched_since_report;
 }
 
+void WorkerPool::OnCallEnded(const std::string& address) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto it = members_.find(address); it != members_.end() && it->second->dispatched_since_report > 0) {
+    --it->second->dispatched_since_report;
+  }
+}
+
 void WorkerPool::OnCallSucceeded(const std::string& address) {
   std::lock_guard<std::mutex> lock(mu_);
   if (auto it = members_.find(address); it != members_.end()) it->second->consecutive_failures = 0;

@@ -72,7 +72,10 @@ class WorkerPool {
   std::set<std::string> Models() const;
   std::vector<WorkerStatus> Statuses() const;
 
+  // This router's own count of requests sent to a worker that its load report may not show yet:
+  // up on dispatch, down when the call ends, reset by every new report.
   void OnDispatched(const std::string& address);
+  void OnCallEnded(const std::string& address);
   void OnCallSucceeded(const std::string& address);
   // Returns true when this failure ejected the worker.
   bool OnCallFailed(const std::string& address);

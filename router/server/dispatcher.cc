@@ -94,6 +94,7 @@ class ProxyCall final : public GenerationHandle, public std::enable_shared_from_
       std::lock_guard<std::mutex> lock(mu_);
       context_ = nullptr;
     }
+    dispatcher_.pool().OnCallEnded(worker);
     RouterMetrics* metrics = dispatcher_.metrics();
     if (status.ok()) {
       dispatcher_.pool().OnCallSucceeded(worker);
@@ -178,6 +179,13 @@ class ProxyCall final : public GenerationHandle, public std::enable_shared_from_
     for (const WorkerChoice& c : candidates) loads.push_back(c.load);
     const size_t chosen = dispatcher_.policy().Choose(loads, rng_);
     const WorkerChoice& w = candidates[chosen];
+    if (spdlog::should_log(spdlog::level::debug)) {
+      std::string view;
+      for (const WorkerChoice& c : candidates) {
+        absl::StrAppend(&view, " ", c.address, "(cost ", LoadCost(c.load), ", cached ", c.load.cached_prefix_blocks, ")");
+      }
+      spdlog::debug("routing to {} among{}", w.address, view);
+    }
     if (auto* m = dispatcher_.metrics()) {
       m->ObserveDecision(w.load.cached_prefix_blocks > 0 ? "prefix_affinity" : "load");
       m->ObserveRouted(Clock::now() - arrival_);

@@ -1,9 +1,6 @@
 // cohort-worker as a client sees it: a real process on 127.0.0.1, spoken to over gRPC.
 #include <grpcpp/grpcpp.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <future>
@@ -13,8 +10,9 @@
 #include "cohort/worker/v1/worker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/http_scrape.h"
 #include "tests/testing/paths.h"
-#include "tests/testing/worker_process.h"
+#include "tests/testing/server_process.h"
 
 namespace cohort {
 namespace {
@@ -72,32 +70,6 @@ bool WaitForLoad(Worker::Stub& stub, const std::function<bool(const LoadReport&)
   }
   reader->Finish();
   return false;
-}
-
-std::string HttpGet(int port, const std::string& path) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return "";
-  }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-  (void)!write(fd, request.data(), request.size());
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, n);
-  close(fd);
-  return out;
-}
-
-double MetricValue(const std::string& text, const std::string& name) {
-  for (size_t pos = text.find("\n" + name + " "); pos != std::string::npos;) {
-    return std::stod(text.substr(pos + name.size() + 2));
-  }
-  return -1;
 }
 
 std::vector<int32_t> RandomPrompt(std::mt19937& rng, int vocab) {
@@ -169,7 +141,7 @@ TEST(WorkerTest, PreemptedStreamsStillGetTheirExactTokens) {
     EXPECT_EQ(r.tokens, alone[i]) << "stream " << i;
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // metrics follow the next load report
-  EXPECT_GT(MetricValue(HttpGet(worker->metrics_port(), "/metrics"), "cohort_worker_preemptions_total"), 0)
+  EXPECT_GT(testing::MetricValue(testing::HttpGet("127.0.0.1", worker->metrics_port(), "/metrics"), "cohort_worker_preemptions_total"), 0)
       << "the cache was meant to be too small for the batch";
 }
 
@@ -315,13 +287,13 @@ TEST(WorkerTest, PrometheusMetricsCountTheWork) {
   ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3, 4}, 6)).status.ok());
   // Counters are updated with the next load report (at most 100 ms later).
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  const std::string text = HttpGet(worker->metrics_port(), "/metrics");
-  EXPECT_EQ(MetricValue(text, "cohort_worker_generated_tokens_total"), 12) << text;
-  EXPECT_EQ(MetricValue(text, "cohort_worker_prompt_tokens_total"), 8) << text;
-  EXPECT_EQ(MetricValue(text, "cohort_worker_requests_finished_total"), 2) << text;
-  EXPECT_EQ(MetricValue(text, "cohort_worker_time_to_first_token_seconds_count"), 2) << text;
-  EXPECT_GT(MetricValue(text, "cohort_worker_kv_blocks_total"), 0) << text;
-  EXPECT_EQ(MetricValue(text, "cohort_worker_requests_running"), 0) << text;
+  const std::string text = testing::HttpGet("127.0.0.1", worker->metrics_port(), "/metrics");
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_generated_tokens_total"), 12) << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_prompt_tokens_total"), 8) << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_requests_finished_total"), 2) << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_time_to_first_token_seconds_count"), 2) << text;
+  EXPECT_GT(testing::MetricValue(text, "cohort_worker_kv_blocks_total"), 0) << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_requests_running"), 0) << text;
 }
 
 }  // namespace

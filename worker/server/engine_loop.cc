@@ -309,10 +309,16 @@ void EngineLoop::Run() {
       continue;
     }
     PublishLoad(-1);
+    // Idle: sleep until new work, the next periodic report, or (when a change is still unreported
+    // because of the rate limit) the moment it may be reported.
+    auto wait = std::chrono::milliseconds(options_.report_interval_ms);
+    if (load_changed_) {
+      wait = std::min(wait, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                kMinReportGap - (Clock::now() - last_report_)) + std::chrono::milliseconds(1));
+    }
     std::unique_lock<std::mutex> lock(mu_);
     if (stop_) break;
-    wake_.wait_for(lock, std::chrono::milliseconds(options_.report_interval_ms),
-                   [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
+    wake_.wait_for(lock, wait, [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
     if (stop_) break;
   }
   // Whatever is left when the loop stops (after a drain that timed out, or on an error).

@@ -1,0 +1,240 @@
+// cohort-router in front of real cohort-worker processes, spoken to over gRPC on 127.0.0.1.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+
+#include <fstream>
+#include <future>
+#include <random>
+#include <thread>
+
+#include "cohort/v1/inference.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "tests/testing/http_scrape.h"
+#include "tests/testing/paths.h"
+#include "tests/testing/server_process.h"
+
+namespace cohort {
+namespace {
+
+using cohort::v1::GenerateRequest;
+using cohort::v1::GenerateResponse;
+using cohort::v1::Inference;
+using testing::RouterProcess;
+using testing::ServerProcess;
+using testing::WorkerProcess;
+
+const char* kModel = "tests/fixtures/models/v2_group_limited";  // the longest context: slow enough to kill mid-run
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  cohort::v1::Final final;
+};
+
+GenerateRequest Greedy(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
+  GenerateRequest request;
+  for (int32_t t : prompt) request.mutable_token_ids()->add_ids(static_cast<uint32_t>(t));
+  request.mutable_sampling()->set_temperature(0.0f);
+  request.mutable_stopping()->set_max_tokens(max_tokens);
+  request.mutable_stopping()->set_ignore_eos(true);
+  return request;
+}
+
+StreamResult Generate(Inference::Stub& stub, const GenerateRequest& request, int timeout_s = 60,
+                      std::atomic<int>* streamed = nullptr) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
+  StreamResult result;
+  auto reader = stub.Generate(&ctx, request);
+  GenerateResponse response;
+  while (reader->Read(&response)) {
+    if (response.has_chunk()) {
+      for (uint32_t t : response.chunk().token_ids()) result.tokens.push_back(static_cast<int32_t>(t));
+      if (streamed != nullptr && result.tokens.size() == 1) ++*streamed;
+    } else if (response.has_final()) {
+      result.final = response.final();
+    }
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+std::vector<int32_t> RandomPrompt(std::mt19937& rng, int length) {
+  std::vector<int32_t> prompt(length);
+  for (auto& t : prompt) t = 2 + static_cast<int32_t>(rng() % 500);
+  return prompt;
+}
+
+// Requests the worker has finished, from its /metrics.
+double Finished(const ServerProcess& worker, const std::string& ip = "127.0.0.1") {
+  return testing::MetricValue(testing::HttpGet(ip, worker.metrics_port(), "/metrics"),
+                              "cohort_worker_requests_finished_total");
+}
+
+// Waits until the router reports `count` workers up (its own /metrics), so tests do not race the
+// load-report subscriptions.
+bool WaitForWorkersUp(const ServerProcess& router, int count, int timeout_ms = 10000) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::string text = testing::HttpGet("127.0.0.1", router.metrics_port(), "/metrics");
+    int up = 0;
+    for (size_t pos = 0; (pos = text.find("\ncohort_router_worker_up{", pos)) != std::string::npos; ++pos) {
+      if (text.compare(text.find('}', pos) + 1, 2, " 1") == 0) ++up;
+    }
+    if (up >= count) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+class RouterTest : public ::testing::Test {
+ protected:
+  void StartWorkersAndRouter(int workers, const std::vector<std::string>& router_args = {}) {
+    std::vector<std::string> addresses;
+    for (int i = 0; i < workers; ++i) {
+      workers_.push_back(WorkerProcess::Start(testing::SourcePath(kModel), {"--kv-block-size", "8"}));
+      ASSERT_NE(workers_.back(), nullptr);
+      addresses.push_back(workers_.back()->address());
+    }
+    router_ = RouterProcess::Start(addresses, router_args);
+    ASSERT_NE(router_, nullptr);
+    ASSERT_TRUE(WaitForWorkersUp(*router_, workers)) << router_->Log();
+    stub_ = Inference::NewStub(router_->Channel());
+  }
+  std::vector<std::unique_ptr<ServerProcess>> workers_;
+  std::unique_ptr<ServerProcess> router_;
+  std::unique_ptr<Inference::Stub> stub_;
+};
+
+TEST_F(RouterTest, RequestsSpreadOverWorkersByLoad) {
+  StartWorkersAndRouter(2);
+  std::mt19937 rng(3);
+  std::vector<std::future<StreamResult>> calls;
+  for (int i = 0; i < 16; ++i) {
+    calls.push_back(std::async(std::launch::async, [this, p = RandomPrompt(rng, 20)] {
+      return Generate(*stub_, Greedy(p, 40));
+    }));
+  }
+  for (auto& c : calls) EXPECT_TRUE(c.get().status.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // worker counters follow their next report
+  const double a = Finished(*workers_[0]), b = Finished(*workers_[1]);
+  EXPECT_EQ(a + b, 16);
+  EXPECT_GE(std::min(a, b), 3) << "16 concurrent requests should not pile onto one worker: " << a << " vs " << b;
+}
+
+TEST_F(RouterTest, SharedPrefixLandsOnTheWorkerThatCachedIt) {
+  StartWorkersAndRouter(2);
+  std::mt19937 rng(4);
+  const std::vector<int32_t> system = RandomPrompt(rng, 32);  // four full blocks of 8
+  std::vector<int32_t> first = system;
+  first.push_back(7);
+  ASSERT_TRUE(Generate(*stub_, Greedy(first, 2)).status.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the cache events reach the router
+  for (int i = 0; i < 6; ++i) {
+    std::vector<int32_t> prompt = system;
+    prompt.push_back(100 + i);
+    StreamResult r = Generate(*stub_, Greedy(prompt, 2));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    // Cached prompt tokens are only possible on the worker that computed the prefix.
+    EXPECT_EQ(r.final.usage().cached_prompt_tokens(), 32u) << "request " << i;
+  }
+}
+
+TEST_F(RouterTest, KilledWorkerLosesNoUnstreamedRequestAndEndsStreamedOnes) {
+  StartWorkersAndRouter(2, {"--max-retries", "2"});
+  std::mt19937 rng(5);
+  std::atomic<int> streaming{0};
+  std::vector<std::future<StreamResult>> long_calls;
+  for (int i = 0; i < 8; ++i) {
+    long_calls.push_back(std::async(std::launch::async, [&, p = RandomPrompt(rng, 10)] {
+      return Generate(*stub_, Greedy(p, 900), 60, &streaming);
+    }));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (streaming.load() < 8 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(streaming.load(), 8);
+  workers_[0]->Signal(SIGKILL);
+  // Requests sent right after the kill may still be routed to the dead worker: they must be retried.
+  std::vector<std::future<StreamResult>> new_calls;
+  for (int i = 0; i < 6; ++i) {
+    new_calls.push_back(std::async(std::launch::async, [&, p = RandomPrompt(rng, 10)] {
+      return Generate(*stub_, Greedy(p, 5));
+    }));
+  }
+  for (auto& c : new_calls) {
+    StreamResult r = c.get();
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.tokens.size(), 5u);
+  }
+  int completed = 0, broken = 0;
+  for (auto& c : long_calls) {
+    StreamResult r = c.get();  // none may hang: each ends within its 60 s deadline at the latest
+    if (r.status.ok()) {
+      ++completed;
+      EXPECT_EQ(r.tokens.size(), 900u);
+    } else {
+      ++broken;
+      EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE) << r.status.error_message();
+      EXPECT_NE(r.status.error_message().find("after streaming"), std::string::npos) << r.status.error_message();
+    }
+  }
+  EXPECT_GT(broken, 0) << "some streams were on the killed worker";
+  EXPECT_GT(completed, 0) << "the other worker's streams finish";
+}
+
+TEST_F(RouterTest, RestartedRouterServesWithNoOtherAction) {
+  StartWorkersAndRouter(1);
+  ASSERT_TRUE(Generate(*stub_, Greedy({1, 2, 3}, 3)).status.ok());
+  router_->Signal(SIGKILL);
+  router_->Wait(5);
+  router_ = RouterProcess::Start({workers_[0]->address()}, {});
+  ASSERT_NE(router_, nullptr);
+  ASSERT_TRUE(WaitForWorkersUp(*router_, 1));
+  auto stub = Inference::NewStub(router_->Channel());
+  StreamResult r = Generate(*stub, Greedy({1, 2, 3}, 3));
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens.size(), 3u);
+}
+
+TEST_F(RouterTest, UnknownModelIsNotFoundAndBadFieldsPassThrough) {
+  StartWorkersAndRouter(1);
+  GenerateRequest unknown = Greedy({1, 2}, 2);
+  unknown.set_model("no-such-model");
+  EXPECT_EQ(Generate(*stub_, unknown).status.error_code(), grpc::StatusCode::NOT_FOUND);
+  GenerateRequest bad = Greedy({1, 2}, 2);
+  bad.mutable_sampling()->set_top_p(2.0f);
+  StreamResult r = Generate(*stub_, bad);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(r.status.error_message().find("top_p"), std::string::npos);
+}
+
+TEST(RouterDnsTest, WorkerAddedToTheNameLaterIsPickedUp) {
+  // Two loopback addresses stand for two pods behind one headless Service name, resolved through
+  // a hosts-format file (the router's test resolver) instead of the system's DNS.
+  auto a = WorkerProcess::Start(testing::SourcePath(kModel), {"--host", "127.0.0.2"});
+  ASSERT_NE(a, nullptr);
+  const int port = a->grpc_port();
+  auto b = WorkerProcess::Start(testing::SourcePath(kModel), {"--host", "127.0.0.3", "--port", std::to_string(port)});
+  ASSERT_NE(b, nullptr);
+  testing::TempDir dir;
+  const std::string hosts = dir.Join("hosts");
+  std::ofstream(hosts) << "127.0.0.2 workers.cohort.test\n";
+  auto router = RouterProcess::Start({}, {"--workers-dns", "workers.cohort.test:" + std::to_string(port),
+                                          "--hosts-file", hosts, "--dns-interval-ms", "100", "--policy",
+                                          "round_robin"});
+  ASSERT_NE(router, nullptr);
+  ASSERT_TRUE(WaitForWorkersUp(*router, 1));
+  auto stub = Inference::NewStub(router->Channel());
+  ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3}, 2)).status.ok());
+
+  std::ofstream(hosts, std::ios::app) << "127.0.0.3 workers.cohort.test\n";
+  ASSERT_TRUE(WaitForWorkersUp(*router, 2)) << router->Log();
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3}, 2)).status.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_GE(Finished(*b, "127.0.0.3"), 2) << "round robin over two workers sends the new one half";
+}
+
+}  // namespace
+}  // namespace cohort
