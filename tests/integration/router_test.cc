@@ -210,6 +210,36 @@ TEST_F(RouterTest, UnknownModelIsNotFoundAndBadFieldsPassThrough) {
   EXPECT_NE(r.status.error_message().find("top_p"), std::string::npos);
 }
 
+TEST(RouterQueueTest, FullWorkersAreWaitedForThenResourceExhausted) {
+  // One slot, one queue place: a long request runs, a second waits; a third is refused by the
+  // worker and held by the router until there is room, or refused after --queue-timeout-ms.
+  auto worker = WorkerProcess::Start(testing::SourcePath(kModel), {"--max-running", "1", "--max-queue", "1"});
+  ASSERT_NE(worker, nullptr);
+  auto patient = RouterProcess::Start({worker->address()}, {"--queue-timeout-ms", "20000"});
+  auto impatient = RouterProcess::Start({worker->address()}, {"--queue-timeout-ms", "100"});
+  ASSERT_NE(patient, nullptr);
+  ASSERT_NE(impatient, nullptr);
+  ASSERT_TRUE(WaitForWorkersUp(*patient, 1));
+  ASSERT_TRUE(WaitForWorkersUp(*impatient, 1));
+  auto stub = Inference::NewStub(patient->Channel());
+  std::atomic<int> streaming{0};
+  auto running = std::async(std::launch::async, [&] { return Generate(*stub, Greedy({1, 2, 3}, 600), 60, &streaming); });
+  while (streaming.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  auto waiting = std::async(std::launch::async, [&] { return Generate(*stub, Greedy({4, 5, 6}, 600)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the second reach the worker's queue
+
+  const auto start = std::chrono::steady_clock::now();
+  StreamResult refused = Generate(*Inference::NewStub(impatient->Channel()), Greedy({7, 8}, 2));
+  const auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.status.error_message();
+  EXPECT_GE(waited, std::chrono::milliseconds(100));
+
+  StreamResult served = Generate(*stub, Greedy({7, 8}, 2));  // waits for room, then runs
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_TRUE(running.get().status.ok());
+  EXPECT_TRUE(waiting.get().status.ok());
+}
+
 TEST(RouterDnsTest, WorkerAddedToTheNameLaterIsPickedUp) {
   // Two loopback addresses stand for two pods behind one headless Service name, resolved through
   // a hosts-format file (the router's test resolver) instead of the system's DNS.
