@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "cohort/v1/inference.grpc.pb.h"
+#include "cohort/worker/v1/worker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/testing/http_scrape.h"
 #include "tests/testing/paths.h"
@@ -196,6 +197,45 @@ TEST_F(RouterTest, RestartedRouterServesWithNoOtherAction) {
   StreamResult r = Generate(*stub, Greedy({1, 2, 3}, 3));
   EXPECT_TRUE(r.status.ok()) << r.status.error_message();
   EXPECT_EQ(r.tokens.size(), 3u);
+}
+
+TEST_F(RouterTest, ClientCancellationAndDeadlineReachTheWorker) {
+  StartWorkersAndRouter(1);
+  auto worker = cohort::worker::v1::Worker::NewStub(workers_[0]->Channel());
+  // Idle within 100 ms: far sooner than the 1000-token requests below would end by themselves.
+  auto worker_idle = [&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+    auto reader = worker->StreamLoad(&ctx, {});
+    cohort::worker::v1::LoadReport report;
+    while (reader->Read(&report)) {
+      if (report.running_requests() == 0 && report.waiting_requests() == 0) {
+        ctx.TryCancel();
+        reader->Finish();
+        return true;
+      }
+    }
+    reader->Finish();
+    return false;
+  };
+
+  grpc::ClientContext ctx;
+  auto reader = stub_->Generate(&ctx, Greedy({1, 2, 3}, 1000));
+  GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  ctx.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(worker_idle()) << "the worker still runs a request its client cancelled";
+
+  grpc::ClientContext short_ctx;
+  short_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
+  auto late = stub_->Generate(&short_ctx, Greedy({1, 2, 3}, 1000));
+  while (late->Read(&response)) {
+  }
+  EXPECT_EQ(late->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(worker_idle()) << "the worker still runs a request whose deadline passed";
 }
 
 TEST_F(RouterTest, UnknownModelIsNotFoundAndBadFieldsPassThrough) {
