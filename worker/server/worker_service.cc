@@ -26,6 +26,7 @@ class GenerateReactor final : public QueuedWriteReactor<GenerateResponse>, publi
       return;
     }
     id_.store(*id);
+    if (cancelled_.load()) loop_.Cancel(*id);  // OnCancel ran before the id was known
   }
 
   // Ends the stream with `status` at once (the request was invalid).
@@ -42,6 +43,7 @@ class GenerateReactor final : public QueuedWriteReactor<GenerateResponse>, publi
   }
 
   void OnCancel() override {
+    cancelled_.store(true);
     if (const uint64_t id = id_.load(); id != 0) loop_.Cancel(id);
     FinishNow(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
   }
@@ -49,6 +51,7 @@ class GenerateReactor final : public QueuedWriteReactor<GenerateResponse>, publi
  private:
   EngineLoop& loop_;
   std::atomic<uint64_t> id_{0};  // 0 until the engine loop accepted the request
+  std::atomic<bool> cancelled_{false};
 };
 
 // Streams load reports: whenever no write is in flight and the publisher has a newer state, the
