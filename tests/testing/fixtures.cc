@@ -9,7 +9,9 @@
 
 namespace cohort::testing {
 
-std::vector<std::string> FixtureNames() { return {"v3_qlora_yarn", "v3_plain", "v2_lite_like", "v2_group_limited"}; }
+std::vector<std::string> FixtureNames() {
+  return {"v3_qlora_yarn", "v3_plain", "v2_lite_like", "v2_group_limited", "demo"};
+}
 
 const float* Fixture::LogitsRow(size_t case_index, size_t step) const {
   size_t row = step;
