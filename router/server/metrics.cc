@@ -8,6 +8,8 @@
 #include <prometheus/registry.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/metrics_server.h"
+#include "common/status.h"
 
 namespace cohort {
 namespace {
@@ -91,14 +93,9 @@ RouterMetrics::~RouterMetrics() = default;
 
 absl::StatusOr<std::unique_ptr<RouterMetrics>> RouterMetrics::Create(const std::string& bind_address) {
   auto metrics = std::unique_ptr<RouterMetrics>(new RouterMetrics(std::make_shared<prometheus::Registry>()));
-  try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(bind_address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("--metrics-port: cannot serve metrics on ", bind_address, ": ", e.what()));
-  }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  auto ports = metrics->exposer_->GetListeningPorts();
-  metrics->port_ = ports.empty() ? 0 : ports.front();
+  COHORT_ASSIGN_OR_RETURN(MetricsServer server, ServeMetrics(bind_address, metrics->registry_, "--metrics-port"));
+  metrics->exposer_ = std::move(server.exposer);
+  metrics->port_ = server.port;
   return metrics;
 }
 

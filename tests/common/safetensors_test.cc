@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/testing/status.h"
 #include "tests/testing/paths.h"
 #include "tests/testing/safetensors_writer.h"
 
@@ -17,16 +18,7 @@ using testing::TempDir;
 using testing::TestTensor;
 using testing::WriteFile;
 
-// Succeeds when the status message contains every one of `parts`.
-::testing::AssertionResult MessageHas(const absl::Status& status, std::initializer_list<std::string> parts) {
-  const std::string message(status.message());
-  for (const std::string& part : parts) {
-    if (message.find(part) == std::string::npos) {
-      return ::testing::AssertionFailure() << "\"" << message << "\" does not contain \"" << part << "\"";
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::MessageHas;
 
 std::span<const std::byte> AsBytes(const std::string& s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};

@@ -10,6 +10,7 @@
 #include "cohort/v1/inference.grpc.pb.h"
 #include "cohort/worker/v1/worker.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "tests/testing/generate_client.h"
 #include "tests/testing/http_scrape.h"
 #include "tests/testing/paths.h"
 #include "tests/testing/server_process.h"
@@ -20,44 +21,21 @@ namespace {
 using cohort::v1::GenerateRequest;
 using cohort::v1::GenerateResponse;
 using cohort::v1::Inference;
+using testing::Greedy;
 using testing::RouterProcess;
+using testing::StreamResult;
 using testing::ServerProcess;
 using testing::WorkerProcess;
 
 const char* kModel = "tests/fixtures/models/v2_group_limited";  // the longest context: slow enough to kill mid-run
 
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  cohort::v1::Final final;
-};
-
-GenerateRequest Greedy(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
-  GenerateRequest request;
-  for (int32_t t : prompt) request.mutable_token_ids()->add_ids(static_cast<uint32_t>(t));
-  request.mutable_sampling()->set_temperature(0.0f);
-  request.mutable_stopping()->set_max_tokens(max_tokens);
-  request.mutable_stopping()->set_ignore_eos(true);
-  return request;
-}
-
+// One stream through the router, read to its end within `timeout_s`.
 StreamResult Generate(Inference::Stub& stub, const GenerateRequest& request, int timeout_s = 60,
-                      std::atomic<int>* streamed = nullptr) {
+                      std::atomic<int>* first_token = nullptr) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
-  StreamResult result;
   auto reader = stub.Generate(&ctx, request);
-  GenerateResponse response;
-  while (reader->Read(&response)) {
-    if (response.has_chunk()) {
-      for (uint32_t t : response.chunk().token_ids()) result.tokens.push_back(static_cast<int32_t>(t));
-      if (streamed != nullptr && result.tokens.size() == 1) ++*streamed;
-    } else if (response.has_final()) {
-      result.final = response.final();
-    }
-  }
-  result.status = reader->Finish();
-  return result;
+  return testing::ReadStream(*reader, first_token);
 }
 
 std::vector<int32_t> RandomPrompt(std::mt19937& rng, int length) {

@@ -10,6 +10,7 @@
 #include "cohort/worker/v1/worker.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "tests/testing/fixtures.h"
+#include "tests/testing/generate_client.h"
 #include "tests/testing/http_scrape.h"
 #include "tests/testing/paths.h"
 #include "tests/testing/server_process.h"
@@ -21,38 +22,16 @@ using cohort::v1::GenerateRequest;
 using cohort::v1::GenerateResponse;
 using cohort::worker::v1::LoadReport;
 using cohort::worker::v1::Worker;
+using testing::Greedy;
+using testing::StreamResult;
 using testing::WorkerProcess;
 
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  cohort::v1::Final final;
-};
-
-GenerateRequest Greedy(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
-  GenerateRequest request;
-  for (int32_t t : prompt) request.mutable_token_ids()->add_ids(static_cast<uint32_t>(t));
-  request.mutable_sampling()->set_temperature(0.0f);
-  request.mutable_stopping()->set_max_tokens(max_tokens);
-  request.mutable_stopping()->set_ignore_eos(true);
-  return request;
-}
-
-StreamResult Generate(Worker::Stub& stub, const GenerateRequest& request, grpc::ClientContext* context = nullptr) {
+// One stream on the worker, read to its end.
+testing::StreamResult Generate(Worker::Stub& stub, const GenerateRequest& request,
+                               grpc::ClientContext* context = nullptr) {
   grpc::ClientContext own;
-  grpc::ClientContext* ctx = context != nullptr ? context : &own;
-  StreamResult result;
-  auto reader = stub.Generate(ctx, request);
-  GenerateResponse response;
-  while (reader->Read(&response)) {
-    if (response.has_chunk()) {
-      for (uint32_t t : response.chunk().token_ids()) result.tokens.push_back(static_cast<int32_t>(t));
-    } else if (response.has_final()) {
-      result.final = response.final();
-    }
-  }
-  result.status = reader->Finish();
-  return result;
+  auto reader = stub.Generate(context != nullptr ? context : &own, request);
+  return testing::ReadStream(*reader);
 }
 
 // Reads load reports until `done(report)` or `timeout_ms`; returns whether it was satisfied.

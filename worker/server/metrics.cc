@@ -7,6 +7,8 @@
 #include <prometheus/registry.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/metrics_server.h"
+#include "common/status.h"
 
 namespace cohort {
 namespace {
@@ -66,14 +68,9 @@ WorkerMetrics::~WorkerMetrics() = default;
 
 absl::StatusOr<std::unique_ptr<WorkerMetrics>> WorkerMetrics::Create(const std::string& bind_address) {
   auto metrics = std::unique_ptr<WorkerMetrics>(new WorkerMetrics(std::make_shared<prometheus::Registry>()));
-  try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(bind_address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("--metrics-port: cannot serve metrics on ", bind_address, ": ", e.what()));
-  }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  auto ports = metrics->exposer_->GetListeningPorts();
-  metrics->port_ = ports.empty() ? 0 : ports.front();
+  COHORT_ASSIGN_OR_RETURN(MetricsServer server, ServeMetrics(bind_address, metrics->registry_, "--metrics-port"));
+  metrics->exposer_ = std::move(server.exposer);
+  metrics->port_ = server.port;
   return metrics;
 }
 

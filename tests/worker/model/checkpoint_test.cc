@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/testing/status.h"
 #include "tests/testing/paths.h"
 #include "tests/testing/safetensors_writer.h"
 
@@ -18,15 +19,7 @@ using testing::TempDir;
 using testing::TestTensor;
 using testing::WriteFile;
 
-::testing::AssertionResult MessageHas(const absl::Status& status, std::initializer_list<std::string> parts) {
-  const std::string message(status.message());
-  for (const std::string& part : parts) {
-    if (message.find(part) == std::string::npos) {
-      return ::testing::AssertionFailure() << "\"" << message << "\" does not contain \"" << part << "\"";
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::MessageHas;
 
 std::unique_ptr<Checkpoint> OpenOrDie(const std::string& dir) {
   auto checkpoint = Checkpoint::Open(dir);

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "tests/testing/status.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/paths.h"
 #include "tests/testing/safetensors_writer.h"
@@ -13,15 +14,7 @@ namespace {
 
 using nlohmann::json;
 
-::testing::AssertionResult MessageHas(const absl::Status& status, std::initializer_list<std::string> parts) {
-  const std::string message(status.message());
-  for (const std::string& part : parts) {
-    if (message.find(part) == std::string::npos) {
-      return ::testing::AssertionFailure() << "\"" << message << "\" does not contain \"" << part << "\"";
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::MessageHas;
 
 // config.json of deepseek-ai/DeepSeek-V3 as published (minus its fp8 quantization_config).
 json DeepSeekV3() {
