@@ -16,6 +16,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
+#include "router/http/http_front.h"
 #include "router/policy/policy.h"
 #include "router/pool/worker_pool.h"
 #include "router/server/dispatcher.h"
@@ -30,6 +31,7 @@ struct RouterFlags {
   std::string host = "0.0.0.0";
   int port = 50051;
   int metrics_port = 9090;
+  int http_port = 8080;
   std::string port_file;
   std::string workers;
   std::string workers_dns;
@@ -87,9 +89,17 @@ absl::Status Serve(const RouterFlags& f) {
   }
   spdlog::info("serving cohort.v1.Inference on {}:{} with policy {}{}", f.host, port, f.policy,
                metrics ? absl::StrCat(", metrics on :", metrics->port(), "/metrics") : std::string());
+  std::unique_ptr<HttpFront> http;
+  if (f.http_port >= 0) {
+    COHORT_ASSIGN_OR_RETURN(http, HttpFront::Create(dispatcher, {.host = f.host, .port = f.http_port}));
+    spdlog::info("serving the OpenAI-compatible HTTP API on {}:{}", f.host, http->port());
+  }
   if (!f.port_file.empty()) {
     const std::string tmp = f.port_file + ".tmp";
-    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port}, {"metrics_port", metrics ? metrics->port() : -1}}.dump()
+    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port},
+                                         {"metrics_port", metrics ? metrics->port() : -1},
+                                         {"http_port", http ? http->port() : -1}}
+                              .dump()
                        << "\n";
     std::filesystem::rename(tmp, f.port_file);
   }
@@ -113,8 +123,12 @@ absl::Status Serve(const RouterFlags& f) {
   }
   spdlog::info("signal {}: finishing open streams (up to {} s)", static_cast<int>(g_signal), f.shutdown_timeout_s);
   server->GetHealthCheckService()->SetServingStatus(false);
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_timeout_s * 1000)));
+  const auto deadline =
+      std::chrono::system_clock::now() + std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_timeout_s * 1000));
+  std::thread http_drain;  // both fronts drain at once, until the same deadline
+  if (http) http_drain = std::thread([&http, deadline] { http->Shutdown(deadline); });
+  server->Shutdown(deadline);
+  if (http_drain.joinable()) http_drain.join();
   pool.Stop();
   return absl::OkStatus();
 }
@@ -132,7 +146,10 @@ int main(int argc, char** argv) {
   flags.Add("host", &f.host, "address to listen on");
   flags.Add("port", &f.port, "gRPC port (0: any free port; see --port-file)");
   flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
-  flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
+  flags.Add("http-port", &f.http_port,
+            "OpenAI-compatible HTTP port: /v1/completions, /v1/models (0: any free port, -1: off)");
+  flags.Add("port-file", &f.port_file,
+            "write {\"grpc_port\":..,\"metrics_port\":..,\"http_port\":..} here once serving");
   flags.Add("workers", &f.workers, "workers as host:port,host:port");
   flags.Add("workers-dns", &f.workers_dns, "name:port resolved to every worker (a headless Service), re-resolved");
   flags.Add("dns-interval-ms", &f.dns_interval_ms, "how often --workers-dns is re-resolved");

@@ -28,7 +28,7 @@ std::unique_ptr<ServerProcess> RouterProcess::Start(const std::vector<std::strin
                                                     const std::vector<std::string>& extra_args, int timeout_s) {
   std::string list;
   for (const auto& w : workers) list += (list.empty() ? "" : ",") + w;
-  std::vector<std::string> args = {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"};
+  std::vector<std::string> args = {"--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"};
   if (!list.empty()) args.insert(args.end(), {"--workers", list});
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   return ServerProcess::Start("cohort-router", args, timeout_s);
