@@ -13,7 +13,7 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev prometheus-cpp-dev
-  python3-grpcio python3-protobuf
+  libcpp-httplib-dev python3-grpcio python3-protobuf curl
 )
 
 missing=()
