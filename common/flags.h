@@ -36,6 +36,7 @@ class FlagSet {
   // Positional arguments left after the flags.
   const std::vector<std::string>& positional() const { return positional_; }
   std::string Usage() const;
+  const std::string& program() const { return program_; }
 
   static bool IsHelp(const absl::Status& status) { return absl::IsCancelled(status); }
 

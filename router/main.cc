@@ -13,7 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
-#include "common/logging.h"
+#include "common/program.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "router/http/http_front.h"
@@ -159,21 +159,5 @@ int main(int argc, char** argv) {
   flags.Add("max-retries", &f.max_retries, "other workers tried when one fails before streaming");
   flags.Add("shutdown-timeout", &f.shutdown_timeout_s, "seconds SIGTERM waits for open streams");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
-  if (auto st = flags.Parse(argc, argv); !st.ok()) {
-    if (FlagSet::IsHelp(st)) {
-      std::fputs(flags.Usage().c_str(), stdout);
-      return 0;
-    }
-    std::fprintf(stderr, "cohort-router: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = cohort::InitLogging(f.log_level); !st.ok()) {
-    std::fprintf(stderr, "cohort-router: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = cohort::Serve(f); !st.ok()) {
-    spdlog::critical("{}", std::string(st.message()));
-    return absl::IsInvalidArgument(st) ? 2 : 1;
-  }
-  return 0;
+  return cohort::RunProgram(flags, argc, argv, f.log_level, [&] { return cohort::Serve(f); });
 }

@@ -13,7 +13,7 @@ PACKAGES=(
   cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev prometheus-cpp-dev
-  libcpp-httplib-dev python3-grpcio python3-protobuf curl
+  libcpp-httplib-dev libpcre2-dev libutf8proc-dev python3-grpcio python3-protobuf curl
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev prometheus python3-yaml
 )
 

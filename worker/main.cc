@@ -15,7 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
-#include "common/logging.h"
+#include "common/program.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
@@ -155,21 +155,5 @@ int main(int argc, char** argv) {
   flags.Add("worker-id", &f.worker_id, "name in load reports (default host:port)");
   flags.Add("threads", &f.threads, "CPU backend threads (0: one per core)");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
-  if (auto st = flags.Parse(argc, argv); !st.ok()) {
-    if (FlagSet::IsHelp(st)) {
-      std::fputs(flags.Usage().c_str(), stdout);
-      return 0;
-    }
-    std::fprintf(stderr, "cohort-worker: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = cohort::InitLogging(f.log_level); !st.ok()) {
-    std::fprintf(stderr, "cohort-worker: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = cohort::Serve(f); !st.ok()) {
-    spdlog::critical("{}", std::string(st.message()));
-    return 1;
-  }
-  return 0;
+  return cohort::RunProgram(flags, argc, argv, f.log_level, [&] { return cohort::Serve(f); });
 }

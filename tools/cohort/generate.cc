@@ -11,6 +11,7 @@
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
 #include "common/logging.h"
+#include "common/program.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "tools/cohort/commands.h"
@@ -149,23 +150,7 @@ int RunGenerate(int argc, char** argv) {
   flags.Add("prefill-chunk", &f.prefill_chunk, "most prompt tokens computed in one step");
   flags.Add("threads", &f.threads, "CPU threads (0: one per core)");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off (logs go to stderr)");
-  if (auto st = flags.Parse(argc, argv); !st.ok()) {
-    if (FlagSet::IsHelp(st)) {
-      std::fputs(flags.Usage().c_str(), stdout);
-      return 0;
-    }
-    std::fprintf(stderr, "cohort generate: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = InitLogging(f.log_level); !st.ok()) {
-    std::fprintf(stderr, "cohort generate: %s\n", std::string(st.message()).c_str());
-    return 2;
-  }
-  if (auto st = Generate(f); !st.ok()) {
-    std::fprintf(stderr, "cohort generate: %s\n", std::string(st.message()).c_str());
-    return absl::IsInvalidArgument(st) ? 2 : 1;
-  }
-  return 0;
+  return RunProgram(flags, argc, argv, f.log_level, [&] { return Generate(f); });
 }
 
 }  // namespace cohort::tools

@@ -12,7 +12,9 @@ constexpr const char* kUsage =
     "usage: cohort <command> [flags]\n"
     "\n"
     "commands:\n"
-    "  generate   generate tokens from a checkpoint folder on one device\n"
+    "  generate     generate tokens from a checkpoint folder on one device\n"
+    "  tokenize     text to token ids with a tokenizer.json (JSON lines on stdin)\n"
+    "  detokenize   token ids to text with a tokenizer.json (JSON lines on stdin)\n"
     "\n"
     "Run `cohort <command> --help` for the command's flags.\n";
 
@@ -25,6 +27,8 @@ int main(int argc, char** argv) {
   }
   const std::string_view command = argv[1];
   if (command == "generate") return cohort::tools::RunGenerate(argc - 1, argv + 1);
+  if (command == "tokenize") return cohort::tools::RunTokenize(argc - 1, argv + 1);
+  if (command == "detokenize") return cohort::tools::RunDetokenize(argc - 1, argv + 1);
   std::fprintf(stderr, "cohort: unknown command '%s'\n\n%s", argv[1], kUsage);
   return 2;
 }
