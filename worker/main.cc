@@ -71,6 +71,16 @@ absl::Status Serve(const WorkerFlags& f) {
                config.architecture_name, model_name, f.model, config.num_layers, config.n_routed_experts,
                kv.num_blocks, kv.block_size_tokens);
 
+  std::unique_ptr<Tokenizer> tokenizer;
+  if (std::filesystem::exists(std::filesystem::path(f.model) / "tokenizer.json")) {
+    COHORT_ASSIGN_OR_RETURN(tokenizer, Tokenizer::Load(f.model));
+    spdlog::info("tokenizer: {} tokens{}", tokenizer->vocab_size(),
+                 tokenizer->chat_template().empty() ? ", no chat template" : "");
+  } else {
+    spdlog::warn("{} has no tokenizer.json: prompts must be token ids; text, chat and stop strings are refused",
+                 f.model);
+  }
+
   std::unique_ptr<WorkerMetrics> metrics;
   if (f.metrics_port >= 0) {
     COHORT_ASSIGN_OR_RETURN(metrics, WorkerMetrics::Create(absl::StrCat(f.host, ":", f.metrics_port)));
@@ -82,6 +92,7 @@ absl::Status Serve(const WorkerFlags& f) {
   loop_options.prefix_caching = f.prefix_caching;
   loop_options.max_queue = f.max_queue;
   loop_options.model_name = model_name;
+  loop_options.tokenizer = tokenizer.get();
   EngineLoop loop(std::move(engine), loop_options, publisher, metrics.get());
   COHORT_RETURN_IF_ERROR(loop.WarmUp());
 

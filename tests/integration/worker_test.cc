@@ -124,6 +124,45 @@ TEST(WorkerTest, PreemptedStreamsStillGetTheirExactTokens) {
       << "the cache was meant to be too small for the batch";
 }
 
+// The demo model carries its tokenizer: text in, text out, stop strings and chat.
+TEST(WorkerTest, TextPromptsStreamTextAndStopStringsNeverLeak) {
+  const testing::Fixture fixture = testing::LoadFixture("demo");
+  auto worker = WorkerProcess::Start(fixture.model_dir, {});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+
+  GenerateRequest text;
+  text.set_text("The meaning of life is");  // the fixture's first prompt, tokenized with BOS by the worker
+  text.mutable_sampling()->set_temperature(0.0f);
+  text.mutable_stopping()->set_max_tokens(16);
+  text.mutable_stopping()->set_ignore_eos(true);
+  StreamResult r = Generate(*stub, text);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.tokens, fixture.cases[0].generated) << "transformers' greedy tokens";
+  EXPECT_EQ(r.final.usage().prompt_tokens(), fixture.cases[0].prompt.size());
+  EXPECT_EQ(r.text, " the process of casting.\n\t\t-- Ogden Nash");
+
+  // A stop string ends the text right before it, and nothing after it is ever sent.
+  text.mutable_stopping()->add_stop("casting");
+  StreamResult stopped = Generate(*stub, text);
+  ASSERT_TRUE(stopped.status.ok());
+  EXPECT_EQ(stopped.text, " the process of ");
+  EXPECT_EQ(stopped.final.finish_reason(), cohort::v1::FINISH_REASON_STOP);
+
+  GenerateRequest chat;
+  auto* message = chat.mutable_chat()->add_messages();
+  message->set_role("user");
+  message->set_content("Tell me a joke");
+  chat.mutable_stopping()->set_max_tokens(8);
+  StreamResult reply = Generate(*stub, chat);
+  ASSERT_TRUE(reply.status.ok()) << reply.status.error_message();
+  EXPECT_GT(reply.final.usage().prompt_tokens(), 4u);  // BOS, user and assistant markers, the words
+  EXPECT_FALSE(reply.tokens.empty());
+
+  message->set_role("tool");
+  EXPECT_EQ(Generate(*stub, chat).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 TEST(WorkerTest, SharedPrefixIsReportedAsCachedPromptTokens) {
   auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"), {"--kv-block-size", "4"});
   ASSERT_NE(worker, nullptr);

@@ -12,6 +12,7 @@
 #include "common/status.h"
 #include "spdlog/spdlog.h"
 #include "worker/sampling/sampler.h"
+#include "worker/sampling/stop_strings.h"
 
 namespace cohort {
 namespace {
@@ -28,6 +29,8 @@ constexpr auto kMinReportGap = std::chrono::milliseconds(10);
 struct EngineLoop::Live {
   std::shared_ptr<GenerationSink> sink;
   std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<IncrementalDecoder> decoder;  // when the model has a tokenizer
+  std::unique_ptr<StopStringMatcher> stops;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   int32_t top_logprobs = 0;
@@ -42,12 +45,16 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const EngineLoopOptions& 
       options_(options),
       publisher_(publisher),
       metrics_(metrics),
-      limits_{options.model_name, engine_->config().vocab_size, engine_->config().max_position_embeddings},
+      limits_{options.model_name, engine_->config().vocab_size, engine_->config().max_position_embeddings,
+              options.tokenizer, std::nullopt},
       blocks_({.num_blocks = engine_->kv_geometry().num_blocks,
                .block_size = engine_->kv_geometry().block_size_tokens,
                .prefix_caching = options.prefix_caching}),
       scheduler_(options.scheduler, blocks_) {
   if (metrics_ != nullptr) metrics_->kv_blocks_total.Set(static_cast<double>(blocks_.num_blocks()));
+  if (options.tokenizer != nullptr) {
+    if (auto format = DetectChatFormat(options.tokenizer->chat_template()); format.ok()) limits_.chat_format = *format;
+  }
 }
 
 EngineLoop::~EngineLoop() { Stop(); }
@@ -134,6 +141,10 @@ void EngineLoop::TakeInbox() {
     live->sampler = std::make_unique<Sampler>(p.spec.sampling, /*fallback_seed=*/p.id * 0x9e3779b97f4a7c15ull,
                                               p.spec.prompt);
     live->stop_token_ids = std::move(p.spec.stop_token_ids);
+    if (options_.tokenizer != nullptr) {
+      live->decoder = std::make_unique<IncrementalDecoder>(*options_.tokenizer, /*skip_special_tokens=*/true);
+      live->stops = std::make_unique<StopStringMatcher>(std::move(p.spec.stop_strings));
+    }
     live->ignore_eos = p.spec.ignore_eos;
     live->top_logprobs = p.spec.sampling.top_logprobs;
     if (absl::Status st = scheduler_.Add(std::move(request)); !st.ok()) {
@@ -169,6 +180,12 @@ void EngineLoop::Finish(uint64_t id, const absl::Status& status, cohort::v1::Fin
   cohort::v1::GenerateResponse final;
   if (status.ok()) {
     auto* f = final.mutable_final();
+    if (live->decoder != nullptr) {
+      // Text still held back: an unfinished character at the end, or a tail that could have begun
+      // a stop string but did not (nothing, when a stop string ended the request).
+      StopStringMatcher::Result rest = live->stops->Push(live->decoder->Flush());
+      f->set_text(rest.text + (rest.stopped ? std::string() : live->stops->Flush()));
+    }
     f->set_finish_reason(reason);
     f->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(request->prompt_len));
     f->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(generated));
@@ -226,6 +243,12 @@ void EngineLoop::Step() {
     cohort::v1::GenerateResponse response;
     auto* chunk = response.mutable_chunk();
     chunk->add_token_ids(static_cast<uint32_t>(sampled.token));
+    bool stop_string = false;
+    if (live.decoder != nullptr) {
+      StopStringMatcher::Result text = live.stops->Push(live.decoder->Push(sampled.token));
+      chunk->set_text(std::move(text.text));
+      stop_string = text.stopped;
+    }
     if (live.top_logprobs > 0) {
       auto* lp = chunk->add_logprobs();
       lp->set_token_id(static_cast<uint32_t>(sampled.token));
@@ -238,7 +261,7 @@ void EngineLoop::Step() {
     }
     live.sink->OnChunk(std::move(response));
 
-    const bool stop_token = (!live.ignore_eos && eos && sampled.token == *eos) ||
+    const bool stop_token = stop_string || (!live.ignore_eos && eos && sampled.token == *eos) ||
                             std::find(live.stop_token_ids.begin(), live.stop_token_ids.end(), sampled.token) !=
                                 live.stop_token_ids.end();
     if (stop_token) {

@@ -43,6 +43,8 @@ struct EngineLoopOptions {
   std::string worker_id;
   std::string model_name;
   int64_t report_interval_ms = 100;
+  // Detokenizes streamed tokens (chunk text, stop strings); may be null. Outlives the loop.
+  const Tokenizer* tokenizer = nullptr;
 };
 
 class EngineLoop {

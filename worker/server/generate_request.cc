@@ -22,13 +22,42 @@ absl::StatusOr<GenerateSpec> ParseGenerateRequest(const cohort::v1::GenerateRequ
         spec.prompt.push_back(static_cast<int32_t>(id));
       }
       break;
-    case cohort::v1::GenerateRequest::kText:
-      return absl::UnimplementedError(
-          "text prompts need the model's tokenizer, which this worker does not load yet; send token_ids");
+    case cohort::v1::GenerateRequest::kText: {
+      if (limits.tokenizer == nullptr) {
+        return absl::UnimplementedError(
+            "text prompts need the model's tokenizer; this model folder has no tokenizer.json: send token_ids");
+      }
+      absl::StatusOr<std::vector<int32_t>> ids = limits.tokenizer->Encode(request.text(), /*add_special_tokens=*/true);
+      if (!ids.ok()) return absl::InvalidArgumentError(absl::StrCat("text: ", ids.status().message()));
+      spec.prompt = std::move(*ids);
+      break;
+    }
+    case cohort::v1::GenerateRequest::kChat: {
+      if (limits.tokenizer == nullptr) {
+        return absl::UnimplementedError(
+            "chat needs the model's tokenizer; this model folder has no tokenizer.json: send token_ids");
+      }
+      if (!limits.chat_format) {
+        COHORT_RETURN_IF_ERROR(DetectChatFormat(limits.tokenizer->chat_template()).status());
+      }
+      std::vector<ChatMessage> messages;
+      for (const auto& m : request.chat().messages()) messages.push_back({m.role(), m.content()});
+      auto token_text = [&](std::optional<int32_t> id) {
+        return id ? limits.tokenizer->Decode(std::vector<int32_t>{*id}, /*skip_special_tokens=*/false) : std::string();
+      };
+      absl::StatusOr<std::string> text = RenderChat(*limits.chat_format, messages, token_text(limits.tokenizer->bos_id()),
+                                                    token_text(limits.tokenizer->eos_id()));
+      if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat("chat.", text.status().message()));
+      // The rendered text carries its own BOS.
+      absl::StatusOr<std::vector<int32_t>> ids = limits.tokenizer->Encode(*text, /*add_special_tokens=*/false);
+      if (!ids.ok()) return absl::InvalidArgumentError(absl::StrCat("chat: ", ids.status().message()));
+      spec.prompt = std::move(*ids);
+      break;
+    }
     case cohort::v1::GenerateRequest::PROMPT_NOT_SET:
       break;
   }
-  if (spec.prompt.empty()) return absl::InvalidArgumentError("prompt: empty; set token_ids");
+  if (spec.prompt.empty()) return absl::InvalidArgumentError("prompt: empty; set token_ids, text or chat");
   const int64_t prompt_len = static_cast<int64_t>(spec.prompt.size());
   if (prompt_len >= limits.max_context_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("token_ids: the prompt has ", prompt_len,
@@ -48,10 +77,14 @@ absl::StatusOr<GenerateSpec> ParseGenerateRequest(const cohort::v1::GenerateRequ
     }
     spec.max_tokens = stopping.max_tokens();
   }
-  if (stopping.stop_size() > 0) {
+  if (stopping.stop_size() > 0 && limits.tokenizer == nullptr) {
     return absl::UnimplementedError(
-        "stopping.stop: stop strings need the model's tokenizer, which this worker does not load yet; "
+        "stopping.stop: stop strings need the model's tokenizer; this model folder has no tokenizer.json: "
         "use stopping.stop_token_ids");
+  }
+  for (const std::string& stop : stopping.stop()) {
+    if (stop.empty()) return absl::InvalidArgumentError("stopping.stop: empty stop string");
+    spec.stop_strings.push_back(stop);
   }
   for (uint32_t id : stopping.stop_token_ids()) {
     if (id >= static_cast<uint64_t>(limits.vocab_size)) {
