@@ -251,18 +251,23 @@ void HttpFront::ChatCompletions(const httplib::Request& req, httplib::Response& 
   if (!body.ok()) return SendError(res, body.status());
   absl::StatusOr<ChatRequest> request = ParseChatRequest(*body);
   if (!request.ok()) return SendError(res, request.status());
-  // What is missing: rendering request->messages with the model's chat template into the prompt
-  // text, then Generate() with chat.completion objects instead of text_completion ones.
-  SendError(res, absl::UnimplementedError(
-                     "chat completions need the model's chat template and tokenizer, which cohort-worker does not "
-                     "load yet; render the conversation to token ids yourself and POST them to /v1/completions"));
+  // The worker renders the messages in the model's chat format and tokenizes them.
+  CompletionRequest completion = std::move(request->options);
+  completion.chat = true;
+  for (const ChatMessage& m : request->messages) {
+    auto* message = completion.generate.mutable_chat()->add_messages();
+    message->set_role(m.role);
+    message->set_content(m.content);
+  }
+  Generate(req, res, std::move(completion));
 }
 
 void HttpFront::Generate(const httplib::Request& req, httplib::Response& res, CompletionRequest request) {
   std::unique_ptr<InFlight> in_flight = InFlight::Admit(*this);
   if (in_flight == nullptr) return SendError(res, ShuttingDown());
 
-  CompletionHeader header{.id = NewCompletionId(), .created = UnixSeconds(), .model = request.generate.model()};
+  CompletionHeader header{
+      .id = NewCompletionId(), .created = UnixSeconds(), .model = request.generate.model(), .chat = request.chat};
   if (header.model.empty()) {  // the only model served, which the Dispatcher picks too
     const std::set<std::string> models = dispatcher_.pool().Models();
     if (models.size() == 1) header.model = *models.begin();

@@ -21,6 +21,7 @@ struct CompletionRequest {
   cohort::v1::GenerateRequest generate;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  bool chat = false;           // from /v1/chat/completions: answer with chat.completion objects
 };
 
 // Only the fields the body sets are set in `generate`; JSON null counts as not set. `prompt` is

@@ -78,24 +78,38 @@ ordered_json CompletionBuilder::Add(const cohort::v1::GenerateResponse& response
     choice["logprobs"] = std::move(logprobs);
   }
   choice["finish_reason"] = response.has_final() ? finish_reason_ : ordered_json(nullptr);
-  ordered_json event = Object(std::move(choice));
+  if (header_.chat) {  // the text goes in a delta message
+    ordered_json delta = ordered_json::object();
+    if (!role_sent_) delta["role"] = "assistant";
+    role_sent_ = true;
+    delta["content"] = std::move(choice["text"]);
+    choice.erase("text");
+    choice["delta"] = std::move(delta);
+  }
+  ordered_json event = Object(std::move(choice), /*event=*/true);
   if (include_usage_) event["usage"] = std::move(usage);  // null but in the last event, as OpenAI does
   return event;
 }
 
 ordered_json CompletionBuilder::Completion() const {
-  ordered_json completion = Object({{"index", 0},
-                                    {"text", text_},
-                                    {"token_ids", token_ids_},
-                                    {"logprobs", logprobs_},
-                                    {"finish_reason", finish_reason_}});
+  ordered_json choice = {{"index", 0}};
+  if (header_.chat) {
+    choice["message"] = {{"role", "assistant"}, {"content", text_}};
+  } else {
+    choice["text"] = text_;
+  }
+  choice["token_ids"] = token_ids_;
+  choice["logprobs"] = logprobs_;
+  choice["finish_reason"] = finish_reason_;
+  ordered_json completion = Object(std::move(choice), /*event=*/false);
   completion["usage"] = usage_;
   return completion;
 }
 
-ordered_json CompletionBuilder::Object(ordered_json choice) const {
+ordered_json CompletionBuilder::Object(ordered_json choice, bool event) const {
+  const char* object = !header_.chat ? "text_completion" : event ? "chat.completion.chunk" : "chat.completion";
   return {{"id", header_.id},
-          {"object", "text_completion"},
+          {"object", object},
           {"created", header_.created},
           {"model", header_.model},
           {"choices", ordered_json::array({std::move(choice)})}};

@@ -22,6 +22,7 @@ struct CompletionHeader {
   std::string id;       // "cmpl-<hex>"
   int64_t created = 0;  // Unix seconds
   std::string model;
+  bool chat = false;  // chat.completion objects (message / delta) instead of text_completion ones
 };
 
 std::string NewCompletionId();  // thread-safe
@@ -40,13 +41,14 @@ class CompletionBuilder {
   nlohmann::ordered_json Completion() const;
 
  private:
-  nlohmann::ordered_json Object(nlohmann::ordered_json choice) const;
+  nlohmann::ordered_json Object(nlohmann::ordered_json choice, bool event) const;
   void AppendLogprobs(const cohort::v1::Chunk& chunk, size_t text_offset, nlohmann::ordered_json& logprobs) const;
 
   const CompletionHeader header_;
   const bool with_logprobs_;
   const bool include_usage_;
   std::string text_;
+  bool role_sent_ = false;  // chat streams name the assistant role in their first event
   std::vector<uint32_t> token_ids_;
   nlohmann::ordered_json logprobs_;  // null without logprobs
   nlohmann::ordered_json finish_reason_;

@@ -334,3 +334,49 @@ TEST_F(RouterHttpTest, OversizedBodyIsRefusedWith413) {
 
 }  // namespace
 }  // namespace cohort
+
+namespace cohort {
+namespace {
+
+// The demo model has a tokenizer and a DeepSeek-V3 chat template: text and chat work end to end.
+TEST(RouterHttpDemoTest, TextCompletionAndChatOnTheDemoModel) {
+  auto worker = testing::WorkerProcess::Start(testing::SourcePath("models/cohort-demo"), {});
+  ASSERT_NE(worker, nullptr);
+  auto router = testing::RouterProcess::Start({worker->address()}, {});
+  ASSERT_NE(router, nullptr);
+  const std::string base = "http://127.0.0.1:" + std::to_string(router->http_port());
+  for (int i = 0; i < 200 && Curl({base + "/ready"}).status != 200; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const HttpReply text = Curl({"-H", "Content-Type: application/json", "-d",
+                               R"({"prompt": "The meaning of life is", "max_tokens": 16, "temperature": 0,
+                                   "ignore_eos": true})",
+                               base + "/v1/completions"});
+  ASSERT_EQ(text.status, 200) << text.body;
+  EXPECT_EQ(Json(text)["choices"][0]["text"], " the process of casting.\n\t\t-- Ogden Nash");
+
+  const HttpReply chat = Curl({"-H", "Content-Type: application/json", "-d",
+                               R"({"messages": [{"role": "user", "content": "Tell me a joke"}],
+                                   "max_tokens": 12, "seed": 1})",
+                               base + "/v1/chat/completions"});
+  ASSERT_EQ(chat.status, 200) << chat.body;
+  const json body = Json(chat);
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_EQ(body["choices"][0]["message"]["role"], "assistant");
+  EXPECT_TRUE(body["choices"][0]["message"]["content"].is_string());
+  EXPECT_GT(body["usage"]["prompt_tokens"].get<int>(), 4);
+
+  const HttpReply streamed = Curl({"-N", "-H", "Content-Type: application/json", "-d",
+                                   R"({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                                       "stream": true})",
+                                   base + "/v1/chat/completions"});
+  ASSERT_EQ(streamed.status, 200) << streamed.body;
+  const std::vector<std::string> events = EventData(streamed.body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(json::parse(events.front())["object"], "chat.completion.chunk");
+  EXPECT_EQ(json::parse(events.front())["choices"][0]["delta"]["role"], "assistant");
+  EXPECT_EQ(events.back(), "[DONE]");
+}
+
+}  // namespace
+}  // namespace cohort
