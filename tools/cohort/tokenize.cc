@@ -8,6 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
+#include "common/program.h"
+#include "common/status.h"
 #include "common/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tools/cohort/commands.h"
@@ -17,46 +19,24 @@ namespace {
 
 using Json = nlohmann::json;
 
-// Parses the flags; returns -1 to go on, or the exit code.
-int ParseFlags(FlagSet& flags, const char* program, int argc, char** argv) {
-  if (auto st = flags.Parse(argc, argv); !st.ok()) {
-    if (FlagSet::IsHelp(st)) {
-      std::fputs(flags.Usage().c_str(), stdout);
-      return 0;
-    }
-    std::fprintf(stderr, "%s: %s\n", program, std::string(st.message()).c_str());
-    return 2;
-  }
-  return -1;
-}
+const std::string kLogLevel = "warn";  // the filters log nothing but errors, which they print themselves
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadOrSay(const char* program, const std::string& path, int& exit_code) {
-  auto tokenizer = Tokenizer::Load(path);
-  if (!tokenizer.ok()) {
-    std::fprintf(stderr, "%s: %s\n", program, std::string(tokenizer.status().message()).c_str());
-    exit_code = absl::IsInvalidArgument(tokenizer.status()) ? 2 : 1;
-  }
-  return tokenizer;
-}
-
-// Runs `handle` on every stdin line, printing what it returns; the first error stops the run with
-// one line on stderr naming the input line.
+// Runs `handle` on every stdin line, printing what it returns; the first error stops the run and
+// is returned naming the input line.
 template <typename Handle>
-int ForEachLine(const char* program, Handle handle) {
+absl::Status ForEachLine(Handle handle) {
   std::string line;
   for (int64_t number = 1; std::getline(std::cin, line); ++number) {
     absl::StatusOr<std::string> out = handle(line);
     if (!out.ok()) {
       std::fflush(stdout);
-      std::fprintf(stderr, "%s: input line %lld: %s\n", program, static_cast<long long>(number),
-                   std::string(out.status().message()).c_str());
-      return absl::IsInvalidArgument(out.status()) ? 2 : 1;
+      return absl::Status(out.status().code(), absl::StrCat("input line ", number, ": ", out.status().message()));
     }
     std::fwrite(out->data(), 1, out->size(), stdout);
     std::fputc('\n', stdout);
     std::fflush(stdout);  // a caller may wait for each answer before sending the next line
   }
-  return 0;
+  return absl::OkStatus();
 }
 
 // `text` with bytes that would garble a terminal (controls, anything not ASCII) as \xNN.
@@ -98,18 +78,16 @@ int RunTokenize(int argc, char** argv) {
                 "Special tokens written in the text are matched as tokens.");
   flags.Add("tokenizer", &path, "tokenizer.json, or a model folder holding one", /*required=*/true);
   flags.Add("special", &special, "add the post-processor's special tokens (e.g. BOS); --no-special leaves them out");
-  if (int code = ParseFlags(flags, kProgram, argc, argv); code >= 0) return code;
-  int exit_code = 0;
-  auto tokenizer = LoadOrSay(kProgram, path, exit_code);
-  if (!tokenizer.ok()) return exit_code;
-
-  return ForEachLine(kProgram, [&](const std::string& line) -> absl::StatusOr<std::string> {
-    auto value = ParseLine(line);
-    if (!value.ok()) return value.status();
-    if (!value->is_string()) return absl::InvalidArgumentError("expected a JSON string");
-    auto ids = (*tokenizer)->Encode(value->get_ref<const std::string&>(), special);
-    if (!ids.ok()) return ids.status();
-    return Json(*ids).dump();
+  return RunProgram(flags, argc, argv, kLogLevel, [&]() -> absl::Status {
+    COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(path));
+    return ForEachLine([&](const std::string& line) -> absl::StatusOr<std::string> {
+      auto value = ParseLine(line);
+      if (!value.ok()) return value.status();
+      if (!value->is_string()) return absl::InvalidArgumentError("expected a JSON string");
+      auto ids = tokenizer->Encode(value->get_ref<const std::string&>(), special);
+      if (!ids.ok()) return ids.status();
+      return Json(*ids).dump();
+    });
   });
 }
 
@@ -122,25 +100,23 @@ int RunDetokenize(int argc, char** argv) {
                 "Ids the vocabulary does not hold are skipped, as Hugging Face tokenizers does.");
   flags.Add("tokenizer", &path, "tokenizer.json, or a model folder holding one", /*required=*/true);
   flags.Add("skip-special", &skip_special, "leave special tokens out of the text");
-  if (int code = ParseFlags(flags, kProgram, argc, argv); code >= 0) return code;
-  int exit_code = 0;
-  auto tokenizer = LoadOrSay(kProgram, path, exit_code);
-  if (!tokenizer.ok()) return exit_code;
-
-  return ForEachLine(kProgram, [&](const std::string& line) -> absl::StatusOr<std::string> {
-    auto value = ParseLine(line);
-    if (!value.ok()) return value.status();
-    if (!value->is_array()) return absl::InvalidArgumentError("expected a JSON array of token ids");
-    std::vector<int32_t> ids;
-    ids.reserve(value->size());
-    for (const Json& id : *value) {
-      if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("expected token ids (integers from 0 to 2^31-1), got ", id.dump()));
+  return RunProgram(flags, argc, argv, kLogLevel, [&]() -> absl::Status {
+    COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::Load(path));
+    return ForEachLine([&](const std::string& line) -> absl::StatusOr<std::string> {
+      auto value = ParseLine(line);
+      if (!value.ok()) return value.status();
+      if (!value->is_array()) return absl::InvalidArgumentError("expected a JSON array of token ids");
+      std::vector<int32_t> ids;
+      ids.reserve(value->size());
+      for (const Json& id : *value) {
+        if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("expected token ids (integers from 0 to 2^31-1), got ", id.dump()));
+        }
+        ids.push_back(id.get<int32_t>());
       }
-      ids.push_back(id.get<int32_t>());
-    }
-    return Json((*tokenizer)->Decode(ids, skip_special)).dump();
+      return Json(tokenizer->Decode(ids, skip_special)).dump();
+    });
   });
 }
 
