@@ -1,19 +1,17 @@
 // cohort-router: the stateless front of a Cohort deployment. Serves the public cohort.v1 API and
 // relays each request to the worker that serves it best. See --help.
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/flags.h"
 #include "common/program.h"
+#include "common/server_start.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "router/http/http_front.h"
@@ -77,16 +75,9 @@ absl::Status Serve(const RouterFlags& f) {
                         metrics.get());
   InferenceService service(dispatcher);
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port, " (port in use?)"));
-  }
+  COHORT_ASSIGN_OR_RETURN(StartedServer started, StartGrpcServer(f.host, f.port, service));
+  std::unique_ptr<grpc::Server>& server = started.server;
+  const int port = started.port;
   spdlog::info("serving cohort.v1.Inference on {}:{} with policy {}{}", f.host, port, f.policy,
                metrics ? absl::StrCat(", metrics on :", metrics->port(), "/metrics") : std::string());
   std::unique_ptr<HttpFront> http;
@@ -94,15 +85,9 @@ absl::Status Serve(const RouterFlags& f) {
     COHORT_ASSIGN_OR_RETURN(http, HttpFront::Create(dispatcher, {.host = f.host, .port = f.http_port}));
     spdlog::info("serving the OpenAI-compatible HTTP API on {}:{}", f.host, http->port());
   }
-  if (!f.port_file.empty()) {
-    const std::string tmp = f.port_file + ".tmp";
-    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port},
-                                         {"metrics_port", metrics ? metrics->port() : -1},
-                                         {"http_port", http ? http->port() : -1}}
-                              .dump()
-                       << "\n";
-    std::filesystem::rename(tmp, f.port_file);
-  }
+  COHORT_RETURN_IF_ERROR(WritePortFile(f.port_file, {{"grpc_port", port},
+                                                      {"metrics_port", metrics ? metrics->port() : -1},
+                                                      {"http_port", http ? http->port() : -1}}));
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);

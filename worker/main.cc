@@ -1,6 +1,5 @@
 // cohort-worker: serves one model on this node's devices over gRPC (worker.proto), with continuous
 // batching over a paged KV cache. See --help.
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
@@ -10,12 +9,12 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/program.h"
+#include "common/server_start.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
@@ -97,28 +96,16 @@ absl::Status Serve(const WorkerFlags& f) {
   COHORT_RETURN_IF_ERROR(loop.WarmUp());
 
   WorkerService service(loop, publisher);
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port, " (port in use?)"));
-  }
+  COHORT_ASSIGN_OR_RETURN(StartedServer started, StartGrpcServer(f.host, f.port, service));
+  std::unique_ptr<grpc::Server>& server = started.server;
+  const int port = started.port;
   loop.set_worker_id(f.worker_id.empty() ? absl::StrCat(f.host, ":", port) : f.worker_id);
   loop.Start();
   server->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("serving on {}:{}{}", f.host, port,
                metrics ? absl::StrCat(", metrics on :", metrics->port(), "/metrics") : std::string());
-  if (!f.port_file.empty()) {
-    // Written whole under a temporary name, then renamed: a reader never sees half a file.
-    const std::string tmp = f.port_file + ".tmp";
-    std::ofstream(tmp) << nlohmann::json{{"grpc_port", port}, {"metrics_port", metrics ? metrics->port() : -1}}.dump()
-                       << "\n";
-    std::filesystem::rename(tmp, f.port_file);
-  }
+  COHORT_RETURN_IF_ERROR(
+      WritePortFile(f.port_file, {{"grpc_port", port}, {"metrics_port", metrics ? metrics->port() : -1}}));
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
