@@ -20,6 +20,18 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const EngineOptions& option
   return cpu::CreateCpuEngine(options, std::move(config), *checkpoint);
 }
 
+absl::Status Engine::ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
+                                      std::span<SampledToken> tokens) {
+  const int64_t vocab = config().vocab_size;
+  COHORT_CHECK(samplers.size() == tokens.size(), samplers.size(), " samplers for ", tokens.size(), " tokens");
+  host_logits_.resize(samplers.size() * vocab);
+  COHORT_RETURN_IF_ERROR(Forward(batch, host_logits_));
+  for (size_t row = 0; row < samplers.size(); ++row) {
+    tokens[row] = samplers[row]->Sample({host_logits_.data() + row * vocab, static_cast<size_t>(vocab)});
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateBatch(const ModelConfig& config, const KvCacheGeometry& geometry,
                            std::span<const SequenceStep> batch, size_t logits_size) {
   size_t rows = 0;

@@ -13,9 +13,13 @@
 // kv_a_layernorm) and the rotated rope key (qk_rope_head_dim values), not full keys and values.
 // Which blocks belong to whom is the caller's business (worker/kv/block_manager.h).
 //
-// Backends (EngineOptions::device): "cpu", the float32 reference (cpu/cpu_engine.h), and "null",
-// which computes nothing and writes predictable logits, for benchmarking the router and worker
-// without the model (null_engine.h).
+// Backends (EngineOptions::device): "cpu", the float32 reference (cpu/cpu_engine.h); "cuda", bf16 on
+// one GPU with kernels from kernels/ (cuda/cuda_engine.h; builds with CUDA only); and "null", which
+// computes nothing and writes predictable logits, for benchmarking the router and worker without the
+// model (null_engine.h).
+//
+// The serving loop calls ForwardAndSample, which returns sampled tokens only: the CUDA backend samples
+// on the device and copies back token ids, the others compute logits on the host and sample there.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +29,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/model/config.h"
+#include "worker/sampling/sampler.h"
 
 namespace cohort {
 
@@ -43,6 +48,13 @@ struct KvCacheGeometry {
   int64_t bytes_per_token = 0;  // all layers
 };
 
+// What the last step did, for the batching-economics metrics.
+struct StepStats {
+  // (MoE layer, routed expert) pairs that received at least one token: each is one read of that
+  // expert's weights.
+  int64_t routed_expert_reads = 0;
+};
+
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -54,16 +66,38 @@ class Engine {
   // compute_logits, in batch order. InvalidArgument for a token outside the vocabulary, a position
   // past max_position_embeddings, or a block table too short or naming a block that does not exist.
   virtual absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) = 0;
+
+  // Runs one step and samples the next token of each sequence with compute_logits: `samplers` and
+  // `tokens` hold one entry per such sequence, in batch order. Each sampler chooses and records its
+  // token exactly once. The default computes logits on the host and calls Sampler::Sample; a device
+  // backend samples where the logits are (Sampler::BeginDeviceSample / EndDeviceSample).
+  virtual absl::Status ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
+                                        std::span<SampledToken> tokens);
+
+  virtual StepStats last_step_stats() const { return {}; }
+
+ private:
+  std::vector<float> host_logits_;  // the default ForwardAndSample's, reused across steps
 };
 
 struct EngineOptions {
+  // A checkpoint folder, or (cuda only) "synthetic:deepseek-v2-lite" / "synthetic:deepseek-v3":
+  // random weights of the published shapes, made on the device (performance work without files).
   std::string model_dir;
-  std::string device = "cpu";  // "cpu", or "null" (no weights, no compute: benchmarks only)
+  std::string device = "cpu";  // "cpu", "cuda", or "null" (no weights, no compute: benchmarks only)
   int64_t kv_block_size = 16;
   // KV cache size: num_kv_blocks when positive, else as many blocks as kv_cache_bytes holds.
   int64_t num_kv_blocks = 0;
   int64_t kv_cache_bytes = int64_t{256} << 20;
   int num_threads = 0;  // CPU backend; 0: one per core
+
+  // Device backends plan all memory at start-up from these.
+  double gpu_memory_fraction = 0.90;  // of the device's memory for weights, workspaces and the KV cache;
+                                      // the KV cache gets what is left when kv_cache_bytes is 0
+  int64_t max_batch_tokens = 2048;    // tokens computed per step (the scheduler's limit)
+  int64_t max_sequences = 256;        // sequences per step (the scheduler's max_running)
+  int64_t num_layers = 0;             // synthetic models only: override the preset's layer count
+  int device_id = 0;                  // which GPU
 };
 
 // Loads the checkpoint and builds the engine for `options.device`. Errors name the file and

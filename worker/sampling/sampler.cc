@@ -157,6 +157,11 @@ int32_t Sampler::Draw() {
   return last_possible;  // rounding left `target` at the very top of the range
 }
 
+double Sampler::BeginDeviceSample(int64_t vocab) {
+  SizeForVocab(vocab);
+  return config_.temperature == 0.0f ? 0.0 : UniformFrom(rng_);
+}
+
 void Sampler::Record(int32_t token) {
   ++generated_count_[token];
   if (!in_history_[token]) {

@@ -64,6 +64,19 @@ class Sampler {
   // Every call must pass the same vocabulary size, larger than every prompt token id.
   SampledToken Sample(std::span<const float> logits);
 
+  // Sampling elsewhere (the CUDA backend samples on the device), equal to Sample() given the same
+  // logits: BeginDeviceSample returns the uniform number in [0, 1) that Sample() would draw for this
+  // token (0 without drawing when temperature is 0), EndDeviceSample records the token that was
+  // chosen. Call them in pairs, once per token.
+  double BeginDeviceSample(int64_t vocab);
+  void EndDeviceSample(int32_t token) { Record(token); }
+
+  const SamplingConfig& config() const { return config_; }
+  // Penalty inputs: the distinct ids of the prompt and the generated tokens, and how often each
+  // was generated (valid after the first Sample or BeginDeviceSample).
+  std::span<const int32_t> history_tokens() const { return history_tokens_; }
+  int32_t generated_count(int32_t token) const { return generated_count_[token]; }
+
  private:
   void SizeForVocab(int64_t vocab);
   void ApplyPenalties();

@@ -197,19 +197,19 @@ void EngineLoop::Finish(uint64_t id, const absl::Status& status, cohort::v1::Fin
 void EngineLoop::Step() {
   StepPlan plan = scheduler_.Schedule();
   if (plan.empty()) return;
-  const int64_t vocab = engine_->config().vocab_size;
   std::vector<SequenceStep> batch;
   batch.reserve(plan.chunks.size());
-  int64_t rows = 0;
+  std::vector<Sampler*> samplers;
   for (const ScheduledChunk& c : plan.chunks) {
     Request* r = c.request;
     batch.push_back({{r->tokens.data() + r->computed, static_cast<size_t>(c.num_tokens)}, r->computed, r->block_table,
                      c.compute_logits});
-    rows += c.compute_logits ? 1 : 0;
+    if (c.compute_logits) samplers.push_back(live_.at(r->id)->sampler.get());
   }
-  logits_.resize(rows * vocab);
+  const int64_t rows = static_cast<int64_t>(samplers.size());
+  std::vector<SampledToken> sampled_tokens(rows);
   const auto start = Clock::now();
-  absl::Status status = engine_->Forward(batch, logits_);
+  absl::Status status = engine_->ForwardAndSample(batch, samplers, sampled_tokens);
   const auto end = Clock::now();
   if (!status.ok()) {
     spdlog::error("engine step failed: {}", std::string(status.message()));
@@ -232,8 +232,7 @@ void EngineLoop::Step() {
       if (metrics_ != nullptr) metrics_->queue_time.Observe(Seconds(start - live.arrival));
     }
     if (!c.compute_logits) continue;
-    const SampledToken sampled = live.sampler->Sample({logits_.data() + row * vocab, static_cast<size_t>(vocab)});
-    ++row;
+    const SampledToken& sampled = sampled_tokens[row++];
     r->tokens.push_back(sampled.token);
     if (r->num_generated() == 1) {
       live.first_token = end;

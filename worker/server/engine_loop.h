@@ -99,7 +99,7 @@ class EngineLoop {
   BlockManager blocks_;
   Scheduler scheduler_;
   std::unordered_map<uint64_t, std::unique_ptr<Live>> live_;  // engine thread only
-  std::vector<float> logits_;
+  std::vector<float> logits_;  // the warm-up step's
 
   std::mutex mu_;
   std::condition_variable wake_;
