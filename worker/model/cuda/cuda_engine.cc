@@ -1,0 +1,1 @@
+// The CUDA engine: filled in by the CUDA backend work.

@@ -1,0 +1,1 @@
+// Sampling on the device: filled in by the CUDA backend work.
