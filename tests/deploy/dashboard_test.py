@@ -133,6 +133,11 @@ def test_promised_panels(dashboard):
         "retries": r"rate\(cohort_router_retries_total",
         "worker health": r"cohort_router_worker_up",
         "router requests by code": r"sum by \(code\) \(rate\(cohort_router_requests_total",
+        "weight bytes per step": r"rate\(cohort_worker_step_weight_read_bytes_sum",
+        "KV bytes per step": r"rate\(cohort_worker_step_kv_read_bytes_sum",
+        "memory bandwidth fraction": r"/ sum by \(instance\) \(cohort_worker_peak_memory_bandwidth_bytes_per_second",
+        "FLOP fraction": r"/ sum by \(instance\) \(cohort_worker_peak_flops_per_second",
+        "$ per million output tokens": r"1e6 \* sum\(rate\(cohort_worker_step_cost_dollars_total",
     }
     missing = [k for k, pattern in needs.items() if not re.search(pattern, joined)]
     assert not missing, f"no panel for {missing}"

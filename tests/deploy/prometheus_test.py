@@ -8,9 +8,10 @@ Kubernetes pod discovery (not built into Debian's Prometheus) is replaced by a f
 processes as pods would appear, annotations included, plus two decoys the rules must drop. The
 scrape interval is 1 s. Ten greedy requests go through the router with Python stubs generated from
 proto/. Then Prometheus' HTTP API must show: generated tokens, router requests with code OK and
-time-to-first-token observations in the exact numbers sent; every metric that
-deploy/grafana/cohort.json names among the scraped series; and every panel and variable query of the
-dashboard answering with data. All processes are killed on exit.
+time-to-first-token observations in the exact numbers sent; the batching-economics metrics observed
+on every step, with bandwidth and FLOP fractions in (0, 1.5) and a positive cost per token; every
+metric that deploy/grafana/cohort.json names among the scraped series; and every panel and variable
+query of the dashboard answering with data. All processes are killed on exit.
 
   /usr/bin/python3 tests/deploy/prometheus_test.py --bin-dir build/bin
 """
@@ -328,6 +329,44 @@ def main():
         def prefix_cache_hit():
             assert prom.scalar("sum(cohort_worker_prefix_cache_hit_blocks_total)") > 0, "no prefix-cache hit"
 
+        def economics():
+            steps = prom.scalar("sum(cohort_worker_step_time_seconds_count)")
+            assert steps and steps >= REQUESTS, steps
+            for name in ("step_weight_read_bytes", "step_kv_read_bytes", "step_kv_write_bytes", "step_flops",
+                         "memory_bandwidth_utilization_ratio", "flops_utilization_ratio"):
+                count = prom.scalar(f"sum(cohort_worker_{name}_count)")
+                assert count == steps, f"{name}: {count} observations for {steps} steps"
+                assert prom.scalar(f"sum(cohort_worker_{name}_sum)") > 0, name
+            # Time-weighted fractions of the peaks each worker measured (CPU backend), and the mean
+            # over steps: busy but not beyond the hardware (a toy model's weights sit in cache, hence 1.5).
+            moved = " + ".join(f"sum by (instance) (cohort_worker_step_{k}_bytes_sum)"
+                               for k in ("weight_read", "kv_read", "kv_write"))
+            busy = "sum by (instance) (cohort_worker_step_time_seconds_sum)"
+            fractions = {
+                "bandwidth": f"({moved}) / {busy} / sum by (instance) "
+                             "(cohort_worker_peak_memory_bandwidth_bytes_per_second)",
+                "FLOPs": f"sum by (instance) (cohort_worker_step_flops_sum) / {busy} / sum by (instance) "
+                         "(cohort_worker_peak_flops_per_second)",
+                "bandwidth per step": "sum by (instance) (cohort_worker_memory_bandwidth_utilization_ratio_sum) / "
+                                      "sum by (instance) (cohort_worker_memory_bandwidth_utilization_ratio_count)",
+                "FLOPs per step": "sum by (instance) (cohort_worker_flops_utilization_ratio_sum) / "
+                                  "sum by (instance) (cohort_worker_flops_utilization_ratio_count)",
+            }
+            stepped = " and on (instance) sum by (instance) (cohort_worker_step_time_seconds_count) > 0"
+            for what, expr in fractions.items():
+                result = prom.query(f"({expr}){stepped}")  # workers the router sent work to
+                assert result, (what, result)
+                for r in result:
+                    assert 0 < float(r["value"][1]) < 1.5, (what, r)
+            # Dollars: step seconds at the default $3 per device-hour, per million generated tokens.
+            dollars = prom.scalar("sum(cohort_worker_step_cost_dollars_total)")
+            seconds = prom.scalar("sum(cohort_worker_step_time_seconds_sum)")
+            assert abs(dollars - seconds * 3.0 / 3600) <= 1e-6 * dollars, (dollars, seconds)
+            per_mtok = prom.scalar("1e6 * sum(cohort_worker_step_cost_dollars_total) / "
+                                   "sum(cohort_worker_generated_tokens_total)")
+            assert per_mtok > 0, per_mtok
+            assert prom.scalar("min(cohort_worker_device_cost_dollars_per_hour)") == 3.0
+
         check("Prometheus scrapes the three processes through the deployment's relabelling", targets_relabelled)
         check(f"generated tokens counter = {total}", generated_tokens)
         check(f"router requests with code OK = {REQUESTS}", router_requests_ok)
@@ -335,6 +374,7 @@ def main():
         check("every dashboard metric is among the scraped series", dashboard_metrics_scraped)
         check("every dashboard query answers with data", dashboard_queries_answer)
         check("repeated prompts hit the prefix cache", prefix_cache_hit)
+        check("economics: bytes, FLOPs, utilization in (0, 1.5) and $ per million tokens", economics)
     finally:
         stack.stop()
         logs = {name: log for name, _, log in stack.procs}

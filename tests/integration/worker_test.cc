@@ -314,5 +314,58 @@ TEST(WorkerTest, PrometheusMetricsCountTheWork) {
   EXPECT_EQ(testing::MetricValue(text, "cohort_worker_requests_running"), 0) << text;
 }
 
+// The batching-economics metrics (worker/server/metrics.h): every step's bytes, FLOPs, utilization
+// and cost, with the KV bytes exactly those the request's steps attended to and wrote.
+TEST(WorkerTest, EconomicsMetricsDescribeEveryStep) {
+  // $3600 an hour is $1 a second: the cost counter must equal the seconds spent in steps.
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"),
+                                     {"--gpu-hour-cost", "3600", "--model-name", "econ"});
+  ASSERT_NE(worker, nullptr);
+  auto stub = Worker::NewStub(worker->Channel());
+  ASSERT_TRUE(Generate(*stub, Greedy({1, 2, 3, 4}, 6)).status.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const std::string text = testing::HttpGet("127.0.0.1", worker->metrics_port(), "/metrics");
+  auto value = [&](const std::string& name) { return testing::MetricValue(text, name, "model=\"econ\""); };
+
+  // One prefill step of 4 tokens, then 5 decode steps.
+  ASSERT_EQ(testing::MetricValue(text, "cohort_worker_step_time_seconds_count"), 6) << text;
+  for (const char* histogram : {"cohort_worker_step_weight_read_bytes", "cohort_worker_step_kv_read_bytes",
+                                "cohort_worker_step_kv_write_bytes", "cohort_worker_step_flops",
+                                "cohort_worker_memory_bandwidth_utilization_ratio",
+                                "cohort_worker_flops_utilization_ratio"}) {
+    EXPECT_EQ(value(std::string(histogram) + "_count"), 6) << histogram << "\n" << text;
+    EXPECT_GT(value(std::string(histogram) + "_sum"), 0) << histogram << "\n" << text;
+  }
+  // v3_plain caches 3 layers x (32 + 8) float32 values per token: 480 bytes. The steps read
+  // positions 0..3, then 0..4, ..., 0..8 (4 + 5 + 6 + 7 + 8 + 9 = 39 entries) and wrote 9.
+  EXPECT_EQ(value("cohort_worker_step_kv_read_bytes_sum"), 39 * 480) << text;
+  EXPECT_EQ(value("cohort_worker_step_kv_write_bytes_sum"), 9 * 480) << text;
+  // Weights: at least the attention and dense parts once per step (float32, > 100 KB for v3_plain).
+  EXPECT_GT(value("cohort_worker_step_weight_read_bytes_sum"), 6 * 100e3) << text;
+  // The CPU backend measured its own peaks (not the H200 defaults).
+  EXPECT_GT(value("cohort_worker_peak_memory_bandwidth_bytes_per_second"), 0) << text;
+  EXPECT_LT(value("cohort_worker_peak_memory_bandwidth_bytes_per_second"), 4.8e12) << text;
+  EXPECT_GT(value("cohort_worker_peak_flops_per_second"), 0) << text;
+  EXPECT_LT(value("cohort_worker_peak_flops_per_second"), 989e12) << text;
+  EXPECT_NE(worker->Log().find("measured this machine"), std::string::npos) << worker->Log();
+
+  EXPECT_EQ(value("cohort_worker_device_cost_dollars_per_hour"), 3600) << text;
+  const double step_seconds = testing::MetricValue(text, "cohort_worker_step_time_seconds_sum");
+  EXPECT_GT(step_seconds, 0) << text;
+  EXPECT_NEAR(value("cohort_worker_step_cost_dollars_total"), step_seconds, 1e-9 * step_seconds + 1e-12) << text;
+}
+
+TEST(WorkerTest, PeakFlagsReplaceTheCpuMeasurement) {
+  auto worker = WorkerProcess::Start(testing::SourcePath("tests/fixtures/models/v3_plain"),
+                                     {"--peak-memory-bandwidth", "50", "--peak-tflops", "0.5"});
+  ASSERT_NE(worker, nullptr);
+  const std::string text = testing::HttpGet("127.0.0.1", worker->metrics_port(), "/metrics");
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_peak_memory_bandwidth_bytes_per_second", "model="), 50e9)
+      << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_peak_flops_per_second", "model="), 0.5e12) << text;
+  EXPECT_EQ(testing::MetricValue(text, "cohort_worker_device_cost_dollars_per_hour", "model="), 3) << text;
+  EXPECT_EQ(worker->Log().find("measured this machine"), std::string::npos) << worker->Log();
+}
+
 }  // namespace
 }  // namespace cohort

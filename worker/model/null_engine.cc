@@ -30,6 +30,10 @@ class NullEngine final : public Engine {
     return absl::OkStatus();
   }
 
+  // No expert runs, so none is read. weight_value_bytes() keeps the default (the float32 the CPU
+  // engine would hold).
+  StepStats last_step_stats() const override { return {}; }
+
  private:
   ModelConfig config_;
   KvCacheGeometry geometry_;

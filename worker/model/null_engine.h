@@ -12,6 +12,10 @@
 //
 // kv_geometry() is what the CPU engine would report for the same options, so the block manager
 // and scheduler see the same capacity; the block ids are only numbers.
+//
+// last_step_stats() reports no routed expert read (none runs), so the worker's economics metrics
+// on --device null count the model's dense weights and KV traffic as if read by a float32 engine
+// and no routed expert: figures for the dashboards' plumbing, not for any hardware.
 #pragma once
 
 #include <memory>

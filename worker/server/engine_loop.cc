@@ -51,7 +51,14 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const EngineLoopOptions& 
                .block_size = engine_->kv_geometry().block_size_tokens,
                .prefix_caching = options.prefix_caching}),
       scheduler_(options.scheduler, blocks_) {
-  if (metrics_ != nullptr) metrics_->kv_blocks_total.Set(static_cast<double>(blocks_.num_blocks()));
+  const ModelConfig& config = engine_->config();
+  kv_value_bytes_ = engine_->kv_geometry().bytes_per_token / (config.num_layers * config.kv_cache_width());
+  if (metrics_ != nullptr) {
+    metrics_->kv_blocks_total.Set(static_cast<double>(blocks_.num_blocks()));
+    metrics_->peak_memory_bandwidth.Set(options.peaks.memory_bandwidth_bytes_per_s);
+    metrics_->peak_flops.Set(options.peaks.flops_per_s);
+    metrics_->device_cost_per_hour.Set(options.device_cost_dollars_per_hour);
+  }
   if (options.tokenizer != nullptr) {
     if (auto format = DetectChatFormat(options.tokenizer->chat_template()); format.ok()) limits_.chat_format = *format;
   }
@@ -218,6 +225,8 @@ void EngineLoop::Step() {
     }
     return;
   }
+  // Before any request grows or finishes: `batch` points into their tokens.
+  if (metrics_ != nullptr) ObserveStepCost(batch, Seconds(end - start));
   scheduler_.OnStepDone(plan);
 
   const int64_t max_context = engine_->config().max_position_embeddings;
@@ -280,6 +289,23 @@ void EngineLoop::Step() {
   load_changed_ = true;
   last_step_tokens_ = plan.num_tokens;
   PublishLoad(std::chrono::duration_cast<std::chrono::microseconds>(end - start).count());
+}
+
+void EngineLoop::ObserveStepCost(std::span<const SequenceStep> batch, double step_seconds) {
+  const StepCost cost = EstimateStepCost(engine_->config(), batch, engine_->last_step_stats().routed_expert_reads,
+                                         engine_->weight_value_bytes(), kv_value_bytes_);
+  metrics_->step_weight_read_bytes.Observe(static_cast<double>(cost.weight_bytes));
+  metrics_->step_kv_read_bytes.Observe(static_cast<double>(cost.kv_read_bytes));
+  metrics_->step_kv_write_bytes.Observe(static_cast<double>(cost.kv_write_bytes));
+  metrics_->step_flops.Observe(cost.flops);
+  if (step_seconds > 0 && options_.peaks.memory_bandwidth_bytes_per_s > 0) {
+    metrics_->memory_bandwidth_utilization.Observe(static_cast<double>(cost.memory_bytes()) / step_seconds /
+                                                   options_.peaks.memory_bandwidth_bytes_per_s);
+  }
+  if (step_seconds > 0 && options_.peaks.flops_per_s > 0) {
+    metrics_->flops_utilization.Observe(cost.flops / step_seconds / options_.peaks.flops_per_s);
+  }
+  metrics_->step_cost_dollars.Increment(step_seconds * options_.device_cost_dollars_per_hour / 3600.0);
 }
 
 void EngineLoop::PublishLoad(int64_t step_time_us) {

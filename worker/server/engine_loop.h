@@ -20,6 +20,7 @@
 #include "cohort/v1/inference.pb.h"
 #include "worker/kv/block_manager.h"
 #include "worker/model/engine.h"
+#include "worker/model/step_cost.h"
 #include "worker/scheduler/scheduler.h"
 #include "worker/server/generate_request.h"
 #include "worker/server/load_publisher.h"
@@ -45,6 +46,10 @@ struct EngineLoopOptions {
   int64_t report_interval_ms = 100;
   // Detokenizes streamed tokens (chunk text, stop strings); may be null. Outlives the loop.
   const Tokenizer* tokenizer = nullptr;
+  // For the batching-economics metrics (metrics.h): the peak rates of the devices the engine runs
+  // on, and what they cost per hour together. A zero peak leaves its utilization unobserved.
+  DevicePeaks peaks = kH200Peaks;
+  double device_cost_dollars_per_hour = 3.0;
 };
 
 class EngineLoop {
@@ -90,6 +95,8 @@ class EngineLoop {
   void Step();
   void Finish(uint64_t id, const absl::Status& status, cohort::v1::FinishReason reason);
   void PublishLoad(int64_t step_time_us);
+  // The economics metrics of the step just run; `batch` must still point at its tokens.
+  void ObserveStepCost(std::span<const SequenceStep> batch, double step_seconds);
 
   std::unique_ptr<Engine> engine_;
   EngineLoopOptions options_;
@@ -100,6 +107,7 @@ class EngineLoop {
   Scheduler scheduler_;
   std::unordered_map<uint64_t, std::unique_ptr<Live>> live_;  // engine thread only
   std::vector<float> logits_;  // the warm-up step's
+  int64_t kv_value_bytes_ = 0;  // bytes per cached value, from the engine's KV geometry
 
   std::mutex mu_;
   std::condition_variable wake_;

@@ -35,6 +35,7 @@ class CpuEngine final : public Engine {
   const KvCacheGeometry& kv_geometry() const override { return geometry_; }
 
   absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) override;
+  StepStats last_step_stats() const override { return last_step_stats_; }
 
  private:
   // Where position `pos` of a sequence lives in layer `layer` of the cache.
@@ -60,6 +61,7 @@ class CpuEngine final : public Engine {
   std::span<const SequenceStep> batch_;
   std::vector<int64_t> token_position_;
   std::vector<int32_t> token_sequence_;
+  StepStats last_step_stats_;  // of the last Forward that passed validation
 };
 
 absl::Status CpuEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
@@ -67,6 +69,7 @@ absl::Status CpuEngine::Forward(std::span<const SequenceStep> batch, std::span<f
   const int64_t hidden = config_.hidden_size;
 
   batch_ = batch;
+  last_step_stats_ = {};
   token_position_.clear();
   token_sequence_.clear();
   std::vector<int32_t> tokens;
@@ -214,6 +217,7 @@ void CpuEngine::Moe(const MoeWeights& moe, const float* x, float* out) {
   for (int64_t e = 0; e < num_experts; ++e) {
     const auto& assigned = routed_to[e];
     if (assigned.empty()) continue;
+    ++last_step_stats_.routed_expert_reads;
     const int64_t rows = static_cast<int64_t>(assigned.size());
     xs.resize(rows * hidden);
     ys.resize(rows * hidden);
