@@ -15,6 +15,7 @@ PACKAGES=(
   nlohmann-json3-dev libspdlog-dev libfmt-dev libgtest-dev prometheus-cpp-dev
   libcpp-httplib-dev libpcre2-dev libutf8proc-dev python3-grpcio python3-protobuf curl
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev prometheus python3-yaml
+  python3-matplotlib
 )
 
 missing=()

@@ -77,12 +77,28 @@ bool Scheduler::Admit(std::deque<Request*>& queue, StepPlan& plan, int64_t& budg
   queue.pop_front();
   r->state = RequestState::kRunning;
   r->admission_order = ++admissions_;
-  r->scheduled_in_step = plan.step;
   running_.push_back(r);
+  if (n == 0) return true;
+  r->scheduled_in_step = plan.step;
   plan.chunks.push_back({r, n, r->computed + n == static_cast<int64_t>(r->tokens.size())});
   plan.num_tokens += n;
   budget -= n;
   return true;
+}
+
+void Scheduler::FormStaticBatch(StepPlan& plan, int64_t& budget) {
+  // Nothing is running, so nothing holds blocks: the batch may promise all the available ones.
+  const int64_t available = blocks_.num_available();
+  int64_t promised = 0;
+  for (auto* queue : {&waiting_interactive_, &waiting_batch_}) {
+    while (!queue->empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
+      const Request& r = *queue->front();
+      const int64_t whole = BlocksForTokens(r.prompt_len + r.max_tokens, blocks_.block_size());
+      if (promised + whole > available) return;
+      if (!Admit(*queue, plan, budget)) return;
+      promised += whole;
+    }
+  }
 }
 
 StepPlan Scheduler::Schedule() {
@@ -119,8 +135,11 @@ StepPlan Scheduler::Schedule() {
     budget -= n;
   }
 
-  // New work joins only in steps where the running batch fit without preemption.
-  if (plan.preempted.empty()) {
+  // New work joins only in steps where the running batch fit without preemption; under static
+  // batching, only once the whole batch has finished.
+  if (options_.batching == BatchingPolicy::kStatic) {
+    if (running_.empty()) FormStaticBatch(plan, budget);
+  } else if (plan.preempted.empty()) {
     for (auto* queue : {&waiting_interactive_, &waiting_batch_}) {
       while (!queue->empty() && budget > 0 && static_cast<int64_t>(running_.size()) < options_.max_running) {
         if (!Admit(*queue, plan, budget)) break;

@@ -13,6 +13,13 @@
 //  2. If nothing was preempted, waiting requests are admitted in order (interactive first; batch
 //     only when no interactive request waits) while the budget, --max-running and free blocks
 //     allow. A request first takes the cached blocks matching the start of its prompt.
+//
+// Static batching (BatchingPolicy::kStatic, `cohort-worker --scheduler static`) is the baseline
+// that continuous batching is measured against: step 2 runs only when nothing is running, and then
+// forms the batch from every waiting request that fits (up to --max-running, each with KV blocks
+// for its whole prompt plus max_tokens, so the batch is never preempted). Nothing joins until the
+// last member finishes; members beyond the first step's token budget are admitted without tokens
+// and prefill in the next steps, by rule 1.
 #pragma once
 
 #include <cstdint>
@@ -27,9 +34,12 @@
 
 namespace cohort {
 
+enum class BatchingPolicy { kContinuous, kStatic };
+
 struct SchedulerOptions {
   int64_t max_batch_tokens = 2048;  // tokens computed per step, all requests together
   int64_t max_running = 256;        // requests in the running batch
+  BatchingPolicy batching = BatchingPolicy::kContinuous;
 };
 
 struct ScheduledChunk {
@@ -76,8 +86,10 @@ class Scheduler {
   }
   Request* PickVictim(uint64_t step) const;
   void Preempt(Request* victim);
-  // Tries to admit the front of `queue`; false when it does not fit this step.
+  // Tries to admit the front of `queue`; false when it does not fit this step. With no budget left
+  // it joins the running batch without a chunk this step.
   bool Admit(std::deque<Request*>& queue, StepPlan& plan, int64_t& budget);
+  void FormStaticBatch(StepPlan& plan, int64_t& budget);
 
   SchedulerOptions options_;
   BlockManager& blocks_;
