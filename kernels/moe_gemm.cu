@@ -1,1 +1,388 @@
-// placeholder: filled in by the CUDA backend work
+// Grouped expert GEMM and SiLU-and-mul of the MoE path. Contracts in moe.h.
+//
+// The GEMM is a persistent kernel: gridDim = SMs x resident blocks, and block b takes the work items
+// b, b + gridDim, ... of the (tile, column block) list, tile fastest, so the M-tiles of one expert run
+// side by side and share its weight columns through L2. Each item streams a BN x K weight slice and a
+// BM x K activation slice (rows gathered through row_token) through a STAGES-deep cp.async ring; the
+// ring runs across item boundaries, so the next item's first loads overlap this item's last MMAs and
+// its epilogue. All threads load and all warps compute (mma.sync m16n8k16, operands via ldmatrix
+// from an XOR-swizzled layout: 16-byte chunk c of row r lives at chunk c ^ (r % 8)).
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/moe.h"
+
+namespace cohort {
+namespace {
+
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS>
+struct TileConfig {
+  static constexpr int kBM = BM;
+  static constexpr int kBN = BN;
+  static constexpr int kBK = BK;
+  static constexpr int kWarpsN = WARPS_N;
+  static constexpr int kStages = STAGES;
+  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  static constexpr int kMinBlocks = MIN_BLOCKS;
+  static constexpr int kWarpM = BM / WARPS_M;
+  static constexpr int kWarpN = BN / WARPS_N;
+  static constexpr int kFragsM = kWarpM / 16;
+  static constexpr int kFragsN = kWarpN / 8;
+  static constexpr int kChunksPerRow = BK / 8;  // 16-byte chunks
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kAChunks = BM / kRowsPerPass;  // per thread and stage
+  static constexpr int kBChunks = BN / kRowsPerPass;
+  static constexpr int kStageBytes = (BM + BN) * BK * 2;
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
+  static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles are whole m16 x (2 x n8) fragments");
+  static_assert(BK % 64 == 0, "the swizzle needs at least 8 chunks per row");
+  static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0, "a thread keeps one swizzle phase");
+  static_assert(BM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "loads divide evenly over threads");
+};
+
+// Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
+// to fill 132 SMs from 6 experts; 4 stages x 20 KB keep ~60 KB in flight per block, two blocks per SM.
+using DecodeTiles = TileConfig<16, 64, 128, 1, 4, 4, 2>;
+// Tens of rows per expert: 64 x 128 tiles, 8 warps of 32 x 32; 96 KB of smem, two blocks per SM.
+using MidTiles = TileConfig<64, 128, 64, 2, 4, 4, 2>;
+// Prefill: 128 x 128 tiles, 8 warps of 64 x 32 (64 fp32 accumulators each), 3 stages, two blocks per SM.
+using PrefillTiles = TileConfig<128, 128, 64, 2, 4, 3, 2>;
+
+struct GemmParams {
+  const __nv_bfloat16* a;
+  const __nv_bfloat16* w;
+  __nv_bfloat16* y;
+  const int32_t* expert_offsets;
+  const int32_t* row_token;
+  const int32_t* tile_expert;
+  const int32_t* tile_row;
+  const int32_t* num_tiles;
+  int32_t n;
+  int32_t k;
+  int32_t n_blocks;
+  int32_t k_steps;
+};
+
+__device__ __forceinline__ uint32_t SmemAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of element (row, 8 * chunk) in a swizzled tile of BK columns.
+template <int BK>
+__device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
+  return static_cast<uint32_t>((row * BK + ((chunk ^ (row & 7)) << 3)) * 2);
+}
+
+template <class C, bool kGather>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKernel(const GemmParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = SmemAddress(smem);
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
+  const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
+
+  const int num_tiles = *p.num_tiles;
+  const int num_items = num_tiles * p.n_blocks;
+  if (static_cast<int>(blockIdx.x) >= num_items) return;
+  const int my_items = (num_items - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1;
+  const int total_steps = my_items * p.k_steps;
+
+  // This thread's share of each stage: chunk column ld_chunk of rows ld_row + i * kRowsPerPass.
+  const int ld_chunk = tid % C::kChunksPerRow;
+  const int ld_row = tid / C::kChunksPerRow;
+  const uint32_t ld_smem_a = SwizzledOffset<C::kBK>(ld_row, ld_chunk);
+  const uint32_t ld_smem_b = C::kBM * C::kBK * 2 + ld_smem_a;
+  constexpr uint32_t kPassBytes = C::kRowsPerPass * C::kBK * 2;
+
+  // Producer state: the item being loaded and its per-thread source pointers.
+  int load_item = 0;
+  int load_kstep = 0;
+  int load_stage = 0;
+  const __nv_bfloat16* a_src[C::kAChunks];
+  const __nv_bfloat16* b_src = p.w;
+  uint32_t a_ok = 0;
+  uint32_t b_ok = 0;
+
+  auto begin_item = [&](int local_item) {
+    const int item = static_cast<int>(blockIdx.x) + local_item * static_cast<int>(gridDim.x);
+    const int tile = item % num_tiles;
+    const int n_block = item / num_tiles;
+    const int expert = p.tile_expert[tile];
+    const int first = p.tile_row[tile];
+    const int rows = min(C::kBM, p.expert_offsets[expert + 1] - first);
+    a_ok = 0;
+#pragma unroll
+    for (int i = 0; i < C::kAChunks; ++i) {
+      const int r = ld_row + i * C::kRowsPerPass;
+      int source = 0;
+      if (r < rows) {
+        source = kGather ? p.row_token[first + r] : first + r;
+        a_ok |= 1u << i;
+      }
+      a_src[i] = p.a + static_cast<int64_t>(source) * p.k + ld_chunk * 8;
+    }
+    const int n0 = n_block * C::kBN + ld_row;
+    b_ok = 0;
+#pragma unroll
+    for (int i = 0; i < C::kBChunks; ++i) {
+      if (n0 + i * C::kRowsPerPass < p.n) b_ok |= 1u << i;
+    }
+    b_src = p.w + (static_cast<int64_t>(expert) * p.n + n0) * p.k + ld_chunk * 8;
+  };
+
+  auto issue_stage = [&]() {
+    const int k0 = load_kstep * C::kBK;
+    const bool k_ok = k0 + ld_chunk * 8 < p.k;
+    const uint32_t stage = smem_base + load_stage * C::kStageBytes;
+#pragma unroll
+    for (int i = 0; i < C::kAChunks; ++i) {
+      const bool ok = k_ok && ((a_ok >> i) & 1u);
+      CpAsync16(stage + ld_smem_a + i * kPassBytes, ok ? a_src[i] + k0 : p.a, ok ? 16u : 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < C::kBChunks; ++i) {
+      const bool ok = k_ok && ((b_ok >> i) & 1u);
+      CpAsync16(stage + ld_smem_b + i * kPassBytes,
+                ok ? b_src + static_cast<int64_t>(i) * C::kRowsPerPass * p.k + k0 : p.w, ok ? 16u : 0u);
+    }
+  };
+
+  int loaded_steps = 0;
+  auto load_next = [&]() {
+    if (loaded_steps < total_steps) {
+      if (load_kstep == 0) begin_item(load_item);
+      issue_stage();
+      ++loaded_steps;
+      load_stage = load_stage + 1 == C::kStages ? 0 : load_stage + 1;
+      if (++load_kstep == p.k_steps) {
+        load_kstep = 0;
+        ++load_item;
+      }
+    }
+    CpAsyncCommit();  // possibly empty: keeps one group per step
+  };
+
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) load_next();
+
+  float acc[C::kFragsM][C::kFragsN][4];
+#pragma unroll
+  for (int m = 0; m < C::kFragsM; ++m)
+#pragma unroll
+    for (int n = 0; n < C::kFragsN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+
+  int read_stage = 0;
+  int read_kstep = 0;
+  int read_item = 0;
+  for (int step = 0; step < total_steps; ++step) {
+    CpAsyncWait<C::kStages - 2>();
+    __syncthreads();  // stage `step` landed for all threads; stage `step - 1` is free
+    load_next();
+
+    const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
+    const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
+#pragma unroll
+    for (int kk = 0; kk < C::kBK / 16; ++kk) {
+      uint32_t a_frag[C::kFragsM][4];
+      uint32_t b_frag[C::kFragsN / 2][4];
+#pragma unroll
+      for (int m = 0; m < C::kFragsM; ++m) {
+        const int row = warp_row + m * 16 + (lane & 15);
+        LdMatrixX4(a_frag[m], stage_a + SwizzledOffset<C::kBK>(row, kk * 2 + (lane >> 4)));
+      }
+#pragma unroll
+      for (int n = 0; n < C::kFragsN / 2; ++n) {
+        const int row = warp_col + n * 16 + (lane & 7) + ((lane >> 4) << 3);
+        LdMatrixX4(b_frag[n], stage_b + SwizzledOffset<C::kBK>(row, kk * 2 + ((lane >> 3) & 1)));
+      }
+#pragma unroll
+      for (int m = 0; m < C::kFragsM; ++m)
+#pragma unroll
+        for (int n = 0; n < C::kFragsN; ++n)
+          MmaBf16(acc[m][n], a_frag[m], b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]);
+    }
+    read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
+
+    if (++read_kstep == p.k_steps) {
+      read_kstep = 0;
+      const int item = static_cast<int>(blockIdx.x) + read_item * static_cast<int>(gridDim.x);
+      ++read_item;
+      const int tile = item % num_tiles;
+      const int first = p.tile_row[tile];
+      const int rows = min(C::kBM, p.expert_offsets[p.tile_expert[tile] + 1] - first);
+      const int col0 = (item / num_tiles) * C::kBN + warp_col + (lane & 3) * 2;
+#pragma unroll
+      for (int m = 0; m < C::kFragsM; ++m) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = warp_row + m * 16 + (lane >> 2) + half * 8;
+          if (r >= rows) continue;
+          __nv_bfloat16* out = p.y + static_cast<int64_t>(first + r) * p.n;
+#pragma unroll
+          for (int n = 0; n < C::kFragsN; ++n) {
+            const int col = col0 + n * 8;
+            if (col < p.n) {
+              *reinterpret_cast<__nv_bfloat162*>(out + col) =
+                  __floats2bfloat162_rn(acc[m][n][half * 2], acc[m][n][half * 2 + 1]);
+            }
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < C::kFragsN; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+      }
+    }
+  }
+  CpAsyncWait<0>();
+}
+
+template <class C, bool kGather>
+cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t stream) {
+  auto kernel = MoeGroupedGemmKernel<C, kGather>;
+  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (error != cudaSuccess) return error;
+  int device = 0;
+  int sms = 0;
+  int blocks_per_sm = 0;
+  if ((error = cudaGetDevice(&device)) != cudaSuccess) return error;
+  if ((error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return error;
+  if ((error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, C::kThreads,
+                                                             C::kSmemBytes)) != cudaSuccess) {
+    return error;
+  }
+  const int64_t max_items = max_tiles * p.n_blocks;
+  int64_t grid = static_cast<int64_t>(sms) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  if (grid > max_items) grid = max_items;
+  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class C>
+cudaError_t LaunchGemm(const GemmParams& p, bool gather, int64_t max_tiles, cudaStream_t stream) {
+  GemmParams q = p;
+  q.n_blocks = (p.n + C::kBN - 1) / C::kBN;
+  q.k_steps = (p.k + C::kBK - 1) / C::kBK;
+  if (max_tiles * q.n_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  return gather ? LaunchTiles<C, true>(q, max_tiles, stream) : LaunchTiles<C, false>(q, max_tiles, stream);
+}
+
+// ---------------------------------------------------------------------------------------- silu-mul
+
+constexpr int kSiluThreads = 256;
+
+__global__ void __launch_bounds__(kSiluThreads)
+    MoeSiluMulKernel(const __nv_bfloat16* __restrict__ gate_up, int64_t rows, int32_t intermediate,
+                     const int32_t* __restrict__ num_rows, __nv_bfloat16* __restrict__ act) {
+  int64_t rows_in_use = rows;
+  if (num_rows != nullptr) rows_in_use = min(rows, static_cast<int64_t>(max(*num_rows, 0)));
+  const int chunks_per_row = intermediate / 8;
+  const int64_t total = rows_in_use * chunks_per_row;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kSiluThreads + threadIdx.x; c < total;
+       c += static_cast<int64_t>(gridDim.x) * kSiluThreads) {
+    const int64_t row = c / chunks_per_row;
+    const int col = static_cast<int>(c - row * chunks_per_row) * 8;
+    const __nv_bfloat16* in = gate_up + row * 2 * intermediate + col;
+    const uint4 gate = *reinterpret_cast<const uint4*>(in);
+    const uint4 up = *reinterpret_cast<const uint4*>(in + intermediate);
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gate);
+    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&up);
+    uint4 packed;
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 g = __bfloat1622float2(g2[i]);
+      const float2 u = __bfloat1622float2(u2[i]);
+      o2[i] = __floats2bfloat162_rn(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y);
+    }
+    *reinterpret_cast<uint4*>(act + row * intermediate + col) = packed;
+  }
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, cudaStream_t stream) {
+  const int64_t n = args.out_features;
+  const int64_t k = args.in_features;
+  if (n <= 0 || k <= 0 || n % 8 != 0 || k % 8 != 0 || n > INT32_MAX / 2 || k > INT32_MAX / 2 ||
+      args.a == nullptr || args.weights == nullptr || args.y == nullptr || !Aligned16(args.a) ||
+      !Aligned16(args.weights) || !Aligned16(args.y) || r.num_experts < 1 || r.num_experts > kMoeMaxExperts ||
+      r.top_k < 1 || r.num_tokens < 0 || r.expert_offsets == nullptr || r.row_token == nullptr ||
+      r.tile_expert == nullptr || r.tile_row == nullptr || r.num_tiles == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  GemmParams p;
+  p.a = args.a;
+  p.w = args.weights;
+  p.y = args.y;
+  p.expert_offsets = r.expert_offsets;
+  p.row_token = r.row_token;
+  p.tile_expert = r.tile_expert;
+  p.tile_row = r.tile_row;
+  p.num_tiles = r.num_tiles;
+  p.n = static_cast<int32_t>(n);
+  p.k = static_cast<int32_t>(k);
+  p.n_blocks = 0;
+  p.k_steps = 0;
+  const int64_t max_tiles = r.max_tiles();
+  switch (r.tile_rows) {
+    case DecodeTiles::kBM:
+      return LaunchGemm<DecodeTiles>(p, args.gather_a, max_tiles, stream);
+    case MidTiles::kBM:
+      return LaunchGemm<MidTiles>(p, args.gather_a, max_tiles, stream);
+    case PrefillTiles::kBM:
+      return LaunchGemm<PrefillTiles>(p, args.gather_a, max_tiles, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t LaunchMoeSiluMul(const __nv_bfloat16* gate_up, int64_t rows, int64_t intermediate,
+                             const int32_t* num_rows, __nv_bfloat16* act, cudaStream_t stream) {
+  if (rows < 0 || intermediate <= 0 || intermediate % 8 != 0 || intermediate > INT32_MAX / 2 ||
+      gate_up == nullptr || act == nullptr || !Aligned16(gate_up) || !Aligned16(act)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t chunks = rows * (intermediate / 8);
+  if (chunks == 0) return cudaSuccess;
+  const int64_t blocks = (chunks + kSiluThreads - 1) / kSiluThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
+  MoeSiluMulKernel<<<grid, kSiluThreads, 0, stream>>>(gate_up, rows, static_cast<int32_t>(intermediate), num_rows,
+                                                      act);
+  return cudaGetLastError();
+}
+
+}  // namespace cohort

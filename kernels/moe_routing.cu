@@ -1,1 +1,489 @@
-// placeholder: filled in by the CUDA backend work
+// Gate (expert choice), align (rows grouped by expert, GEMM tile map) and combine of the MoE path.
+// Contracts in moe.h.
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/moe.h"
+
+namespace cohort {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ------------------------------------------------------------------------------------------- gate
+
+constexpr int kGateWarps = 4;
+constexpr int kGatePerLane = kMoeMaxExperts / 32;
+
+// The CPU's order: larger value first, then lower expert index.
+__device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
+  return a > b || (a == b && ia < ib);
+}
+
+__global__ void __launch_bounds__(kGateWarps * 32)
+    MoeGateKernel(const float* __restrict__ logits, const float* __restrict__ bias, int64_t num_tokens,
+                  MoeGateParams p, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
+  __shared__ float choice_smem[kGateWarps][kMoeMaxExperts];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
+  if (token >= num_tokens) return;  // whole warps only; no block barrier below
+  const int num_experts = p.num_experts;
+  const float* x = logits + token * num_experts;
+
+  float score[kGatePerLane];
+  float choice[kGatePerLane];
+  float logit[kGatePerLane];
+#pragma unroll
+  for (int i = 0; i < kGatePerLane; ++i) {
+    const int e = lane + 32 * i;
+    logit[i] = e < num_experts ? x[e] : -INFINITY;
+  }
+  if (p.scoring == MoeScoring::kSigmoid) {
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) score[i] = 1.0f / (1.0f + expf(-logit[i]));
+  } else {
+    float max = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) max = fmaxf(max, logit[i]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) max = fmaxf(max, __shfl_xor_sync(kFullMask, max, offset));
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) {
+      score[i] = lane + 32 * i < num_experts ? expf(logit[i] - max) : 0.0f;
+      sum += score[i];
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    // One correctly rounded reciprocal instead of a division per expert (whose slow path made ptxas
+    // spill): the scores keep the order of their exponentials, and differ from the CPU's by an ulp.
+    const float inverse_sum = __frcp_rn(sum);
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) score[i] *= inverse_sum;
+  }
+#pragma unroll
+  for (int i = 0; i < kGatePerLane; ++i) {
+    const int e = lane + 32 * i;
+    choice[i] = (bias != nullptr && e < num_experts) ? score[i] + bias[e] : score[i];
+  }
+
+  if (p.method != MoeTopkMethod::kGreedy && p.topk_group < p.n_group) {
+    const int per_group = num_experts / p.n_group;
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < num_experts) choice_smem[warp][e] = choice[i];
+    }
+    __syncwarp();
+    float group_score = -INFINITY;
+    if (lane < p.n_group) {
+      const float* group = &choice_smem[warp][lane * per_group];
+      float best = -INFINITY;
+      float second = -INFINITY;
+      for (int i = 0; i < per_group; ++i) {
+        const float v = group[i];
+        if (v > best) {
+          second = best;
+          best = v;
+        } else if (v > second) {
+          second = v;
+        }
+      }
+      group_score = p.method == MoeTopkMethod::kNoAuxTc ? best + second : best;
+    }
+    // A group is kept when fewer than topk_group groups precede it.
+    int rank = 0;
+#pragma unroll
+    for (int g = 0; g < kMoeMaxGroups; ++g) {
+      const float other = __shfl_sync(kFullMask, group_score, g);
+      if (g < p.n_group && Precedes(other, g, group_score, lane)) ++rank;
+    }
+    const unsigned kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (e < num_experts && !((kept >> (e / per_group)) & 1u)) choice[i] = -INFINITY;
+    }
+  }
+
+  // k rounds of a warp arg-max; `taken` marks this lane's experts already chosen (or absent).
+  unsigned taken = 0;
+#pragma unroll
+  for (int i = 0; i < kGatePerLane; ++i) {
+    if (lane + 32 * i >= num_experts) taken |= 1u << i;
+  }
+  int chosen[kMoeMaxTopK];
+  float weight[kMoeMaxTopK];
+#pragma unroll
+  for (int r = 0; r < kMoeMaxTopK; ++r) {
+    chosen[r] = 0;
+    weight[r] = 0.0f;
+    if (r >= p.top_k) continue;
+    float best_value = -INFINITY;
+    int best_expert = INT_MAX;
+    float best_score = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) {
+      const int e = lane + 32 * i;
+      if (!((taken >> i) & 1u) && Precedes(choice[i], e, best_value, best_expert)) {
+        best_value = choice[i];
+        best_expert = e;
+        best_score = score[i];
+      }
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other_value = __shfl_xor_sync(kFullMask, best_value, offset);
+      const int other_expert = __shfl_xor_sync(kFullMask, best_expert, offset);
+      const float other_score = __shfl_xor_sync(kFullMask, best_score, offset);
+      if (Precedes(other_value, other_expert, best_value, best_expert)) {
+        best_value = other_value;
+        best_expert = other_expert;
+        best_score = other_score;
+      }
+    }
+    if ((best_expert & 31) == lane) taken |= 1u << (best_expert >> 5);
+    chosen[r] = best_expert;
+    weight[r] = best_score;
+  }
+
+  // Same order of operations as the CPU: sequential sum, normalise, scale.
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kMoeMaxTopK; ++r) {
+    if (r < p.top_k) sum += weight[r];
+  }
+#pragma unroll
+  for (int r = 0; r < kMoeMaxTopK; ++r) {
+    float w = weight[r];
+    if (p.norm_topk_prob) w /= sum + 1e-20f;
+    w *= p.routed_scaling_factor;
+    if (r < p.top_k && lane == r) {
+      topk_ids[token * p.top_k + r] = chosen[r];
+      topk_weights[token * p.top_k + r] = w;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ align
+
+constexpr int kAlignThreads = 1024;
+constexpr int kAlignWarps = kAlignThreads / 32;
+
+__device__ __forceinline__ int WarpInclusiveScan(int value, int lane) {
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, value, offset);
+    if (lane >= offset) value += other;
+  }
+  return value;
+}
+
+// Exclusive prefix sum of one value per thread over the whole block, in thread order; *total gets the
+// sum. Every thread of the block calls it.
+__device__ int BlockExclusiveScan(int value, int* warp_sums, int* total) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int inclusive = WarpInclusiveScan(value, lane);
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    const int sum = warp_sums[lane];
+    const int warp_inclusive = WarpInclusiveScan(sum, lane);
+    warp_sums[lane] = warp_inclusive - sum;
+    if (lane == 31) *total = warp_inclusive;
+  }
+  __syncthreads();
+  const int result = warp_sums[warp] + inclusive - value;
+  __syncthreads();  // warp_sums is reused by the next scan
+  return result;
+}
+
+struct AlignArgs {
+  const int32_t* topk_ids;
+  int32_t num_pairs;  // T*k
+  int32_t top_k;
+  int32_t num_experts;
+  int32_t tile_rows;
+  int32_t max_tiles;
+  int32_t* expert_offsets;
+  int32_t* row_token;
+  int32_t* slot_row;
+  int32_t* tile_expert;
+  int32_t* tile_row;
+  int32_t* num_tiles;
+  int32_t* experts_used;
+};
+
+// Each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per (warp, expert);
+// the scan turns the counts into the first row of each (warp, expert); pass 2 places each pair at that
+// row plus its rank among the warp's equal ids (__match_any_sync), walking the segment in order, so
+// rows within an expert follow the pair order whatever the atomics did.
+__global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs p) {
+  __shared__ int warp_counts[kAlignWarps][kMoeMaxExperts];
+  __shared__ int first_row[kMoeMaxExperts];
+  __shared__ int warp_sums[32];
+  __shared__ int totals[3];  // rows, tiles, experts used
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int num_experts = p.num_experts;
+
+  for (int i = tid; i < kAlignWarps * kMoeMaxExperts; i += kAlignThreads) (&warp_counts[0][0])[i] = 0;
+  __syncthreads();
+
+  const int segment = (p.num_pairs + kAlignWarps - 1) / kAlignWarps;
+  const int begin = warp * segment;
+  const int end = min(p.num_pairs, begin + segment);
+  for (int base = begin; base < end; base += 32) {
+    const int i = base + lane;
+    const int id = i < end ? p.topk_ids[i] : -1;
+    if (id >= 0 && id < num_experts) atomicAdd(&warp_counts[warp][id], 1);
+  }
+  __syncthreads();
+
+  int count = 0;  // rows of expert `tid`
+  if (tid < num_experts) {
+    for (int w = 0; w < kAlignWarps; ++w) {
+      const int c = warp_counts[w][tid];
+      warp_counts[w][tid] = count;  // now: rows of this expert in earlier segments
+      count += c;
+    }
+  }
+  const int tiles = (count + p.tile_rows - 1) / p.tile_rows;
+  const int rows_before = BlockExclusiveScan(count, warp_sums, &totals[0]);
+  const int tiles_before = BlockExclusiveScan(tiles, warp_sums, &totals[1]);
+  BlockExclusiveScan(count > 0 ? 1 : 0, warp_sums, &totals[2]);  // ends in a barrier: totals visible
+
+  if (tid < num_experts) {
+    first_row[tid] = rows_before;
+    p.expert_offsets[tid] = rows_before;
+    for (int t = 0; t < tiles; ++t) {
+      p.tile_expert[tiles_before + t] = tid;
+      p.tile_row[tiles_before + t] = rows_before + t * p.tile_rows;
+    }
+  }
+  if (tid == 0) {
+    p.expert_offsets[num_experts] = totals[0];
+    *p.num_tiles = totals[1];
+    if (p.experts_used != nullptr) atomicAdd(p.experts_used, totals[2]);
+  }
+  for (int t = totals[1] + tid; t < p.max_tiles; t += kAlignThreads) {
+    p.tile_expert[t] = -1;
+    p.tile_row[t] = 0;
+  }
+  __syncthreads();
+
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int base = begin; base < end; base += 32) {
+    const int i = base + lane;
+    const bool in_range = i < end;
+    const int id = in_range ? p.topk_ids[i] : -1;
+    const bool valid = in_range && id >= 0 && id < num_experts;
+    const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
+    if (valid) {
+      const int row = first_row[id] + warp_counts[warp][id] + __popc(peers & lanes_before);
+      p.row_token[row] = i / p.top_k;
+      p.slot_row[i] = row;
+    } else if (in_range) {
+      p.slot_row[i] = -1;
+    }
+    __syncwarp();
+    if (valid && (peers >> lane) == 1u) warp_counts[warp][id] += __popc(peers);  // the last peer
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------- combine
+
+constexpr int kCombineThreads = 256;
+
+__device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float* out) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+// One thread per 8 consecutive outputs of one token.
+__global__ void __launch_bounds__(kCombineThreads)
+    MoeCombineKernel(const __nv_bfloat16* __restrict__ expert_out, const float* __restrict__ topk_weights,
+                     const int32_t* __restrict__ slot_row, const __nv_bfloat16* add, int64_t num_tokens,
+                     int32_t top_k, int32_t hidden, __nv_bfloat16* out) {
+  const int chunks_per_token = hidden / 8;
+  const int64_t total = num_tokens * chunks_per_token;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x; c < total;
+       c += static_cast<int64_t>(gridDim.x) * kCombineThreads) {
+    const int64_t token = c / chunks_per_token;
+    const int col = static_cast<int>(c - token * chunks_per_token) * 8;
+    float acc[8] = {};
+#pragma unroll
+    for (int j = 0; j < kMoeMaxTopK; ++j) {
+      if (j >= top_k) break;
+      const int row = slot_row[token * top_k + j];
+      if (row < 0) continue;
+      const float w = topk_weights[token * top_k + j];
+      float v[8];
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(expert_out + static_cast<int64_t>(row) * hidden + col), v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, v[e], acc[e]);
+    }
+    const int64_t offset = token * hidden + col;
+    if (add != nullptr) {
+      float v[8];
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(add + offset), v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += v[e];
+    }
+    uint4 packed;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    *reinterpret_cast<uint4*>(out + offset) = packed;
+  }
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+int64_t Align4(int64_t ints) { return (ints + 3) / 4 * 4; }  // 16-byte boundaries
+
+// The ints of a routing layout, in carving order.
+struct RoutingLayout {
+  int64_t offsets, rows, tiles, count;
+  int64_t total() const { return Align4(offsets) + 2 * Align4(rows) + 2 * Align4(tiles) + Align4(count); }
+};
+
+RoutingLayout Layout(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t tile_rows) {
+  return {num_experts + 1, num_tokens * top_k, MoeMaxTiles(num_tokens * top_k, num_experts, tile_rows), 1};
+}
+
+bool ValidRoutingShape(int64_t num_tokens, int32_t top_k, int32_t num_experts) {
+  return num_tokens >= 0 && top_k >= 1 && top_k <= kMoeMaxTopK && num_experts >= 1 &&
+         num_experts <= kMoeMaxExperts && num_tokens * top_k <= INT32_MAX / 2;
+}
+
+bool ValidTileRows(int32_t tile_rows) { return tile_rows == 16 || tile_rows == 64 || tile_rows == 128; }
+
+bool ValidRouting(const MoeRouting& r) {
+  return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts) && ValidTileRows(r.tile_rows) &&
+         r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
+         r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr;
+}
+
+}  // namespace
+
+int64_t MoeRouting::max_tiles() const { return MoeMaxTiles(num_rows(), num_experts, tile_rows); }
+
+int64_t MoeMaxTiles(int64_t num_rows, int32_t num_experts, int32_t tile_rows) {
+  return (num_rows + tile_rows - 1) / tile_rows + num_experts;
+}
+
+int32_t MoeDefaultTileRows(int64_t num_rows, int32_t num_experts) {
+  // Rows per used expert, if routing is even. Switch-overs from moe_bench on an H200 (V2-Lite, E=64):
+  // 16-row tiles win while the average expert fits one tile (12 rows: 280 us vs 309 us at 64) and
+  // lose once most experts need two, each tile streaming the expert's weights again (24 rows: 359 us
+  // vs 322 us); 64 beats 128 at 48 rows (358 vs 453 us), 128 beats 64 at 384 (1709 vs 1976 us).
+  const int64_t experts = num_rows < num_experts ? num_rows : num_experts;
+  const int64_t rows_per_expert = experts > 0 ? num_rows / experts : 0;
+  if (rows_per_expert <= 16) return 16;
+  if (rows_per_expert <= 96) return 64;
+  return 128;
+}
+
+int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_experts) {
+  return Layout(max_tokens, top_k, num_experts, /*tile_rows=*/16).total() * static_cast<int64_t>(sizeof(int32_t));
+}
+
+cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t num_tokens, int32_t top_k,
+                            int32_t num_experts, int32_t tile_rows, MoeRouting* routing) {
+  if (routing == nullptr || workspace == nullptr || !Aligned16(workspace) ||
+      !ValidRoutingShape(num_tokens, top_k, num_experts) || !ValidTileRows(tile_rows)) {
+    return cudaErrorInvalidValue;
+  }
+  const RoutingLayout layout = Layout(num_tokens, top_k, num_experts, tile_rows);
+  if (layout.total() * static_cast<int64_t>(sizeof(int32_t)) > workspace_bytes) return cudaErrorInvalidValue;
+  int32_t* next = static_cast<int32_t*>(workspace);
+  auto take = [&](int64_t ints) {
+    int32_t* p = next;
+    next += Align4(ints);
+    return p;
+  };
+  MoeRouting r;
+  r.num_tokens = num_tokens;
+  r.top_k = top_k;
+  r.num_experts = num_experts;
+  r.tile_rows = tile_rows;
+  r.expert_offsets = take(layout.offsets);
+  r.row_token = take(layout.rows);
+  r.slot_row = take(layout.rows);
+  r.tile_expert = take(layout.tiles);
+  r.tile_row = take(layout.tiles);
+  r.num_tiles = take(layout.count);
+  *routing = r;
+  return cudaSuccess;
+}
+
+cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bias, int64_t num_tokens,
+                          const MoeGateParams& p, int32_t* topk_ids, float* topk_weights, cudaStream_t stream) {
+  const bool grouped = p.method != MoeTopkMethod::kGreedy && p.topk_group < p.n_group;
+  if (p.num_experts < 1 || p.num_experts > kMoeMaxExperts || p.top_k < 1 || p.top_k > kMoeMaxTopK ||
+      p.top_k > p.num_experts || p.n_group < 1 || p.n_group > kMoeMaxGroups || p.num_experts % p.n_group != 0 ||
+      p.topk_group < 1 || p.topk_group > p.n_group ||
+      (grouped && p.method == MoeTopkMethod::kNoAuxTc && p.num_experts / p.n_group < 2) || num_tokens < 0 ||
+      router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_tokens == 0) return cudaSuccess;
+  const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  MoeGateKernel<<<static_cast<unsigned>(blocks), kGateWarps * 32, 0, stream>>>(
+      router_logits, correction_bias, num_tokens, p, topk_ids, topk_weights);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
+                           cudaStream_t stream) {
+  if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_rows() > 0)) return cudaErrorInvalidValue;
+  AlignArgs args;
+  args.topk_ids = topk_ids;
+  args.num_pairs = static_cast<int32_t>(routing.num_rows());
+  args.top_k = routing.top_k;
+  args.num_experts = routing.num_experts;
+  args.tile_rows = routing.tile_rows;
+  args.max_tiles = static_cast<int32_t>(routing.max_tiles());
+  args.expert_offsets = routing.expert_offsets;
+  args.row_token = routing.row_token;
+  args.slot_row = routing.slot_row;
+  args.tile_expert = routing.tile_expert;
+  args.tile_row = routing.tile_row;
+  args.num_tiles = routing.num_tiles;
+  args.experts_used = experts_used;
+  MoeAlignKernel<<<1, kAlignThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
+                             const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                             __nv_bfloat16* out, cudaStream_t stream) {
+  if (!ValidRouting(routing) || hidden <= 0 || hidden % 8 != 0 || hidden > INT32_MAX || expert_out == nullptr ||
+      topk_weights == nullptr || out == nullptr || !Aligned16(expert_out) || !Aligned16(out) ||
+      (add != nullptr && !Aligned16(add))) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t chunks = routing.num_tokens * (hidden / 8);
+  if (chunks == 0) return cudaSuccess;
+  const int64_t blocks = (chunks + kCombineThreads - 1) / kCombineThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  MoeCombineKernel<<<grid, kCombineThreads, 0, stream>>>(expert_out, topk_weights, routing.slot_row, add,
+                                                         routing.num_tokens, routing.top_k,
+                                                         static_cast<int32_t>(hidden), out);
+  return cudaGetLastError();
+}
+
+}  // namespace cohort

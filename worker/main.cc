@@ -18,7 +18,9 @@
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
+#include "worker/model/cpu/measure_peaks.h"
 #include "worker/model/engine.h"
+#include "worker/model/synthetic.h"
 #include "worker/server/engine_loop.h"
 #include "worker/server/load_publisher.h"
 #include "worker/server/metrics.h"
@@ -37,35 +39,85 @@ struct WorkerFlags {
   std::string device = "cpu";
   int kv_block_size = 16;
   int64_t kv_cache_bytes = int64_t{1} << 30;
+  bool kv_cache_bytes_given = false;  // on the command line; else the cuda backend sizes the cache
+  double gpu_memory_fraction = 0.90;
+  int gpu = 0;
+  int64_t num_layers = 0;
   int max_batch_tokens = 2048;
   int max_running = 256;
   int max_queue = 1024;
   bool prefix_caching = true;
+  std::string scheduler = "continuous";
   double drain_timeout_s = 30;
   std::string worker_id;
   int threads = 0;
   std::string log_level = "info";
+  // Batching economics (worker/server/metrics.h).
+  double gpu_hour_cost = 3.0;               // dollars per device-hour
+  double peak_memory_bandwidth_gbs = 4800;  // H200
+  double peak_tflops = 989;                 // H200, dense bf16
+  bool peak_memory_bandwidth_given = false;  // on the command line; else the host backends measure it
+  bool peak_tflops_given = false;
 };
 
 // SIGTERM and SIGINT are turned into a flag the main thread polls; nothing else runs in the handler.
 volatile std::sig_atomic_t g_signal = 0;
 void OnSignal(int signal) { g_signal = signal; }
 
+// The peak rates the economics metrics are fractions of: the flags (H200 defaults) on a device
+// backend; on the host backends (cpu, null) measured here unless both flags were given. Call after
+// the engine is created, so the measurement uses its threads.
+DevicePeaks ResolvePeaks(const WorkerFlags& f) {
+  DevicePeaks peaks{.memory_bandwidth_bytes_per_s = f.peak_memory_bandwidth_gbs * 1e9,
+                    .flops_per_s = f.peak_tflops * 1e12};
+  const bool host = f.device == "cpu" || f.device == "null";
+  if (host && !(f.peak_memory_bandwidth_given && f.peak_tflops_given)) {
+    const cpu::MeasuredPeaks measured = cpu::MeasureCpuPeaks();
+    if (!f.peak_memory_bandwidth_given) {
+      peaks.memory_bandwidth_bytes_per_s = measured.peaks.memory_bandwidth_bytes_per_s;
+    }
+    if (!f.peak_tflops_given) peaks.flops_per_s = measured.peaks.flops_per_s;
+    spdlog::info("measured this machine on {} threads in {:.2f} s: {:.1f} GB/s memory read, {:.1f} GFLOP/s float32 "
+                 "(--peak-memory-bandwidth and --peak-tflops override)",
+                 measured.threads, measured.seconds, measured.peaks.memory_bandwidth_bytes_per_s / 1e9,
+                 measured.peaks.flops_per_s / 1e9);
+  }
+  spdlog::info("economics: peaks {:.4g} GB/s and {:.4g} TFLOP/s, ${:.2f} per device-hour",
+               peaks.memory_bandwidth_bytes_per_s / 1e9, peaks.flops_per_s / 1e12, f.gpu_hour_cost);
+  return peaks;
+}
+
 absl::Status Serve(const WorkerFlags& f) {
   if (f.max_batch_tokens <= 0 || f.max_running <= 0 || f.max_queue < 0) {
     return absl::InvalidArgumentError("--max-batch-tokens and --max-running must be positive, --max-queue >= 0");
+  }
+  if (f.gpu_hour_cost < 0 || f.peak_memory_bandwidth_gbs <= 0 || f.peak_tflops <= 0) {
+    return absl::InvalidArgumentError("--gpu-hour-cost must be >= 0, --peak-memory-bandwidth and --peak-tflops > 0");
+  }
+  if (f.scheduler != "continuous" && f.scheduler != "static") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--scheduler: '", f.scheduler, "' is neither continuous nor static"));
   }
   EngineOptions engine_options;
   engine_options.model_dir = f.model;
   engine_options.device = f.device;
   engine_options.kv_block_size = f.kv_block_size;
-  engine_options.kv_cache_bytes = f.kv_cache_bytes;
+  // On a GPU the cache takes what --gpu-memory-fraction leaves unless its size was given.
+  engine_options.kv_cache_bytes = f.device == "cuda" && !f.kv_cache_bytes_given ? 0 : f.kv_cache_bytes;
   engine_options.num_threads = f.threads;
+  engine_options.gpu_memory_fraction = f.gpu_memory_fraction;
+  engine_options.device_id = f.gpu;
+  engine_options.num_layers = f.num_layers;
+  engine_options.max_batch_tokens = f.max_batch_tokens;
+  engine_options.max_sequences = f.max_running;
   COHORT_ASSIGN_OR_RETURN(auto engine, CreateEngine(engine_options));
   const ModelConfig config = engine->config();
   const KvCacheGeometry kv = engine->kv_geometry();
-  const std::string model_name =
-      f.model_name.empty() ? std::filesystem::path(f.model).lexically_normal().filename().string() : f.model_name;
+  std::string model_name = f.model_name;
+  if (model_name.empty()) {
+    model_name = IsSyntheticModel(f.model) ? f.model.substr(kSyntheticPrefix.size())
+                                           : std::filesystem::path(f.model).lexically_normal().filename().string();
+  }
   spdlog::info("loaded {} '{}' from {}: {} layers, {} routed experts; KV cache {} blocks of {} tokens", 
                config.architecture_name, model_name, f.model, config.num_layers, config.n_routed_experts,
                kv.num_blocks, kv.block_size_tokens);
@@ -82,16 +134,22 @@ absl::Status Serve(const WorkerFlags& f) {
 
   std::unique_ptr<WorkerMetrics> metrics;
   if (f.metrics_port >= 0) {
-    COHORT_ASSIGN_OR_RETURN(metrics, WorkerMetrics::Create(absl::StrCat(f.host, ":", f.metrics_port)));
+    COHORT_ASSIGN_OR_RETURN(metrics, WorkerMetrics::Create(absl::StrCat(f.host, ":", f.metrics_port), model_name));
   }
+  const DevicePeaks peaks = ResolvePeaks(f);
 
   LoadPublisher publisher;
   EngineLoopOptions loop_options;
-  loop_options.scheduler = {.max_batch_tokens = f.max_batch_tokens, .max_running = f.max_running};
+  loop_options.scheduler = {
+      .max_batch_tokens = f.max_batch_tokens,
+      .max_running = f.max_running,
+      .batching = f.scheduler == "static" ? BatchingPolicy::kStatic : BatchingPolicy::kContinuous};
   loop_options.prefix_caching = f.prefix_caching;
   loop_options.max_queue = f.max_queue;
   loop_options.model_name = model_name;
   loop_options.tokenizer = tokenizer.get();
+  loop_options.peaks = peaks;  // of the one device a worker drives today
+  loop_options.device_cost_dollars_per_hour = f.gpu_hour_cost;
   EngineLoop loop(std::move(engine), loop_options, publisher, metrics.get());
   COHORT_RETURN_IF_ERROR(loop.WarmUp());
 
@@ -136,22 +194,46 @@ int main(int argc, char** argv) {
                 "Serves one DeepSeek-V2/V3 model over gRPC (cohort.worker.v1.Worker) with continuous batching\n"
                 "over a paged KV cache. Ready (gRPC health SERVING) once the model is loaded and one forward\n"
                 "pass succeeded. SIGTERM drains: new requests get UNAVAILABLE, running ones finish, then exit 0.");
-  flags.Add("model", &f.model, "checkpoint folder: config.json and model*.safetensors", /*required=*/true);
-  flags.Add("model-name", &f.model_name, "name clients use for the model (default: the folder's name)");
+  flags.Add("model", &f.model,
+            "checkpoint folder (config.json and model*.safetensors), or synthetic:deepseek-v2-lite / "
+            "synthetic:deepseek-v3 (random weights of the published shapes; --device cuda)",
+            /*required=*/true);
+  flags.Add("model-name", &f.model_name, "name clients use for the model (default: the folder's or preset's name)");
   flags.Add("host", &f.host, "address to listen on");
   flags.Add("port", &f.port, "gRPC port (0: any free port; see --port-file)");
   flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
   flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
-  flags.Add("device", &f.device, "backend: cpu, or null (no compute: for overhead benchmarks)");
+  flags.Add("device", &f.device, "backend: cpu, cuda, or null (no compute: for overhead benchmarks)");
+  flags.Add("gpu", &f.gpu, "cuda: which GPU of this machine");
+  flags.Add("gpu-memory-fraction", &f.gpu_memory_fraction,
+            "cuda: share of the GPU's memory for weights, workspaces and the KV cache, planned at start-up");
+  flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");
   flags.Add("kv-block-size", &f.kv_block_size, "tokens per KV-cache block");
-  flags.Add("kv-cache-bytes", &f.kv_cache_bytes, "memory for the KV cache");
+  flags.Add("kv-cache-bytes", &f.kv_cache_bytes,
+            "memory for the KV cache (cuda: default what --gpu-memory-fraction leaves after weights and workspaces)");
   flags.Add("max-batch-tokens", &f.max_batch_tokens, "tokens computed per step, all requests together");
   flags.Add("max-running", &f.max_running, "requests in the running batch at most");
   flags.Add("max-queue", &f.max_queue, "waiting requests at most; more get RESOURCE_EXHAUSTED");
   flags.Add("prefix-caching", &f.prefix_caching, "reuse the KV blocks of shared prompt prefixes");
+  flags.Add("scheduler", &f.scheduler,
+            "continuous (requests join and leave the batch every step) or static (a baseline: a batch runs to "
+            "completion before the next forms)");
   flags.Add("drain-timeout", &f.drain_timeout_s, "seconds SIGTERM waits for running requests");
   flags.Add("worker-id", &f.worker_id, "name in load reports (default host:port)");
   flags.Add("threads", &f.threads, "CPU backend threads (0: one per core)");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
-  return cohort::RunProgram(flags, argc, argv, f.log_level, [&] { return cohort::Serve(f); });
+  flags.Add("gpu-hour-cost", &f.gpu_hour_cost,
+            "dollars per device-hour, for the cost-per-token metrics; 3 is a typical H200 rental");
+  flags.Add("peak-memory-bandwidth", &f.peak_memory_bandwidth_gbs,
+            "device memory bandwidth in GB/s, for the utilization metrics: an H200's unless given (the cpu "
+            "backend measures its own)");
+  flags.Add("peak-tflops", &f.peak_tflops,
+            "device peak dense TFLOP/s, for the utilization metrics: an H200's bf16 unless given (the cpu "
+            "backend measures its own)");
+  return cohort::RunProgram(flags, argc, argv, f.log_level, [&] {
+    f.peak_memory_bandwidth_given = flags.IsSet("peak-memory-bandwidth");
+    f.peak_tflops_given = flags.IsSet("peak-tflops");
+    f.kv_cache_bytes_given = flags.IsSet("kv-cache-bytes");
+    return cohort::Serve(f);
+  });
 }

@@ -1,1 +1,190 @@
-// Filled in with the CUDA backend.
+// The small kernels around a layer's matrix products against CPU references on fresh random
+// inputs: embedding gather, fused residual add + RMSNorm, query rope (the CPU engine's Rope, YaRN
+// and both layouts), the normalise-rotate-write of new latents into the paged cache.
+#include <cmath>
+#include <numeric>
+
+#include "common/dtype.h"
+#include "gtest/gtest.h"
+#include "kernels/elementwise.h"
+#include "tests/testing/gpu.h"
+#include "worker/model/config.h"
+#include "worker/model/rope.h"
+
+namespace cohort {
+namespace {
+
+using testing::DeviceVector;
+
+std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = FloatToBF16(u(rng));
+  return v;
+}
+
+std::vector<float> RandomFloats(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+__nv_bfloat16* Bf16(DeviceVector<uint16_t>& v) { return reinterpret_cast<__nv_bfloat16*>(v.get()); }
+
+// A bf16 result within bf16 rounding (8 bits of mantissa) of a float64 reference.
+void ExpectBf16Near(uint16_t got, double want, const std::string& where) {
+  ASSERT_NEAR(BF16ToFloat(got), want, std::abs(want) * 8e-3 + 1e-5) << where;
+}
+
+ModelConfig RopeConfig(bool yarn, bool interleave) {
+  ModelConfig c;
+  c.qk_nope_head_dim = 128;
+  c.qk_rope_head_dim = 64;
+  c.rope_interleave = interleave;
+  c.max_position_embeddings = 163840;
+  if (yarn) {
+    c.rope.yarn = true;
+    c.rope.factor = 40;
+    c.rope.original_max_position_embeddings = 4096;
+    c.rope.mscale = 0.707;
+    c.rope.mscale_all_dim = 0.707;
+  }
+  return c;
+}
+
+TEST(ElementwiseTest, AddRmsNormUpdatesResidualAndNormalises) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  for (int dim : {64, 2048, 7168}) {
+    for (bool with_delta : {false, true}) {
+      const int rows = 1 + static_cast<int>(rng() % 37);
+      std::vector<float> residual = RandomFloats(static_cast<size_t>(rows) * dim, rng, 4.0f);
+      const std::vector<uint16_t> delta = RandomBf16(residual.size(), rng), weight = RandomBf16(dim, rng);
+      DeviceVector<float> d_residual(residual);
+      DeviceVector<uint16_t> d_delta(delta), d_weight(weight), d_out(residual.size());
+      ASSERT_CUDA_OK(kernels::LaunchAddRmsNorm(d_residual.get(), with_delta ? Bf16(d_delta) : nullptr, Bf16(d_weight),
+                                               rows, dim, 1e-6f, Bf16(d_out), nullptr));
+      const std::vector<float> new_residual = d_residual.ToHost();
+      const std::vector<uint16_t> out = d_out.ToHost();
+      for (int r = 0; r < rows; ++r) {
+        double sum_sq = 0;
+        std::vector<double> h(dim);
+        for (int i = 0; i < dim; ++i) {
+          h[i] = residual[r * dim + i] + (with_delta ? BF16ToFloat(delta[r * dim + i]) : 0.0);
+          sum_sq += h[i] * h[i];
+          ASSERT_NEAR(new_residual[r * dim + i], h[i], 1e-5 * std::abs(h[i]) + 1e-6);
+        }
+        const double inv = 1.0 / std::sqrt(sum_sq / dim + 1e-6);
+        for (int i = 0; i < dim; ++i) {
+          ExpectBf16Near(out[r * dim + i], h[i] * inv * BF16ToFloat(weight[i]), "dim " + std::to_string(dim));
+        }
+      }
+    }
+  }
+}
+
+TEST(ElementwiseTest, RopeQueriesMatchTheCpuRope) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  for (bool yarn : {false, true}) {
+    for (bool interleave : {false, true}) {
+      const ModelConfig config = RopeConfig(yarn, interleave);
+      const Rope rope(config);
+      const int rows = 9, heads = 3, qk = 192;
+      const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
+      std::vector<int32_t> positions = {0, 1, 2, 17, 4095, 4096, 50000, 163839, 12};
+      DeviceVector<uint16_t> d_q(q);
+      DeviceVector<int32_t> d_positions(positions);
+      DeviceVector<float> d_inv_freq(rope.inv_freq());
+      const kernels::RopeParams params{d_inv_freq.get(), 64, rope.attention_factor(), interleave};
+      ASSERT_CUDA_OK(kernels::LaunchRopeQueries(Bf16(d_q), rows, heads, qk, d_positions.get(), params, nullptr));
+      const std::vector<uint16_t> out = d_q.ToHost();
+      for (int r = 0; r < rows; ++r) {
+        for (int h = 0; h < heads; ++h) {
+          const size_t base = (static_cast<size_t>(r) * heads + h) * qk;
+          for (int i = 0; i < 128; ++i) ASSERT_EQ(out[base + i], q[base + i]) << "the nope part must not move";
+          std::vector<float> want(64);
+          for (int i = 0; i < 64; ++i) want[i] = BF16ToFloat(q[base + 128 + i]);
+          rope.Apply(want, positions[r]);
+          for (int i = 0; i < 64; ++i) {
+            ASSERT_NEAR(BF16ToFloat(out[base + 128 + i]), want[i], 8e-3 * std::abs(want[i]) + 2e-3)
+                << "yarn " << yarn << " interleave " << interleave << " position " << positions[r] << " i " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  const ModelConfig config = RopeConfig(true, true);
+  const Rope rope(config);
+  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5;
+  const std::vector<float> kv = RandomFloats(static_cast<size_t>(rows) * width, rng, 3.0f);
+  const std::vector<uint16_t> norm = RandomBf16(rank, rng);
+  // Two sequences with scattered blocks; tokens at the positions below.
+  const std::vector<int32_t> tables = {9, 4, 0, 11, 3, 7};
+  const std::vector<int32_t> offsets = {0, 3};
+  const std::vector<int32_t> sequence = {0, 0, 1, 1, 1}, positions = {15, 16, 0, 33, 47};
+  DeviceVector<float> d_kv(kv), d_inv_freq(rope.inv_freq());
+  DeviceVector<uint16_t> d_norm(norm), d_cache(static_cast<size_t>(blocks) * block_size * width);
+  DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_positions(positions);
+  const kernels::RopeParams rope_params{d_inv_freq.get(), 64, rope.attention_factor(), true};
+  const kernels::CacheWriteParams where{d_positions.get(), d_sequence.get(), d_tables.get(), d_offsets.get(), block_size};
+  ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_kv.get(), rows, rank, Bf16(d_norm), 1e-6f, rope_params, where,
+                                             Bf16(d_cache), nullptr));
+  const std::vector<uint16_t> cache = d_cache.ToHost();
+  for (int r = 0; r < rows; ++r) {
+    const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
+    const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
+    double sum_sq = 0;
+    for (int i = 0; i < rank; ++i) sum_sq += static_cast<double>(kv[r * width + i]) * kv[r * width + i];
+    const double inv = 1.0 / std::sqrt(sum_sq / rank + 1e-6);
+    for (int i = 0; i < rank; ++i) {
+      ExpectBf16Near(cache[slot + i], kv[r * width + i] * inv * BF16ToFloat(norm[i]), "latent");
+    }
+    std::vector<float> key(kv.begin() + r * width + rank, kv.begin() + (r + 1) * width);
+    rope.Apply(key, positions[r]);
+    for (int i = 0; i < 64; ++i) ExpectBf16Near(cache[slot + rank + i], key[i], "rope key");
+  }
+}
+
+TEST(ElementwiseTest, EmbeddingGatherAndPaddingRows) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  const int vocab = 1000, hidden = 96;
+  const std::vector<uint16_t> table = RandomBf16(static_cast<size_t>(vocab) * hidden, rng);
+  const std::vector<int32_t> tokens = {5, 999, 0, 5, 123};
+  DeviceVector<uint16_t> d_table(table);
+  DeviceVector<int32_t> d_tokens(tokens);
+  DeviceVector<float> d_hidden(tokens.size() * hidden);
+  ASSERT_CUDA_OK(kernels::LaunchEmbedding(Bf16(d_table), d_tokens.get(), 5, hidden, d_hidden.get(), nullptr));
+  const std::vector<float> h = d_hidden.ToHost();
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    for (int i = 0; i < hidden; ++i) ASSERT_EQ(h[t * hidden + i], BF16ToFloat(table[tokens[t] * hidden + i]));
+  }
+
+  const std::vector<int32_t> rows = {4, 0, 2};
+  DeviceVector<uint16_t> d_gathered(rows.size() * hidden);
+  DeviceVector<int32_t> d_rows(rows);
+  ASSERT_CUDA_OK(kernels::LaunchGatherRows(Bf16(d_table), d_rows.get(), 3, hidden, Bf16(d_gathered), nullptr));
+  const std::vector<uint16_t> gathered = d_gathered.ToHost();
+  for (size_t r = 0; r < rows.size(); ++r) {
+    for (int i = 0; i < hidden; ++i) ASSERT_EQ(gathered[r * hidden + i], table[rows[r] * hidden + i]);
+  }
+
+  // Rows from num_valid on copy row 0's routing.
+  std::vector<int32_t> ids = {3, 1, 7, 7, 9, 9, 5, 5};
+  std::vector<float> weights = {0.6f, 0.4f, 1, 1, 2, 2, 3, 3};
+  DeviceVector<int32_t> d_ids(ids), d_valid(std::vector<int32_t>{2});
+  DeviceVector<float> d_weights(weights);
+  ASSERT_CUDA_OK(kernels::LaunchCopyFirstRowToPadding(d_ids.get(), d_weights.get(), 2, d_valid.get(), 4, nullptr));
+  EXPECT_EQ(d_ids.ToHost(), (std::vector<int32_t>{3, 1, 7, 7, 3, 1, 3, 1}));
+  EXPECT_EQ(d_weights.ToHost(), (std::vector<float>{0.6f, 0.4f, 1, 1, 0.6f, 0.4f, 0.6f, 0.4f}));
+}
+
+}  // namespace
+}  // namespace cohort

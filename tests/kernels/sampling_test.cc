@@ -1,1 +1,599 @@
-// Filled in with the CUDA backend.
+// Device sampling (kernels/sampling.h, worker/model/cuda/device_sampler.h) against the CPU
+// Sampler on fresh random logits: greedy rows must match exactly (ties included), sampled rows
+// must draw the CPU's token for the same uniform number, logprobs and top logprobs must agree.
+// Weights are float exponentials on both sides and sums are double in different orders, so a
+// sampled token may differ only where the CPU's decision was a near-tie: a cumulative sum within
+// 1e-6 (relative) of its target (top-p's or the draw's), or a weight within 1e-6 of min_p. Such
+// rows are counted and must stay rare.
+#include "kernels/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/testing/gpu.h"
+#include "worker/model/cuda/device_sampler.h"
+#include "worker/sampling/sampler.h"
+
+namespace cohort {
+namespace {
+
+using testing::DeviceVector;
+
+constexpr double kNearTie = 1e-6;
+constexpr double kLogprobTolerance = 1e-4;
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+
+enum class Logits {
+  kNormal1,    // N(0, 1): flat, top-p keeps most of the vocabulary
+  kNormal4,    // N(0, 4): peaked like a language model's
+  kNormal12,   // N(0, 12): very peaked
+  kBf16,       // N(0, 3) rounded to bfloat16: ties between tokens are common
+  kHalves,     // N(0, 3) rounded to multiples of 0.5: large groups of equal logits
+  kFewLevels,  // three values: huge ties at every cut
+};
+constexpr Logits kAllLogits[] = {Logits::kNormal1, Logits::kNormal4, Logits::kNormal12,
+                                 Logits::kBf16,    Logits::kHalves,  Logits::kFewLevels};
+
+const char* Name(Logits kind) {
+  switch (kind) {
+    case Logits::kNormal1: return "normal1";
+    case Logits::kNormal4: return "normal4";
+    case Logits::kNormal12: return "normal12";
+    case Logits::kBf16: return "bf16";
+    case Logits::kHalves: return "halves";
+    case Logits::kFewLevels: return "few-levels";
+  }
+  return "?";
+}
+
+float RandomLogit(Logits kind, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  switch (kind) {
+    case Logits::kNormal1: return normal(rng);
+    case Logits::kNormal4: return 4.0f * normal(rng);
+    case Logits::kNormal12: return 12.0f * normal(rng);
+    case Logits::kBf16: {
+      const float x = 3.0f * normal(rng);
+      uint32_t bits;
+      std::memcpy(&bits, &x, sizeof bits);
+      bits &= 0xffff0000u;
+      float y;
+      std::memcpy(&y, &bits, sizeof y);
+      return y;
+    }
+    case Logits::kHalves: return std::round(6.0f * normal(rng)) / 2.0f;
+    case Logits::kFewLevels: return static_cast<float>(static_cast<int>(rng() % 3)) - 1.0f;
+  }
+  return 0.0f;
+}
+
+// rows x stride floats; the padding after each row's vocab values is NaN, which must never be read.
+std::vector<float> RandomLogits(int rows, int64_t stride, int vocab, Logits kind, std::mt19937_64& rng) {
+  std::vector<float> logits(static_cast<size_t>(rows) * stride, std::numeric_limits<float>::quiet_NaN());
+  for (int r = 0; r < rows; ++r) {
+    for (int t = 0; t < vocab; ++t) logits[static_cast<size_t>(r) * stride + t] = RandomLogit(kind, rng);
+  }
+  return logits;
+}
+
+// Settings for one row, drawn from a wide mix (or only greedy ones).
+SamplingConfig RandomConfig(int vocab, bool greedy, std::mt19937_64& rng) {
+  auto pick = [&](auto values) { return values[rng() % values.size()]; };
+  SamplingConfig c;
+  c.seed = rng();
+  c.top_logprobs = rng() % 3 == 0 ? static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1)) : 0;
+  if (rng() % 5 == 0) {
+    c.repetition_penalty = pick(std::vector<float>{0.8f, 1.0f, 1.3f});
+    c.presence_penalty = pick(std::vector<float>{0.0f, 0.5f, -0.4f});
+    c.frequency_penalty = pick(std::vector<float>{0.0f, 0.3f, 1.5f});
+  }
+  if (greedy || rng() % 6 == 0) {
+    c.temperature = 0.0f;
+    return c;
+  }
+  c.temperature = pick(std::vector<float>{0.05f, 0.3f, 0.7f, 1.0f, 1.6f});
+  c.top_k = pick(std::vector<int32_t>{0, 0, 0, 1, 5, 50, 1000, vocab - 1, vocab, vocab + 7,
+                                      1 + static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab))});
+  if (c.top_k < 0) c.top_k = 0;
+  c.top_p = pick(std::vector<float>{1.0f, 1.0f, 0.95f, 0.9f, 0.5f, 0.1f, 0.999f});
+  c.min_p = pick(std::vector<float>{0.0f, 0.0f, 0.0f, 0.01f, 0.1f, 0.5f});
+  return c;
+}
+
+std::vector<int32_t> RandomPrompt(int vocab, std::mt19937_64& rng) {
+  std::vector<int32_t> prompt(1 + rng() % 200);
+  for (auto& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return prompt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CPU side
+
+// Sampler::Sample's steps re-done on a copy of its inputs, reporting how close each decision of the
+// draw came to going the other way (min over relative distances; infinity when nothing was close).
+struct Reference {
+  int32_t token = -1;
+  double closest = std::numeric_limits<double>::infinity();
+};
+
+struct HigherFirst {
+  const float* values;
+  bool operator()(int32_t a, int32_t b) const { return values[a] > values[b] || (values[a] == values[b] && a < b); }
+};
+
+std::vector<float> Penalised(std::span<const float> logits, const Sampler& s) {
+  std::vector<float> work(logits.begin(), logits.end());
+  const SamplingConfig& c = s.config();
+  for (int32_t t : s.history_tokens()) {
+    float& logit = work[t];
+    if (c.repetition_penalty != 1.0f) logit = logit > 0.0f ? logit / c.repetition_penalty : logit * c.repetition_penalty;
+    const int32_t count = s.generated_count(t);
+    if (count > 0) logit -= c.presence_penalty + c.frequency_penalty * static_cast<float>(count);
+  }
+  return work;
+}
+
+Reference ReferenceDraw(const std::vector<float>& work, const SamplingConfig& c, double uniform) {
+  const int32_t vocab = static_cast<int32_t>(work.size());
+  Reference ref;
+  std::vector<int32_t> candidates(vocab);
+  std::iota(candidates.begin(), candidates.end(), 0);
+  if (c.top_k > 0 && c.top_k < vocab) {
+    std::nth_element(candidates.begin(), candidates.begin() + c.top_k, candidates.end(), HigherFirst{work.data()});
+    candidates.resize(c.top_k);
+  }
+  float best = -INFINITY;
+  for (int32_t t : candidates) best = std::max(best, work[t]);
+  std::vector<float> weights(vocab, 0.0f);
+  for (int32_t t : candidates) weights[t] = std::exp((work[t] - best) / c.temperature);
+  if (c.min_p > 0.0f) {
+    for (int32_t t : candidates) {
+      ref.closest = std::min(ref.closest, std::fabs(static_cast<double>(weights[t]) - c.min_p) / c.min_p);
+    }
+    std::erase_if(candidates, [&](int32_t t) { return weights[t] < c.min_p; });
+  }
+  if (c.top_p < 1.0f) {
+    double mass = 0.0;
+    for (int32_t t : candidates) mass += weights[t];
+    const double target = c.top_p * mass;
+    std::sort(candidates.begin(), candidates.end(), HigherFirst{weights.data()});
+    double cumulative = 0.0;
+    size_t keep = 0;
+    while (keep < candidates.size() && cumulative < target) {
+      cumulative += weights[candidates[keep++]];
+      ref.closest = std::min(ref.closest, std::fabs(cumulative - target) / target);
+    }
+    candidates.resize(keep);
+  }
+  std::sort(candidates.begin(), candidates.end());
+  double total = 0.0;
+  for (int32_t t : candidates) total += weights[t];
+  const double target = uniform * total;
+  double cumulative = 0.0;
+  for (int32_t t : candidates) {
+    if (weights[t] <= 0.0f) continue;
+    cumulative += weights[t];
+    if (target > 0.0) ref.closest = std::min(ref.closest, std::fabs(cumulative - target) / target);
+    if (ref.token < 0 && cumulative > target) ref.token = t;
+  }
+  if (ref.token < 0) {  // the last possible
+    for (int32_t t : candidates) {
+      if (weights[t] > 0.0f) ref.token = t;
+    }
+  }
+  return ref;
+}
+
+std::vector<double> LogSoftmax(std::span<const float> logits) {
+  const double max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float l : logits) sum += std::exp(l - max);
+  std::vector<double> out;
+  for (float l : logits) out.push_back(l - max - std::log(sum));
+  return out;
+}
+
+// Each row's device result against the CPU Sampler, which samples the same row with the same seed.
+// Counts the sampled rows and the near-tie mismatches; a mismatch that is not a near-tie fails.
+struct Tally {
+  int sampled = 0;
+  int near_tie_mismatches = 0;
+};
+
+// The device's result for one row against `cpu`, which is in the state the device's Sampler was in
+// before its BeginDeviceSample, and samples the row now. Returns false for an allowed near-tie
+// mismatch.
+bool ExpectSameAsCpu(Sampler& cpu, std::span<const float> logits, int32_t token, float logprob,
+                     std::span<const SamplingTopLogprob> top, Tally& tally, const std::string& what) {
+  const SamplingConfig c = cpu.config();
+  Sampler probe = cpu;  // draws the same uniform as the device's Sampler did, and sizes the counts
+  const double uniform = probe.BeginDeviceSample(static_cast<int64_t>(logits.size()));
+  const std::vector<float> work = Penalised(logits, probe);
+  const SampledToken want = cpu.Sample(logits);
+  bool same = true;
+  if (c.temperature == 0.0f) {
+    EXPECT_EQ(token, want.token) << what << ": greedy";
+  } else {
+    ++tally.sampled;
+    const Reference ref = ReferenceDraw(work, c, uniform);
+    EXPECT_EQ(ref.token, want.token) << what << ": the test's reference disagrees with Sampler";
+    if (token != want.token) {
+      same = false;
+      if (ref.closest < kNearTie) {
+        ++tally.near_tie_mismatches;
+      } else {
+        ADD_FAILURE() << what << ": device token " << token << ", CPU " << want.token << " (closest decision "
+                      << ref.closest << " relative, T " << c.temperature << " top_k " << c.top_k << " top_p "
+                      << c.top_p << " min_p " << c.min_p << " uniform " << uniform << ")";
+      }
+    }
+  }
+  if (token >= 0 && token < static_cast<int32_t>(logits.size())) {
+    EXPECT_NEAR(logprob, LogSoftmax(logits)[token], kLogprobTolerance) << what << ": logprob of " << token;
+  } else {
+    ADD_FAILURE() << what << ": token " << token << " outside the vocabulary";
+  }
+  EXPECT_EQ(top.size(), want.top.size()) << what;
+  for (size_t i = 0; i < std::min(top.size(), want.top.size()); ++i) {
+    EXPECT_EQ(top[i].token, want.top[i].first) << what << ": top " << i;
+    EXPECT_NEAR(top[i].logprob, want.top[i].second, kLogprobTolerance) << what << ": top " << i;
+  }
+  return same;
+}
+
+void ExpectNearTiesRare(const Tally& tally) {
+  EXPECT_LE(tally.near_tie_mismatches, std::max(1, tally.sampled / 100))
+      << tally.near_tie_mismatches << " near-tie mismatches in " << tally.sampled << " sampled rows";
+}
+
+// ---------------------------------------------------------------------------------------------
+// One launch of the kernel over a batch, and its check.
+
+struct KernelBatch {
+  int vocab = 0;
+  int rows = 0;
+  int64_t stride = 0;
+  Logits kind = Logits::kNormal4;
+  bool greedy = false;       // every row greedy
+  bool greedy_only = false;  // ... and no top logprobs, with the one-pass kernel
+  int warm_up_steps = 2;     // generated tokens before the checked one (penalties)
+};
+
+void RunAndCheck(const KernelBatch& b, std::mt19937_64& rng, Tally& tally) {
+  const std::string what = absl::StrCat("vocab ", b.vocab, ", ", b.rows, " rows, stride ", b.stride, ", ",
+                                        Name(b.kind), b.greedy_only ? ", greedy-only kernel" : "");
+  SCOPED_TRACE(what);
+  std::vector<std::unique_ptr<Sampler>> cpu, twin;
+  std::vector<SamplingRowParams> params(b.rows);
+  std::vector<SamplingPenaltyToken> penalty_tokens;
+  int32_t top_total = 0;
+  std::vector<float> warm(b.vocab);
+  for (int r = 0; r < b.rows; ++r) {
+    SamplingConfig c = RandomConfig(b.vocab, b.greedy, rng);
+    if (b.greedy_only) c.top_logprobs = 0;
+    const std::vector<int32_t> prompt = RandomPrompt(b.vocab, rng);
+    cpu.push_back(std::make_unique<Sampler>(c, 0, prompt));
+    twin.push_back(std::make_unique<Sampler>(c, 0, prompt));
+    for (int step = 0; step < b.warm_up_steps; ++step) {  // the same tokens recorded by both
+      for (float& x : warm) x = RandomLogit(Logits::kNormal4, rng);
+      twin.back()->BeginDeviceSample(b.vocab);
+      twin.back()->EndDeviceSample(cpu.back()->Sample(warm).token);
+    }
+    SamplingRowParams& p = params[r];
+    p.uniform = twin.back()->BeginDeviceSample(b.vocab);
+    p.temperature = c.temperature;
+    p.top_k = c.top_k;
+    p.top_p = c.top_p;
+    p.min_p = c.min_p;
+    p.repetition_penalty = c.repetition_penalty;
+    p.presence_penalty = c.presence_penalty;
+    p.frequency_penalty = c.frequency_penalty;
+    p.top_logprobs = c.top_logprobs;
+    p.top_offset = top_total;
+    top_total += std::min(c.top_logprobs, b.vocab);
+    p.penalty_begin = static_cast<int32_t>(penalty_tokens.size());
+    if (c.repetition_penalty != 1.0f || c.presence_penalty != 0.0f || c.frequency_penalty != 0.0f) {
+      std::vector<int32_t> history(twin.back()->history_tokens().begin(), twin.back()->history_tokens().end());
+      std::shuffle(history.begin(), history.end(), rng);  // any order
+      for (int32_t t : history) penalty_tokens.push_back({t, twin.back()->generated_count(t), 1});
+    }
+    p.penalty_end = static_cast<int32_t>(penalty_tokens.size());
+  }
+  const std::vector<float> logits = RandomLogits(b.rows, b.stride, b.vocab, b.kind, rng);
+
+  DeviceVector<float> d_logits(logits);
+  DeviceVector<SamplingRowParams> d_params(params);
+  DeviceVector<SamplingPenaltyToken> d_penalty(penalty_tokens);
+  DeviceVector<unsigned char> workspace(SamplingWorkspaceBytes(b.rows, b.vocab, penalty_tokens.size()));
+  const int32_t top_slots = top_total + 8;  // the extra slots must stay poisoned
+  DeviceVector<SamplingRowResult> results(b.rows);  // poisoned: token -1, logprob NaN
+  DeviceVector<SamplingTopLogprob> top(top_slots);
+  SamplingArgs args;
+  args.logits = d_logits.get();
+  args.row_stride = b.stride;
+  args.rows = b.rows;
+  args.vocab = b.vocab;
+  args.greedy_only = b.greedy_only;
+  args.params = d_params.get();
+  args.penalty_tokens = d_penalty.get();
+  args.workspace = workspace.get();
+  args.results = results.get();
+  args.top = top.get();
+  ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<SamplingRowResult> got = results.ToHost();
+  const std::vector<SamplingTopLogprob> got_top = top.ToHost();
+
+  for (int r = 0; r < b.rows; ++r) {
+    const std::span<const float> row(logits.data() + static_cast<size_t>(r) * b.stride, b.vocab);
+    const std::span<const SamplingTopLogprob> row_top(got_top.data() + params[r].top_offset,
+                                                      std::min(params[r].top_logprobs, b.vocab));
+    ExpectSameAsCpu(*cpu[r], row, got[r].token, got[r].logprob, row_top, tally, absl::StrCat("row ", r));
+  }
+  for (int32_t i = top_total; i < top_slots; ++i) {
+    EXPECT_EQ(got_top[i].token, -1) << "top slot " << i << " past every row's entries was written";
+  }
+}
+
+struct Shape {
+  int vocab;
+  int rows;
+};
+// The real vocabularies (DeepSeek-V2 102400, V3 129280) and small odd ones.
+constexpr Shape kShapes[] = {{102400, 300}, {129280, 64}, {1, 5}, {2, 17}, {3, 33}, {7, 100}, {33, 300},
+                             {1000, 257}, {4099, 64}, {50257, 20}};
+
+int64_t StrideFor(int vocab, std::mt19937_64& rng) {
+  // Aligned rows (float4 loads) and misaligned ones (an odd stride).
+  return vocab + static_cast<int64_t>(rng() % 2 == 0 ? 0 : 1 + 2 * (rng() % 4));
+}
+
+uint64_t FreshSeed() {
+  const uint64_t seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
+  std::printf("random seed %llu\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(SamplingKernelTest, GreedyMatchesCpuIncludingTies) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape& shape : kShapes) {
+    for (Logits kind : {Logits::kNormal4, Logits::kBf16, Logits::kFewLevels}) {
+      for (bool greedy_only : {true, false}) {
+        KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind,
+                      .greedy = true, .greedy_only = greedy_only};
+        RunAndCheck(b, rng, tally);
+      }
+    }
+  }
+}
+
+TEST(SamplingKernelTest, SeededSamplingMatchesCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape& shape : kShapes) {
+    for (Logits kind : kAllLogits) {
+      KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind};
+      RunAndCheck(b, rng, tally);
+    }
+  }
+  ExpectNearTiesRare(tally);
+  std::printf("%d sampled rows, %d near-tie mismatches\n", tally.sampled, tally.near_tie_mismatches);
+}
+
+// Many rows of one vocabulary with every combination of the truncations, at temperatures that make
+// the kept sets small and large.
+TEST(SamplingKernelTest, TruncationCombinationsMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (int vocab : {102400, 129280, 777}) {
+    for (Logits kind : {Logits::kNormal1, Logits::kNormal4, Logits::kBf16}) {
+      KernelBatch b{.vocab = vocab, .rows = 0, .stride = vocab, .kind = kind, .warm_up_steps = 1};
+      // RandomConfig's mix at a larger batch: every top-k x top-p x min-p choice appears.
+      b.rows = vocab > 1000 ? 200 : 300;
+      RunAndCheck(b, rng, tally);
+    }
+  }
+  ExpectNearTiesRare(tally);
+}
+
+// The draw's extremes, against the reference directly (no near-tie allowance): uniform 0 picks the
+// first kept token in id order, the largest uniform below 1 the last one (Sampler::Draw's fallback
+// when rounding leaves the target at the top of the range), through the list and the whole-row paths.
+TEST(SamplingKernelTest, UniformExtremesPickTheFirstAndLastKeptTokens) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  for (int vocab : {102400, 1000, 7}) {
+    std::vector<SamplingConfig> configs(4);
+    configs[1].min_p = 0.1f;
+    configs[2].top_k = 20;
+    configs[3].top_p = 0.5f;
+    const std::vector<double> uniforms = {0.0, 0x1.fffffffffffffp-1};
+    const int rows = static_cast<int>(configs.size() * uniforms.size());
+    const std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+    std::vector<SamplingRowParams> params(rows);
+    for (int r = 0; r < rows; ++r) {
+      const SamplingConfig& c = configs[r % configs.size()];
+      params[r].uniform = uniforms[r / configs.size()];
+      params[r].top_k = c.top_k;
+      params[r].top_p = c.top_p;
+      params[r].min_p = c.min_p;
+    }
+    DeviceVector<float> d_logits(logits);
+    DeviceVector<SamplingRowParams> d_params(params);
+    DeviceVector<SamplingRowResult> results(rows);
+    SamplingArgs args;
+    args.logits = d_logits.get();
+    args.row_stride = vocab;
+    args.rows = rows;
+    args.vocab = vocab;
+    args.params = d_params.get();
+    args.results = results.get();
+    ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
+    const std::vector<SamplingRowResult> got = results.ToHost();
+    for (int r = 0; r < rows; ++r) {
+      const std::vector<float> row(logits.begin() + static_cast<int64_t>(r) * vocab,
+                                   logits.begin() + static_cast<int64_t>(r + 1) * vocab);
+      EXPECT_EQ(got[r].token, ReferenceDraw(row, configs[r % configs.size()], params[r].uniform).token)
+          << "vocab " << vocab << ", row " << r << ", uniform " << params[r].uniform;
+    }
+  }
+}
+
+TEST(SamplingKernelTest, RejectsSizesOutsideTheLimits) {
+  COHORT_SKIP_WITHOUT_GPU();
+  DeviceVector<float> logits(std::vector<float>(16, 0.0f));
+  DeviceVector<SamplingRowParams> params(std::vector<SamplingRowParams>(1));
+  DeviceVector<SamplingRowResult> results(1);
+  SamplingArgs args;
+  args.logits = logits.get();
+  args.params = params.get();
+  args.results = results.get();
+  args.rows = 1;
+  args.vocab = 16;
+  args.row_stride = 15;
+  EXPECT_EQ(LaunchSampling(args, nullptr), cudaErrorInvalidValue);
+  args.row_stride = 16;
+  args.rows = kSamplingMaxRows + 1;
+  EXPECT_EQ(LaunchSampling(args, nullptr), cudaErrorInvalidValue);
+  args.rows = 1;
+  args.vocab = kSamplingMaxVocab + 1;
+  args.row_stride = args.vocab;
+  EXPECT_EQ(LaunchSampling(args, nullptr), cudaErrorInvalidValue);
+  args.vocab = 16;
+  args.row_stride = 16;
+  args.rows = 0;
+  EXPECT_EQ(LaunchSampling(args, nullptr), cudaSuccess);  // nothing to do
+  args.rows = 1;
+  ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(results.ToHost()[0].token, 0);  // all logits equal, sampled at temperature 1 with uniform 0
+}
+
+// ---------------------------------------------------------------------------------------------
+// DeviceSampler: Prepare / Launch / Finish over several steps, against CPU Samplers in lockstep.
+
+TEST(DeviceSamplerTest, StepsMatchCpuSamplersWithMixedConfigs) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  for (const Shape shape : {Shape{129280, 96}, Shape{1000, 300}, Shape{5, 7}}) {
+    SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab));
+    auto created = cuda::DeviceSampler::Create({.vocab = shape.vocab, .max_rows = shape.rows, .max_penalty_tokens = 100000});
+    ASSERT_TRUE(created.ok()) << created.status();
+    cuda::DeviceSampler& device = **created;
+    std::vector<std::unique_ptr<Sampler>> cpu, gpu;
+    for (int r = 0; r < shape.rows; ++r) {
+      const SamplingConfig c = RandomConfig(shape.vocab, /*greedy=*/false, rng);
+      const std::vector<int32_t> prompt = RandomPrompt(shape.vocab, rng);
+      cpu.push_back(std::make_unique<Sampler>(c, r, prompt));
+      gpu.push_back(std::make_unique<Sampler>(c, r, prompt));
+    }
+    std::vector<bool> diverged(shape.rows, false);  // after a near-tie mismatch the histories differ
+    Tally tally;
+    for (int step = 0; step < 4; ++step) {
+      SCOPED_TRACE(absl::StrCat("step ", step));
+      // A different subset of the requests, in a different order, each step.
+      std::vector<int> order(shape.rows);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      order.resize(1 + rng() % shape.rows);
+      std::vector<Sampler*> samplers;
+      for (int r : order) samplers.push_back(gpu[r].get());
+      const int64_t stride = shape.vocab + 3;
+      const std::vector<float> logits =
+          RandomLogits(static_cast<int>(order.size()), stride, shape.vocab, kAllLogits[step % 6], rng);
+      DeviceVector<float> d_logits(logits);
+      ASSERT_TRUE(device.Prepare(samplers).ok());
+      ASSERT_TRUE(device.Launch(d_logits.get(), stride, nullptr).ok());
+      ASSERT_CUDA_OK(cudaStreamSynchronize(nullptr));
+      std::vector<SampledToken> out(order.size());
+      ASSERT_TRUE(device.Finish(samplers, out).ok());
+      for (size_t i = 0; i < order.size(); ++i) {
+        const int r = order[i];
+        const std::span<const float> row(logits.data() + i * stride, shape.vocab);
+        if (diverged[r]) {
+          cpu[r]->Sample(row);
+          continue;
+        }
+        std::vector<SamplingTopLogprob> top;
+        for (const auto& [t, lp] : out[i].top) top.push_back({t, lp});
+        if (!ExpectSameAsCpu(*cpu[r], row, out[i].token, out[i].logprob, top, tally, absl::StrCat("request ", r))) {
+          diverged[r] = true;
+        }
+      }
+    }
+    ExpectNearTiesRare(tally);
+  }
+}
+
+TEST(DeviceSamplerTest, RejectsBadSizesAndOutOfOrderCalls) {
+  COHORT_SKIP_WITHOUT_GPU();
+  EXPECT_EQ(cuda::DeviceSampler::Create(0, 4).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::DeviceSampler::Create(kSamplingMaxVocab + 1, 4).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cuda::DeviceSampler::Create(100, kSamplingMaxRows + 1).status().code(), absl::StatusCode::kInvalidArgument);
+
+  auto created = cuda::DeviceSampler::Create({.vocab = 100, .max_rows = 2, .max_penalty_tokens = 10});
+  ASSERT_TRUE(created.ok()) << created.status();
+  cuda::DeviceSampler& device = **created;
+  SamplingConfig plain;
+  plain.seed = 7;
+  Sampler a(plain, 0, {}), b(plain, 0, {}), c(plain, 0, {});
+  std::vector<Sampler*> three = {&a, &b, &c};
+  EXPECT_EQ(device.Prepare(three).code(), absl::StatusCode::kInvalidArgument);
+
+  DeviceVector<float> logits(std::vector<float>(200, 0.5f));
+  EXPECT_EQ(device.Launch(logits.get(), 100, nullptr).code(), absl::StatusCode::kFailedPrecondition);
+  std::vector<SampledToken> out(2);
+  std::vector<Sampler*> two = {&a, &b};
+  EXPECT_EQ(device.Finish(two, out).code(), absl::StatusCode::kFailedPrecondition);
+
+  // Too much penalty history: refused before any sampler draws its number.
+  SamplingConfig penalised = plain;
+  penalised.repetition_penalty = 1.2f;
+  std::vector<int32_t> prompt(20);
+  std::iota(prompt.begin(), prompt.end(), 0);
+  Sampler long_history(penalised, 0, prompt), fresh_twin(penalised, 0, prompt);
+  std::vector<Sampler*> one = {&long_history};
+  EXPECT_EQ(device.Prepare(one).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(long_history.BeginDeviceSample(100), fresh_twin.BeginDeviceSample(100));
+
+  ASSERT_TRUE(device.Prepare(two).ok());
+  EXPECT_EQ(device.Launch(logits.get(), 99, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(device.Prepare(two).ok());
+  ASSERT_TRUE(device.Launch(logits.get(), 100, nullptr).ok());
+  ASSERT_CUDA_OK(cudaStreamSynchronize(nullptr));
+  std::vector<Sampler*> swapped = {&b, &a};
+  EXPECT_EQ(device.Finish(swapped, out).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(device.Finish(two, out).ok());
+}
+
+}  // namespace
+}  // namespace cohort

@@ -16,3 +16,44 @@
 
 // Fails the test with the CUDA error's name when `expr` is not cudaSuccess.
 #define ASSERT_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace cohort::testing {
+
+// A device copy of a host vector for kernel tests; freed with the object.
+template <typename T>
+class DeviceVector {
+ public:
+  explicit DeviceVector(const std::vector<T>& host) : size_(host.size()) {
+    cudaMalloc(reinterpret_cast<void**>(&data_), sizeof(T) * (size_ == 0 ? 1 : size_));
+    cudaMemcpy(data_, host.data(), sizeof(T) * size_, cudaMemcpyHostToDevice);
+  }
+  // `size` elements filled with the byte `poison` (0xff makes floats NaN), to catch unwritten outputs.
+  explicit DeviceVector(size_t size, unsigned char poison = 0xff) : size_(size) {
+    cudaMalloc(reinterpret_cast<void**>(&data_), sizeof(T) * (size_ == 0 ? 1 : size_));
+    cudaMemset(data_, poison, sizeof(T) * size_);
+  }
+  DeviceVector(const DeviceVector&) = delete;
+  DeviceVector& operator=(const DeviceVector&) = delete;
+  ~DeviceVector() { cudaFree(data_); }
+
+  T* get() { return data_; }
+  std::vector<T> ToHost() const {
+    std::vector<T> host(size_);
+    cudaDeviceSynchronize();
+    cudaMemcpy(host.data(), data_, sizeof(T) * size_, cudaMemcpyDeviceToHost);
+    return host;
+  }
+
+ private:
+  T* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Fresh random inputs for every run: the seed comes from the test's random device.
+inline std::mt19937 FreshRng() { return std::mt19937(std::random_device{}()); }
+
+}  // namespace cohort::testing

@@ -15,6 +15,7 @@ constexpr const char* kUsage =
     "  generate     generate tokens from a checkpoint folder on one device\n"
     "  tokenize     text to token ids with a tokenizer.json (JSON lines on stdin)\n"
     "  detokenize   token ids to text with a tokenizer.json (JSON lines on stdin)\n"
+    "  bench        benchmarks: `cohort bench serve` drives a running router or worker with load\n"
     "\n"
     "Run `cohort <command> --help` for the command's flags.\n";
 
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
   if (command == "generate") return cohort::tools::RunGenerate(argc - 1, argv + 1);
   if (command == "tokenize") return cohort::tools::RunTokenize(argc - 1, argv + 1);
   if (command == "detokenize") return cohort::tools::RunDetokenize(argc - 1, argv + 1);
+  if (command == "bench") return cohort::tools::RunBench(argc - 1, argv + 1);
   std::fprintf(stderr, "cohort: unknown command '%s'\n\n%s", argv[1], kUsage);
   return 2;
 }

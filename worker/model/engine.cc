@@ -5,13 +5,27 @@
 #include "worker/model/checkpoint.h"
 #include "worker/model/cpu/cpu_engine.h"
 #include "worker/model/null_engine.h"
+#include "worker/model/synthetic.h"
+#ifdef COHORT_HAVE_CUDA
+#include "worker/model/cuda/cuda_engine.h"
+#endif
 
 namespace cohort {
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateEngine(const EngineOptions& options) {
+  if (options.device == "cuda") {
+#ifdef COHORT_HAVE_CUDA
+    return cuda::CreateCudaEngine(options);
+#else
+    return absl::UnimplementedError("--device cuda: this build has no CUDA backend (nvcc was not found at build time)");
+#endif
+  }
   if (options.device != "cpu" && options.device != "null") {
-    return absl::UnimplementedError(absl::StrCat("--device ", options.device,
-                                                 " is not available in this build (cpu, or null for benchmarks)"));
+    return absl::InvalidArgumentError(absl::StrCat("--device ", options.device, " is not a backend: cpu, cuda or null"));
+  }
+  if (IsSyntheticModel(options.model_dir)) {
+    return absl::InvalidArgumentError(absl::StrCat("--model ", options.model_dir,
+                                                   ": synthetic models run on --device cuda only"));
   }
   COHORT_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   if (options.device == "null") return CreateNullEngine(options, std::move(config));

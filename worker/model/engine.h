@@ -76,6 +76,10 @@ class Engine {
 
   virtual StepStats last_step_stats() const { return {}; }
 
+  // Bytes per stored weight value, for the bytes-read metrics (worker/model/step_cost.h): the CPU
+  // backend's float32 is 4; a bf16 backend returns 2.
+  virtual int64_t weight_value_bytes() const { return 4; }
+
  private:
   std::vector<float> host_logits_;  // the default ForwardAndSample's, reused across steps
 };
@@ -97,6 +101,9 @@ struct EngineOptions {
   int64_t max_batch_tokens = 2048;    // tokens computed per step (the scheduler's limit)
   int64_t max_sequences = 256;        // sequences per step (the scheduler's max_running)
   int64_t num_layers = 0;             // synthetic models only: override the preset's layer count
+  // Longest context a prefill chunk attends over in the expanded form (keys and values expanded
+  // from the latent); longer ones use the absorbed form. 0: as long as the workspace allows.
+  int64_t expanded_prefill_max_context = 0;
   int device_id = 0;                  // which GPU
 };
 

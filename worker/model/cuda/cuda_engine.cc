@@ -1,1 +1,758 @@
-// The CUDA engine: filled in by the CUDA backend work.
+#include "worker/model/cuda/cuda_engine.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <map>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/attention.h"
+#include "kernels/cuda_check.h"
+#include "kernels/elementwise.h"
+#include "kernels/mla_decode.h"
+#include "kernels/moe.h"
+#include "spdlog/spdlog.h"
+#include "worker/model/checkpoint.h"
+#include "worker/model/cuda/cublas_api.h"
+#include "worker/model/cuda/device_memory.h"
+#include "worker/model/cuda/device_sampler.h"
+#include "worker/model/cuda/device_weights.h"
+#include "worker/model/cuda/gemm.h"
+#include "worker/model/rope.h"
+#include "worker/model/synthetic.h"
+
+namespace cohort::cuda {
+namespace {
+
+// q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps (as DeepSeek's code does).
+constexpr float kLatentNormEps = 1e-6f;
+constexpr int kMaxSplits = 32;                          // context splits of one absorbed query
+constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs the split workspace holds
+constexpr int64_t kPrefillScoresBytes = int64_t{512} << 20;  // scores + probabilities of expanded prefill
+constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
+constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
+constexpr int64_t kReserveBytes = int64_t{512} << 20;   // CUDA graphs, cuBLAS and driver state
+constexpr uint64_t kSyntheticSeed = 0x5eed;
+// Decode graphs up to this batch size run their dense bf16 products through the grouped GEMM
+// (kernels/moe.h) as one expert: it streams weights near copy bandwidth at a few rows, where
+// cuBLAS's small-M kernels reach a third of it (measured on the H200: 8 us for an 8 MB o_proj).
+constexpr int kDenseGroupedMaxRows = 64;
+
+// Batch sizes decode graphs are captured for; a decode step of n sequences replays the smallest
+// bucket >= n with padding rows.
+std::vector<int> GraphBuckets(int64_t max_sequences) {
+  std::vector<int> buckets;
+  for (int b : {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024}) {
+    if (b < max_sequences) buckets.push_back(b);
+  }
+  buckets.push_back(static_cast<int>(max_sequences));
+  return buckets;
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Longest contexts decode graphs are captured for (0: any). The attention's context splits are
+// fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
+constexpr int64_t kGraphContexts[] = {512, 2048, 0};
+
+// A captured decode graph: batch size and context class.
+struct GraphKey {
+  int bucket;
+  int64_t max_context;
+  auto operator<=>(const GraphKey&) const = default;
+};
+
+// A prefill chunk attended in the expanded form.
+struct ExpandedChunk {
+  int first_token = 0;  // in the engine's token order
+  int num_tokens = 0;
+  int64_t start_position = 0;
+  int table_offset = 0;
+};
+
+// How a step is laid out on the device. Tokens are reordered so those attending in the absorbed
+// form come first; logits rows stay in batch order.
+struct StepLayout {
+  int num_tokens = 0;       // rows of every activation (padded to the bucket under a graph)
+  int absorbed_tokens = 0;  // tokens [0, absorbed_tokens)
+  int rows = 0;             // logits rows
+  int splits = 1;           // context splits of the absorbed attention
+  std::vector<ExpandedChunk> expanded;
+};
+
+class CudaEngine final : public Engine {
+ public:
+  CudaEngine(ModelConfig config, const EngineOptions& options) : config_(std::move(config)), options_(options), rope_(config_) {}
+  ~CudaEngine() override;
+
+  absl::Status Initialize();
+
+  const ModelConfig& config() const override { return config_; }
+  const KvCacheGeometry& kv_geometry() const override { return geometry_; }
+  StepStats last_step_stats() const override { return stats_; }
+  int64_t weight_value_bytes() const override { return sizeof(bf16); }
+
+  absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) override;
+  absl::Status ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
+                                std::span<SampledToken> tokens) override;
+
+ private:
+  // Device buffers for one step at the largest size the engine accepts.
+  struct Workspace {
+    // Step inputs, uploaded in one copy from `staging_` (same layout, int32).
+    int32_t* inputs = nullptr;
+    int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *block_tables;
+    float* residual;
+    bf16 *x, *delta, *q, *q_a_normed, *q_latent, *o_latent, *attn;
+    float *q_a, *kv, *split_partials, *router_logits, *topk_weights;
+    int32_t* topk_ids;
+    bf16 *mlp_gate_up, *mlp_act, *routed_gate_up, *routed_act, *routed_out, *shared_out;
+    void* moe_workspace;
+    bf16 *final_rows, *gathered, *expanded_kv, *probs;
+    float *scores, *logits;
+    int32_t* experts_used;
+    void* cublas_workspace;
+  };
+
+  void PlaceWorkspace(DeviceArena& arena, Workspace& ws) const;
+  // `graph` pads a decode step to a captured graph's batch size and uses its context splits.
+  absl::StatusOr<StepLayout> Plan(std::span<const SequenceStep> batch, const GraphKey* graph);
+  absl::Status Upload(int64_t used_table_entries);
+  absl::Status RecordForward(const StepLayout& layout);
+  absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
+  absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
+  absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
+  // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
+  absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
+  absl::Status PrepareDenseRouting();
+  absl::Status RunStep(std::span<const SequenceStep> batch);
+  absl::Status CaptureGraphs();
+  int SplitsFor(int queries, int64_t max_context) const;
+  bf16* LayerCache(int64_t layer) const { return kv_cache_ + layer * layer_cache_elements_; }
+  kernels::RopeParams RopeArgs() const {
+    return {rope_inv_freq_, static_cast<int>(config_.qk_rope_head_dim), rope_.attention_factor(),
+            config_.rope_interleave};
+  }
+
+  ModelConfig config_;
+  EngineOptions options_;
+  Rope rope_;
+  KvCacheGeometry geometry_;
+  StepStats stats_;
+  int num_sms_ = 0;
+  int64_t max_tokens_ = 0;     // per step
+  int64_t max_sequences_ = 0;  // per step
+  int64_t table_capacity_ = 0; // block-table entries per step
+  int64_t expanded_context_ = 0;  // longest context the expanded prefill path takes
+  int64_t layer_cache_elements_ = 0;
+
+  DeviceArena weight_arena_, workspace_arena_, cache_arena_;
+  DeviceWeights weights_;
+  Workspace ws_{};
+  float* rope_inv_freq_ = nullptr;
+  bf16* kv_cache_ = nullptr;  // [layers][blocks + 1][block_size][kv_cache_width]; the last block is scratch
+  int64_t moe_workspace_bytes_ = 0;
+
+  cudaStream_t stream_ = nullptr;
+  const CublasApi* cublas_api_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::unique_ptr<DeviceSampler> sampler_;
+  PinnedBuffer<int32_t> staging_;
+  PinnedBuffer<int32_t> experts_used_host_;
+  int64_t staging_header_ = 0;  // ints before the block tables
+  std::vector<int> buckets_;  // batch sizes with decode graphs, ascending
+  std::map<GraphKey, cudaGraphExec_t> graphs_;
+  int current_bucket_ = 0;  // the bucket the last Plan chose, 0 for an eager step
+  // One-expert routings of every row, per decode batch size up to kDenseGroupedMaxRows, and the
+  // memory they live in.
+  std::map<int, MoeRouting> dense_routing_;
+  DeviceArena dense_routing_arena_;
+  StepLayout current_;
+};
+
+CudaEngine::~CudaEngine() {
+  for (auto& [bucket, graph] : graphs_) cudaGraphExecDestroy(graph);
+  if (cublas_ != nullptr) cublas_api_->destroy(cublas_);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
+  const ModelConfig& c = config_;
+  const int64_t T = max_tokens_, S = max_sequences_, H = c.hidden_size, heads = c.num_heads;
+  const int64_t width = c.kv_cache_width(), rank = c.kv_lora_rank;
+  ws.inputs = a.Take<int32_t>(staging_header_ + table_capacity_);
+  ws.tokens = ws.inputs;
+  ws.positions = ws.tokens + T;
+  ws.token_sequence = ws.positions + T;
+  ws.table_offsets = ws.token_sequence + T;
+  ws.logits_rows = ws.table_offsets + S;
+  ws.num_valid = ws.logits_rows + S;
+  ws.block_tables = ws.num_valid + 1;
+  if (a.dry_run()) ws = Workspace{};
+
+  ws.residual = a.Take<float>(T * H);
+  ws.x = a.Take<bf16>(T * H);
+  ws.delta = a.Take<bf16>(T * H);
+  ws.q = a.Take<bf16>(T * heads * c.qk_head_dim());
+  if (c.q_lora_rank > 0) {
+    ws.q_a = a.Take<float>(T * c.q_lora_rank);
+    ws.q_a_normed = a.Take<bf16>(T * c.q_lora_rank);
+  }
+  ws.kv = a.Take<float>(T * width);
+  ws.q_latent = a.Take<bf16>(T * heads * rank);
+  ws.o_latent = a.Take<bf16>(T * heads * rank);
+  ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
+  ws.split_partials = a.Take<float>(kernels::MlaSplitWorkspaceFloats(kSplitPairs, 1, heads, rank) +
+                                    kSplitPairs * heads * (rank + 1));
+
+  const int64_t shared_inter = c.moe_intermediate_size * c.n_shared_experts;
+  const int64_t dense_inter = std::max(c.intermediate_size, shared_inter);
+  ws.mlp_gate_up = a.Take<bf16>(T * 2 * dense_inter);
+  ws.mlp_act = a.Take<bf16>(T * dense_inter);
+  if (c.n_routed_experts > 0) {
+    const int64_t routed = T * c.num_experts_per_tok, inter = c.moe_intermediate_size;
+    ws.router_logits = a.Take<float>(T * c.n_routed_experts);
+    ws.topk_ids = a.Take<int32_t>(routed);
+    ws.topk_weights = a.Take<float>(routed);
+    ws.routed_gate_up = a.Take<bf16>(routed * 2 * inter);
+    ws.routed_act = a.Take<bf16>(routed * inter);
+    ws.routed_out = a.Take<bf16>(routed * H);
+    ws.shared_out = a.Take<bf16>(T * H);
+    ws.moe_workspace = a.Take<char>(
+        MoeRoutingWorkspaceBytes(T, static_cast<int32_t>(c.num_experts_per_tok), static_cast<int32_t>(c.n_routed_experts)));
+  }
+  ws.final_rows = a.Take<bf16>(S * H);
+  ws.logits = a.Take<float>(S * c.vocab_size);
+  ws.gathered = a.Take<bf16>(expanded_context_ * width);
+  ws.expanded_kv = a.Take<bf16>(expanded_context_ * heads * (c.qk_nope_head_dim + c.v_head_dim));
+  ws.scores = a.Take<float>(kPrefillScoresBytes / 6);
+  ws.probs = a.Take<bf16>(kPrefillScoresBytes / 6);
+  ws.experts_used = a.Take<int32_t>(1);
+  ws.cublas_workspace = a.Take<char>(kCublasWorkspaceBytes);
+}
+
+absl::Status CudaEngine::Initialize() {
+  const ModelConfig& c = config_;
+  if (c.attention_bias) {
+    return absl::UnimplementedError("the CUDA backend does not support attention_bias: true; use --device cpu");
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError("--device cuda: no CUDA device is visible on this machine");
+  }
+  if (options_.device_id < 0 || options_.device_id >= devices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GPU ", options_.device_id, " does not exist; this machine has ", devices));
+  }
+  COHORT_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device_id));
+  cudaDeviceProp props{};
+  COHORT_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, options_.device_id));
+  num_sms_ = props.multiProcessorCount;
+  if (options_.kv_block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--kv-block-size must be positive, got ", options_.kv_block_size));
+  }
+  if (!(options_.gpu_memory_fraction > 0.0 && options_.gpu_memory_fraction <= 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpu-memory-fraction must be in (0, 1], got ", options_.gpu_memory_fraction));
+  }
+
+  max_sequences_ = std::max<int64_t>(1, options_.max_sequences);
+  max_tokens_ = std::max(options_.max_batch_tokens, max_sequences_);
+  const int64_t max_blocks_per_sequence = CeilDiv(c.max_position_embeddings, options_.kv_block_size);
+  table_capacity_ = std::min(max_sequences_ * max_blocks_per_sequence, max_tokens_ * max_blocks_per_sequence) + 1;
+  staging_header_ = 3 * max_tokens_ + 2 * max_sequences_ + 1;
+  expanded_context_ = std::min<int64_t>(
+      c.max_position_embeddings, kExpandedKvBytes / (2 * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)));
+  // The expanded prefill must fit one query row of every head in the scores workspace.
+  expanded_context_ = std::min<int64_t>(expanded_context_, kPrefillScoresBytes / 6);
+  if (options_.expanded_prefill_max_context > 0) {
+    expanded_context_ = std::min(expanded_context_, options_.expanded_prefill_max_context);
+  }
+
+  // Plan: weights, workspace, then the KV cache from what is left.
+  DeviceArena weight_plan, workspace_plan;
+  PlaceWeights(c, weight_plan);
+  Workspace dry{};
+  PlaceWorkspace(workspace_plan, dry);
+  const int64_t rope_bytes = 256 + sizeof(float) * c.qk_rope_head_dim / 2;
+  size_t free_bytes = 0, total_bytes = 0;
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const int64_t budget = static_cast<int64_t>(options_.gpu_memory_fraction * static_cast<double>(total_bytes));
+  const int64_t fixed = static_cast<int64_t>(weight_plan.bytes() + workspace_plan.bytes()) + rope_bytes + kReserveBytes;
+  const int64_t bytes_per_token = c.num_layers * c.kv_cache_width() * static_cast<int64_t>(sizeof(bf16));
+  geometry_.block_size_tokens = options_.kv_block_size;
+  geometry_.bytes_per_token = bytes_per_token;
+  if (options_.num_kv_blocks > 0) {
+    geometry_.num_blocks = options_.num_kv_blocks;
+  } else if (options_.kv_cache_bytes > 0) {
+    geometry_.num_blocks = options_.kv_cache_bytes / (bytes_per_token * options_.kv_block_size);
+  } else {
+    geometry_.num_blocks = (budget - fixed) / (bytes_per_token * options_.kv_block_size) - 1;  // + scratch
+  }
+  const int64_t cache_bytes = (geometry_.num_blocks + 1) * options_.kv_block_size * bytes_per_token;
+  auto gib = [](int64_t bytes) { return absl::StrCat(static_cast<double>(bytes >> 20) / 1024.0); };
+  if (geometry_.num_blocks <= 0 || fixed + cache_bytes > std::min<int64_t>(budget, static_cast<int64_t>(free_bytes))) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "out of GPU memory: weights ", gib(weight_plan.bytes()), " GiB + workspaces ",
+        gib(workspace_plan.bytes()), " GiB + reserve ", gib(kReserveBytes), " GiB + KV cache ",
+        gib(std::max<int64_t>(cache_bytes, 0)), " GiB do not fit in --gpu-memory-fraction ",
+        options_.gpu_memory_fraction, " of ", gib(total_bytes), " GiB (", gib(free_bytes),
+        " GiB free now); lower --max-batch-tokens, --max-running or the KV cache, or use more GPUs"));
+  }
+  layer_cache_elements_ = (geometry_.num_blocks + 1) * options_.kv_block_size * c.kv_cache_width();
+  spdlog::info("cuda: {} on {} ({} SMs): weights {} GiB, workspaces {} GiB, KV cache {} GiB = {} blocks of {} tokens",
+               IsSyntheticModel(options_.model_dir) ? options_.model_dir : c.architecture_name, props.name, num_sms_,
+               gib(weight_plan.bytes()), gib(workspace_plan.bytes()), gib(cache_bytes), geometry_.num_blocks,
+               geometry_.block_size_tokens);
+
+  COHORT_ASSIGN_OR_RETURN(weight_arena_, DeviceArena::Allocate(weight_plan.bytes() + rope_bytes, "the weights"));
+  weights_ = PlaceWeights(c, weight_arena_);
+  rope_inv_freq_ = weight_arena_.Take<float>(c.qk_rope_head_dim / 2);
+  COHORT_ASSIGN_OR_RETURN(workspace_arena_, DeviceArena::Allocate(workspace_plan.bytes(), "the step workspaces"));
+  PlaceWorkspace(workspace_arena_, ws_);
+  COHORT_ASSIGN_OR_RETURN(cache_arena_, DeviceArena::Allocate(cache_bytes, "the KV cache"));
+  kv_cache_ = cache_arena_.Take<bf16>(cache_bytes / sizeof(bf16));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy(rope_inv_freq_, rope_.inv_freq().data(),
+                                         rope_.inv_freq().size() * sizeof(float), cudaMemcpyHostToDevice));
+
+  if (IsSyntheticModel(options_.model_dir)) {
+    COHORT_RETURN_IF_ERROR(FillSyntheticWeights(c, weights_, kSyntheticSeed));
+    // A random cache too, so decode benchmarks at long contexts need no prefill first.
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchFillRandom(kv_cache_, cache_bytes / sizeof(bf16), kSyntheticSeed, 1.0f, nullptr));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  } else {
+    COHORT_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options_.model_dir));
+    COHORT_RETURN_IF_ERROR(LoadWeights(c, *checkpoint, weights_));
+  }
+
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  COHORT_ASSIGN_OR_RETURN(cublas_api_, CublasApi::Load());
+  COHORT_RETURN_IF_ERROR(CublasStatus(cublas_api_->create(&cublas_), "cublasCreate"));
+  COHORT_RETURN_IF_ERROR(CublasStatus(cublas_api_->set_stream(cublas_, stream_), "cublasSetStream"));
+  COHORT_RETURN_IF_ERROR(CublasStatus(cublas_api_->set_workspace(cublas_, ws_.cublas_workspace, kCublasWorkspaceBytes),
+                                      "cublasSetWorkspace"));
+  COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
+  COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
+  COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
+  if (c.n_routed_experts > 0) {
+    moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
+                                                    static_cast<int32_t>(c.n_routed_experts));
+  }
+  return CaptureGraphs();
+}
+
+int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
+  const int64_t head_groups = CeilDiv(config_.num_heads, 16);
+  int64_t splits = CeilDiv(2 * num_sms_, std::max<int64_t>(1, queries * head_groups));
+  if (max_context > 0) splits = std::min(splits, std::max<int64_t>(1, CeilDiv(max_context, 32) / 4));
+  splits = std::min<int64_t>({splits, kMaxSplits, kSplitPairs / std::max(queries, 1)});
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+// Orders the step's tokens (absorbed first), fills the staging buffer and returns the layout.
+absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch, const GraphKey* graph) {
+  const int bucket = graph != nullptr ? graph->bucket : 0;
+  StepLayout s;
+  int32_t* tokens = staging_.data();
+  int32_t* positions = tokens + max_tokens_;
+  int32_t* token_sequence = positions + max_tokens_;
+  int32_t* table_offsets = token_sequence + max_tokens_;
+  int32_t* logits_rows = table_offsets + max_sequences_;
+  int32_t* num_valid = logits_rows + max_sequences_;
+  int32_t* tables = num_valid + 1;
+
+  int64_t total_tokens = 0, table_entries = 0;
+  for (const SequenceStep& seq : batch) {
+    total_tokens += static_cast<int64_t>(seq.tokens.size());
+    table_entries += CeilDiv(seq.start_position + static_cast<int64_t>(seq.tokens.size()), geometry_.block_size_tokens);
+  }
+  if (total_tokens > max_tokens_ || static_cast<int64_t>(batch.size()) > max_sequences_ ||
+      table_entries + 1 > table_capacity_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a step of ", total_tokens, " tokens in ", batch.size(), " sequences exceeds what this engine was sized for (",
+        max_tokens_, " tokens, ", max_sequences_, " sequences: --max-batch-tokens, --max-running)"));
+  }
+
+  // Absorbed attention: single tokens, and chunks whose context is too long to expand.
+  auto absorbed = [&](const SequenceStep& seq) {
+    return seq.tokens.size() == 1 || seq.start_position + static_cast<int64_t>(seq.tokens.size()) > expanded_context_;
+  };
+  std::vector<size_t> order;
+  for (size_t i = 0; i < batch.size(); ++i) if (absorbed(batch[i])) order.push_back(i);
+  for (size_t i = 0; i < batch.size(); ++i) if (!absorbed(batch[i])) order.push_back(i);
+
+  std::vector<int> last_token(batch.size());
+  int token = 0;
+  int64_t used = 0, max_context = 0;
+  for (size_t k = 0; k < order.size(); ++k) {
+    const SequenceStep& seq = batch[order[k]];
+    const int n = static_cast<int>(seq.tokens.size());
+    const int64_t context = seq.start_position + n;
+    const int64_t blocks = CeilDiv(context, geometry_.block_size_tokens);
+    table_offsets[k] = static_cast<int32_t>(used);
+    std::copy_n(seq.block_table.begin(), blocks, tables + used);
+    if (absorbed(seq)) {
+      s.absorbed_tokens += n;
+      max_context = std::max(max_context, context);
+    } else {
+      s.expanded.push_back({token, n, seq.start_position, static_cast<int>(used)});
+    }
+    used += blocks;
+    for (int i = 0; i < n; ++i, ++token) {
+      tokens[token] = seq.tokens[i];
+      positions[token] = static_cast<int32_t>(seq.start_position + i);
+      token_sequence[token] = static_cast<int32_t>(k);
+    }
+    last_token[order[k]] = token - 1;
+  }
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].compute_logits) logits_rows[s.rows++] = last_token[i];
+  }
+  num_valid[0] = token;
+  s.num_tokens = token;
+  if (bucket > 0) {
+    // Padding rows: token 0 at position 0 of a sequence whose only block is the scratch block.
+    tables[used] = static_cast<int32_t>(geometry_.num_blocks);
+    for (int r = token; r < bucket; ++r) {
+      tokens[r] = 0;
+      positions[r] = 0;
+      token_sequence[r] = r;
+      table_offsets[r] = static_cast<int32_t>(used);
+      logits_rows[r] = r;
+    }
+    ++used;
+    s.num_tokens = s.absorbed_tokens = s.rows = bucket;
+    s.splits = SplitsFor(bucket, graph->max_context);
+  } else {
+    s.splits = SplitsFor(s.absorbed_tokens, max_context);
+  }
+  COHORT_RETURN_IF_ERROR(Upload(used));
+  return s;
+}
+
+absl::Status CudaEngine::Upload(int64_t used_table_entries) {
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws_.inputs, staging_.data(),
+                                              (staging_header_ + used_table_entries) * sizeof(int32_t),
+                                              cudaMemcpyHostToDevice, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const StepLayout& s) {
+  const ModelConfig& c = config_;
+  const int64_t T = s.num_tokens, H = c.hidden_size, heads = c.num_heads, qk = c.qk_head_dim();
+  const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank, width = c.kv_cache_width();
+  if (c.q_lora_rank > 0) {
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, c.q_lora_rank, H, {ws_.x, H}, {l.q_a_proj.data, H}, true,
+                                {ws_.q_a, c.q_lora_rank, 0, CUDA_R_32F}));
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.q_a, c.q_lora_rank, l.q_a_norm, T, c.q_lora_rank,
+                                                       kLatentNormEps, ws_.q_a_normed, c.q_lora_rank, stream_));
+    COHORT_RETURN_IF_ERROR(Linear(l.q_b_proj, ws_.q_a_normed, T, ws_.q));
+  } else {
+    COHORT_RETURN_IF_ERROR(Linear(l.q_proj, ws_.x, T, ws_.q));
+  }
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRopeQueries(ws_.q, T, heads, qk, ws_.positions, RopeArgs(), stream_));
+
+  // This step's latents go into the cache first, so tokens of one sequence in this step see each
+  // other (causally) through the cache like any earlier token.
+  bf16* cache = LayerCache(index);
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, width, H, {ws_.x, H}, {l.kv_a_proj.data, H}, true,
+                              {ws_.kv, width, 0, CUDA_R_32F}));
+  const kernels::CacheWriteParams where{ws_.positions, ws_.token_sequence, ws_.block_tables, ws_.table_offsets,
+                                        static_cast<int>(geometry_.block_size_tokens)};
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.kv, T, rank, l.kv_a_norm, kLatentNormEps, RopeArgs(),
+                                                          where, cache, stream_));
+
+  if (s.absorbed_tokens > 0) {
+    const int64_t Q = s.absorbed_tokens, kv_b_head = (nope + v) * rank;
+    // q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows [h (nope + v), + nope) as [nope, rank].
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, Q, rank, nope, {ws_.q, heads * qk, qk}, {l.kv_b_proj.data, rank, kv_b_head},
+                                false, {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
+    kernels::MlaDecodeParams p;
+    p.q_latent = ws_.q_latent;
+    p.q_rope = ws_.q + nope;
+    p.q_rope_row_stride = heads * qk;
+    p.q_rope_head_stride = static_cast<int>(qk);
+    p.cache = cache;
+    p.block_tables = ws_.block_tables;
+    p.table_offsets = ws_.table_offsets;
+    p.block_size = static_cast<int>(geometry_.block_size_tokens);
+    p.query_sequence = ws_.token_sequence;
+    p.query_position = ws_.positions;
+    p.num_queries = static_cast<int>(Q);
+    p.heads = static_cast<int>(heads);
+    p.kv_lora_rank = static_cast<int>(rank);
+    p.rope_dim = static_cast<int>(c.qk_rope_head_dim);
+    p.softmax_scale = rope_.softmax_scale();
+    p.num_splits = s.splits;
+    p.out = ws_.o_latent;
+    p.partial_out = ws_.split_partials;
+    p.partial_lse = ws_.split_partials + kSplitPairs * heads * rank;
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchMlaDecode(p, stream_));
+    // attn[t, h] = o_latent[t, h] . W_uv[h]^T, W_uv[h] = kv_b_proj rows [h (nope + v) + nope, + v).
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, Q, v, rank, {ws_.o_latent, heads * rank, rank},
+                                {l.kv_b_proj.data + nope * rank, rank, kv_b_head}, true, {ws_.attn, heads * v, v},
+                                static_cast<int>(heads)));
+  }
+  for (const ExpandedChunk& chunk : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(chunk, l, cache));
+  return Linear(l.o_proj, ws_.attn, T, ws_.delta);
+}
+
+// One prefill chunk: keys and values of its whole context expanded from the latent, scores and
+// probabilities for a slice of heads and query rows at a time within the scores workspace.
+absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& l, bf16* cache) {
+  const ModelConfig& c = config_;
+  const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
+  const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_row = heads * (nope + v);
+  const int64_t n = chunk.num_tokens, context = chunk.start_position + n;
+  const int32_t* table = ws_.block_tables + chunk.table_offset;
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(cache, table, static_cast<int>(geometry_.block_size_tokens),
+                                                         static_cast<int>(width), static_cast<int>(context),
+                                                         ws_.gathered, stream_));
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, context, kv_row, rank, {ws_.gathered, width}, {l.kv_b_proj.data, rank}, true,
+                              {ws_.expanded_kv, kv_row}));
+  const int64_t row_budget = std::max<int64_t>(1, (kPrefillScoresBytes / 6) / context);  // (head, query) rows
+  const int64_t head_chunk = std::clamp<int64_t>(row_budget / n, 1, heads);
+  const int64_t row_chunk = head_chunk > 1 ? n : std::min(n, row_budget);
+  for (int64_t h0 = 0; h0 < heads; h0 += head_chunk) {
+    const int hc = static_cast<int>(std::min(head_chunk, heads - h0));
+    for (int64_t r0 = 0; r0 < n; r0 += row_chunk) {
+      const int64_t rows = std::min(row_chunk, n - r0);
+      const bf16* q = ws_.q + (chunk.first_token + r0) * heads * qk + h0 * qk;
+      const GemmOutput scores{ws_.scores, context, rows * context, CUDA_R_32F};
+      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, context, nope, {q, heads * qk, qk},
+                                  {ws_.expanded_kv + h0 * (nope + v), kv_row, nope + v}, true, scores, hc));
+      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, context, c.qk_rope_head_dim, {q + nope, heads * qk, qk},
+                                  {ws_.gathered + rank, width, 0}, true, scores, hc, 1.0f, 1.0f));
+      COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCausalSoftmax(ws_.scores, hc, static_cast<int>(rows),
+                                                               static_cast<int>(context),
+                                                               static_cast<int>(chunk.start_position + r0),
+                                                               rope_.softmax_scale(), ws_.probs, stream_));
+      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, v, context, {ws_.probs, context, rows * context},
+                                  {ws_.expanded_kv + h0 * (nope + v) + nope, kv_row, nope + v}, false,
+                                  {ws_.attn + (chunk.first_token + r0) * heads * v + h0 * v, heads * v, v}, hc));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) {
+  const ModelConfig& c = config_;
+  const int64_t T = s.num_tokens, H = c.hidden_size;
+  // down(silu(gate(x)) * up(x)) through the stacked [2I, H] gate_up matrix.
+  auto dense_mlp = [&](const DeviceMatrix& gate_up, const DeviceMatrix& down, bf16* out) -> absl::Status {
+    const int64_t inter = down.cols;
+    COHORT_RETURN_IF_ERROR(Linear(gate_up, ws_.x, T, ws_.mlp_gate_up));
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, T, inter, nullptr, ws_.mlp_act, stream_));
+    return Linear(down, ws_.mlp_act, T, out);
+  };
+  if (!l.moe) return dense_mlp(l.mlp_gate_up, l.mlp_down, ws_.delta);
+
+  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
+  const int64_t inter = c.moe_intermediate_size, rows = T * k;
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, E, H, {ws_.x, H}, {l.router.data, H}, true, {ws_.router_logits, E, 0, CUDA_R_32F}));
+  MoeGateParams gate;
+  gate.num_experts = E;
+  gate.top_k = k;
+  gate.n_group = static_cast<int32_t>(c.n_group);
+  gate.topk_group = static_cast<int32_t>(c.topk_group);
+  gate.scoring = c.scoring_func == ScoringFunc::kSigmoid ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
+  gate.method = c.topk_method == TopkMethod::kGreedy               ? MoeTopkMethod::kGreedy
+                : c.topk_method == TopkMethod::kGroupLimitedGreedy ? MoeTopkMethod::kGroupLimitedGreedy
+                                                                   : MoeTopkMethod::kNoAuxTc;
+  gate.norm_topk_prob = c.norm_topk_prob;
+  gate.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+  COHORT_CUDA_RETURN_IF_ERROR(
+      LaunchMoeGate(ws_.router_logits, l.router_bias, T, gate, ws_.topk_ids, ws_.topk_weights, stream_));
+  if (current_bucket_ > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCopyFirstRowToPadding(ws_.topk_ids, ws_.topk_weights, k, ws_.num_valid,
+                                                                     static_cast<int>(T), stream_));
+  }
+  MoeRouting routing;
+  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E,
+                                              MoeDefaultTileRows(rows, E), &routing));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.topk_ids, routing, ws_.experts_used, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, 2 * inter, H,
+                                                    ws_.routed_gate_up}, routing, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.routed_gate_up, rows, inter, routing.expert_offsets + E,
+                                               ws_.routed_act, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
+                                                    ws_.routed_out}, routing, stream_));
+  const bf16* shared = nullptr;
+  if (c.n_shared_experts > 0) {
+    COHORT_RETURN_IF_ERROR(dense_mlp(l.shared_gate_up, l.shared_down, ws_.shared_out));
+    shared = ws_.shared_out;
+  }
+  return CudaStatus(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, shared, H, ws_.delta, stream_),
+                    "LaunchMoeCombine");
+}
+
+absl::Status CudaEngine::Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y) {
+  if (auto it = dense_routing_.find(current_bucket_); it != dense_routing_.end() && rows == current_bucket_) {
+    return CudaStatus(LaunchMoeGroupedGemm({x, /*gather_a=*/false, w.data, w.rows, w.cols, y}, it->second, stream_),
+                      "LaunchMoeGroupedGemm (dense)");
+  }
+  return Gemm(*cublas_api_, cublas_, rows, w.rows, w.cols, {x, w.cols}, {w.data, w.cols}, true, {y, w.rows});
+}
+
+// Every row routed to expert 0 of 1, aligned once per batch size: the routing the grouped GEMM
+// needs to compute a dense product. Built before the graphs are captured and never rewritten.
+absl::Status CudaEngine::PrepareDenseRouting() {
+  const ModelConfig& c = config_;
+  // The grouped GEMM takes dimensions that are multiples of 8; other models keep cuBLAS.
+  for (int64_t d : {c.hidden_size, c.num_heads * c.qk_head_dim(), c.num_heads * c.v_head_dim, c.q_lora_rank,
+                    c.intermediate_size, c.moe_intermediate_size * c.n_shared_experts}) {
+    if (d % 8 != 0) return absl::OkStatus();
+  }
+  std::vector<int> buckets;
+  int64_t bytes = 0;
+  for (int b : buckets_) {
+    if (b > kDenseGroupedMaxRows) break;
+    buckets.push_back(b);
+    bytes += (MoeRoutingWorkspaceBytes(b, 1, 1) + 255) / 256 * 256;
+  }
+  const int64_t ids_bytes = (kDenseGroupedMaxRows * sizeof(int32_t) + 255) / 256 * 256;
+  COHORT_ASSIGN_OR_RETURN(dense_routing_arena_, DeviceArena::Allocate(bytes + ids_bytes, "dense routing"));
+  int32_t* zeros = dense_routing_arena_.Take<int32_t>(kDenseGroupedMaxRows);
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(zeros, 0, kDenseGroupedMaxRows * sizeof(int32_t), stream_));
+  for (int b : buckets) {
+    const int64_t ws_bytes = MoeRoutingWorkspaceBytes(b, 1, 1);
+    MoeRouting routing;
+    COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(dense_routing_arena_.Take<char>(ws_bytes), ws_bytes, b, 1, 1,
+                                                MoeDefaultTileRows(b, 1), &routing));
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(zeros, routing, nullptr, stream_));
+    dense_routing_[b] = routing;
+  }
+  return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+}
+
+absl::Status CudaEngine::RecordForward(const StepLayout& s) {
+  const ModelConfig& c = config_;
+  const int64_t T = s.num_tokens, H = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws_.experts_used, 0, sizeof(int32_t), stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(weights_.embed_tokens.data, ws_.tokens, static_cast<int>(T),
+                                                       static_cast<int>(H), ws_.residual, stream_));
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const DeviceLayer& l = weights_.layers[i];
+    // The previous layer's feed-forward output joins the residual here.
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, i == 0 ? nullptr : ws_.delta, l.input_norm,
+                                                          static_cast<int>(T), static_cast<int>(H), eps, ws_.x, stream_));
+    COHORT_RETURN_IF_ERROR(Attention(l, i, s));
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, ws_.delta, l.post_attention_norm,
+                                                          static_cast<int>(T), static_cast<int>(H), eps, ws_.x, stream_));
+    COHORT_RETURN_IF_ERROR(FeedForward(l, s));
+  }
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, ws_.delta, weights_.norm, static_cast<int>(T),
+                                                        static_cast<int>(H), eps, ws_.x, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(
+      kernels::LaunchGatherRows(ws_.x, ws_.logits_rows, s.rows, static_cast<int>(H), ws_.final_rows, stream_));
+  return Gemm(*cublas_api_, cublas_, s.rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H}, true,
+              {ws_.logits, c.vocab_size, 0, CUDA_R_32F});
+}
+
+absl::Status CudaEngine::CaptureGraphs() {
+  buckets_ = GraphBuckets(max_sequences_);
+  COHORT_RETURN_IF_ERROR(PrepareDenseRouting());
+  for (int bucket : buckets_) {
+   for (int64_t max_context : kGraphContexts) {
+    const GraphKey key{bucket, max_context};
+    // Capture over padding-only inputs: every row is a padding row of the scratch block. One eager
+    // pass first loads every kernel module and sets kernel attributes outside the capture.
+    COHORT_ASSIGN_OR_RETURN(StepLayout layout, Plan({}, &key));
+    current_bucket_ = bucket;
+    COHORT_RETURN_IF_ERROR(RecordForward(layout));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    cudaGraph_t graph = nullptr;
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    absl::Status recorded = RecordForward(layout);
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    current_bucket_ = 0;
+    COHORT_RETURN_IF_ERROR(recorded);
+    COHORT_CUDA_RETURN_IF_ERROR(ended);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    COHORT_CUDA_RETURN_IF_ERROR(instantiated);
+    graphs_[key] = exec;
+   }
+  }
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  spdlog::info("cuda: captured {} decode graphs: {} batch sizes up to {}, {} context classes", graphs_.size(),
+               buckets_.size(), buckets_.back(), std::size(kGraphContexts));
+  return absl::OkStatus();
+}
+
+// Enqueues one step: inputs, the forward pass (a graph replay for decode-only steps), up to logits.
+absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
+  const bool decode_only = std::all_of(batch.begin(), batch.end(), [](const SequenceStep& s) {
+    return s.tokens.size() == 1 && s.compute_logits;
+  });
+  cudaGraphExec_t graph = nullptr;
+  GraphKey key{0, 0};
+  if (decode_only) {
+    int64_t max_context = 0;
+    for (const SequenceStep& s : batch) max_context = std::max(max_context, s.start_position + 1);
+    auto bucket = std::lower_bound(buckets_.begin(), buckets_.end(), static_cast<int>(batch.size()));
+    for (int64_t limit : kGraphContexts) {
+      if (bucket == buckets_.end() || (limit != 0 && max_context > limit)) continue;
+      key = {*bucket, limit};
+      graph = graphs_.at(key);
+      break;
+    }
+  }
+  COHORT_ASSIGN_OR_RETURN(current_, Plan(batch, graph != nullptr ? &key : nullptr));
+  current_bucket_ = key.bucket;
+  if (graph != nullptr) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
+  } else {
+    COHORT_RETURN_IF_ERROR(RecordForward(current_));
+  }
+  current_bucket_ = 0;
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(experts_used_host_.data(), ws_.experts_used, sizeof(int32_t),
+                                              cudaMemcpyDeviceToHost, stream_));
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
+  COHORT_RETURN_IF_ERROR(RunStep(batch));
+  int64_t rows = 0;
+  for (const SequenceStep& s : batch) rows += s.compute_logits ? 1 : 0;
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
+                                              cudaMemcpyDeviceToHost, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  stats_.routed_expert_reads = experts_used_host_[0];
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
+                                          std::span<SampledToken> tokens) {
+  COHORT_CHECK(samplers.size() == tokens.size(), samplers.size(), " samplers for ", tokens.size(), " tokens");
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, samplers.size() * config_.vocab_size));
+  COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
+  COHORT_RETURN_IF_ERROR(RunStep(batch));
+  COHORT_RETURN_IF_ERROR(sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  stats_.routed_expert_reads = experts_used_host_[0];
+  return sampler_->Finish(samplers, tokens);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options) {
+  ModelConfig config;
+  if (IsSyntheticModel(options.model_dir)) {
+    COHORT_ASSIGN_OR_RETURN(config, SyntheticModelConfig(options.model_dir, options.num_layers));
+  } else {
+    COHORT_ASSIGN_OR_RETURN(config, LoadModelConfig(options.model_dir));
+  }
+  auto engine = std::make_unique<CudaEngine>(std::move(config), options);
+  COHORT_RETURN_IF_ERROR(engine->Initialize());
+  return engine;
+}
+
+}  // namespace cohort::cuda

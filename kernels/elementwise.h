@@ -1,0 +1,74 @@
+// Small memory-bound kernels around the matrix products of a DeepSeek layer: embedding gather,
+// RMSNorm (with the residual add fused in), rotary embedding of the queries, and the write of new
+// latents into the paged KV cache. One launch each, no allocation, capturable in a CUDA graph.
+//
+// Layout conventions: row-major, a row per token; `ld` arguments are row strides in elements.
+// Positions and token ids are int32 on the device.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace cohort::kernels {
+
+// Rotary embedding parameters shared by queries and keys (worker/model/rope.h computes them).
+struct RopeParams {
+  const float* inv_freq = nullptr;  // [rope_dim / 2], device
+  int rope_dim = 0;
+  float attention_factor = 1.0f;    // multiplies cos and sin (YaRN)
+  bool interleave = true;           // rotate pairs (2i, 2i+1); else (i, i + rope_dim/2)
+};
+
+// hidden[t, :] = float(embedding[tokens[t], :]).
+cudaError_t LaunchEmbedding(const __nv_bfloat16* embedding, const int32_t* tokens, int num_tokens, int hidden,
+                            float* out, cudaStream_t stream);
+
+// For each row: when `delta` is not null, residual += delta (in place); then
+// out = bf16(residual * rsqrt(mean(residual^2) + eps) * weight). dim <= 8192.
+cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
+                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream);
+
+// out[r, :] = bf16(rmsnorm(in[r, :]) * weight) for an fp32 input with row stride `ld_in`.
+cudaError_t LaunchRmsNorm(const float* in, int ld_in, const __nv_bfloat16* weight, int rows, int dim, float eps,
+                          __nv_bfloat16* out, int ld_out, cudaStream_t stream);
+
+// Rotates the rope part (the last rope_dim values of each head's qk_dim) of q [rows, heads, qk_dim]
+// in place, each row at positions[row].
+cudaError_t LaunchRopeQueries(__nv_bfloat16* q, int rows, int heads, int qk_dim, const int32_t* positions,
+                              const RopeParams& rope, cudaStream_t stream);
+
+// Where new cache entries go: token t of the step is position positions[t] of sequence
+// sequence_of_token[t], whose block table starts at block_tables + table_offsets[sequence].
+struct CacheWriteParams {
+  const int32_t* positions = nullptr;
+  const int32_t* sequence_of_token = nullptr;
+  const int32_t* block_tables = nullptr;   // every sequence's table, concatenated
+  const int32_t* table_offsets = nullptr;  // [sequences]
+  int block_size = 0;
+};
+
+// kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output) -> for each row, the latent
+// part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key rotated, written as bf16 into
+// layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the row's slot.
+cudaError_t LaunchWriteKvCache(const float* kv, int rows, int kv_lora_rank, const __nv_bfloat16* latent_norm,
+                               float latent_eps, const RopeParams& rope, const CacheWriteParams& where,
+                               __nv_bfloat16* layer_cache, cudaStream_t stream);
+
+// out[r, :] = in[rows[r], :] for bf16 rows of `dim` values.
+cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,
+                             __nv_bfloat16* out, cudaStream_t stream);
+
+// Rows [num_valid[0], rows) of ids and weights ([rows, k] each) become copies of row 0: padding
+// tokens of a graph-captured step then route to experts a real token already reads.
+cudaError_t LaunchCopyFirstRowToPadding(int32_t* ids, float* weights, int k, const int32_t* num_valid, int rows,
+                                        cudaStream_t stream);
+
+// Fills `count` bf16 values with uniform numbers in [-scale, scale) from a counter-based hash of
+// (seed, index): the same seed gives the same weights on any GPU. For synthetic models.
+cudaError_t LaunchFillRandom(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale, cudaStream_t stream);
+cudaError_t LaunchFillRandomFloat(float* out, int64_t count, uint64_t seed, float scale, cudaStream_t stream);
+cudaError_t LaunchFillConstant(__nv_bfloat16* out, int64_t count, float value, cudaStream_t stream);
+
+}  // namespace cohort::kernels

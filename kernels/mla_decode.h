@@ -1,0 +1,53 @@
+// MLA attention over the compressed latent cache, DeepSeek's decode form: kv_b_proj's key half has
+// been absorbed into the query (q_latent = q_nope . W_uk per head) and its value half is applied
+// after this kernel (o = o_latent . W_uv^T), so attention reads only the cache: one latent row
+// (kv_lora_rank values) plus one rope key (qk_rope_head_dim values) per token, shared by all heads.
+//
+// Each query attends to positions [0, query_position] of its sequence, read through the sequence's
+// block table; a query may be a decode token or a prefill token (causal by position). Work splits
+// over (query, group of 16 heads, context split); with num_splits > 1 each split writes a partial
+// result and LaunchMlaCombine merges them (flash-decoding), so a small batch still fills the GPU.
+//
+// Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension.
+// Supported (kv_lora_rank, qk_rope_head_dim): (512, 64) as in DeepSeek-V2/V3, (64, 16) and (32, 8)
+// for the small test checkpoints; others return cudaErrorInvalidValue.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace cohort::kernels {
+
+struct MlaDecodeParams {
+  const __nv_bfloat16* q_latent = nullptr;  // [queries, heads, kv_lora_rank]
+  const __nv_bfloat16* q_rope = nullptr;    // element (q, h, i) at q_rope[q * q_rope_row_stride + h * q_rope_head_stride + i]
+  int64_t q_rope_row_stride = 0;
+  int q_rope_head_stride = 0;
+  const __nv_bfloat16* cache = nullptr;     // one layer: [blocks, block_size, kv_lora_rank + qk_rope_head_dim]
+  const int32_t* block_tables = nullptr;    // every sequence's block table, concatenated
+  const int32_t* table_offsets = nullptr;   // [sequences]: where each sequence's table starts
+  int block_size = 0;
+  const int32_t* query_sequence = nullptr;  // [queries]: the query's sequence
+  const int32_t* query_position = nullptr;  // [queries]: attends to positions 0..query_position
+  int num_queries = 0;
+  int heads = 0;
+  int kv_lora_rank = 0;
+  int rope_dim = 0;
+  float softmax_scale = 1.0f;
+  int num_splits = 1;  // 1..64
+  __nv_bfloat16* out = nullptr;  // [queries, heads, kv_lora_rank]
+  // Workspace when num_splits > 1 (sizes from MlaSplitWorkspaceFloats).
+  float* partial_out = nullptr;  // [queries, num_splits, heads, kv_lora_rank]
+  float* partial_lse = nullptr;  // [queries, num_splits, heads]
+};
+
+// Floats of workspace (partial_out and partial_lse together) for `queries` x `num_splits` (0 for
+// one split).
+int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_lora_rank);
+
+// Runs the attention (and the merge of splits when num_splits > 1).
+cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, cudaStream_t stream);
+
+}  // namespace cohort::kernels

@@ -1,0 +1,228 @@
+// Times the routed-expert GEMMs of one DeepSeek-V2-Lite MoE layer (kernels/moe.h): gate_up grouped
+// GEMM + SiLU-and-mul + down grouped GEMM, for T = 1, 2, 4, ..., 512 decode tokens, the token counts
+// around MoeDefaultTileRows's switch-overs, and prefills up to 4096 tokens, at each tile size (the
+// default one starred). It first measures the device-to-device copy
+// bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written): the ceiling a decode step can approach.
+//
+// Routing is the gate on random logits. Each graph replays kLayers layers with distinct weights (the
+// whole expert set of a layer is 64 x 17.3 MB), so no layer finds its weights in L2 from an earlier
+// one; the time per layer is the median replay divided by kLayers. "weight MB" counts each used
+// expert once: the bytes a decode step must stream. "route us" is gate + align + combine per layer.
+//
+//   build/bin/moe_bench
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "kernels/moe.h"
+
+namespace cohort {
+namespace {
+
+#define BENCH_CHECK(expr)                                                                                 \
+  do {                                                                                                    \
+    const cudaError_t bench_error = (expr);                                                               \
+    if (bench_error != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(bench_error)); \
+      std::exit(1);                                                                                       \
+    }                                                                                                     \
+  } while (0)
+
+constexpr int kExperts = 64;
+constexpr int kTopK = 6;
+constexpr int64_t kHidden = 2048;
+constexpr int64_t kIntermediate = 1408;
+constexpr int kLayers = 4;
+constexpr int64_t kMaxTokens = 4096;
+
+template <class T>
+T* DeviceAlloc(int64_t count) {
+  void* p = nullptr;
+  BENCH_CHECK(cudaMalloc(&p, count * sizeof(T)));
+  return static_cast<T*>(p);
+}
+
+uint16_t FloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Random bf16 values in [-1, 1): copies of one random 64 MiB block (never zeros: zeros can run faster).
+void FillRandomBf16(__nv_bfloat16* device, int64_t count, std::mt19937& rng) {
+  static std::vector<uint16_t> block;
+  if (block.empty()) {
+    block.resize(int64_t{32} << 20);
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (uint16_t& v : block) v = FloatToBf16(dist(rng));
+  }
+  for (int64_t done = 0; done < count;) {
+    const int64_t n = std::min<int64_t>(count - done, static_cast<int64_t>(block.size()));
+    BENCH_CHECK(cudaMemcpy(device + done, block.data(), n * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    done += n;
+  }
+}
+
+// Median over `reps` runs of `work` on `stream`, in microseconds, each run between two events.
+double MedianUs(cudaStream_t stream, int reps, const std::function<void()>& work) {
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < 3; ++i) work();  // warm-up
+  std::vector<float> ms(reps);
+  for (int i = 0; i < reps; ++i) {
+    BENCH_CHECK(cudaEventRecord(start, stream));
+    work();
+    BENCH_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    BENCH_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
+  }
+  BENCH_CHECK(cudaEventDestroy(start));
+  BENCH_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return 1e3 * ms[reps / 2];
+}
+
+// Captures `record` on `stream` into an executable graph.
+cudaGraphExec_t Capture(cudaStream_t stream, const std::function<void()>& record) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  record();
+  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CHECK(cudaGraphDestroy(graph));
+  return exec;
+}
+
+double CopyBandwidthGBs(cudaStream_t stream) {
+  const int64_t bytes = int64_t{1} << 30;
+  char* src = DeviceAlloc<char>(bytes);
+  char* dst = DeviceAlloc<char>(bytes);
+  BENCH_CHECK(cudaMemset(src, 0x5a, bytes));
+  BENCH_CHECK(cudaDeviceSynchronize());
+  const double us = MedianUs(stream, 20, [&] {
+    BENCH_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+  });
+  BENCH_CHECK(cudaFree(src));
+  BENCH_CHECK(cudaFree(dst));
+  return 2.0 * bytes / us / 1e3;
+}
+
+int Run() {
+  int device = 0;
+  cudaDeviceProp prop;
+  BENCH_CHECK(cudaGetDevice(&device));
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
+  std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  const double copy_gbs = CopyBandwidthGBs(stream);
+  std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", copy_gbs);
+
+  const int64_t n1 = 2 * kIntermediate, k1 = kHidden, n2 = kHidden, k2 = kIntermediate;
+  const int64_t expert_elems = n1 * k1 + n2 * k2;
+  std::printf("V2-Lite experts: E=%d k=%d, gate_up %lldx%lld, down %lldx%lld, %.1f MB per expert, %d layers\n",
+              kExperts, kTopK, static_cast<long long>(n1), static_cast<long long>(k1), static_cast<long long>(n2),
+              static_cast<long long>(k2), 2e-6 * expert_elems, kLayers);
+
+  std::mt19937 rng(std::random_device{}());
+  __nv_bfloat16* gate_up[kLayers];
+  __nv_bfloat16* down[kLayers];
+  for (int l = 0; l < kLayers; ++l) {
+    gate_up[l] = DeviceAlloc<__nv_bfloat16>(kExperts * n1 * k1);
+    down[l] = DeviceAlloc<__nv_bfloat16>(kExperts * n2 * k2);
+    FillRandomBf16(gate_up[l], kExperts * n1 * k1, rng);
+    FillRandomBf16(down[l], kExperts * n2 * k2, rng);
+  }
+  const int64_t max_pairs = kMaxTokens * kTopK;
+  __nv_bfloat16* hidden = DeviceAlloc<__nv_bfloat16>(kMaxTokens * kHidden);
+  __nv_bfloat16* y1 = DeviceAlloc<__nv_bfloat16>(max_pairs * n1);
+  __nv_bfloat16* act = DeviceAlloc<__nv_bfloat16>(max_pairs * k2);
+  __nv_bfloat16* y2 = DeviceAlloc<__nv_bfloat16>(max_pairs * n2);
+  __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(kMaxTokens * kHidden);
+  float* logits = DeviceAlloc<float>(kMaxTokens * kExperts);
+  int32_t* topk_ids = DeviceAlloc<int32_t>(max_pairs);
+  float* topk_weights = DeviceAlloc<float>(max_pairs);
+  int32_t* experts_used = DeviceAlloc<int32_t>(1);
+  const int64_t workspace_bytes = MoeRoutingWorkspaceBytes(kMaxTokens, kTopK, kExperts);
+  void* workspace = DeviceAlloc<char>(workspace_bytes);
+  FillRandomBf16(hidden, kMaxTokens * kHidden, rng);
+  {
+    std::vector<float> host(kMaxTokens * kExperts);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (float& v : host) v = dist(rng);
+    BENCH_CHECK(cudaMemcpy(logits, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  BENCH_CHECK(cudaDeviceSynchronize());  // the fills, before work on the non-blocking stream
+  MoeGateParams gate;
+  gate.num_experts = kExperts;
+  gate.top_k = kTopK;
+
+  std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %9s\n", "tokens", "rows", "tile", "us/layer", "experts",
+              "weight MB", "GB/s", "of copy", "TFLOP/s", "route us");
+  // 160 and 192 tokens: 15 and 18 rows per expert, either side of the 16 -> 64 switch-over; 1024 and
+  // 2048: 96 and 192, between the 48 and 384 rows per expert that bound the 64 -> 128 one.
+  for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 1024, 2048, 4096}) {
+    const int64_t pairs = tokens * kTopK;
+    const int default_tile = MoeDefaultTileRows(pairs, kExperts);
+    const int reps = tokens <= 512 ? 100 : 20;
+    for (const int tile_rows : {16, 64, 128}) {
+      MoeRouting routing;
+      BENCH_CHECK(CarveMoeRouting(workspace, workspace_bytes, tokens, kTopK, kExperts, tile_rows, &routing));
+      BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
+      BENCH_CHECK(cudaMemsetAsync(experts_used, 0, sizeof(int32_t), stream));
+      BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, experts_used, stream));
+      int32_t used = 0;
+      BENCH_CHECK(cudaMemcpyAsync(&used, experts_used, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+      BENCH_CHECK(cudaStreamSynchronize(stream));
+
+      const cudaGraphExec_t experts_graph = Capture(stream, [&] {
+        for (int l = 0; l < kLayers; ++l) {
+          BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], n1, k1, y1}, routing, stream));
+          BENCH_CHECK(LaunchMoeSiluMul(y1, pairs, kIntermediate, routing.expert_offsets + kExperts, act, stream));
+          BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2}, routing, stream));
+        }
+      });
+      const double us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(experts_graph, stream)); }) / kLayers;
+      BENCH_CHECK(cudaGraphExecDestroy(experts_graph));
+
+      double route_us = 0.0;
+      if (tile_rows == default_tile) {
+        const cudaGraphExec_t route_graph = Capture(stream, [&] {
+          for (int l = 0; l < kLayers; ++l) {
+            BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
+            BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, nullptr, stream));
+            BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, hidden, kHidden, out, stream));
+          }
+        });
+        route_us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(route_graph, stream)); }) / kLayers;
+        BENCH_CHECK(cudaGraphExecDestroy(route_graph));
+      }
+
+      const double weight_bytes = 2.0 * used * expert_elems;
+      const double gbs = weight_bytes / us / 1e3;
+      const double tflops = 2.0 * pairs * expert_elems / us / 1e6;
+      std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f", static_cast<long long>(tokens),
+                  static_cast<long long>(pairs), tile_rows, tile_rows == default_tile ? '*' : ' ', us, used,
+                  weight_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, tflops);
+      if (route_us > 0.0) std::printf(" %9.1f", route_us);
+      std::printf("\n");
+    }
+  }
+  BENCH_CHECK(cudaDeviceSynchronize());
+  return 0;
+}
+
+}  // namespace
+}  // namespace cohort
+
+int main() { return cohort::Run(); }

@@ -1,0 +1,182 @@
+// Times device sampling (kernels/sampling.h) over a DeepSeek-V2 vocabulary (102400) for 1, 32, 256
+// and 512 rows: greedy, temperature 0.8 with top-p 0.9, top-k 50, and top-p with repetition
+// penalties over a 2000-token history. Sampled rows are timed on two kinds of logits, since the
+// passes a row needs depend on how many tokens stay candidates: "peaked" N(0, 4) like a language
+// model's, "flat" N(0, 1) where top-p 0.9 keeps most of the vocabulary.
+//
+// Each case is the median of 100 launches timed with CUDA events, after warm-up. "logits GB/s" is
+// rows * vocab * 4 bytes over that time, and "% copy" compares it with the device-to-device copy
+// bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written) measured at the start: one pass over
+// the logits at copy speed would be 100%.
+//
+//   build/bin/sampling_bench
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "kernels/sampling.h"
+
+namespace cohort {
+namespace {
+
+#define BENCH_CHECK(expr)                                                                                 \
+  do {                                                                                                    \
+    const cudaError_t bench_error = (expr);                                                               \
+    if (bench_error != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(bench_error)); \
+      std::exit(1);                                                                                       \
+    }                                                                                                     \
+  } while (0)
+
+constexpr int32_t kVocab = 102400;
+constexpr int32_t kMaxRows = 512;
+constexpr int kHistory = 2000;
+constexpr int kWarmUp = 10;
+constexpr int kIterations = 100;
+
+template <class T>
+T* DeviceAlloc(int64_t count) {
+  void* p = nullptr;
+  BENCH_CHECK(cudaMalloc(&p, std::max<int64_t>(count, 1) * sizeof(T)));
+  return static_cast<T*>(p);
+}
+
+template <class T>
+void Upload(T* device, const std::vector<T>& host) {
+  BENCH_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+// Median time in microseconds of `launch` on `stream`.
+template <class Launch>
+double MedianMicros(cudaStream_t stream, Launch&& launch) {
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < kWarmUp; ++i) launch();
+  std::vector<double> micros;
+  for (int i = 0; i < kIterations; ++i) {
+    BENCH_CHECK(cudaEventRecord(start, stream));
+    launch();
+    BENCH_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    micros.push_back(1000.0 * ms);
+  }
+  BENCH_CHECK(cudaEventDestroy(start));
+  BENCH_CHECK(cudaEventDestroy(stop));
+  std::nth_element(micros.begin(), micros.begin() + micros.size() / 2, micros.end());
+  return micros[micros.size() / 2];
+}
+
+struct Case {
+  const char* name;
+  float temperature;
+  int32_t top_k;
+  float top_p;
+  bool penalties;
+};
+
+int Main() {
+  cudaStream_t stream;
+  BENCH_CHECK(cudaStreamCreate(&stream));
+
+  // The copy ceiling.
+  const int64_t copy_bytes = int64_t{1} << 30;
+  char* copy_src = DeviceAlloc<char>(copy_bytes);
+  char* copy_dst = DeviceAlloc<char>(copy_bytes);
+  BENCH_CHECK(cudaMemset(copy_src, 1, copy_bytes));
+  const double copy_us = MedianMicros(stream, [&] {
+    BENCH_CHECK(cudaMemcpyAsync(copy_dst, copy_src, copy_bytes, cudaMemcpyDeviceToDevice, stream));
+  });
+  const double copy_gbps = 2.0 * copy_bytes / copy_us / 1e3;
+  BENCH_CHECK(cudaFree(copy_src));
+  BENCH_CHECK(cudaFree(copy_dst));
+  std::printf("device-to-device copy: %.0f GB/s (read + write)\n", copy_gbps);
+  std::printf("vocab %d; median of %d launches\n\n", kVocab, kIterations);
+
+  std::mt19937_64 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> peaked(static_cast<size_t>(kMaxRows) * kVocab), flat(peaked.size());
+  for (size_t i = 0; i < peaked.size(); ++i) {
+    flat[i] = normal(rng);
+    peaked[i] = 4.0f * normal(rng);
+  }
+  float* d_peaked = DeviceAlloc<float>(static_cast<int64_t>(peaked.size()));
+  float* d_flat = DeviceAlloc<float>(static_cast<int64_t>(flat.size()));
+  Upload(d_peaked, peaked);
+  Upload(d_flat, flat);
+
+  std::vector<SamplingPenaltyToken> history;
+  for (int r = 0; r < kMaxRows; ++r) {
+    std::vector<int32_t> tokens(kVocab);
+    for (int32_t t = 0; t < kVocab; ++t) tokens[t] = t;
+    std::shuffle(tokens.begin(), tokens.end(), rng);
+    for (int i = 0; i < kHistory; ++i) history.push_back({tokens[i], static_cast<int32_t>(i % 3), 1});
+  }
+  SamplingPenaltyToken* d_history = DeviceAlloc<SamplingPenaltyToken>(static_cast<int64_t>(history.size()));
+  Upload(d_history, history);
+  const size_t workspace_bytes = SamplingWorkspaceBytes(kMaxRows, kVocab, static_cast<int64_t>(history.size()));
+  void* workspace = DeviceAlloc<char>(static_cast<int64_t>(workspace_bytes));
+  SamplingRowParams* d_params = DeviceAlloc<SamplingRowParams>(kMaxRows);
+  SamplingRowResult* d_results = DeviceAlloc<SamplingRowResult>(kMaxRows);
+  SamplingTopLogprob* d_top = DeviceAlloc<SamplingTopLogprob>(1);
+
+  const Case cases[] = {
+      {"greedy", 0.0f, 0, 1.0f, false},
+      {"T 0.8, top-p 0.9", 0.8f, 0, 0.9f, false},
+      {"top-k 50", 1.0f, 50, 1.0f, false},
+      {"T 0.8, top-p 0.9, penalties", 0.8f, 0, 0.9f, true},
+  };
+  std::printf("%-30s %-7s %5s %10s %12s %7s\n", "case", "logits", "rows", "us/step", "logits GB/s", "% copy");
+  for (const Case& c : cases) {
+    for (int flat_logits = 0; flat_logits < (c.temperature == 0.0f ? 1 : 2); ++flat_logits) {
+      for (int32_t rows : {1, 32, 256, 512}) {
+        std::vector<SamplingRowParams> params(rows);
+        std::uniform_real_distribution<double> uniform(0.0, 1.0);
+        for (int32_t r = 0; r < rows; ++r) {
+          SamplingRowParams& p = params[r];
+          p.uniform = uniform(rng);
+          p.temperature = c.temperature;
+          p.top_k = c.top_k;
+          p.top_p = c.top_p;
+          if (c.penalties) {
+            p.repetition_penalty = 1.1f;
+            p.presence_penalty = 0.2f;
+            p.frequency_penalty = 0.1f;
+            p.penalty_begin = r * kHistory;
+            p.penalty_end = (r + 1) * kHistory;
+          }
+        }
+        Upload(d_params, params);
+        SamplingArgs args;
+        args.logits = flat_logits ? d_flat : d_peaked;
+        args.row_stride = kVocab;
+        args.rows = rows;
+        args.vocab = kVocab;
+        args.greedy_only = c.temperature == 0.0f;
+        args.params = d_params;
+        args.penalty_tokens = d_history;
+        args.workspace = workspace;
+        args.results = d_results;
+        args.top = d_top;
+        const double us = MedianMicros(stream, [&] { BENCH_CHECK(LaunchSampling(args, stream)); });
+        const double gbps = static_cast<double>(rows) * kVocab * sizeof(float) / us / 1e3;
+        std::printf("%-30s %-7s %5d %10.1f %12.0f %6.0f%%\n", c.name,
+                    c.temperature == 0.0f ? "-" : (flat_logits ? "flat" : "peaked"), rows, us, gbps,
+                    100.0 * gbps / copy_gbps);
+      }
+    }
+  }
+  BENCH_CHECK(cudaStreamDestroy(stream));
+  return 0;
+}
+
+}  // namespace
+}  // namespace cohort
+
+int main() { return cohort::Main(); }

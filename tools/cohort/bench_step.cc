@@ -1,0 +1,271 @@
+// `cohort bench step`: the engine alone, one step at a time, against the memory roofline.
+//
+// For each context length and batch size: a decode step of `batch` sequences, each attending over
+// `context` cached tokens (their own blocks; a synthetic model starts with a random-filled cache, so
+// no prefill is needed), timed end to end through ForwardAndSample (inputs up, forward, sampling,
+// token ids down). The bytes the step must read (weights of the layers, the distinct experts the
+// batch routed to, the KV cache) over the step time is the achieved bandwidth, reported as a
+// fraction of the device's measured copy bandwidth; model FLOPs over time is the FLOP utilisation.
+// Then prefill throughput for the --prefill shapes.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/flags.h"
+#include "common/program.h"
+#include "common/status.h"
+#include "nlohmann/json.hpp"
+#include "spdlog/spdlog.h"
+#include "tools/cohort/commands.h"
+#include "worker/model/engine.h"
+#include "worker/model/step_cost.h"
+#ifdef COHORT_HAVE_CUDA
+#include "worker/model/cuda/device_peaks.h"
+#endif
+
+namespace cohort::tools {
+namespace {
+
+struct BenchStepFlags {
+  std::string model = "synthetic:deepseek-v2-lite";
+  std::string device = "cuda";
+  int64_t num_layers = 0;
+  std::string batch_sizes = "1,2,4,8,16,32,64,128,256,512";
+  std::string contexts = "1024,4096";
+  std::string prefill = "1x4096,16x1024";
+  int iterations = 20;
+  int warmup = 3;
+  int kv_block_size = 64;
+  double gpu_memory_fraction = 0.92;
+  double peak_tflops = 989;
+  double copy_bandwidth_gbs = 0;  // 0: measure
+  int threads = 0;
+  std::string output;
+  std::string log_level = "warn";
+};
+
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> values;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(part, &v) || v <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", part, "' is not a positive integer"));
+    }
+    values.push_back(v);
+  }
+  return values;
+}
+
+// "16x1024" -> {16, 1024}.
+absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> ParseShapes(const std::string& text) {
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    std::vector<absl::string_view> xs = absl::StrSplit(part, 'x');
+    int64_t n, len;
+    if (xs.size() != 2 || !absl::SimpleAtoi(xs[0], &n) || !absl::SimpleAtoi(xs[1], &len) || n <= 0 || len <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--prefill: '", part, "' is not SEQUENCESxTOKENS, e.g. 16x1024"));
+    }
+    shapes.emplace_back(n, len);
+  }
+  return shapes;
+}
+
+double Median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+class StepBench {
+ public:
+  StepBench(const BenchStepFlags& f, Engine& engine, double copy_bandwidth)
+      : f_(f), engine_(engine), copy_bandwidth_(copy_bandwidth) {}
+
+  // Times `batch` (one sampler per sequence with compute_logits); the median step seconds, and the
+  // experts the last step read.
+  absl::StatusOr<std::pair<double, int64_t>> Time(const std::vector<SequenceStep>& batch) {
+    std::vector<std::unique_ptr<Sampler>> owned;
+    std::vector<Sampler*> samplers;
+    for (const SequenceStep& s : batch) {
+      if (!s.compute_logits) continue;
+      SamplingConfig greedy;
+      greedy.temperature = 0.0f;
+      owned.push_back(std::make_unique<Sampler>(greedy, owned.size(), std::span<const int32_t>()));
+      samplers.push_back(owned.back().get());
+    }
+    std::vector<SampledToken> tokens(samplers.size());
+    std::vector<double> seconds;
+    for (int i = 0; i < f_.warmup + f_.iterations; ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      COHORT_RETURN_IF_ERROR(engine_.ForwardAndSample(batch, samplers, tokens));
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (i >= f_.warmup) seconds.push_back(s);
+    }
+    return std::make_pair(Median(seconds), engine_.last_step_stats().routed_expert_reads);
+  }
+
+  nlohmann::json Row(const std::vector<SequenceStep>& batch, double seconds, int64_t experts, int64_t tokens) {
+    const ModelConfig& c = engine_.config();
+    const int64_t kv_value_bytes = engine_.kv_geometry().bytes_per_token / (c.num_layers * c.kv_cache_width());
+    const StepCost cost = EstimateStepCost(c, batch, experts, engine_.weight_value_bytes(), kv_value_bytes);
+    const double bytes = static_cast<double>(cost.memory_bytes());
+    return {{"step_ms", seconds * 1e3},
+            {"tokens_per_s", tokens / seconds},
+            {"routed_expert_reads", experts},
+            {"weight_bytes", cost.weight_bytes},
+            {"kv_bytes", cost.kv_read_bytes + cost.kv_write_bytes},
+            {"achieved_gb_per_s", bytes / seconds / 1e9},
+            {"roofline_fraction", bytes / seconds / copy_bandwidth_},
+            {"roofline_ms", bytes / copy_bandwidth_ * 1e3},
+            {"tflops", cost.flops / seconds / 1e12},
+            {"mfu", cost.flops / seconds / (f_.peak_tflops * 1e12)}};
+  }
+
+ private:
+  const BenchStepFlags& f_;
+  Engine& engine_;
+  double copy_bandwidth_;
+};
+
+absl::Status BenchStep(const BenchStepFlags& f) {
+  COHORT_ASSIGN_OR_RETURN(std::vector<int64_t> batch_sizes, ParseList("batch-sizes", f.batch_sizes));
+  COHORT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, ParseList("contexts", f.contexts));
+  COHORT_ASSIGN_OR_RETURN(auto prefill, ParseShapes(f.prefill));
+  if (f.iterations <= 0 || f.warmup < 0) return absl::InvalidArgumentError("--iterations must be > 0, --warmup >= 0");
+  const int64_t max_batch = batch_sizes.empty() ? 1 : *std::max_element(batch_sizes.begin(), batch_sizes.end());
+  int64_t max_tokens = max_batch;
+  for (const auto& [n, len] : prefill) max_tokens = std::max(max_tokens, n * len);
+
+  double copy_bandwidth = f.copy_bandwidth_gbs * 1e9;
+  if (copy_bandwidth <= 0) {
+#ifdef COHORT_HAVE_CUDA
+    if (f.device != "cuda") return absl::InvalidArgumentError("--copy-bandwidth-gbs is required off the GPU");
+    COHORT_ASSIGN_OR_RETURN(copy_bandwidth, cuda::MeasureCopyBandwidth(0));
+#else
+    return absl::InvalidArgumentError("--copy-bandwidth-gbs is required in a build without CUDA");
+#endif
+  }
+
+  EngineOptions options;
+  options.model_dir = f.model;
+  options.device = f.device;
+  options.num_layers = f.num_layers;
+  options.kv_block_size = f.kv_block_size;
+  options.kv_cache_bytes = f.device == "cuda" ? 0 : options.kv_cache_bytes;
+  options.gpu_memory_fraction = f.gpu_memory_fraction;
+  options.max_batch_tokens = max_tokens;
+  options.max_sequences = max_batch;
+  options.num_threads = f.threads;
+  COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, CreateEngine(options));
+  const ModelConfig& c = engine->config();
+  const KvCacheGeometry& kv = engine->kv_geometry();
+  const ParameterCounts params = CountParameters(c);
+  std::printf("model %s: %ld layers, %.2f B parameters (%.2f B active per token); KV cache %ld blocks of %ld tokens\n",
+              f.model.c_str(), static_cast<long>(c.num_layers), params.total / 1e9, params.active_per_token / 1e9,
+              static_cast<long>(kv.num_blocks), static_cast<long>(kv.block_size_tokens));
+  std::printf("measured copy bandwidth %.0f GB/s (read + write); peak %.0f TFLOP/s\n\n", copy_bandwidth / 1e9,
+              f.peak_tflops);
+
+  StepBench bench(f, *engine, copy_bandwidth);
+  nlohmann::json results = {{"model", f.model},
+                            {"num_layers", c.num_layers},
+                            {"copy_bandwidth_gb_per_s", copy_bandwidth / 1e9},
+                            {"peak_tflops", f.peak_tflops},
+                            {"decode", nlohmann::json::array()},
+                            {"prefill", nlohmann::json::array()}};
+  std::printf("%8s %6s %9s %11s %8s %9s %9s %9s %9s %7s %8s\n", "context", "batch", "step ms", "tokens/s", "experts",
+              "weight GB", "KV GB", "roof ms", "GB/s", "% roof", "MFU %");
+  for (int64_t context : contexts) {
+    const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
+    std::vector<std::vector<int32_t>> tables(max_batch);
+    for (int64_t b = 0; b < max_batch; ++b) {
+      for (int64_t i = 0; i < blocks_per_seq; ++i) tables[b].push_back(static_cast<int32_t>((b * blocks_per_seq + i) % kv.num_blocks));
+    }
+    std::vector<int32_t> token_ids(max_batch);
+    for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
+    for (int64_t batch_size : batch_sizes) {
+      if (batch_size * blocks_per_seq > kv.num_blocks) {
+        std::printf("%8ld %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", static_cast<long>(context),
+                    static_cast<long>(batch_size), static_cast<long>(batch_size * blocks_per_seq),
+                    static_cast<long>(kv.num_blocks));
+        continue;
+      }
+      std::vector<SequenceStep> batch;
+      for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, context - 1, tables[b], true});
+      COHORT_ASSIGN_OR_RETURN(auto timed, bench.Time(batch));
+      nlohmann::json row = bench.Row(batch, timed.first, timed.second, batch_size);
+      row["context"] = context;
+      row["batch"] = batch_size;
+      std::printf("%8ld %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n", static_cast<long>(context),
+                  static_cast<long>(batch_size), row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(),
+                  static_cast<long>(timed.second), row["weight_bytes"].get<double>() / 1e9,
+                  row["kv_bytes"].get<double>() / 1e9, row["roofline_ms"].get<double>(),
+                  row["achieved_gb_per_s"].get<double>(), 100 * row["roofline_fraction"].get<double>(),
+                  100 * row["mfu"].get<double>());
+      std::fflush(stdout);
+      results["decode"].push_back(std::move(row));
+    }
+  }
+
+  std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
+  for (const auto& [n, len] : prefill) {
+    const int64_t blocks_per_seq = (len + kv.block_size_tokens - 1) / kv.block_size_tokens;
+    if (n * blocks_per_seq > kv.num_blocks) {
+      std::printf("%4ldx%-5ld  skipped: the KV cache is too small\n", static_cast<long>(n), static_cast<long>(len));
+      continue;
+    }
+    std::vector<std::vector<int32_t>> tables(n), prompts(n);
+    std::vector<SequenceStep> batch;
+    for (int64_t s = 0; s < n; ++s) {
+      for (int64_t i = 0; i < blocks_per_seq; ++i) tables[s].push_back(static_cast<int32_t>(s * blocks_per_seq + i));
+      for (int64_t i = 0; i < len; ++i) prompts[s].push_back(static_cast<int32_t>((s * 104729 + i * 7919) % c.vocab_size));
+      batch.push_back({prompts[s], 0, tables[s], true});
+    }
+    COHORT_ASSIGN_OR_RETURN(auto timed, bench.Time(batch));
+    nlohmann::json row = bench.Row(batch, timed.first, timed.second, n * len);
+    row["sequences"] = n;
+    row["tokens_per_sequence"] = len;
+    std::printf("%4ldx%-5ld %10.2f %11.0f %8.1f%%\n", static_cast<long>(n), static_cast<long>(len),
+                row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(), 100 * row["mfu"].get<double>());
+    results["prefill"].push_back(std::move(row));
+  }
+  if (!f.output.empty()) {
+    std::ofstream out(f.output);
+    out << results.dump(2) << "\n";
+    if (!out) return absl::InternalError(absl::StrCat("could not write ", f.output));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int RunBenchStep(int argc, char** argv) {
+  BenchStepFlags f;
+  FlagSet flags("cohort bench step",
+                "Times single engine steps: decode at each --contexts x --batch-sizes, then prefill at --prefill,\n"
+                "and reports the bytes each step must read against the device's measured copy bandwidth.");
+  flags.Add("model", &f.model, "checkpoint folder, or synthetic:deepseek-v2-lite / synthetic:deepseek-v3");
+  flags.Add("device", &f.device, "backend: cuda, or cpu (then --copy-bandwidth-gbs is required)");
+  flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");
+  flags.Add("batch-sizes", &f.batch_sizes, "decode batch sizes, comma-separated");
+  flags.Add("contexts", &f.contexts, "cached tokens each decoding sequence attends to, comma-separated");
+  flags.Add("prefill", &f.prefill, "prefill shapes SEQUENCESxTOKENS, comma-separated (empty: none)");
+  flags.Add("iterations", &f.iterations, "timed steps per point (the median is reported)");
+  flags.Add("warmup", &f.warmup, "untimed steps before each point");
+  flags.Add("kv-block-size", &f.kv_block_size, "tokens per KV-cache block");
+  flags.Add("gpu-memory-fraction", &f.gpu_memory_fraction, "of the GPU's memory for weights, workspaces and KV cache");
+  flags.Add("peak-tflops", &f.peak_tflops, "peak dense bf16 TFLOP/s for the FLOP utilisation (H200: 989)");
+  flags.Add("copy-bandwidth-gbs", &f.copy_bandwidth_gbs, "memory bandwidth to compare with (0: measure on the GPU)");
+  flags.Add("threads", &f.threads, "CPU backend threads (0: one per core)");
+  flags.Add("output", &f.output, "write every number as JSON here");
+  flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
+  return RunProgram(flags, argc, argv, f.log_level, [&] { return BenchStep(f); });
+}
+
+}  // namespace cohort::tools

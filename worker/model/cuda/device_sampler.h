@@ -1,0 +1,100 @@
+// Samples a batch of requests' next tokens where the logits are, on the GPU, with the semantics of
+// Sampler::Sample (kernels/sampling.h). Only token ids, their logprobs and the requested top
+// logprobs come back to the host.
+//
+// Every buffer is allocated once by Create: device parameters, outputs and workspace, and pinned
+// host staging, so a step allocates nothing and Launch can be captured in a CUDA graph (its
+// pointers never change). One step:
+//
+//   COHORT_ASSIGN_OR_RETURN(auto sampler, DeviceSampler::Create({.vocab = vocab, .max_rows = 256}));
+//   COHORT_RETURN_IF_ERROR(sampler->Prepare(samplers));            // draws each row's uniform
+//   COHORT_RETURN_IF_ERROR(sampler->Launch(logits, vocab, stream));  // async on `stream`
+//   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+//   COHORT_RETURN_IF_ERROR(sampler->Finish(samplers, tokens));      // records each token
+//
+// Not thread-safe; one step at a time (Prepare, Launch, Finish, in that order).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/sampling.h"
+#include "worker/model/cuda/device_memory.h"
+#include "worker/sampling/sampler.h"
+
+namespace cohort::cuda {
+
+struct DeviceSamplerConfig {
+  int32_t vocab = 0;     // 1..kSamplingMaxVocab
+  int32_t max_rows = 0;  // 1..kSamplingMaxRows: the most sequences sampled in one step
+  // The most distinct history tokens that the rows using penalties (repetition, presence or
+  // frequency) bring to one step, summed over those rows; 16 bytes of device memory and 12 of
+  // pinned host memory each.
+  int64_t max_penalty_tokens = int64_t{1} << 20;
+};
+
+class DeviceSampler {
+ public:
+  // InvalidArgument for sizes outside the limits; ResourceExhausted with the numbers when an
+  // allocation fails. Allocates on the current device.
+  static absl::StatusOr<std::unique_ptr<DeviceSampler>> Create(const DeviceSamplerConfig& config);
+  // The same with the default penalty capacity.
+  static absl::StatusOr<std::unique_ptr<DeviceSampler>> Create(int64_t vocab, int64_t max_rows);
+
+  ~DeviceSampler() = default;
+  DeviceSampler(const DeviceSampler&) = delete;
+  DeviceSampler& operator=(const DeviceSampler&) = delete;
+
+  // Starts a step: fills the pinned parameters, one row per sampler in order, calling
+  // BeginDeviceSample once per sampler. InvalidArgument for more than max_rows samplers;
+  // ResourceExhausted when their penalty history exceeds max_penalty_tokens. On an error no
+  // sampler was touched.
+  absl::Status Prepare(std::span<Sampler* const> samplers);
+
+  // Enqueues on `stream`: the parameter upload, the sampling kernel over `logits` (one row of
+  // `vocab` floats per sampler, `row_stride` floats apart, on the device) and the download of the
+  // results into pinned memory. Allocates nothing and never waits.
+  absl::Status Launch(const float* logits, int64_t row_stride, cudaStream_t stream);
+
+  // After the caller synchronized the stream: fills `out` (one per sampler, the same samplers as
+  // Prepare) and records each token with EndDeviceSample. Internal, with no sampler touched, when
+  // the device returned a token outside the vocabulary.
+  absl::Status Finish(std::span<Sampler* const> samplers, std::span<SampledToken> out);
+
+  const DeviceSamplerConfig& config() const { return config_; }
+
+ private:
+  enum class Stage { kIdle, kPrepared, kLaunched };
+
+  explicit DeviceSampler(const DeviceSamplerConfig& config) : config_(config) {}
+  // Takes every device buffer from `arena` (a dry run counts the bytes).
+  void PlaceDeviceBuffers(DeviceArena& arena);
+
+  DeviceSamplerConfig config_;
+  DeviceArena arena_;
+  SamplingRowParams* params_ = nullptr;  // device, max_rows
+  SamplingPenaltyToken* penalty_tokens_ = nullptr;  // device, max_penalty_tokens
+  SamplingRowResult* results_ = nullptr;  // device, max_rows
+  SamplingTopLogprob* top_ = nullptr;     // device, max_rows * kSamplingMaxTopLogprobs
+  void* workspace_ = nullptr;
+  PinnedBuffer<SamplingRowParams> host_params_;
+  PinnedBuffer<SamplingPenaltyToken> host_penalty_tokens_;
+  PinnedBuffer<SamplingRowResult> host_results_;
+  PinnedBuffer<SamplingTopLogprob> host_top_;
+
+  // This step.
+  Stage stage_ = Stage::kIdle;
+  std::vector<Sampler*> prepared_;  // for Finish to check it gets the same samplers
+  int32_t rows_ = 0;
+  int64_t penalty_count_ = 0;
+  int32_t top_count_ = 0;
+  bool greedy_only_ = false;
+};
+
+}  // namespace cohort::cuda

@@ -1,0 +1,64 @@
+// The model's weights on one GPU, bf16, placed in one arena. Layout as published ([out, in]
+// row-major, like torch.nn.Linear), except that gate_proj and up_proj are stacked into one
+// [2 * intermediate, hidden] matrix (gate rows first) so one product computes both, and the routed
+// experts of a layer are stacked [experts, ...] for the grouped products.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "worker/model/checkpoint.h"
+#include "worker/model/config.h"
+#include "worker/model/cuda/device_memory.h"
+
+namespace cohort::cuda {
+
+using bf16 = __nv_bfloat16;
+
+struct DeviceMatrix {
+  bf16* data = nullptr;
+  int64_t rows = 0;  // out features
+  int64_t cols = 0;  // in features
+  int64_t size() const { return rows * cols; }
+};
+
+struct DeviceLayer {
+  bf16* input_norm = nullptr;
+  bf16* post_attention_norm = nullptr;
+  DeviceMatrix q_proj;                   // without q LoRA
+  DeviceMatrix q_a_proj, q_b_proj;       // with q LoRA
+  bf16* q_a_norm = nullptr;
+  DeviceMatrix kv_a_proj;                // hidden -> kv_lora_rank + qk_rope_head_dim
+  bf16* kv_a_norm = nullptr;
+  DeviceMatrix kv_b_proj;                // kv_lora_rank -> heads * (qk_nope + v_head)
+  DeviceMatrix o_proj;
+  bool moe = false;
+  DeviceMatrix mlp_gate_up, mlp_down;    // dense layers
+  DeviceMatrix router;                   // MoE: hidden -> experts
+  float* router_bias = nullptr;          // e_score_correction_bias, or null
+  bf16* experts_gate_up = nullptr;       // [experts, 2 * moe_intermediate, hidden]
+  bf16* experts_down = nullptr;          // [experts, hidden, moe_intermediate]
+  DeviceMatrix shared_gate_up, shared_down;  // empty without shared experts
+};
+
+struct DeviceWeights {
+  DeviceMatrix embed_tokens;
+  bf16* norm = nullptr;
+  DeviceMatrix lm_head;
+  std::vector<DeviceLayer> layers;
+};
+
+// Places every tensor of `config` in `arena` (a dry run only counts bytes).
+DeviceWeights PlaceWeights(const ModelConfig& config, DeviceArena& arena);
+
+// Copies a checkpoint's tensors into placed weights (converted to bf16 on the host). Errors name
+// the tensor. Unimplemented for features the CUDA backend lacks (attention biases).
+absl::Status LoadWeights(const ModelConfig& config, const Checkpoint& checkpoint, const DeviceWeights& weights);
+
+// Random weights of the right scale (uniform, +-1/sqrt(fan_in); norms 1), made on the device.
+absl::Status FillSyntheticWeights(const ModelConfig& config, const DeviceWeights& weights, uint64_t seed);
+
+}  // namespace cohort::cuda
