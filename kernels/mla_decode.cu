@@ -66,23 +66,29 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles, tile_begin + tiles_per_split);
 
+  // Queries (16 heads x (latent | rope)) and the first cache tile arrive in one async group: every
+  // load is in flight at once. Heads past p.heads are zero rows.
+  constexpr int kRankChunks = kRank / 8, kRowChunks = (kRank + kRope) / 8;
+  for (int i = threadIdx.x; i < kHeadsPerBlock * kRowChunks; i += kThreads) {
+    const int h = i / kRowChunks, c = i % kRowChunks, head = head0 + h;
+    const bool valid = head < p.heads;
+    const __nv_bfloat16* src = p.q_latent;
+    if (valid && c < kRankChunks) {
+      src = p.q_latent + (static_cast<int64_t>(query) * p.heads + head) * kRank + c * 8;
+    } else if (valid) {
+      src = p.q_rope + query * p.q_rope_row_stride + head * p.q_rope_head_stride + (c - kRankChunks) * 8;
+    }
+    CpAsync16(&s.q[h][c * 8], src, valid);
+  }
   if (tile_begin < tile_end) LoadTile<kRank, kRope>(s, 0, tile_begin, p, table, kv_len);
   CpAsyncCommit();
 
-  // Queries: 16 heads x (latent | rope | zero padding); heads past p.heads are zero rows.
-  for (int i = threadIdx.x; i < kHeadsPerBlock * S::kWidthPadded; i += kThreads) {
-    const int h = i / S::kWidthPadded, c = i % S::kWidthPadded, head = head0 + h;
-    __nv_bfloat16 v = __float2bfloat16(0.0f);
-    if (head < p.heads && c < kRank) {
-      v = p.q_latent[(static_cast<int64_t>(query) * p.heads + head) * kRank + c];
-    } else if (head < p.heads && c < S::kWidth) {
-      v = p.q_rope[query * p.q_rope_row_stride + head * p.q_rope_head_stride + (c - kRank)];
-    }
-    s.q[h][c] = v;
-  }
-  // Padding columns of the cache tiles are never copied into: zero them once.
+  // Padding columns of the queries and cache tiles are never copied into: zero them once.
   if constexpr (S::kWidthPadded > S::kWidth) {
     constexpr int kPad = S::kWidthPadded - S::kWidth;
+    for (int i = threadIdx.x; i < kHeadsPerBlock * kPad; i += kThreads) {
+      s.q[i / kPad][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
+    }
     for (int i = threadIdx.x; i < 2 * kTileTokens * kPad; i += kThreads) {
       s.kv[i / (kTileTokens * kPad)][(i / kPad) % kTileTokens][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
     }
@@ -279,6 +285,11 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  // Queries are copied in 16-byte pieces.
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (!aligned(p.q_latent) || !aligned(p.q_rope) || p.q_rope_row_stride % 8 != 0 || p.q_rope_head_stride % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
   if (p.kv_lora_rank == 512 && p.rope_dim == 64) return Launch<512, 64>(p, stream);
   if (p.kv_lora_rank == 64 && p.rope_dim == 16) return Launch<64, 16>(p, stream);
   if (p.kv_lora_rank == 32 && p.rope_dim == 8) return Launch<32, 8>(p, stream);

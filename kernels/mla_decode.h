@@ -22,7 +22,9 @@ namespace cohort::kernels {
 
 struct MlaDecodeParams {
   const __nv_bfloat16* q_latent = nullptr;  // [queries, heads, kv_lora_rank]
-  const __nv_bfloat16* q_rope = nullptr;    // element (q, h, i) at q_rope[q * q_rope_row_stride + h * q_rope_head_stride + i]
+  // Element (q, h, i) at q_rope[q * q_rope_row_stride + h * q_rope_head_stride + i]. Both query
+  // pointers 16-byte aligned, both strides multiples of 8.
+  const __nv_bfloat16* q_rope = nullptr;
   int64_t q_rope_row_stride = 0;
   int q_rope_head_stride = 0;
   const __nv_bfloat16* cache = nullptr;     // one layer: [blocks, block_size, kv_lora_rank + qk_rope_head_dim]

@@ -36,10 +36,6 @@ constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values 
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 constexpr int64_t kReserveBytes = int64_t{512} << 20;   // CUDA graphs, cuBLAS and driver state
 constexpr uint64_t kSyntheticSeed = 0x5eed;
-// Decode graphs up to this batch size run their dense bf16 products through the grouped GEMM
-// (kernels/moe.h) as one expert: it streams weights near copy bandwidth at a few rows, where
-// cuBLAS's small-M kernels reach a third of it (measured on the H200: 8 us for an 8 MB o_proj).
-constexpr int kDenseGroupedMaxRows = 64;
 
 // Batch sizes decode graphs are captured for; a decode step of n sequences replays the smallest
 // bucket >= n with padding rows.
@@ -127,7 +123,6 @@ class CudaEngine final : public Engine {
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
-  absl::Status PrepareDenseRouting();
   absl::Status RunStep(std::span<const SequenceStep> batch);
   absl::Status CaptureGraphs();
   int SplitsFor(int queries, int64_t max_context) const;
@@ -166,10 +161,6 @@ class CudaEngine final : public Engine {
   std::vector<int> buckets_;  // batch sizes with decode graphs, ascending
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   int current_bucket_ = 0;  // the bucket the last Plan chose, 0 for an eager step
-  // One-expert routings of every row, per decode batch size up to kDenseGroupedMaxRows, and the
-  // memory they live in.
-  std::map<int, MoeRouting> dense_routing_;
-  DeviceArena dense_routing_arena_;
   StepLayout current_;
 };
 
@@ -591,42 +582,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
 }
 
 absl::Status CudaEngine::Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y) {
-  if (auto it = dense_routing_.find(current_bucket_); it != dense_routing_.end() && rows == current_bucket_) {
-    return CudaStatus(LaunchMoeGroupedGemm({x, /*gather_a=*/false, w.data, w.rows, w.cols, y}, it->second, stream_),
-                      "LaunchMoeGroupedGemm (dense)");
-  }
   return Gemm(*cublas_api_, cublas_, rows, w.rows, w.cols, {x, w.cols}, {w.data, w.cols}, true, {y, w.rows});
-}
-
-// Every row routed to expert 0 of 1, aligned once per batch size: the routing the grouped GEMM
-// needs to compute a dense product. Built before the graphs are captured and never rewritten.
-absl::Status CudaEngine::PrepareDenseRouting() {
-  const ModelConfig& c = config_;
-  // The grouped GEMM takes dimensions that are multiples of 8; other models keep cuBLAS.
-  for (int64_t d : {c.hidden_size, c.num_heads * c.qk_head_dim(), c.num_heads * c.v_head_dim, c.q_lora_rank,
-                    c.intermediate_size, c.moe_intermediate_size * c.n_shared_experts}) {
-    if (d % 8 != 0) return absl::OkStatus();
-  }
-  std::vector<int> buckets;
-  int64_t bytes = 0;
-  for (int b : buckets_) {
-    if (b > kDenseGroupedMaxRows) break;
-    buckets.push_back(b);
-    bytes += (MoeRoutingWorkspaceBytes(b, 1, 1) + 255) / 256 * 256;
-  }
-  const int64_t ids_bytes = (kDenseGroupedMaxRows * sizeof(int32_t) + 255) / 256 * 256;
-  COHORT_ASSIGN_OR_RETURN(dense_routing_arena_, DeviceArena::Allocate(bytes + ids_bytes, "dense routing"));
-  int32_t* zeros = dense_routing_arena_.Take<int32_t>(kDenseGroupedMaxRows);
-  COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(zeros, 0, kDenseGroupedMaxRows * sizeof(int32_t), stream_));
-  for (int b : buckets) {
-    const int64_t ws_bytes = MoeRoutingWorkspaceBytes(b, 1, 1);
-    MoeRouting routing;
-    COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(dense_routing_arena_.Take<char>(ws_bytes), ws_bytes, b, 1, 1,
-                                                MoeDefaultTileRows(b, 1), &routing));
-    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(zeros, routing, nullptr, stream_));
-    dense_routing_[b] = routing;
-  }
-  return CudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
 }
 
 absl::Status CudaEngine::RecordForward(const StepLayout& s) {
@@ -656,7 +612,6 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
 
 absl::Status CudaEngine::CaptureGraphs() {
   buckets_ = GraphBuckets(max_sequences_);
-  COHORT_RETURN_IF_ERROR(PrepareDenseRouting());
   for (int bucket : buckets_) {
    for (int64_t max_context : kGraphContexts) {
     const GraphKey key{bucket, max_context};
