@@ -15,14 +15,9 @@
 namespace cohort {
 namespace {
 
+using testing::Bf16;
 using testing::DeviceVector;
-
-std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
-  std::uniform_real_distribution<float> u(-scale, scale);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = FloatToBF16(u(rng));
-  return v;
-}
+using testing::RandomBf16;
 
 double RelativeError(const std::vector<double>& ref, const std::vector<float>& got) {
   double diff = 0, norm = 0;
@@ -33,8 +28,6 @@ double RelativeError(const std::vector<double>& ref, const std::vector<float>& g
   }
   return std::sqrt(diff / std::max(norm, 1e-30));
 }
-
-__nv_bfloat16* Bf16(DeviceVector<uint16_t>& v) { return reinterpret_cast<__nv_bfloat16*>(v.get()); }
 
 struct MlaCase {
   int rank, rope, heads, block_size, splits;

@@ -14,14 +14,9 @@
 namespace cohort {
 namespace {
 
+using testing::Bf16;
 using testing::DeviceVector;
-
-std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
-  std::uniform_real_distribution<float> u(-scale, scale);
-  std::vector<uint16_t> v(n);
-  for (auto& x : v) x = FloatToBF16(u(rng));
-  return v;
-}
+using testing::RandomBf16;
 
 std::vector<float> RandomFloats(size_t n, std::mt19937& rng, float scale = 1.0f) {
   std::uniform_real_distribution<float> u(-scale, scale);
@@ -29,8 +24,6 @@ std::vector<float> RandomFloats(size_t n, std::mt19937& rng, float scale = 1.0f)
   for (auto& x : v) x = u(rng);
   return v;
 }
-
-__nv_bfloat16* Bf16(DeviceVector<uint16_t>& v) { return reinterpret_cast<__nv_bfloat16*>(v.get()); }
 
 // A bf16 result within bf16 rounding (8 bits of mantissa) of a float64 reference.
 void ExpectBf16Near(uint16_t got, double want, const std::string& where) {

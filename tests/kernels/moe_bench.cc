@@ -22,18 +22,12 @@
 #include <vector>
 
 #include "kernels/moe.h"
+#include "tests/testing/gpu_bench.h"
 
 namespace cohort {
 namespace {
 
-#define BENCH_CHECK(expr)                                                                                 \
-  do {                                                                                                    \
-    const cudaError_t bench_error = (expr);                                                               \
-    if (bench_error != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(bench_error)); \
-      std::exit(1);                                                                                       \
-    }                                                                                                     \
-  } while (0)
+using testing::DeviceAlloc;
 
 constexpr int kExperts = 64;
 constexpr int kTopK = 6;
@@ -41,13 +35,6 @@ constexpr int64_t kHidden = 2048;
 constexpr int64_t kIntermediate = 1408;
 constexpr int kLayers = 4;
 constexpr int64_t kMaxTokens = 4096;
-
-template <class T>
-T* DeviceAlloc(int64_t count) {
-  void* p = nullptr;
-  BENCH_CHECK(cudaMalloc(&p, count * sizeof(T)));
-  return static_cast<T*>(p);
-}
 
 uint16_t FloatToBf16(float f) {
   uint32_t u;

@@ -19,31 +19,18 @@
 #include <vector>
 
 #include "kernels/sampling.h"
+#include "tests/testing/gpu_bench.h"
 
 namespace cohort {
 namespace {
 
-#define BENCH_CHECK(expr)                                                                                 \
-  do {                                                                                                    \
-    const cudaError_t bench_error = (expr);                                                               \
-    if (bench_error != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(bench_error)); \
-      std::exit(1);                                                                                       \
-    }                                                                                                     \
-  } while (0)
+using testing::DeviceAlloc;
 
 constexpr int32_t kVocab = 102400;
 constexpr int32_t kMaxRows = 512;
 constexpr int kHistory = 2000;
 constexpr int kWarmUp = 10;
 constexpr int kIterations = 100;
-
-template <class T>
-T* DeviceAlloc(int64_t count) {
-  void* p = nullptr;
-  BENCH_CHECK(cudaMalloc(&p, std::max<int64_t>(count, 1) * sizeof(T)));
-  return static_cast<T*>(p);
-}
 
 template <class T>
 void Upload(T* device, const std::vector<T>& host) {

@@ -17,9 +17,13 @@
 // Fails the test with the CUDA error's name when `expr` is not cudaSuccess.
 #define ASSERT_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#include "common/dtype.h"
 
 namespace cohort::testing {
 
@@ -55,5 +59,16 @@ class DeviceVector {
 
 // Fresh random inputs for every run: the seed comes from the test's random device.
 inline std::mt19937 FreshRng() { return std::mt19937(std::random_device{}()); }
+
+// `n` values uniform in [-scale, scale), as bf16 bits (host side of a bf16 device buffer).
+inline std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::uniform_real_distribution<float> u(-scale, scale);
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = FloatToBF16(u(rng));
+  return v;
+}
+
+// A device buffer of bf16 bits as the kernels' element type.
+inline __nv_bfloat16* Bf16(DeviceVector<uint16_t>& v) { return reinterpret_cast<__nv_bfloat16*>(v.get()); }
 
 }  // namespace cohort::testing

@@ -196,8 +196,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.q_latent = a.Take<bf16>(T * heads * rank);
   ws.o_latent = a.Take<bf16>(T * heads * rank);
   ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
-  ws.split_partials = a.Take<float>(kernels::MlaSplitWorkspaceFloats(kSplitPairs, 1, heads, rank) +
-                                    kSplitPairs * heads * (rank + 1));
+  // Partial outputs and log-sum-exps of up to kSplitPairs (query, context split) pairs.
+  ws.split_partials = a.Take<float>(kSplitPairs * heads * (rank + 1));
 
   const int64_t shared_inter = c.moe_intermediate_size * c.n_shared_experts;
   const int64_t dense_inter = std::max(c.intermediate_size, shared_inter);
