@@ -19,10 +19,12 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/moe.h"
 #include "tests/testing/gpu_bench.h"
+#include "worker/model/cuda/device_peaks.h"
 
 namespace cohort {
 namespace {
@@ -90,20 +92,6 @@ cudaGraphExec_t Capture(cudaStream_t stream, const std::function<void()>& record
   return exec;
 }
 
-double CopyBandwidthGBs(cudaStream_t stream) {
-  const int64_t bytes = int64_t{1} << 30;
-  char* src = DeviceAlloc<char>(bytes);
-  char* dst = DeviceAlloc<char>(bytes);
-  BENCH_CHECK(cudaMemset(src, 0x5a, bytes));
-  BENCH_CHECK(cudaDeviceSynchronize());
-  const double us = MedianUs(stream, 20, [&] {
-    BENCH_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
-  });
-  BENCH_CHECK(cudaFree(src));
-  BENCH_CHECK(cudaFree(dst));
-  return 2.0 * bytes / us / 1e3;
-}
-
 int Run() {
   int device = 0;
   cudaDeviceProp prop;
@@ -112,7 +100,12 @@ int Run() {
   std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const double copy_gbs = CopyBandwidthGBs(stream);
+  const absl::StatusOr<double> copy = cuda::MeasureCopyBandwidth(device);
+  if (!copy.ok()) {
+    std::fprintf(stderr, "moe_bench: %s\n", std::string(copy.status().message()).c_str());
+    return 1;
+  }
+  const double copy_gbs = *copy / 1e9;
   std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", copy_gbs);
 
   const int64_t n1 = 2 * kIntermediate, k1 = kHidden, n2 = kHidden, k2 = kIntermediate;

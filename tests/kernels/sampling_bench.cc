@@ -16,10 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/sampling.h"
 #include "tests/testing/gpu_bench.h"
+#include "worker/model/cuda/device_peaks.h"
 
 namespace cohort {
 namespace {
@@ -73,16 +75,12 @@ int Main() {
   BENCH_CHECK(cudaStreamCreate(&stream));
 
   // The copy ceiling.
-  const int64_t copy_bytes = int64_t{1} << 30;
-  char* copy_src = DeviceAlloc<char>(copy_bytes);
-  char* copy_dst = DeviceAlloc<char>(copy_bytes);
-  BENCH_CHECK(cudaMemset(copy_src, 1, copy_bytes));
-  const double copy_us = MedianMicros(stream, [&] {
-    BENCH_CHECK(cudaMemcpyAsync(copy_dst, copy_src, copy_bytes, cudaMemcpyDeviceToDevice, stream));
-  });
-  const double copy_gbps = 2.0 * copy_bytes / copy_us / 1e3;
-  BENCH_CHECK(cudaFree(copy_src));
-  BENCH_CHECK(cudaFree(copy_dst));
+  const absl::StatusOr<double> copy = cuda::MeasureCopyBandwidth(0);
+  if (!copy.ok()) {
+    std::fprintf(stderr, "sampling_bench: %s\n", std::string(copy.status().message()).c_str());
+    return 1;
+  }
+  const double copy_gbps = *copy / 1e9;
   std::printf("device-to-device copy: %.0f GB/s (read + write)\n", copy_gbps);
   std::printf("vocab %d; median of %d launches\n\n", kVocab, kIterations);
 

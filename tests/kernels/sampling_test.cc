@@ -293,15 +293,7 @@ void RunAndCheck(const KernelBatch& b, std::mt19937_64& rng, Tally& tally) {
       twin.back()->EndDeviceSample(cpu.back()->Sample(warm).token);
     }
     SamplingRowParams& p = params[r];
-    p.uniform = twin.back()->BeginDeviceSample(b.vocab);
-    p.temperature = c.temperature;
-    p.top_k = c.top_k;
-    p.top_p = c.top_p;
-    p.min_p = c.min_p;
-    p.repetition_penalty = c.repetition_penalty;
-    p.presence_penalty = c.presence_penalty;
-    p.frequency_penalty = c.frequency_penalty;
-    p.top_logprobs = c.top_logprobs;
+    p = cuda::RowParams(c, twin.back()->BeginDeviceSample(b.vocab));
     p.top_offset = top_total;
     top_total += std::min(c.top_logprobs, b.vocab);
     p.penalty_begin = static_cast<int32_t>(penalty_tokens.size());

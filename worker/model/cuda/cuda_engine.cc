@@ -52,7 +52,7 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Longest contexts decode graphs are captured for (0: any). The attention's context splits are
 // fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
-constexpr int64_t kGraphContexts[] = {512, 2048, 0};
+constexpr int64_t kGraphContexts[] = {512, 2048, 0};  // 0 last: RunStep takes the first that fits
 
 // A captured decode graph: batch size and context class.
 struct GraphKey {
@@ -72,6 +72,7 @@ struct ExpandedChunk {
 // How a step is laid out on the device. Tokens are reordered so those attending in the absorbed
 // form come first; logits rows stay in batch order.
 struct StepLayout {
+  int bucket = 0;           // the decode graph's batch size; 0 for an eager step
   int num_tokens = 0;       // rows of every activation (padded to the bucket under a graph)
   int absorbed_tokens = 0;  // tokens [0, absorbed_tokens)
   int rows = 0;             // logits rows
@@ -125,6 +126,7 @@ class CudaEngine final : public Engine {
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
   absl::Status RunStep(std::span<const SequenceStep> batch);
   absl::Status CaptureGraphs();
+  absl::Status CaptureGraph(const GraphKey& key, bool warm_up);
   int SplitsFor(int queries, int64_t max_context) const;
   bf16* LayerCache(int64_t layer) const { return kv_cache_ + layer * layer_cache_elements_; }
   kernels::RopeParams RopeArgs() const {
@@ -160,8 +162,9 @@ class CudaEngine final : public Engine {
   int64_t staging_header_ = 0;  // ints before the block tables
   std::vector<int> buckets_;  // batch sizes with decode graphs, ascending
   std::map<GraphKey, cudaGraphExec_t> graphs_;
-  int current_bucket_ = 0;  // the bucket the last Plan chose, 0 for an eager step
-  StepLayout current_;
+  // Plan's per-step scratch, kept so a step allocates nothing on the host either.
+  std::vector<size_t> order_;
+  std::vector<int> last_token_;
 };
 
 CudaEngine::~CudaEngine() {
@@ -212,8 +215,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     ws.routed_act = a.Take<bf16>(routed * inter);
     ws.routed_out = a.Take<bf16>(routed * H);
     ws.shared_out = a.Take<bf16>(T * H);
-    ws.moe_workspace = a.Take<char>(
-        MoeRoutingWorkspaceBytes(T, static_cast<int32_t>(c.num_experts_per_tok), static_cast<int32_t>(c.n_routed_experts)));
+    ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
   }
   ws.final_rows = a.Take<bf16>(S * H);
   ws.logits = a.Take<float>(S * c.vocab_size);
@@ -262,6 +264,11 @@ absl::Status CudaEngine::Initialize() {
   expanded_context_ = std::min<int64_t>(expanded_context_, kPrefillScoresBytes / 6);
   if (options_.expanded_prefill_max_context > 0) {
     expanded_context_ = std::min(expanded_context_, options_.expanded_prefill_max_context);
+  }
+
+  if (c.n_routed_experts > 0) {
+    moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
+                                                    static_cast<int32_t>(c.n_routed_experts));
   }
 
   // Plan: weights, workspace, then the KV cache from what is left.
@@ -329,10 +336,6 @@ absl::Status CudaEngine::Initialize() {
   COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
   COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
   COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
-  if (c.n_routed_experts > 0) {
-    moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
-                                                    static_cast<int32_t>(c.n_routed_experts));
-  }
   return CaptureGraphs();
 }
 
@@ -348,6 +351,7 @@ int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
 absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch, const GraphKey* graph) {
   const int bucket = graph != nullptr ? graph->bucket : 0;
   StepLayout s;
+  s.bucket = bucket;
   int32_t* tokens = staging_.data();
   int32_t* positions = tokens + max_tokens_;
   int32_t* token_sequence = positions + max_tokens_;
@@ -372,11 +376,13 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
   auto absorbed = [&](const SequenceStep& seq) {
     return seq.tokens.size() == 1 || seq.start_position + static_cast<int64_t>(seq.tokens.size()) > expanded_context_;
   };
-  std::vector<size_t> order;
+  std::vector<size_t>& order = order_;
+  order.clear();
   for (size_t i = 0; i < batch.size(); ++i) if (absorbed(batch[i])) order.push_back(i);
   for (size_t i = 0; i < batch.size(); ++i) if (!absorbed(batch[i])) order.push_back(i);
 
-  std::vector<int> last_token(batch.size());
+  std::vector<int>& last_token = last_token_;
+  last_token.resize(batch.size());
   int token = 0;
   int64_t used = 0, max_context = 0;
   for (size_t k = 0; k < order.size(); ++k) {
@@ -558,7 +564,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   gate.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
   COHORT_CUDA_RETURN_IF_ERROR(
       LaunchMoeGate(ws_.router_logits, l.router_bias, T, gate, ws_.topk_ids, ws_.topk_weights, stream_));
-  if (current_bucket_ > 0) {
+  if (s.bucket > 0) {
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCopyFirstRowToPadding(ws_.topk_ids, ws_.topk_weights, k, ws_.num_valid,
                                                                      static_cast<int>(T), stream_));
   }
@@ -610,30 +616,37 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
               {ws_.logits, c.vocab_size, 0, CUDA_R_32F});
 }
 
+// Captures the decode graph of `key` over padding-only inputs (every row a padding row of the
+// scratch block). With `warm_up`, one eager pass first loads the kernel modules this batch size
+// uses (cuBLAS picks its kernels by shape) and sets kernel attributes outside the capture.
+absl::Status CudaEngine::CaptureGraph(const GraphKey& key, bool warm_up) {
+  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan({}, &key));
+  if (warm_up) {
+    COHORT_RETURN_IF_ERROR(RecordForward(layout));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  }
+  cudaGraph_t graph = nullptr;
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  const absl::Status recorded = RecordForward(layout);
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+  COHORT_RETURN_IF_ERROR(recorded);
+  COHORT_CUDA_RETURN_IF_ERROR(ended);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  COHORT_CUDA_RETURN_IF_ERROR(instantiated);
+  graphs_[key] = exec;
+  return absl::OkStatus();
+}
+
 absl::Status CudaEngine::CaptureGraphs() {
   buckets_ = GraphBuckets(max_sequences_);
   for (int bucket : buckets_) {
-   for (int64_t max_context : kGraphContexts) {
-    const GraphKey key{bucket, max_context};
-    // Capture over padding-only inputs: every row is a padding row of the scratch block. One eager
-    // pass first loads every kernel module and sets kernel attributes outside the capture.
-    COHORT_ASSIGN_OR_RETURN(StepLayout layout, Plan({}, &key));
-    current_bucket_ = bucket;
-    COHORT_RETURN_IF_ERROR(RecordForward(layout));
-    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-    cudaGraph_t graph = nullptr;
-    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    absl::Status recorded = RecordForward(layout);
-    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
-    current_bucket_ = 0;
-    COHORT_RETURN_IF_ERROR(recorded);
-    COHORT_CUDA_RETURN_IF_ERROR(ended);
-    cudaGraphExec_t exec = nullptr;
-    const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
-    cudaGraphDestroy(graph);
-    COHORT_CUDA_RETURN_IF_ERROR(instantiated);
-    graphs_[key] = exec;
-   }
+    // The unbounded class first: its context splits are the most, so its warm-up pass launches
+    // every kernel the other classes use (the split merge included).
+    for (auto it = std::rbegin(kGraphContexts); it != std::rend(kGraphContexts); ++it) {
+      COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it}, /*warm_up=*/it == std::rbegin(kGraphContexts)));
+    }
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   spdlog::info("cuda: captured {} decode graphs: {} batch sizes up to {}, {} context classes", graphs_.size(),
@@ -659,14 +672,12 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
       break;
     }
   }
-  COHORT_ASSIGN_OR_RETURN(current_, Plan(batch, graph != nullptr ? &key : nullptr));
-  current_bucket_ = key.bucket;
+  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, graph != nullptr ? &key : nullptr));
   if (graph != nullptr) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
   } else {
-    COHORT_RETURN_IF_ERROR(RecordForward(current_));
+    COHORT_RETURN_IF_ERROR(RecordForward(layout));
   }
-  current_bucket_ = 0;
   COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(experts_used_host_.data(), ws_.experts_used, sizeof(int32_t),
                                               cudaMemcpyDeviceToHost, stream_));
   return absl::OkStatus();

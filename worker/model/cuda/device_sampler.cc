@@ -26,6 +26,20 @@ absl::Status AllocatePinned(PinnedBuffer<T>& buffer, int64_t count, const char* 
 
 }  // namespace
 
+SamplingRowParams RowParams(const SamplingConfig& c, double uniform) {
+  SamplingRowParams p;
+  p.uniform = uniform;
+  p.temperature = c.temperature;
+  p.top_k = c.top_k;
+  p.top_p = c.top_p;
+  p.min_p = c.min_p;
+  p.repetition_penalty = c.repetition_penalty;
+  p.presence_penalty = c.presence_penalty;
+  p.frequency_penalty = c.frequency_penalty;
+  p.top_logprobs = c.top_logprobs;
+  return p;
+}
+
 absl::StatusOr<std::unique_ptr<DeviceSampler>> DeviceSampler::Create(int64_t vocab, int64_t max_rows) {
   if (vocab < 1 || vocab > kSamplingMaxVocab || max_rows < 1 || max_rows > kSamplingMaxRows) {
     return absl::InvalidArgumentError(absl::StrCat("DeviceSampler: vocabulary of ", vocab, " and ", max_rows,
@@ -98,15 +112,7 @@ absl::Status DeviceSampler::Prepare(std::span<Sampler* const> samplers) {
     Sampler& sampler = *samplers[i];
     const SamplingConfig& c = sampler.config();
     SamplingRowParams& p = host_params_[i];
-    p.uniform = sampler.BeginDeviceSample(vocab);
-    p.temperature = c.temperature;
-    p.top_k = c.top_k;
-    p.top_p = c.top_p;
-    p.min_p = c.min_p;
-    p.repetition_penalty = c.repetition_penalty;
-    p.presence_penalty = c.presence_penalty;
-    p.frequency_penalty = c.frequency_penalty;
-    p.top_logprobs = c.top_logprobs;
+    p = RowParams(c, sampler.BeginDeviceSample(vocab));
     p.top_offset = top_count_;
     top_count_ += std::min(c.top_logprobs, vocab);
     p.penalty_begin = static_cast<int32_t>(penalty_count_);

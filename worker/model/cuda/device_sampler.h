@@ -30,6 +30,10 @@
 
 namespace cohort::cuda {
 
+// One row's kernel parameters from a request's validated settings and the uniform number its
+// Sampler drew; top_offset and the penalty range are the caller's to fill.
+SamplingRowParams RowParams(const SamplingConfig& config, double uniform);
+
 struct DeviceSamplerConfig {
   int32_t vocab = 0;     // 1..kSamplingMaxVocab
   int32_t max_rows = 0;  // 1..kSamplingMaxRows: the most sequences sampled in one step
