@@ -1,6 +1,7 @@
 // Small memory-bound kernels around the matrix products of a DeepSeek layer: embedding gather,
 // RMSNorm (with the residual add fused in), rotary embedding of the queries, and the write of new
-// latents into the paged KV cache. One launch each, no allocation, capturable in a CUDA graph.
+// latents into the paged KV cache. One launch each, no allocation, capturable in a CUDA graph; the
+// kernels of a step are programmatic dependents (kernels/pdl.cuh) that wait for the kernels before them.
 //
 // Layout conventions: row-major, a row per token; `ld` arguments are row strides in elements.
 // Positions and token ids are int32 on the device.
@@ -49,12 +50,20 @@ struct CacheWriteParams {
   int block_size = 0;
 };
 
+// Queries to rotate in the same launch as the cache write: q [rows, heads, qk_dim], as LaunchRopeQueries.
+struct QueryRopeParams {
+  __nv_bfloat16* q = nullptr;  // null: no queries
+  int heads = 0;
+  int qk_dim = 0;
+};
+
 // kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output) -> for each row, the latent
 // part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key rotated, written as bf16 into
-// layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the row's slot.
+// layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the row's slot; with `queries`,
+// the row's queries are rotated at the same position (one launch instead of two).
 cudaError_t LaunchWriteKvCache(const float* kv, int rows, int kv_lora_rank, const __nv_bfloat16* latent_norm,
                                float latent_eps, const RopeParams& rope, const CacheWriteParams& where,
-                               __nv_bfloat16* layer_cache, cudaStream_t stream);
+                               __nv_bfloat16* layer_cache, cudaStream_t stream, const QueryRopeParams& queries = {});
 
 // out[r, :] = in[rows[r], :] for bf16 rows of `dim` values.
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,
@@ -64,6 +73,11 @@ cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int n
 // tokens of a graph-captured step then route to experts a real token already reads.
 cudaError_t LaunchCopyFirstRowToPadding(int32_t* ids, float* weights, int k, const int32_t* num_valid, int rows,
                                         cudaStream_t stream);
+
+// out[b][c][r] = in[b * in_batch_stride + r * cols + c] for r < rows, c < cols, b < batch: each
+// [rows, cols] matrix of a batch transposed into a dense [cols, rows] one.
+cudaError_t LaunchTranspose(const __nv_bfloat16* in, int rows, int cols, int64_t in_batch_stride, int batch,
+                            __nv_bfloat16* out, cudaStream_t stream);
 
 // Fills `count` bf16 values with uniform numbers in [-scale, scale) from a counter-based hash of
 // (seed, index): the same seed gives the same weights on any GPU. For synthetic models.

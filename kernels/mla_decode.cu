@@ -1,64 +1,87 @@
 #include "kernels/mla_decode.h"
 
 #include "kernels/mma.cuh"
+#include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
 
 namespace cohort::kernels {
 namespace {
 
 constexpr int kHeadsPerBlock = 16;  // the mma M dimension
-constexpr int kTileTokens = 32;     // tokens per shared-memory tile: each of 4 warps scores 8
+constexpr int kTileTokens = 32;     // tokens per shared-memory tile
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
+constexpr int kMinBlocksPerSm = 2;  // two blocks' tiles in flight per SM
 
+// Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
+// over the warps, each holding its slice of the queries in registers; the warps' partial scores are
+// summed in shared memory by the softmax; then P . V (16 heads x kv_lora_rank, k = 32 tokens) with
+// the output columns split over the warps. Operands come from shared memory through ldmatrix (the
+// values side transposed), so a tile costs a few dozen shared-memory instructions per warp.
 template <int kRank, int kRope>
 struct Shape {
   static constexpr int kWidth = kRank + kRope;                  // cached values per token
   static constexpr int kWidthPadded = (kWidth + 15) / 16 * 16;  // mma k granularity
-  static constexpr int kStride = kWidthPadded + 8;              // smem row stride: +16 bytes against bank conflicts
+  static constexpr int kStride = kWidthPadded + 8;              // smem row stride: +16 bytes, conflict-free ldmatrix
+  static constexpr int kSteps = kWidthPadded / 16;              // k16 steps of the scores
+  static constexpr int kStepsPerWarp = (kSteps + kWarps - 1) / kWarps;
   static constexpr int kColsPerWarp = kRank / kWarps;           // output latent columns per warp
   static constexpr int kColTiles = kColsPerWarp / 8;
   static constexpr int kPStride = kTileTokens + 8;
+  static constexpr int kScoreStride = kTileTokens + 8;          // conflict-free float2 stores
   static_assert(kColsPerWarp % 8 == 0, "kv_lora_rank must be a multiple of 32");
   static_assert(kWidth % 8 == 0, "a cache row must be whole 16-byte chunks");
+  static_assert(kTileTokens % 16 == 0, "tiles are whole k16 steps of P . V");
 
   struct Smem {
-    __nv_bfloat16 q[kHeadsPerBlock][kStride];
-    __nv_bfloat16 kv[2][kTileTokens][kStride];
-    float scores[kHeadsPerBlock][kTileTokens];
-    __nv_bfloat16 p[kHeadsPerBlock][kPStride];
+    __align__(16) __nv_bfloat16 q[kHeadsPerBlock][kStride];
+    __align__(16) __nv_bfloat16 kv[2][kTileTokens][kStride];
+    __align__(16) float scores[kWarps][kHeadsPerBlock][kScoreStride];  // each warp's partial sums
+    __align__(16) __nv_bfloat16 p[kHeadsPerBlock][kPStride];
     float row_max[kHeadsPerBlock];
     float row_sum[kHeadsPerBlock];
     float row_scale[kHeadsPerBlock];
   };
 };
 
+// Four threads per token row: one block-table lookup per thread and tile, then the row's 16-byte
+// chunks (each instruction of a warp moves 8 rows x 64 contiguous bytes).
 template <int kRank, int kRope>
 __device__ __forceinline__ void LoadTile(typename Shape<kRank, kRope>::Smem& s, int buffer, int tile,
                                          const MlaDecodeParams& p, const int32_t* table, int kv_len) {
   using S = Shape<kRank, kRope>;
   constexpr int kChunks = S::kWidth / 8;  // 16-byte chunks per token
-  for (int i = threadIdx.x; i < kTileTokens * kChunks; i += kThreads) {
-    const int row = i / kChunks, chunk = i % kChunks;
-    const int token = tile * kTileTokens + row;
-    const bool valid = token < kv_len;
-    const __nv_bfloat16* src = p.cache;
-    if (valid) {
-      const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
-      src = p.cache + slot * S::kWidth + chunk * 8;
-    }
-    CpAsync16(&s.kv[buffer][row][chunk * 8], src, valid);
+  constexpr int kThreadsPerRow = kThreads / kTileTokens;
+  static_assert(kThreads % kTileTokens == 0, "whole threads per row");
+  const int row = threadIdx.x / kThreadsPerRow, first_chunk = threadIdx.x % kThreadsPerRow;
+  const int token = tile * kTileTokens + row;
+  const bool valid = token < kv_len;
+  const __nv_bfloat16* src = p.cache;
+  if (valid) {
+    const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
+    src = p.cache + slot * S::kWidth;
+  }
+#pragma unroll
+  for (int chunk = first_chunk; chunk < kChunks; chunk += kThreadsPerRow) {
+    CpAsync16(&s.kv[buffer][row][chunk * 8], src + (valid ? chunk * 8 : 0), valid);
   }
 }
 
 template <int kRank, int kRope>
-__global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(MlaDecodeParams p) {
   using S = Shape<kRank, kRope>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& s = *reinterpret_cast<typename S::Smem*>(smem_raw);
 
-  const int query = blockIdx.z, head0 = blockIdx.y * kHeadsPerBlock, split = blockIdx.x;
+  // Head groups fastest: the blocks that read the same cache tiles for different heads run together
+  // and share them through L2.
+  const int head0 = blockIdx.x * kHeadsPerBlock, split = blockIdx.y, query = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  // ldmatrix addressing: this lane's row within a 16-row operand and its 8-column half.
+  const int ld_row = lane % 8 + 8 * ((lane / 8) % 2), ld_col = 8 * (lane / 16);
+
+  PdlWait();  // queries, positions and this step's cache rows come from earlier kernels
+  PdlLaunchDependents();
   const int kv_len = p.query_position[query] + 1;
   const int32_t* table = p.block_tables + p.table_offsets[p.query_sequence[query]];
   const int tiles = (kv_len + kTileTokens - 1) / kTileTokens;
@@ -98,6 +121,7 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
     s.row_sum[threadIdx.x] = 0.0f;
   }
 
+  uint32_t q_frag[S::kStepsPerWarp][4];  // this warp's k slice of the queries, as mma A fragments
   float acc[S::kColTiles][4] = {};
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buffer = (tile - tile_begin) % 2;
@@ -109,32 +133,55 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
       CpAsyncWait<0>();
     }
     __syncthreads();
-
-    // Scores of this warp's 8 tokens for the 16 heads.
-    float score[4] = {};
-    const auto& kv = s.kv[buffer];
-#pragma unroll 4
-    for (int k = 0; k < S::kWidthPadded; k += 16) {
-      const uint32_t a[4] = {LoadPair(&s.q[g][k + 2 * t]), LoadPair(&s.q[g + 8][k + 2 * t]),
-                             LoadPair(&s.q[g][k + 2 * t + 8]), LoadPair(&s.q[g + 8][k + 2 * t + 8])};
-      const uint32_t b[2] = {LoadPair(&kv[warp * 8 + g][k + 2 * t]), LoadPair(&kv[warp * 8 + g][k + 2 * t + 8])};
-      MmaBf16(score, a, b);
+    if (tile == tile_begin) {
+#pragma unroll
+      for (int i = 0; i < S::kStepsPerWarp; ++i) {
+        const int step = warp * S::kStepsPerWarp + i;
+        if (step < S::kSteps) LdMatrixX4(q_frag[i], &s.q[ld_row][step * 16 + ld_col]);
+      }
     }
-    const int col = warp * 8 + 2 * t;
-    const int token = tile * kTileTokens + col;
-    s.scores[g][col] = token < kv_len ? score[0] * p.softmax_scale : -INFINITY;
-    s.scores[g][col + 1] = token + 1 < kv_len ? score[1] * p.softmax_scale : -INFINITY;
-    s.scores[g + 8][col] = token < kv_len ? score[2] * p.softmax_scale : -INFINITY;
-    s.scores[g + 8][col + 1] = token + 1 < kv_len ? score[3] * p.softmax_scale : -INFINITY;
+
+    // This warp's partial scores over its k slice, for the 16 heads x 32 tokens.
+    const auto& kv = s.kv[buffer];
+    float score[kTileTokens / 8][4] = {};
+#pragma unroll
+    for (int i = 0; i < S::kStepsPerWarp; ++i) {
+      const int step = warp * S::kStepsPerWarp + i;
+      if (step >= S::kSteps) break;
+#pragma unroll
+      for (int j = 0; j < kTileTokens / 16; ++j) {
+        // Matrices: tokens 16j.. x k lo, tokens 16j.. x k hi, tokens 16j+8.. x k lo, x k hi.
+        uint32_t b[4];
+        LdMatrixX4(b, &kv[16 * j + lane % 8 + 8 * (lane / 16)][step * 16 + 8 * ((lane / 8) % 2)]);
+        MmaBf16(score[2 * j], q_frag[i], {b[0], b[1]});
+        MmaBf16(score[2 * j + 1], q_frag[i], {b[2], b[3]});
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kTileTokens / 8; ++j) {
+      *reinterpret_cast<float2*>(&s.scores[warp][g][8 * j + 2 * t]) = make_float2(score[j][0], score[j][1]);
+      *reinterpret_cast<float2*>(&s.scores[warp][g + 8][8 * j + 2 * t]) = make_float2(score[j][2], score[j][3]);
+    }
     __syncthreads();
 
-    // Online softmax: 8 consecutive lanes per head row, 4 scores each.
+    // Online softmax: 8 consecutive lanes per head row, 4 scores each, summed over the warps' parts.
     {
       const int row = threadIdx.x / 8, part = threadIdx.x % 8;
+      float4 sum4 = *reinterpret_cast<const float4*>(&s.scores[0][row][part * 4]);
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 v4 = *reinterpret_cast<const float4*>(&s.scores[w][row][part * 4]);
+        sum4.x += v4.x;
+        sum4.y += v4.y;
+        sum4.z += v4.z;
+        sum4.w += v4.w;
+      }
+      const float raw[4] = {sum4.x, sum4.y, sum4.z, sum4.w};
       float v[4], tile_max = -INFINITY;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        v[i] = s.scores[row][part * 4 + i];
+        const int token = tile * kTileTokens + part * 4 + i;
+        v[i] = token < kv_len ? raw[i] * p.softmax_scale : -INFINITY;
         tile_max = fmaxf(tile_max, v[i]);
       }
 #pragma unroll
@@ -169,16 +216,23 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
       acc[n][2] *= scale_hi;
       acc[n][3] *= scale_hi;
     }
+    const int col0 = warp * S::kColsPerWarp;
 #pragma unroll
     for (int k = 0; k < kTileTokens; k += 16) {
-      const uint32_t a[4] = {LoadPair(&s.p[g][k + 2 * t]), LoadPair(&s.p[g + 8][k + 2 * t]),
-                             LoadPair(&s.p[g][k + 2 * t + 8]), LoadPair(&s.p[g + 8][k + 2 * t + 8])};
+      uint32_t a[4];
+      LdMatrixX4(a, &s.p[ld_row][k + ld_col]);
+      // Matrices (transposed): tokens k.. x cols c.., tokens k+8.. x cols c.., then cols c+8...
 #pragma unroll
-      for (int n = 0; n < S::kColTiles; ++n) {
-        const int c = warp * S::kColsPerWarp + n * 8 + g;
-        const uint32_t b[2] = {PackBf16(kv[k + 2 * t][c], kv[k + 2 * t + 1][c]),
-                               PackBf16(kv[k + 2 * t + 8][c], kv[k + 2 * t + 9][c])};
-        MmaBf16(acc[n], a, b);
+      for (int n = 0; n + 1 < S::kColTiles; n += 2) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, &kv[k + ld_row][col0 + n * 8 + ld_col]);
+        MmaBf16(acc[n], a, {b[0], b[1]});
+        MmaBf16(acc[n + 1], a, {b[2], b[3]});
+      }
+      if constexpr (S::kColTiles % 2 == 1) {
+        uint32_t b[2];
+        LdMatrixX2Trans(b, &kv[k + ld_row][col0 + (S::kColTiles - 1) * 8]);
+        MmaBf16(acc[S::kColTiles - 1], a, b);
       }
     }
     __syncthreads();  // the next iteration's copy reuses this buffer
@@ -196,8 +250,8 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
 #pragma unroll
       for (int n = 0; n < S::kColTiles; ++n) {
         const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
-        out[c] = __float2bfloat16(acc[n][2 * half] * inv);
-        out[c + 1] = __float2bfloat16(acc[n][2 * half + 1] * inv);
+        *reinterpret_cast<__nv_bfloat162*>(out + c) =
+            __floats2bfloat162_rn(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
       }
     } else {
       const int64_t partial = (static_cast<int64_t>(query) * p.num_splits + split) * p.heads + head;
@@ -205,8 +259,7 @@ __global__ void __launch_bounds__(kThreads) MlaDecodeKernel(MlaDecodeParams p) {
 #pragma unroll
       for (int n = 0; n < S::kColTiles; ++n) {
         const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
-        out[c] = acc[n][2 * half] * inv;
-        out[c + 1] = acc[n][2 * half + 1] * inv;
+        *reinterpret_cast<float2*>(out + c) = make_float2(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
       }
       if (warp == 0 && t == 0) p.partial_lse[partial] = sum > 0.0f ? s.row_max[row] + __logf(sum) : -INFINITY;
     }
@@ -220,6 +273,8 @@ constexpr int kMaxSplits = 64;
 __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
   __shared__ float weight[kMaxSplits];
   const int query = blockIdx.x, head = blockIdx.y;
+  PdlWait();
+  PdlLaunchDependents();
   const int64_t first = static_cast<int64_t>(query) * p.num_splits * p.heads + head;
   if (threadIdx.x < 32) {
     float lse[kMaxSplits / 32], max_lse = -INFINITY;
@@ -260,15 +315,30 @@ __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
 }
 
 template <int kRank, int kRope>
-cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  const int smem = sizeof(typename Shape<kRank, kRope>::Smem);
+cudaError_t Configure() {
   static const cudaError_t configured =
-      cudaFuncSetAttribute(MlaDecodeKernel<kRank, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (configured != cudaSuccess) return configured;
-  const dim3 grid(p.num_splits, (p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_queries);
-  MlaDecodeKernel<kRank, kRope><<<grid, kThreads, smem, stream>>>(p);
-  if (p.num_splits > 1) MlaCombineKernel<<<dim3(p.num_queries, p.heads), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+      cudaFuncSetAttribute(MlaDecodeKernel<kRank, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           sizeof(typename Shape<kRank, kRope>::Smem));
+  return configured;
+}
+
+template <int kRank, int kRope>
+cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (const cudaError_t error = Configure<kRank, kRope>(); error != cudaSuccess) return error;
+  const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
+  cudaError_t error = LaunchPdl(MlaDecodeKernel<kRank, kRope>, grid, dim3(kThreads),
+                                sizeof(typename Shape<kRank, kRope>::Smem), stream, p);
+  if (error == cudaSuccess && p.num_splits > 1) {
+    error = LaunchPdl(MlaCombineKernel, dim3(p.num_queries, p.heads), dim3(128), 0, stream, p);
+  }
+  return error;
+}
+
+template <int kRank, int kRope>
+cudaError_t ResidentBlocks(int* blocks_per_sm) {
+  if (const cudaError_t error = Configure<kRank, kRope>(); error != cudaSuccess) return error;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, MlaDecodeKernel<kRank, kRope>, kThreads,
+                                                       sizeof(typename Shape<kRank, kRope>::Smem));
 }
 
 }  // namespace
@@ -293,6 +363,13 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.kv_lora_rank == 512 && p.rope_dim == 64) return Launch<512, 64>(p, stream);
   if (p.kv_lora_rank == 64 && p.rope_dim == 16) return Launch<64, 16>(p, stream);
   if (p.kv_lora_rank == 32 && p.rope_dim == 8) return Launch<32, 8>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm) {
+  if (kv_lora_rank == 512 && rope_dim == 64) return ResidentBlocks<512, 64>(blocks_per_sm);
+  if (kv_lora_rank == 64 && rope_dim == 16) return ResidentBlocks<64, 16>(blocks_per_sm);
+  if (kv_lora_rank == 32 && rope_dim == 8) return ResidentBlocks<32, 8>(blocks_per_sm);
   return cudaErrorInvalidValue;
 }
 

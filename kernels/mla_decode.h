@@ -5,7 +5,7 @@
 //
 // Each query attends to positions [0, query_position] of its sequence, read through the sequence's
 // block table; a query may be a decode token or a prefill token (causal by position). Work splits
-// over (query, group of 16 heads, context split); with num_splits > 1 each split writes a partial
+// over (group of 16 heads, context split, query); with num_splits > 1 each split writes a partial
 // result and LaunchMlaCombine merges them (flash-decoding), so a small batch still fills the GPU.
 //
 // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension.
@@ -49,7 +49,12 @@ struct MlaDecodeParams {
 // one split).
 int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_lora_rank);
 
-// Runs the attention (and the merge of splits when num_splits > 1).
+// Runs the attention (and the merge of splits when num_splits > 1). Launched as programmatic
+// dependents (kernels/pdl.cuh): they wait for the stream's earlier kernels before reading anything.
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, cudaStream_t stream);
+
+// Blocks of the attention kernel one SM holds at once, for choosing num_splits: (queries x head
+// groups of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this.
+cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm);
 
 }  // namespace cohort::kernels

@@ -1,22 +1,27 @@
-// The routed-expert (MoE) hot path of the CUDA backend: expert choice, rows grouped by expert, the
-// grouped expert GEMMs, SiLU-and-mul and the weighted combine. bf16 activations and weights, fp32 math.
+// The expert (MoE) hot path of the CUDA backend: expert choice, rows grouped by expert, the grouped
+// expert GEMMs, SiLU-and-mul and the weighted combine. bf16 activations and weights, fp32 math.
 //
-// One MoE layer of T tokens, k experts per token, E experts, hidden H, expert intermediate I:
+// One MoE layer of T tokens, k routed experts per token out of E, S shared experts, hidden H, expert
+// intermediate I. The shared experts are experts E .. E+S-1 of the weight arrays (a shared MLP of
+// intermediate S*I is the sum of S experts of intermediate I), and every token has one row for each:
 //
 //   LaunchMoeGate(logits, bias, T, gate, topk_ids, topk_weights, s);                 // [T, k] each
 //   MoeRouting r;   // once per batch shape; the buffers live in a workspace allocated at start-up
-//   CarveMoeRouting(ws, ws_bytes, T, k, E, MoeDefaultTileRows(T * k, E), &r);
+//   CarveMoeRouting(ws, ws_bytes, T, k, E, S, MoeDefaultTileRows(T, k, E, S), &r);  // R = T*(k+S) rows
 //   LaunchMoeAlign(topk_ids, r, experts_used_counter, s);
-//   LaunchMoeGroupedGemm({hidden, /*gather_a=*/true, w_gate_up, 2 * I, H, y1}, r, s);     // [T*k, 2I]
-//   LaunchMoeSiluMul(y1, T * k, I, r.expert_offsets + E, act, s);                          // [T*k, I]
-//   LaunchMoeGroupedGemm({act, /*gather_a=*/false, w_down, H, I, y2}, r, s);               // [T*k, H]
-//   LaunchMoeCombine(y2, topk_weights, r, shared_expert_out, H, out, s);                   // [T, H]
+//   LaunchMoeGroupedGemm({hidden, /*gather_a=*/true, w_gate_up, 2 * I, H, y1}, r, s);     // [R, 2I]
+//   LaunchMoeSiluMul(y1, R, I, r.expert_offsets + E + S, act, s);                          // [R, I]
+//   LaunchMoeGroupedGemm({act, /*gather_a=*/false, w_down, H, I, y2}, r, s);               // [R, H]
+//   LaunchMoeCombine(y2, topk_weights, r, /*add=*/nullptr, H, out, s);                     // [T, H]
 //
 // Every launch can be captured in a CUDA graph: no allocation, no host synchronisation, and grid sizes
-// that depend only on host shapes (T, k, E, N, K, tile rows). How many rows each expert received is
+// that depend only on host shapes (T, k, E, S, N, K, tile rows). How many rows each expert received is
 // read on the device; blocks past the real work return at once. Launchers return cudaErrorInvalidValue
 // for shapes or pointers outside their contract, and the launch error otherwise. Pointers are device
 // pointers; bf16 matrices are row-major and 16-byte aligned.
+//
+// Every kernel is launched with programmatic dependent launch (kernels/pdl.cuh): it may start while
+// the previous kernel of the stream finishes, and waits for it before it reads or writes anything.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,9 +31,10 @@
 
 namespace cohort {
 
-inline constexpr int32_t kMoeMaxExperts = 256;
+inline constexpr int32_t kMoeMaxExperts = 256;  // routed experts E
 inline constexpr int32_t kMoeMaxTopK = 8;
 inline constexpr int32_t kMoeMaxGroups = 8;
+inline constexpr int32_t kMoeMaxShared = 8;  // shared experts S, on top of the E routed ones
 
 // ---------------------------------------------------------------------------------------------------
 // Gate: router logits -> top-k experts and combine weights, with exactly the semantics of the CPU
@@ -63,88 +69,99 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
                           cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
-// Routing of one batch: the T*k (token, slot) pairs become rows of a permuted activation matrix,
-// grouped by expert in ascending expert order and, within an expert, in ascending (token, slot) order
-// (deterministic: no result depends on the order of atomics). The grouped GEMM walks it in tiles of
-// `tile_rows` rows that never straddle two experts.
+// Routing of one batch: the T*k (token, slot) pairs and the T*S (token, shared expert) pairs become
+// rows of a permuted activation matrix, grouped by expert in ascending expert order (routed experts
+// 0..E-1, then shared experts E..E+S-1) and, within an expert, in ascending (token, slot) order
+// (deterministic: no result depends on the order of atomics). Shared expert s holds one row per token:
+// token t at offsets[E] + s*T + t. The grouped GEMM walks the rows in tiles of `tile_rows` rows that
+// never straddle two experts.
 struct MoeRouting {
   // Host shape of the batch the buffers describe.
-  int64_t num_tokens = 0;
-  int32_t top_k = 0;
-  int32_t num_experts = 0;
-  int32_t tile_rows = 0;  // 16, 64 or 128: the grouped GEMM's BM, fixed by the align that fills the tiles
+  int64_t num_tokens = 0;   // T
+  int32_t top_k = 0;        // k
+  int32_t num_experts = 0;  // E routed experts
+  int32_t num_shared = 0;   // S shared experts, 0..kMoeMaxShared
+  int32_t tile_rows = 0;    // 16, 64 or 128: the grouped GEMM's BM, fixed by the align that fills the tiles
 
   // Device buffers, caller-owned (CarveMoeRouting), written by LaunchMoeAlign.
-  int32_t* expert_offsets = nullptr;  // [E + 1]: rows of expert e are [offsets[e], offsets[e + 1]);
-                                      // offsets[E] = rows in use (T*k unless some ids were outside [0, E))
-  int32_t* row_token = nullptr;       // [T*k]: the token each row comes from (rows < offsets[E])
-  int32_t* slot_row = nullptr;        // [T*k]: the row of (token t, slot j) at t*k + j; -1 when its id
-                                      // was outside [0, E) (an expert another rank owns)
-  int32_t* tile_expert = nullptr;     // [max_tiles]: expert of GEMM tile i; -1 for i >= num_tiles
+  int32_t* expert_offsets = nullptr;  // [E + S + 1]: rows of expert e are [offsets[e], offsets[e + 1]);
+                                      // offsets[E] = routed rows in use (T*k unless some ids were outside
+                                      // [0, E)), offsets[E + s] = offsets[E] + s*T, offsets[E + S] = rows
+                                      // in use
+  int32_t* row_token = nullptr;       // [T*(k+S)]: the token each row comes from (rows < offsets[E + S])
+  int32_t* slot_row = nullptr;        // [T*k]: the row of routed pair (token t, slot j) at t*k + j; -1
+                                      // when its id was outside [0, E) (an expert another rank owns)
+  int32_t* tile_expert = nullptr;     // [max_tiles]: expert of GEMM tile i (0..E+S-1); -1 for i >= num_tiles
   int32_t* tile_row = nullptr;        // [max_tiles]: first row of tile i (tile i covers
                                       // [tile_row[i], min(tile_row[i] + tile_rows, offsets[e + 1])))
   int32_t* num_tiles = nullptr;       // [1]: tiles in use
 
-  int64_t num_rows() const { return num_tokens * top_k; }
+  int64_t num_pairs() const { return num_tokens * top_k; }                 // routed (token, slot) pairs
+  int64_t num_rows() const { return num_tokens * (top_k + num_shared); }  // rows of y1, act and y2
   int64_t max_tiles() const;
 };
 
-// Tiles the grouped GEMM may need: every expert can leave one partial tile.
+// Tiles the grouped GEMM may need for num_rows rows over num_experts experts (routed + shared): every
+// expert can leave one partial tile.
 int64_t MoeMaxTiles(int64_t num_rows, int32_t num_experts, int32_t tile_rows);
 
-// The tile rows (BM) that serve num_rows = T*k rows over num_experts best: 16 while experts get few
-// rows each (decode: the GEMM streams weights), 64 and 128 as rows per expert grow (prefill: tensor
-// cores). The same value must reach the align and both GEMMs of a layer (it travels in MoeRouting).
-int32_t MoeDefaultTileRows(int64_t num_rows, int32_t num_experts);
+// The tile rows (BM) that serve a batch of T tokens best, from the rows per expert that gets any (T*k
+// routed rows over min(T*k, E) experts, T rows for each of the S shared ones): 16 while experts get
+// few rows each (decode: the GEMM streams weights), 64 and 128 as rows per expert grow (prefill:
+// tensor cores). The same value must reach the align and both GEMMs of a layer (it travels in
+// MoeRouting).
+int32_t MoeDefaultTileRows(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared);
 
 // Bytes of a routing workspace that serves up to max_tokens tokens at any tile rows.
-int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_experts);
+int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared);
 
 // Lays the routing buffers of a T-token batch out in `workspace` (16-byte aligned, at least
-// MoeRoutingWorkspaceBytes(T, k, E) bytes). Host only; launches nothing.
+// MoeRoutingWorkspaceBytes(T, k, E, S) bytes). Host only; launches nothing.
 cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t num_tokens, int32_t top_k,
-                            int32_t num_experts, int32_t tile_rows, MoeRouting* routing);
+                            int32_t num_experts, int32_t num_shared, int32_t tile_rows, MoeRouting* routing);
 
 // topk_ids int32 [T, k] (from the gate, or any ids; ids outside [0, E) get no row) -> every buffer of
-// `routing`. Adds to *experts_used (nullable, int32) the number of experts that received at least
-// one row: the weight reads of the step. One block of 1024 threads.
+// `routing`, the shared experts' rows included. Adds to *experts_used (nullable, int32) the number of
+// routed experts that received at least one row: the routed weight reads of the step (shared experts
+// are always read and not counted). One block of 1024 threads.
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
-// Grouped GEMM: for each expert e and each of its rows r,
+// Grouped GEMM: for each expert e (routed and shared) and each of its rows r,
 //   y[r, :] = a[gather_a ? row_token[r] : r, :] . weights[e]^T       (fp32 accumulate, bf16 out)
-// weights [E, out_features, in_features] as PyTorch Linear stores [out, in] per expert (the gate and
-// up projections of an expert stacked as rows [0, I) and [I, 2I) of one [2I, H] matrix).
+// weights [E + S, out_features, in_features] as PyTorch Linear stores [out, in] per expert (the gate
+// and up projections of an expert stacked as rows [0, I) and [I, 2I) of one [2I, H] matrix).
 // out_features and in_features are multiples of 8 (any such size; partial tiles are masked).
-// y [T*k, out_features]: rows >= offsets[E] are left untouched.
+// y [T*(k+S), out_features]: rows >= offsets[E + S] are left untouched.
 //
 // Tensor cores (mma.sync m16n8k16 bf16), a cp.async multi-stage shared-memory pipeline of 16-byte
 // loads, and a persistent grid (SMs x resident blocks) that walks (tile, column block) items and keeps
 // the pipeline full across item boundaries, so a decode step streams each used expert's weights from
 // HBM once per M-tile at close to copy bandwidth.
 struct MoeGemmArgs {
-  const __nv_bfloat16* a = nullptr;        // [T, in] when gather_a, else [T*k, in] in row order
+  const __nv_bfloat16* a = nullptr;        // [T, in] when gather_a, else [T*(k+S), in] in row order
   bool gather_a = false;
-  const __nv_bfloat16* weights = nullptr;  // [E, out, in]
+  const __nv_bfloat16* weights = nullptr;  // [E + S, out, in]
   int64_t out_features = 0;                // N
   int64_t in_features = 0;                 // K
-  __nv_bfloat16* y = nullptr;              // [T*k, out]
+  __nv_bfloat16* y = nullptr;              // [T*(k+S), out]
 };
 cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& routing, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
 // act[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i] in fp32, stored bf16, for r < rows_in_use where
-// rows_in_use = min(rows, *num_rows) when num_rows (device int32, e.g. routing.expert_offsets + E) is
-// given, else rows. gate_up [rows, 2I], act [rows, I]; I a multiple of 8. Rows past the count are
+// rows_in_use = min(rows, *num_rows) when num_rows (device int32, e.g. routing.expert_offsets + E + S)
+// is given, else rows. gate_up [rows, 2I], act [rows, I]; I a multiple of 8. Rows past the count are
 // left untouched. The grid is fixed by `rows`.
 cudaError_t LaunchMoeSiluMul(const __nv_bfloat16* gate_up, int64_t rows, int64_t intermediate,
                              const int32_t* num_rows, __nv_bfloat16* act, cudaStream_t stream);
 
 // out[t, :] = add[t, :] + sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], :]
-// in fp32, stored bf16; slots whose row is -1 are skipped. expert_out [T*k, H] (rows of `routing`),
-// topk_weights fp32 [T, k], add [T, H] or nullptr (the shared experts' output), out [T, H];
-// H a multiple of 8. `out` may alias `add`.
+//                       + sum_s expert_out[offsets[E] + s*T + t, :]
+// in fp32, stored bf16: the routed experts weighted, the shared ones with weight 1; slots whose row is
+// -1 are skipped. expert_out [T*(k+S), H] (rows of `routing`), topk_weights fp32 [T, k], add [T, H]
+// or nullptr, out [T, H]; H a multiple of 8. `out` may alias `add`.
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream);

@@ -13,9 +13,14 @@
 #include <cstdint>
 
 #include "kernels/moe.h"
+#include "kernels/pdl.cuh"
 
 namespace cohort {
 namespace {
+
+using kernels::LaunchPdl;
+using kernels::PdlLaunchDependents;
+using kernels::PdlWait;
 
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS>
 struct TileConfig {
@@ -110,6 +115,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
   const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
 
+  PdlWait();  // the routing buffers and the activations come from earlier kernels
+  PdlLaunchDependents();
   const int num_tiles = *p.num_tiles;
   const int num_items = num_tiles * p.n_blocks;
   if (static_cast<int>(blockIdx.x) >= num_items) return;
@@ -285,8 +292,7 @@ cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t str
   const int64_t max_items = max_tiles * p.n_blocks;
   int64_t grid = static_cast<int64_t>(sms) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
   if (grid > max_items) grid = max_items;
-  kernel<<<static_cast<unsigned>(grid), C::kThreads, C::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(C::kThreads), C::kSmemBytes, stream, p);
 }
 
 template <class C>
@@ -305,6 +311,8 @@ constexpr int kSiluThreads = 256;
 __global__ void __launch_bounds__(kSiluThreads)
     MoeSiluMulKernel(const __nv_bfloat16* __restrict__ gate_up, int64_t rows, int32_t intermediate,
                      const int32_t* __restrict__ num_rows, __nv_bfloat16* __restrict__ act) {
+  PdlWait();  // gate_up and the row count come from earlier kernels
+  PdlLaunchDependents();
   int64_t rows_in_use = rows;
   if (num_rows != nullptr) rows_in_use = min(rows, static_cast<int64_t>(max(*num_rows, 0)));
   const int chunks_per_row = intermediate / 8;
@@ -340,7 +348,8 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
   if (n <= 0 || k <= 0 || n % 8 != 0 || k % 8 != 0 || n > INT32_MAX / 2 || k > INT32_MAX / 2 ||
       args.a == nullptr || args.weights == nullptr || args.y == nullptr || !Aligned16(args.a) ||
       !Aligned16(args.weights) || !Aligned16(args.y) || r.num_experts < 1 || r.num_experts > kMoeMaxExperts ||
-      r.top_k < 1 || r.num_tokens < 0 || r.expert_offsets == nullptr || r.row_token == nullptr ||
+      r.num_shared < 0 || r.num_shared > kMoeMaxShared || r.top_k < 1 || r.top_k > kMoeMaxTopK ||
+      r.num_tokens < 0 || r.expert_offsets == nullptr || r.row_token == nullptr ||
       r.tile_expert == nullptr || r.tile_row == nullptr || r.num_tiles == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -380,9 +389,8 @@ cudaError_t LaunchMoeSiluMul(const __nv_bfloat16* gate_up, int64_t rows, int64_t
   if (chunks == 0) return cudaSuccess;
   const int64_t blocks = (chunks + kSiluThreads - 1) / kSiluThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
-  MoeSiluMulKernel<<<grid, kSiluThreads, 0, stream>>>(gate_up, rows, static_cast<int32_t>(intermediate), num_rows,
-                                                      act);
-  return cudaGetLastError();
+  return LaunchPdl(MoeSiluMulKernel, dim3(grid), dim3(kSiluThreads), 0, stream, gate_up, rows,
+                   static_cast<int32_t>(intermediate), num_rows, act);
 }
 
 }  // namespace cohort

@@ -6,9 +6,14 @@
 #include <cstdint>
 
 #include "kernels/moe.h"
+#include "kernels/pdl.cuh"
 
 namespace cohort {
 namespace {
+
+using kernels::LaunchPdl;
+using kernels::PdlLaunchDependents;
+using kernels::PdlWait;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -26,6 +31,8 @@ __global__ void __launch_bounds__(kGateWarps * 32)
     MoeGateKernel(const float* __restrict__ logits, const float* __restrict__ bias, int64_t num_tokens,
                   MoeGateParams p, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
   __shared__ float choice_smem[kGateWarps][kMoeMaxExperts];
+  PdlWait();  // the router logits come from the previous kernel
+  PdlLaunchDependents();
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
@@ -205,8 +212,10 @@ __device__ int BlockExclusiveScan(int value, int* warp_sums, int* total) {
 struct AlignArgs {
   const int32_t* topk_ids;
   int32_t num_pairs;  // T*k
+  int32_t num_tokens;
   int32_t top_k;
   int32_t num_experts;
+  int32_t num_shared;
   int32_t tile_rows;
   int32_t max_tiles;
   int32_t* expert_offsets;
@@ -218,15 +227,18 @@ struct AlignArgs {
   int32_t* experts_used;
 };
 
-// Each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per (warp, expert);
-// the scan turns the counts into the first row of each (warp, expert); pass 2 places each pair at that
-// row plus its rank among the warp's equal ids (__match_any_sync), walking the segment in order, so
-// rows within an expert follow the pair order whatever the atomics did.
+// Routed experts: each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per
+// (warp, expert); the scan turns the counts into the first row of each (warp, expert); pass 2 places
+// each pair at that row plus its rank among the warp's equal ids (__match_any_sync), walking the
+// segment in order, so rows within an expert follow the pair order whatever the atomics did.
+// Shared experts need no counting: each takes the next T rows, one per token in token order.
 __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs p) {
   __shared__ int warp_counts[kAlignWarps][kMoeMaxExperts];
   __shared__ int first_row[kMoeMaxExperts];
   __shared__ int warp_sums[32];
-  __shared__ int totals[3];  // rows, tiles, experts used
+  __shared__ int totals[3];  // routed rows, routed tiles, routed experts used
+  PdlWait();  // before topk_ids are read and the routing buffers (read by the last layer) written
+  PdlLaunchDependents();
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -266,12 +278,29 @@ __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs 
       p.tile_row[tiles_before + t] = rows_before + t * p.tile_rows;
     }
   }
+
+  // Shared expert s: rows [routed_rows + s*T, + T), row routed_rows + s*T + t from token t, in
+  // shared_tiles tiles after the routed ones.
+  const int routed_rows = totals[0];
+  const int routed_tiles = totals[1];
+  const int num_tokens = p.num_tokens;
+  const int shared_tiles = (num_tokens + p.tile_rows - 1) / p.tile_rows;  // per shared expert
+  const int all_tiles = routed_tiles + p.num_shared * shared_tiles;
+  if (tid <= p.num_shared) p.expert_offsets[num_experts + tid] = routed_rows + tid * num_tokens;
+  for (int i = tid; i < p.num_shared * shared_tiles; i += kAlignThreads) {
+    const int s = i / shared_tiles;
+    const int t = i - s * shared_tiles;
+    p.tile_expert[routed_tiles + i] = num_experts + s;
+    p.tile_row[routed_tiles + i] = routed_rows + s * num_tokens + t * p.tile_rows;
+  }
+  for (int i = tid; i < p.num_shared * num_tokens; i += kAlignThreads) {
+    p.row_token[routed_rows + i] = i % num_tokens;
+  }
   if (tid == 0) {
-    p.expert_offsets[num_experts] = totals[0];
-    *p.num_tiles = totals[1];
+    *p.num_tiles = all_tiles;
     if (p.experts_used != nullptr) atomicAdd(p.experts_used, totals[2]);
   }
-  for (int t = totals[1] + tid; t < p.max_tiles; t += kAlignThreads) {
+  for (int t = all_tiles + tid; t < p.max_tiles; t += kAlignThreads) {
     p.tile_expert[t] = -1;
     p.tile_row[t] = 0;
   }
@@ -311,13 +340,28 @@ __device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float* out) {
   }
 }
 
+struct CombineArgs {
+  const __nv_bfloat16* expert_out;
+  const float* topk_weights;
+  const int32_t* slot_row;
+  const int32_t* shared_first_row;  // &expert_offsets[E]: the first row of shared expert 0
+  const __nv_bfloat16* add;         // may alias out
+  __nv_bfloat16* out;
+  int64_t num_tokens;
+  int32_t top_k;
+  int32_t num_shared;
+  int32_t hidden;
+};
+
 // One thread per 8 consecutive outputs of one token.
-__global__ void __launch_bounds__(kCombineThreads)
-    MoeCombineKernel(const __nv_bfloat16* __restrict__ expert_out, const float* __restrict__ topk_weights,
-                     const int32_t* __restrict__ slot_row, const __nv_bfloat16* add, int64_t num_tokens,
-                     int32_t top_k, int32_t hidden, __nv_bfloat16* out) {
+__global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const CombineArgs p) {
+  PdlWait();  // the expert rows come from the down GEMM
+  PdlLaunchDependents();
+  const int hidden = p.hidden;
+  const int top_k = p.top_k;
   const int chunks_per_token = hidden / 8;
-  const int64_t total = num_tokens * chunks_per_token;
+  const int64_t total = p.num_tokens * chunks_per_token;
+  const int64_t shared_first_row = p.num_shared > 0 ? *p.shared_first_row : 0;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x; c < total;
        c += static_cast<int64_t>(gridDim.x) * kCombineThreads) {
     const int64_t token = c / chunks_per_token;
@@ -326,18 +370,25 @@ __global__ void __launch_bounds__(kCombineThreads)
 #pragma unroll
     for (int j = 0; j < kMoeMaxTopK; ++j) {
       if (j >= top_k) break;
-      const int row = slot_row[token * top_k + j];
+      const int row = p.slot_row[token * top_k + j];
       if (row < 0) continue;
-      const float w = topk_weights[token * top_k + j];
+      const float w = p.topk_weights[token * top_k + j];
       float v[8];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(expert_out + static_cast<int64_t>(row) * hidden + col), v);
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + static_cast<int64_t>(row) * hidden + col), v);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, v[e], acc[e]);
     }
-    const int64_t offset = token * hidden + col;
-    if (add != nullptr) {
+    for (int s = 0; s < p.num_shared; ++s) {
+      const int64_t row = shared_first_row + s * p.num_tokens + token;
       float v[8];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(add + offset), v);
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + row * hidden + col), v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += v[e];
+    }
+    const int64_t offset = token * hidden + col;
+    if (p.add != nullptr) {
+      float v[8];
+      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.add + offset), v);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] += v[e];
     }
@@ -345,7 +396,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
     for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<uint4*>(out + offset) = packed;
+    *reinterpret_cast<uint4*>(p.out + offset) = packed;
   }
 }
 
@@ -355,58 +406,69 @@ int64_t Align4(int64_t ints) { return (ints + 3) / 4 * 4; }  // 16-byte boundari
 
 // The ints of a routing layout, in carving order.
 struct RoutingLayout {
-  int64_t offsets, rows, tiles, count;
-  int64_t total() const { return Align4(offsets) + 2 * Align4(rows) + 2 * Align4(tiles) + Align4(count); }
+  int64_t offsets, rows, pairs, tiles, count;
+  int64_t total() const {
+    return Align4(offsets) + Align4(rows) + Align4(pairs) + 2 * Align4(tiles) + Align4(count);
+  }
 };
 
-RoutingLayout Layout(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t tile_rows) {
-  return {num_experts + 1, num_tokens * top_k, MoeMaxTiles(num_tokens * top_k, num_experts, tile_rows), 1};
+RoutingLayout Layout(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared,
+                     int32_t tile_rows) {
+  const int64_t rows = num_tokens * (top_k + num_shared);
+  return {num_experts + num_shared + 1, rows, num_tokens * top_k,
+          MoeMaxTiles(rows, num_experts + num_shared, tile_rows), 1};
 }
 
-bool ValidRoutingShape(int64_t num_tokens, int32_t top_k, int32_t num_experts) {
+bool ValidRoutingShape(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared) {
   return num_tokens >= 0 && top_k >= 1 && top_k <= kMoeMaxTopK && num_experts >= 1 &&
-         num_experts <= kMoeMaxExperts && num_tokens * top_k <= INT32_MAX / 2;
+         num_experts <= kMoeMaxExperts && num_shared >= 0 && num_shared <= kMoeMaxShared &&
+         num_tokens <= INT32_MAX / 2 / (top_k + num_shared);
 }
 
 bool ValidTileRows(int32_t tile_rows) { return tile_rows == 16 || tile_rows == 64 || tile_rows == 128; }
 
 bool ValidRouting(const MoeRouting& r) {
-  return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts) && ValidTileRows(r.tile_rows) &&
+  return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts, r.num_shared) && ValidTileRows(r.tile_rows) &&
          r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
          r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr;
 }
 
 }  // namespace
 
-int64_t MoeRouting::max_tiles() const { return MoeMaxTiles(num_rows(), num_experts, tile_rows); }
+int64_t MoeRouting::max_tiles() const { return MoeMaxTiles(num_rows(), num_experts + num_shared, tile_rows); }
 
 int64_t MoeMaxTiles(int64_t num_rows, int32_t num_experts, int32_t tile_rows) {
   return (num_rows + tile_rows - 1) / tile_rows + num_experts;
 }
 
-int32_t MoeDefaultTileRows(int64_t num_rows, int32_t num_experts) {
-  // Rows per used expert, if routing is even. Switch-overs from moe_bench on an H200 (V2-Lite, E=64):
-  // 16-row tiles win while the average expert fits one tile (12 rows: 280 us vs 309 us at 64) and
-  // lose once most experts need two, each tile streaming the expert's weights again (24 rows: 359 us
-  // vs 322 us); 64 beats 128 at 48 rows (358 vs 453 us), 128 beats 64 at 384 (1709 vs 1976 us).
-  const int64_t experts = num_rows < num_experts ? num_rows : num_experts;
-  const int64_t rows_per_expert = experts > 0 ? num_rows / experts : 0;
-  if (rows_per_expert <= 16) return 16;
-  if (rows_per_expert <= 96) return 64;
+int32_t MoeDefaultTileRows(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared) {
+  // Rows per expert that gets any, if routing is even: T*k routed rows over min(T*k, E) experts, T
+  // rows for each shared expert. Switch-overs from moe_bench on an H200 (V2-Lite: E=64, k=6, 2 shared
+  // experts, us per layer): 16-row tiles win while most experts fit one tile and lose once many need
+  // two, each tile streaming the expert's weights again (19 rows: 332 vs 336 at 64, 23 rows: 379 vs
+  // 343); likewise 64 beats 128 at 62 rows (418 vs 505) and 128 beats 64 at 93 (562 vs 660) and 124
+  // (645 vs 772). Without shared experts the same bounds held (16 won at 12 rows, 64 at 24 and 48, 128
+  // at 384).
+  const int64_t routed_rows = num_tokens * top_k;
+  const int64_t experts = (routed_rows < num_experts ? routed_rows : num_experts) + (num_tokens > 0 ? num_shared : 0);
+  const int64_t rows_per_expert = experts > 0 ? (routed_rows + num_tokens * num_shared) / experts : 0;
+  if (rows_per_expert <= 20) return 16;
+  if (rows_per_expert <= 64) return 64;
   return 128;
 }
 
-int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_experts) {
-  return Layout(max_tokens, top_k, num_experts, /*tile_rows=*/16).total() * static_cast<int64_t>(sizeof(int32_t));
+int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared) {
+  return Layout(max_tokens, top_k, num_experts, num_shared, /*tile_rows=*/16).total() *
+         static_cast<int64_t>(sizeof(int32_t));
 }
 
 cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t num_tokens, int32_t top_k,
-                            int32_t num_experts, int32_t tile_rows, MoeRouting* routing) {
+                            int32_t num_experts, int32_t num_shared, int32_t tile_rows, MoeRouting* routing) {
   if (routing == nullptr || workspace == nullptr || !Aligned16(workspace) ||
-      !ValidRoutingShape(num_tokens, top_k, num_experts) || !ValidTileRows(tile_rows)) {
+      !ValidRoutingShape(num_tokens, top_k, num_experts, num_shared) || !ValidTileRows(tile_rows)) {
     return cudaErrorInvalidValue;
   }
-  const RoutingLayout layout = Layout(num_tokens, top_k, num_experts, tile_rows);
+  const RoutingLayout layout = Layout(num_tokens, top_k, num_experts, num_shared, tile_rows);
   if (layout.total() * static_cast<int64_t>(sizeof(int32_t)) > workspace_bytes) return cudaErrorInvalidValue;
   int32_t* next = static_cast<int32_t*>(workspace);
   auto take = [&](int64_t ints) {
@@ -418,10 +480,11 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
   r.num_tokens = num_tokens;
   r.top_k = top_k;
   r.num_experts = num_experts;
+  r.num_shared = num_shared;
   r.tile_rows = tile_rows;
   r.expert_offsets = take(layout.offsets);
   r.row_token = take(layout.rows);
-  r.slot_row = take(layout.rows);
+  r.slot_row = take(layout.pairs);
   r.tile_expert = take(layout.tiles);
   r.tile_row = take(layout.tiles);
   r.num_tiles = take(layout.count);
@@ -442,19 +505,20 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
   if (num_tokens == 0) return cudaSuccess;
   const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  MoeGateKernel<<<static_cast<unsigned>(blocks), kGateWarps * 32, 0, stream>>>(
-      router_logits, correction_bias, num_tokens, p, topk_ids, topk_weights);
-  return cudaGetLastError();
+  return LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream,
+                   router_logits, correction_bias, num_tokens, p, topk_ids, topk_weights);
 }
 
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream) {
-  if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_rows() > 0)) return cudaErrorInvalidValue;
+  if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_pairs() > 0)) return cudaErrorInvalidValue;
   AlignArgs args;
   args.topk_ids = topk_ids;
-  args.num_pairs = static_cast<int32_t>(routing.num_rows());
+  args.num_pairs = static_cast<int32_t>(routing.num_pairs());
+  args.num_tokens = static_cast<int32_t>(routing.num_tokens);
   args.top_k = routing.top_k;
   args.num_experts = routing.num_experts;
+  args.num_shared = routing.num_shared;
   args.tile_rows = routing.tile_rows;
   args.max_tiles = static_cast<int32_t>(routing.max_tiles());
   args.expert_offsets = routing.expert_offsets;
@@ -464,8 +528,7 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
   args.tile_row = routing.tile_row;
   args.num_tiles = routing.num_tiles;
   args.experts_used = experts_used;
-  MoeAlignKernel<<<1, kAlignThreads, 0, stream>>>(args);
-  return cudaGetLastError();
+  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, args);
 }
 
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
@@ -480,10 +543,18 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
   if (chunks == 0) return cudaSuccess;
   const int64_t blocks = (chunks + kCombineThreads - 1) / kCombineThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  MoeCombineKernel<<<grid, kCombineThreads, 0, stream>>>(expert_out, topk_weights, routing.slot_row, add,
-                                                         routing.num_tokens, routing.top_k,
-                                                         static_cast<int32_t>(hidden), out);
-  return cudaGetLastError();
+  CombineArgs args;
+  args.expert_out = expert_out;
+  args.topk_weights = topk_weights;
+  args.slot_row = routing.slot_row;
+  args.shared_first_row = routing.expert_offsets + routing.num_experts;
+  args.add = add;
+  args.out = out;
+  args.num_tokens = routing.num_tokens;
+  args.top_k = routing.top_k;
+  args.num_shared = routing.num_shared;
+  args.hidden = static_cast<int32_t>(hidden);
+  return LaunchPdl(MoeCombineKernel, dim3(grid), dim3(kCombineThreads), 0, stream, args);
 }
 
 }  // namespace cohort

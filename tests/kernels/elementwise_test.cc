@@ -3,6 +3,7 @@
 // and both layouts), the normalise-rotate-write of new latents into the paged cache.
 #include <cmath>
 #include <numeric>
+#include <tuple>
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
@@ -127,9 +128,13 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
   DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_positions(positions);
   const kernels::RopeParams rope_params{d_inv_freq.get(), 64, rope.attention_factor(), true};
   const kernels::CacheWriteParams where{d_positions.get(), d_sequence.get(), d_tables.get(), d_offsets.get(), block_size};
+  // The rows' queries are rotated in the same launch.
+  const int heads = 3, qk = 192;
+  const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
+  DeviceVector<uint16_t> d_q(q);
   ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_kv.get(), rows, rank, Bf16(d_norm), 1e-6f, rope_params, where,
-                                             Bf16(d_cache), nullptr));
-  const std::vector<uint16_t> cache = d_cache.ToHost();
+                                             Bf16(d_cache), nullptr, {Bf16(d_q), heads, qk}));
+  const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost();
   for (int r = 0; r < rows; ++r) {
     const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
     const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
@@ -142,6 +147,38 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
     std::vector<float> key(kv.begin() + r * width + rank, kv.begin() + (r + 1) * width);
     rope.Apply(key, positions[r]);
     for (int i = 0; i < 64; ++i) ExpectBf16Near(cache[slot + rank + i], key[i], "rope key");
+    for (int h = 0; h < heads; ++h) {
+      const size_t base = (static_cast<size_t>(r) * heads + h) * qk;
+      for (int i = 0; i < 128; ++i) ASSERT_EQ(rotated[base + i], q[base + i]) << "the nope part must not move";
+      std::vector<float> want(64);
+      for (int i = 0; i < 64; ++i) want[i] = BF16ToFloat(q[base + 128 + i]);
+      rope.Apply(want, positions[r]);
+      for (int i = 0; i < 64; ++i) {
+        ASSERT_NEAR(BF16ToFloat(rotated[base + 128 + i]), want[i], 8e-3 * std::abs(want[i]) + 2e-3) << "query rope";
+      }
+    }
+  }
+}
+
+TEST(ElementwiseTest, TransposeEachMatrixOfABatch) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  // Head slices of a kv_b_proj-like matrix (rows of 3 heads x (nope + v), nope rows each taken),
+  // and shapes that leave partial 32 x 32 tiles.
+  for (const auto& [rows, cols, stride, batch] :
+       std::vector<std::tuple<int, int, int, int>>{{128, 512, 256 * 512, 3}, {5, 37, 5 * 37, 2}, {33, 1, 40, 4}}) {
+    const std::vector<uint16_t> in = RandomBf16(static_cast<size_t>(stride) * (batch - 1) + rows * cols, rng);
+    DeviceVector<uint16_t> d_in(in), d_out(static_cast<size_t>(batch) * rows * cols);
+    ASSERT_CUDA_OK(kernels::LaunchTranspose(Bf16(d_in), rows, cols, stride, batch, Bf16(d_out), nullptr));
+    const std::vector<uint16_t> out = d_out.ToHost();
+    for (int b = 0; b < batch; ++b) {
+      for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) {
+          ASSERT_EQ(out[(static_cast<size_t>(b) * cols + c) * rows + r], in[static_cast<size_t>(b) * stride + r * cols + c])
+              << rows << "x" << cols << " batch " << b << " (" << r << ", " << c << ")";
+        }
+      }
+    }
   }
 }
 

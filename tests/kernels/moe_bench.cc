@@ -1,13 +1,16 @@
-// Times the routed-expert GEMMs of one DeepSeek-V2-Lite MoE layer (kernels/moe.h): gate_up grouped
-// GEMM + SiLU-and-mul + down grouped GEMM, for T = 1, 2, 4, ..., 512 decode tokens, the token counts
-// around MoeDefaultTileRows's switch-overs, and prefills up to 4096 tokens, at each tile size (the
-// default one starred). It first measures the device-to-device copy
-// bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written): the ceiling a decode step can approach.
+// Times the expert GEMMs of one DeepSeek-V2-Lite MoE layer (kernels/moe.h), routed and shared experts
+// together as the engine runs them: gate_up grouped GEMM + SiLU-and-mul + down grouped GEMM, for
+// T = 1, 2, 4, ..., 512 decode tokens, the token counts around MoeDefaultTileRows's switch-overs, and
+// prefills up to 4096 tokens, at each tile size (the default one starred). It first measures the
+// device-to-device copy bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written): the ceiling a
+// decode step can approach.
 //
-// Routing is the gate on random logits. Each graph replays kLayers layers with distinct weights (the
-// whole expert set of a layer is 64 x 17.3 MB), so no layer finds its weights in L2 from an earlier
-// one; the time per layer is the median replay divided by kLayers. "weight MB" counts each used
-// expert once: the bytes a decode step must stream. "route us" is gate + align + combine per layer.
+// Routing is the gate on random logits; each token also has a row for each of the 2 shared experts.
+// Each graph replays kLayers layers with distinct weights (the whole expert set of a layer is 66 x
+// 17.3 MB), so no layer finds its weights in L2 from an earlier one; the time per layer is the median
+// replay divided by kLayers. "experts" counts the routed experts used plus the shared ones; "weight
+// MB" counts each of them once: the bytes a decode step must stream. "rows" are T*(k + shared).
+// "route us" is gate + align + combine per layer.
 //
 //   build/bin/moe_bench
 #include <cuda_bf16.h>
@@ -31,8 +34,9 @@ namespace {
 
 using testing::DeviceAlloc;
 
-constexpr int kExperts = 64;
+constexpr int kExperts = 64;  // routed
 constexpr int kTopK = 6;
+constexpr int kShared = 2;
 constexpr int64_t kHidden = 2048;
 constexpr int64_t kIntermediate = 1408;
 constexpr int kLayers = 4;
@@ -110,30 +114,32 @@ int Run() {
 
   const int64_t n1 = 2 * kIntermediate, k1 = kHidden, n2 = kHidden, k2 = kIntermediate;
   const int64_t expert_elems = n1 * k1 + n2 * k2;
-  std::printf("V2-Lite experts: E=%d k=%d, gate_up %lldx%lld, down %lldx%lld, %.1f MB per expert, %d layers\n",
-              kExperts, kTopK, static_cast<long long>(n1), static_cast<long long>(k1), static_cast<long long>(n2),
-              static_cast<long long>(k2), 2e-6 * expert_elems, kLayers);
+  std::printf(
+      "V2-Lite experts: E=%d k=%d shared=%d, gate_up %lldx%lld, down %lldx%lld, %.1f MB per expert, %d layers\n",
+      kExperts, kTopK, kShared, static_cast<long long>(n1), static_cast<long long>(k1), static_cast<long long>(n2),
+      static_cast<long long>(k2), 2e-6 * expert_elems, kLayers);
 
   std::mt19937 rng(std::random_device{}());
   __nv_bfloat16* gate_up[kLayers];
   __nv_bfloat16* down[kLayers];
+  constexpr int64_t kAllExperts = kExperts + kShared;
   for (int l = 0; l < kLayers; ++l) {
-    gate_up[l] = DeviceAlloc<__nv_bfloat16>(kExperts * n1 * k1);
-    down[l] = DeviceAlloc<__nv_bfloat16>(kExperts * n2 * k2);
-    FillRandomBf16(gate_up[l], kExperts * n1 * k1, rng);
-    FillRandomBf16(down[l], kExperts * n2 * k2, rng);
+    gate_up[l] = DeviceAlloc<__nv_bfloat16>(kAllExperts * n1 * k1);
+    down[l] = DeviceAlloc<__nv_bfloat16>(kAllExperts * n2 * k2);
+    FillRandomBf16(gate_up[l], kAllExperts * n1 * k1, rng);
+    FillRandomBf16(down[l], kAllExperts * n2 * k2, rng);
   }
-  const int64_t max_pairs = kMaxTokens * kTopK;
+  const int64_t max_pairs = kMaxTokens * kTopK, max_rows = kMaxTokens * (kTopK + kShared);
   __nv_bfloat16* hidden = DeviceAlloc<__nv_bfloat16>(kMaxTokens * kHidden);
-  __nv_bfloat16* y1 = DeviceAlloc<__nv_bfloat16>(max_pairs * n1);
-  __nv_bfloat16* act = DeviceAlloc<__nv_bfloat16>(max_pairs * k2);
-  __nv_bfloat16* y2 = DeviceAlloc<__nv_bfloat16>(max_pairs * n2);
+  __nv_bfloat16* y1 = DeviceAlloc<__nv_bfloat16>(max_rows * n1);
+  __nv_bfloat16* act = DeviceAlloc<__nv_bfloat16>(max_rows * k2);
+  __nv_bfloat16* y2 = DeviceAlloc<__nv_bfloat16>(max_rows * n2);
   __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(kMaxTokens * kHidden);
   float* logits = DeviceAlloc<float>(kMaxTokens * kExperts);
   int32_t* topk_ids = DeviceAlloc<int32_t>(max_pairs);
   float* topk_weights = DeviceAlloc<float>(max_pairs);
   int32_t* experts_used = DeviceAlloc<int32_t>(1);
-  const int64_t workspace_bytes = MoeRoutingWorkspaceBytes(kMaxTokens, kTopK, kExperts);
+  const int64_t workspace_bytes = MoeRoutingWorkspaceBytes(kMaxTokens, kTopK, kExperts, kShared);
   void* workspace = DeviceAlloc<char>(workspace_bytes);
   FillRandomBf16(hidden, kMaxTokens * kHidden, rng);
   {
@@ -149,15 +155,16 @@ int Run() {
 
   std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %9s\n", "tokens", "rows", "tile", "us/layer", "experts",
               "weight MB", "GB/s", "of copy", "TFLOP/s", "route us");
-  // 160 and 192 tokens: 15 and 18 rows per expert, either side of the 16 -> 64 switch-over; 1024 and
-  // 2048: 96 and 192, between the 48 and 384 rows per expert that bound the 64 -> 128 one.
-  for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 1024, 2048, 4096}) {
-    const int64_t pairs = tokens * kTopK;
-    const int default_tile = MoeDefaultTileRows(pairs, kExperts);
+  // Rows per expert (MoeDefaultTileRows): 160 and 192 tokens give 19 and 23, either side of the
+  // 16 -> 64 switch-over at 20; 512 and 768 give 62 and 93, either side of the 64 -> 128 one at 64.
+  for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 768, 1024, 2048, 4096}) {
+    const int64_t rows = tokens * (kTopK + kShared);
+    const int default_tile = MoeDefaultTileRows(tokens, kTopK, kExperts, kShared);
     const int reps = tokens <= 512 ? 100 : 20;
     for (const int tile_rows : {16, 64, 128}) {
       MoeRouting routing;
-      BENCH_CHECK(CarveMoeRouting(workspace, workspace_bytes, tokens, kTopK, kExperts, tile_rows, &routing));
+      BENCH_CHECK(
+          CarveMoeRouting(workspace, workspace_bytes, tokens, kTopK, kExperts, kShared, tile_rows, &routing));
       BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
       BENCH_CHECK(cudaMemsetAsync(experts_used, 0, sizeof(int32_t), stream));
       BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, experts_used, stream));
@@ -168,7 +175,8 @@ int Run() {
       const cudaGraphExec_t experts_graph = Capture(stream, [&] {
         for (int l = 0; l < kLayers; ++l) {
           BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], n1, k1, y1}, routing, stream));
-          BENCH_CHECK(LaunchMoeSiluMul(y1, pairs, kIntermediate, routing.expert_offsets + kExperts, act, stream));
+          BENCH_CHECK(
+              LaunchMoeSiluMul(y1, rows, kIntermediate, routing.expert_offsets + kAllExperts, act, stream));
           BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2}, routing, stream));
         }
       });
@@ -181,18 +189,19 @@ int Run() {
           for (int l = 0; l < kLayers; ++l) {
             BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
             BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, nullptr, stream));
-            BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, hidden, kHidden, out, stream));
+            BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, nullptr, kHidden, out, stream));
           }
         });
         route_us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(route_graph, stream)); }) / kLayers;
         BENCH_CHECK(cudaGraphExecDestroy(route_graph));
       }
 
-      const double weight_bytes = 2.0 * used * expert_elems;
+      const int experts_read = used + kShared;
+      const double weight_bytes = 2.0 * experts_read * expert_elems;
       const double gbs = weight_bytes / us / 1e3;
-      const double tflops = 2.0 * pairs * expert_elems / us / 1e6;
+      const double tflops = 2.0 * rows * expert_elems / us / 1e6;
       std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f", static_cast<long long>(tokens),
-                  static_cast<long long>(pairs), tile_rows, tile_rows == default_tile ? '*' : ' ', us, used,
+                  static_cast<long long>(rows), tile_rows, tile_rows == default_tile ? '*' : ' ', us, experts_read,
                   weight_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, tflops);
       if (route_us > 0.0) std::printf(" %9.1f", route_us);
       std::printf("\n");

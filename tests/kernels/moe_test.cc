@@ -1,6 +1,7 @@
 // The MoE kernels (kernels/moe.h) against CPU references: the gate against TopkRouter, the align's
 // invariants, the grouped GEMM against a double-precision product, SiLU-and-mul, the combine, and a
-// whole layer (gate -> align -> gate_up -> silu -> down -> combine) against a CPU loop, eager and
+// whole layer (gate -> align -> gate_up -> silu -> down -> combine, routed and shared experts in the
+// same grouped products) against a CPU loop that runs the shared experts as one dense MLP, eager and
 // replayed from a CUDA graph. Inputs are fresh random values each run (the seed is printed on a
 // failure); outputs are poisoned before each launch and every element is checked.
 #include "kernels/moe.h"
@@ -69,9 +70,9 @@ float RoundBf16(double v) { return Bf16ToFloat(FloatToBf16(static_cast<float>(v)
 double UlpBf16(float v) { return v == 0.0f ? 0.0 : std::ldexp(1.0, std::ilogb(v) - 7); }
 
 // Uniform in [-scale, scale), rounded to bf16; drawn in parallel chunks (expert weights are ~1e9 values).
-std::vector<uint16_t> RandomBf16(Rng& rng, int64_t count, float scale = 1.0f) {
+void FillRandomBf16(Rng& rng, std::span<uint16_t> out, float scale = 1.0f) {
   constexpr int64_t kChunk = int64_t{1} << 16;
-  std::vector<uint16_t> out(count);
+  const int64_t count = static_cast<int64_t>(out.size());
   const uint64_t seed = rng.Next();
 #pragma omp parallel for schedule(static)
   for (int64_t chunk = 0; chunk < (count + kChunk - 1) / kChunk; ++chunk) {
@@ -79,6 +80,11 @@ std::vector<uint16_t> RandomBf16(Rng& rng, int64_t count, float scale = 1.0f) {
     const int64_t end = std::min(count, (chunk + 1) * kChunk);
     for (int64_t i = chunk * kChunk; i < end; ++i) out[i] = FloatToBf16(local.Uniform(-scale, scale));
   }
+}
+
+std::vector<uint16_t> RandomBf16(Rng& rng, int64_t count, float scale = 1.0f) {
+  std::vector<uint16_t> out(count);
+  FillRandomBf16(rng, out, scale);
   return out;
 }
 
@@ -186,11 +192,11 @@ std::vector<int32_t> RandomTopkIds(Rng& rng, int64_t tokens, int top_k, int expe
 }
 
 struct RoutingOnDevice {
-  RoutingOnDevice(int64_t tokens, int top_k, int experts)
-      : workspace(MoeRoutingWorkspaceBytes(tokens, top_k, experts)),
-        bytes(MoeRoutingWorkspaceBytes(tokens, top_k, experts)) {}
-  cudaError_t Carve(int64_t tokens, int top_k, int experts, int tile_rows) {
-    return CarveMoeRouting(workspace.get(), bytes, tokens, top_k, experts, tile_rows, &routing);
+  RoutingOnDevice(int64_t tokens, int top_k, int experts, int shared)
+      : workspace(MoeRoutingWorkspaceBytes(tokens, top_k, experts, shared)),
+        bytes(MoeRoutingWorkspaceBytes(tokens, top_k, experts, shared)) {}
+  cudaError_t Carve(int64_t tokens, int top_k, int experts, int shared, int tile_rows) {
+    return CarveMoeRouting(workspace.get(), bytes, tokens, top_k, experts, shared, tile_rows, &routing);
   }
   DeviceBuffer<uint8_t> workspace;
   int64_t bytes;
@@ -422,14 +428,17 @@ TEST(MoeGateTest, RejectsParametersOutsideTheContract) {
 
 // ------------------------------------------------------------------------------------------ align
 
-void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int top_k, int experts, int tile_rows,
-                           Rng& rng) {
+// Routed rows grouped by expert in (token, slot) order, then `shared` experts of one row per token in
+// token order; tiles over all of them; the rows past those in use untouched.
+void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int top_k, int experts, int shared,
+                           int tile_rows, Rng& rng) {
   SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " top_k " << top_k << " experts " << experts
-                                  << " tile_rows " << tile_rows);
-  const int64_t pairs = tokens * top_k;
-  RoutingOnDevice d(tokens, top_k, experts);
+                                  << " shared " << shared << " tile_rows " << tile_rows);
+  const int64_t pairs = tokens * top_k, rows = tokens * (top_k + shared);
+  const int all_experts = experts + shared;
+  RoutingOnDevice d(tokens, top_k, experts, shared);
   ASSERT_CUDA_OK(d.workspace.error());
-  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, tile_rows));
+  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, shared, tile_rows));
   ASSERT_CUDA_OK(d.workspace.Poison(0xa5));
   DeviceBuffer<int32_t> d_ids(ids);
   ASSERT_CUDA_OK(d_ids.error());
@@ -441,16 +450,18 @@ void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int 
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
 
   const MoeRouting& r = d.routing;
+  ASSERT_EQ(r.num_rows(), rows);
+  ASSERT_EQ(r.num_pairs(), pairs);
   const int64_t max_tiles = r.max_tiles();
-  const std::vector<int32_t> offsets = ReadDevice(r.expert_offsets, experts + 1);
-  const std::vector<int32_t> row_token = ReadDevice(r.row_token, pairs);
+  const std::vector<int32_t> offsets = ReadDevice(r.expert_offsets, all_experts + 1);
+  const std::vector<int32_t> row_token = ReadDevice(r.row_token, rows);
   const std::vector<int32_t> slot_row = ReadDevice(r.slot_row, pairs);
   const std::vector<int32_t> tile_expert = ReadDevice(r.tile_expert, max_tiles);
   const std::vector<int32_t> tile_row = ReadDevice(r.tile_row, max_tiles);
   const int32_t num_tiles = ReadDevice(r.num_tiles, 1)[0];
   const int32_t counter_end = ReadDevice(counter.get(), 1)[0];
 
-  // Expected rows per expert, in (token, slot) order.
+  // Expected rows per routed expert, in (token, slot) order.
   std::vector<std::vector<int64_t>> pairs_of(experts);
   for (int64_t i = 0; i < pairs; ++i) {
     if (ids[i] >= 0 && ids[i] < experts) pairs_of[ids[i]].push_back(i);
@@ -475,15 +486,28 @@ void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int 
       ASSERT_EQ(slot_row[i], -1) << "pair " << i << " with id " << ids[i];
     }
   }
-  EXPECT_EQ(counter_end, counter_start + 2 * used);
+  // Shared expert s: token t at offsets[E] + s*T + t.
+  for (int s = 0; s < shared; ++s) {
+    ASSERT_EQ(offsets[experts + s], offsets[experts] + s * tokens) << "shared expert " << s;
+    ASSERT_EQ(offsets[experts + s + 1] - offsets[experts + s], tokens) << "shared expert " << s;
+    want_tiles += (tokens + tile_rows - 1) / tile_rows;
+    for (int64_t t = 0; t < tokens; ++t) {
+      ASSERT_EQ(row_token[offsets[experts + s] + t], t) << "shared expert " << s << " token " << t;
+    }
+  }
+  const int32_t in_use = offsets[all_experts];
+  for (int64_t row = in_use; row < rows; ++row) {
+    ASSERT_EQ(row_token[row], static_cast<int32_t>(0xa5a5a5a5)) << "row " << row << " past those in use";
+  }
+  EXPECT_EQ(counter_end, counter_start + 2 * used) << "routed experts used, counted twice";
 
   // The tiles cover every used row exactly once, each inside one expert, at multiples of tile_rows.
   ASSERT_EQ(num_tiles, want_tiles);
   ASSERT_LE(num_tiles, max_tiles);
-  std::vector<int> covered(offsets[experts], 0);
+  std::vector<int> covered(in_use, 0);
   for (int32_t t = 0; t < num_tiles; ++t) {
     const int32_t e = tile_expert[t];
-    ASSERT_TRUE(e >= 0 && e < experts) << "tile " << t << " expert " << e;
+    ASSERT_TRUE(e >= 0 && e < all_experts) << "tile " << t << " expert " << e;
     ASSERT_TRUE(tile_row[t] >= offsets[e] && tile_row[t] < offsets[e + 1]) << "tile " << t;
     ASSERT_EQ((tile_row[t] - offsets[e]) % tile_rows, 0) << "tile " << t;
     for (int32_t row = tile_row[t]; row < std::min(tile_row[t] + tile_rows, offsets[e + 1]); ++row) ++covered[row];
@@ -497,12 +521,21 @@ TEST(MoeAlignTest, GroupsRowsByExpertInTokenOrder) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  for (int tile_rows : {16, 64, 128}) {
-    for (int64_t tokens : {1, 3, 17, 64, 257, 2048, 4096}) {
-      ExpectAlignInvariants(RandomTopkIds(rng, tokens, 6, 64), tokens, 6, 64, tile_rows, rng);
-      ExpectAlignInvariants(RandomTopkIds(rng, tokens, 8, 256), tokens, 8, 256, tile_rows, rng);
-      ExpectAlignInvariants(RandomTopkIds(rng, tokens, 6, 64, /*skewed=*/true), tokens, 6, 64, tile_rows, rng);
+  for (int shared : {0, 1, 2}) {
+    for (int tile_rows : {16, 64, 128}) {
+      for (int64_t tokens : {1, 3, 17, 64, 257, 2048, 4096}) {
+        ExpectAlignInvariants(RandomTopkIds(rng, tokens, 6, 64), tokens, 6, 64, shared, tile_rows, rng);
+        // DeepSeek-V3 with its shared expert: 257 experts in the align.
+        ExpectAlignInvariants(RandomTopkIds(rng, tokens, 8, 256), tokens, 8, 256, shared, tile_rows, rng);
+        ExpectAlignInvariants(RandomTopkIds(rng, tokens, 6, 64, /*skewed=*/true), tokens, 6, 64, shared, tile_rows,
+                              rng);
+      }
     }
+  }
+  // The most of every limit: 256 routed experts, top-8, 8 shared experts.
+  for (int64_t tokens : {1, 300}) {
+    ExpectAlignInvariants(RandomTopkIds(rng, tokens, kMoeMaxTopK, kMoeMaxExperts), tokens, kMoeMaxTopK,
+                          kMoeMaxExperts, kMoeMaxShared, 16, rng);
   }
 }
 
@@ -511,38 +544,147 @@ TEST(MoeAlignTest, GivesIdsOutsideTheExpertsNoRow) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  for (int64_t tokens : {1, 100, 3000}) {
-    std::vector<int32_t> ids = RandomTopkIds(rng, tokens, 8, 160);
-    for (int32_t& id : ids) id = id < 96 ? id : (rng.Below(2) ? -1 : id + 1000);  // experts 96.. elsewhere
-    ExpectAlignInvariants(ids, tokens, 8, 96, 16, rng);
+  for (int shared : {0, 1, 2}) {
+    for (int64_t tokens : {1, 100, 3000}) {
+      std::vector<int32_t> ids = RandomTopkIds(rng, tokens, 8, 160);
+      for (int32_t& id : ids) id = id < 96 ? id : (rng.Below(2) ? -1 : id + 1000);  // experts 96.. elsewhere
+      ExpectAlignInvariants(ids, tokens, 8, 96, shared, 16, rng);
+    }
   }
+}
+
+// Host only: the layout fits the workspace, the buffers do not overlap, and shapes past the limits
+// are refused.
+TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
+  struct Shape {
+    int64_t tokens;
+    int top_k, experts, shared;
+  };
+  for (const Shape& shape : {Shape{1, 6, 64, 2}, Shape{4096, 8, 256, 1}, Shape{300, 8, 256, 8}, Shape{0, 2, 8, 0},
+                             Shape{17, 1, 1, 0}}) {
+    for (int tile_rows : {16, 64, 128}) {
+      SCOPED_TRACE(::testing::Message() << "tokens " << shape.tokens << " top_k " << shape.top_k << " experts "
+                                      << shape.experts << " shared " << shape.shared << " tile_rows " << tile_rows);
+      const int64_t bytes = MoeRoutingWorkspaceBytes(shape.tokens, shape.top_k, shape.experts, shape.shared);
+      std::vector<int32_t> host(bytes / sizeof(int32_t) + 4);
+      void* workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host.data()) + 15) & ~uintptr_t{15});
+      MoeRouting r;
+      ASSERT_EQ(
+          CarveMoeRouting(workspace, bytes, shape.tokens, shape.top_k, shape.experts, shape.shared, tile_rows, &r),
+          cudaSuccess);
+      EXPECT_EQ(r.num_shared, shape.shared);
+      EXPECT_EQ(r.num_rows(), shape.tokens * (shape.top_k + shape.shared));
+      EXPECT_EQ(r.num_pairs(), shape.tokens * shape.top_k);
+      const int64_t rows = r.num_rows(), pairs = r.num_pairs();
+      // The most tiles any routing needs: every used routed expert opens a tile with its first row
+      // and another every tile_rows rows after it; each shared expert needs ceil(T / tile_rows).
+      const int64_t worst_routed = pairs <= shape.experts ? pairs : shape.experts + (pairs - shape.experts) / tile_rows;
+      EXPECT_GE(r.max_tiles(), worst_routed + shape.shared * ((shape.tokens + tile_rows - 1) / tile_rows));
+      struct Span {
+        const int32_t* begin;
+        int64_t ints;
+      };
+      std::vector<Span> spans = {{r.expert_offsets, shape.experts + shape.shared + 1}, {r.row_token, rows},
+                                 {r.slot_row, r.num_pairs()}, {r.tile_expert, r.max_tiles()},
+                                 {r.tile_row, r.max_tiles()}, {r.num_tiles, 1}};
+      std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+      for (size_t i = 0; i < spans.size(); ++i) {
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(spans[i].begin) % 16, 0u) << "buffer " << i;
+        const int32_t* end = spans[i].begin + spans[i].ints;
+        if (i + 1 < spans.size()) {
+          EXPECT_LE(end, spans[i + 1].begin) << "buffer " << i << " overlaps the next";
+        }
+        EXPECT_LE(reinterpret_cast<const char*>(end), static_cast<const char*>(workspace) + bytes) << "buffer " << i;
+      }
+    }
+  }
+  std::vector<int32_t> host(1 << 16);
+  void* workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host.data()) + 15) & ~uintptr_t{15});
+  const int64_t bytes = (int64_t{1} << 18) - 16;
+  MoeRouting r;
+  EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, kMoeMaxTopK, kMoeMaxExperts, kMoeMaxShared, 16, &r), cudaSuccess);
+  EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, 8, kMoeMaxExperts + 1, 1, 16, &r), cudaErrorInvalidValue);
+  EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, kMoeMaxTopK + 1, 256, 1, 16, &r), cudaErrorInvalidValue);
+  EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, 8, 256, kMoeMaxShared + 1, 16, &r), cudaErrorInvalidValue);
+  EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, 8, 256, -1, 16, &r), cudaErrorInvalidValue);
+  EXPECT_EQ(CarveMoeRouting(workspace, MoeRoutingWorkspaceBytes(4, 8, 256, 1) - 16, 4, 8, 256, 1, 16, &r),
+            cudaErrorInvalidValue);
+}
+
+// Host only: the tile size follows the rows per expert that gets any, shared experts included (the
+// switch-overs moe_bench measured for V2-Lite with its 2 shared experts).
+TEST(MoeRoutingTest, DefaultTileRowsFollowRowsPerExpert) {
+  EXPECT_EQ(MoeDefaultTileRows(0, 6, 64, 2), 16);
+  EXPECT_EQ(MoeDefaultTileRows(1, 6, 64, 2), 16);     // 1 row per expert
+  EXPECT_EQ(MoeDefaultTileRows(160, 6, 64, 2), 16);   // 19
+  EXPECT_EQ(MoeDefaultTileRows(192, 6, 64, 2), 64);   // 23
+  EXPECT_EQ(MoeDefaultTileRows(512, 6, 64, 2), 64);   // 62
+  EXPECT_EQ(MoeDefaultTileRows(768, 6, 64, 2), 128);  // 93
+  EXPECT_EQ(MoeDefaultTileRows(200, 6, 64, 0), 16);   // 18, routed only
+  EXPECT_EQ(MoeDefaultTileRows(4096, 8, 256, 1), 128);
 }
 
 // ------------------------------------------------------------------------------------ grouped GEMM
 
 struct ExpertShapes {
   const char* name;
-  int experts;
+  int experts;  // routed
   int top_k;
   int hidden;
   int intermediate;
+  int shared;  // shared experts: one MLP of intermediate shared * intermediate
 };
 
-// The routed experts of one shape set, on the host (bf16 bits) and on the device.
+// The experts of one shape set, on the host (bf16 bits) and on the device. The routed experts are
+// random; the shared MLP is random in the published layout and then split into `shared` experts after
+// the routed ones, as the engine loads it (worker/model/cuda/device_weights.cc): shared expert s takes
+// gate and up rows [s I, (s + 1) I) and down columns [s I, (s + 1) I).
 struct Experts {
   Experts(const ExpertShapes& s, Rng& rng)
-      : gate_up(RandomBf16(rng, int64_t{s.experts} * 2 * s.intermediate * s.hidden, 0.5f)),
-        down(RandomBf16(rng, int64_t{s.experts} * s.hidden * s.intermediate, 0.5f)),
+      : shared_gate(RandomBf16(rng, int64_t{s.shared} * s.intermediate * s.hidden, 0.5f)),
+        shared_up(RandomBf16(rng, int64_t{s.shared} * s.intermediate * s.hidden, 0.5f)),
+        shared_down(RandomBf16(rng, int64_t{s.hidden} * s.shared * s.intermediate, 0.5f)),
+        gate_up(StackGateUp(s, shared_gate, shared_up, rng)),
+        down(StackDown(s, shared_down, rng)),
         d_gate_up(gate_up),
         d_down(down) {}
-  std::vector<uint16_t> gate_up;  // [E, 2I, H]
-  std::vector<uint16_t> down;     // [E, H, I]
+
+  std::vector<uint16_t> shared_gate;  // [S*I, H]
+  std::vector<uint16_t> shared_up;    // [S*I, H]
+  std::vector<uint16_t> shared_down;  // [H, S*I]
+  std::vector<uint16_t> gate_up;      // [E + S, 2I, H]
+  std::vector<uint16_t> down;         // [E + S, H, I]
   DeviceBuffer<uint16_t> d_gate_up;
   DeviceBuffer<uint16_t> d_down;
+
+ private:
+  static std::vector<uint16_t> StackGateUp(const ExpertShapes& s, const std::vector<uint16_t>& gate,
+                                           const std::vector<uint16_t>& up, Rng& rng) {
+    const int64_t slice = int64_t{s.intermediate} * s.hidden, routed = int64_t{s.experts} * 2 * slice;
+    std::vector<uint16_t> out(routed + int64_t{s.shared} * 2 * slice);
+    FillRandomBf16(rng, std::span<uint16_t>(out.data(), routed), 0.5f);
+    for (int64_t e = 0; e < s.shared; ++e) {
+      std::copy_n(gate.begin() + e * slice, slice, out.begin() + routed + 2 * e * slice);
+      std::copy_n(up.begin() + e * slice, slice, out.begin() + routed + (2 * e + 1) * slice);
+    }
+    return out;
+  }
+  static std::vector<uint16_t> StackDown(const ExpertShapes& s, const std::vector<uint16_t>& down, Rng& rng) {
+    const int64_t h = s.hidden, inter = s.intermediate, routed = int64_t{s.experts} * h * inter;
+    std::vector<uint16_t> out(routed + s.shared * h * inter);
+    FillRandomBf16(rng, std::span<uint16_t>(out.data(), routed), 0.5f);
+    for (int64_t e = 0; e < s.shared; ++e) {
+      for (int64_t n = 0; n < h; ++n) {
+        std::copy_n(down.begin() + n * s.shared * inter + e * inter, inter,
+                    out.begin() + routed + (e * h + n) * inter);
+      }
+    }
+    return out;
+  }
 };
 
-// y[pair] = a[source_row[pair]] . w[ids[pair]]^T for every (token, slot) pair, in pair order. Work
-// items are (expert, 64 weight rows), so the weight block stays in cache while the expert's pairs pass.
+// y[i] = a[source_row[i]] . w[ids[i]]^T for every row i of a list. Work items are (expert, 64 weight
+// rows), so the weight block stays in cache while the expert's rows pass.
 std::vector<double> ReferenceGemm(const std::vector<float>& a, const std::vector<int64_t>& source_row,
                                   const std::vector<int32_t>& ids, const std::vector<uint16_t>& w, int64_t n,
                                   int64_t k) {
@@ -567,28 +709,29 @@ std::vector<double> ReferenceGemm(const std::vector<float>& a, const std::vector
   return y;
 }
 
-// Output rows of the device matrix y [rows, n], reordered to pair order through slot_row.
-std::vector<float> RowsInPairOrder(const std::vector<uint16_t>& y, const std::vector<int32_t>& slot_row, int64_t n) {
-  std::vector<float> out(slot_row.size() * n);
-  for (size_t p = 0; p < slot_row.size(); ++p) {
-    for (int64_t col = 0; col < n; ++col) out[p * n + col] = Bf16ToFloat(y[slot_row[p] * n + col]);
+// Rows of the device matrix y [rows, n], reordered to a list's order through the device row of each.
+std::vector<float> RowsInListOrder(const std::vector<uint16_t>& y, const std::vector<int64_t>& device_row, int64_t n) {
+  std::vector<float> out(device_row.size() * n);
+  for (size_t p = 0; p < device_row.size(); ++p) {
+    for (int64_t col = 0; col < n; ++col) out[p * n + col] = Bf16ToFloat(y[device_row[p] * n + col]);
   }
   return out;
 }
 
 // Both GEMMs of a layer (gate_up from token rows through the gather, down from rows in routing order)
-// at every tile size, against one CPU reference.
+// at every tile size, against one CPU reference over the routed (token, slot) pairs and the (token,
+// shared expert) pairs.
 void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t tokens, Rng& rng) {
-  SCOPED_TRACE(::testing::Message() << s.name << " tokens " << tokens);
-  const int64_t pairs = tokens * s.top_k;
+  SCOPED_TRACE(::testing::Message() << s.name << " shared " << s.shared << " tokens " << tokens);
+  const int64_t pairs = tokens * s.top_k, rows = tokens * (s.top_k + s.shared);
   const int64_t n1 = 2 * s.intermediate, k1 = s.hidden, n2 = s.hidden, k2 = s.intermediate;
   const std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * k1);
-  const std::vector<uint16_t> act = RandomBf16(rng, pairs * k2);  // rows in routing order
+  const std::vector<uint16_t> act = RandomBf16(rng, rows * k2);  // rows in routing order
 
   DeviceBuffer<int32_t> d_ids(ids);
-  DeviceBuffer<uint16_t> d_hidden(hidden), d_act(act), d_y1(pairs * n1), d_y2(pairs * n2);
-  RoutingOnDevice d(tokens, s.top_k, s.experts);
+  DeviceBuffer<uint16_t> d_hidden(hidden), d_act(act), d_y1(rows * n1), d_y2(rows * n2);
+  RoutingOnDevice d(tokens, s.top_k, s.experts, s.shared);
   ASSERT_CUDA_OK(d_ids.error());
   ASSERT_CUDA_OK(d_hidden.error());
   ASSERT_CUDA_OK(d_act.error());
@@ -597,10 +740,10 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
   ASSERT_CUDA_OK(d.workspace.error());
 
   std::vector<double> want1, want2;
-  std::vector<int32_t> slot_row;
+  std::vector<int64_t> device_row;  // of each listed row: routed pairs in pair order, then shared s, token t
   for (int tile_rows : {16, 64, 128}) {
     SCOPED_TRACE(::testing::Message() << "tile_rows " << tile_rows);
-    ASSERT_CUDA_OK(d.Carve(tokens, s.top_k, s.experts, tile_rows));
+    ASSERT_CUDA_OK(d.Carve(tokens, s.top_k, s.experts, s.shared, tile_rows));
     ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
     ASSERT_CUDA_OK(d_y1.Poison());
     ASSERT_CUDA_OK(d_y2.Poison());
@@ -609,21 +752,34 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), n2, k2, Bf16(d_y2)}, d.routing, nullptr));
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     if (want1.empty()) {  // the row order does not depend on the tile size; checked by the align test
-      slot_row = ReadDevice(d.routing.slot_row, pairs);
-      std::vector<int64_t> token_of(pairs), row_of(pairs);
+      const std::vector<int32_t> slot_row = ReadDevice(d.routing.slot_row, pairs);
+      const int32_t shared_first = ReadDevice(d.routing.expert_offsets + s.experts, 1)[0];
+      ASSERT_EQ(shared_first, pairs);
+      std::vector<int32_t> expert_of(rows);
+      std::vector<int64_t> token_of(rows);
+      device_row.resize(rows);
       for (int64_t p = 0; p < pairs; ++p) {
-        token_of[p] = p / s.top_k;
-        row_of[p] = slot_row[p];
         ASSERT_TRUE(slot_row[p] >= 0 && slot_row[p] < pairs) << "pair " << p;
+        expert_of[p] = ids[p];
+        token_of[p] = p / s.top_k;
+        device_row[p] = slot_row[p];
       }
-      want1 = ReferenceGemm(ToFloat(hidden), token_of, ids, w.gate_up, n1, k1);
-      want2 = ReferenceGemm(ToFloat(act), row_of, ids, w.down, n2, k2);
+      for (int e = 0; e < s.shared; ++e) {
+        for (int64_t t = 0; t < tokens; ++t) {
+          const int64_t i = pairs + e * tokens + t;
+          expert_of[i] = s.experts + e;
+          token_of[i] = t;
+          device_row[i] = shared_first + e * tokens + t;
+        }
+      }
+      want1 = ReferenceGemm(ToFloat(hidden), token_of, expert_of, w.gate_up, n1, k1);
+      want2 = ReferenceGemm(ToFloat(act), device_row, expert_of, w.down, n2, k2);
     }
     std::vector<uint16_t> y1, y2;
     ASSERT_CUDA_OK(d_y1.Read(&y1));
     ASSERT_CUDA_OK(d_y2.Read(&y2));
-    ExpectClose(RowsInPairOrder(y1, slot_row, n1), want1, "gate_up (gathered rows)");
-    ExpectClose(RowsInPairOrder(y2, slot_row, n2), want2, "down (rows in routing order)");
+    ExpectClose(RowsInListOrder(y1, device_row, n1), want1, "gate_up (gathered rows)");
+    ExpectClose(RowsInListOrder(y2, device_row, n2), want2, "down (rows in routing order)");
   }
 }
 
@@ -632,7 +788,7 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnV2LiteShapes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408};
+  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
   const Experts experts(shapes, rng);
   ASSERT_CUDA_OK(experts.d_gate_up.error());
   ASSERT_CUDA_OK(experts.d_down.error());
@@ -644,7 +800,7 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnV3Shapes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const ExpertShapes shapes{"V3 (16 of the 256 experts)", 16, 8, 7168, 2048};
+  const ExpertShapes shapes{"V3 (16 of the 256 experts)", 16, 8, 7168, 2048, /*shared=*/1};
   const Experts experts(shapes, rng);
   ASSERT_CUDA_OK(experts.d_gate_up.error());
   ASSERT_CUDA_OK(experts.d_down.error());
@@ -657,25 +813,27 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnSizesThatAreOnlyMultiplesOfEight) {
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
   // gate_up 208 x 136, down 136 x 104: no size is a whole number of 64-column blocks or of k-steps.
-  const ExpertShapes shapes{"odd sizes", 5, 2, 136, 104};
-  const Experts experts(shapes, rng);
-  ASSERT_CUDA_OK(experts.d_gate_up.error());
-  ASSERT_CUDA_OK(experts.d_down.error());
-  for (int64_t tokens : {1, 37, 300}) ExpectGroupedGemmsMatchCpu(shapes, experts, tokens, rng);
+  for (int shared : {0, 1, 2}) {
+    const ExpertShapes shapes{"odd sizes", 5, 2, 136, 104, shared};
+    const Experts experts(shapes, rng);
+    ASSERT_CUDA_OK(experts.d_gate_up.error());
+    ASSERT_CUDA_OK(experts.d_down.error());
+    for (int64_t tokens : {1, 37, 300}) ExpectGroupedGemmsMatchCpu(shapes, experts, tokens, rng);
+  }
 }
 
 TEST(MoeGroupedGemmTest, RejectsSizesThatAreNotMultiplesOfEight) {
   COHORT_SKIP_WITHOUT_GPU();
-  RoutingOnDevice d(4, 2, 8);
+  RoutingOnDevice d(4, 2, 8, 0);
   ASSERT_CUDA_OK(d.workspace.error());
-  ASSERT_CUDA_OK(d.Carve(4, 2, 8, 16));
+  ASSERT_CUDA_OK(d.Carve(4, 2, 8, 0, 16));
   DeviceBuffer<uint16_t> a(4 * 104), w(8 * 64 * 104), y(8 * 64);
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 100, Bf16(y)}, d.routing, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 60, 104, Bf16(y)}, d.routing, nullptr), cudaErrorInvalidValue);
   MoeRouting odd_tiles = d.routing;
   odd_tiles.tile_rows = 32;
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 104, Bf16(y)}, odd_tiles, nullptr), cudaErrorInvalidValue);
-  EXPECT_EQ(d.Carve(4, 2, 8, 32), cudaErrorInvalidValue);
+  EXPECT_EQ(d.Carve(4, 2, 8, 0, 32), cudaErrorInvalidValue);
 }
 
 // ------------------------------------------------------------------------------ silu-mul, combine
@@ -723,28 +881,31 @@ TEST(MoeSiluMulTest, MatchesCpuForTheRowsInUse) {
   }
 }
 
-TEST(MoeCombineTest, SumsWeightedExpertRowsPlusTheSharedOutput) {
-  COHORT_SKIP_WITHOUT_GPU();
-  const uint64_t seed = FreshSeed();
-  SCOPED_TRACE(::testing::Message() << "seed " << seed);
-  Rng rng(seed);
+// out[t] = add[t] + sum_j w[t, j] y[slot_row[t, j]] + sum_s y[offsets[E] + s T + t], with and without
+// `add`, in place and out of place, with some routed slots on other ranks (so the shared rows start
+// before T*k).
+void ExpectCombineMatchesCpu(int shared, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << "shared " << shared);
   const int64_t tokens = 300, hidden = 2048;
   const int top_k = 6, experts = 64;
+  const int64_t rows = tokens * (top_k + shared);
   std::vector<int32_t> ids = RandomTopkIds(rng, tokens, top_k, experts);
   for (int i = 0; i < 50; ++i) ids[rng.Below(static_cast<int>(ids.size()))] = -1;  // some slots on other ranks
   std::vector<float> weights(tokens * top_k);
   for (float& w : weights) w = rng.Uniform(0.0f, 1.0f);
-  const std::vector<uint16_t> expert_out = RandomBf16(rng, tokens * top_k * hidden, 3.0f);
+  const std::vector<uint16_t> expert_out = RandomBf16(rng, rows * hidden, 3.0f);
   const std::vector<uint16_t> add = RandomBf16(rng, tokens * hidden, 3.0f);
 
-  RoutingOnDevice d(tokens, top_k, experts);
+  RoutingOnDevice d(tokens, top_k, experts, shared);
   DeviceBuffer<int32_t> d_ids(ids);
   DeviceBuffer<float> d_weights(weights);
   DeviceBuffer<uint16_t> d_expert_out(expert_out), d_add(add), d_out(tokens * hidden);
   ASSERT_CUDA_OK(d.workspace.error());
-  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, 16));
+  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, shared, 16));
   ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
   const std::vector<int32_t> slot_row = ReadDevice(d.routing.slot_row, tokens * top_k);
+  const int32_t shared_first = ReadDevice(d.routing.expert_offsets + experts, 1)[0];
+  ASSERT_LT(shared_first, tokens * top_k);
 
   for (bool with_add : {true, false}) {
     SCOPED_TRACE(with_add ? "with add" : "without add");
@@ -762,6 +923,7 @@ TEST(MoeCombineTest, SumsWeightedExpertRowsPlusTheSharedOutput) {
           if (ids[t * top_k + j] < 0) continue;
           sum += static_cast<double>(weights[t * top_k + j]) * Bf16ToFloat(expert_out[row * hidden + h]);
         }
+        for (int e = 0; e < shared; ++e) sum += Bf16ToFloat(expert_out[(shared_first + e * tokens + t) * hidden + h]);
         want[t * hidden + h] = sum;
       }
     }
@@ -780,6 +942,14 @@ TEST(MoeCombineTest, SumsWeightedExpertRowsPlusTheSharedOutput) {
   EXPECT_EQ(in_place, out_of_place);
 }
 
+TEST(MoeCombineTest, SumsWeightedRoutedRowsAndSharedRows) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  for (int shared : {0, 1, 2}) ExpectCombineMatchesCpu(shared, rng);
+}
+
 // ------------------------------------------------------------------------------------ whole layer
 
 struct LayerCase {
@@ -788,32 +958,35 @@ struct LayerCase {
   int hidden;
   int intermediate;
   bool bias;
+  int shared;  // shared experts
 };
 
-// The routed experts of one MoE layer on the CPU: TopkRouter, then per chosen expert gate_up, SiLU
-// and down in double, rounded to bf16 where the GPU stores bf16 (gate_up, act, the expert output y2),
-// then the weighted sum plus the shared output, in double.
+// One MoE layer on the CPU, the way a model defines it: TopkRouter, then per chosen expert gate_up,
+// SiLU and down in double, rounded to bf16 where the GPU stores bf16 (gate_up, act, the expert output
+// y2), weighted and summed in double; plus the shared experts as one dense MLP of intermediate S*I
+// over the published [S*I, H] / [H, S*I] matrices, rounded to bf16 at gate_up and act.
 //
 // Rounding at the same points does not make the two pipelines agree to the output's own precision:
 // the GPU rounds an fp32 tensor-core sum and the CPU a double sum, and where the two straddle a
 // rounding midpoint they land one bf16 ulp apart. Flips of y2 are what show: |y2| is some 400 for
 // V2-Lite (ulp 2 to 4), the weights ~0.1, so a flip moves out[t, n] by ~0.3, which is several ulps of
-// an output that the six weighted terms and the shared output partly cancel. `allowance` is therefore
-// one ulp of each weighted term, sum_j |w_j| ulp(y2_j); flips of gate_up and act move y2 by far less
-// than its ulp and fit in ExpectClose's own terms. A wrong expert, weight or row is off by a
-// whole term, hundreds of these ulps.
+// an output that the weighted terms and the shared output partly cancel. `allowance` is therefore one
+// ulp of each weighted term, sum_j |w_j| ulp(y2_j); flips of gate_up and act move y2 by far less than
+// its ulp and fit in ExpectClose's own terms. The GPU also rounds each shared expert's y2 (the part of
+// the dense down product over its slice of the intermediate units), which the dense reference does
+// not: one ulp of each such part joins the allowance. A wrong expert, weight or row is off by a whole
+// term, hundreds of these ulps.
 struct LayerReference {
   std::vector<double> out;        // [T, H]
   std::vector<double> allowance;  // [T, H]
 };
 LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::vector<float>& logits,
-                              const std::vector<float>& bias, const std::vector<uint16_t>& x,
-                              const std::vector<uint16_t>& add, int64_t tokens) {
+                              const std::vector<float>& bias, const std::vector<uint16_t>& x, int64_t tokens) {
   const int experts = static_cast<int>(c.router.n_routed_experts);
   const int top_k = static_cast<int>(c.router.num_experts_per_tok);
-  const int64_t h = c.hidden, inter = c.intermediate;
+  const int64_t h = c.hidden, inter = c.intermediate, shared_inter = int64_t{c.shared} * c.intermediate;
   const TopkRouter router(c.router);
-  LayerReference ref{std::vector<double>(tokens * h), std::vector<double>(tokens * h, 0.0)};
+  LayerReference ref{std::vector<double>(tokens * h, 0.0), std::vector<double>(tokens * h, 0.0)};
 #pragma omp parallel for schedule(dynamic)
   for (int64_t t = 0; t < tokens; ++t) {
     std::vector<int32_t> ids(top_k);
@@ -823,7 +996,6 @@ LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::v
     std::vector<float> gate_up(2 * inter), act(inter);
     double* out = ref.out.data() + t * h;
     double* allowance = ref.allowance.data() + t * h;
-    for (int64_t i = 0; i < h; ++i) out[i] = Bf16ToFloat(add[t * h + i]);
     for (int j = 0; j < top_k; ++j) {
       const uint16_t* wgu = w.gate_up.data() + static_cast<int64_t>(ids[j]) * 2 * inter * h;
       const uint16_t* wd = w.down.data() + static_cast<int64_t>(ids[j]) * h * inter;
@@ -835,6 +1007,20 @@ LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::v
         allowance[n] += std::abs(static_cast<double>(weights[j])) * UlpBf16(y2);
       }
     }
+    if (c.shared == 0) continue;
+    std::vector<float> shared_act(shared_inter);
+    for (int64_t i = 0; i < shared_inter; ++i) {
+      const float gate = RoundBf16(DotBf16(xt.data(), w.shared_gate.data() + i * h, h));
+      const float up = RoundBf16(DotBf16(xt.data(), w.shared_up.data() + i * h, h));
+      shared_act[i] = RoundBf16(Silu(gate) * up);
+    }
+    for (int64_t n = 0; n < h; ++n) {
+      const uint16_t* row = w.shared_down.data() + n * shared_inter;
+      out[n] += DotBf16(shared_act.data(), row, shared_inter);
+      for (int e = 0; e < c.shared; ++e) {
+        allowance[n] += UlpBf16(RoundBf16(DotBf16(shared_act.data() + e * inter, row + e * inter, inter)));
+      }
+    }
   }
   return ref;
 }
@@ -843,29 +1029,28 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   SCOPED_TRACE(::testing::Message() << c.name << " tokens " << tokens);
   const int experts = static_cast<int>(c.router.n_routed_experts);
   const int top_k = static_cast<int>(c.router.num_experts_per_tok);
-  const int64_t h = c.hidden, inter = c.intermediate, pairs = tokens * top_k;
+  const int64_t h = c.hidden, inter = c.intermediate, pairs = tokens * top_k, rows = tokens * (top_k + c.shared);
   std::vector<float> logits, bias;
   ASSERT_NO_FATAL_FAILURE(DrawRouterInputs(rng, c.router, tokens, c.bias, Logits::kContinuous, &logits, &bias));
   const std::vector<uint16_t> x = RandomBf16(rng, tokens * h);
-  const std::vector<uint16_t> add = RandomBf16(rng, tokens * h);
 
   DeviceBuffer<float> d_logits(logits);
   DeviceBuffer<float> d_bias(c.bias ? bias : std::vector<float>{0.0f});
-  DeviceBuffer<uint16_t> d_x(x), d_add(add), d_y1(pairs * 2 * inter), d_act(pairs * inter), d_y2(pairs * h),
-      d_out(tokens * h);
+  DeviceBuffer<uint16_t> d_x(x), d_y1(rows * 2 * inter), d_act(rows * inter), d_y2(rows * h), d_out(tokens * h);
   DeviceBuffer<int32_t> d_ids(pairs), d_used(std::vector<int32_t>{0});
   DeviceBuffer<float> d_weights(pairs);
-  RoutingOnDevice d(tokens, top_k, experts);
+  RoutingOnDevice d(tokens, top_k, experts, c.shared);
   for (cudaError_t e : {w.d_gate_up.error(), w.d_down.error(), d_logits.error(), d_bias.error(), d_x.error(),
-                        d_add.error(), d_y1.error(), d_act.error(), d_y2.error(), d_out.error(), d_ids.error(),
-                        d_used.error(), d_weights.error(), d.workspace.error()}) {
+                        d_y1.error(), d_act.error(), d_y2.error(), d_out.error(), d_ids.error(), d_used.error(),
+                        d_weights.error(), d.workspace.error()}) {
     ASSERT_CUDA_OK(e);
   }
-  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, MoeDefaultTileRows(pairs, experts)));
+  ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, c.shared, MoeDefaultTileRows(tokens, top_k, experts, c.shared)));
   for (const auto* b : {&d_y1, &d_act, &d_y2, &d_out}) ASSERT_CUDA_OK(b->Poison());
 
   cudaStream_t stream;  // a blocking stream: ordered after the poisoning memsets
   ASSERT_CUDA_OK(cudaStreamCreate(&stream));
+  // As the engine runs a MoE layer: routed and shared experts in the same grouped products.
   auto layer = [&]() -> cudaError_t {
     cudaError_t e;
     if ((e = LaunchMoeGate(d_logits.get(), c.bias ? d_bias.get() : nullptr, tokens, GateParams(c.router),
@@ -873,11 +1058,11 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
     if ((e = LaunchMoeAlign(d_ids.get(), d.routing, d_used.get(), stream)) != cudaSuccess) return e;
     if ((e = LaunchMoeGroupedGemm({Bf16(d_x), true, Bf16(w.d_gate_up), 2 * inter, h, Bf16(d_y1)}, d.routing,
                                   stream)) != cudaSuccess) return e;
-    if ((e = LaunchMoeSiluMul(Bf16(d_y1), pairs, inter, d.routing.expert_offsets + experts, Bf16(d_act), stream)) !=
-        cudaSuccess) return e;
+    if ((e = LaunchMoeSiluMul(Bf16(d_y1), rows, inter, d.routing.expert_offsets + experts + c.shared, Bf16(d_act),
+                              stream)) != cudaSuccess) return e;
     if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2)}, d.routing, stream)) !=
         cudaSuccess) return e;
-    return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, Bf16(d_add), h, Bf16(d_out), stream);
+    return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, nullptr, h, Bf16(d_out), stream);
   };
   ASSERT_CUDA_OK(layer());
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
@@ -885,7 +1070,7 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   ASSERT_CUDA_OK(d_out.Read(&eager));
   const int32_t used = ReadDevice(d_used.get(), 1)[0];
 
-  const LayerReference want = ReferenceLayer(c, w, logits, bias, x, add, tokens);
+  const LayerReference want = ReferenceLayer(c, w, logits, bias, x, tokens);
   ExpectClose(ToFloat(eager), want.out, "layer output", want.allowance);
   const std::vector<int32_t> ids = ReadDevice(d_ids.get(), pairs);
   std::vector<bool> hit(experts, false);
@@ -893,7 +1078,7 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
     ASSERT_TRUE(id >= 0 && id < experts) << "expert id " << id;
     hit[id] = true;
   }
-  EXPECT_EQ(used, std::count(hit.begin(), hit.end(), true));
+  EXPECT_EQ(used, std::count(hit.begin(), hit.end(), true)) << "routed experts used (shared ones not counted)";
 
   // The same layer captured in a graph and replayed twice gives the same bits.
   cudaGraph_t graph;
@@ -922,13 +1107,18 @@ TEST(MoeLayerTest, MatchesCpuLoopEagerAndInAGraph) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const LayerCase v2_lite{"V2-Lite", V2LiteRouter(), 2048, 1408, false};
+  const LayerCase v2_lite{"V2-Lite", V2LiteRouter(), 2048, 1408, false, /*shared=*/2};
   const LayerCase v3_small{"V3 routing, small experts",
                            RouterConfig(64, 8, 8, 4, ScoringFunc::kSigmoid, TopkMethod::kNoAuxTc, true, 2.5), 1024,
-                           256, true};
-  for (const LayerCase* c : {&v2_lite, &v3_small}) {
+                           256, true, /*shared=*/1};
+  const LayerCase v2_group{"V2 group-limited routing, no shared experts", V2GroupRouter(), 512, 256, false,
+                           /*shared=*/0};
+  // All of V3's 256 routed experts and its shared one (257 experts in the grouped products), small.
+  const LayerCase v3_tiny{"V3 routing, tiny experts", V3Router(), 256, 128, true, /*shared=*/1};
+  for (const LayerCase* c : {&v2_lite, &v3_small, &v2_group, &v3_tiny}) {
     const Experts w(ExpertShapes{c->name, static_cast<int>(c->router.n_routed_experts),
-                                 static_cast<int>(c->router.num_experts_per_tok), c->hidden, c->intermediate},
+                                 static_cast<int>(c->router.num_experts_per_tok), c->hidden, c->intermediate,
+                                 c->shared},
                     rng);
     for (int64_t tokens : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{1500}}) {
       ExpectLayerMatchesCpu(*c, w, tokens, rng);

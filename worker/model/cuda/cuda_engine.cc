@@ -14,6 +14,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/mla_decode.h"
 #include "kernels/moe.h"
+#include "kernels/skinny_gemm.h"
 #include "spdlog/spdlog.h"
 #include "worker/model/checkpoint.h"
 #include "worker/model/cuda/cublas_api.h"
@@ -34,6 +35,12 @@ constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs 
 constexpr int64_t kPrefillScoresBytes = int64_t{512} << 20;  // scores + probabilities of expanded prefill
 constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
+// Products of up to this many rows use the skinny kernel (kernels/skinny_gemm.h): on the H200 it
+// matches or beats cuBLAS at 1-8 rows and trails it at 16-32 (skinny_gemm_bench).
+constexpr int64_t kSkinnyRows = 8;
+// Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
+// (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows.
+constexpr int64_t kFoldSharedMaxTokens = 512;
 constexpr int64_t kReserveBytes = int64_t{512} << 20;   // CUDA graphs, cuBLAS and driver state
 constexpr uint64_t kSyntheticSeed = 0x5eed;
 
@@ -122,6 +129,11 @@ class CudaEngine final : public Engine {
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
   absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
+  // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
+  // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
+  // and overlaps the kernel before it; cuBLAS above.
+  absl::Status Product(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
+                       const GemmOutput& y, int batch = 1);
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
   absl::Status RunStep(std::span<const SequenceStep> batch);
@@ -140,6 +152,7 @@ class CudaEngine final : public Engine {
   KvCacheGeometry geometry_;
   StepStats stats_;
   int num_sms_ = 0;
+  int64_t mla_resident_blocks_ = 0;  // attention blocks the GPU holds at once
   int64_t max_tokens_ = 0;     // per step
   int64_t max_sequences_ = 0;  // per step
   int64_t table_capacity_ = 0; // block-table entries per step
@@ -202,19 +215,21 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   // Partial outputs and log-sum-exps of up to kSplitPairs (query, context split) pairs.
   ws.split_partials = a.Take<float>(kSplitPairs * heads * (rank + 1));
 
-  const int64_t shared_inter = c.moe_intermediate_size * c.n_shared_experts;
-  const int64_t dense_inter = std::max(c.intermediate_size, shared_inter);
+  // The dense layers' MLP, and the shared experts of steps too large to fold them into the grouped products.
+  const int64_t dense_inter = std::max(c.intermediate_size, c.moe_intermediate_size * c.n_shared_experts);
   ws.mlp_gate_up = a.Take<bf16>(T * 2 * dense_inter);
   ws.mlp_act = a.Take<bf16>(T * dense_inter);
   if (c.n_routed_experts > 0) {
-    const int64_t routed = T * c.num_experts_per_tok, inter = c.moe_intermediate_size;
+    // One row per (token, routed slot) and per (token, shared expert): the grouped GEMMs run both.
+    const int64_t pairs = T * c.num_experts_per_tok, inter = c.moe_intermediate_size;
+    const int64_t rows = T * (c.num_experts_per_tok + c.n_shared_experts);
     ws.router_logits = a.Take<float>(T * c.n_routed_experts);
-    ws.topk_ids = a.Take<int32_t>(routed);
-    ws.topk_weights = a.Take<float>(routed);
-    ws.routed_gate_up = a.Take<bf16>(routed * 2 * inter);
-    ws.routed_act = a.Take<bf16>(routed * inter);
-    ws.routed_out = a.Take<bf16>(routed * H);
-    ws.shared_out = a.Take<bf16>(T * H);
+    ws.topk_ids = a.Take<int32_t>(pairs);
+    ws.topk_weights = a.Take<float>(pairs);
+    ws.routed_gate_up = a.Take<bf16>(rows * 2 * inter);
+    ws.routed_act = a.Take<bf16>(rows * inter);
+    ws.routed_out = a.Take<bf16>(rows * H);
+    if (c.n_shared_experts > 0) ws.shared_out = a.Take<bf16>(T * H);
     ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
   }
   ws.final_rows = a.Take<bf16>(S * H);
@@ -245,6 +260,15 @@ absl::Status CudaEngine::Initialize() {
   cudaDeviceProp props{};
   COHORT_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, options_.device_id));
   num_sms_ = props.multiProcessorCount;
+  int mla_blocks_per_sm = 0;
+  if (kernels::MlaDecodeResidentBlocks(static_cast<int>(c.kv_lora_rank), static_cast<int>(c.qk_rope_head_dim),
+                                       &mla_blocks_per_sm) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return absl::UnimplementedError(absl::StrCat(
+        "the CUDA backend's MLA attention supports (kv_lora_rank, qk_rope_head_dim) of (512, 64), (64, 16) "
+        "and (32, 8); this model has (", c.kv_lora_rank, ", ", c.qk_rope_head_dim, "): use --device cpu"));
+  }
+  mla_resident_blocks_ = int64_t{num_sms_} * mla_blocks_per_sm;
   if (options_.kv_block_size <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--kv-block-size must be positive, got ", options_.kv_block_size));
   }
@@ -267,8 +291,16 @@ absl::Status CudaEngine::Initialize() {
   }
 
   if (c.n_routed_experts > 0) {
+    if (c.n_routed_experts > kMoeMaxExperts || c.num_experts_per_tok > kMoeMaxTopK ||
+        c.n_shared_experts > kMoeMaxShared) {
+      return absl::UnimplementedError(absl::StrCat(
+          "the CUDA MoE kernels take up to ", kMoeMaxExperts, " routed experts, top-", kMoeMaxTopK, " and ",
+          kMoeMaxShared, " shared experts; this model has ", c.n_routed_experts, ", top-", c.num_experts_per_tok,
+          " and ", c.n_shared_experts, ": use --device cpu"));
+    }
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
-                                                    static_cast<int32_t>(c.n_routed_experts));
+                                                    static_cast<int32_t>(c.n_routed_experts),
+                                                    static_cast<int32_t>(c.n_shared_experts));
   }
 
   // Plan: weights, workspace, then the KV cache from what is left.
@@ -326,6 +358,7 @@ absl::Status CudaEngine::Initialize() {
     COHORT_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options_.model_dir));
     COHORT_RETURN_IF_ERROR(LoadWeights(c, *checkpoint, weights_));
   }
+  COHORT_RETURN_IF_ERROR(DeriveWeights(c, weights_));
 
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   COHORT_ASSIGN_OR_RETURN(cublas_api_, CublasApi::Load());
@@ -340,9 +373,11 @@ absl::Status CudaEngine::Initialize() {
 }
 
 int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
+  // As many splits as keep every (head group, split, query) block resident in one wave: a second,
+  // partial wave would cost as much time as the first. Each split keeps at least two 32-token tiles.
   const int64_t head_groups = CeilDiv(config_.num_heads, 16);
-  int64_t splits = CeilDiv(2 * num_sms_, std::max<int64_t>(1, queries * head_groups));
-  if (max_context > 0) splits = std::min(splits, std::max<int64_t>(1, CeilDiv(max_context, 32) / 4));
+  int64_t splits = mla_resident_blocks_ / std::max<int64_t>(1, queries * head_groups);
+  if (max_context > 0) splits = std::min(splits, CeilDiv(max_context, 32) / 2);
   splits = std::min<int64_t>({splits, kMaxSplits, kSplitPairs / std::max(queries, 1)});
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
@@ -443,31 +478,31 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   const int64_t T = s.num_tokens, H = c.hidden_size, heads = c.num_heads, qk = c.qk_head_dim();
   const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank, width = c.kv_cache_width();
   if (c.q_lora_rank > 0) {
-    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, c.q_lora_rank, H, {ws_.x, H}, {l.q_a_proj.data, H}, true,
-                                {ws_.q_a, c.q_lora_rank, 0, CUDA_R_32F}));
+    COHORT_RETURN_IF_ERROR(
+        Product(T, c.q_lora_rank, H, {ws_.x, H}, {l.q_a_proj.data, H}, {ws_.q_a, c.q_lora_rank, 0, CUDA_R_32F}));
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.q_a, c.q_lora_rank, l.q_a_norm, T, c.q_lora_rank,
                                                        kLatentNormEps, ws_.q_a_normed, c.q_lora_rank, stream_));
     COHORT_RETURN_IF_ERROR(Linear(l.q_b_proj, ws_.q_a_normed, T, ws_.q));
   } else {
     COHORT_RETURN_IF_ERROR(Linear(l.q_proj, ws_.x, T, ws_.q));
   }
-  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRopeQueries(ws_.q, T, heads, qk, ws_.positions, RopeArgs(), stream_));
 
   // This step's latents go into the cache first, so tokens of one sequence in this step see each
-  // other (causally) through the cache like any earlier token.
+  // other (causally) through the cache like any earlier token; the same launch rotates the queries.
   bf16* cache = LayerCache(index);
-  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, width, H, {ws_.x, H}, {l.kv_a_proj.data, H}, true,
-                              {ws_.kv, width, 0, CUDA_R_32F}));
+  COHORT_RETURN_IF_ERROR(Product(T, width, H, {ws_.x, H}, {l.kv_a_proj.data, H}, {ws_.kv, width, 0, CUDA_R_32F}));
   const kernels::CacheWriteParams where{ws_.positions, ws_.token_sequence, ws_.block_tables, ws_.table_offsets,
                                         static_cast<int>(geometry_.block_size_tokens)};
+  const kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
   COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.kv, T, rank, l.kv_a_norm, kLatentNormEps, RopeArgs(),
-                                                          where, cache, stream_));
+                                                          where, cache, stream_, queries));
 
   if (s.absorbed_tokens > 0) {
     const int64_t Q = s.absorbed_tokens, kv_b_head = (nope + v) * rank;
-    // q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows [h (nope + v), + nope) as [nope, rank].
-    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, Q, rank, nope, {ws_.q, heads * qk, qk}, {l.kv_b_proj.data, rank, kv_b_head},
-                                false, {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
+    // q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows [h (nope + v), + nope) as [nope, rank],
+    // stored transposed ([rank, nope]) in absorbed_keys.
+    COHORT_RETURN_IF_ERROR(Product(Q, rank, nope, {ws_.q, heads * qk, qk}, {l.absorbed_keys, nope, rank * nope},
+                                   {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
     kernels::MlaDecodeParams p;
     p.q_latent = ws_.q_latent;
     p.q_rope = ws_.q + nope;
@@ -490,9 +525,9 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     p.partial_lse = ws_.split_partials + kSplitPairs * heads * rank;
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchMlaDecode(p, stream_));
     // attn[t, h] = o_latent[t, h] . W_uv[h]^T, W_uv[h] = kv_b_proj rows [h (nope + v) + nope, + v).
-    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, Q, v, rank, {ws_.o_latent, heads * rank, rank},
-                                {l.kv_b_proj.data + nope * rank, rank, kv_b_head}, true, {ws_.attn, heads * v, v},
-                                static_cast<int>(heads)));
+    COHORT_RETURN_IF_ERROR(Product(Q, v, rank, {ws_.o_latent, heads * rank, rank},
+                                   {l.kv_b_proj.data + nope * rank, rank, kv_b_head}, {ws_.attn, heads * v, v},
+                                   static_cast<int>(heads)));
   }
   for (const ExpandedChunk& chunk : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(chunk, l, cache));
   return Linear(l.o_proj, ws_.attn, T, ws_.delta);
@@ -539,18 +574,21 @@ absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const Dev
 absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) {
   const ModelConfig& c = config_;
   const int64_t T = s.num_tokens, H = c.hidden_size;
-  // down(silu(gate(x)) * up(x)) through the stacked [2I, H] gate_up matrix.
-  auto dense_mlp = [&](const DeviceMatrix& gate_up, const DeviceMatrix& down, bf16* out) -> absl::Status {
-    const int64_t inter = down.cols;
-    COHORT_RETURN_IF_ERROR(Linear(gate_up, ws_.x, T, ws_.mlp_gate_up));
-    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, T, inter, nullptr, ws_.mlp_act, stream_));
-    return Linear(down, ws_.mlp_act, T, out);
-  };
-  if (!l.moe) return dense_mlp(l.mlp_gate_up, l.mlp_down, ws_.delta);
+  if (!l.moe) {
+    // down(silu(gate(x)) * up(x)) through the stacked [2I, H] gate_up matrix.
+    COHORT_RETURN_IF_ERROR(Linear(l.mlp_gate_up, ws_.x, T, ws_.mlp_gate_up));
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, T, l.mlp_down.cols, nullptr, ws_.mlp_act, stream_));
+    return Linear(l.mlp_down, ws_.mlp_act, T, ws_.delta);
+  }
 
+  // The shared experts are experts E..E+S-1 of the weight arrays. Up to kFoldSharedMaxTokens tokens
+  // they join the routed ones in the grouped products (one row per token, weight 1 in the combine):
+  // no extra launches, and they stream like any expert. Prefill-sized steps run them on cuBLAS.
   const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
-  const int64_t inter = c.moe_intermediate_size, rows = T * k;
-  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, E, H, {ws_.x, H}, {l.router.data, H}, true, {ws_.router_logits, E, 0, CUDA_R_32F}));
+  const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
+  const int32_t folded = T <= kFoldSharedMaxTokens ? shared : 0;
+  const int64_t inter = c.moe_intermediate_size, rows = T * (k + folded);
+  COHORT_RETURN_IF_ERROR(Product(T, E, H, {ws_.x, H}, {l.router.data, H}, {ws_.router_logits, E, 0, CUDA_R_32F}));
   MoeGateParams gate;
   gate.num_experts = E;
   gate.top_k = k;
@@ -569,26 +607,58 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
                                                                      static_cast<int>(T), stream_));
   }
   MoeRouting routing;
-  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E,
-                                              MoeDefaultTileRows(rows, E), &routing));
+  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E, folded,
+                                              MoeDefaultTileRows(T, k, E, folded), &routing));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.topk_ids, routing, ws_.experts_used, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, 2 * inter, H,
                                                     ws_.routed_gate_up}, routing, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.routed_gate_up, rows, inter, routing.expert_offsets + E,
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.routed_gate_up, rows, inter, routing.expert_offsets + E + folded,
                                                ws_.routed_act, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
                                                     ws_.routed_out}, routing, stream_));
-  const bf16* shared = nullptr;
-  if (c.n_shared_experts > 0) {
-    COHORT_RETURN_IF_ERROR(dense_mlp(l.shared_gate_up, l.shared_down, ws_.shared_out));
-    shared = ws_.shared_out;
+  const bf16* add = nullptr;
+  if (folded < shared) {
+    // [S][T, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
+    const bf16* gate_up = l.experts_gate_up + E * 2 * inter * H;
+    const bf16* down = l.experts_down + E * H * inter;
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, 2 * inter, H, {ws_.x, H, 0}, {gate_up, H, 2 * inter * H}, true,
+                                {ws_.mlp_gate_up, 2 * inter, T * 2 * inter}, shared));
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, shared * T, inter, nullptr, ws_.mlp_act, stream_));
+    for (int32_t e = 0; e < shared; ++e) {
+      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, H, inter, {ws_.mlp_act + e * T * inter, inter},
+                                  {down + e * H * inter, inter}, true, {ws_.shared_out, H}, 1, 1.0f, e == 0 ? 0.0f : 1.0f));
+    }
+    add = ws_.shared_out;
   }
-  return CudaStatus(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, shared, H, ws_.delta, stream_),
+  return CudaStatus(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, add, H, ws_.delta, stream_),
                     "LaunchMoeCombine");
 }
 
+absl::Status CudaEngine::Product(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
+                                 const GemmOutput& y, int batch) {
+  kernels::SkinnyGemmParams p;
+  p.x = static_cast<const bf16*>(x.data);
+  p.x_row_stride = x.ld;
+  p.x_batch_stride = x.batch_stride;
+  p.w = static_cast<const bf16*>(w.data);
+  p.w_row_stride = w.ld;
+  p.w_batch_stride = w.batch_stride;
+  p.y = y.data;
+  p.y_row_stride = y.ld;
+  p.y_batch_stride = y.batch_stride;
+  p.y_fp32 = y.type == CUDA_R_32F;
+  p.rows = static_cast<int>(m);
+  p.n_out = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.batch = batch;
+  if (m <= kSkinnyRows && x.type == CUDA_R_16BF && w.type == CUDA_R_16BF && kernels::SkinnyGemmSupports(p)) {
+    return CudaStatus(kernels::LaunchSkinnyGemm(p, stream_), "LaunchSkinnyGemm");
+  }
+  return Gemm(*cublas_api_, cublas_, m, n, k, x, w, true, y, batch);
+}
+
 absl::Status CudaEngine::Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y) {
-  return Gemm(*cublas_api_, cublas_, rows, w.rows, w.cols, {x, w.cols}, {w.data, w.cols}, true, {y, w.rows});
+  return Product(rows, w.rows, w.cols, {x, w.cols}, {w.data, w.cols}, {y, w.rows});
 }
 
 absl::Status CudaEngine::RecordForward(const StepLayout& s) {
@@ -612,7 +682,7 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
                                                         static_cast<int>(H), eps, ws_.x, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(
       kernels::LaunchGatherRows(ws_.x, ws_.logits_rows, s.rows, static_cast<int>(H), ws_.final_rows, stream_));
-  return Gemm(*cublas_api_, cublas_, s.rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H}, true,
+  return Product(s.rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H},
               {ws_.logits, c.vocab_size, 0, CUDA_R_32F});
 }
 

@@ -49,6 +49,31 @@ class Uploader {
     COHORT_RETURN_IF_ERROR(Tensor(prefix + ".up_proj.weight", {intermediate, hidden}, gate_up + intermediate * hidden));
     return Tensor(prefix + ".down_proj.weight", {hidden, intermediate}, down);
   }
+  // The MLP under `prefix` (intermediate n * intermediate) as n experts of `intermediate` stacked from
+  // gate_up [n, 2 * intermediate, hidden] and down [n, hidden, intermediate]: expert s takes gate and
+  // up rows [s * intermediate, (s + 1) * intermediate) and that column slice of down.
+  absl::Status MlpAsExperts(const std::string& prefix, int64_t n, int64_t intermediate, int64_t hidden,
+                            bf16* gate_up, bf16* down) {
+    const int64_t slice = intermediate * hidden;  // values of one expert's gate (or up) rows
+    const char* const halves[] = {".gate_proj.weight", ".up_proj.weight"};  // rows [0, I), [I, 2I)
+    for (int half = 0; half < 2; ++half) {
+      COHORT_ASSIGN_OR_RETURN(std::vector<uint16_t> bits,
+                              ReadBf16(ckpt_, prefix + halves[half], {n * intermediate, hidden}));
+      for (int64_t s = 0; s < n; ++s) {
+        COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy(gate_up + (2 * s + half) * slice, bits.data() + s * slice,
+                                               slice * sizeof(uint16_t), cudaMemcpyHostToDevice));
+      }
+    }
+    COHORT_ASSIGN_OR_RETURN(std::vector<uint16_t> bits,
+                            ReadBf16(ckpt_, prefix + ".down_proj.weight", {hidden, n * intermediate}));
+    for (int64_t s = 0; s < n; ++s) {
+      const size_t row_bytes = intermediate * sizeof(uint16_t);
+      COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy2D(down + s * hidden * intermediate, row_bytes,
+                                               bits.data() + s * intermediate, n * row_bytes, row_bytes, hidden,
+                                               cudaMemcpyHostToDevice));
+    }
+    return absl::OkStatus();
+  }
 
  private:
   const Checkpoint& ckpt_;
@@ -77,6 +102,7 @@ DeviceWeights PlaceWeights(const ModelConfig& c, DeviceArena& arena) {
     l.kv_a_proj = PlaceMatrix(arena, c.kv_cache_width(), hidden);
     l.kv_a_norm = arena.Take<bf16>(c.kv_lora_rank);
     l.kv_b_proj = PlaceMatrix(arena, heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+    l.absorbed_keys = arena.Take<bf16>(heads * c.kv_lora_rank * c.qk_nope_head_dim);
     l.o_proj = PlaceMatrix(arena, hidden, heads * c.v_head_dim);
     l.moe = c.IsMoeLayer(i);
     if (!l.moe) {
@@ -85,14 +111,11 @@ DeviceWeights PlaceWeights(const ModelConfig& c, DeviceArena& arena) {
       continue;
     }
     const int64_t experts = c.n_routed_experts, inter = c.moe_intermediate_size;
+    const int64_t all_experts = experts + c.n_shared_experts;
     l.router = PlaceMatrix(arena, experts, hidden);
     if (c.topk_method == TopkMethod::kNoAuxTc) l.router_bias = arena.Take<float>(experts);
-    l.experts_gate_up = arena.Take<bf16>(experts * 2 * inter * hidden);
-    l.experts_down = arena.Take<bf16>(experts * hidden * inter);
-    if (c.n_shared_experts > 0) {
-      l.shared_gate_up = PlaceMatrix(arena, 2 * inter * c.n_shared_experts, hidden);
-      l.shared_down = PlaceMatrix(arena, hidden, inter * c.n_shared_experts);
-    }
+    l.experts_gate_up = arena.Take<bf16>(all_experts * 2 * inter * hidden);
+    l.experts_down = arena.Take<bf16>(all_experts * hidden * inter);
   }
   return w;
 }
@@ -142,8 +165,10 @@ absl::Status LoadWeights(const ModelConfig& c, const Checkpoint& checkpoint, con
                                     l.experts_gate_up + e * 2 * inter * hidden, l.experts_down + e * hidden * inter));
     }
     if (c.n_shared_experts > 0) {
-      COHORT_RETURN_IF_ERROR(up.Mlp(m + ".shared_experts", inter * c.n_shared_experts, hidden,
-                                    l.shared_gate_up.data, l.shared_down.data));
+      const int64_t first = c.n_routed_experts;
+      COHORT_RETURN_IF_ERROR(up.MlpAsExperts(m + ".shared_experts", c.n_shared_experts, inter, hidden,
+                                             l.experts_gate_up + first * 2 * inter * hidden,
+                                             l.experts_down + first * hidden * inter));
     }
   }
   return absl::OkStatus();
@@ -189,12 +214,26 @@ absl::Status FillSyntheticWeights(const ModelConfig& c, const DeviceWeights& w, 
       COHORT_RETURN_IF_ERROR(CudaStatus(kernels::LaunchFillRandomFloat(l.router_bias, experts, next++, 0.01f, nullptr),
                                         "LaunchFillRandomFloat"));
     }
-    COHORT_RETURN_IF_ERROR(random(l.experts_gate_up, experts * 2 * inter * hidden, hidden));
+    // The shared experts (after the routed ones) have the fan-ins of the one shared MLP they form.
+    const int64_t shared = c.n_shared_experts;
+    COHORT_RETURN_IF_ERROR(random(l.experts_gate_up, (experts + shared) * 2 * inter * hidden, hidden));
     COHORT_RETURN_IF_ERROR(random(l.experts_down, experts * hidden * inter, inter));
-    if (c.n_shared_experts > 0) {
-      COHORT_RETURN_IF_ERROR(matrix(l.shared_gate_up));
-      COHORT_RETURN_IF_ERROR(matrix(l.shared_down));
+    if (shared > 0) {
+      COHORT_RETURN_IF_ERROR(
+          random(l.experts_down + experts * hidden * inter, shared * hidden * inter, shared * inter));
     }
+  }
+  COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
+  return absl::OkStatus();
+}
+
+absl::Status DeriveWeights(const ModelConfig& c, const DeviceWeights& w) {
+  const int64_t nope = c.qk_nope_head_dim, rank = c.kv_lora_rank;
+  for (const DeviceLayer& l : w.layers) {
+    // Head h's key rows of kv_b_proj are rows [h (nope + v), + nope): a [nope, rank] matrix.
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchTranspose(l.kv_b_proj.data, static_cast<int>(nope),
+                                                         static_cast<int>(rank), (nope + c.v_head_dim) * rank,
+                                                         static_cast<int>(c.num_heads), l.absorbed_keys, nullptr));
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();

@@ -1,7 +1,10 @@
 // The model's weights on one GPU, bf16, placed in one arena. Layout as published ([out, in]
 // row-major, like torch.nn.Linear), except that gate_proj and up_proj are stacked into one
-// [2 * intermediate, hidden] matrix (gate rows first) so one product computes both, and the routed
-// experts of a layer are stacked [experts, ...] for the grouped products.
+// [2 * intermediate, hidden] matrix (gate rows first) so one product computes both, and the experts
+// of a layer are stacked [experts, ...] for the grouped products (kernels/moe.h): the routed experts,
+// then the shared MLP (intermediate n_shared * I) as n_shared more experts of intermediate I, since
+// the MLP is a sum over its intermediate units. Shared expert s takes gate and up rows
+// [s * I, (s + 1) * I) and down columns [s * I, (s + 1) * I).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,14 +37,15 @@ struct DeviceLayer {
   DeviceMatrix kv_a_proj;                // hidden -> kv_lora_rank + qk_rope_head_dim
   bf16* kv_a_norm = nullptr;
   DeviceMatrix kv_b_proj;                // kv_lora_rank -> heads * (qk_nope + v_head)
+  bf16* absorbed_keys = nullptr;         // [heads, kv_lora_rank, qk_nope]: each head's key rows of
+                                         // kv_b_proj transposed, the weights of the absorbed query product
   DeviceMatrix o_proj;
   bool moe = false;
   DeviceMatrix mlp_gate_up, mlp_down;    // dense layers
   DeviceMatrix router;                   // MoE: hidden -> experts
   float* router_bias = nullptr;          // e_score_correction_bias, or null
-  bf16* experts_gate_up = nullptr;       // [experts, 2 * moe_intermediate, hidden]
-  bf16* experts_down = nullptr;          // [experts, hidden, moe_intermediate]
-  DeviceMatrix shared_gate_up, shared_down;  // empty without shared experts
+  bf16* experts_gate_up = nullptr;       // [routed + shared experts, 2 * moe_intermediate, hidden]
+  bf16* experts_down = nullptr;          // [routed + shared experts, hidden, moe_intermediate]
 };
 
 struct DeviceWeights {
@@ -60,5 +64,9 @@ absl::Status LoadWeights(const ModelConfig& config, const Checkpoint& checkpoint
 
 // Random weights of the right scale (uniform, +-1/sqrt(fan_in); norms 1), made on the device.
 absl::Status FillSyntheticWeights(const ModelConfig& config, const DeviceWeights& weights, uint64_t seed);
+
+// Computes the weights derived from the loaded ones (absorbed_keys); after LoadWeights or
+// FillSyntheticWeights.
+absl::Status DeriveWeights(const ModelConfig& config, const DeviceWeights& weights);
 
 }  // namespace cohort::cuda
