@@ -299,6 +299,7 @@ __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
   __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank;
   for (int c = threadIdx.x * 4; c < p.kv_lora_rank; c += blockDim.x * 4) {
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8  // the splits' loads in flight together, not one L2 round trip each
     for (int s = 0; s < p.num_splits; ++s) {
       const float w = weight[s];
       const float4 v = *reinterpret_cast<const float4*>(p.partial_out + (first + s * p.heads) * p.kv_lora_rank + c);
