@@ -27,7 +27,6 @@
 
 #include "kernels/moe.h"
 #include "tests/testing/gpu_bench.h"
-#include "worker/model/cuda/device_peaks.h"
 
 namespace cohort {
 namespace {
@@ -84,33 +83,10 @@ double MedianUs(cudaStream_t stream, int reps, const std::function<void()>& work
   return 1e3 * ms[reps / 2];
 }
 
-// Captures `record` on `stream` into an executable graph.
-cudaGraphExec_t Capture(cudaStream_t stream, const std::function<void()>& record) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  record();
-  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  BENCH_CHECK(cudaGraphDestroy(graph));
-  return exec;
-}
-
 int Run() {
-  int device = 0;
-  cudaDeviceProp prop;
-  BENCH_CHECK(cudaGetDevice(&device));
-  BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
-  cudaStream_t stream;
-  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const absl::StatusOr<double> copy = cuda::MeasureCopyBandwidth(device);
-  if (!copy.ok()) {
-    std::fprintf(stderr, "moe_bench: %s\n", std::string(copy.status().message()).c_str());
-    return 1;
-  }
-  const double copy_gbs = *copy / 1e9;
-  std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", copy_gbs);
+  const testing::BenchDevice bench = testing::OpenBenchDevice("moe_bench");
+  const cudaStream_t stream = bench.stream;
+  const double copy_gbs = bench.copy_gbs;
 
   const int64_t n1 = 2 * kIntermediate, k1 = kHidden, n2 = kHidden, k2 = kIntermediate;
   const int64_t expert_elems = n1 * k1 + n2 * k2;
@@ -172,7 +148,7 @@ int Run() {
       BENCH_CHECK(cudaMemcpyAsync(&used, experts_used, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
       BENCH_CHECK(cudaStreamSynchronize(stream));
 
-      const cudaGraphExec_t experts_graph = Capture(stream, [&] {
+      const cudaGraphExec_t experts_graph = testing::CaptureGraph(stream, [&] {
         for (int l = 0; l < kLayers; ++l) {
           BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], n1, k1, y1}, routing, stream));
           BENCH_CHECK(
@@ -185,7 +161,7 @@ int Run() {
 
       double route_us = 0.0;
       if (tile_rows == default_tile) {
-        const cudaGraphExec_t route_graph = Capture(stream, [&] {
+        const cudaGraphExec_t route_graph = testing::CaptureGraph(stream, [&] {
           for (int l = 0; l < kLayers; ++l) {
             BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
             BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, nullptr, stream));

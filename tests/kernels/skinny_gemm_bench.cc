@@ -25,7 +25,6 @@
 #include "kernels/skinny_gemm.h"
 #include "tests/testing/gpu_bench.h"
 #include "worker/model/cuda/cublas_api.h"
-#include "worker/model/cuda/device_peaks.h"
 
 namespace cohort {
 namespace {
@@ -118,33 +117,18 @@ double MedianUs(cudaStream_t stream, cudaGraphExec_t exec) {
 
 // `launch(l)` for l < launches, captured on `stream`, then timed; microseconds per launch.
 double TimeLaunches(cudaStream_t stream, int launches, const std::function<void(int)>& launch) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int l = 0; l < launches; ++l) launch(l);
-  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
-  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  BENCH_CHECK(cudaGraphDestroy(graph));
+  const cudaGraphExec_t exec = testing::CaptureGraph(stream, [&] {
+    for (int l = 0; l < launches; ++l) launch(l);
+  });
   const double us = MedianUs(stream, exec) / launches;
   BENCH_CHECK(cudaGraphExecDestroy(exec));
   return us;
 }
 
 int Run() {
-  int device = 0;
-  cudaDeviceProp prop;
-  BENCH_CHECK(cudaGetDevice(&device));
-  BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
-  std::printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize / 1e6);
-  cudaStream_t stream;
-  BENCH_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  const absl::StatusOr<double> copy = cuda::MeasureCopyBandwidth(device);
-  if (!copy.ok()) {
-    std::fprintf(stderr, "skinny_gemm_bench: %s\n", std::string(copy.status().message()).c_str());
-    return 1;
-  }
-  const double copy_gbs = *copy / 1e9;
-  std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", copy_gbs);
+  const testing::BenchDevice bench = testing::OpenBenchDevice("skinny_gemm_bench");
+  const cudaStream_t stream = bench.stream;
+  const double copy_gbs = bench.copy_gbs;
 
   // cuBLAS for comparison; the table goes on without it when it cannot be loaded.
   const absl::StatusOr<const cuda::CublasApi*> cublas_or = cuda::CublasApi::Load();

@@ -8,6 +8,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <string>
+
+#include "worker/model/cuda/device_peaks.h"
 
 #define BENCH_CHECK(expr)                                                                                 \
   do {                                                                                                    \
@@ -26,6 +30,44 @@ T* DeviceAlloc(int64_t count) {
   void* p = nullptr;
   BENCH_CHECK(cudaMalloc(&p, std::max<int64_t>(count, 1) * sizeof(T)));
   return static_cast<T*>(p);
+}
+
+// The device a benchmark runs on, a stream on it, and its copy bandwidth measured now (GB/s, bytes
+// read + written): the ceiling the benchmark's numbers are compared with. The first lines of the
+// output say all three; a failed measurement ends the run.
+struct BenchDevice {
+  int device = 0;
+  cudaDeviceProp prop{};
+  cudaStream_t stream = nullptr;
+  double copy_gbs = 0;
+};
+
+inline BenchDevice OpenBenchDevice(const char* program) {
+  BenchDevice d;
+  BENCH_CHECK(cudaGetDevice(&d.device));
+  BENCH_CHECK(cudaGetDeviceProperties(&d.prop, d.device));
+  std::printf("device: %s, %d SMs, L2 %.0f MB\n", d.prop.name, d.prop.multiProcessorCount, d.prop.l2CacheSize / 1e6);
+  BENCH_CHECK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
+  const auto copy = cuda::MeasureCopyBandwidth(d.device);
+  if (!copy.ok()) {
+    std::fprintf(stderr, "%s: %s\n", program, std::string(copy.status().message()).c_str());
+    std::exit(1);
+  }
+  d.copy_gbs = *copy / 1e9;
+  std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", d.copy_gbs);
+  return d;
+}
+
+// Captures what `record` enqueues on `stream` into an executable graph.
+inline cudaGraphExec_t CaptureGraph(cudaStream_t stream, const std::function<void()>& record) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  BENCH_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  record();
+  BENCH_CHECK(cudaStreamEndCapture(stream, &graph));
+  BENCH_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CHECK(cudaGraphDestroy(graph));
+  return exec;
 }
 
 }  // namespace cohort::testing
