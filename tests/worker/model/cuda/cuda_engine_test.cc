@@ -182,34 +182,49 @@ TEST_P(CudaEngineFixtureTest, DeviceSamplingFollowsLogits) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngineFixtureTest, ::testing::ValuesIn(testing::FixtureNames()),
                          [](const auto& info) { return info.param; });
 
-// A prefill chunk of more than 512 tokens runs the shared experts as dense cuBLAS products instead
-// of inside the grouped MoE products (cuda_engine.cc, kFoldSharedMaxTokens): its logits match the
-// CPU reference like the folded path's do.
-TEST(CudaEngineTest, LongPrefillChunkMatchesTheCpuEngine) {
+// A step of more than 512 tokens runs the shared experts as dense cuBLAS products instead of inside
+// the grouped MoE products (cuda_engine.cc, kFoldSharedMaxTokens): its logits match the CPU
+// reference like the folded path's do. One shared expert in one 600-token chunk; two shared experts
+// (their down products summed) in a step of three 200-token chunks.
+TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
   COHORT_SKIP_WITHOUT_GPU();
-  const Fixture fixture = testing::LoadFixture("v2_group_limited");  // shared experts, 1024 positions
-  std::vector<float> reference, logits;
-  std::vector<int32_t> prompt(600), table;
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 13) % fixture.vocab_size);
-  for (int32_t b = 0; b < 40; ++b) table.push_back(b);
-  for (const std::string device : {"cpu", "cuda"}) {
-    EngineOptions options;
-    options.model_dir = fixture.model_dir;
-    options.device = device;
-    options.kv_block_size = 16;
-    options.num_kv_blocks = 64;
-    options.max_batch_tokens = 640;
-    options.max_sequences = 4;
-    auto engine = CreateEngine(options);
-    ASSERT_TRUE(engine.ok()) << engine.status();
-    std::vector<float>& out = device == "cpu" ? reference : logits;
-    out.resize(fixture.vocab_size);
-    const SequenceStep prefill{prompt, 0, table, true};
-    ASSERT_TRUE((*engine)->Forward({&prefill, 1}, out).ok());
-  }
-  EXPECT_LE(RelativeError(logits.data(), reference.data(), fixture.vocab_size), kRelativeTolerance);
-  if (ClearArgmax(reference.data(), fixture.vocab_size)) {
-    EXPECT_EQ(testing::Argmax(logits), testing::Argmax(reference));
+  struct Case {
+    std::string fixture;
+    int sequences;
+    int tokens;
+  };
+  for (const Case& c : {Case{"v2_group_limited", 1, 600}, Case{"v2_lite_like", 3, 200}}) {
+    const Fixture fixture = testing::LoadFixture(c.fixture);
+    const int64_t blocks_per_sequence = (c.tokens + 15) / 16;
+    std::vector<std::vector<int32_t>> prompts(c.sequences), tables(c.sequences);
+    for (int q = 0; q < c.sequences; ++q) {
+      for (int i = 0; i < c.tokens; ++i) {
+        prompts[q].push_back(static_cast<int32_t>((i * 7919 + 13 * q + 5) % fixture.vocab_size));
+      }
+      for (int64_t b = 0; b < blocks_per_sequence; ++b) tables[q].push_back(static_cast<int32_t>(q * blocks_per_sequence + b));
+    }
+    std::vector<SequenceStep> step;
+    for (int q = 0; q < c.sequences; ++q) step.push_back({prompts[q], 0, tables[q], true});
+    std::vector<float> reference, logits;
+    for (const std::string device : {"cpu", "cuda"}) {
+      EngineOptions options;
+      options.model_dir = fixture.model_dir;
+      options.device = device;
+      options.kv_block_size = 16;
+      options.num_kv_blocks = 64;
+      options.max_batch_tokens = 640;
+      options.max_sequences = 4;
+      auto engine = CreateEngine(options);
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      std::vector<float>& out = device == "cpu" ? reference : logits;
+      out.resize(c.sequences * fixture.vocab_size);
+      ASSERT_TRUE((*engine)->Forward(step, out).ok()) << c.fixture << " on " << device;
+    }
+    for (int q = 0; q < c.sequences; ++q) {
+      const float* ref = reference.data() + q * fixture.vocab_size;
+      const float* got = logits.data() + q * fixture.vocab_size;
+      EXPECT_LE(RelativeError(got, ref, fixture.vocab_size), kRelativeTolerance) << c.fixture << " sequence " << q;
+    }
   }
 }
 
