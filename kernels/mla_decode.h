@@ -6,9 +6,12 @@
 // Each query attends to positions [0, query_position] of its sequence, read through the sequence's
 // block table; a query may be a decode token or a prefill token (causal by position). Work splits
 // over (group of 16 heads, context split, query); with num_splits > 1 each split writes a partial
-// result and LaunchMlaCombine merges them (flash-decoding), so a small batch still fills the GPU.
+// result and a second kernel of the same launch merges them (flash-decoding), so a small batch
+// still fills the GPU.
 //
-// Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension.
+// Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension; the
+// scores split the cached width over the block's warps, P . V splits the latent columns; operands
+// come from shared memory through ldmatrix (values transposed by ldmatrix.trans).
 // Supported (kv_lora_rank, qk_rope_head_dim): (512, 64) as in DeepSeek-V2/V3, (64, 16) and (32, 8)
 // for the small test checkpoints; others return cudaErrorInvalidValue.
 #pragma once
