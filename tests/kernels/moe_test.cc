@@ -21,6 +21,7 @@
 
 #include "tests/testing/gpu.h"
 #include "worker/model/config.h"
+#include "worker/model/cuda/moe_gate.h"
 #include "worker/model/routing.h"
 
 namespace cohort {
@@ -225,20 +226,6 @@ ModelConfig V2GroupRouter() {
 }
 ModelConfig V3Router() { return RouterConfig(256, 8, 8, 4, ScoringFunc::kSigmoid, TopkMethod::kNoAuxTc, true, 2.5); }
 
-MoeGateParams GateParams(const ModelConfig& c) {
-  MoeGateParams p;
-  p.num_experts = static_cast<int32_t>(c.n_routed_experts);
-  p.top_k = static_cast<int32_t>(c.num_experts_per_tok);
-  p.n_group = static_cast<int32_t>(c.n_group);
-  p.topk_group = static_cast<int32_t>(c.topk_group);
-  p.scoring = c.scoring_func == ScoringFunc::kSigmoid ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
-  p.method = c.topk_method == TopkMethod::kGreedy               ? MoeTopkMethod::kGreedy
-             : c.topk_method == TopkMethod::kGroupLimitedGreedy ? MoeTopkMethod::kGroupLimitedGreedy
-                                                                : MoeTopkMethod::kNoAuxTc;
-  p.norm_topk_prob = c.norm_topk_prob;
-  p.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
-  return p;
-}
 
 // True when every comparison the selection makes is decided by more than float rounding (the GPU's
 // expf is not the host's), unless the compared values come from identical inputs: those tie exactly on
@@ -348,7 +335,7 @@ void ExpectGateMatchesCpu(const ModelConfig& c, int64_t tokens, bool with_bias, 
   ASSERT_CUDA_OK(d_bias.error());
   ASSERT_CUDA_OK(d_ids.Poison(0xa5));
   ASSERT_CUDA_OK(d_weights.Poison());
-  ASSERT_CUDA_OK(LaunchMoeGate(d_logits.get(), with_bias ? d_bias.get() : nullptr, tokens, GateParams(c),
+  ASSERT_CUDA_OK(LaunchMoeGate(d_logits.get(), with_bias ? d_bias.get() : nullptr, tokens, cuda::MoeGateParamsFor(c),
                                d_ids.get(), d_weights.get(), nullptr));
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   std::vector<int32_t> ids;
@@ -415,13 +402,13 @@ TEST(MoeGateTest, RejectsParametersOutsideTheContract) {
   DeviceBuffer<float> logits(512);
   DeviceBuffer<int32_t> ids(16);
   DeviceBuffer<float> weights(16);
-  MoeGateParams p = GateParams(V3Router());
+  MoeGateParams p = cuda::MoeGateParamsFor(V3Router());
   p.num_experts = 512;
   EXPECT_EQ(LaunchMoeGate(logits.get(), nullptr, 1, p, ids.get(), weights.get(), nullptr), cudaErrorInvalidValue);
-  p = GateParams(V3Router());
+  p = cuda::MoeGateParamsFor(V3Router());
   p.top_k = 9;
   EXPECT_EQ(LaunchMoeGate(logits.get(), nullptr, 1, p, ids.get(), weights.get(), nullptr), cudaErrorInvalidValue);
-  p = GateParams(V3Router());
+  p = cuda::MoeGateParamsFor(V3Router());
   p.n_group = 7;  // 256 experts do not split into 7 groups
   EXPECT_EQ(LaunchMoeGate(logits.get(), nullptr, 1, p, ids.get(), weights.get(), nullptr), cudaErrorInvalidValue);
 }
@@ -1053,7 +1040,7 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   // As the engine runs a MoE layer: routed and shared experts in the same grouped products.
   auto layer = [&]() -> cudaError_t {
     cudaError_t e;
-    if ((e = LaunchMoeGate(d_logits.get(), c.bias ? d_bias.get() : nullptr, tokens, GateParams(c.router),
+    if ((e = LaunchMoeGate(d_logits.get(), c.bias ? d_bias.get() : nullptr, tokens, cuda::MoeGateParamsFor(c.router),
                            d_ids.get(), d_weights.get(), stream)) != cudaSuccess) return e;
     if ((e = LaunchMoeAlign(d_ids.get(), d.routing, d_used.get(), stream)) != cudaSuccess) return e;
     if ((e = LaunchMoeGroupedGemm({Bf16(d_x), true, Bf16(w.d_gate_up), 2 * inter, h, Bf16(d_y1)}, d.routing,

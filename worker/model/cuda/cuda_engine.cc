@@ -22,6 +22,7 @@
 #include "worker/model/cuda/device_sampler.h"
 #include "worker/model/cuda/device_weights.h"
 #include "worker/model/cuda/gemm.h"
+#include "worker/model/cuda/moe_gate.h"
 #include "worker/model/rope.h"
 #include "worker/model/synthetic.h"
 
@@ -165,6 +166,7 @@ class CudaEngine final : public Engine {
   float* rope_inv_freq_ = nullptr;
   bf16* kv_cache_ = nullptr;  // [layers][blocks + 1][block_size][kv_cache_width]; the last block is scratch
   int64_t moe_workspace_bytes_ = 0;
+  MoeGateParams gate_params_;  // the model's routing, for every MoE layer's gate
 
   cudaStream_t stream_ = nullptr;
   const CublasApi* cublas_api_ = nullptr;
@@ -298,6 +300,7 @@ absl::Status CudaEngine::Initialize() {
           kMoeMaxShared, " shared experts; this model has ", c.n_routed_experts, ", top-", c.num_experts_per_tok,
           " and ", c.n_shared_experts, ": use --device cpu"));
     }
+    gate_params_ = MoeGateParamsFor(c);
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                     static_cast<int32_t>(c.n_routed_experts),
                                                     static_cast<int32_t>(c.n_shared_experts));
@@ -589,19 +592,8 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   const int32_t folded = T <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size, rows = T * (k + folded);
   COHORT_RETURN_IF_ERROR(Product(T, E, H, {ws_.x, H}, {l.router.data, H}, {ws_.router_logits, E, 0, CUDA_R_32F}));
-  MoeGateParams gate;
-  gate.num_experts = E;
-  gate.top_k = k;
-  gate.n_group = static_cast<int32_t>(c.n_group);
-  gate.topk_group = static_cast<int32_t>(c.topk_group);
-  gate.scoring = c.scoring_func == ScoringFunc::kSigmoid ? MoeScoring::kSigmoid : MoeScoring::kSoftmax;
-  gate.method = c.topk_method == TopkMethod::kGreedy               ? MoeTopkMethod::kGreedy
-                : c.topk_method == TopkMethod::kGroupLimitedGreedy ? MoeTopkMethod::kGroupLimitedGreedy
-                                                                   : MoeTopkMethod::kNoAuxTc;
-  gate.norm_topk_prob = c.norm_topk_prob;
-  gate.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
   COHORT_CUDA_RETURN_IF_ERROR(
-      LaunchMoeGate(ws_.router_logits, l.router_bias, T, gate, ws_.topk_ids, ws_.topk_weights, stream_));
+      LaunchMoeGate(ws_.router_logits, l.router_bias, T, gate_params_, ws_.topk_ids, ws_.topk_weights, stream_));
   if (s.bucket > 0) {
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCopyFirstRowToPadding(ws_.topk_ids, ws_.topk_weights, k, ws_.num_valid,
                                                                      static_cast<int>(T), stream_));
