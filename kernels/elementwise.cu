@@ -74,14 +74,25 @@ __device__ __forceinline__ RopePair PairAt(const RopeParams& rope, int i, int po
           sinf(angle) * rope.attention_factor};
 }
 
-// Rotates pair `i` of the rope part (the last rope_dim values of qk_dim) of q[row, head].
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Rotates pair `i` of one head's rope part: `from` and `to` point at the rope part (the last
+// rope_dim values of qk_dim) of the head's source and destination, which may be the same.
+template <class T>
+__device__ __forceinline__ void RotatePair(const T* from, __nv_bfloat16* to, int i, int position,
+                                           const RopeParams& rope) {
+  const RopePair p = PairAt(rope, i, position);
+  const float a = ToFloat(from[p.a]), b = ToFloat(from[p.b]);
+  to[p.a] = __float2bfloat16(a * p.cos - b * p.sin);
+  to[p.b] = __float2bfloat16(b * p.cos + a * p.sin);
+}
+
+// Rotates pair `i` of the rope part of q[row, head] in place.
 __device__ __forceinline__ void RotateQueryPair(__nv_bfloat16* q, int heads, int qk_dim, int row, int head, int i,
                                                 int position, const RopeParams& rope) {
   __nv_bfloat16* x = q + (static_cast<int64_t>(row) * heads + head) * qk_dim + (qk_dim - rope.rope_dim);
-  const RopePair p = PairAt(rope, i, position);
-  const float a = __bfloat162float(x[p.a]), b = __bfloat162float(x[p.b]);
-  x[p.a] = __float2bfloat16(a * p.cos - b * p.sin);
-  x[p.b] = __float2bfloat16(b * p.cos + a * p.sin);
+  RotatePair(x, x, i, position, rope);
 }
 
 __global__ void RopeQueriesKernel(__nv_bfloat16* q, int heads, int qk_dim, const int32_t* positions, RopeParams rope) {
@@ -91,39 +102,81 @@ __global__ void RopeQueriesKernel(__nv_bfloat16* q, int heads, int qk_dim, const
   if (i < rope.rope_dim / 2) RotateQueryPair(q, heads, qk_dim, row, head, i, positions[row], rope);
 }
 
-__global__ void WriteKvCacheKernel(const float* kv, int rank, const __nv_bfloat16* latent_norm, float eps,
-                                   RopeParams rope, CacheWriteParams where, __nv_bfloat16* cache,
-                                   QueryRopeParams queries) {
+// The queries of heads [first_head, first_head + heads) of one row, which the block handles alone:
+// written from their fp32 source (rounded, rope part rotated) or rotated in place. Each thread loads
+// all its values before it stores any (the source and q do not overlap).
+__device__ __forceinline__ void WriteQueries(const QueryRopeParams& queries, int row, int first_head, int heads,
+                                             int position, const RopeParams& rope) {
+  constexpr int kPerThread = 4;
+  const int qk_dim = queries.qk_dim, nope = qk_dim - rope.rope_dim, half = rope.rope_dim / 2;
+  __nv_bfloat16* __restrict__ to = queries.q + (static_cast<int64_t>(row) * queries.heads + first_head) * qk_dim;
+  if (queries.source == nullptr) {
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+      __nv_bfloat16* x = to + (i / half) * qk_dim + nope;
+      RotatePair(x, x, i % half, position, rope);
+    }
+    return;
+  }
+  const float* __restrict__ from = queries.source + row * queries.source_row_stride + first_head * qk_dim;
+  const int values = heads * qk_dim;
+  for (int base = 0; base < values; base += kPerThread * blockDim.x) {
+    float v[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = base + threadIdx.x + j * blockDim.x;
+      v[j] = i < values ? from[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int i = base + threadIdx.x + j * blockDim.x;
+      if (i < values && i % qk_dim < nope) to[i] = __float2bfloat16(v[j]);
+    }
+  }
+  for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    const int head = i / half;
+    RotatePair(from + head * qk_dim + nope, to + head * qk_dim + nope, i % half, position, rope);
+  }
+}
+
+constexpr int kMaxLatentPerThread = 4;  // kv_lora_rank <= 4 * kRowThreads
+constexpr int kQueryHeadsPerBlock = 4;
+
+// Block (row, 0) normalises and places the row's latent and rotates its rope key; blocks (row, 1 + j)
+// write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs.
+__global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_stride, int rank,
+                                   const __nv_bfloat16* __restrict__ latent_norm, float eps, RopeParams rope,
+                                   CacheWriteParams where, __nv_bfloat16* __restrict__ cache, QueryRopeParams queries) {
   __shared__ float scratch[32];
   PdlWait();
   PdlLaunchDependents();
   const int row = blockIdx.x;
-  const int width = rank + rope.rope_dim;
-  const float* src = kv + static_cast<int64_t>(row) * width;
   const int position = where.positions[row];
+  if (blockIdx.y > 0) {
+    const int first_head = (blockIdx.y - 1) * kQueryHeadsPerBlock;
+    WriteQueries(queries, row, first_head, min(kQueryHeadsPerBlock, queries.heads - first_head), position, rope);
+    return;
+  }
+  const int width = rank + rope.rope_dim;
+  const float* src = kv + row * kv_row_stride;
+  float v[kMaxLatentPerThread];
+  float sum_sq = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxLatentPerThread; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < rank ? src[i] : 0.0f;
+    sum_sq += v[j] * v[j];
+  }
   const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
   const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
                        position % where.block_size;
   __nv_bfloat16* dst = cache + slot * width;
-
-  float sum_sq = 0.0f;
-  for (int i = threadIdx.x; i < rank; i += blockDim.x) sum_sq += src[i] * src[i];
   const float inv_rms = rsqrtf(BlockSum(sum_sq, scratch) / rank + eps);
-  for (int i = threadIdx.x; i < rank; i += blockDim.x) {
-    dst[i] = __float2bfloat16(src[i] * inv_rms * __bfloat162float(latent_norm[i]));
+#pragma unroll
+  for (int j = 0; j < kMaxLatentPerThread; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < rank) dst[i] = __float2bfloat16(v[j] * inv_rms * __bfloat162float(latent_norm[i]));
   }
-  const int half = rope.rope_dim / 2;
-  if (threadIdx.x < half) {
-    const RopePair p = PairAt(rope, threadIdx.x, position);
-    const float a = src[rank + p.a], b = src[rank + p.b];
-    dst[rank + p.a] = __float2bfloat16(a * p.cos - b * p.sin);
-    dst[rank + p.b] = __float2bfloat16(b * p.cos + a * p.sin);
-  }
-  if (queries.q != nullptr) {
-    for (int i = threadIdx.x; i < queries.heads * half; i += blockDim.x) {
-      RotateQueryPair(queries.q, queries.heads, queries.qk_dim, row, i / half, i % half, position, rope);
-    }
-  }
+  if (threadIdx.x < rope.rope_dim / 2) RotatePair(src + rank, dst + rank, threadIdx.x, position, rope);
 }
 
 __global__ void GatherRowsKernel(const __nv_bfloat16* in, const int32_t* rows, int dim, __nv_bfloat16* out) {
@@ -132,16 +185,6 @@ __global__ void GatherRowsKernel(const __nv_bfloat16* in, const int32_t* rows, i
   const __nv_bfloat16* src = in + static_cast<int64_t>(rows[blockIdx.x]) * dim;
   __nv_bfloat16* dst = out + static_cast<int64_t>(blockIdx.x) * dim;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
-}
-
-__global__ void CopyFirstRowToPaddingKernel(int32_t* ids, float* weights, int k, const int32_t* num_valid, int rows) {
-  PdlWait();
-  PdlLaunchDependents();
-  const int first_padding = max(num_valid[0], 1);
-  for (int i = first_padding * k + threadIdx.x; i < rows * k; i += blockDim.x) {
-    ids[i] = ids[i % k];
-    weights[i] = weights[i % k];
-  }
 }
 
 // 32 x 32 tiles through shared memory (+1 column against bank conflicts); block (32, 8).
@@ -223,26 +266,29 @@ cudaError_t LaunchRopeQueries(__nv_bfloat16* q, int rows, int heads, int qk_dim,
   return LaunchPdl(RopeQueriesKernel, dim3(rows, heads), dim3(threads), 0, stream, q, heads, qk_dim, positions, rope);
 }
 
-cudaError_t LaunchWriteKvCache(const float* kv, int rows, int kv_lora_rank, const __nv_bfloat16* latent_norm,
-                               float latent_eps, const RopeParams& rope, const CacheWriteParams& where,
-                               __nv_bfloat16* layer_cache, cudaStream_t stream, const QueryRopeParams& queries) {
+cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
+                               const __nv_bfloat16* latent_norm, float latent_eps, const RopeParams& rope,
+                               const CacheWriteParams& where, __nv_bfloat16* layer_cache, cudaStream_t stream,
+                               const QueryRopeParams& queries) {
   if (rows == 0) return cudaSuccess;
-  if (rope.rope_dim % 2 != 0 || rope.rope_dim / 2 > kRowThreads) return cudaErrorInvalidValue;
+  if (rope.rope_dim % 2 != 0 || rope.rope_dim / 2 > kRowThreads || kv_row_stride < kv_lora_rank + rope.rope_dim ||
+      kv_lora_rank > kMaxLatentPerThread * kRowThreads) {
+    return cudaErrorInvalidValue;
+  }
   if (queries.q != nullptr && (queries.heads <= 0 || queries.qk_dim < rope.rope_dim)) return cudaErrorInvalidValue;
-  return LaunchPdl(WriteKvCacheKernel, dim3(rows), dim3(kRowThreads), 0, stream, kv, kv_lora_rank, latent_norm,
-                   latent_eps, rope, where, layer_cache, queries);
+  if (queries.source != nullptr &&
+      (queries.q == nullptr || queries.source_row_stride < static_cast<int64_t>(queries.heads) * queries.qk_dim)) {
+    return cudaErrorInvalidValue;
+  }
+  const int query_blocks = queries.q != nullptr ? (queries.heads + kQueryHeadsPerBlock - 1) / kQueryHeadsPerBlock : 0;
+  return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks), dim3(kRowThreads), 0, stream, kv, kv_row_stride,
+                   kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries);
 }
 
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,
                              __nv_bfloat16* out, cudaStream_t stream) {
   if (num_rows == 0) return cudaSuccess;
   return LaunchPdl(GatherRowsKernel, dim3(num_rows), dim3(kRowThreads), 0, stream, in, rows, dim, out);
-}
-
-cudaError_t LaunchCopyFirstRowToPadding(int32_t* ids, float* weights, int k, const int32_t* num_valid, int rows,
-                                        cudaStream_t stream) {
-  if (rows <= 1) return cudaSuccess;
-  return LaunchPdl(CopyFirstRowToPaddingKernel, dim3(1), dim3(256), 0, stream, ids, weights, k, num_valid, rows);
 }
 
 cudaError_t LaunchTranspose(const __nv_bfloat16* in, int rows, int cols, int64_t in_batch_stride, int batch,

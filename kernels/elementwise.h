@@ -51,28 +51,29 @@ struct CacheWriteParams {
 };
 
 // Queries to rotate in the same launch as the cache write: q [rows, heads, qk_dim], as LaunchRopeQueries.
+// With `source`, q is written rather than rotated in place: q = bf16(source row) with the rope part
+// rotated in fp32 (the queries of a product that wrote them in fp32 beside the latent).
 struct QueryRopeParams {
   __nv_bfloat16* q = nullptr;  // null: no queries
   int heads = 0;
   int qk_dim = 0;
+  const float* source = nullptr;  // [rows, heads * qk_dim] with row stride source_row_stride, or null
+  int64_t source_row_stride = 0;
 };
 
-// kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output) -> for each row, the latent
-// part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key rotated, written as bf16 into
-// layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the row's slot; with `queries`,
-// the row's queries are rotated at the same position (one launch instead of two).
-cudaError_t LaunchWriteKvCache(const float* kv, int rows, int kv_lora_rank, const __nv_bfloat16* latent_norm,
+// kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output; rows kv_row_stride apart) ->
+// for each row, the latent part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key
+// rotated, written as bf16 into layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the
+// row's slot; with `queries`, the row's queries are rotated at the same position (one launch
+// instead of two). kv_lora_rank <= 1024.
+cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
+                               const __nv_bfloat16* latent_norm,
                                float latent_eps, const RopeParams& rope, const CacheWriteParams& where,
                                __nv_bfloat16* layer_cache, cudaStream_t stream, const QueryRopeParams& queries = {});
 
 // out[r, :] = in[rows[r], :] for bf16 rows of `dim` values.
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,
                              __nv_bfloat16* out, cudaStream_t stream);
-
-// Rows [num_valid[0], rows) of ids and weights ([rows, k] each) become copies of row 0: padding
-// tokens of a graph-captured step then route to experts a real token already reads.
-cudaError_t LaunchCopyFirstRowToPadding(int32_t* ids, float* weights, int k, const int32_t* num_valid, int rows,
-                                        cudaStream_t stream);
 
 // out[b][c][r] = in[b * in_batch_stride + r * cols + c] for r < rows, c < cols, b < batch: each
 // [rows, cols] matrix of a batch transposed into a dense [cols, rows] one.

@@ -266,53 +266,73 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   }
 }
 
-// out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s). One
-// warp turns the splits' log-sum-exps into weights; then every thread sums 4 columns.
+// out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s). Each
+// thread sums 4 columns (kv_lora_rank <= 4 * 128). A block is latency-bound: every partial it needs
+// is loaded at once, before the weights are known; each warp turns the log-sum-exps into weights
+// itself (no block barrier between the loads and the sum).
 constexpr int kMaxSplits = 64;
+constexpr int kCombineBatch = 32;  // splits whose partials are in flight together
 
 __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
-  __shared__ float weight[kMaxSplits];
-  const int query = blockIdx.x, head = blockIdx.y;
+  __shared__ float weights[4][kMaxSplits];
+  const int query = blockIdx.x, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int col = threadIdx.x * 4;
+  const bool active = col < p.kv_lora_rank;
   PdlWait();
   PdlLaunchDependents();
   const int64_t first = static_cast<int64_t>(query) * p.num_splits * p.heads + head;
-  if (threadIdx.x < 32) {
-    float lse[kMaxSplits / 32], max_lse = -INFINITY;
+  const float* partial = p.partial_out + first * p.kv_lora_rank + col;
+  const int64_t split_stride = static_cast<int64_t>(p.heads) * p.kv_lora_rank;
+  float4 v[kCombineBatch];
+  auto load_batch = [&](int first_split) {
 #pragma unroll
-    for (int j = 0; j < kMaxSplits / 32; ++j) {
-      const int s = threadIdx.x + 32 * j;
-      lse[j] = s < p.num_splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
-      max_lse = fmaxf(max_lse, lse[j]);
+    for (int j = 0; j < kCombineBatch; ++j) {
+      const int s = first_split + j;
+      v[j] = active && s < p.num_splits ? *reinterpret_cast<const float4*>(partial + s * split_stride)
+                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    max_lse = WarpMax(max_lse);
-    float e[kMaxSplits / 32], total = 0.0f;
+  };
+  load_batch(0);
+
+  float lse[kMaxSplits / 32], max_lse = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kMaxSplits / 32; ++j) {
-      e[j] = lse[j] == -INFINITY ? 0.0f : __expf(lse[j] - max_lse);
-      total += e[j];
-    }
-    total = WarpSum(total);
-#pragma unroll
-    for (int j = 0; j < kMaxSplits / 32; ++j) weight[threadIdx.x + 32 * j] = e[j] / total;
+  for (int j = 0; j < kMaxSplits / 32; ++j) {
+    const int s = lane + 32 * j;
+    lse[j] = s < p.num_splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
+    max_lse = fmaxf(max_lse, lse[j]);
   }
-  __syncthreads();
-  __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank;
-  for (int c = threadIdx.x * 4; c < p.kv_lora_rank; c += blockDim.x * 4) {
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8  // the splits' loads in flight together, not one L2 round trip each
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = weight[s];
-      const float4 v = *reinterpret_cast<const float4*>(p.partial_out + (first + s * p.heads) * p.kv_lora_rank + c);
-      sum.x += w * v.x;
-      sum.y += w * v.y;
-      sum.z += w * v.z;
-      sum.w += w * v.w;
-    }
-    out[c] = __float2bfloat16(sum.x);
-    out[c + 1] = __float2bfloat16(sum.y);
-    out[c + 2] = __float2bfloat16(sum.z);
-    out[c + 3] = __float2bfloat16(sum.w);
+  max_lse = WarpMax(max_lse);
+  float e[kMaxSplits / 32], total = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxSplits / 32; ++j) {
+    e[j] = lse[j] == -INFINITY ? 0.0f : __expf(lse[j] - max_lse);
+    total += e[j];
   }
+  total = WarpSum(total);
+#pragma unroll
+  for (int j = 0; j < kMaxSplits / 32; ++j) weights[warp][lane + 32 * j] = e[j] / total;
+  __syncwarp();
+
+  float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int first_split = 0;;) {
+#pragma unroll
+    for (int j = 0; j < kCombineBatch; ++j) {
+      const float w = first_split + j < p.num_splits ? weights[warp][first_split + j] : 0.0f;
+      sum.x += w * v[j].x;
+      sum.y += w * v[j].y;
+      sum.z += w * v[j].z;
+      sum.w += w * v[j].w;
+    }
+    first_split += kCombineBatch;
+    if (first_split >= p.num_splits) break;
+    load_batch(first_split);
+  }
+  if (!active) return;
+  __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank + col;
+  out[0] = __float2bfloat16(sum.x);
+  out[1] = __float2bfloat16(sum.y);
+  out[2] = __float2bfloat16(sum.z);
+  out[3] = __float2bfloat16(sum.w);
 }
 
 template <int kRank, int kRope>

@@ -5,14 +5,15 @@
 // intermediate I. The shared experts are experts E .. E+S-1 of the weight arrays (a shared MLP of
 // intermediate S*I is the sum of S experts of intermediate I), and every token has one row for each:
 //
-//   LaunchMoeGate(logits, bias, T, gate, topk_ids, topk_weights, s);                 // [T, k] each
 //   MoeRouting r;   // once per batch shape; the buffers live in a workspace allocated at start-up
 //   CarveMoeRouting(ws, ws_bytes, T, k, E, S, MoeDefaultTileRows(T, k, E, S), &r);  // R = T*(k+S) rows
-//   LaunchMoeAlign(topk_ids, r, experts_used_counter, s);
-//   LaunchMoeGroupedGemm({hidden, /*gather_a=*/true, w_gate_up, 2 * I, H, y1}, r, s);     // [R, 2I]
-//   LaunchMoeSiluMul(y1, R, I, r.expert_offsets + E + S, act, s);                          // [R, I]
+//   LaunchMoeRoute(logits, bias, gate, num_valid, topk_ids, topk_weights, r, experts_used_counter, s);
+//                  // = LaunchMoeGate (topk_ids, topk_weights [T, k]) + LaunchMoeAlign
+//   LaunchMoeGroupedGemm({hidden, /*gather_a=*/true, w_gate_up, I, H, act, /*silu_mul=*/true}, r, s);
+//                        // act [R, I] = silu(gate) * up
 //   LaunchMoeGroupedGemm({act, /*gather_a=*/false, w_down, H, I, y2}, r, s);               // [R, H]
 //   LaunchMoeCombine(y2, topk_weights, r, /*add=*/nullptr, H, out, s);                     // [T, H]
+//                        // or LaunchMoeCombineAddRmsNorm: the combine inside the next RMSNorm
 //
 // Every launch can be captured in a CUDA graph: no allocation, no host synchronisation, and grid sizes
 // that depend only on host shapes (T, k, E, S, N, K, tile rows). How many rows each expert received is
@@ -127,6 +128,17 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream);
 
+// Gate then align in one call: the same results as LaunchMoeGate followed by LaunchMoeAlign (whose
+// contracts hold), in one launch of one block for batches of up to kMoeFusedRouteTokens tokens (the
+// decode steps where each launch's latency shows), two launches above. gate.num_experts and
+// gate.top_k must equal routing's; the batch is routing.num_tokens tokens. num_valid (device int32,
+// nullable): tokens at or past *num_valid are padding (a captured graph's rows beyond the batch) and
+// get ids -1 and weights 0, so they receive no routed row and read no expert.
+inline constexpr int64_t kMoeFusedRouteTokens = 32;
+cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
+                           const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
+                           int32_t* experts_used, cudaStream_t stream);
+
 // ---------------------------------------------------------------------------------------------------
 // Grouped GEMM: for each expert e (routed and shared) and each of its rows r,
 //   y[r, :] = a[gather_a ? row_token[r] : r, :] . weights[e]^T       (fp32 accumulate, bf16 out)
@@ -139,13 +151,23 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 // loads, and a persistent grid (SMs x resident blocks) that walks (tile, column block) items and keeps
 // the pipeline full across item boundaries, so a decode step streams each used expert's weights from
 // HBM once per M-tile at close to copy bandwidth.
+//
+// With silu_mul, each expert's weights are its gate and up projections stacked, [2 * out, in] (rows
+// [0, out) gate, [out, 2 * out) up), and the product ends in SiLU-and-mul:
+//   y[r, i] = silu(a_r . gate_i) * (a_r . up_i)        (fp32 from the accumulators, one bf16 rounding)
+// so the gate_up product of an expert MLP writes its activation [rows, I] directly.
 struct MoeGemmArgs {
   const __nv_bfloat16* a = nullptr;        // [T, in] when gather_a, else [T*(k+S), in] in row order
   bool gather_a = false;
-  const __nv_bfloat16* weights = nullptr;  // [E + S, out, in]
+  const __nv_bfloat16* weights = nullptr;  // [E + S, out, in]; [E + S, 2 * out, in] with silu_mul
   int64_t out_features = 0;                // N
   int64_t in_features = 0;                 // K
   __nv_bfloat16* y = nullptr;              // [T*(k+S), out]
+  bool silu_mul = false;
+  // Ask L2 for the first weights each block streams before waiting for the kernel before it, reading
+  // the routing early: only when the routing was complete before that kernel started (the down
+  // product, which follows the gate_up product of the same routing).
+  bool prefetch_weights = false;
 };
 cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& routing, cudaStream_t stream);
 
@@ -165,5 +187,16 @@ cudaError_t LaunchMoeSiluMul(const __nv_bfloat16* gate_up, int64_t rows, int64_t
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream);
+
+// The combine folded into the RMSNorm that follows the MoE block (the next layer's input norm, or the
+// model's final norm), saving a launch and a round trip of the combined rows:
+//   delta[t] = bf16(the combine above, without `out`);  residual[t] += delta[t];
+//   out[t] = bf16(residual[t] * rsqrt(mean(residual[t]^2) + eps) * norm_weight)
+// residual fp32 [T, H] (updated in place), norm_weight bf16 [H], out bf16 [T, H]; H a multiple of 8
+// and at most 8192. One block per token.
+cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
+                                       const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                                       float* residual, const __nv_bfloat16* norm_weight, float eps,
+                                       __nv_bfloat16* out, cudaStream_t stream);
 
 }  // namespace cohort

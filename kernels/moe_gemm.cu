@@ -7,6 +7,12 @@
 // ring runs across item boundaries, so the next item's first loads overlap this item's last MMAs and
 // its epilogue. All threads load and all warps compute (mma.sync m16n8k16, operands via ldmatrix
 // from an XOR-swizzled layout: 16-byte chunk c of row r lives at chunk c ^ (r % 8)).
+//
+// With silu_mul an item covers BN / 2 act columns j0 .. j0 + BN/2 - 1 and its BN weight rows interleave
+// the gate and up rows in groups of 16: tile row r holds the gate (r / 8 % 2 == 0) or up row of act
+// column j0 + 8 (r / 16) + r % 8. A warp's n8 fragments 2f and 2f + 1 are then the gate and the up of
+// the same 8 columns, each accumulator of one sits in the same thread and register as its partner in
+// the other, and the epilogue writes silu(gate) * up with no exchange between threads.
 #include <cuda_bf16.h>
 
 #include <climits>
@@ -41,10 +47,18 @@ struct TileConfig {
   static constexpr int kBChunks = BN / kRowsPerPass;
   static constexpr int kStageBytes = (BM + BN) * BK * 2;
   static constexpr int kSmemBytes = STAGES * kStageBytes;
+  // silu_mul: the act columns of an item, and where a thread's B chunk i lies relative to its chunk 0
+  // (kRowsPerPass tile rows apart): act columns further on, and in the other half (gate <-> up) or not.
+  static constexpr int kActCols = BN / 2;
+  static constexpr int FusedColumnOffset(int i) {
+    return kRowsPerPass % 16 == 0 ? i * kRowsPerPass / 2 : 8 * (i / 2);
+  }
+  static constexpr bool FusedOtherHalf(int i) { return kRowsPerPass % 16 != 0 && i % 2 == 1; }
   static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles are whole m16 x (2 x n8) fragments");
   static_assert(BK % 64 == 0, "the swizzle needs at least 8 chunks per row");
   static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0, "a thread keeps one swizzle phase");
   static_assert(BM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "loads divide evenly over threads");
+  static_assert(kRowsPerPass % 16 == 0 || kRowsPerPass == 8, "a thread's B rows keep one gate/up pattern");
 };
 
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
@@ -64,11 +78,40 @@ struct GemmParams {
   const int32_t* tile_expert;
   const int32_t* tile_row;
   const int32_t* num_tiles;
-  int32_t n;
+  int32_t n;  // output columns: I with silu_mul (the weights then have 2n rows per expert)
   int32_t k;
   int32_t n_blocks;
   int32_t k_steps;
+  bool prefetch_weights;
 };
+
+// Bytes of its first item's weights a block asks L2 for before it waits (MoeGemmArgs::prefetch_weights).
+constexpr int kPrefetchBytes = 64 << 10;
+
+// Asks L2 for the start of each weight row of this block's first item: kPrefetchBytes in all. The
+// routing read here was complete before the previous kernel started (the caller says so); were it
+// not, a prefetch would go astray and nothing else.
+template <class C, bool kSiluMul>
+__device__ __forceinline__ void PrefetchFirstItem(const GemmParams& p) {
+  const int num_tiles = *p.num_tiles;
+  if (static_cast<int>(blockIdx.x) >= num_tiles * p.n_blocks || threadIdx.x >= C::kBN) return;
+  const int tile = static_cast<int>(blockIdx.x) % num_tiles;
+  const int n_block = static_cast<int>(blockIdx.x) / num_tiles;
+  const int64_t expert = p.tile_expert[tile];
+  const int r = threadIdx.x;  // one weight row per thread
+  int64_t row;
+  if constexpr (kSiluMul) {
+    const int column = n_block * C::kActCols + r % C::kActCols;
+    if (column >= p.n) return;
+    row = expert * 2 * p.n + column + (r < C::kActCols ? 0 : p.n);
+  } else {
+    const int column = n_block * C::kBN + r;
+    if (column >= p.n) return;
+    row = expert * p.n + column;
+  }
+  const uint32_t bytes = min(static_cast<uint32_t>(p.k) * 2u, static_cast<uint32_t>(kPrefetchBytes / C::kBN)) & ~15u;
+  kernels::PrefetchL2(p.w + row * p.k, bytes);
+}
 
 __device__ __forceinline__ uint32_t SmemAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -105,7 +148,10 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
   return static_cast<uint32_t>((row * BK + ((chunk ^ (row & 7)) << 3)) * 2);
 }
 
-template <class C, bool kGather>
+// The SiLU-and-mul of MoeSiluMulKernel and the fused epilogue: one formula for both.
+__device__ __forceinline__ float SiluMul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
+template <class C, bool kGather, bool kSiluMul>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKernel(const GemmParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = SmemAddress(smem);
@@ -115,6 +161,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
   const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
 
+  if (p.prefetch_weights) PrefetchFirstItem<C, kSiluMul>(p);
   PdlWait();  // the routing buffers and the activations come from earlier kernels
   PdlLaunchDependents();
   const int num_tiles = *p.num_tiles;
@@ -157,13 +204,34 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
       }
       a_src[i] = p.a + static_cast<int64_t>(source) * p.k + ld_chunk * 8;
     }
-    const int n0 = n_block * C::kBN + ld_row;
     b_ok = 0;
+    if constexpr (kSiluMul) {
+      // Tile row ld_row: the gate (half 0) or up (half 1) row of act column c0.
+      const int c0 = n_block * C::kActCols + 8 * (ld_row >> 4) + (ld_row & 7);
+      const int half = (ld_row >> 3) & 1;
 #pragma unroll
-    for (int i = 0; i < C::kBChunks; ++i) {
-      if (n0 + i * C::kRowsPerPass < p.n) b_ok |= 1u << i;
+      for (int i = 0; i < C::kBChunks; ++i) {
+        if (c0 + C::FusedColumnOffset(i) < p.n) b_ok |= 1u << i;
+      }
+      b_src = p.w + (static_cast<int64_t>(expert) * 2 * p.n + c0 + half * p.n) * p.k + ld_chunk * 8;
+    } else {
+      const int n0 = n_block * C::kBN + ld_row;
+#pragma unroll
+      for (int i = 0; i < C::kBChunks; ++i) {
+        if (n0 + i * C::kRowsPerPass < p.n) b_ok |= 1u << i;
+      }
+      b_src = p.w + (static_cast<int64_t>(expert) * p.n + n0) * p.k + ld_chunk * 8;
     }
-    b_src = p.w + (static_cast<int64_t>(expert) * p.n + n0) * p.k + ld_chunk * 8;
+  };
+
+  // Elements from a thread's B chunk 0 to its chunk i.
+  auto b_chunk_offset = [&](int i) -> int64_t {
+    if constexpr (kSiluMul) {
+      return static_cast<int64_t>(C::FusedColumnOffset(i)) * p.k +
+             (C::FusedOtherHalf(i) ? static_cast<int64_t>(p.n) * p.k : 0);
+    } else {
+      return static_cast<int64_t>(i) * C::kRowsPerPass * p.k;
+    }
   };
 
   auto issue_stage = [&]() {
@@ -178,8 +246,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
 #pragma unroll
     for (int i = 0; i < C::kBChunks; ++i) {
       const bool ok = k_ok && ((b_ok >> i) & 1u);
-      CpAsync16(stage + ld_smem_b + i * kPassBytes,
-                ok ? b_src + static_cast<int64_t>(i) * C::kRowsPerPass * p.k + k0 : p.w, ok ? 16u : 0u);
+      CpAsync16(stage + ld_smem_b + i * kPassBytes, ok ? b_src + b_chunk_offset(i) + k0 : p.w, ok ? 16u : 0u);
     }
   };
 
@@ -248,7 +315,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
       const int tile = item % num_tiles;
       const int first = p.tile_row[tile];
       const int rows = min(C::kBM, p.expert_offsets[p.tile_expert[tile] + 1] - first);
-      const int col0 = (item / num_tiles) * C::kBN + warp_col + (lane & 3) * 2;
+      // This thread's first output column; with silu_mul fragment pair f covers the 8 act columns
+      // from warp_col / 2 + 8 f of the item's.
+      const int col0 = kSiluMul ? (item / num_tiles) * C::kActCols + warp_col / 2 + (lane & 3) * 2
+                                : (item / num_tiles) * C::kBN + warp_col + (lane & 3) * 2;
 #pragma unroll
       for (int m = 0; m < C::kFragsM; ++m) {
 #pragma unroll
@@ -256,12 +326,25 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
           const int r = warp_row + m * 16 + (lane >> 2) + half * 8;
           if (r >= rows) continue;
           __nv_bfloat16* out = p.y + static_cast<int64_t>(first + r) * p.n;
+          if constexpr (kSiluMul) {
 #pragma unroll
-          for (int n = 0; n < C::kFragsN; ++n) {
-            const int col = col0 + n * 8;
-            if (col < p.n) {
-              *reinterpret_cast<__nv_bfloat162*>(out + col) =
-                  __floats2bfloat162_rn(acc[m][n][half * 2], acc[m][n][half * 2 + 1]);
+            for (int f = 0; f < C::kFragsN / 2; ++f) {
+              const int col = col0 + f * 8;
+              if (col < p.n) {
+                const float(&gate)[4] = acc[m][2 * f];
+                const float(&up)[4] = acc[m][2 * f + 1];
+                *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(
+                    SiluMul(gate[half * 2], up[half * 2]), SiluMul(gate[half * 2 + 1], up[half * 2 + 1]));
+              }
+            }
+          } else {
+#pragma unroll
+            for (int n = 0; n < C::kFragsN; ++n) {
+              const int col = col0 + n * 8;
+              if (col < p.n) {
+                *reinterpret_cast<__nv_bfloat162*>(out + col) =
+                    __floats2bfloat162_rn(acc[m][n][half * 2], acc[m][n][half * 2 + 1]);
+              }
             }
           }
         }
@@ -275,9 +358,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   CpAsyncWait<0>();
 }
 
-template <class C, bool kGather>
+template <class C, bool kGather, bool kSiluMul>
 cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t stream) {
-  auto kernel = MoeGroupedGemmKernel<C, kGather>;
+  auto kernel = MoeGroupedGemmKernel<C, kGather, kSiluMul>;
   cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
   if (error != cudaSuccess) return error;
   int device = 0;
@@ -296,12 +379,18 @@ cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t str
 }
 
 template <class C>
-cudaError_t LaunchGemm(const GemmParams& p, bool gather, int64_t max_tiles, cudaStream_t stream) {
+cudaError_t LaunchGemm(const GemmParams& p, bool gather, bool silu_mul, int64_t max_tiles, cudaStream_t stream) {
   GemmParams q = p;
-  q.n_blocks = (p.n + C::kBN - 1) / C::kBN;
+  const int columns_per_item = silu_mul ? C::kActCols : C::kBN;
+  q.n_blocks = (p.n + columns_per_item - 1) / columns_per_item;
   q.k_steps = (p.k + C::kBK - 1) / C::kBK;
   if (max_tiles * q.n_blocks > INT32_MAX) return cudaErrorInvalidValue;
-  return gather ? LaunchTiles<C, true>(q, max_tiles, stream) : LaunchTiles<C, false>(q, max_tiles, stream);
+  if (silu_mul) {
+    return gather ? LaunchTiles<C, true, true>(q, max_tiles, stream)
+                  : LaunchTiles<C, false, true>(q, max_tiles, stream);
+  }
+  return gather ? LaunchTiles<C, true, false>(q, max_tiles, stream)
+                : LaunchTiles<C, false, false>(q, max_tiles, stream);
 }
 
 // ---------------------------------------------------------------------------------------- silu-mul
@@ -332,7 +421,7 @@ __global__ void __launch_bounds__(kSiluThreads)
     for (int i = 0; i < 4; ++i) {
       const float2 g = __bfloat1622float2(g2[i]);
       const float2 u = __bfloat1622float2(u2[i]);
-      o2[i] = __floats2bfloat162_rn(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y);
+      o2[i] = __floats2bfloat162_rn(SiluMul(g.x, u.x), SiluMul(g.y, u.y));
     }
     *reinterpret_cast<uint4*>(act + row * intermediate + col) = packed;
   }
@@ -366,14 +455,15 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
   p.k = static_cast<int32_t>(k);
   p.n_blocks = 0;
   p.k_steps = 0;
+  p.prefetch_weights = args.prefetch_weights;
   const int64_t max_tiles = r.max_tiles();
   switch (r.tile_rows) {
     case DecodeTiles::kBM:
-      return LaunchGemm<DecodeTiles>(p, args.gather_a, max_tiles, stream);
+      return LaunchGemm<DecodeTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
     case MidTiles::kBM:
-      return LaunchGemm<MidTiles>(p, args.gather_a, max_tiles, stream);
+      return LaunchGemm<MidTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
     case PrefillTiles::kBM:
-      return LaunchGemm<PrefillTiles>(p, args.gather_a, max_tiles, stream);
+      return LaunchGemm<PrefillTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -7,6 +7,7 @@
 
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
+#include "kernels/reduce.cuh"
 
 namespace cohort {
 namespace {
@@ -27,17 +28,21 @@ __device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
   return a > b || (a == b && ia < ib);
 }
 
-__global__ void __launch_bounds__(kGateWarps * 32)
-    MoeGateKernel(const float* __restrict__ logits, const float* __restrict__ bias, int64_t num_tokens,
-                  MoeGateParams p, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
-  __shared__ float choice_smem[kGateWarps][kMoeMaxExperts];
-  PdlWait();  // the router logits come from the previous kernel
-  PdlLaunchDependents();
+// Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
+// kMoeMaxExperts floats. A padding token (at or past *num_valid) gets ids -1 and weights 0: ids
+// outside [0, E) get no row in the align, so padding rows of a captured graph read no expert.
+__device__ void GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
+                          const int32_t* __restrict__ num_valid, const MoeGateParams& p, float* choice_smem,
+                          int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
-  if (token >= num_tokens) return;  // whole warps only; no block barrier below
   const int num_experts = p.num_experts;
+  if (num_valid != nullptr && token >= *num_valid) {
+    if (lane < p.top_k) {
+      topk_ids[token * p.top_k + lane] = -1;
+      topk_weights[token * p.top_k + lane] = 0.0f;
+    }
+    return;
+  }
   const float* x = logits + token * num_experts;
 
   float score[kGatePerLane];
@@ -82,12 +87,12 @@ __global__ void __launch_bounds__(kGateWarps * 32)
 #pragma unroll
     for (int i = 0; i < kGatePerLane; ++i) {
       const int e = lane + 32 * i;
-      if (e < num_experts) choice_smem[warp][e] = choice[i];
+      if (e < num_experts) choice_smem[e] = choice[i];
     }
     __syncwarp();
     float group_score = -INFINITY;
     if (lane < p.n_group) {
-      const float* group = &choice_smem[warp][lane * per_group];
+      const float* group = &choice_smem[lane * per_group];
       float best = -INFINITY;
       float second = -INFINITY;
       for (int i = 0; i < per_group; ++i) {
@@ -175,6 +180,27 @@ __global__ void __launch_bounds__(kGateWarps * 32)
   }
 }
 
+struct GateArgs {
+  const float* logits;
+  const float* bias;
+  int64_t num_tokens;
+  const int32_t* num_valid;
+  MoeGateParams params;
+  int32_t* topk_ids;
+  float* topk_weights;
+};
+
+// One warp per token.
+__global__ void __launch_bounds__(kGateWarps * 32) MoeGateKernel(const GateArgs a) {
+  __shared__ float choice_smem[kGateWarps][kMoeMaxExperts];
+  PdlWait();  // the router logits come from the previous kernel
+  PdlLaunchDependents();
+  const int warp = threadIdx.x >> 5;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
+  if (token >= a.num_tokens) return;  // whole warps only; no block barrier in GateToken
+  GateToken(a.logits, a.bias, token, a.num_valid, a.params, choice_smem[warp], a.topk_ids, a.topk_weights);
+}
+
 // ------------------------------------------------------------------------------------------ align
 
 constexpr int kAlignThreads = 1024;
@@ -232,13 +258,20 @@ struct AlignArgs {
 // each pair at that row plus its rank among the warp's equal ids (__match_any_sync), walking the
 // segment in order, so rows within an expert follow the pair order whatever the atomics did.
 // Shared experts need no counting: each takes the next T rows, one per token in token order.
-__global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs p) {
-  __shared__ int warp_counts[kAlignWarps][kMoeMaxExperts];
-  __shared__ int first_row[kMoeMaxExperts];
-  __shared__ int warp_sums[32];
-  __shared__ int totals[3];  // routed rows, routed tiles, routed experts used
-  PdlWait();  // before topk_ids are read and the routing buffers (read by the last layer) written
-  PdlLaunchDependents();
+//
+// Run by a whole block of kAlignThreads threads; `smem` is the block's AlignSmem.
+struct AlignSmem {
+  int warp_counts[kAlignWarps][kMoeMaxExperts];
+  int first_row[kMoeMaxExperts];
+  int warp_sums[32];
+  int totals[3];  // routed rows, routed tiles, routed experts used
+};
+
+__device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
+  auto& warp_counts = smem.warp_counts;
+  auto& first_row = smem.first_row;
+  int* warp_sums = smem.warp_sums;
+  int* totals = smem.totals;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -326,6 +359,32 @@ __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs 
   }
 }
 
+__global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs p) {
+  __shared__ AlignSmem smem;
+  PdlWait();  // before topk_ids are read and the routing buffers (read by the last layer) written
+  PdlLaunchDependents();
+  AlignBlock(p, smem);
+}
+
+static_assert(kMoeFusedRouteTokens <= kAlignWarps, "one warp gates one token");
+
+// Gate and align of up to kMoeFusedRouteTokens tokens in one block: warp t chooses token t's experts, then the
+// block aligns them. The gate's scratch shares memory with the align's counts.
+__global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g, const AlignArgs p) {
+  __shared__ union {
+    float choice[kAlignWarps][kMoeMaxExperts];
+    AlignSmem align;
+  } smem;
+  PdlWait();  // the router logits come from the previous kernel
+  PdlLaunchDependents();
+  const int warp = threadIdx.x >> 5;
+  if (warp < g.num_tokens) {
+    GateToken(g.logits, g.bias, warp, g.num_valid, g.params, smem.choice[warp], g.topk_ids, g.topk_weights);
+  }
+  __syncthreads();  // topk_ids (global) visible to the block, the scratch free
+  AlignBlock(p, smem.align);
+}
+
 // ---------------------------------------------------------------------------------------- combine
 
 constexpr int kCombineThreads = 256;
@@ -353,51 +412,104 @@ struct CombineArgs {
   int32_t hidden;
 };
 
+// acc = sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], col + i] + the shared experts' rows
+// + add[t, col + i], for the 8 values i of one chunk.
+__device__ __forceinline__ void CombineChunk(const CombineArgs& p, int64_t token, int col, int64_t shared_first_row,
+                                             float (&acc)[8]) {
+  const int hidden = p.hidden;
+  const int top_k = p.top_k;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMoeMaxTopK; ++j) {
+    if (j >= top_k) break;
+    const int row = p.slot_row[token * top_k + j];
+    if (row < 0) continue;
+    const float w = p.topk_weights[token * top_k + j];
+    float v[8];
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + static_cast<int64_t>(row) * hidden + col), v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, v[e], acc[e]);
+  }
+  for (int s = 0; s < p.num_shared; ++s) {
+    const int64_t row = shared_first_row + s * p.num_tokens + token;
+    float v[8];
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + row * hidden + col), v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += v[e];
+  }
+  if (p.add != nullptr) {
+    float v[8];
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.add + token * hidden + col), v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] += v[e];
+  }
+}
+
 // One thread per 8 consecutive outputs of one token.
 __global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const CombineArgs p) {
   PdlWait();  // the expert rows come from the down GEMM
   PdlLaunchDependents();
-  const int hidden = p.hidden;
-  const int top_k = p.top_k;
-  const int chunks_per_token = hidden / 8;
+  const int chunks_per_token = p.hidden / 8;
   const int64_t total = p.num_tokens * chunks_per_token;
   const int64_t shared_first_row = p.num_shared > 0 ? *p.shared_first_row : 0;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x; c < total;
        c += static_cast<int64_t>(gridDim.x) * kCombineThreads) {
     const int64_t token = c / chunks_per_token;
     const int col = static_cast<int>(c - token * chunks_per_token) * 8;
-    float acc[8] = {};
-#pragma unroll
-    for (int j = 0; j < kMoeMaxTopK; ++j) {
-      if (j >= top_k) break;
-      const int row = p.slot_row[token * top_k + j];
-      if (row < 0) continue;
-      const float w = p.topk_weights[token * top_k + j];
-      float v[8];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + static_cast<int64_t>(row) * hidden + col), v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, v[e], acc[e]);
-    }
-    for (int s = 0; s < p.num_shared; ++s) {
-      const int64_t row = shared_first_row + s * p.num_tokens + token;
-      float v[8];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + row * hidden + col), v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += v[e];
-    }
-    const int64_t offset = token * hidden + col;
-    if (p.add != nullptr) {
-      float v[8];
-      Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.add + offset), v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] += v[e];
-    }
+    float acc[8];
+    CombineChunk(p, token, col, shared_first_row, acc);
     uint4 packed;
     __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
     for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p.out + offset) = packed;
+    *reinterpret_cast<uint4*>(p.out + token * p.hidden + col) = packed;
   }
+}
+
+struct NormArgs {
+  float* residual;
+  const __nv_bfloat16* weight;
+  float eps;
+  __nv_bfloat16* out;
+};
+
+// One block per token, one thread per 8 values: the combined row, rounded to bf16 as LaunchMoeCombine
+// stores it, joins the residual, which is then normalised.
+__global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const CombineArgs p, const NormArgs n) {
+  __shared__ float scratch[32];
+  PdlWait();  // the expert rows come from the down GEMM
+  PdlLaunchDependents();
+  const int64_t token = blockIdx.x;
+  const int col = threadIdx.x * 8;
+  const bool active = col < p.hidden;
+  float v[8] = {};
+  float sum_sq = 0.0f;
+  if (active) {
+    CombineChunk(p, token, col, p.num_shared > 0 ? *p.shared_first_row : 0, v);
+    float* h = n.residual + token * p.hidden + col;
+    const float4 h0 = *reinterpret_cast<const float4*>(h);
+    const float4 h1 = *reinterpret_cast<const float4*>(h + 4);
+    const float before[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      v[e] = before[e] + __bfloat162float(__float2bfloat16(v[e]));
+      sum_sq += v[e] * v[e];
+    }
+    *reinterpret_cast<float4*>(h) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(h + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  const float inv_rms = rsqrtf(kernels::BlockSum(sum_sq, scratch) / p.hidden + n.eps);
+  if (!active) return;
+  float w[8];
+  Bf16x8ToFloat(*reinterpret_cast<const uint4*>(n.weight + col), w);
+  uint4 packed;
+  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pairs[i] = __floats2bfloat162_rn(v[2 * i] * inv_rms * w[2 * i], v[2 * i + 1] * inv_rms * w[2 * i + 1]);
+  }
+  *reinterpret_cast<uint4*>(n.out + token * p.hidden + col) = packed;
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
@@ -427,10 +539,60 @@ bool ValidRoutingShape(int64_t num_tokens, int32_t top_k, int32_t num_experts, i
 
 bool ValidTileRows(int32_t tile_rows) { return tile_rows == 16 || tile_rows == 64 || tile_rows == 128; }
 
+bool ValidGate(const MoeGateParams& p) {
+  const bool grouped = p.method != MoeTopkMethod::kGreedy && p.topk_group < p.n_group;
+  return p.num_experts >= 1 && p.num_experts <= kMoeMaxExperts && p.top_k >= 1 && p.top_k <= kMoeMaxTopK &&
+         p.top_k <= p.num_experts && p.n_group >= 1 && p.n_group <= kMoeMaxGroups && p.num_experts % p.n_group == 0 &&
+         p.topk_group >= 1 && p.topk_group <= p.n_group &&
+         !(grouped && p.method == MoeTopkMethod::kNoAuxTc && p.num_experts / p.n_group < 2);
+}
+
 bool ValidRouting(const MoeRouting& r) {
   return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts, r.num_shared) && ValidTileRows(r.tile_rows) &&
          r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
          r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr;
+}
+
+AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used) {
+  AlignArgs args;
+  args.topk_ids = topk_ids;
+  args.num_pairs = static_cast<int32_t>(routing.num_pairs());
+  args.num_tokens = static_cast<int32_t>(routing.num_tokens);
+  args.top_k = routing.top_k;
+  args.num_experts = routing.num_experts;
+  args.num_shared = routing.num_shared;
+  args.tile_rows = routing.tile_rows;
+  args.max_tiles = static_cast<int32_t>(routing.max_tiles());
+  args.expert_offsets = routing.expert_offsets;
+  args.row_token = routing.row_token;
+  args.slot_row = routing.slot_row;
+  args.tile_expert = routing.tile_expert;
+  args.tile_row = routing.tile_row;
+  args.num_tiles = routing.num_tiles;
+  args.experts_used = experts_used;
+  return args;
+}
+
+CombineArgs MakeCombineArgs(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
+                            const __nv_bfloat16* add, int64_t hidden, __nv_bfloat16* out) {
+  CombineArgs args;
+  args.expert_out = expert_out;
+  args.topk_weights = topk_weights;
+  args.slot_row = routing.slot_row;
+  args.shared_first_row = routing.expert_offsets + routing.num_experts;
+  args.add = add;
+  args.out = out;
+  args.num_tokens = routing.num_tokens;
+  args.top_k = routing.top_k;
+  args.num_shared = routing.num_shared;
+  args.hidden = static_cast<int32_t>(hidden);
+  return args;
+}
+
+bool ValidCombine(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
+                  const __nv_bfloat16* add, int64_t hidden) {
+  return ValidRouting(routing) && hidden > 0 && hidden % 8 == 0 && hidden <= INT32_MAX && expert_out != nullptr &&
+         topk_weights != nullptr && Aligned16(expert_out) && (add == nullptr || Aligned16(add));
 }
 
 }  // namespace
@@ -494,67 +656,68 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
 
 cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bias, int64_t num_tokens,
                           const MoeGateParams& p, int32_t* topk_ids, float* topk_weights, cudaStream_t stream) {
-  const bool grouped = p.method != MoeTopkMethod::kGreedy && p.topk_group < p.n_group;
-  if (p.num_experts < 1 || p.num_experts > kMoeMaxExperts || p.top_k < 1 || p.top_k > kMoeMaxTopK ||
-      p.top_k > p.num_experts || p.n_group < 1 || p.n_group > kMoeMaxGroups || p.num_experts % p.n_group != 0 ||
-      p.topk_group < 1 || p.topk_group > p.n_group ||
-      (grouped && p.method == MoeTopkMethod::kNoAuxTc && p.num_experts / p.n_group < 2) || num_tokens < 0 ||
-      router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
+  if (!ValidGate(p) || num_tokens < 0 || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (num_tokens == 0) return cudaSuccess;
   const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   return LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream,
-                   router_logits, correction_bias, num_tokens, p, topk_ids, topk_weights);
+                   GateArgs{router_logits, correction_bias, num_tokens, nullptr, p, topk_ids, topk_weights});
 }
 
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream) {
   if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_pairs() > 0)) return cudaErrorInvalidValue;
-  AlignArgs args;
-  args.topk_ids = topk_ids;
-  args.num_pairs = static_cast<int32_t>(routing.num_pairs());
-  args.num_tokens = static_cast<int32_t>(routing.num_tokens);
-  args.top_k = routing.top_k;
-  args.num_experts = routing.num_experts;
-  args.num_shared = routing.num_shared;
-  args.tile_rows = routing.tile_rows;
-  args.max_tiles = static_cast<int32_t>(routing.max_tiles());
-  args.expert_offsets = routing.expert_offsets;
-  args.row_token = routing.row_token;
-  args.slot_row = routing.slot_row;
-  args.tile_expert = routing.tile_expert;
-  args.tile_row = routing.tile_row;
-  args.num_tiles = routing.num_tiles;
-  args.experts_used = experts_used;
-  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, args);
+  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, MakeAlignArgs(topk_ids, routing, experts_used));
+}
+
+cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
+                           const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
+                           int32_t* experts_used, cudaStream_t stream) {
+  const int64_t num_tokens = routing.num_tokens;
+  if (!ValidGate(gate) || !ValidRouting(routing) || gate.num_experts != routing.num_experts ||
+      gate.top_k != routing.top_k || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, gate, topk_ids, topk_weights};
+  const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
+  if (num_tokens <= kMoeFusedRouteTokens) return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
+  const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const cudaError_t error = LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream, g);
+  if (error != cudaSuccess) return error;
+  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, a);
 }
 
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream) {
-  if (!ValidRouting(routing) || hidden <= 0 || hidden % 8 != 0 || hidden > INT32_MAX || expert_out == nullptr ||
-      topk_weights == nullptr || out == nullptr || !Aligned16(expert_out) || !Aligned16(out) ||
-      (add != nullptr && !Aligned16(add))) {
+  if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || out == nullptr || !Aligned16(out)) {
     return cudaErrorInvalidValue;
   }
   const int64_t chunks = routing.num_tokens * (hidden / 8);
   if (chunks == 0) return cudaSuccess;
   const int64_t blocks = (chunks + kCombineThreads - 1) / kCombineThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  CombineArgs args;
-  args.expert_out = expert_out;
-  args.topk_weights = topk_weights;
-  args.slot_row = routing.slot_row;
-  args.shared_first_row = routing.expert_offsets + routing.num_experts;
-  args.add = add;
-  args.out = out;
-  args.num_tokens = routing.num_tokens;
-  args.top_k = routing.top_k;
-  args.num_shared = routing.num_shared;
-  args.hidden = static_cast<int32_t>(hidden);
-  return LaunchPdl(MoeCombineKernel, dim3(grid), dim3(kCombineThreads), 0, stream, args);
+  return LaunchPdl(MoeCombineKernel, dim3(grid), dim3(kCombineThreads), 0, stream,
+                   MakeCombineArgs(expert_out, topk_weights, routing, add, hidden, out));
+}
+
+cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
+                                       const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                                       float* residual, const __nv_bfloat16* norm_weight, float eps,
+                                       __nv_bfloat16* out, cudaStream_t stream) {
+  if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || hidden > 8 * 1024 || residual == nullptr ||
+      norm_weight == nullptr || out == nullptr || !Aligned16(residual) || !Aligned16(norm_weight) ||
+      !Aligned16(out) || routing.num_tokens > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (routing.num_tokens == 0) return cudaSuccess;
+  const int threads = static_cast<int>((hidden / 8 + 31) / 32 * 32);
+  return LaunchPdl(MoeCombineAddRmsNormKernel, dim3(static_cast<unsigned>(routing.num_tokens)), dim3(threads), 0,
+                   stream, MakeCombineArgs(expert_out, topk_weights, routing, add, hidden, nullptr),
+                   NormArgs{residual, norm_weight, eps, out});
 }
 
 }  // namespace cohort

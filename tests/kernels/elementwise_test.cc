@@ -111,50 +111,63 @@ TEST(ElementwiseTest, RopeQueriesMatchTheCpuRope) {
   }
 }
 
+// The cache write with the queries of the same rows: rotated in place (bf16 queries), or written
+// from fp32 queries that share their rows with the latent (one product's output: [q | kv] per row).
 TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();
   const ModelConfig config = RopeConfig(true, true);
   const Rope rope(config);
-  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5;
-  const std::vector<float> kv = RandomFloats(static_cast<size_t>(rows) * width, rng, 3.0f);
+  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5, heads = 3, qk = 192;
   const std::vector<uint16_t> norm = RandomBf16(rank, rng);
   // Two sequences with scattered blocks; tokens at the positions below.
   const std::vector<int32_t> tables = {9, 4, 0, 11, 3, 7};
   const std::vector<int32_t> offsets = {0, 3};
   const std::vector<int32_t> sequence = {0, 0, 1, 1, 1}, positions = {15, 16, 0, 33, 47};
-  DeviceVector<float> d_kv(kv), d_inv_freq(rope.inv_freq());
-  DeviceVector<uint16_t> d_norm(norm), d_cache(static_cast<size_t>(blocks) * block_size * width);
+  DeviceVector<float> d_inv_freq(rope.inv_freq());
+  DeviceVector<uint16_t> d_norm(norm);
   DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_positions(positions);
   const kernels::RopeParams rope_params{d_inv_freq.get(), 64, rope.attention_factor(), true};
   const kernels::CacheWriteParams where{d_positions.get(), d_sequence.get(), d_tables.get(), d_offsets.get(), block_size};
-  // The rows' queries are rotated in the same launch.
-  const int heads = 3, qk = 192;
-  const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
-  DeviceVector<uint16_t> d_q(q);
-  ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_kv.get(), rows, rank, Bf16(d_norm), 1e-6f, rope_params, where,
-                                             Bf16(d_cache), nullptr, {Bf16(d_q), heads, qk}));
-  const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost();
-  for (int r = 0; r < rows; ++r) {
-    const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
-    const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
-    double sum_sq = 0;
-    for (int i = 0; i < rank; ++i) sum_sq += static_cast<double>(kv[r * width + i]) * kv[r * width + i];
-    const double inv = 1.0 / std::sqrt(sum_sq / rank + 1e-6);
-    for (int i = 0; i < rank; ++i) {
-      ExpectBf16Near(cache[slot + i], kv[r * width + i] * inv * BF16ToFloat(norm[i]), "latent");
-    }
-    std::vector<float> key(kv.begin() + r * width + rank, kv.begin() + (r + 1) * width);
-    rope.Apply(key, positions[r]);
-    for (int i = 0; i < 64; ++i) ExpectBf16Near(cache[slot + rank + i], key[i], "rope key");
-    for (int h = 0; h < heads; ++h) {
-      const size_t base = (static_cast<size_t>(r) * heads + h) * qk;
-      for (int i = 0; i < 128; ++i) ASSERT_EQ(rotated[base + i], q[base + i]) << "the nope part must not move";
-      std::vector<float> want(64);
-      for (int i = 0; i < 64; ++i) want[i] = BF16ToFloat(q[base + 128 + i]);
-      rope.Apply(want, positions[r]);
-      for (int i = 0; i < 64; ++i) {
-        ASSERT_NEAR(BF16ToFloat(rotated[base + 128 + i]), want[i], 8e-3 * std::abs(want[i]) + 2e-3) << "query rope";
+  for (bool from_source : {false, true}) {
+    SCOPED_TRACE(from_source ? "queries from fp32 rows" : "queries rotated in place");
+    // Row r: [fp32 queries (from_source only) | latent | rope key | unused padding].
+    const int q_width = from_source ? heads * qk : 0, stride = q_width + width + 8;
+    const std::vector<float> projected = RandomFloats(static_cast<size_t>(rows) * stride, rng, 3.0f);
+    const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
+    DeviceVector<float> d_projected(projected);
+    DeviceVector<uint16_t> d_q(q), d_cache(static_cast<size_t>(blocks) * block_size * width);
+    kernels::QueryRopeParams queries{Bf16(d_q), heads, qk};
+    if (from_source) queries.source = d_projected.get(), queries.source_row_stride = stride;
+    ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_projected.get() + q_width, stride, rows, rank, Bf16(d_norm), 1e-6f,
+                                               rope_params, where, Bf16(d_cache), nullptr, queries));
+    const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost();
+    for (int r = 0; r < rows; ++r) {
+      const float* kv = projected.data() + static_cast<size_t>(r) * stride + q_width;
+      const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
+      const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
+      double sum_sq = 0;
+      for (int i = 0; i < rank; ++i) sum_sq += static_cast<double>(kv[i]) * kv[i];
+      const double inv = 1.0 / std::sqrt(sum_sq / rank + 1e-6);
+      for (int i = 0; i < rank; ++i) ExpectBf16Near(cache[slot + i], kv[i] * inv * BF16ToFloat(norm[i]), "latent");
+      std::vector<float> key(kv + rank, kv + width);
+      rope.Apply(key, positions[r]);
+      for (int i = 0; i < 64; ++i) ExpectBf16Near(cache[slot + rank + i], key[i], "rope key");
+      for (int h = 0; h < heads; ++h) {
+        const size_t base = (static_cast<size_t>(r) * heads + h) * qk;
+        std::vector<float> want(qk);
+        for (int i = 0; i < qk; ++i) {
+          want[i] = from_source ? projected[static_cast<size_t>(r) * stride + h * qk + i] : BF16ToFloat(q[base + i]);
+        }
+        for (int i = 0; i < 128; ++i) {
+          ASSERT_EQ(BF16ToFloat(rotated[base + i]), BF16ToFloat(FloatToBF16(want[i]))) << "the nope part is not rotated";
+        }
+        std::vector<float> rope_part(want.begin() + 128, want.end());
+        rope.Apply(rope_part, positions[r]);
+        for (int i = 0; i < 64; ++i) {
+          ASSERT_NEAR(BF16ToFloat(rotated[base + 128 + i]), rope_part[i], 8e-3 * std::abs(rope_part[i]) + 2e-3)
+              << "query rope";
+        }
       }
     }
   }
@@ -182,7 +195,7 @@ TEST(ElementwiseTest, TransposeEachMatrixOfABatch) {
   }
 }
 
-TEST(ElementwiseTest, EmbeddingGatherAndPaddingRows) {
+TEST(ElementwiseTest, EmbeddingAndGatherRows) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();
   const int vocab = 1000, hidden = 96;
@@ -205,15 +218,6 @@ TEST(ElementwiseTest, EmbeddingGatherAndPaddingRows) {
   for (size_t r = 0; r < rows.size(); ++r) {
     for (int i = 0; i < hidden; ++i) ASSERT_EQ(gathered[r * hidden + i], table[rows[r] * hidden + i]);
   }
-
-  // Rows from num_valid on copy row 0's routing.
-  std::vector<int32_t> ids = {3, 1, 7, 7, 9, 9, 5, 5};
-  std::vector<float> weights = {0.6f, 0.4f, 1, 1, 2, 2, 3, 3};
-  DeviceVector<int32_t> d_ids(ids), d_valid(std::vector<int32_t>{2});
-  DeviceVector<float> d_weights(weights);
-  ASSERT_CUDA_OK(kernels::LaunchCopyFirstRowToPadding(d_ids.get(), d_weights.get(), 2, d_valid.get(), 4, nullptr));
-  EXPECT_EQ(d_ids.ToHost(), (std::vector<int32_t>{3, 1, 7, 7, 3, 1, 3, 1}));
-  EXPECT_EQ(d_weights.ToHost(), (std::vector<float>{0.6f, 0.4f, 1, 1, 0.6f, 0.4f, 0.6f, 0.4f}));
 }
 
 }  // namespace

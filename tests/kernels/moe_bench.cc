@@ -1,9 +1,12 @@
 // Times the expert GEMMs of one DeepSeek-V2-Lite MoE layer (kernels/moe.h), routed and shared experts
-// together as the engine runs them: gate_up grouped GEMM + SiLU-and-mul + down grouped GEMM, for
-// T = 1, 2, 4, ..., 512 decode tokens, the token counts around MoeDefaultTileRows's switch-overs, and
-// prefills up to 4096 tokens, at each tile size (the default one starred). It first measures the
-// device-to-device copy bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written): the ceiling a
-// decode step can approach.
+// together as the engine runs them: the gate_up grouped GEMM ending in SiLU-and-mul (silu_mul) + the
+// down grouped GEMM, for T = 1, 2, 4, ..., 512 decode tokens, the token counts around
+// MoeDefaultTileRows's switch-overs, and prefills up to 4096 tokens, at each tile size (the default one
+// starred). It first measures the device-to-device copy bandwidth (a 1 GiB cudaMemcpyAsync, bytes read
+// + written): the ceiling a decode step can approach.
+//
+// "unfused us" times the same layer the way it ran before silu_mul (gate_up GEMM to [R, 2I], then
+// LaunchMoeSiluMul, then down) and "gain" is unfused us / us per layer.
 //
 // Routing is the gate on random logits; each token also has a row for each of the 2 shared experts.
 // Each graph replays kLayers layers with distinct weights (the whole expert set of a layer is 66 x
@@ -129,8 +132,10 @@ int Run() {
   gate.num_experts = kExperts;
   gate.top_k = kTopK;
 
-  std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %9s\n", "tokens", "rows", "tile", "us/layer", "experts",
-              "weight MB", "GB/s", "of copy", "TFLOP/s", "route us");
+  // us/layer: the engine's sequence (SiLU-and-mul fused into gate_up, the down product's weights
+  // prefetched before it waits); "no prefetch": the same without the prefetch; "unfused": neither.
+  std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %11s %11s %6s %9s\n", "tokens", "rows", "tile", "us/layer",
+              "experts", "weight MB", "GB/s", "of copy", "TFLOP/s", "no prefetch", "unfused us", "gain", "route us");
   // Rows per expert (MoeDefaultTileRows): 160 and 192 tokens give 19 and 23, either side of the
   // 16 -> 64 switch-over at 20; 512 and 768 give 62 and 93, either side of the 64 -> 128 one at 64.
   for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 768, 1024, 2048, 4096}) {
@@ -148,23 +153,36 @@ int Run() {
       BENCH_CHECK(cudaMemcpyAsync(&used, experts_used, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
       BENCH_CHECK(cudaStreamSynchronize(stream));
 
-      const cudaGraphExec_t experts_graph = testing::CaptureGraph(stream, [&] {
-        for (int l = 0; l < kLayers; ++l) {
-          BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], n1, k1, y1}, routing, stream));
-          BENCH_CHECK(
-              LaunchMoeSiluMul(y1, rows, kIntermediate, routing.expert_offsets + kAllExperts, act, stream));
-          BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2}, routing, stream));
-        }
-      });
-      const double us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(experts_graph, stream)); }) / kLayers;
-      BENCH_CHECK(cudaGraphExecDestroy(experts_graph));
+      // Microseconds per layer of the expert GEMMs, with the SiLU-and-mul fused into gate_up or not.
+      auto time_experts = [&](bool fused, bool prefetch) {
+        const cudaGraphExec_t experts_graph = testing::CaptureGraph(stream, [&] {
+          for (int l = 0; l < kLayers; ++l) {
+            if (fused) {
+              BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], kIntermediate, k1, act, /*silu_mul=*/true},
+                                               routing, stream));
+            } else {
+              BENCH_CHECK(LaunchMoeGroupedGemm({hidden, true, gate_up[l], n1, k1, y1}, routing, stream));
+              BENCH_CHECK(
+                  LaunchMoeSiluMul(y1, rows, kIntermediate, routing.expert_offsets + kAllExperts, act, stream));
+            }
+            BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2, /*silu_mul=*/false, prefetch},
+                                             routing, stream));
+          }
+        });
+        const double us =
+            MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(experts_graph, stream)); }) / kLayers;
+        BENCH_CHECK(cudaGraphExecDestroy(experts_graph));
+        return us;
+      };
+      const double us = time_experts(/*fused=*/true, /*prefetch=*/true);
+      const double no_prefetch_us = time_experts(/*fused=*/true, /*prefetch=*/false);
+      const double unfused_us = time_experts(/*fused=*/false, /*prefetch=*/false);
 
       double route_us = 0.0;
       if (tile_rows == default_tile) {
         const cudaGraphExec_t route_graph = testing::CaptureGraph(stream, [&] {
           for (int l = 0; l < kLayers; ++l) {
-            BENCH_CHECK(LaunchMoeGate(logits, nullptr, tokens, gate, topk_ids, topk_weights, stream));
-            BENCH_CHECK(LaunchMoeAlign(topk_ids, routing, nullptr, stream));
+            BENCH_CHECK(LaunchMoeRoute(logits, nullptr, gate, nullptr, topk_ids, topk_weights, routing, nullptr, stream));
             BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, nullptr, kHidden, out, stream));
           }
         });
@@ -176,9 +194,10 @@ int Run() {
       const double weight_bytes = 2.0 * experts_read * expert_elems;
       const double gbs = weight_bytes / us / 1e3;
       const double tflops = 2.0 * rows * expert_elems / us / 1e6;
-      std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f", static_cast<long long>(tokens),
-                  static_cast<long long>(rows), tile_rows, tile_rows == default_tile ? '*' : ' ', us, experts_read,
-                  weight_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, tflops);
+      std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f %11.1f %11.1f %5.2fx",
+                  static_cast<long long>(tokens), static_cast<long long>(rows), tile_rows,
+                  tile_rows == default_tile ? '*' : ' ', us, experts_read, weight_bytes / 1e6, gbs,
+                  100.0 * gbs / copy_gbs, tflops, no_prefetch_us, unfused_us, unfused_us / us);
       if (route_us > 0.0) std::printf(" %9.1f", route_us);
       std::printf("\n");
     }

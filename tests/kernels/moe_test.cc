@@ -1,8 +1,10 @@
 // The MoE kernels (kernels/moe.h) against CPU references: the gate against TopkRouter, the align's
-// invariants, the grouped GEMM against a double-precision product, SiLU-and-mul, the combine, and a
-// whole layer (gate -> align -> gate_up -> silu -> down -> combine, routed and shared experts in the
-// same grouped products) against a CPU loop that runs the shared experts as one dense MLP, eager and
-// replayed from a CUDA graph. Inputs are fresh random values each run (the seed is printed on a
+// invariants, the fused route against gate then align, the grouped GEMM against a double-precision
+// product (plain, and with its fused SiLU-and-mul epilogue), SiLU-and-mul, the combine (alone and
+// folded into the next RMSNorm), and a whole layer (route -> gate_up with SiLU-and-mul -> down ->
+// combine, routed and shared experts in the same grouped products; and with the separate SiLU-and-mul
+// kernel) against a CPU loop that runs the shared experts as one dense MLP, eager
+// and replayed from a CUDA graph. Inputs are fresh random values each run (the seed is printed on a
 // failure); outputs are poisoned before each launch and every element is checked.
 #include "kernels/moe.h"
 
@@ -66,6 +68,8 @@ float Bf16ToFloat(uint16_t b) {
 }
 
 float RoundBf16(double v) { return Bf16ToFloat(FloatToBf16(static_cast<float>(v))); }
+
+double Silu(double x) { return x / (1.0 + std::exp(-x)); }
 
 // The spacing of bf16 values (8 significant bits) at v; 0 at 0.
 double UlpBf16(float v) { return v == 0.0f ? 0.0 : std::ldexp(1.0, std::ilogb(v) - 7); }
@@ -540,6 +544,90 @@ TEST(MoeAlignTest, GivesIdsOutsideTheExpertsNoRow) {
   }
 }
 
+// ------------------------------------------------------------------------------------------ route
+
+// LaunchMoeRoute (one fused launch up to kMoeFusedRouteTokens tokens, gate + align above) writes
+// exactly what LaunchMoeGate then LaunchMoeAlign write; with num_valid, the padding tokens past it get
+// ids -1 and weights 0 and the align treats them as such.
+void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int shared, int64_t valid, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << "experts " << c.n_routed_experts << " tokens " << tokens << " shared "
+                                  << shared << " valid " << valid);
+  const int experts = static_cast<int>(c.n_routed_experts), top_k = static_cast<int>(c.num_experts_per_tok);
+  const bool with_bias = c.topk_method == TopkMethod::kNoAuxTc;
+  const int tile_rows = MoeDefaultTileRows(tokens, top_k, experts, shared);
+  std::vector<float> logits, bias;
+  ASSERT_NO_FATAL_FAILURE(DrawRouterInputs(rng, c, tokens, with_bias, Logits::kContinuous, &logits, &bias));
+  DeviceBuffer<float> d_logits(logits), d_bias(with_bias ? bias : std::vector<float>{0.0f});
+  const float* bias_ptr = with_bias ? d_bias.get() : nullptr;
+  const MoeGateParams gate = cuda::MoeGateParamsFor(c);
+
+  // Reference: the two launches, the padding tokens' choice overwritten on the host in between.
+  RoutingOnDevice want(tokens, top_k, experts, shared);
+  DeviceBuffer<int32_t> want_ids(tokens * top_k), want_used(std::vector<int32_t>{7});
+  DeviceBuffer<float> want_weights(tokens * top_k);
+  ASSERT_CUDA_OK(want.Carve(tokens, top_k, experts, shared, tile_rows));
+  ASSERT_CUDA_OK(want.workspace.Poison(0xa5));
+  ASSERT_CUDA_OK(LaunchMoeGate(d_logits.get(), bias_ptr, tokens, gate, want_ids.get(), want_weights.get(), nullptr));
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  ASSERT_CUDA_OK(want_ids.Read(&ids));
+  ASSERT_CUDA_OK(want_weights.Read(&weights));
+  for (int64_t i = valid * top_k; i < tokens * top_k; ++i) ids[i] = -1, weights[i] = 0.0f;
+  DeviceBuffer<int32_t> padded_ids(ids);
+  ASSERT_CUDA_OK(LaunchMoeAlign(padded_ids.get(), want.routing, want_used.get(), nullptr));
+
+  RoutingOnDevice got(tokens, top_k, experts, shared);
+  DeviceBuffer<int32_t> got_ids(tokens * top_k), got_used(std::vector<int32_t>{7}), d_valid(std::vector<int32_t>{
+                                                                                        static_cast<int32_t>(valid)});
+  DeviceBuffer<float> got_weights(tokens * top_k);
+  ASSERT_CUDA_OK(got.Carve(tokens, top_k, experts, shared, tile_rows));
+  ASSERT_CUDA_OK(got.workspace.Poison(0xa5));
+  ASSERT_CUDA_OK(got_ids.Poison());
+  ASSERT_CUDA_OK(got_weights.Poison());
+  ASSERT_CUDA_OK(LaunchMoeRoute(d_logits.get(), bias_ptr, gate, valid < tokens ? d_valid.get() : nullptr, got_ids.get(),
+                                got_weights.get(), got.routing, got_used.get(), nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+
+  std::vector<int32_t> route_ids;
+  std::vector<float> route_weights;
+  ASSERT_CUDA_OK(got_ids.Read(&route_ids));
+  ASSERT_CUDA_OK(got_weights.Read(&route_weights));
+  EXPECT_EQ(route_ids, ids);
+  EXPECT_EQ(route_weights, weights);
+  EXPECT_EQ(ReadDevice(got_used.get(), 1), ReadDevice(want_used.get(), 1)) << "routed experts used";
+  // Every routing buffer, byte for byte (the unused parts keep the same poison on both sides).
+  std::vector<uint8_t> got_bytes, want_bytes;
+  ASSERT_CUDA_OK(got.workspace.Read(&got_bytes));
+  ASSERT_CUDA_OK(want.workspace.Read(&want_bytes));
+  EXPECT_TRUE(got_bytes == want_bytes) << "the routing buffers differ";
+}
+
+TEST(MoeRouteTest, EqualsGateThenAlignWithAndWithoutPadding) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  // Both sides of kMoeFusedRouteTokens, with padding tokens from num_valid on, and V2-Lite / V3 routers.
+  for (int64_t tokens : {int64_t{1}, int64_t{4}, kMoeFusedRouteTokens, kMoeFusedRouteTokens + 1, int64_t{200}}) {
+    for (int64_t valid : {tokens, std::max<int64_t>(1, tokens - 3), int64_t{0}}) {
+      ExpectRouteEqualsGateThenAlign(V2LiteRouter(), tokens, 2, valid, rng);
+      ExpectRouteEqualsGateThenAlign(V3Router(), tokens, 1, valid, rng);
+      ExpectRouteEqualsGateThenAlign(V2GroupRouter(), tokens, 0, valid, rng);
+    }
+  }
+}
+
+TEST(MoeRouteTest, RejectsGateAndRoutingThatDisagree) {
+  COHORT_SKIP_WITHOUT_GPU();
+  RoutingOnDevice d(4, 6, 64, 2);
+  ASSERT_CUDA_OK(d.Carve(4, 6, 64, 2, 16));
+  DeviceBuffer<float> logits(4 * 64), weights(4 * 8);
+  DeviceBuffer<int32_t> ids(4 * 8);
+  const MoeGateParams v3 = cuda::MoeGateParamsFor(V3Router());  // 256 experts, top-8
+  EXPECT_EQ(LaunchMoeRoute(logits.get(), nullptr, v3, nullptr, ids.get(), weights.get(), d.routing, nullptr, nullptr),
+            cudaErrorInvalidValue);
+}
+
 // Host only: the layout fits the workspace, the buffers do not overlap, and shapes past the limits
 // are refused.
 TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
@@ -705,12 +793,43 @@ std::vector<float> RowsInListOrder(const std::vector<uint16_t>& y, const std::ve
   return out;
 }
 
+// The rows of an aligned routing as a list: the routed (token, slot) pairs whose expert is on this rank
+// in pair order, then shared expert s's row of token t for each s, t; with each row's expert, token
+// and device row. The list's length is the routing's rows in use.
+struct RowList {
+  std::vector<int32_t> expert;
+  std::vector<int64_t> token;
+  std::vector<int64_t> device_row;
+};
+
+void ListRows(const std::vector<int32_t>& ids, const MoeRouting& r, RowList* list) {
+  const int64_t pairs = r.num_pairs();
+  const std::vector<int32_t> slot_row = ReadDevice(r.slot_row, pairs);
+  const int32_t shared_first = ReadDevice(r.expert_offsets + r.num_experts, 1)[0];
+  *list = RowList{};
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (ids[p] < 0 || ids[p] >= r.num_experts) continue;
+    ASSERT_TRUE(slot_row[p] >= 0 && slot_row[p] < shared_first) << "pair " << p;
+    list->expert.push_back(ids[p]);
+    list->token.push_back(p / r.top_k);
+    list->device_row.push_back(slot_row[p]);
+  }
+  ASSERT_EQ(static_cast<int64_t>(list->expert.size()), shared_first) << "routed rows in use";
+  for (int e = 0; e < r.num_shared; ++e) {
+    for (int64_t t = 0; t < r.num_tokens; ++t) {
+      list->expert.push_back(r.num_experts + e);
+      list->token.push_back(t);
+      list->device_row.push_back(shared_first + e * r.num_tokens + t);
+    }
+  }
+}
+
 // Both GEMMs of a layer (gate_up from token rows through the gather, down from rows in routing order)
 // at every tile size, against one CPU reference over the routed (token, slot) pairs and the (token,
 // shared expert) pairs.
 void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t tokens, Rng& rng) {
   SCOPED_TRACE(::testing::Message() << s.name << " shared " << s.shared << " tokens " << tokens);
-  const int64_t pairs = tokens * s.top_k, rows = tokens * (s.top_k + s.shared);
+  const int64_t rows = tokens * (s.top_k + s.shared);
   const int64_t n1 = 2 * s.intermediate, k1 = s.hidden, n2 = s.hidden, k2 = s.intermediate;
   const std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * k1);
@@ -727,7 +846,7 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
   ASSERT_CUDA_OK(d.workspace.error());
 
   std::vector<double> want1, want2;
-  std::vector<int64_t> device_row;  // of each listed row: routed pairs in pair order, then shared s, token t
+  RowList list;
   for (int tile_rows : {16, 64, 128}) {
     SCOPED_TRACE(::testing::Message() << "tile_rows " << tile_rows);
     ASSERT_CUDA_OK(d.Carve(tokens, s.top_k, s.experts, s.shared, tile_rows));
@@ -739,34 +858,16 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), n2, k2, Bf16(d_y2)}, d.routing, nullptr));
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     if (want1.empty()) {  // the row order does not depend on the tile size; checked by the align test
-      const std::vector<int32_t> slot_row = ReadDevice(d.routing.slot_row, pairs);
-      const int32_t shared_first = ReadDevice(d.routing.expert_offsets + s.experts, 1)[0];
-      ASSERT_EQ(shared_first, pairs);
-      std::vector<int32_t> expert_of(rows);
-      std::vector<int64_t> token_of(rows);
-      device_row.resize(rows);
-      for (int64_t p = 0; p < pairs; ++p) {
-        ASSERT_TRUE(slot_row[p] >= 0 && slot_row[p] < pairs) << "pair " << p;
-        expert_of[p] = ids[p];
-        token_of[p] = p / s.top_k;
-        device_row[p] = slot_row[p];
-      }
-      for (int e = 0; e < s.shared; ++e) {
-        for (int64_t t = 0; t < tokens; ++t) {
-          const int64_t i = pairs + e * tokens + t;
-          expert_of[i] = s.experts + e;
-          token_of[i] = t;
-          device_row[i] = shared_first + e * tokens + t;
-        }
-      }
-      want1 = ReferenceGemm(ToFloat(hidden), token_of, expert_of, w.gate_up, n1, k1);
-      want2 = ReferenceGemm(ToFloat(act), device_row, expert_of, w.down, n2, k2);
+      ASSERT_NO_FATAL_FAILURE(ListRows(ids, d.routing, &list));
+      ASSERT_EQ(static_cast<int64_t>(list.device_row.size()), rows);
+      want1 = ReferenceGemm(ToFloat(hidden), list.token, list.expert, w.gate_up, n1, k1);
+      want2 = ReferenceGemm(ToFloat(act), list.device_row, list.expert, w.down, n2, k2);
     }
     std::vector<uint16_t> y1, y2;
     ASSERT_CUDA_OK(d_y1.Read(&y1));
     ASSERT_CUDA_OK(d_y2.Read(&y2));
-    ExpectClose(RowsInListOrder(y1, device_row, n1), want1, "gate_up (gathered rows)");
-    ExpectClose(RowsInListOrder(y2, device_row, n2), want2, "down (rows in routing order)");
+    ExpectClose(RowsInListOrder(y1, list.device_row, n1), want1, "gate_up (gathered rows)");
+    ExpectClose(RowsInListOrder(y2, list.device_row, n2), want2, "down (rows in routing order)");
   }
 }
 
@@ -809,6 +910,89 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnSizesThatAreOnlyMultiplesOfEight) {
   }
 }
 
+// The gate_up product with silu_mul (the activation straight from the fp32 accumulators) at every
+// tile size, against silu(gate) * up of the double-precision gate and up. `shared` experts in use (the
+// weights may hold more); about one routed slot in ten on another rank, so the rows in use stop short
+// of the buffer, and the rows past them must keep their poison.
+void ExpectFusedGateUpMatchesCpu(const ExpertShapes& s, const Experts& w, int shared, int64_t tokens, Rng& rng) {
+  SCOPED_TRACE(::testing::Message() << s.name << " shared " << shared << " tokens " << tokens);
+  ASSERT_LE(shared, s.shared);
+  const int64_t rows = tokens * (s.top_k + shared), inter = s.intermediate, h = s.hidden;
+  std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
+  for (int32_t& id : ids) id = rng.Below(10) == 0 ? -1 : id;
+  const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * h);
+
+  DeviceBuffer<int32_t> d_ids(ids);
+  DeviceBuffer<uint16_t> d_hidden(hidden), d_act(rows * inter);
+  RoutingOnDevice d(tokens, s.top_k, s.experts, shared);
+  ASSERT_CUDA_OK(d_ids.error());
+  ASSERT_CUDA_OK(d_hidden.error());
+  ASSERT_CUDA_OK(d_act.error());
+  ASSERT_CUDA_OK(d.workspace.error());
+
+  RowList list;
+  std::vector<double> want;
+  bool listed = false;
+  for (int tile_rows : {16, 64, 128}) {
+    SCOPED_TRACE(::testing::Message() << "tile_rows " << tile_rows);
+    ASSERT_CUDA_OK(d.Carve(tokens, s.top_k, s.experts, shared, tile_rows));
+    ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
+    ASSERT_CUDA_OK(d_act.Poison());
+    ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_hidden), true, Bf16(w.d_gate_up), inter, h, Bf16(d_act),
+                                         /*silu_mul=*/true},
+                                        d.routing, nullptr));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    if (!listed) {  // the row order does not depend on the tile size
+      ASSERT_NO_FATAL_FAILURE(ListRows(ids, d.routing, &list));
+      const std::vector<double> gate_up =
+          ReferenceGemm(ToFloat(hidden), list.token, list.expert, w.gate_up, 2 * inter, h);
+      want.resize(list.token.size() * inter);
+      for (size_t p = 0; p < list.token.size(); ++p) {
+        const double* y = gate_up.data() + p * 2 * inter;
+        for (int64_t i = 0; i < inter; ++i) want[p * inter + i] = Silu(y[i]) * y[inter + i];
+      }
+      listed = true;
+    }
+    std::vector<uint16_t> act;
+    ASSERT_CUDA_OK(d_act.Read(&act));
+    ExpectClose(RowsInListOrder(act, list.device_row, inter), want, "silu(gate) * up");
+    const int64_t in_use = static_cast<int64_t>(list.device_row.size());
+    EXPECT_EQ(std::count(act.begin() + in_use * inter, act.end(), uint16_t{0xffff}), (rows - in_use) * inter)
+        << "rows " << in_use << " .. " << rows << " past those in use were written";
+  }
+}
+
+TEST(MoeGroupedGemmTest, FusedSiluMulMatchesCpuOnV2LiteShapes) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
+  const Experts experts(shapes, rng);
+  ASSERT_CUDA_OK(experts.d_gate_up.error());
+  for (int shared : {0, 2}) {
+    for (int64_t tokens : {1, 37, 300}) ExpectFusedGateUpMatchesCpu(shapes, experts, shared, tokens, rng);
+  }
+}
+
+TEST(MoeGroupedGemmTest, FusedSiluMulMatchesCpuOnSizesThatAreOnlyMultiplesOfEight) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  // An item covers 32 act columns (16-row tiles) or 64 (64- and 128-row tiles): I = 200 leaves one group
+  // of 8 columns in the last item, I = 1400 three of four and seven of eight. Hidden 136 and 264 are
+  // no whole number of k-steps.
+  for (const ExpertShapes& shapes : {ExpertShapes{"I = 200", 5, 2, 136, 200, /*shared=*/2},
+                                     ExpertShapes{"I = 1400", 8, 2, 264, 1400, /*shared=*/2}}) {
+    const Experts experts(shapes, rng);
+    ASSERT_CUDA_OK(experts.d_gate_up.error());
+    for (int shared : {0, 2}) {
+      for (int64_t tokens : {1, 37, 300, 1000}) ExpectFusedGateUpMatchesCpu(shapes, experts, shared, tokens, rng);
+    }
+  }
+}
+
 TEST(MoeGroupedGemmTest, RejectsSizesThatAreNotMultiplesOfEight) {
   COHORT_SKIP_WITHOUT_GPU();
   RoutingOnDevice d(4, 2, 8, 0);
@@ -817,6 +1001,8 @@ TEST(MoeGroupedGemmTest, RejectsSizesThatAreNotMultiplesOfEight) {
   DeviceBuffer<uint16_t> a(4 * 104), w(8 * 64 * 104), y(8 * 64);
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 100, Bf16(y)}, d.routing, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 60, 104, Bf16(y)}, d.routing, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 28, 104, Bf16(y), /*silu_mul=*/true}, d.routing, nullptr),
+            cudaErrorInvalidValue);
   MoeRouting odd_tiles = d.routing;
   odd_tiles.tile_rows = 32;
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 104, Bf16(y)}, odd_tiles, nullptr), cudaErrorInvalidValue);
@@ -824,8 +1010,6 @@ TEST(MoeGroupedGemmTest, RejectsSizesThatAreNotMultiplesOfEight) {
 }
 
 // ------------------------------------------------------------------------------ silu-mul, combine
-
-double Silu(double x) { return x / (1.0 + std::exp(-x)); }
 
 TEST(MoeSiluMulTest, MatchesCpuForTheRowsInUse) {
   COHORT_SKIP_WITHOUT_GPU();
@@ -937,6 +1121,65 @@ TEST(MoeCombineTest, SumsWeightedRoutedRowsAndSharedRows) {
   for (int shared : {0, 1, 2}) ExpectCombineMatchesCpu(shared, rng);
 }
 
+// The combine folded into the next RMSNorm equals the combine (bf16 rows) then residual += delta and
+// the RMSNorm, on the CPU in double.
+TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  const int top_k = 6, experts = 64;
+  for (const auto& [tokens, hidden, shared, with_add] :
+       std::vector<std::tuple<int64_t, int64_t, int, bool>>{{1, 2048, 2, false}, {5, 2048, 0, true}, {70, 7168, 1, false},
+                                                            {3, 104, 2, true}}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " hidden " << hidden << " shared " << shared
+                                    << (with_add ? " with add" : ""));
+    const int64_t rows = tokens * (top_k + shared);
+    std::vector<int32_t> ids = RandomTopkIds(rng, tokens, top_k, experts);
+    ids[rng.Below(static_cast<int>(ids.size()))] = -1;  // a slot on another rank
+    std::vector<float> weights(tokens * top_k), residual(tokens * hidden);
+    for (float& w : weights) w = rng.Uniform(0.0f, 1.0f);
+    for (float& r : residual) r = rng.Uniform(-4.0f, 4.0f);
+    const std::vector<uint16_t> expert_out = RandomBf16(rng, rows * hidden, 3.0f);
+    const std::vector<uint16_t> add = RandomBf16(rng, tokens * hidden, 3.0f);
+    const std::vector<uint16_t> norm = RandomBf16(rng, hidden, 2.0f);
+
+    RoutingOnDevice d(tokens, top_k, experts, shared);
+    DeviceBuffer<int32_t> d_ids(ids);
+    DeviceBuffer<float> d_weights(weights), d_residual(residual);
+    DeviceBuffer<uint16_t> d_expert_out(expert_out), d_add(add), d_norm(norm), d_delta(tokens * hidden),
+        d_out(tokens * hidden);
+    ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, shared, 16));
+    ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
+    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, with_add ? Bf16(d_add) : nullptr,
+                                    hidden, Bf16(d_delta), nullptr));
+    ASSERT_CUDA_OK(d_out.Poison());
+    ASSERT_CUDA_OK(LaunchMoeCombineAddRmsNorm(Bf16(d_expert_out), d_weights.get(), d.routing,
+                                              with_add ? Bf16(d_add) : nullptr, hidden, d_residual.get(), Bf16(d_norm),
+                                              1e-6f, Bf16(d_out), nullptr));
+    std::vector<uint16_t> delta, out;
+    std::vector<float> new_residual;
+    ASSERT_CUDA_OK(d_delta.Read(&delta));
+    ASSERT_CUDA_OK(d_out.Read(&out));
+    ASSERT_CUDA_OK(d_residual.Read(&new_residual));
+    std::vector<double> want(tokens * hidden);
+    for (int64_t t = 0; t < tokens; ++t) {
+      double sum_sq = 0.0;
+      for (int64_t h = 0; h < hidden; ++h) {
+        const int64_t i = t * hidden + h;
+        const float sum = residual[i] + Bf16ToFloat(delta[i]);  // the combined row as the combine stores it
+        ASSERT_EQ(new_residual[i], sum) << "residual of token " << t << " at " << h;
+        sum_sq += static_cast<double>(sum) * sum;
+      }
+      const double inverse_rms = 1.0 / std::sqrt(sum_sq / hidden + 1e-6);
+      for (int64_t h = 0; h < hidden; ++h) {
+        want[t * hidden + h] = new_residual[t * hidden + h] * inverse_rms * Bf16ToFloat(norm[h]);
+      }
+    }
+    ExpectClose(ToFloat(out), want, "combine + RMSNorm");
+  }
+}
+
 // ------------------------------------------------------------------------------------ whole layer
 
 struct LayerCase {
@@ -949,9 +1192,10 @@ struct LayerCase {
 };
 
 // One MoE layer on the CPU, the way a model defines it: TopkRouter, then per chosen expert gate_up,
-// SiLU and down in double, rounded to bf16 where the GPU stores bf16 (gate_up, act, the expert output
-// y2), weighted and summed in double; plus the shared experts as one dense MLP of intermediate S*I
-// over the published [S*I, H] / [H, S*I] matrices, rounded to bf16 at gate_up and act.
+// SiLU and down in double, rounded to bf16 where the GPU stores bf16 (gate_up unless the GPU's gate_up
+// product ends in the SiLU-and-mul, act, the expert output y2), weighted and summed in double; plus the
+// shared experts as one dense MLP of intermediate S*I over the published [S*I, H] / [H, S*I] matrices,
+// rounded to bf16 at gate and up (likewise) and act.
 //
 // Rounding at the same points does not make the two pipelines agree to the output's own precision:
 // the GPU rounds an fp32 tensor-core sum and the CPU a double sum, and where the two straddle a
@@ -968,11 +1212,13 @@ struct LayerReference {
   std::vector<double> allowance;  // [T, H]
 };
 LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::vector<float>& logits,
-                              const std::vector<float>& bias, const std::vector<uint16_t>& x, int64_t tokens) {
+                              const std::vector<float>& bias, const std::vector<uint16_t>& x, int64_t tokens,
+                              bool fused_silu_mul) {
   const int experts = static_cast<int>(c.router.n_routed_experts);
   const int top_k = static_cast<int>(c.router.num_experts_per_tok);
   const int64_t h = c.hidden, inter = c.intermediate, shared_inter = int64_t{c.shared} * c.intermediate;
   const TopkRouter router(c.router);
+  const auto gate_up_value = [&](double v) -> double { return fused_silu_mul ? v : RoundBf16(v); };
   LayerReference ref{std::vector<double>(tokens * h, 0.0), std::vector<double>(tokens * h, 0.0)};
 #pragma omp parallel for schedule(dynamic)
   for (int64_t t = 0; t < tokens; ++t) {
@@ -980,13 +1226,14 @@ LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::v
     std::vector<float> weights(top_k);
     router.Select(std::span<const float>(logits.data() + t * experts, experts), bias, ids, weights);
     const std::vector<float> xt = ToFloat(std::span<const uint16_t>(x.data() + t * h, h));
-    std::vector<float> gate_up(2 * inter), act(inter);
+    std::vector<double> gate_up(2 * inter);
+    std::vector<float> act(inter);
     double* out = ref.out.data() + t * h;
     double* allowance = ref.allowance.data() + t * h;
     for (int j = 0; j < top_k; ++j) {
       const uint16_t* wgu = w.gate_up.data() + static_cast<int64_t>(ids[j]) * 2 * inter * h;
       const uint16_t* wd = w.down.data() + static_cast<int64_t>(ids[j]) * h * inter;
-      for (int64_t n = 0; n < 2 * inter; ++n) gate_up[n] = RoundBf16(DotBf16(xt.data(), wgu + n * h, h));
+      for (int64_t n = 0; n < 2 * inter; ++n) gate_up[n] = gate_up_value(DotBf16(xt.data(), wgu + n * h, h));
       for (int64_t i = 0; i < inter; ++i) act[i] = RoundBf16(Silu(gate_up[i]) * gate_up[inter + i]);
       for (int64_t n = 0; n < h; ++n) {
         const float y2 = RoundBf16(DotBf16(act.data(), wd + n * inter, inter));
@@ -997,8 +1244,8 @@ LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::v
     if (c.shared == 0) continue;
     std::vector<float> shared_act(shared_inter);
     for (int64_t i = 0; i < shared_inter; ++i) {
-      const float gate = RoundBf16(DotBf16(xt.data(), w.shared_gate.data() + i * h, h));
-      const float up = RoundBf16(DotBf16(xt.data(), w.shared_up.data() + i * h, h));
+      const double gate = gate_up_value(DotBf16(xt.data(), w.shared_gate.data() + i * h, h));
+      const double up = gate_up_value(DotBf16(xt.data(), w.shared_up.data() + i * h, h));
       shared_act[i] = RoundBf16(Silu(gate) * up);
     }
     for (int64_t n = 0; n < h; ++n) {
@@ -1012,7 +1259,9 @@ LayerReference ReferenceLayer(const LayerCase& c, const Experts& w, const std::v
   return ref;
 }
 
-void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens, Rng& rng) {
+// fused_silu_mul: the gate_up product writes the activation (as the engine runs a layer); otherwise it
+// writes gate_up and LaunchMoeSiluMul makes the activation.
+void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens, bool fused_silu_mul, Rng& rng) {
   SCOPED_TRACE(::testing::Message() << c.name << " tokens " << tokens);
   const int experts = static_cast<int>(c.router.n_routed_experts);
   const int top_k = static_cast<int>(c.router.num_experts_per_tok);
@@ -1023,7 +1272,8 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
 
   DeviceBuffer<float> d_logits(logits);
   DeviceBuffer<float> d_bias(c.bias ? bias : std::vector<float>{0.0f});
-  DeviceBuffer<uint16_t> d_x(x), d_y1(rows * 2 * inter), d_act(rows * inter), d_y2(rows * h), d_out(tokens * h);
+  DeviceBuffer<uint16_t> d_x(x), d_y1(fused_silu_mul ? 0 : rows * 2 * inter), d_act(rows * inter), d_y2(rows * h),
+      d_out(tokens * h);
   DeviceBuffer<int32_t> d_ids(pairs), d_used(std::vector<int32_t>{0});
   DeviceBuffer<float> d_weights(pairs);
   RoutingOnDevice d(tokens, top_k, experts, c.shared);
@@ -1040,15 +1290,21 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   // As the engine runs a MoE layer: routed and shared experts in the same grouped products.
   auto layer = [&]() -> cudaError_t {
     cudaError_t e;
-    if ((e = LaunchMoeGate(d_logits.get(), c.bias ? d_bias.get() : nullptr, tokens, cuda::MoeGateParamsFor(c.router),
-                           d_ids.get(), d_weights.get(), stream)) != cudaSuccess) return e;
-    if ((e = LaunchMoeAlign(d_ids.get(), d.routing, d_used.get(), stream)) != cudaSuccess) return e;
-    if ((e = LaunchMoeGroupedGemm({Bf16(d_x), true, Bf16(w.d_gate_up), 2 * inter, h, Bf16(d_y1)}, d.routing,
-                                  stream)) != cudaSuccess) return e;
-    if ((e = LaunchMoeSiluMul(Bf16(d_y1), rows, inter, d.routing.expert_offsets + experts + c.shared, Bf16(d_act),
-                              stream)) != cudaSuccess) return e;
-    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2)}, d.routing, stream)) !=
-        cudaSuccess) return e;
+    if ((e = LaunchMoeRoute(d_logits.get(), c.bias ? d_bias.get() : nullptr, cuda::MoeGateParamsFor(c.router),
+                            nullptr, d_ids.get(), d_weights.get(), d.routing, d_used.get(), stream)) != cudaSuccess) {
+      return e;
+    }
+    if (fused_silu_mul) {
+      if ((e = LaunchMoeGroupedGemm({Bf16(d_x), true, Bf16(w.d_gate_up), inter, h, Bf16(d_act), /*silu_mul=*/true},
+                                    d.routing, stream)) != cudaSuccess) return e;
+    } else {
+      if ((e = LaunchMoeGroupedGemm({Bf16(d_x), true, Bf16(w.d_gate_up), 2 * inter, h, Bf16(d_y1)}, d.routing,
+                                    stream)) != cudaSuccess) return e;
+      if ((e = LaunchMoeSiluMul(Bf16(d_y1), rows, inter, d.routing.expert_offsets + experts + c.shared, Bf16(d_act),
+                                stream)) != cudaSuccess) return e;
+    }
+    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2), /*silu_mul=*/false,
+                                   /*prefetch_weights=*/true}, d.routing, stream)) != cudaSuccess) return e;
     return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, nullptr, h, Bf16(d_out), stream);
   };
   ASSERT_CUDA_OK(layer());
@@ -1057,7 +1313,7 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   ASSERT_CUDA_OK(d_out.Read(&eager));
   const int32_t used = ReadDevice(d_used.get(), 1)[0];
 
-  const LayerReference want = ReferenceLayer(c, w, logits, bias, x, tokens);
+  const LayerReference want = ReferenceLayer(c, w, logits, bias, x, tokens, fused_silu_mul);
   ExpectClose(ToFloat(eager), want.out, "layer output", want.allowance);
   const std::vector<int32_t> ids = ReadDevice(d_ids.get(), pairs);
   std::vector<bool> hit(experts, false);
@@ -1089,7 +1345,11 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
   ASSERT_CUDA_OK(cudaStreamDestroy(stream));
 }
 
-TEST(MoeLayerTest, MatchesCpuLoopEagerAndInAGraph) {
+// Parameter: the gate_up product ends in the SiLU-and-mul (silu_mul, what the engine runs), or the
+// separate LaunchMoeSiluMul follows it (what the dense MLP still uses).
+class MoeLayerTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(MoeLayerTest, MatchesCpuLoopEagerAndInAGraph) {
   COHORT_SKIP_WITHOUT_GPU();
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
@@ -1108,10 +1368,13 @@ TEST(MoeLayerTest, MatchesCpuLoopEagerAndInAGraph) {
                                  c->shared},
                     rng);
     for (int64_t tokens : {int64_t{1}, int64_t{37}, int64_t{300}, int64_t{1500}}) {
-      ExpectLayerMatchesCpu(*c, w, tokens, rng);
+      ExpectLayerMatchesCpu(*c, w, tokens, GetParam(), rng);
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(SiluMul, MoeLayerTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Fused" : "Separate"; });
 
 }  // namespace
 }  // namespace cohort

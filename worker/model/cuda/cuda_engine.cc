@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -57,6 +58,11 @@ std::vector<int> GraphBuckets(int64_t max_sequences) {
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Columns of the query part of DeviceLayer::input_proj: the queries, or their LoRA down-projection.
+int64_t QueryProjectionWidth(const ModelConfig& c) {
+  return c.q_lora_rank > 0 ? c.q_lora_rank : c.num_heads * c.qk_head_dim();
+}
 
 // Longest contexts decode graphs are captured for (0: any). The attention's context splits are
 // fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
@@ -112,9 +118,9 @@ class CudaEngine final : public Engine {
     int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *block_tables;
     float* residual;
     bf16 *x, *delta, *q, *q_a_normed, *q_latent, *o_latent, *attn;
-    float *q_a, *kv, *split_partials, *router_logits, *topk_weights;
+    float *projected, *split_partials, *router_logits, *topk_weights;
     int32_t* topk_ids;
-    bf16 *mlp_gate_up, *mlp_act, *routed_gate_up, *routed_act, *routed_out, *shared_out;
+    bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
     void* moe_workspace;
     bf16 *final_rows, *gathered, *expanded_kv, *probs;
     float *scores, *logits;
@@ -129,7 +135,11 @@ class CudaEngine final : public Engine {
   absl::Status RecordForward(const StepLayout& layout);
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
   absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
+  // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_).
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
+  // residual += the last block's output (ws_.delta, or the pending MoE combine; nothing before the
+  // first layer), then x = RMSNorm(residual) * weight.
+  absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first);
   // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
   // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
   // and overlaps the kernel before it; cuBLAS above.
@@ -167,6 +177,12 @@ class CudaEngine final : public Engine {
   bf16* kv_cache_ = nullptr;  // [layers][blocks + 1][block_size][kv_cache_width]; the last block is scratch
   int64_t moe_workspace_bytes_ = 0;
   MoeGateParams gate_params_;  // the model's routing, for every MoE layer's gate
+  // An MoE block's output, combined by the norm after it (LaunchMoeCombineAddRmsNorm).
+  struct PendingCombine {
+    MoeRouting routing;
+    const bf16* add;  // the shared experts' output when they ran outside the grouped products
+  };
+  std::optional<PendingCombine> pending_combine_;
 
   cudaStream_t stream_ = nullptr;
   const CublasApi* cublas_api_ = nullptr;
@@ -206,11 +222,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.x = a.Take<bf16>(T * H);
   ws.delta = a.Take<bf16>(T * H);
   ws.q = a.Take<bf16>(T * heads * c.qk_head_dim());
-  if (c.q_lora_rank > 0) {
-    ws.q_a = a.Take<float>(T * c.q_lora_rank);
-    ws.q_a_normed = a.Take<bf16>(T * c.q_lora_rank);
-  }
-  ws.kv = a.Take<float>(T * width);
+  if (c.q_lora_rank > 0) ws.q_a_normed = a.Take<bf16>(T * c.q_lora_rank);
+  ws.projected = a.Take<float>(T * (QueryProjectionWidth(c) + width));
   ws.q_latent = a.Take<bf16>(T * heads * rank);
   ws.o_latent = a.Take<bf16>(T * heads * rank);
   ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
@@ -228,7 +241,6 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     ws.router_logits = a.Take<float>(T * c.n_routed_experts);
     ws.topk_ids = a.Take<int32_t>(pairs);
     ws.topk_weights = a.Take<float>(pairs);
-    ws.routed_gate_up = a.Take<bf16>(rows * 2 * inter);
     ws.routed_act = a.Take<bf16>(rows * inter);
     ws.routed_out = a.Take<bf16>(rows * H);
     if (c.n_shared_experts > 0) ws.shared_out = a.Take<bf16>(T * H);
@@ -480,25 +492,27 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   const ModelConfig& c = config_;
   const int64_t T = s.num_tokens, H = c.hidden_size, heads = c.num_heads, qk = c.qk_head_dim();
   const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank, width = c.kv_cache_width();
+  // One fp32 product for the queries (or their LoRA down-projection) and the latent: [T, q | kv].
+  const int64_t q_width = QueryProjectionWidth(c), projected = q_width + width;
+  COHORT_RETURN_IF_ERROR(Product(T, projected, H, {ws_.x, H}, {l.input_proj.data, H},
+                                 {ws_.projected, projected, 0, CUDA_R_32F}));
+  kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
   if (c.q_lora_rank > 0) {
-    COHORT_RETURN_IF_ERROR(
-        Product(T, c.q_lora_rank, H, {ws_.x, H}, {l.q_a_proj.data, H}, {ws_.q_a, c.q_lora_rank, 0, CUDA_R_32F}));
-    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.q_a, c.q_lora_rank, l.q_a_norm, T, c.q_lora_rank,
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.projected, projected, l.q_a_norm, T, c.q_lora_rank,
                                                        kLatentNormEps, ws_.q_a_normed, c.q_lora_rank, stream_));
-    COHORT_RETURN_IF_ERROR(Linear(l.q_b_proj, ws_.q_a_normed, T, ws_.q));
+    COHORT_RETURN_IF_ERROR(Linear(l.q_b_proj, ws_.q_a_normed, T, ws_.q));  // rotated in place below
   } else {
-    COHORT_RETURN_IF_ERROR(Linear(l.q_proj, ws_.x, T, ws_.q));
+    queries.source = ws_.projected;  // rounded to bf16 (and rotated) into ws_.q below
+    queries.source_row_stride = projected;
   }
 
   // This step's latents go into the cache first, so tokens of one sequence in this step see each
   // other (causally) through the cache like any earlier token; the same launch rotates the queries.
   bf16* cache = LayerCache(index);
-  COHORT_RETURN_IF_ERROR(Product(T, width, H, {ws_.x, H}, {l.kv_a_proj.data, H}, {ws_.kv, width, 0, CUDA_R_32F}));
   const kernels::CacheWriteParams where{ws_.positions, ws_.token_sequence, ws_.block_tables, ws_.table_offsets,
                                         static_cast<int>(geometry_.block_size_tokens)};
-  const kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
-  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.kv, T, rank, l.kv_a_norm, kLatentNormEps, RopeArgs(),
-                                                          where, cache, stream_, queries));
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.projected + q_width, projected, T, rank, l.kv_a_norm,
+                                                          kLatentNormEps, RopeArgs(), where, cache, stream_, queries));
 
   if (s.absorbed_tokens > 0) {
     const int64_t Q = s.absorbed_tokens, kv_b_head = (nope + v) * rank;
@@ -590,24 +604,20 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
   const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
   const int32_t folded = T <= kFoldSharedMaxTokens ? shared : 0;
-  const int64_t inter = c.moe_intermediate_size, rows = T * (k + folded);
+  const int64_t inter = c.moe_intermediate_size;
   COHORT_RETURN_IF_ERROR(Product(T, E, H, {ws_.x, H}, {l.router.data, H}, {ws_.router_logits, E, 0, CUDA_R_32F}));
-  COHORT_CUDA_RETURN_IF_ERROR(
-      LaunchMoeGate(ws_.router_logits, l.router_bias, T, gate_params_, ws_.topk_ids, ws_.topk_weights, stream_));
-  if (s.bucket > 0) {
-    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCopyFirstRowToPadding(ws_.topk_ids, ws_.topk_weights, k, ws_.num_valid,
-                                                                     static_cast<int>(T), stream_));
-  }
   MoeRouting routing;
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E, folded,
                                               MoeDefaultTileRows(T, k, E, folded), &routing));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.topk_ids, routing, ws_.experts_used, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, 2 * inter, H,
-                                                    ws_.routed_gate_up}, routing, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.routed_gate_up, rows, inter, routing.expert_offsets + E + folded,
-                                               ws_.routed_act, stream_));
+  // A graph's padding rows (past num_valid) choose no expert.
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_,
+                                             s.bucket > 0 ? ws_.num_valid : nullptr, ws_.topk_ids, ws_.topk_weights,
+                                             routing, ws_.experts_used, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
+                                                    ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
-                                                    ws_.routed_out}, routing, stream_));
+                                                    ws_.routed_out, /*silu_mul=*/false, /*prefetch_weights=*/true},
+                                                   routing, stream_));
   const bf16* add = nullptr;
   if (folded < shared) {
     // [S][T, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
@@ -622,8 +632,22 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     }
     add = ws_.shared_out;
   }
-  return CudaStatus(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, add, H, ws_.delta, stream_),
-                    "LaunchMoeCombine");
+  pending_combine_ = PendingCombine{routing, add};
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::NormalizeResidual(const bf16* weight, int64_t rows, bool first) {
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  if (pending_combine_.has_value()) {
+    const PendingCombine moe = *pending_combine_;
+    pending_combine_.reset();
+    return CudaStatus(LaunchMoeCombineAddRmsNorm(ws_.routed_out, ws_.topk_weights, moe.routing, moe.add,
+                                                 config_.hidden_size, ws_.residual, weight, eps, ws_.x, stream_),
+                      "LaunchMoeCombineAddRmsNorm");
+  }
+  return CudaStatus(kernels::LaunchAddRmsNorm(ws_.residual, first ? nullptr : ws_.delta, weight, static_cast<int>(rows),
+                                              static_cast<int>(config_.hidden_size), eps, ws_.x, stream_),
+                    "LaunchAddRmsNorm");
 }
 
 absl::Status CudaEngine::Product(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
@@ -656,22 +680,19 @@ absl::Status CudaEngine::Linear(const DeviceMatrix& w, const bf16* x, int64_t ro
 absl::Status CudaEngine::RecordForward(const StepLayout& s) {
   const ModelConfig& c = config_;
   const int64_t T = s.num_tokens, H = c.hidden_size;
-  const float eps = static_cast<float>(c.rms_norm_eps);
+  pending_combine_.reset();
   COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws_.experts_used, 0, sizeof(int32_t), stream_));
   COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchEmbedding(weights_.embed_tokens.data, ws_.tokens, static_cast<int>(T),
                                                        static_cast<int>(H), ws_.residual, stream_));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const DeviceLayer& l = weights_.layers[i];
     // The previous layer's feed-forward output joins the residual here.
-    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, i == 0 ? nullptr : ws_.delta, l.input_norm,
-                                                          static_cast<int>(T), static_cast<int>(H), eps, ws_.x, stream_));
+    COHORT_RETURN_IF_ERROR(NormalizeResidual(l.input_norm, T, /*first=*/i == 0));
     COHORT_RETURN_IF_ERROR(Attention(l, i, s));
-    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, ws_.delta, l.post_attention_norm,
-                                                          static_cast<int>(T), static_cast<int>(H), eps, ws_.x, stream_));
+    COHORT_RETURN_IF_ERROR(NormalizeResidual(l.post_attention_norm, T, /*first=*/false));
     COHORT_RETURN_IF_ERROR(FeedForward(l, s));
   }
-  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchAddRmsNorm(ws_.residual, ws_.delta, weights_.norm, static_cast<int>(T),
-                                                        static_cast<int>(H), eps, ws_.x, stream_));
+  COHORT_RETURN_IF_ERROR(NormalizeResidual(weights_.norm, T, /*first=*/false));
   COHORT_CUDA_RETURN_IF_ERROR(
       kernels::LaunchGatherRows(ws_.x, ws_.logits_rows, s.rows, static_cast<int>(H), ws_.final_rows, stream_));
   return Product(s.rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H},

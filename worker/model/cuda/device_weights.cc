@@ -92,14 +92,18 @@ DeviceWeights PlaceWeights(const ModelConfig& c, DeviceArena& arena) {
     DeviceLayer& l = w.layers[i];
     l.input_norm = arena.Take<bf16>(hidden);
     l.post_attention_norm = arena.Take<bf16>(hidden);
+    const int64_t q_rows = c.q_lora_rank > 0 ? c.q_lora_rank : heads * c.qk_head_dim();
+    l.input_proj = PlaceMatrix(arena, q_rows + c.kv_cache_width(), hidden);
+    const DeviceMatrix q_part{l.input_proj.data, q_rows, hidden};
+    l.kv_a_proj = {l.input_proj.data == nullptr ? nullptr : l.input_proj.data + q_rows * hidden, c.kv_cache_width(),
+                   hidden};
     if (c.q_lora_rank > 0) {
-      l.q_a_proj = PlaceMatrix(arena, c.q_lora_rank, hidden);
+      l.q_a_proj = q_part;
       l.q_a_norm = arena.Take<bf16>(c.q_lora_rank);
       l.q_b_proj = PlaceMatrix(arena, heads * c.qk_head_dim(), c.q_lora_rank);
     } else {
-      l.q_proj = PlaceMatrix(arena, heads * c.qk_head_dim(), hidden);
+      l.q_proj = q_part;
     }
-    l.kv_a_proj = PlaceMatrix(arena, c.kv_cache_width(), hidden);
     l.kv_a_norm = arena.Take<bf16>(c.kv_lora_rank);
     l.kv_b_proj = PlaceMatrix(arena, heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
     l.absorbed_keys = arena.Take<bf16>(heads * c.kv_lora_rank * c.qk_nope_head_dim);

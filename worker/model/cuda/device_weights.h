@@ -31,6 +31,9 @@ struct DeviceMatrix {
 struct DeviceLayer {
   bf16* input_norm = nullptr;
   bf16* post_attention_norm = nullptr;
+  // The products that read the normalised hidden state, stacked so that one product reads it once:
+  // [q_proj (or q_a_proj with q LoRA); kv_a_proj], of which the three below are views.
+  DeviceMatrix input_proj;
   DeviceMatrix q_proj;                   // without q LoRA
   DeviceMatrix q_a_proj, q_b_proj;       // with q LoRA
   bf16* q_a_norm = nullptr;
