@@ -80,7 +80,8 @@ void RunMlaCase(const MlaCase& c) {
   p.out = Bf16(d_out);
   p.partial_out = d_work.get();
   p.partial_lse = d_work.get() + static_cast<int64_t>(queries) * c.splits * c.heads * c.rank;
-  ASSERT_CUDA_OK(kernels::LaunchMlaDecode(p, nullptr));
+  ASSERT_CUDA_OK(cudaMemset(d_out.get(), 0xff, static_cast<size_t>(queries) * c.heads * c.rank * sizeof(uint16_t)));
+  ASSERT_CUDA_OK(kernels::LaunchMlaDecode(p, nullptr));  // NaN poison: an unwritten output fails
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   const std::vector<uint16_t> out = d_out.ToHost();
 
@@ -126,6 +127,8 @@ TEST(MlaDecodeTest, DeepseekShapesManySplitsAndPartialHeadGroups) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({512, 64, 20, 16, 7, {0, 5, 64, 1000, 4100}});
   RunMlaCase({512, 64, 128, 64, 3, {2047, 3}});
+  // The most splits: two batches of partials in the merge, and splits left without a tile.
+  RunMlaCase({512, 64, 16, 64, 64, {4095, 2100, 40}});
 }
 
 TEST(MlaDecodeTest, SmallTestShapesWithOddBlocks) {

@@ -32,7 +32,7 @@ namespace {
 
 // q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps (as DeepSeek's code does).
 constexpr float kLatentNormEps = 1e-6f;
-constexpr int kMaxSplits = 32;                          // context splits of one absorbed query
+constexpr int kMaxSplits = 64;                          // context splits of one absorbed query
 constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs the split workspace holds
 constexpr int64_t kPrefillScoresBytes = int64_t{512} << 20;  // scores + probabilities of expanded prefill
 constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
