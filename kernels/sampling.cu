@@ -1,87 +1,90 @@
-// Sampling kernels: one block of kThreads per row. See sampling.h for the contract and
-// worker/sampling/sampler.cc for the semantics reproduced here.
+// Sampling kernels. See sampling.h for the contract and worker/sampling/sampler.cc for the
+// semantics reproduced here.
 //
-// A row is read from global memory in passes (it does not fit in shared memory). Every "best k"
-// question (top-k over penalised logits, top-p over weights, the top logprobs over raw logits) is
-// a radix select on 32-bit order-preserving keys: 11-bit digits, a shared-memory histogram per
-// digit (counts, and weight sums for top-p), ties resolved to the lowest ids by one more select
-// on the ids. When the first digit leaves few candidates (<= kListCapacity), they are gathered
-// into shared memory and everything after happens there; otherwise each digit is one more pass.
-// The draw walks the kept tokens in id order: per-128-token chunk weight sums, then one warp scans
-// the chunk holding the target. Passes that only care about weights in a range skip the
-// exponential for tokens whose logit is outside the matching (widened) logit interval.
+// Work split. A row belongs to a cluster of C blocks (C = 1..8, chosen per launch). Block r copies
+// the slice [r*S, r*S + S) of the row into its shared memory once and works there from then on:
+// every later pass (selects, weights, the draw) reads shared memory, not the row in global memory.
+// Few rows get C = 8, so that a one-row step still spreads over 8 SMs; many rows get the smallest
+// C whose slices fit. Whole-row questions combine the blocks' partial results through distributed
+// shared memory, always in block-rank order, so that every block computes bit-identical sums and
+// takes the same decisions:
+//   - every "best k" question (top-k over penalised logits, the top logprobs over raw logits, the
+//     top-p cut over weights) is a radix select on order-preserving keys, 11-bit digits, three
+//     levels. Each block histograms its slice (lanes with equal digits combined before the
+//     atomics); the blocks then read each other's 64 super-bin sums and the 32 bins of the chosen
+//     super-bin: two small reads per digit rather than 2048 bins per block. Ties at a cut go to
+//     the lowest ids through a second select on the ids.
+//   - the draw: each block sums its kept weight; the block whose range holds the target scans its
+//     slice in 128-token chunks.
+// Weights are computed once per token, in place of the logits in shared memory.
+//
+// Exchanges. Cluster-wide steps alternate between two slots and each ends with one cluster
+// barrier: step e fills slot e % 2 after barrier e - 1, which every block reached only after
+// reading what step e - 2 left in that slot. Small results (row summaries, draw masses,
+// top-logprob lists) are pushed into the other blocks' slots before the barrier, so after the last
+// step no block reads another's memory and each may exit at once.
+//
+// Greedy-only launches use a lighter kernel: one streaming pass over global memory per row slice,
+// the argmax and log-sum-exp combined in the cluster, nothing kept in shared memory.
 //
 // Weights are floats like the CPU's std::exp on float: evaluated in double and rounded once
 // (ExpNonPositive), they are the correctly rounded exponential, which glibc's expf (0.502 ulp)
 // differs from in the last bit for about 1 input in 2000. Sums are in double like the CPU's, in a
 // different order (differences near 1e-16 relative). Either only matters where a cumulative sum
 // lands within about 1e-8 of its target: near-ties, where the device may pick the neighbour.
-//
-// Register use: 64 per thread (2 blocks of 512 per SM). The row's phases and its full-row passes
-// are separate, non-inlined functions so that each pass gets the registers to itself; ptxas counts
-// a few bytes of callee-saved registers at their boundaries as spills.
 #include "kernels/sampling.h"
 
+#include <cuda_pipeline.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
 namespace cohort {
+
+// SampleKernel's dynamic shared memory: SharedStorage, then the block's slice of the row.
+extern __shared__ __align__(16) unsigned char sampling_shared_memory[];
+
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;  // SampleKernel: one block per SM, its slice in shared memory
 constexpr int kWarps = kThreads / 32;
+constexpr int kGreedyThreads = 512;
+constexpr int kGreedyUnroll = 8;  // float4 loads in flight per thread
+constexpr int kMaxCluster = 8;    // the portable cluster size
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
-constexpr int kBinsPerThread = kBins / kThreads;
-constexpr int kListCapacity = 2048;
+constexpr int kSuperBins = 64;
+constexpr int kBinsPerSuper = kBins / kSuperBins;
 constexpr int kIdBits = 18;
 constexpr uint32_t kIdMask = (1u << kIdBits) - 1;
-constexpr int kChunk = 128;  // tokens per draw chunk: one float4 per lane of a warp
+constexpr int kChunk = 128;       // tokens per draw chunk: one float4 per lane of a warp
+constexpr int kMaxSlice = 40960;  // floats of a row per block: with SharedStorage, within 227 KiB
+constexpr int kMaxChunks = kMaxSlice / kChunk;
+constexpr int kMinSlice = 2048;  // rows are not split into smaller slices than this
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kSamplingMaxVocab == (1 << kIdBits), "token ids are kIdBits wide");
-static_assert(kSamplingMaxVocab / kChunk <= kBins, "draw chunks fit in one histogram");
-static_assert(kBinsPerThread * kThreads == kBins, "each thread owns whole bins");
+static_assert(kMaxSlice * kMaxCluster >= kSamplingMaxVocab, "the largest vocabulary fits in one cluster");
+static_assert(kMaxSlice % kChunk == 0, "whole draw chunks");
+static_assert(kBins == 2 * kThreads, "each thread clears and sums two bins");
+static_assert(kSuperBins == 64 && kBinsPerSuper == 32, "two super-bins per lane, one bin per lane");
+static_assert(kChunk == 4 * 32, "a chunk is one float4 per lane");
+static_assert(kMaxChunks <= kThreads, "one thread per chunk in the draw's scan");
 
 __device__ __forceinline__ int MinInt(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int MaxInt(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int Lane() { return static_cast<int>(threadIdx.x) & 31; }
 __device__ __forceinline__ int Warp() { return static_cast<int>(threadIdx.x) >> 5; }
 
-struct ListEntry {
-  int32_t id;
-  float value;  // the penalised logit (sampling) or the raw logit (top logprobs)
-};
-
-struct BinChoice {
-  int bin;
-  uint32_t count_above;  // matching elements in higher bins of this digit
-  uint32_t count_in_bin;
-  double mass_above;  // the select's mass_above plus the mass of higher bins
-};
-
-struct SharedStorage {
-  uint32_t count[kBins];
-  union {
-    uint32_t raw_count[kBins];  // the top-logprob select's first digit, during the first pass
-    double mass[kBins];
-  } second;
-  ListEntry list[kListCapacity];
-  double exp_table[32];  // 2^(i/32)
-  alignas(16) unsigned char reduce[kWarps * 16];
-  BinChoice choice;
-  int pick;
-  int fallback;
-  int list_size;
-  int token;
-  int top_count;
-  ListEntry top[kSamplingMaxTopLogprobs];
-};
-
-// Each kernel's one block-wide scratch, at namespace scope so that helpers that are not inlined
-// still address it as shared memory.
-__shared__ SharedStorage smem;
+// The same object in the shared memory of block `rank` of this block's cluster.
+template <class T>
+__device__ __forceinline__ T* AtRank(T* local, int rank) {
+  return static_cast<T*>(__cluster_map_shared_rank(local, static_cast<unsigned>(rank)));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Keys and weights
@@ -120,33 +123,22 @@ __device__ __forceinline__ float Weight(float w, float best, float temperature, 
   return ExpNonPositive(__fdiv_rn(__fsub_rn(w, best), temperature), exp_table);
 }
 
-// Weights never decrease with the logit, so the tokens whose weight key (its float bits) lies in a
-// range are those whose logit lies in an interval. These bounds are that interval widened (from
-// the midpoints to the neighbouring floats, by 1e-6 relative, then rounded outwards), so that a
-// token outside it certainly weighs outside the range and needs no exponential.
-__device__ __forceinline__ float LogitFloor(uint32_t weight_key, float best, float temperature) {
-  if (weight_key == 0u) return -INFINITY;
-  const double mid = 0.5 * (static_cast<double>(__uint_as_float(weight_key - 1)) +
-                            static_cast<double>(__uint_as_float(weight_key)));
-  const double x = log(mid);
-  const float floor = __double2float_rd(best + static_cast<double>(temperature) * (x - 1e-6 * (1.0 + fabs(x))));
-  return floor == floor ? floor : -INFINITY;
-}
-__device__ __forceinline__ float LogitCeiling(uint32_t weight_key, float best, float temperature) {
-  if (weight_key >= 0x3f800000u) return INFINITY;  // weights never exceed 1
-  const double mid = 0.5 * (static_cast<double>(__uint_as_float(weight_key)) +
-                            static_cast<double>(__uint_as_float(weight_key + 1)));
-  const double x = log(mid);
-  const float ceiling = __double2float_ru(best + static_cast<double>(temperature) * (x + 1e-6 * (1.0 + fabs(x))));
-  return ceiling == ceiling ? ceiling : INFINITY;
+// Sampler::ApplyPenalties for one history token.
+__device__ __forceinline__ float PenalisedLogit(float logit, const SamplingPenaltyToken& pt,
+                                                const SamplingRowParams& p) {
+  if (p.repetition_penalty != 1.0f && pt.in_history != 0) {
+    logit = logit > 0.0f ? __fdiv_rn(logit, p.repetition_penalty) : __fmul_rn(logit, p.repetition_penalty);
+  }
+  if (pt.generated_count > 0) {
+    const float count = static_cast<float>(pt.generated_count);
+    logit = __fsub_rn(logit, __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, count)));
+  }
+  return logit;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp and block collectives. Every block collective is called by all threads of the block.
-
-__device__ __forceinline__ float ShflXor(float v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
-__device__ __forceinline__ double ShflXor(double v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
-__device__ __forceinline__ int ShflXor(int v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+// Reductions. Block collectives are called by every thread of the block and give every thread
+// the same result, combined in the same order.
 
 // Online log-sum-exp of the raw logits (fast exp: it only feeds the returned logprobs).
 struct LogSumExp {
@@ -161,7 +153,6 @@ struct LogSumExp {
     }
   }
 };
-__device__ __forceinline__ LogSumExp ShflXor(LogSumExp v, int o) { return {ShflXor(v.max, o), ShflXor(v.sum, o)}; }
 struct CombineLogSumExp {
   __device__ LogSumExp operator()(LogSumExp a, LogSumExp b) const {
     const float m = a.max > b.max ? a.max : b.max;
@@ -172,8 +163,8 @@ struct CombineLogSumExp {
   }
 };
 
-// Highest value, ties to the lowest id; NaN never wins (Sampler::Argmax, but see the caller for a
-// NaN at id 0).
+// Highest value, ties to the lowest id; NaN never wins (Sampler::Argmax, but see RowSummary for
+// a NaN at id 0). Order-independent, so the blocks' partial results combine to the CPU's answer.
 struct ArgMax {
   float value;
   int id;
@@ -184,7 +175,6 @@ struct ArgMax {
     }
   }
 };
-__device__ __forceinline__ ArgMax ShflXor(ArgMax v, int o) { return {ShflXor(v.value, o), ShflXor(v.id, o)}; }
 struct CombineArgMax {
   __device__ ArgMax operator()(ArgMax a, ArgMax b) const {
     a.Add(b.value, b.id);
@@ -205,6 +195,14 @@ struct Max {
   }
 };
 
+__device__ __forceinline__ float ShflXor(float v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+__device__ __forceinline__ double ShflXor(double v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+__device__ __forceinline__ int ShflXor(int v, int o) { return __shfl_xor_sync(kFullMask, v, o); }
+__device__ __forceinline__ LogSumExp ShflXor(LogSumExp v, int o) { return {ShflXor(v.max, o), ShflXor(v.sum, o)}; }
+__device__ __forceinline__ ArgMax ShflXor(ArgMax v, int o) { return {ShflXor(v.value, o), ShflXor(v.id, o)}; }
+
+// A butterfly: both partners of each step add the same two values, so every lane ends with the
+// same bits.
 template <class T, class Op>
 __device__ __forceinline__ T WarpAllReduce(T v, Op op) {
 #pragma unroll
@@ -212,23 +210,23 @@ __device__ __forceinline__ T WarpAllReduce(T v, Op op) {
   return v;
 }
 
-// Every thread gets the same result, combined in the same order.
-template <class T, class Op>
-__device__ T BlockAllReduce(T v, Op op) {
+// `scratch`: kBlockThreads / 32 slots of 16 bytes in shared memory.
+template <int kBlockThreads, class T, class Op>
+__device__ __forceinline__ T BlockAllReduce(T v, Op op, unsigned char* scratch) {
   static_assert(sizeof(T) <= 16, "reduce slots hold 16 bytes");
   v = WarpAllReduce(v, op);
-  T* slots = reinterpret_cast<T*>(smem.reduce);
-  __syncthreads();
+  T* slots = reinterpret_cast<T*>(scratch);
+  __syncthreads();  // earlier readers of the slots are done
   if (Lane() == 0) slots[Warp()] = v;
   __syncthreads();
   T all = slots[0];
-  for (int w = 1; w < kWarps; ++w) all = op(all, slots[w]);
+  for (int w = 1; w < kBlockThreads / 32; ++w) all = op(all, slots[w]);
   return all;
 }
 
-// Exclusive prefix sum over threads in thread order; *total gets the sum over the block.
+// Exclusive prefix sum over the threads of a kThreads block in thread order; *total gets the sum.
 template <class T>
-__device__ T BlockExclusiveSum(T v, T* total) {
+__device__ __forceinline__ T BlockExclusiveSum(T v, T* total, unsigned char* scratch) {
   T inclusive = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -237,7 +235,7 @@ __device__ T BlockExclusiveSum(T v, T* total) {
   }
   T exclusive = __shfl_up_sync(kFullMask, inclusive, 1);
   if (Lane() == 0) exclusive = T(0);
-  T* slots = reinterpret_cast<T*>(smem.reduce);
+  T* slots = reinterpret_cast<T*>(scratch);
   __syncthreads();
   if (Lane() == 31) slots[Warp()] = inclusive;
   __syncthreads();
@@ -252,140 +250,145 @@ __device__ T BlockExclusiveSum(T v, T* total) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reading a row
+// Rows and slices
 
-struct RowView {
-  const float* logits;
-  int vocab;
-  bool aligned;  // 16-byte aligned: whole quads load as float4
+// This block's part of its row.
+struct Slice {
+  int begin;   // the token id of the slice's first value
+  int n;       // values in the slice
+  int blocks;  // the cluster's blocks, which share the row in rank order
+  int rank;
 };
 
-// Tokens 4q..4q+3; those past the vocabulary read as -inf and must not be used.
-__device__ __forceinline__ void LoadQuad(const RowView& row, int q, float (&v)[4]) {
-  const int t = 4 * q;
-  if (row.aligned && t + 3 < row.vocab) {
-    const float4 f = __ldg(reinterpret_cast<const float4*>(row.logits) + q);
+__device__ __forceinline__ Slice SliceOf(int vocab, int slice_size) {
+  const int blocks = static_cast<int>(__clusterSizeInBlocks());
+  const int rank = static_cast<int>(__clusterRelativeBlockRank());
+  const int begin = rank * slice_size;
+  return Slice{begin, MaxInt(0, MinInt(slice_size, vocab - begin)), blocks, rank};
+}
+
+// Values 4q..4q+3 of `src`; those past `n` read as -inf and must not be used.
+__device__ __forceinline__ void LoadQuad(const float* src, int n, bool aligned, int q, float (&v)[4]) {
+  const int i = 4 * q;
+  if (aligned && i + 3 < n) {
+    const float4 f = __ldg(reinterpret_cast<const float4*>(src) + q);
     v[0] = f.x;
     v[1] = f.y;
     v[2] = f.z;
     v[3] = f.w;
   } else {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = t + e < row.vocab ? __ldg(row.logits + t + e) : -INFINITY;
+    for (int e = 0; e < 4; ++e) v[e] = i + e < n ? __ldg(src + i + e) : -INFINITY;
   }
 }
 
-// Calls f(token, raw logit) for every token of the row, each on one thread, in no particular order.
-template <int kUnroll, class F>
-__device__ __forceinline__ void ForEachLogit(const RowView& row, F&& f) {
-  const int quads = (row.vocab + 3) >> 2;
-  for (int q0 = static_cast<int>(threadIdx.x); q0 < quads; q0 += kThreads * kUnroll) {
-    float v[kUnroll][4];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) LoadQuad(row, q0 + u * kThreads, v[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t0 = 4 * (q0 + u * kThreads);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (t0 + e < row.vocab) f(t0 + e, v[u][e]);
-      }
-    }
-  }
+__device__ __forceinline__ void WriteResult(const SamplingArgs& args, int row, int token, double log_normalizer) {
+  token = MinInt(MaxInt(token, 0), args.vocab - 1);
+  const float raw = args.logits[static_cast<int64_t>(row) * args.row_stride + token];
+  args.results[row] = SamplingRowResult{token, static_cast<float>(static_cast<double>(raw) - log_normalizer)};
 }
 
-// Calls f(token, value) for the gathered list.
-template <class F>
-__device__ __forceinline__ void ForEachListed(const int n, F&& f) {
-  for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) f(smem.list[i].id, smem.list[i].value);
+// What a block knows about its slice after the first pass.
+struct RowSummary {
+  LogSumExp lse;     // of the raw logits
+  ArgMax best;       // of the penalised logits
+  int first_is_nan;  // rank 0: token 0's penalised logit is NaN, where Sampler::Argmax keeps token 0
+};
+
+struct RowStats {
+  double log_normalizer;
+  ArgMax best;
+};
+
+// The blocks' summaries combined in rank order.
+__device__ __forceinline__ RowStats CombineSummaries(const RowSummary* summaries, int blocks) {
+  LogSumExp lse = summaries[0].lse;
+  ArgMax best = summaries[0].best;
+  for (int r = 1; r < blocks; ++r) {
+    lse = CombineLogSumExp{}(lse, summaries[r].lse);
+    best = CombineArgMax{}(best, summaries[r].best);
+  }
+  if (summaries[0].first_is_nan != 0) best.id = 0;
+  return RowStats{static_cast<double>(lse.max) + log(static_cast<double>(lse.sum)), best};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Penalties (Sampler::ApplyPenalties). The row's history is marked in a bitmap in the workspace
-// with rank counts per 256 tokens, so that a token's penalised logit is found in O(1) among the
-// row's penalty tokens, stored by rank.
+// SampleKernel's shared memory
 
-__device__ __forceinline__ float PenalisedLogit(float logit, const SamplingPenaltyToken& pt, const SamplingRowParams& p) {
-  if (p.repetition_penalty != 1.0f && pt.in_history != 0) {
-    logit = logit > 0.0f ? __fdiv_rn(logit, p.repetition_penalty) : __fmul_rn(logit, p.repetition_penalty);
-  }
-  if (pt.generated_count > 0) {
-    const float count = static_cast<float>(pt.generated_count);
-    logit = __fsub_rn(logit, __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, count)));
-  }
-  return logit;
+struct ListEntry {
+  int32_t id;
+  float value;
+};
+
+struct TopList {
+  int count;
+  ListEntry entries[kSamplingMaxTopLogprobs];
+};
+
+// What blocks publish to each other in one exchange. Histogram bins are in descending digit order.
+struct alignas(16) ExchangeSlot {
+  double mass[kBins];
+  uint32_t count[kBins];
+  alignas(16) double super_mass[kSuperBins];
+  alignas(16) uint32_t super_count[kSuperBins];
+  // Pushed by each block, indexed by its rank.
+  double draw_mass[kMaxCluster];
+  RowSummary summary[kMaxCluster];
+  TopList top[kMaxCluster];  // rank 0's slot only
+};
+
+struct BinChoice {
+  int index;              // in descending order
+  uint32_t count_before;  // keys in earlier (higher) items of this digit
+  uint32_t count_in;
+  double mass_before;  // the select's mass_above plus the weight of earlier items
+};
+
+struct SharedStorage {
+  ExchangeSlot exchange[2];
+  double chunk_mass[kMaxChunks];    // the draw: kept weight of each chunk of the slice
+  double chunk_before[kMaxChunks];  // ... and of the slice's chunks before it
+  double exp_table[32];             // 2^(i/32)
+  alignas(16) unsigned char reduce[kWarps * 16];
+  BinChoice choice;
+  double target;
+  ListEntry top[kSamplingMaxTopLogprobs];
+  int top_count;
+  int outbox;  // the slot this block fills for the coming exchange
+  int pick;
+  int fallback;
+};
+
+constexpr size_t kSliceOffset = (sizeof(SharedStorage) + 15) / 16 * 16;
+constexpr size_t kMaxSharedBytes = kSliceOffset + sizeof(float) * kMaxSlice;
+static_assert(kMaxSharedBytes <= 227 * 1024, "a block may have 227 KiB of shared memory on sm_90");
+
+__device__ __forceinline__ SharedStorage& Smem() { return *reinterpret_cast<SharedStorage*>(sampling_shared_memory); }
+// The slice: raw logits, then penalised logits, then weights (0 for tokens that are not kept).
+__device__ __forceinline__ float* SliceValues() {
+  return reinterpret_cast<float*>(sampling_shared_memory + kSliceOffset);
 }
 
-struct NoPenalties {
-  __device__ __forceinline__ float Apply(int, float raw) const { return raw; }
-};
+__device__ __forceinline__ ExchangeSlot& Outbox() { return Smem().exchange[Smem().outbox]; }
 
-struct Penalties {
-  const uint32_t* bitmap;  // bit t: token t is penalised
-  const uint32_t* ranks;   // per 256 tokens: set bits before them
-  const float* values;     // penalised logits by rank
-
-  __device__ __forceinline__ int Rank(int t, uint32_t word) const {
-    int r = static_cast<int>(ranks[t >> 8]);
-    for (int w = (t >> 8) << 3; w < (t >> 5); ++w) r += __popc(bitmap[w]);
-    return r + __popc(word & ((1u << (t & 31)) - 1u));
-  }
-  __device__ __forceinline__ float Apply(int t, float raw) const {
-    const uint32_t word = bitmap[t >> 5];
-    return ((word >> (t & 31)) & 1u) ? values[Rank(t, word)] : raw;
-  }
-};
-
-// Workspace: per row (bitmap words + rank words) uint32, then one float per penalty token.
-__host__ __device__ __forceinline__ int64_t BitmapWords(int64_t vocab) { return (vocab + 31) / 32; }
-__host__ __device__ __forceinline__ int64_t RankWords(int64_t vocab) { return (BitmapWords(vocab) + 7) / 8; }
-
-__device__ Penalties SetUpPenalties(const RowView& row, const SamplingRowParams& p, const SamplingArgs& args) {
-  const int64_t words = BitmapWords(row.vocab);
-  const int64_t rank_words = RankWords(row.vocab);
-  uint32_t* bitmap = static_cast<uint32_t*>(args.workspace) + static_cast<int64_t>(blockIdx.x) * (words + rank_words);
-  uint32_t* ranks = bitmap + words;
-  float* values = reinterpret_cast<float*>(static_cast<uint32_t*>(args.workspace) +
-                                           static_cast<int64_t>(args.rows) * (words + rank_words)) +
-                  p.penalty_begin;
-  for (int i = static_cast<int>(threadIdx.x); i < words; i += kThreads) bitmap[i] = 0;
-  __syncthreads();
-  for (int e = p.penalty_begin + static_cast<int>(threadIdx.x); e < p.penalty_end; e += kThreads) {
-    const int t = args.penalty_tokens[e].token;
-    if (t >= 0 && t < row.vocab) atomicOr(&bitmap[t >> 5], 1u << (t & 31));
-  }
-  __syncthreads();
-  // rank_words <= 1024: two groups of 8 bitmap words per thread.
-  uint32_t counts[2] = {0, 0};
-  for (int j = 0; j < 2; ++j) {
-    const int g = 2 * static_cast<int>(threadIdx.x) + j;
-    if (g < rank_words) {
-      for (int w = 8 * g; w < MinInt(8 * g + 8, static_cast<int>(words)); ++w) counts[j] += __popc(bitmap[w]);
-    }
-  }
-  uint32_t total = 0;
-  const uint32_t before = BlockExclusiveSum(counts[0] + counts[1], &total);
-  if (2 * threadIdx.x < rank_words) ranks[2 * threadIdx.x] = before;
-  if (2 * threadIdx.x + 1 < rank_words) ranks[2 * threadIdx.x + 1] = before + counts[0];
-  __syncthreads();
-  const Penalties pen{bitmap, ranks, values};
-  for (int e = p.penalty_begin + static_cast<int>(threadIdx.x); e < p.penalty_end; e += kThreads) {
-    const SamplingPenaltyToken pt = args.penalty_tokens[e];
-    if (pt.token >= 0 && pt.token < row.vocab) {
-      values[pen.Rank(pt.token, bitmap[pt.token >> 5])] = PenalisedLogit(row.logits[pt.token], pt, p);
-    }
-  }
-  __syncthreads();
-  return pen;
+// Ends an exchange; returns the slot that now holds what every block published, until the end of
+// the next exchange. Every thread of every block of the cluster calls it the same number of times.
+__device__ __forceinline__ int Exchange() {
+  SharedStorage& s = Smem();
+  const int slot = s.outbox;
+  __syncthreads();  // every thread has read `outbox`
+  if (threadIdx.x == 0) s.outbox = slot ^ 1;
+  __cluster_barrier_arrive();  // release: this block's writes, local and pushed
+  __cluster_barrier_wait();    // acquire: everyone's
+  return slot;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Radix select over kBits-bit keys, largest first: digit levels of up to 11 bits from the top.
-// A count select finds the need-th key; a mass select the key where the running weight, in key
-// order, first reaches (kMassAtLeast: top-p's "cumulative >= target") or exceeds (kMassAbove: the
-// draw's "cumulative > target") a target.
+// Cluster-wide radix select over kBits-bit keys, largest first: digit levels of up to 11 bits from
+// the top. A count select finds the need-th key; a mass select the key where the running weight,
+// in key order, first reaches a target (top-p's "cumulative >= target").
 
-enum class Rank { kCount, kMassAtLeast, kMassAbove };
+enum class Rank { kCount, kMassAtLeast };
 
 template <int kBits>
 struct Radix {
@@ -401,9 +404,9 @@ struct SelectState {
   uint32_t prefix = 0;    // the digits decided so far, in place
   int level = 0;          // the next level to histogram
   uint32_t need = 0;      // count select: rank still wanted among keys matching the prefix
-  uint32_t above = 0;     // keys ranked before those matching the prefix
-  double mass_above = 0;  // mass select: their weight
   uint32_t group = 0;     // keys matching the prefix (after the last level: equal to it)
+  double mass_above = 0;  // mass select: weight of the keys above the prefix
+  double target = 0;      // mass select: top_p times the total weight
 };
 
 template <int kBits>
@@ -419,154 +422,210 @@ __device__ __forceinline__ uint32_t DigitOf(uint32_t key, int level) {
   return (key >> shift) & ((1u << width) - 1u);
 }
 
+// The sum of `x` over the lanes in `peers`, valid in the lowest of them: a tree over the peers in
+// log2(their number) steps (Westphal's reduce_peers). Every lane of the warp calls it; lanes with
+// no peers (not even themselves) only keep the others company.
+__device__ __forceinline__ double SumOverPeers(unsigned peers, double x) {
+  const int lane = Lane();
+  int position = __popc(peers & ((1u << lane) - 1u));  // among the peers
+  unsigned above = peers & (0xfffffffeu << lane);
+  while (__any_sync(kFullMask, above != 0u)) {
+    const int next = __ffs(static_cast<int>(above));
+    const double other = __shfl_sync(kFullMask, x, next > 0 ? next - 1 : lane);
+    if (next > 0) x += other;
+    above &= ~__ballot_sync(kFullMask, position & 1);
+    position >>= 1;
+  }
+  return x;
+}
+
+// Adds (1, mass) to `bin` for every lane of the warp with a bin >= 0. Lanes with the same bin
+// combine first, one atomic per bin: equal keys (ties, neighbouring ids, the weights of a flat
+// distribution) would otherwise serialise on one address, and a double's atomic add on it.
 template <bool kMass>
-__device__ void ClearBins() {
-  __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < kBins; i += kThreads) {
-    smem.count[i] = 0;
-    if constexpr (kMass) smem.second.mass[i] = 0.0;
-  }
-  __syncthreads();
-}
-
-// Finds the bin of `count` (and `mass`) holding the wanted key, bins in descending order. When
-// rounding leaves no bin (a mass target at the very top), takes the lowest nonempty one, as
-// Sampler::Draw falls back to the last possible token.
-template <Rank kRank>
-__device__ BinChoice FindBin(const uint32_t* count, const double* mass, uint32_t need, double mass_above,
-                             double target) {
-  constexpr bool kMass = kRank != Rank::kCount;
-  uint32_t c[kBinsPerThread];
-  double m[kBinsPerThread];
-  uint32_t c_local = 0;
-  double m_local = 0.0;
-#pragma unroll
-  for (int j = 0; j < kBinsPerThread; ++j) {
-    const int bin = kBins - 1 - (kBinsPerThread * static_cast<int>(threadIdx.x) + j);
-    c[j] = count != nullptr ? count[bin] : 0u;
-    m[j] = kMass ? mass[bin] : 0.0;
-    c_local += c[j];
-    m_local += m[j];
-  }
-  __syncthreads();  // earlier readers of pick/fallback/choice are done
-  if (threadIdx.x == 0) {
-    smem.pick = INT_MAX;
-    smem.fallback = -1;
-  }
-  uint32_t c_total = 0;
-  const uint32_t c_before = BlockExclusiveSum(c_local, &c_total);
-  double m_before = 0.0;
+__device__ __forceinline__ void AddToBin(ExchangeSlot& out, int bin, float mass) {
+  if (__ballot_sync(kFullMask, bin >= 0) == 0u) return;
+  const unsigned same_bin = __match_any_sync(kFullMask, static_cast<unsigned>(bin));  // every lane takes part
+  const unsigned peers = bin >= 0 ? same_bin : 0u;
+  const bool leader = bin >= 0 && Lane() == __ffs(static_cast<int>(peers)) - 1;
   if constexpr (kMass) {
-    double m_total = 0.0;
-    m_before = BlockExclusiveSum(m_local, &m_total);
+    const double sum = SumOverPeers(peers, static_cast<double>(mass));
+    if (leader) atomicAdd(&out.mass[bin], sum);
   }
-  {
-    uint32_t cb = c_before;
-    double mb = mass_above + m_before;
-#pragma unroll
-    for (int j = 0; j < kBinsPerThread; ++j) {
-      bool hit;
-      if constexpr (kRank == Rank::kCount) {
-        hit = cb < need && need <= cb + c[j];
-      } else if constexpr (kRank == Rank::kMassAtLeast) {
-        hit = mb < target && target <= mb + m[j];
-      } else {
-        hit = mb <= target && target < mb + m[j];
-      }
-      if (hit) atomicMin(&smem.pick, kBinsPerThread * static_cast<int>(threadIdx.x) + j);
-      cb += c[j];
-      mb += m[j];
-    }
-  }
-  __syncthreads();
-  int pick = smem.pick;
-  if (pick == INT_MAX) {
-#pragma unroll
-    for (int j = 0; j < kBinsPerThread; ++j) {
-      if (kMass ? m[j] > 0.0 : c[j] > 0u) atomicMax(&smem.fallback, kBinsPerThread * static_cast<int>(threadIdx.x) + j);
-    }
-    __syncthreads();
-    pick = smem.fallback >= 0 ? smem.fallback : kBins - 1;
-  }
-  if (pick / kBinsPerThread == static_cast<int>(threadIdx.x)) {
-    uint32_t cb = c_before;
-    double mb = mass_above + m_before;
-    uint32_t in_bin = 0;
-#pragma unroll
-    for (int j = 0; j < kBinsPerThread; ++j) {
-      if (j < pick % kBinsPerThread) {
-        cb += c[j];
-        mb += m[j];
-      }
-      if (j == pick % kBinsPerThread) in_bin = c[j];
-    }
-    smem.choice = BinChoice{kBins - 1 - pick, cb, in_bin, mb};
-  }
-  __syncthreads();
-  return smem.choice;
+  if (leader) atomicAdd(&out.count[bin], static_cast<uint32_t>(__popc(peers)));
 }
 
+// This block's histogram of the current digit of the keys that match the prefix, in the outbox,
+// with its super-bin sums. key_of(i, &key, &mass) says whether slice value i is in the set.
+template <int kBits, bool kMass, class KeyOf>
+__device__ __forceinline__ void BuildHistogram(const SelectState& st, int n, KeyOf&& key_of) {
+  ExchangeSlot& out = Outbox();
+  const int first = 2 * static_cast<int>(threadIdx.x);
+  out.count[first] = 0u;
+  out.count[first + 1] = 0u;
+  if constexpr (kMass) {
+    out.mass[first] = 0.0;
+    out.mass[first + 1] = 0.0;
+  }
+  __syncthreads();
+  // Whole warps take part in every step (AddToBin needs them).
+  for (int base = 0; base < n; base += kThreads) {
+    const int i = base + static_cast<int>(threadIdx.x);
+    uint32_t key = 0;
+    float mass = 0.0f;
+    int bin = -1;
+    if (i < n && key_of(i, &key, &mass) && MatchesPrefix<kBits>(key, st)) {
+      bin = kBins - 1 - static_cast<int>(DigitOf<kBits>(key, st.level));
+    }
+    AddToBin<kMass>(out, bin, mass);
+  }
+  __syncthreads();
+  // 16 threads per super-bin, two bins each.
+  uint32_t count = out.count[first] + out.count[first + 1];
+  double mass = kMass ? out.mass[first] + out.mass[first + 1] : 0.0;
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) {
+    count += __shfl_xor_sync(kFullMask, count, o);
+    if constexpr (kMass) mass += ShflXor(mass, o);
+  }
+  if ((threadIdx.x & 15) == 0) {
+    out.super_count[threadIdx.x >> 4] = count;
+    if constexpr (kMass) out.super_mass[threadIdx.x >> 4] = mass;
+  }
+}
+
+// One warp: lane l holds items kPer*l .. kPer*l + kPer - 1 (descending key order) with their key
+// counts and weights, which come after `count_before` keys and `mass_before` weight. Finds the
+// item holding the need-th key (kCount) or where the running weight first reaches `target`
+// (kMassAtLeast); when rounding leaves none, the last nonempty item.
+template <Rank kRank, int kPer>
+__device__ __forceinline__ BinChoice FindInWarp(const uint32_t (&count)[kPer], const double (&mass)[kPer],
+                                                uint32_t count_before, double mass_before, uint32_t need,
+                                                double target) {
+  constexpr bool kMass = kRank != Rank::kCount;
+  uint32_t count_inclusive = 0;
+  double mass_inclusive = 0.0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    count_inclusive += count[j];
+    if constexpr (kMass) mass_inclusive += mass[j];
+  }
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t count_up = __shfl_up_sync(kFullMask, count_inclusive, o);
+    if (Lane() >= o) count_inclusive += count_up;
+    if constexpr (kMass) {
+      const double mass_up = __shfl_up_sync(kFullMask, mass_inclusive, o);
+      if (Lane() >= o) mass_inclusive += mass_up;
+    }
+  }
+  uint32_t cb = __shfl_up_sync(kFullMask, count_inclusive, 1);
+  double mb = 0.0;
+  if constexpr (kMass) mb = __shfl_up_sync(kFullMask, mass_inclusive, 1);
+  if (Lane() == 0) {
+    cb = 0;
+    mb = 0.0;
+  }
+  cb += count_before;
+  mb += mass_before;
+  bool hit = false;
+  bool nonempty = false;
+  BinChoice hit_choice{kPer * Lane(), cb, 0u, mb};
+  BinChoice last_choice = hit_choice;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    bool here;
+    if constexpr (kRank == Rank::kCount) {
+      here = cb < need && need <= cb + count[j];
+    } else {
+      here = mb < target && target <= mb + mass[j];
+    }
+    const BinChoice item{kPer * Lane() + j, cb, count[j], mb};
+    if (here && !hit) {
+      hit = true;
+      hit_choice = item;
+    }
+    if (count[j] > 0u) {
+      nonempty = true;
+      last_choice = item;
+    }
+    cb += count[j];
+    if constexpr (kMass) mb += mass[j];
+  }
+  const unsigned hits = __ballot_sync(kFullMask, hit);
+  const unsigned nonempties = __ballot_sync(kFullMask, nonempty);
+  int source;
+  BinChoice mine = hit_choice;
+  if (hits != 0u) {
+    source = __ffs(static_cast<int>(hits)) - 1;
+  } else {
+    mine = last_choice;
+    source = nonempties != 0u ? 31 - __clz(static_cast<int>(nonempties)) : 31;
+  }
+  return BinChoice{__shfl_sync(kFullMask, mine.index, source), __shfl_sync(kFullMask, mine.count_before, source),
+                   __shfl_sync(kFullMask, mine.count_in, source),
+                   kMass ? __shfl_sync(kFullMask, mine.mass_before, source) : mass_before};
+}
+
+// Ends a level whose histogram is in the outbox: every block reads all blocks' super-bins, then
+// the bins of the chosen one, summed in rank order, and takes the same decision. A mass select's
+// first level also sets st.target = top_p * the total weight.
 template <int kBits, Rank kRank>
-__device__ __forceinline__ void Advance(SelectState& st, const BinChoice& choice) {
-  st.prefix |= static_cast<uint32_t>(choice.bin) << Radix<kBits>::Shift(st.level);
-  st.above += choice.count_above;
-  if constexpr (kRank == Rank::kCount) st.need -= choice.count_above;
-  st.mass_above = choice.mass_above;
-  st.group = choice.count_in_bin;
+__device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double top_p) {
+  constexpr bool kMass = kRank != Rank::kCount;
+  SharedStorage& s = Smem();
+  const int slot = Exchange();
+  if (Warp() == 0) {
+    uint32_t super_count[2] = {0u, 0u};
+    double super_mass[2] = {0.0, 0.0};
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      if (r < blocks) {
+        const ExchangeSlot* in = AtRank(&s.exchange[slot], r);
+        const uint2 c = reinterpret_cast<const uint2*>(in->super_count)[Lane()];
+        super_count[0] += c.x;
+        super_count[1] += c.y;
+        if constexpr (kMass) {
+          const double2 m = reinterpret_cast<const double2*>(in->super_mass)[Lane()];
+          super_mass[0] += m.x;
+          super_mass[1] += m.y;
+        }
+      }
+    }
+    double target = st.target;
+    if (kMass && st.level == 0) target = top_p * WarpAllReduce(super_mass[0] + super_mass[1], Plus{});
+    const BinChoice super = FindInWarp<kRank, 2>(super_count, super_mass, 0u, st.mass_above, st.need, target);
+    uint32_t bin_count[1] = {0u};
+    double bin_mass[1] = {0.0};
+    const int bin = super.index * kBinsPerSuper + Lane();
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      if (r < blocks) {
+        const ExchangeSlot* in = AtRank(&s.exchange[slot], r);
+        bin_count[0] += in->count[bin];
+        if constexpr (kMass) bin_mass[0] += in->mass[bin];
+      }
+    }
+    BinChoice choice =
+        FindInWarp<kRank, 1>(bin_count, bin_mass, super.count_before, super.mass_before, st.need, target);
+    if (Lane() == 0) {
+      choice.index += super.index * kBinsPerSuper;
+      s.choice = choice;
+      s.target = target;
+    }
+  }
+  __syncthreads();
+  const BinChoice choice = s.choice;
+  st.target = s.target;
+  st.prefix |= static_cast<uint32_t>(kBins - 1 - choice.index) << Radix<kBits>::Shift(st.level);
+  st.need -= choice.count_before;
+  st.mass_above = choice.mass_before;
+  st.group = choice.count_in;
   ++st.level;
 }
 
-// Histograms the current digit of the keys that match the prefix. `visit(cb)` calls cb(key, mass)
-// for every member of the set, spread over the block's threads.
-template <int kBits, bool kMass, class Visit>
-__device__ void HistogramLevel(const SelectState& st, Visit&& visit) {
-  ClearBins<kMass>();
-  visit([&](uint32_t key, float mass) {
-    if (MatchesPrefix<kBits>(key, st)) {
-      const uint32_t digit = DigitOf<kBits>(key, st.level);
-      atomicAdd(&smem.count[digit], 1u);
-      if constexpr (kMass) {
-        if (mass > 0.0f) atomicAdd(&smem.second.mass[digit], static_cast<double>(mass));
-      }
-    }
-  });
-  __syncthreads();
-}
-
-template <int kBits, Rank kRank>
-__device__ __forceinline__ void FindAndAdvance(SelectState& st, double target) {
-  Advance<kBits, kRank>(st, FindBin<kRank>(smem.count, smem.second.mass, st.need, st.mass_above, target));
-}
-
-// Runs the remaining levels of a select.
-template <int kBits, Rank kRank, class Visit>
-__device__ void FinishSelect(SelectState& st, double target, Visit&& visit) {
-  while (st.level < Radix<kBits>::kLevels) {
-    HistogramLevel<kBits, kRank != Rank::kCount>(st, visit);
-    FindAndAdvance<kBits, kRank>(st, target);
-  }
-}
-
-// Copies (token, value) of the row's tokens for which keep(token, raw, &value) holds into the list;
-// the caller knows there are at most kListCapacity. Returns how many.
-template <int kUnroll = 2, class Keep>
-__device__ int GatherRow(const RowView& row, Keep&& keep) {
-  __syncthreads();
-  if (threadIdx.x == 0) smem.list_size = 0;
-  __syncthreads();
-  ForEachLogit<kUnroll>(row, [&](int t, float raw) {
-    float value;
-    if (keep(t, raw, &value)) {
-      const int i = atomicAdd(&smem.list_size, 1);
-      if (i < kListCapacity) smem.list[i] = ListEntry{t, value};
-    }
-  });
-  __syncthreads();
-  return MinInt(smem.list_size, kListCapacity);
-}
-
-// A set's first `rank`-th members in (key descending, id ascending) order: key above `key`, or
-// equal with id <= `id`.
+// A set's first members in (key descending, id ascending) order: key above `key`, or equal with
+// id <= `id`.
 struct Cut {
   bool active = false;
   uint32_t key = 0;
@@ -574,81 +633,223 @@ struct Cut {
   __device__ __forceinline__ bool Keeps(uint32_t k, int t) const { return !active || k > key || (k == key && t <= id); }
 };
 
-// The need-th lowest id among the members (visit calls cb(token) for each).
-template <class VisitIds>
-__device__ int SelectId(uint32_t need, VisitIds&& visit_ids) {
+// The need-th lowest token id among the slice values for which is_tied(i) holds, over the cluster.
+template <class IsTied>
+__device__ __forceinline__ int SelectTiedId(uint32_t need, const Slice& slice, IsTied&& is_tied) {
   SelectState st;
   st.need = need;
-  FinishSelect<kIdBits, Rank::kCount>(st, 0.0, [&](auto&& cb) {
-    visit_ids([&](int t) { cb(kIdMask - static_cast<uint32_t>(t), 0.0f); });
-  });
+#pragma unroll 1
+  for (int level = 0; level < Radix<kIdBits>::kLevels; ++level) {
+    BuildHistogram<kIdBits, false>(st, slice.n, [&](int i, uint32_t* key, float*) {
+      if (!is_tied(i)) return false;
+      *key = kIdMask - static_cast<uint32_t>(slice.begin + i);  // the lowest id has the largest key
+      return true;
+    });
+    ResolveLevel<kIdBits, Rank::kCount>(st, slice.blocks, 0.0);
+  }
   return static_cast<int>(kIdMask - st.prefix);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The draw over the whole row (Sampler::Draw's loop). KeptWeight(token, raw) is the token's
-// weight when it is kept and positive, else 0. The first pass sums each 128-token chunk (bins in
-// descending order: ascending ids); FindBin picks the chunk where the running weight exceeds
-// target = uniform * total; one warp scans from there. Returns the first token in id order whose
-// running weight exceeds the target, or the last one with weight when rounding leaves none.
-template <class KeptWeight>
-__device__ __noinline__ double DrawChunkWeights(const RowView row, const KeptWeight kept_weight) {
-  const int chunks = (row.vocab + kChunk - 1) / kChunk;
-  ClearBins<true>();
-  int last_positive = -1;
-  double thread_mass = 0.0;
-  constexpr int kUnroll = 1;
-  for (int c0 = Warp(); c0 < chunks; c0 += kWarps * kUnroll) {
-    float v[kUnroll][4];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) LoadQuad(row, (c0 + u * kWarps) * (kChunk / 4) + Lane(), v[u]);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * kWarps;
-      if (c < chunks) {
-        double sum = 0.0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int t = c * kChunk + 4 * Lane() + e;
-          if (t < row.vocab) {
-            const float mv = kept_weight(t, v[u][e]);
-            if (mv > 0.0f) {
-              sum += static_cast<double>(mv);
-              last_positive = t;
-            }
-          }
-        }
-        sum = WarpAllReduce(sum, Plus{});
-        if (Lane() == 0) {
-          smem.second.mass[kBins - 1 - c] = sum;
-          thread_mass += sum;
-        }
-      }
-    }
+// The `need` largest slice values of the row in (value descending, id ascending) order, as a cut:
+// top-k over the penalised logits, the top logprobs over the raw ones.
+__device__ __noinline__ Cut SelectLargest(uint32_t need, const Slice slice) {
+  const float* values = SliceValues();
+  SelectState st;
+  st.need = need;
+#pragma unroll 1
+  for (int level = 0; level < Radix<32>::kLevels; ++level) {
+    BuildHistogram<32, false>(st, slice.n, [&](int i, uint32_t* key, float*) {
+      *key = OrderedKey(values[i]);
+      return true;
+    });
+    ResolveLevel<32, Rank::kCount>(st, slice.blocks, 0.0);
   }
-  last_positive = BlockAllReduce(last_positive, Max{});
-  if (threadIdx.x == 0) smem.token = last_positive;
-  return BlockAllReduce(thread_mass, Plus{});
+  Cut cut{true, st.prefix, INT_MAX};
+  if (st.need < st.group) {
+    const uint32_t key = st.prefix;
+    cut.id = SelectTiedId(st.need, slice, [&](int i) { return OrderedKey(values[i]) == key; });
+  }
+  return cut;
 }
 
-// Warp 0 scans from `chunk` with the running weight before it; the token lands in smem.token
-// (left at the last positive one when the running weight never exceeds the target).
-template <class KeptWeight>
-__device__ __noinline__ void DrawScan(const RowView row, const KeptWeight kept_weight, int chunk, double running,
-                                      double target) {
-  const int chunks = (row.vocab + kChunk - 1) / kChunk;
+// Top-p over the weights in the slices (Sampler::KeepTopP): (weight descending, id ascending)
+// until the running weight reaches top_p times the total. Tokens of weight 0 are not kept anyway,
+// so only positive weights take part. A weight's bits are ordered like it and, as weights are at
+// most 1, fit in kWeightBits: the first digit spans only the exponents and mantissas weights have.
+constexpr int kWeightBits = 30;
+static_assert(0x3f800000u < (1u << kWeightBits), "the bits of 1.0f fit in kWeightBits");
+
+__device__ __noinline__ Cut SelectTopP(float top_p, const Slice slice) {
+  const float* weights = SliceValues();
+  SelectState st;
+#pragma unroll 1
+  for (int level = 0; level < Radix<kWeightBits>::kLevels; ++level) {
+    BuildHistogram<kWeightBits, true>(st, slice.n, [&](int i, uint32_t* key, float* mass) {
+      const float w = weights[i];
+      if (!(w > 0.0f)) return false;
+      *key = __float_as_uint(w);
+      *mass = w;
+      return true;
+    });
+    ResolveLevel<kWeightBits, Rank::kMassAtLeast>(st, slice.blocks, static_cast<double>(top_p));
+  }
+  // The last key's tokens all weigh the same: keep as many (lowest ids first) as reach the target.
+  const uint32_t key = st.prefix;
+  const float weight = __uint_as_float(key);
+  uint32_t take = st.group;
+  if (weight > 0.0f) {
+    const double wanted = ceil((st.target - st.mass_above) / static_cast<double>(weight));
+    if (wanted < static_cast<double>(st.group)) take = wanted < 1.0 ? 1u : static_cast<uint32_t>(wanted);
+  }
+  Cut cut{true, key, INT_MAX};
+  if (take < st.group) {
+    cut.id = SelectTiedId(take, slice, [&](int i) {
+      const float w = weights[i];
+      return w > 0.0f && __float_as_uint(w) == key;
+    });
+  }
+  return cut;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SampleKernel's phases
+
+// Copies the slice into shared memory; returns this thread's log-sum-exp of some of its values.
+// Whole 16-byte quads go by cp.async, all in flight at once and through no registers.
+__device__ __forceinline__ LogSumExp LoadSlice(const float* row_logits, const Slice& slice) {
+  const float* src = row_logits + slice.begin;
+  float* dst = SliceValues();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int padded = (slice.n + 3) / 4 * 4;  // the last quad's tail reads as -inf
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+    const int whole = slice.n / 4;
+    for (int q = tid; q < whole; q += kThreads) __pipeline_memcpy_async(dst + 4 * q, src + 4 * q, 16);
+    __pipeline_commit();
+    for (int i = 4 * whole + tid; i < padded; i += kThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
+    __pipeline_wait_prior(0);
+  } else {
+    for (int i = tid; i < padded; i += kThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
+  }
+  __syncthreads();
+  LogSumExp lse{-INFINITY, 0.0f};
+  for (int i = tid; i < slice.n; i += kThreads) lse.Add(dst[i]);
+  return lse;
+}
+
+// Sampler::ApplyPenalties on the slice, in place.
+__device__ __forceinline__ void ApplyPenalties(const SamplingArgs& args, const SamplingRowParams& p,
+                                               const Slice& slice) {
+  float* values = SliceValues();
+  for (int e = p.penalty_begin + static_cast<int>(threadIdx.x); e < p.penalty_end; e += kThreads) {
+    const SamplingPenaltyToken pt = args.penalty_tokens[e];
+    const int i = pt.token - slice.begin;  // tokens are distinct: no two threads write one value
+    if (i >= 0 && i < slice.n) values[i] = PenalisedLogit(values[i], pt, p);
+  }
+  __syncthreads();
+}
+
+// Leaves this block's members of the top-logprob cut (over the raw logits in the slice) in rank
+// 0's slot for the coming exchange.
+__device__ __forceinline__ void PublishTopLogprobs(const Cut& cut, const Slice& slice) {
+  SharedStorage& s = Smem();
+  const float* values = SliceValues();
+  if (threadIdx.x == 0) s.top_count = 0;
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) {
+    const float v = values[i];
+    if (cut.Keeps(OrderedKey(v), slice.begin + i)) {
+      const int j = atomicAdd(&s.top_count, 1);
+      if (j < kSamplingMaxTopLogprobs) s.top[j] = ListEntry{slice.begin + i, v};
+    }
+  }
+  __syncthreads();
+  const int count = MinInt(s.top_count, kSamplingMaxTopLogprobs);
+  TopList* dst = AtRank(&Outbox().top[slice.rank], 0);
+  if (static_cast<int>(threadIdx.x) < count) dst->entries[threadIdx.x] = s.top[threadIdx.x];
+  if (threadIdx.x == 0) dst->count = count;
+}
+
+// Rank 0, one thread: the blocks' lists merged, best first, as logprobs.
+__device__ __forceinline__ void WriteTopLogprobs(const ExchangeSlot& in, int blocks, int n, double log_normalizer,
+                                                 SamplingTopLogprob* out) {
+  ListEntry* list = Smem().top;
+  int total = 0;
+  for (int r = 0; r < blocks; ++r) {
+    for (int j = 0; j < in.top[r].count && total < kSamplingMaxTopLogprobs; ++j) list[total++] = in.top[r].entries[j];
+  }
+  for (int i = 1; i < total; ++i) {  // insertion sort: (logit descending, id ascending)
+    const ListEntry e = list[i];
+    int j = i - 1;
+    while (j >= 0 && (list[j].value < e.value || (list[j].value == e.value && list[j].id > e.id))) {
+      list[j + 1] = list[j];
+      --j;
+    }
+    list[j + 1] = e;
+  }
+  for (int i = 0; i < MinInt(total, n); ++i) {
+    out[i] = SamplingTopLogprob{list[i].id, static_cast<float>(static_cast<double>(list[i].value) - log_normalizer)};
+  }
+}
+
+// The argmax of the penalised slice and the log-sum-exp, combined over the cluster (and the top
+// logprobs written, when asked for: their lists travel in the same exchange).
+__device__ __noinline__ RowStats SummarizeRow(const Slice slice, LogSumExp lse, int top_n, SamplingTopLogprob* top) {
+  SharedStorage& s = Smem();
+  const float* values = SliceValues();
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) best.Add(values[i], slice.begin + i);
+  lse = BlockAllReduce<kThreads>(lse, CombineLogSumExp{}, s.reduce);
+  best = BlockAllReduce<kThreads>(best, CombineArgMax{}, s.reduce);
+  const RowSummary mine{lse, best, slice.rank == 0 && slice.n > 0 && values[0] != values[0]};
+  if (static_cast<int>(threadIdx.x) < slice.blocks) *AtRank(&Outbox().summary[slice.rank], threadIdx.x) = mine;
+  const ExchangeSlot& in = s.exchange[Exchange()];
+  const RowStats stats = CombineSummaries(in.summary, slice.blocks);
+  if (top_n > 0 && slice.rank == 0 && threadIdx.x == 0) {
+    WriteTopLogprobs(in, slice.blocks, top_n, stats.log_normalizer, top);
+  }
+  return stats;
+}
+
+// The slice's penalised logits become Sampler::Draw's weights: 0 for tokens that top-k or min-p
+// drop (the best weight is 1, so min-p keeps weight >= min_p).
+__device__ __forceinline__ void ComputeWeights(const Slice& slice, const Cut& top_k, float best, float temperature,
+                                               float min_p) {
+  float* values = SliceValues();
+  const double* exp_table = Smem().exp_table;
+  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) {
+    const float v = values[i];
+    float w = 0.0f;
+    if (top_k.Keeps(OrderedKey(v), slice.begin + i)) {
+      w = Weight(v, best, temperature, exp_table);
+      if (w < min_p) w = 0.0f;
+    }
+    values[i] = w;
+  }
+  __syncthreads();
+}
+
+// A kept token's weight (it survived top-k, min-p and top-p), else 0.
+__device__ __forceinline__ float KeptWeight(float w, int t, const Cut& top_p) {
+  return w > 0.0f && top_p.Keeps(__float_as_uint(w), t) ? w : 0.0f;
+}
+
+// One warp scans the slice's chunks from `chunk` on, `running` being the kept weight before it:
+// the first token whose running weight exceeds `target`, else `fallback`.
+__device__ __forceinline__ int ScanChunks(const Slice& slice, const Cut& top_p, int chunk, double running,
+                                          double target, int fallback) {
+  const float4* weights = reinterpret_cast<const float4*>(SliceValues());
+  const int chunks = (slice.n + kChunk - 1) / kChunk;
   for (int c = chunk; c < chunks; ++c) {
-    float v[4];
-    LoadQuad(row, c * (kChunk / 4) + Lane(), v);
-    float mv[4];
+    const float4 w4 = weights[c * (kChunk / 4) + Lane()];
+    const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+    float kept[4];
     double partial[4];
     double lane_sum = 0.0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int t = c * kChunk + 4 * Lane() + e;
-      mv[e] = t < row.vocab ? kept_weight(t, v[e]) : 0.0f;
-      if (!(mv[e] > 0.0f)) mv[e] = 0.0f;
-      lane_sum += static_cast<double>(mv[e]);
+      const int i = c * kChunk + 4 * Lane() + e;
+      kept[e] = i < slice.n ? KeptWeight(w[e], slice.begin + i, top_p) : 0.0f;
+      lane_sum += static_cast<double>(kept[e]);
       partial[e] = lane_sum;
     }
     double inclusive = lane_sum;
@@ -663,397 +864,266 @@ __device__ __noinline__ void DrawScan(const RowView row, const KeptWeight kept_w
     int hit = -1;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (hit < 0 && mv[e] > 0.0f && base + partial[e] > target) hit = c * kChunk + 4 * Lane() + e;
+      if (hit < 0 && kept[e] > 0.0f && base + partial[e] > target) hit = slice.begin + c * kChunk + 4 * Lane() + e;
     }
     const unsigned lanes = __ballot_sync(kFullMask, hit >= 0);
-    if (lanes != 0) {
-      const int found = __shfl_sync(kFullMask, hit, __ffs(static_cast<int>(lanes)) - 1);
-      if (Lane() == 0) smem.token = found;
-      return;
-    }
+    if (lanes != 0u) return __shfl_sync(kFullMask, hit, __ffs(static_cast<int>(lanes)) - 1);
     running += __shfl_sync(kFullMask, inclusive, 31);
   }
+  return fallback;
 }
 
-template <class KeptWeight>
-__device__ int DrawFromRow(const RowView& row, double uniform, const KeptWeight& kept_weight) {
-  const double target = uniform * DrawChunkWeights(row, kept_weight);
-  const BinChoice choice = FindBin<Rank::kMassAbove>(nullptr, smem.second.mass, 0u, 0.0, target);
-  if (Warp() == 0) DrawScan(row, kept_weight, kBins - 1 - choice.bin, choice.mass_above, target);
+// The draw (Sampler::Draw's loop) over the kept tokens in id order: the first whose running
+// weight exceeds uniform * total, or the last kept one when rounding leaves none. Each block sums
+// its chunks; the block whose range holds the target finds the chunk, and one warp the token.
+__device__ __noinline__ void Draw(const SamplingArgs args, int row, const Slice slice, const Cut top_p, double uniform,
+                                  RowStats stats) {
+  SharedStorage& s = Smem();
+  const float4* weights = reinterpret_cast<const float4*>(SliceValues());
+  const int chunks = (slice.n + kChunk - 1) / kChunk;
+  int last_kept = -1;
+  for (int c = Warp(); c < chunks; c += kWarps) {
+    const float4 w4 = weights[c * (kChunk / 4) + Lane()];
+    const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+    double sum = 0.0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = c * kChunk + 4 * Lane() + e;
+      const float kept = i < slice.n ? KeptWeight(w[e], slice.begin + i, top_p) : 0.0f;
+      if (kept > 0.0f) {
+        sum += static_cast<double>(kept);
+        last_kept = slice.begin + i;
+      }
+    }
+    sum = WarpAllReduce(sum, Plus{});
+    if (Lane() == 0) s.chunk_mass[c] = sum;
+  }
+  last_kept = BlockAllReduce<kThreads>(last_kept, Max{}, s.reduce);  // its barriers publish chunk_mass
+  double block_mass = 0.0;
+  const int tid = static_cast<int>(threadIdx.x);
+  const double before = BlockExclusiveSum(tid < chunks ? s.chunk_mass[tid] : 0.0, &block_mass, s.reduce);
+  if (tid < chunks) s.chunk_before[tid] = before;
+  if (tid < slice.blocks) *AtRank(&Outbox().draw_mass[slice.rank], tid) = block_mass;
+  const ExchangeSlot& in = s.exchange[Exchange()];
+
+  // Every block finds the block that holds the target, with the same sums.
+  double total = 0.0;
+  for (int r = 0; r < slice.blocks; ++r) total += in.draw_mass[r];
+  const double target = uniform * total;
+  int chosen = -1;
+  int last = -1;
+  double chosen_before = 0.0;
+  double last_before = 0.0;
+  double running = 0.0;
+  for (int r = 0; r < slice.blocks; ++r) {
+    const double mass = in.draw_mass[r];
+    if (chosen < 0 && running <= target && target < running + mass) {
+      chosen = r;
+      chosen_before = running;
+    }
+    if (mass > 0.0) {
+      last = r;
+      last_before = running;
+    }
+    running += mass;
+  }
+  if (chosen < 0) {
+    chosen = last;
+    chosen_before = last_before;
+  }
+  if (chosen < 0) {  // no positive weight at all (logits of -inf or NaN): the argmax
+    if (slice.rank == 0 && tid == 0) WriteResult(args, row, stats.best.id, stats.log_normalizer);
+    return;
+  }
+  if (chosen != slice.rank) return;
+
+  if (tid == 0) {
+    s.pick = INT_MAX;
+    s.fallback = -1;
+  }
   __syncthreads();
-  return smem.token;
+  if (tid < chunks) {
+    const double mass = s.chunk_mass[tid];
+    const double mass_before = chosen_before + s.chunk_before[tid];
+    if (mass_before <= target && target < mass_before + mass) atomicMin(&s.pick, tid);
+    if (mass > 0.0) atomicMax(&s.fallback, tid);
+  }
+  __syncthreads();
+  if (Warp() != 0) return;
+  const int chunk = s.pick != INT_MAX ? s.pick : s.fallback;
+  const int token =
+      chunk < 0 ? last_kept : ScanChunks(slice, top_p, chunk, chosen_before + s.chunk_before[chunk], target, last_kept);
+  if (Lane() == 0) WriteResult(args, row, token, stats.log_normalizer);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) SampleKernel(const SamplingArgs args, const int slice_size) {
+  __cluster_barrier_arrive_relaxed();  // "this block runs": waited for before the first exchange
+  SharedStorage& s = Smem();
+  const Slice slice = SliceOf(args.vocab, slice_size);
+  const int row = static_cast<int>(blockIdx.x) / slice.blocks;
+  const SamplingRowParams& p = args.params[row];
+  if (threadIdx.x == 0) s.outbox = 0;
+  if (threadIdx.x < 32) s.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
+  const LogSumExp lse = LoadSlice(args.logits + static_cast<int64_t>(row) * args.row_stride, slice);
+  __cluster_barrier_wait();  // every block of the cluster runs: its shared memory may be written
+
+  // The top logprobs, while the slice holds the raw logits; written after the summary exchange.
+  const int top_n = args.top != nullptr ? MinInt(p.top_logprobs, args.vocab) : 0;
+  if (top_n > 0) PublishTopLogprobs(SelectLargest(static_cast<uint32_t>(top_n), slice), slice);
+  if (args.penalty_tokens != nullptr && p.penalty_end > p.penalty_begin) ApplyPenalties(args, p, slice);
+  const RowStats stats = SummarizeRow(slice, lse, top_n, args.top + (top_n > 0 ? p.top_offset : 0));
+
+  if (p.temperature == 0.0f) {
+    if (slice.rank == 0 && threadIdx.x == 0) WriteResult(args, row, stats.best.id, stats.log_normalizer);
+    return;
+  }
+  Cut top_k;
+  if (p.top_k > 0 && p.top_k < args.vocab) top_k = SelectLargest(static_cast<uint32_t>(p.top_k), slice);
+  ComputeWeights(slice, top_k, stats.best.value, p.temperature, p.min_p);
+  Cut top_p;
+  if (p.top_p < 1.0f) top_p = SelectTopP(p.top_p, slice);
+  Draw(args, row, slice, top_p, p.uniform, stats);
 }
 
 // ---------------------------------------------------------------------------------------------
-// One row, in phases that are not inlined into each other (each gets the registers to itself).
+// GreedyKernel: rows of temperature 0 without top logprobs.
 
-struct RowOutputs {
-  SamplingRowResult* result;
-  SamplingTopLogprob* top;
+struct GreedyShared {
+  uint32_t penalised[kSamplingMaxVocab / 32];  // bit i: the slice's value i has a penalty
+  RowSummary inbox[kMaxCluster];               // rank 0: every block's summary
+  alignas(16) unsigned char reduce[(kGreedyThreads / 32) * 16];
 };
 
-// The first pass: raw log-sum-exp, argmax of the penalised logits, and the first digit of the
-// top-k and top-logprob selects.
-struct RowStats {
-  double log_normalizer;
-  ArgMax best;
-};
+__global__ void __launch_bounds__(kGreedyThreads, 2) GreedyKernel(const SamplingArgs args, const int slice_size) {
+  __shared__ GreedyShared g;
+  __cluster_barrier_arrive_relaxed();  // "this block runs": waited for before writing to rank 0
+  const Slice slice = SliceOf(args.vocab, slice_size);
+  const int row = static_cast<int>(blockIdx.x) / slice.blocks;
+  const SamplingRowParams& p = args.params[row];
+  const float* logits = args.logits + static_cast<int64_t>(row) * args.row_stride + slice.begin;
+  const int tid = static_cast<int>(threadIdx.x);
 
-template <class Pen>
-__device__ __noinline__ RowStats FirstPass(const RowView row, const Pen pen, bool top_k_on, bool top_logprobs_on) {
-  if (top_k_on || top_logprobs_on) {
+  // Penalised tokens are marked and left out of the streaming pass, then added with their
+  // penalised logits.
+  const bool penalised = args.penalty_tokens != nullptr && p.penalty_end > p.penalty_begin;
+  if (penalised) {
+    for (int w = tid; w < (slice.n + 31) / 32; w += kGreedyThreads) g.penalised[w] = 0u;
     __syncthreads();
-    for (int i = static_cast<int>(threadIdx.x); i < kBins; i += kThreads) {
-      smem.count[i] = 0;
-      smem.second.raw_count[i] = 0;
+    for (int e = p.penalty_begin + tid; e < p.penalty_end; e += kGreedyThreads) {
+      const int i = args.penalty_tokens[e].token - slice.begin;
+      if (i >= 0 && i < slice.n) atomicOr(&g.penalised[i >> 5], 1u << (i & 31));
     }
     __syncthreads();
   }
+  auto is_penalised = [&](int i) { return penalised && ((g.penalised[i >> 5] >> (i & 31)) & 1u) != 0u; };
+
   LogSumExp lse{-INFINITY, 0.0f};
   ArgMax best{-INFINITY, INT_MAX};
-  ForEachLogit<4>(row, [&](int t, float raw) {
-    lse.Add(raw);
-    const float w = pen.Apply(t, raw);
-    best.Add(w, t);
-    if (top_k_on) atomicAdd(&smem.count[OrderedKey(w) >> (32 - kDigitBits)], 1u);
-    if (top_logprobs_on) atomicAdd(&smem.second.raw_count[OrderedKey(raw) >> (32 - kDigitBits)], 1u);
-  });
-  lse = BlockAllReduce(lse, CombineLogSumExp{});
-  best = BlockAllReduce(best, CombineArgMax{});
-  // Sampler::Argmax keeps id 0 when its logit is NaN.
-  const float first = pen.Apply(0, __ldg(row.logits));
-  if (first != first) best.id = 0;
-  return RowStats{static_cast<double>(lse.max) + log(static_cast<double>(lse.sum)), best};
-}
-
-__device__ __forceinline__ void WriteResult(const RowView& row, int token, double log_normalizer, RowOutputs out) {
-  if (threadIdx.x == 0) {
-    token = MinInt(MaxInt(token, 0), row.vocab - 1);
-    out.result->token = token;
-    out.result->logprob = static_cast<float>(static_cast<double>(row.logits[token]) - log_normalizer);
-  }
-}
-
-// Top-k over the penalised logits, (logit descending, id ascending). FirstPass histogrammed the
-// first digit. Gathers the candidates into the list when few enough (*listed, else -1).
-template <class Pen>
-__device__ __noinline__ Cut SelectTopK(const RowView row, const Pen pen, int top_k, int* listed) {
-  SelectState st;
-  st.need = static_cast<uint32_t>(top_k);
-  FindAndAdvance<32, Rank::kCount>(st, 0.0);
-  int n = -1;
-  if (st.above + st.group <= kListCapacity) {
-    const uint32_t min_key = st.prefix;
-    n = GatherRow(row, [&](int t, float raw, float* value) {
-      *value = pen.Apply(t, raw);
-      return OrderedKey(*value) >= min_key;
-    });
-  }
-  FinishSelect<32, Rank::kCount>(st, 0.0, [&](auto&& cb) {
-    if (n >= 0) {
-      ForEachListed(n, [&](int, float w) { cb(OrderedKey(w), 0.0f); });
-    } else {
-      ForEachLogit<4>(row, [&](int t, float raw) { cb(OrderedKey(pen.Apply(t, raw)), 0.0f); });
-    }
-  });
-  Cut cut{true, st.prefix, INT_MAX};
-  if (st.need < st.group) {
-    const uint32_t key = st.prefix;
-    cut.id = SelectId(st.need, [&](auto&& cb) {
-      if (n >= 0) {
-        ForEachListed(n, [&](int t, float w) {
-          if (OrderedKey(w) == key) cb(t);
-        });
-      } else {
-        ForEachLogit<4>(row, [&](int t, float raw) {
-          if (OrderedKey(pen.Apply(t, raw)) == key) cb(t);
-        });
-      }
-    });
-  }
-  *listed = n;
-  return cut;
-}
-
-// The tokens that survive top-k and min-p (the best weight is 1, so min-p keeps weight >= min_p;
-// with min_p 0 that is every weight), with Sampler::Draw's weights.
-struct Survivors {
-  Cut top_k;
-  float best;
-  float temperature;
-  float min_p;
-  float min_logit;  // LogitFloor of min_p: below it no token survives min-p
-  __device__ __forceinline__ bool Keep(int t, float w, float* weight) const {
-    if (!(w >= min_logit) || !top_k.Keeps(OrderedKey(w), t)) return false;
-    *weight = Weight(w, best, temperature, smem.exp_table);
-    return !(*weight < min_p);
-  }
-};
-
-// Top-p's passes, each over the survivors with a logit in [lo, hi] (the list when listed >= 0):
-// histograms of the weight keys' current digit (with their weights), and of the ids of the tokens
-// whose weight key is `key`.
-template <class Pen, class F>
-__device__ __forceinline__ void ForEachSurvivor(const RowView& row, const Pen& pen, const Survivors& survivors,
-                                                int listed, float lo, float hi, F&& f) {
-  auto one = [&](int t, float w) {
-    float weight;
-    if (w >= lo && w <= hi && survivors.Keep(t, w, &weight)) f(t, w, weight);
-  };
-  if (listed >= 0) {
-    ForEachListed(listed, one);
-  } else {
-    ForEachLogit<2>(row, [&](int t, float raw) { one(t, pen.Apply(t, raw)); });
-  }
-}
-
-template <class Pen>
-__device__ __noinline__ void TopPWeightHistogram(const RowView row, const Pen pen, const Survivors survivors,
-                                                 int listed, float lo, float hi, const SelectState st) {
-  HistogramLevel<32, true>(st, [&](auto&& cb) {
-    ForEachSurvivor(row, pen, survivors, listed, lo, hi,
-                    [&](int, float, float weight) { cb(__float_as_uint(weight), weight); });
-  });
-}
-
-template <class Pen>
-__device__ __noinline__ void TopPIdHistogram(const RowView row, const Pen pen, const Survivors survivors, int listed,
-                                             float lo, float hi, uint32_t key, const SelectState st) {
-  HistogramLevel<kIdBits, false>(st, [&](auto&& cb) {
-    ForEachSurvivor(row, pen, survivors, listed, lo, hi, [&](int t, float, float weight) {
-      if (__float_as_uint(weight) == key) cb(kIdMask - static_cast<uint32_t>(t), 0.0f);
-    });
-  });
-}
-
-// Gathers the survivors with weight key >= min_key (so logit >= lo) into the list; returns how many.
-template <class Pen>
-__device__ __noinline__ int TopPGather(const RowView row, const Pen pen, const Survivors survivors, uint32_t min_key,
-                                      float lo) {
-  return GatherRow<1>(row, [&](int t, float raw, float* value) {
-    *value = pen.Apply(t, raw);
-    float weight;
-    return *value >= lo && survivors.Keep(t, *value, &weight) && __float_as_uint(weight) >= min_key;
-  });
-}
-
-// Top-p over the survivors (Sampler::KeepTopP): (weight descending, id ascending) until the
-// running weight reaches top_p times their total. May gather the candidates into the list.
-template <class Pen>
-__device__ __noinline__ Cut SelectTopP(const RowView row, const Pen pen, const Survivors survivors, float top_p,
-                                       int* listed) {
-  const float best = survivors.best;
-  const float temperature = survivors.temperature;
-  int n = *listed;
-  SelectState st;
-  TopPWeightHistogram(row, pen, survivors, n, -INFINITY, INFINITY, st);
-  double thread_mass = 0.0;
+  const bool aligned = (reinterpret_cast<uintptr_t>(logits) & 15u) == 0;
+  const int quads = (slice.n + 3) >> 2;
+  for (int q0 = tid; q0 < quads; q0 += kGreedyThreads * kGreedyUnroll) {
+    float v[kGreedyUnroll][4];
 #pragma unroll
-  for (int j = 0; j < kBinsPerThread; ++j) thread_mass += smem.second.mass[kBinsPerThread * threadIdx.x + j];
-  const double target = static_cast<double>(top_p) * BlockAllReduce(thread_mass, Plus{});
-  FindAndAdvance<32, Rank::kMassAtLeast>(st, target);
-  if (n < 0 && st.above + st.group <= kListCapacity) {
-    n = TopPGather(row, pen, survivors, st.prefix, LogitFloor(st.prefix, best, temperature));
-  }
-  while (st.level < Radix<32>::kLevels) {
-    const uint32_t below = (1u << Radix<32>::High(st.level)) - 1u;  // High < 32 after the first level
-    TopPWeightHistogram(row, pen, survivors, n, LogitFloor(st.prefix, best, temperature),
-                        LogitCeiling(st.prefix | below, best, temperature), st);
-    FindAndAdvance<32, Rank::kMassAtLeast>(st, target);
-  }
-  // The last key's tokens all weigh the same: keep as many (lowest ids first) as reach the target.
-  const uint32_t key = st.prefix;
-  const float weight = __uint_as_float(key);
-  uint32_t take = st.group;
-  if (weight > 0.0f) {
-    const double wanted = ceil((target - st.mass_above) / static_cast<double>(weight));
-    if (wanted < static_cast<double>(st.group)) take = wanted < 1.0 ? 1u : static_cast<uint32_t>(wanted);
-  }
-  Cut cut{true, key, INT_MAX};
-  if (take < st.group) {
-    const float lo = LogitFloor(key, best, temperature);
-    const float hi = LogitCeiling(key, best, temperature);
-    SelectState ids;
-    ids.need = take;
-    while (ids.level < Radix<kIdBits>::kLevels) {
-      TopPIdHistogram(row, pen, survivors, n, lo, hi, key, ids);
-      FindAndAdvance<kIdBits, Rank::kCount>(ids, 0.0);
+    for (int u = 0; u < kGreedyUnroll; ++u) {
+      if (q0 + u * kGreedyThreads < quads) LoadQuad(logits, slice.n, aligned, q0 + u * kGreedyThreads, v[u]);
     }
-    cut.id = static_cast<int>(kIdMask - ids.prefix);
-  }
-  *listed = n;
-  return cut;
-}
-
-// The draw (Sampler::Draw's loop) over the kept tokens in id order, skipping weights <= 0.
-template <class Pen>
-struct KeptWeight {
-  Pen pen;
-  Survivors survivors;
-  Cut top_p;
-  float lo;  // LogitFloor of the top-p cut: tokens below it are not kept
-  // `w` is the penalised logit.
-  __device__ __forceinline__ float OfLogit(int t, float w) const {
-    float weight;
-    if (!(w >= lo) || !survivors.Keep(t, w, &weight) || !top_p.Keeps(__float_as_uint(weight), t) ||
-        !(weight > 0.0f)) {
-      return 0.0f;
-    }
-    return weight;
-  }
-  __device__ __forceinline__ float operator()(int t, float raw) const { return OfLogit(t, pen.Apply(t, raw)); }
-};
-
-// The draw among the `listed` candidates gathered in the list: a mass select on the ids.
-template <class Pen>
-__device__ __noinline__ int DrawFromList(const KeptWeight<Pen> kept_weight, int listed, double uniform) {
-  double thread_mass = 0.0;
-  ForEachListed(listed, [&](int t, float w) { thread_mass += static_cast<double>(kept_weight.OfLogit(t, w)); });
-  const double target = uniform * BlockAllReduce(thread_mass, Plus{});
-  SelectState st;
-  FinishSelect<kIdBits, Rank::kMassAbove>(st, target, [&](auto&& cb) {
-    ForEachListed(listed, [&](int t, float w) {
-      const float mass = kept_weight.OfLogit(t, w);
-      if (mass > 0.0f) cb(kIdMask - static_cast<uint32_t>(t), mass);
-    });
-  });
-  return static_cast<int>(kIdMask - st.prefix);
-}
-
-template <class Pen>
-__device__ __noinline__ int Draw(const RowView row, const Pen pen, const Survivors survivors, const Cut top_p,
-                                 double uniform, int listed) {
-  const float lo = top_p.active ? LogitFloor(top_p.key, survivors.best, survivors.temperature) : -INFINITY;
-  const KeptWeight<Pen> kept_weight{pen, survivors, top_p, lo};
-  return listed < 0 ? DrawFromRow(row, uniform, kept_weight) : DrawFromList(kept_weight, listed, uniform);
-}
-
-// The n best raw logits, best first, as logprobs. `st` has the first digit decided.
-__device__ __noinline__ void WriteTopLogprobs(const RowView row, int n, SelectState st, double log_normalizer,
-                                              RowOutputs out) {
-  int listed = -1;
-  if (st.above + st.group <= kListCapacity) {
-    const uint32_t min_key = st.prefix;
-    listed = GatherRow(row, [&](int, float raw, float* value) {
-      *value = raw;
-      return OrderedKey(raw) >= min_key;
-    });
-  }
-  auto visit_raw = [&](auto&& cb) {  // cb(token, raw)
-    if (listed >= 0) {
-      ForEachListed(listed, cb);
-    } else {
-      ForEachLogit<4>(row, cb);
-    }
-  };
-  FinishSelect<32, Rank::kCount>(st, 0.0, [&](auto&& cb) {
-    visit_raw([&](int, float raw) { cb(OrderedKey(raw), 0.0f); });
-  });
-  Cut cut{true, st.prefix, INT_MAX};
-  if (st.need < st.group) {
-    const uint32_t key = st.prefix;
-    cut.id = SelectId(st.need, [&](auto&& cb) {
-      visit_raw([&](int t, float raw) {
-        if (OrderedKey(raw) == key) cb(t);
-      });
-    });
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) smem.top_count = 0;
-  __syncthreads();
-  visit_raw([&](int t, float raw) {
-    if (cut.Keeps(OrderedKey(raw), t)) {
-      const int i = atomicAdd(&smem.top_count, 1);
-      if (i < kSamplingMaxTopLogprobs) smem.top[i] = ListEntry{t, raw};
-    }
-  });
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int m = MinInt(MinInt(smem.top_count, n), kSamplingMaxTopLogprobs);
-    for (int i = 1; i < m; ++i) {  // insertion sort: (logit descending, id ascending)
-      const ListEntry e = smem.top[i];
-      int j = i - 1;
-      while (j >= 0 && (smem.top[j].value < e.value || (smem.top[j].value == e.value && smem.top[j].id > e.id))) {
-        smem.top[j + 1] = smem.top[j];
-        --j;
+#pragma unroll
+    for (int u = 0; u < kGreedyUnroll; ++u) {
+      const int q = q0 + u * kGreedyThreads;
+      if (q < quads) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * q + e;
+          if (i < slice.n) {
+            lse.Add(v[u][e]);
+            if (!is_penalised(i)) best.Add(v[u][e], slice.begin + i);
+          }
+        }
       }
-      smem.top[j + 1] = e;
-    }
-    for (int i = 0; i < m; ++i) {
-      const double logprob = static_cast<double>(smem.top[i].value) - log_normalizer;
-      out.top[i] = SamplingTopLogprob{smem.top[i].id, static_cast<float>(logprob)};
     }
   }
-}
-
-template <class Pen>
-__device__ __noinline__ void SampleRow(const RowView row, const SamplingRowParams& p, const Pen pen, RowOutputs out) {
-  const bool greedy = p.temperature == 0.0f;
-  const int top_n = MinInt(p.top_logprobs, row.vocab);
-  const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < row.vocab;
-  const RowStats stats = FirstPass(row, pen, top_k_on, top_n > 0);
-
-  // The top-logprob select's first digit, before the histograms are reused.
-  SelectState top_st;
-  if (top_n > 0) {
-    top_st.need = static_cast<uint32_t>(top_n);
-    Advance<32, Rank::kCount>(top_st, FindBin<Rank::kCount>(smem.second.raw_count, nullptr, top_st.need, 0.0, 0.0));
+  int first_is_nan = 0;  // Sampler::Argmax keeps token 0 when its penalised logit is NaN
+  if (penalised) {
+    for (int e = p.penalty_begin + tid; e < p.penalty_end; e += kGreedyThreads) {
+      const SamplingPenaltyToken pt = args.penalty_tokens[e];
+      const int i = pt.token - slice.begin;
+      if (i >= 0 && i < slice.n) {
+        const float w = PenalisedLogit(logits[i], pt, p);
+        best.Add(w, slice.begin + i);
+        if (slice.begin + i == 0) first_is_nan = w != w;
+      }
+    }
   }
+  if (slice.begin == 0 && slice.n > 0 && tid == 0 && !is_penalised(0)) first_is_nan = logits[0] != logits[0];
+  first_is_nan = __syncthreads_or(first_is_nan);
+  lse = BlockAllReduce<kGreedyThreads>(lse, CombineLogSumExp{}, g.reduce);
+  best = BlockAllReduce<kGreedyThreads>(best, CombineArgMax{}, g.reduce);
 
-  int token = stats.best.id;
-  if (!greedy) {
-    int listed = -1;
-    const float min_logit = LogitFloor(p.min_p > 0.0f ? __float_as_uint(p.min_p) : 0u, stats.best.value, p.temperature);
-    Survivors survivors{Cut{}, stats.best.value, p.temperature, p.min_p, min_logit};
-    if (top_k_on) survivors.top_k = SelectTopK(row, pen, p.top_k, &listed);
-    const Cut top_p = p.top_p < 1.0f ? SelectTopP(row, pen, survivors, p.top_p, &listed) : Cut{};
-    token = Draw(row, pen, survivors, top_p, p.uniform, listed);
-  }
-  WriteResult(row, token, stats.log_normalizer, out);
-  if (top_n > 0) WriteTopLogprobs(row, top_n, top_st, stats.log_normalizer, out);
-}
-
-__device__ __forceinline__ RowView RowOf(const SamplingArgs& args) {
-  const float* logits = args.logits + static_cast<int64_t>(blockIdx.x) * args.row_stride;
-  return RowView{logits, args.vocab, (reinterpret_cast<uintptr_t>(logits) & 15u) == 0};
-}
-
-__device__ __forceinline__ RowOutputs OutputsOf(const SamplingArgs& args, const SamplingRowParams& p) {
-  return RowOutputs{args.results + blockIdx.x, args.top != nullptr ? args.top + p.top_offset : nullptr};
-}
-
-__global__ void __launch_bounds__(kThreads, 2) SampleKernel(const SamplingArgs args) {
-  const SamplingRowParams p = args.params[blockIdx.x];
-  const RowView row = RowOf(args);
-  if (threadIdx.x < 32) smem.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
-  __syncthreads();
-  if (p.penalty_end > p.penalty_begin && args.workspace != nullptr) {
-    SampleRow(row, p, SetUpPenalties(row, p, args), OutputsOf(args, p));
-  } else {
-    SampleRow(row, p, NoPenalties{}, OutputsOf(args, p));
+  __cluster_barrier_wait();  // every block of the cluster runs: rank 0's inbox may be written
+  if (tid == 0) *AtRank(&g.inbox[slice.rank], 0) = RowSummary{lse, best, first_is_nan};
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+  if (slice.rank == 0 && tid == 0) {
+    const RowStats stats = CombineSummaries(g.inbox, slice.blocks);
+    WriteResult(args, row, stats.best.id, stats.log_normalizer);
   }
 }
 
-// Greedy rows without top logprobs: the first pass alone.
-__global__ void __launch_bounds__(kThreads, 2) GreedyKernel(const SamplingArgs args) {
-  const SamplingRowParams p = args.params[blockIdx.x];
-  const RowView row = RowOf(args);
-  RowStats stats;
-  if (p.penalty_end > p.penalty_begin && args.workspace != nullptr) {
-    stats = FirstPass(row, SetUpPenalties(row, p, args), false, false);
-  } else {
-    stats = FirstPass(row, NoPenalties{}, false, false);
+// ---------------------------------------------------------------------------------------------
+// Launch
+
+// Blocks per row: enough to keep `resident` blocks busy with `rows` rows, at most a cluster's
+// worth, no slices smaller than kMinSlice, and at least `min_blocks`.
+int BlocksPerRow(int rows, int vocab, int resident, int min_blocks) {
+  int blocks = std::min(kMaxCluster, std::max(1, resident / rows));
+  blocks = std::min(blocks, (vocab + kMinSlice - 1) / kMinSlice);
+  return std::max(blocks, min_blocks);
+}
+
+// Slices start on 16-byte boundaries (float4 loads) when the row does.
+int SliceSize(int vocab, int blocks) { return ((vocab + blocks - 1) / blocks + 3) / 4 * 4; }
+
+template <class Kernel>
+cudaError_t LaunchClusters(Kernel kernel, const SamplingArgs& args, int blocks, int threads, size_t shared_bytes,
+                           int slice_size, cudaStream_t stream) {
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(blocks);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(args.rows * blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args, slice_size);
+}
+
+// The current device's SM count, with SampleKernel's shared memory limit raised there: looked up
+// once per device, so that a launch costs the host little more than the launch itself.
+cudaError_t PrepareCurrentDevice(int* sms) {
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> prepared_sms[kMaxDevices] = {};  // 0: not yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    *sms = prepared_sms[device].load(std::memory_order_relaxed);
+    if (*sms > 0) return cudaSuccess;
   }
-  WriteResult(row, stats.best.id, stats.log_normalizer, OutputsOf(args, p));
+  if (cudaError_t e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaFuncSetAttribute(SampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kMaxSharedBytes));
+      e != cudaSuccess) {
+    return e;
+  }
+  if (cached) prepared_sms[device].store(*sms, std::memory_order_relaxed);
+  return cudaSuccess;
 }
 
 }  // namespace
-
-size_t SamplingWorkspaceBytes(int32_t max_rows, int32_t vocab, int64_t max_penalty_tokens) {
-  const int64_t per_row = BitmapWords(vocab) + RankWords(vocab);
-  return static_cast<size_t>(max_rows) * static_cast<size_t>(per_row) * sizeof(uint32_t) +
-         static_cast<size_t>(max_penalty_tokens) * sizeof(float);
-}
 
 cudaError_t LaunchSampling(const SamplingArgs& args, cudaStream_t stream) {
   if (args.rows < 0 || args.rows > kSamplingMaxRows || args.vocab < 1 || args.vocab > kSamplingMaxVocab ||
@@ -1062,12 +1132,16 @@ cudaError_t LaunchSampling(const SamplingArgs& args, cudaStream_t stream) {
   }
   if (args.rows == 0) return cudaSuccess;
   if (args.logits == nullptr || args.params == nullptr || args.results == nullptr) return cudaErrorInvalidValue;
+  int sms = 0;
+  if (cudaError_t e = PrepareCurrentDevice(&sms); e != cudaSuccess) return e;
   if (args.greedy_only) {
-    GreedyKernel<<<args.rows, kThreads, 0, stream>>>(args);
-  } else {
-    SampleKernel<<<args.rows, kThreads, 0, stream>>>(args);
+    const int blocks = BlocksPerRow(args.rows, args.vocab, 2 * sms, 1);
+    return LaunchClusters(GreedyKernel, args, blocks, kGreedyThreads, 0, SliceSize(args.vocab, blocks), stream);
   }
-  return cudaGetLastError();
+  const int blocks = BlocksPerRow(args.rows, args.vocab, sms, (args.vocab + kMaxSlice - 1) / kMaxSlice);
+  const int slice_size = SliceSize(args.vocab, blocks);
+  const size_t shared_bytes = kSliceOffset + sizeof(float) * ((slice_size + kChunk - 1) / kChunk * kChunk);
+  return LaunchClusters(SampleKernel, args, blocks, kThreads, shared_bytes, slice_size, stream);
 }
 
 }  // namespace cohort

@@ -3,10 +3,12 @@
 // row's history, greedy argmax (ties to the lowest id), or top-k, softmax weights relative to the
 // best candidate at the temperature, min-p, top-p and one inverse-CDF draw in token-id order with
 // the uniform number the host drew; plus the log-softmax of the raw logits at the chosen token and
-// the requested top logprobs. One block per row; the logits are never modified.
+// the requested top logprobs. The logits are never modified.
 //
-// The host plans, the launch only launches (capturable in a CUDA graph): parameters, penalty
-// tokens and outputs live in caller-owned device memory, as does the workspace.
+// Each row is worked on by a cluster of up to 8 blocks (sm_90 thread block clusters), each holding
+// a slice of the row in shared memory, so a batch of one row still spreads over several SMs. The
+// launch needs no workspace and allocates nothing; parameters, penalty tokens and outputs live in
+// caller-owned device memory, so a launch can be captured in a CUDA graph.
 //
 //   std::vector<SamplingRowParams> params = ...;          // uniform from Sampler::BeginDeviceSample
 //   copy params (and penalty tokens) to the device, then
@@ -19,7 +21,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstddef>
 #include <cstdint>
 
 namespace cohort {
@@ -68,23 +69,19 @@ struct SamplingArgs {
   int64_t row_stride = 0;         // >= vocab, in floats
   int32_t rows = 0;               // 0..kSamplingMaxRows
   int32_t vocab = 0;              // 1..kSamplingMaxVocab
-  // Every row has temperature 0 and no top logprobs: a one-pass kernel does the whole batch. Only
-  // an optimisation; false is always correct.
+  // Every row has temperature 0 and no top logprobs: a streaming kernel that keeps nothing in
+  // shared memory does the whole batch. Only an optimisation; false is always correct.
   bool greedy_only = false;
-  const SamplingRowParams* params = nullptr;             // [rows]
-  const SamplingPenaltyToken* penalty_tokens = nullptr;  // what the rows' penalty ranges index
-  // SamplingWorkspaceBytes(rows or more, vocab, penalty tokens or more) bytes; may be null when no
-  // row has penalties (a row with penalties and no workspace is sampled without them).
-  void* workspace = nullptr;
+  const SamplingRowParams* params = nullptr;  // [rows]
+  // What the rows' penalty ranges index; may be null when no row has penalties.
+  const SamplingPenaltyToken* penalty_tokens = nullptr;
   SamplingRowResult* results = nullptr;  // [rows]
   SamplingTopLogprob* top = nullptr;     // per row, min(top_logprobs, vocab) entries from top_offset, best first
 };
 
-// Workspace for up to `max_rows` rows and `max_penalty_tokens` penalty tokens in one launch.
-size_t SamplingWorkspaceBytes(int32_t max_rows, int32_t vocab, int64_t max_penalty_tokens);
-
 // cudaErrorInvalidValue for sizes outside the limits above or missing pointers; otherwise the
-// launch's status. Nothing is allocated and nothing waits.
+// launch's status. Nothing is allocated and nothing waits. Call it with the device that holds the
+// buffers current (it reads the device's SM count to size the clusters).
 cudaError_t LaunchSampling(const SamplingArgs& args, cudaStream_t stream);
 
 }  // namespace cohort

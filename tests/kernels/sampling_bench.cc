@@ -1,8 +1,9 @@
-// Times device sampling (kernels/sampling.h) over a DeepSeek-V2 vocabulary (102400) for 1, 32, 256
-// and 512 rows: greedy, temperature 0.8 with top-p 0.9, top-k 50, and top-p with repetition
-// penalties over a 2000-token history. Sampled rows are timed on two kinds of logits, since the
-// passes a row needs depend on how many tokens stay candidates: "peaked" N(0, 4) like a language
-// model's, "flat" N(0, 1) where top-p 0.9 keeps most of the vocabulary.
+// Times device sampling (kernels/sampling.h) over a DeepSeek-V2 vocabulary (102400) for 1 to 512
+// rows: greedy (the streaming kernel), greedy with top logprobs (the general kernel), temperature
+// 0.8 with top-p 0.9, top-k 50, min-p 0.05, and top-p with repetition penalties over a 2000-token
+// history. Sampled rows are timed on two kinds of logits, since the work a row needs depends on
+// how many tokens stay candidates: "peaked" N(0, 4) like a language model's, "flat" N(0, 1) where
+// top-p 0.9 keeps most of the vocabulary.
 //
 // Each case is the median of 100 launches timed with CUDA events, after warm-up. "logits GB/s" is
 // rows * vocab * 4 bytes over that time, and "% copy" compares it with the device-to-device copy
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -67,8 +69,13 @@ struct Case {
   float temperature;
   int32_t top_k;
   float top_p;
+  float min_p;
   bool penalties;
+  int32_t top_logprobs;
 };
+
+constexpr int32_t kGreedyRows[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+constexpr int32_t kSampledRows[] = {1, 4, 16, 32, 64, 128, 256, 512};
 
 int Main() {
   cudaStream_t stream;
@@ -105,22 +112,25 @@ int Main() {
   }
   SamplingPenaltyToken* d_history = DeviceAlloc<SamplingPenaltyToken>(static_cast<int64_t>(history.size()));
   Upload(d_history, history);
-  const size_t workspace_bytes = SamplingWorkspaceBytes(kMaxRows, kVocab, static_cast<int64_t>(history.size()));
-  void* workspace = DeviceAlloc<char>(static_cast<int64_t>(workspace_bytes));
   SamplingRowParams* d_params = DeviceAlloc<SamplingRowParams>(kMaxRows);
   SamplingRowResult* d_results = DeviceAlloc<SamplingRowResult>(kMaxRows);
-  SamplingTopLogprob* d_top = DeviceAlloc<SamplingTopLogprob>(1);
+  SamplingTopLogprob* d_top = DeviceAlloc<SamplingTopLogprob>(static_cast<int64_t>(kMaxRows) * kSamplingMaxTopLogprobs);
 
   const Case cases[] = {
-      {"greedy", 0.0f, 0, 1.0f, false},
-      {"T 0.8, top-p 0.9", 0.8f, 0, 0.9f, false},
-      {"top-k 50", 1.0f, 50, 1.0f, false},
-      {"T 0.8, top-p 0.9, penalties", 0.8f, 0, 0.9f, true},
+      {"greedy", 0.0f, 0, 1.0f, 0.0f, false, 0},
+      {"greedy, top logprobs 5", 0.0f, 0, 1.0f, 0.0f, false, 5},
+      {"T 0.8, top-p 0.9", 0.8f, 0, 0.9f, 0.0f, false, 0},
+      {"top-k 50", 1.0f, 50, 1.0f, 0.0f, false, 0},
+      {"min-p 0.05", 1.0f, 0, 1.0f, 0.05f, false, 0},
+      {"T 0.8, top-p 0.9, penalties", 0.8f, 0, 0.9f, 0.0f, true, 0},
   };
   std::printf("%-30s %-7s %5s %10s %12s %7s\n", "case", "logits", "rows", "us/step", "logits GB/s", "% copy");
   for (const Case& c : cases) {
+    const bool greedy_only = c.temperature == 0.0f && c.top_logprobs == 0;
+    const std::span<const int32_t> row_counts =
+        greedy_only ? std::span<const int32_t>(kGreedyRows) : std::span<const int32_t>(kSampledRows);
     for (int flat_logits = 0; flat_logits < (c.temperature == 0.0f ? 1 : 2); ++flat_logits) {
-      for (int32_t rows : {1, 32, 256, 512}) {
+      for (int32_t rows : row_counts) {
         std::vector<SamplingRowParams> params(rows);
         std::uniform_real_distribution<double> uniform(0.0, 1.0);
         for (int32_t r = 0; r < rows; ++r) {
@@ -129,6 +139,9 @@ int Main() {
           p.temperature = c.temperature;
           p.top_k = c.top_k;
           p.top_p = c.top_p;
+          p.min_p = c.min_p;
+          p.top_logprobs = c.top_logprobs;
+          p.top_offset = r * c.top_logprobs;
           if (c.penalties) {
             p.repetition_penalty = 1.1f;
             p.presence_penalty = 0.2f;
@@ -143,10 +156,9 @@ int Main() {
         args.row_stride = kVocab;
         args.rows = rows;
         args.vocab = kVocab;
-        args.greedy_only = c.temperature == 0.0f;
+        args.greedy_only = greedy_only;
         args.params = d_params;
         args.penalty_tokens = d_history;
-        args.workspace = workspace;
         args.results = d_results;
         args.top = d_top;
         const double us = MedianMicros(stream, [&] { BENCH_CHECK(LaunchSampling(args, stream)); });

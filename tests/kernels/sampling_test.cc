@@ -260,68 +260,65 @@ void ExpectNearTiesRare(const Tally& tally) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One launch of the kernel over a batch, and its check.
+// One launch of the kernel over a set of rows, and its check.
 
-struct KernelBatch {
-  int vocab = 0;
-  int rows = 0;
-  int64_t stride = 0;
-  Logits kind = Logits::kNormal4;
-  bool greedy = false;       // every row greedy
-  bool greedy_only = false;  // ... and no top logprobs, with the one-pass kernel
-  int warm_up_steps = 2;     // generated tokens before the checked one (penalties)
-};
+// Rows sampled in one launch: each row's CPU Sampler, its twin in the same state (which draws the
+// uniform number the device is given) and the kernel's inputs.
+struct RowSet {
+  explicit RowSet(int vocab) : vocab(vocab) {}
 
-void RunAndCheck(const KernelBatch& b, std::mt19937_64& rng, Tally& tally) {
-  const std::string what = absl::StrCat("vocab ", b.vocab, ", ", b.rows, " rows, stride ", b.stride, ", ",
-                                        Name(b.kind), b.greedy_only ? ", greedy-only kernel" : "");
-  SCOPED_TRACE(what);
+  int vocab;
   std::vector<std::unique_ptr<Sampler>> cpu, twin;
-  std::vector<SamplingRowParams> params(b.rows);
+  std::vector<SamplingRowParams> params;
   std::vector<SamplingPenaltyToken> penalty_tokens;
   int32_t top_total = 0;
-  std::vector<float> warm(b.vocab);
-  for (int r = 0; r < b.rows; ++r) {
-    SamplingConfig c = RandomConfig(b.vocab, b.greedy, rng);
-    if (b.greedy_only) c.top_logprobs = 0;
-    const std::vector<int32_t> prompt = RandomPrompt(b.vocab, rng);
-    cpu.push_back(std::make_unique<Sampler>(c, 0, prompt));
-    twin.push_back(std::make_unique<Sampler>(c, 0, prompt));
-    for (int step = 0; step < b.warm_up_steps; ++step) {  // the same tokens recorded by both
-      for (float& x : warm) x = RandomLogit(Logits::kNormal4, rng);
-      twin.back()->BeginDeviceSample(b.vocab);
-      twin.back()->EndDeviceSample(cpu.back()->Sample(warm).token);
-    }
-    SamplingRowParams& p = params[r];
-    p = cuda::RowParams(c, twin.back()->BeginDeviceSample(b.vocab));
-    p.top_offset = top_total;
-    top_total += std::min(c.top_logprobs, b.vocab);
-    p.penalty_begin = static_cast<int32_t>(penalty_tokens.size());
-    if (c.repetition_penalty != 1.0f || c.presence_penalty != 0.0f || c.frequency_penalty != 0.0f) {
-      std::vector<int32_t> history(twin.back()->history_tokens().begin(), twin.back()->history_tokens().end());
-      std::shuffle(history.begin(), history.end(), rng);  // any order
-      for (int32_t t : history) penalty_tokens.push_back({t, twin.back()->generated_count(t), 1});
-    }
-    p.penalty_end = static_cast<int32_t>(penalty_tokens.size());
-  }
-  const std::vector<float> logits = RandomLogits(b.rows, b.stride, b.vocab, b.kind, rng);
+};
 
+// Adds a row after `warm_up_steps` generated tokens (recorded by both Samplers: presence and
+// frequency penalties apply to them).
+void AddRow(RowSet& set, const SamplingConfig& c, std::span<const int32_t> prompt, int warm_up_steps,
+            std::mt19937_64& rng) {
+  set.cpu.push_back(std::make_unique<Sampler>(c, 0, prompt));
+  set.twin.push_back(std::make_unique<Sampler>(c, 0, prompt));
+  Sampler& cpu = *set.cpu.back();
+  Sampler& twin = *set.twin.back();
+  std::vector<float> warm(set.vocab);
+  for (int step = 0; step < warm_up_steps; ++step) {
+    for (float& x : warm) x = RandomLogit(Logits::kNormal4, rng);
+    twin.BeginDeviceSample(set.vocab);
+    twin.EndDeviceSample(cpu.Sample(warm).token);
+  }
+  SamplingRowParams p = cuda::RowParams(c, twin.BeginDeviceSample(set.vocab));
+  p.top_offset = set.top_total;
+  set.top_total += std::min(c.top_logprobs, set.vocab);
+  p.penalty_begin = static_cast<int32_t>(set.penalty_tokens.size());
+  if (c.repetition_penalty != 1.0f || c.presence_penalty != 0.0f || c.frequency_penalty != 0.0f) {
+    std::vector<int32_t> history(twin.history_tokens().begin(), twin.history_tokens().end());
+    std::shuffle(history.begin(), history.end(), rng);  // any order
+    for (int32_t t : history) set.penalty_tokens.push_back({t, twin.generated_count(t), 1});
+  }
+  p.penalty_end = static_cast<int32_t>(set.penalty_tokens.size());
+  set.params.push_back(p);
+}
+
+// Samples the set's rows of `logits` (`stride` floats apart) in one launch and checks each row
+// against its CPU Sampler.
+void LaunchAndCheck(RowSet& set, const std::vector<float>& logits, int64_t stride, bool greedy_only, Tally& tally) {
+  const int rows = static_cast<int>(set.params.size());
   DeviceVector<float> d_logits(logits);
-  DeviceVector<SamplingRowParams> d_params(params);
-  DeviceVector<SamplingPenaltyToken> d_penalty(penalty_tokens);
-  DeviceVector<unsigned char> workspace(SamplingWorkspaceBytes(b.rows, b.vocab, penalty_tokens.size()));
-  const int32_t top_slots = top_total + 8;  // the extra slots must stay poisoned
-  DeviceVector<SamplingRowResult> results(b.rows);  // poisoned: token -1, logprob NaN
+  DeviceVector<SamplingRowParams> d_params(set.params);
+  DeviceVector<SamplingPenaltyToken> d_penalty(set.penalty_tokens);
+  const int32_t top_slots = set.top_total + 8;  // the extra slots must stay poisoned
+  DeviceVector<SamplingRowResult> results(rows);  // poisoned: token -1, logprob NaN
   DeviceVector<SamplingTopLogprob> top(top_slots);
   SamplingArgs args;
   args.logits = d_logits.get();
-  args.row_stride = b.stride;
-  args.rows = b.rows;
-  args.vocab = b.vocab;
-  args.greedy_only = b.greedy_only;
+  args.row_stride = stride;
+  args.rows = rows;
+  args.vocab = set.vocab;
+  args.greedy_only = greedy_only;
   args.params = d_params.get();
   args.penalty_tokens = d_penalty.get();
-  args.workspace = workspace.get();
   args.results = results.get();
   args.top = top.get();
   ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
@@ -329,24 +326,67 @@ void RunAndCheck(const KernelBatch& b, std::mt19937_64& rng, Tally& tally) {
   const std::vector<SamplingRowResult> got = results.ToHost();
   const std::vector<SamplingTopLogprob> got_top = top.ToHost();
 
-  for (int r = 0; r < b.rows; ++r) {
-    const std::span<const float> row(logits.data() + static_cast<size_t>(r) * b.stride, b.vocab);
-    const std::span<const SamplingTopLogprob> row_top(got_top.data() + params[r].top_offset,
-                                                      std::min(params[r].top_logprobs, b.vocab));
-    ExpectSameAsCpu(*cpu[r], row, got[r].token, got[r].logprob, row_top, tally, absl::StrCat("row ", r));
+  for (int r = 0; r < rows; ++r) {
+    const std::span<const float> row(logits.data() + static_cast<size_t>(r) * stride, set.vocab);
+    const std::span<const SamplingTopLogprob> row_top(got_top.data() + set.params[r].top_offset,
+                                                      std::min(set.params[r].top_logprobs, set.vocab));
+    ExpectSameAsCpu(*set.cpu[r], row, got[r].token, got[r].logprob, row_top, tally, absl::StrCat("row ", r));
   }
-  for (int32_t i = top_total; i < top_slots; ++i) {
+  for (int32_t i = set.top_total; i < top_slots; ++i) {
     EXPECT_EQ(got_top[i].token, -1) << "top slot " << i << " past every row's entries was written";
   }
+}
+
+// A batch of fresh random rows with RandomConfig's settings.
+struct KernelBatch {
+  int vocab = 0;
+  int rows = 0;
+  int64_t stride = 0;
+  Logits kind = Logits::kNormal4;
+  bool greedy = false;       // every row greedy
+  bool greedy_only = false;  // ... and no top logprobs, with the streaming kernel
+  int warm_up_steps = 2;     // generated tokens before the checked one (penalties)
+};
+
+void RunAndCheck(const KernelBatch& b, std::mt19937_64& rng, Tally& tally) {
+  SCOPED_TRACE(absl::StrCat("vocab ", b.vocab, ", ", b.rows, " rows, stride ", b.stride, ", ", Name(b.kind),
+                            b.greedy_only ? ", greedy-only kernel" : ""));
+  RowSet set(b.vocab);
+  for (int r = 0; r < b.rows; ++r) {
+    SamplingConfig c = RandomConfig(b.vocab, b.greedy, rng);
+    if (b.greedy_only) c.top_logprobs = 0;
+    AddRow(set, c, RandomPrompt(b.vocab, rng), b.warm_up_steps, rng);
+  }
+  LaunchAndCheck(set, RandomLogits(b.rows, b.stride, b.vocab, b.kind, rng), b.stride, b.greedy_only, tally);
+}
+
+// Token ids on both sides of every split of a row into 2..8 equal parts (plain and rounded to
+// whole float4s): where the slices of a row that several blocks share may meet.
+std::vector<int32_t> SplitNeighbours(int vocab) {
+  std::vector<int32_t> ids;
+  for (int parts = 2; parts <= 8; ++parts) {
+    const int plain = (vocab + parts - 1) / parts;
+    for (int slice : {plain, (plain + 3) / 4 * 4}) {
+      for (int r = 1; r < parts; ++r) {
+        for (int t : {r * slice - 1, r * slice}) {
+          if (t >= 0 && t < vocab) ids.push_back(t);
+        }
+      }
+    }
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
 }
 
 struct Shape {
   int vocab;
   int rows;
 };
-// The real vocabularies (DeepSeek-V2 102400, V3 129280) and small odd ones.
-constexpr Shape kShapes[] = {{102400, 300}, {129280, 64}, {1, 5}, {2, 17}, {3, 33}, {7, 100}, {33, 300},
-                             {1000, 257}, {4099, 64}, {50257, 20}};
+// The real vocabularies (DeepSeek-V2 102400, V3 129280), the largest supported one, and small odd
+// ones; a single row (its row spread over the most blocks) and many (over the fewest).
+constexpr Shape kShapes[] = {{102400, 300}, {102400, 1}, {102401, 3}, {129280, 64}, {262144, 2}, {1, 5}, {2, 17},
+                             {3, 33},       {7, 100},    {33, 300},   {1000, 257},  {4099, 64},  {50257, 20}};
 
 int64_t StrideFor(int vocab, std::mt19937_64& rng) {
   // Aligned rows (float4 loads) and misaligned ones (an odd stride).
@@ -409,6 +449,122 @@ TEST(SamplingKernelTest, TruncationCombinationsMatchCpu) {
       b.rows = vocab > 1000 ? 200 : 300;
       RunAndCheck(b, rng, tally);
     }
+  }
+  ExpectNearTiesRare(tally);
+}
+
+// Greedy rows whose maximum appears several times, often where the slices of a row may meet: the
+// lowest id wins, through both kernels, also when a repetition penalty (over a short or a long
+// history) lowers the first copy. The general kernel's rows also return top logprobs, which then
+// hold ties across slices.
+TEST(SamplingKernelTest, GreedyTiesAcrossSlicesGoToTheLowestId) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (int vocab : {102400, 102401, 262144, 5000}) {
+    const std::vector<int32_t> splits = SplitNeighbours(vocab);
+    for (int rows : {1, 256}) {
+      for (bool greedy_only : {true, false}) {
+        SCOPED_TRACE(absl::StrCat("vocab ", vocab, ", ", rows, " rows", greedy_only ? ", greedy-only kernel" : ""));
+        std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+        RowSet set(vocab);
+        for (int r = 0; r < rows; ++r) {
+          const std::span<float> row(logits.data() + static_cast<size_t>(r) * vocab, vocab);
+          const int copies = 2 + static_cast<int>(rng() % 4);
+          for (int k = 0; k < copies; ++k) {
+            const int32_t t = rng() % 2 == 0 ? splits[rng() % splits.size()] : static_cast<int32_t>(rng() % vocab);
+            row[t] = 8.0f;
+          }
+          SamplingConfig c;
+          c.temperature = 0.0f;
+          c.top_logprobs = greedy_only ? 0 : 1 + static_cast<int32_t>(rng() % kMaxTopLogprobs);
+          std::vector<int32_t> prompt;
+          if (r % 3 != 0) {
+            c.repetition_penalty = 1.5f;
+            prompt.push_back(static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+            if (r % 3 == 2) {  // a long history: more penalty tokens than a block has threads
+              for (int i = 0; i < 3000; ++i) prompt.push_back(static_cast<int32_t>(rng() % vocab));
+            }
+          }
+          AddRow(set, c, prompt, 0, rng);
+        }
+        LaunchAndCheck(set, logits, vocab, greedy_only, tally);
+      }
+    }
+  }
+}
+
+// Rows whose top-p or top-k cut falls inside a group of equal logits that is spread over the row
+// (and over the places where slices may meet): the group's lowest ids are kept, as many as the
+// CPU keeps. Logits in three levels: `high` tokens at 0, `middle` at -1, the rest at -30.
+TEST(SamplingKernelTest, CutsInsideTieGroupsMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape shape : {Shape{102400, 1}, Shape{102400, 256}, Shape{129280, 3}, Shape{262144, 2}}) {
+    SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab, ", ", shape.rows, " rows"));
+    const int vocab = shape.vocab;
+    const std::vector<int32_t> splits = SplitNeighbours(vocab);
+    std::vector<float> logits(static_cast<size_t>(shape.rows) * vocab, -30.0f);
+    RowSet set(vocab);
+    for (int r = 0; r < shape.rows; ++r) {
+      const int high = 1 + static_cast<int>(rng() % 40);
+      const int middle = 100 + static_cast<int>(rng() % 3000);
+      // Both groups get some of the split neighbours, then random places.
+      std::vector<int32_t> places(splits);
+      std::shuffle(places.begin(), places.end(), rng);
+      places.resize(places.size() / 2);
+      std::vector<int32_t> others(vocab);
+      std::iota(others.begin(), others.end(), 0);
+      std::shuffle(others.begin(), others.end(), rng);
+      places.insert(places.end(), others.begin(), others.end());
+      std::vector<bool> taken(vocab, false);
+      std::vector<int32_t> members;
+      for (int32_t t : places) {
+        if (!taken[t]) {
+          taken[t] = true;
+          members.push_back(t);
+          if (static_cast<int>(members.size()) == high + middle) break;
+        }
+      }
+      std::shuffle(members.begin(), members.end(), rng);
+      float* row = logits.data() + static_cast<size_t>(r) * vocab;
+      for (int i = 0; i < high + middle; ++i) row[members[i]] = i < high ? 0.0f : -1.0f;
+
+      SamplingConfig c;
+      c.seed = rng();
+      c.temperature = std::vector<float>{0.7f, 1.0f, 1.6f}[rng() % 3];
+      c.top_logprobs = static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1));
+      // The weights as the CPU computes them, and where a cut after k + 0.5 tokens of a group lands.
+      const double w_middle = std::exp(-1.0f / c.temperature);
+      const double w_low = std::exp(-30.0f / c.temperature);
+      const double mass = high + middle * w_middle + (vocab - high - middle) * w_low;
+      switch (r % 4) {
+        case 0:  // top-p inside the middle group
+          c.top_p = static_cast<float>((high + (static_cast<double>(rng() % middle) + 0.5) * w_middle) / mass);
+          break;
+        case 1:  // top-p inside the high group
+          c.top_p = static_cast<float>((static_cast<double>(rng() % high) + 0.5) / mass);
+          break;
+        case 2:  // top-k inside either group
+          c.top_k = 1 + static_cast<int32_t>(rng() % (high + middle - 1));
+          break;
+        default: {  // both: top-k inside the middle group, top-p inside the part of it that top-k keeps
+          c.top_k = high + 1 + static_cast<int32_t>(rng() % (middle - 1));
+          const double kept_middle = c.top_k - high;
+          const double k = static_cast<double>(rng() % (c.top_k - high));
+          c.top_p = static_cast<float>((high + (k + 0.5) * w_middle) / (high + kept_middle * w_middle));
+          break;
+        }
+      }
+      if (!(c.top_p > 0.0f && c.top_p < 1.0f)) c.top_p = 1.0f;
+      AddRow(set, c, {}, 0, rng);
+    }
+    LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
   }
   ExpectNearTiesRare(tally);
 }

@@ -76,8 +76,6 @@ void DeviceSampler::PlaceDeviceBuffers(DeviceArena& arena) {
   penalty_tokens_ = arena.Take<SamplingPenaltyToken>(std::max<int64_t>(config_.max_penalty_tokens, 1));
   results_ = arena.Take<SamplingRowResult>(config_.max_rows);
   top_ = arena.Take<SamplingTopLogprob>(int64_t{config_.max_rows} * kSamplingMaxTopLogprobs);
-  workspace_ = arena.Take<std::byte>(
-      static_cast<int64_t>(SamplingWorkspaceBytes(config_.max_rows, config_.vocab, config_.max_penalty_tokens)));
 }
 
 absl::Status DeviceSampler::Prepare(std::span<Sampler* const> samplers) {
@@ -157,7 +155,6 @@ absl::Status DeviceSampler::Launch(const float* logits, int64_t row_stride, cuda
     args.greedy_only = greedy_only_;
     args.params = params_;
     args.penalty_tokens = penalty_tokens_;
-    args.workspace = workspace_;
     args.results = results_;
     args.top = top_;
     COHORT_CUDA_RETURN_IF_ERROR(LaunchSampling(args, stream));

@@ -2,9 +2,9 @@
 // Sampler::Sample (kernels/sampling.h). Only token ids, their logprobs and the requested top
 // logprobs come back to the host.
 //
-// Every buffer is allocated once by Create: device parameters, outputs and workspace, and pinned
-// host staging, so a step allocates nothing and Launch can be captured in a CUDA graph (its
-// pointers never change). One step:
+// Every buffer is allocated once by Create: device parameters and outputs, and pinned host
+// staging, so a step allocates nothing and Launch can be captured in a CUDA graph (its pointers
+// never change). One step:
 //
 //   COHORT_ASSIGN_OR_RETURN(auto sampler, DeviceSampler::Create({.vocab = vocab, .max_rows = 256}));
 //   COHORT_RETURN_IF_ERROR(sampler->Prepare(samplers));            // draws each row's uniform
@@ -38,7 +38,7 @@ struct DeviceSamplerConfig {
   int32_t vocab = 0;     // 1..kSamplingMaxVocab
   int32_t max_rows = 0;  // 1..kSamplingMaxRows: the most sequences sampled in one step
   // The most distinct history tokens that the rows using penalties (repetition, presence or
-  // frequency) bring to one step, summed over those rows; 16 bytes of device memory and 12 of
+  // frequency) bring to one step, summed over those rows; 12 bytes of device memory and 12 of
   // pinned host memory each.
   int64_t max_penalty_tokens = int64_t{1} << 20;
 };
@@ -86,7 +86,6 @@ class DeviceSampler {
   SamplingPenaltyToken* penalty_tokens_ = nullptr;  // device, max_penalty_tokens
   SamplingRowResult* results_ = nullptr;  // device, max_rows
   SamplingTopLogprob* top_ = nullptr;     // device, max_rows * kSamplingMaxTopLogprobs
-  void* workspace_ = nullptr;
   PinnedBuffer<SamplingRowParams> host_params_;
   PinnedBuffer<SamplingPenaltyToken> host_penalty_tokens_;
   PinnedBuffer<SamplingRowResult> host_results_;
