@@ -164,10 +164,6 @@ struct MoeGemmArgs {
   int64_t in_features = 0;                 // K
   __nv_bfloat16* y = nullptr;              // [T*(k+S), out]
   bool silu_mul = false;
-  // Ask L2 for the first weights each block streams before waiting for the kernel before it, reading
-  // the routing early: only when the routing was complete before that kernel started (the down
-  // product, which follows the gate_up product of the same routing).
-  bool prefetch_weights = false;
 };
 cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& routing, cudaStream_t stream);
 

@@ -82,36 +82,7 @@ struct GemmParams {
   int32_t k;
   int32_t n_blocks;
   int32_t k_steps;
-  bool prefetch_weights;
 };
-
-// Bytes of its first item's weights a block asks L2 for before it waits (MoeGemmArgs::prefetch_weights).
-constexpr int kPrefetchBytes = 64 << 10;
-
-// Asks L2 for the start of each weight row of this block's first item: kPrefetchBytes in all. The
-// routing read here was complete before the previous kernel started (the caller says so); were it
-// not, a prefetch would go astray and nothing else.
-template <class C, bool kSiluMul>
-__device__ __forceinline__ void PrefetchFirstItem(const GemmParams& p) {
-  const int num_tiles = *p.num_tiles;
-  if (static_cast<int>(blockIdx.x) >= num_tiles * p.n_blocks || threadIdx.x >= C::kBN) return;
-  const int tile = static_cast<int>(blockIdx.x) % num_tiles;
-  const int n_block = static_cast<int>(blockIdx.x) / num_tiles;
-  const int64_t expert = p.tile_expert[tile];
-  const int r = threadIdx.x;  // one weight row per thread
-  int64_t row;
-  if constexpr (kSiluMul) {
-    const int column = n_block * C::kActCols + r % C::kActCols;
-    if (column >= p.n) return;
-    row = expert * 2 * p.n + column + (r < C::kActCols ? 0 : p.n);
-  } else {
-    const int column = n_block * C::kBN + r;
-    if (column >= p.n) return;
-    row = expert * p.n + column;
-  }
-  const uint32_t bytes = min(static_cast<uint32_t>(p.k) * 2u, static_cast<uint32_t>(kPrefetchBytes / C::kBN)) & ~15u;
-  kernels::PrefetchL2(p.w + row * p.k, bytes);
-}
 
 __device__ __forceinline__ uint32_t SmemAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -161,7 +132,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
   const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
 
-  if (p.prefetch_weights) PrefetchFirstItem<C, kSiluMul>(p);
   PdlWait();  // the routing buffers and the activations come from earlier kernels
   PdlLaunchDependents();
   const int num_tiles = *p.num_tiles;
@@ -455,7 +425,6 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
   p.k = static_cast<int32_t>(k);
   p.n_blocks = 0;
   p.k_steps = 0;
-  p.prefetch_weights = args.prefetch_weights;
   const int64_t max_tiles = r.max_tiles();
   switch (r.tile_rows) {
     case DecodeTiles::kBM:

@@ -132,10 +132,8 @@ int Run() {
   gate.num_experts = kExperts;
   gate.top_k = kTopK;
 
-  // us/layer: the engine's sequence (SiLU-and-mul fused into gate_up, the down product's weights
-  // prefetched before it waits); "no prefetch": the same without the prefetch; "unfused": neither.
-  std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %11s %11s %6s %9s\n", "tokens", "rows", "tile", "us/layer",
-              "experts", "weight MB", "GB/s", "of copy", "TFLOP/s", "no prefetch", "unfused us", "gain", "route us");
+  std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %11s %6s %9s\n", "tokens", "rows", "tile", "us/layer",
+              "experts", "weight MB", "GB/s", "of copy", "TFLOP/s", "unfused us", "gain", "route us");
   // Rows per expert (MoeDefaultTileRows): 160 and 192 tokens give 19 and 23, either side of the
   // 16 -> 64 switch-over at 20; 512 and 768 give 62 and 93, either side of the 64 -> 128 one at 64.
   for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 768, 1024, 2048, 4096}) {
@@ -154,7 +152,7 @@ int Run() {
       BENCH_CHECK(cudaStreamSynchronize(stream));
 
       // Microseconds per layer of the expert GEMMs, with the SiLU-and-mul fused into gate_up or not.
-      auto time_experts = [&](bool fused, bool prefetch) {
+      auto time_experts = [&](bool fused) {
         const cudaGraphExec_t experts_graph = testing::CaptureGraph(stream, [&] {
           for (int l = 0; l < kLayers; ++l) {
             if (fused) {
@@ -165,8 +163,7 @@ int Run() {
               BENCH_CHECK(
                   LaunchMoeSiluMul(y1, rows, kIntermediate, routing.expert_offsets + kAllExperts, act, stream));
             }
-            BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2, /*silu_mul=*/false, prefetch},
-                                             routing, stream));
+            BENCH_CHECK(LaunchMoeGroupedGemm({act, false, down[l], n2, k2, y2}, routing, stream));
           }
         });
         const double us =
@@ -174,9 +171,8 @@ int Run() {
         BENCH_CHECK(cudaGraphExecDestroy(experts_graph));
         return us;
       };
-      const double us = time_experts(/*fused=*/true, /*prefetch=*/true);
-      const double no_prefetch_us = time_experts(/*fused=*/true, /*prefetch=*/false);
-      const double unfused_us = time_experts(/*fused=*/false, /*prefetch=*/false);
+      const double us = time_experts(/*fused=*/true);
+      const double unfused_us = time_experts(/*fused=*/false);
 
       double route_us = 0.0;
       if (tile_rows == default_tile) {
@@ -194,10 +190,10 @@ int Run() {
       const double weight_bytes = 2.0 * experts_read * expert_elems;
       const double gbs = weight_bytes / us / 1e3;
       const double tflops = 2.0 * rows * expert_elems / us / 1e6;
-      std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f %11.1f %11.1f %5.2fx",
+      std::printf("%6lld %6lld %4d%c %10.1f %8d %10.1f %8.0f %6.0f%% %8.1f %11.1f %5.2fx",
                   static_cast<long long>(tokens), static_cast<long long>(rows), tile_rows,
                   tile_rows == default_tile ? '*' : ' ', us, experts_read, weight_bytes / 1e6, gbs,
-                  100.0 * gbs / copy_gbs, tflops, no_prefetch_us, unfused_us, unfused_us / us);
+                  100.0 * gbs / copy_gbs, tflops, unfused_us, unfused_us / us);
       if (route_us > 0.0) std::printf(" %9.1f", route_us);
       std::printf("\n");
     }

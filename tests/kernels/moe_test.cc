@@ -1303,8 +1303,8 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
       if ((e = LaunchMoeSiluMul(Bf16(d_y1), rows, inter, d.routing.expert_offsets + experts + c.shared, Bf16(d_act),
                                 stream)) != cudaSuccess) return e;
     }
-    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2), /*silu_mul=*/false,
-                                   /*prefetch_weights=*/true}, d.routing, stream)) != cudaSuccess) return e;
+    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2)}, d.routing, stream)) !=
+        cudaSuccess) return e;
     return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, nullptr, h, Bf16(d_out), stream);
   };
   ASSERT_CUDA_OK(layer());

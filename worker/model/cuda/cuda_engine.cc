@@ -616,8 +616,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
-                                                    ws_.routed_out, /*silu_mul=*/false, /*prefetch_weights=*/true},
-                                                   routing, stream_));
+                                                    ws_.routed_out}, routing, stream_));
   const bf16* add = nullptr;
   if (folded < shared) {
     // [S][T, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
