@@ -253,13 +253,7 @@ struct AlignArgs {
   int32_t* experts_used;
 };
 
-// Routed experts: each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per
-// (warp, expert); the scan turns the counts into the first row of each (warp, expert); pass 2 places
-// each pair at that row plus its rank among the warp's equal ids (__match_any_sync), walking the
-// segment in order, so rows within an expert follow the pair order whatever the atomics did.
-// Shared experts need no counting: each takes the next T rows, one per token in token order.
-//
-// Run by a whole block of kAlignThreads threads; `smem` is the block's AlignSmem.
+// The shared memory of an align block.
 struct AlignSmem {
   int warp_counts[kAlignWarps][kMoeMaxExperts];
   int first_row[kMoeMaxExperts];
@@ -267,6 +261,12 @@ struct AlignSmem {
   int totals[3];  // routed rows, routed tiles, routed experts used
 };
 
+// Routed experts: each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per
+// (warp, expert); the scan turns the counts into the first row of each (warp, expert); pass 2 places
+// each pair at that row plus its rank among the warp's equal ids (__match_any_sync), walking the
+// segment in order, so rows within an expert follow the pair order whatever the atomics did.
+// Shared experts need no counting: each takes the next T rows, one per token in token order.
+// Run by a whole block of kAlignThreads threads; `smem` is the block's AlignSmem.
 __device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
   auto& warp_counts = smem.warp_counts;
   auto& first_row = smem.first_row;
@@ -368,8 +368,8 @@ __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs 
 
 static_assert(kMoeFusedRouteTokens <= kAlignWarps, "one warp gates one token");
 
-// Gate and align of up to kMoeFusedRouteTokens tokens in one block: warp t chooses token t's experts, then the
-// block aligns them. The gate's scratch shares memory with the align's counts.
+// Gate and align of up to kMoeFusedRouteTokens tokens in one block: warp t chooses token t's experts,
+// then the block aligns them. The gate's scratch shares memory with the align's counts.
 __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g, const AlignArgs p) {
   __shared__ union {
     float choice[kAlignWarps][kMoeMaxExperts];
@@ -669,7 +669,8 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream) {
   if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_pairs() > 0)) return cudaErrorInvalidValue;
-  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, MakeAlignArgs(topk_ids, routing, experts_used));
+  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream,
+                   MakeAlignArgs(topk_ids, routing, experts_used));
 }
 
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
@@ -682,10 +683,13 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
   }
   const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, gate, topk_ids, topk_weights};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
-  if (num_tokens <= kMoeFusedRouteTokens) return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
+  if (num_tokens <= kMoeFusedRouteTokens) {
+    return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
+  }
   const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  const cudaError_t error = LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream, g);
+  const cudaError_t error =
+      LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream, g);
   if (error != cudaSuccess) return error;
   return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, a);
 }

@@ -160,7 +160,8 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
           want[i] = from_source ? projected[static_cast<size_t>(r) * stride + h * qk + i] : BF16ToFloat(q[base + i]);
         }
         for (int i = 0; i < 128; ++i) {
-          ASSERT_EQ(BF16ToFloat(rotated[base + i]), BF16ToFloat(FloatToBF16(want[i]))) << "the nope part is not rotated";
+          ASSERT_EQ(BF16ToFloat(rotated[base + i]), BF16ToFloat(FloatToBF16(want[i])))
+              << "the nope part is not rotated";
         }
         std::vector<float> rope_part(want.begin() + 128, want.end());
         rope.Apply(rope_part, positions[r]);

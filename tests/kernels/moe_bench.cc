@@ -178,7 +178,8 @@ int Run() {
       if (tile_rows == default_tile) {
         const cudaGraphExec_t route_graph = testing::CaptureGraph(stream, [&] {
           for (int l = 0; l < kLayers; ++l) {
-            BENCH_CHECK(LaunchMoeRoute(logits, nullptr, gate, nullptr, topk_ids, topk_weights, routing, nullptr, stream));
+            BENCH_CHECK(
+                LaunchMoeRoute(logits, nullptr, gate, nullptr, topk_ids, topk_weights, routing, nullptr, stream));
             BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, nullptr, kHidden, out, stream));
           }
         });

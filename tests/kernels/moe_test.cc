@@ -1130,8 +1130,8 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
   Rng rng(seed);
   const int top_k = 6, experts = 64;
   for (const auto& [tokens, hidden, shared, with_add] :
-       std::vector<std::tuple<int64_t, int64_t, int, bool>>{{1, 2048, 2, false}, {5, 2048, 0, true}, {70, 7168, 1, false},
-                                                            {3, 104, 2, true}}) {
+       std::vector<std::tuple<int64_t, int64_t, int, bool>>{
+           {1, 2048, 2, false}, {5, 2048, 0, true}, {70, 7168, 1, false}, {3, 104, 2, true}}) {
     SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " hidden " << hidden << " shared " << shared
                                     << (with_add ? " with add" : ""));
     const int64_t rows = tokens * (top_k + shared);
