@@ -1,5 +1,6 @@
 #include "kernels/mla_decode.h"
 
+#include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
@@ -335,17 +336,17 @@ __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
   out[3] = __float2bfloat16(sum.w);
 }
 
+// The kernel's shared-memory limit raised on the current device, and its occupancy there.
 template <int kRank, int kRope>
-cudaError_t Configure() {
-  static const cudaError_t configured =
-      cudaFuncSetAttribute(MlaDecodeKernel<kRank, kRope>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           sizeof(typename Shape<kRank, kRope>::Smem));
-  return configured;
+cudaError_t SetUp(LaunchInfo* info) {
+  static LaunchSetUp setup;
+  return setup.Get(MlaDecodeKernel<kRank, kRope>, kThreads, sizeof(typename Shape<kRank, kRope>::Smem), info);
 }
 
 template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  if (const cudaError_t error = Configure<kRank, kRope>(); error != cudaSuccess) return error;
+  LaunchInfo info;
+  if (const cudaError_t error = SetUp<kRank, kRope>(&info); error != cudaSuccess) return error;
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
   cudaError_t error = LaunchPdl(MlaDecodeKernel<kRank, kRope>, grid, dim3(kThreads),
                                 sizeof(typename Shape<kRank, kRope>::Smem), stream, p);
@@ -357,9 +358,10 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
 
 template <int kRank, int kRope>
 cudaError_t ResidentBlocks(int* blocks_per_sm) {
-  if (const cudaError_t error = Configure<kRank, kRope>(); error != cudaSuccess) return error;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, MlaDecodeKernel<kRank, kRope>, kThreads,
-                                                       sizeof(typename Shape<kRank, kRope>::Smem));
+  LaunchInfo info;
+  if (const cudaError_t error = SetUp<kRank, kRope>(&info); error != cudaSuccess) return error;
+  *blocks_per_sm = info.blocks_per_sm;
+  return cudaSuccess;
 }
 
 }  // namespace

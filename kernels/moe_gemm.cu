@@ -18,6 +18,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/launch_setup.h"
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
 
@@ -331,19 +332,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
 template <class C, bool kGather, bool kSiluMul>
 cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t stream) {
   auto kernel = MoeGroupedGemmKernel<C, kGather, kSiluMul>;
-  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (error != cudaSuccess) return error;
-  int device = 0;
-  int sms = 0;
-  int blocks_per_sm = 0;
-  if ((error = cudaGetDevice(&device)) != cudaSuccess) return error;
-  if ((error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return error;
-  if ((error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, C::kThreads,
-                                                             C::kSmemBytes)) != cudaSuccess) {
+  static kernels::LaunchSetUp setup;
+  kernels::LaunchInfo info;
+  if (const cudaError_t error = setup.Get(kernel, C::kThreads, C::kSmemBytes, &info); error != cudaSuccess) {
     return error;
   }
   const int64_t max_items = max_tiles * p.n_blocks;
-  int64_t grid = static_cast<int64_t>(sms) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  int64_t grid = static_cast<int64_t>(info.sms) * (info.blocks_per_sm > 0 ? info.blocks_per_sm : 1);
   if (grid > max_items) grid = max_items;
   return LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(C::kThreads), C::kSmemBytes, stream, p);
 }

@@ -60,16 +60,14 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
     float max = -INFINITY;
 #pragma unroll
     for (int i = 0; i < kGatePerLane; ++i) max = fmaxf(max, logit[i]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) max = fmaxf(max, __shfl_xor_sync(kFullMask, max, offset));
+    max = kernels::WarpMax(max);
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < kGatePerLane; ++i) {
       score[i] = lane + 32 * i < num_experts ? expf(logit[i] - max) : 0.0f;
       sum += score[i];
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    sum = kernels::WarpSum(sum);
     // One correctly rounded reciprocal instead of a division per expert (whose slow path made ptxas
     // spill): the scores keep the order of their exponentials, and differ from the CPU's by an ulp.
     const float inverse_sum = __frcp_rn(sum);
@@ -206,26 +204,17 @@ __global__ void __launch_bounds__(kGateWarps * 32) MoeGateKernel(const GateArgs 
 constexpr int kAlignThreads = 1024;
 constexpr int kAlignWarps = kAlignThreads / 32;
 
-__device__ __forceinline__ int WarpInclusiveScan(int value, int lane) {
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int other = __shfl_up_sync(kFullMask, value, offset);
-    if (lane >= offset) value += other;
-  }
-  return value;
-}
-
 // Exclusive prefix sum of one value per thread over the whole block, in thread order; *total gets the
 // sum. Every thread of the block calls it.
 __device__ int BlockExclusiveScan(int value, int* warp_sums, int* total) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int inclusive = WarpInclusiveScan(value, lane);
+  const int inclusive = kernels::WarpInclusiveSum(value);
   if (lane == 31) warp_sums[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {
     const int sum = warp_sums[lane];
-    const int warp_inclusive = WarpInclusiveScan(sum, lane);
+    const int warp_inclusive = kernels::WarpInclusiveSum(sum);
     warp_sums[lane] = warp_inclusive - sum;
     if (lane == 31) *total = warp_inclusive;
   }

@@ -17,6 +17,18 @@ __device__ __forceinline__ float WarpMax(float v) {
   return v;
 }
 
+// Inclusive prefix sum over the lanes of a whole warp, in lane order (lane i gets v_0 + ... + v_i).
+template <class T>
+__device__ __forceinline__ T WarpInclusiveSum(T v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const T up = __shfl_up_sync(0xffffffffu, v, offset);
+    if (lane >= offset) v += up;
+  }
+  return v;
+}
+
 // Sum over the block; every thread gets the result. `scratch` holds 32 floats; blockDim.x is a
 // multiple of 32. Callers reusing `scratch` must __syncthreads() in between.
 __device__ __forceinline__ float BlockSum(float v, float* scratch) {

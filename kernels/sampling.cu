@@ -38,11 +38,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+
+#include "kernels/launch_setup.h"
+#include "kernels/reduce.cuh"
 
 namespace cohort {
 
@@ -227,12 +229,7 @@ __device__ __forceinline__ T BlockAllReduce(T v, Op op, unsigned char* scratch) 
 // Exclusive prefix sum over the threads of a kThreads block in thread order; *total gets the sum.
 template <class T>
 __device__ __forceinline__ T BlockExclusiveSum(T v, T* total, unsigned char* scratch) {
-  T inclusive = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const T up = __shfl_up_sync(kFullMask, inclusive, o);
-    if (Lane() >= o) inclusive += up;
-  }
+  const T inclusive = kernels::WarpInclusiveSum(v);
   T exclusive = __shfl_up_sync(kFullMask, inclusive, 1);
   if (Lane() == 0) exclusive = T(0);
   T* slots = reinterpret_cast<T*>(scratch);
@@ -510,15 +507,8 @@ __device__ __forceinline__ BinChoice FindInWarp(const uint32_t (&count)[kPer], c
     count_inclusive += count[j];
     if constexpr (kMass) mass_inclusive += mass[j];
   }
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t count_up = __shfl_up_sync(kFullMask, count_inclusive, o);
-    if (Lane() >= o) count_inclusive += count_up;
-    if constexpr (kMass) {
-      const double mass_up = __shfl_up_sync(kFullMask, mass_inclusive, o);
-      if (Lane() >= o) mass_inclusive += mass_up;
-    }
-  }
+  count_inclusive = kernels::WarpInclusiveSum(count_inclusive);
+  if constexpr (kMass) mass_inclusive = kernels::WarpInclusiveSum(mass_inclusive);
   uint32_t cb = __shfl_up_sync(kFullMask, count_inclusive, 1);
   double mb = 0.0;
   if constexpr (kMass) mb = __shfl_up_sync(kFullMask, mass_inclusive, 1);
@@ -852,12 +842,7 @@ __device__ __forceinline__ int ScanChunks(const Slice& slice, const Cut& top_p, 
       lane_sum += static_cast<double>(kept[e]);
       partial[e] = lane_sum;
     }
-    double inclusive = lane_sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const double up = __shfl_up_sync(kFullMask, inclusive, o);
-      if (Lane() >= o) inclusive += up;
-    }
+    const double inclusive = kernels::WarpInclusiveSum(lane_sum);
     double exclusive = __shfl_up_sync(kFullMask, inclusive, 1);
     if (Lane() == 0) exclusive = 0.0;
     const double base = running + exclusive;
@@ -1101,25 +1086,13 @@ cudaError_t LaunchClusters(Kernel kernel, const SamplingArgs& args, int blocks, 
   return cudaLaunchKernelEx(&config, kernel, args, slice_size);
 }
 
-// The current device's SM count, with SampleKernel's shared memory limit raised there: looked up
-// once per device, so that a launch costs the host little more than the launch itself.
+// The current device's SM count, with SampleKernel's shared memory limit raised there: set up once
+// per device, so that a launch costs the host little more than the launch itself.
 cudaError_t PrepareCurrentDevice(int* sms) {
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> prepared_sms[kMaxDevices] = {};  // 0: not yet
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    *sms = prepared_sms[device].load(std::memory_order_relaxed);
-    if (*sms > 0) return cudaSuccess;
-  }
-  if (cudaError_t e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaFuncSetAttribute(SampleKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(kMaxSharedBytes));
-      e != cudaSuccess) {
-    return e;
-  }
-  if (cached) prepared_sms[device].store(*sms, std::memory_order_relaxed);
+  static kernels::LaunchSetUp setup;
+  kernels::LaunchInfo info;
+  if (const cudaError_t e = setup.Get(SampleKernel, kThreads, kMaxSharedBytes, &info); e != cudaSuccess) return e;
+  *sms = info.sms;
   return cudaSuccess;
 }
 

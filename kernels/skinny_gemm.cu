@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
 #include "kernels/pdl.cuh"
 
@@ -454,11 +455,8 @@ cudaError_t LaunchSkinnyGemm(const SkinnyGemmParams& p, cudaStream_t stream) {
   a.num_tiles = 0;
   a.k_splits = 1;
 
-  int device = 0;
   int sms = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  if ((error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return error;
+  if (const cudaError_t error = CurrentDeviceSms(&sms); error != cudaSuccess) return error;
 
   switch ((p.rows + 7) / 8) {
     case 1:
