@@ -65,6 +65,12 @@ struct TileConfig {
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
 // to fill 132 SMs from 6 experts; 4 stages x 20 KB keep ~60 KB in flight per block, two blocks per SM.
 using DecodeTiles = TileConfig<16, 64, 128, 1, 4, 4, 2>;
+// Whether the weights stream through L2 as evict-first lines. At decode sizes each expert's weights
+// are read once a step (a second row tile of an expert reads them at the same time), and letting them
+// push out nothing else — activations, routing tables, the KV cache — measured 1-2.5% faster decode
+// steps (batch 1-128, cohort bench step). Prefill tiles re-read weights across row tiles: left as is.
+template <class C>
+constexpr bool kStreamWeights = C::kBM == DecodeTiles::kBM;
 // Tens of rows per expert: 64 x 128 tiles, 8 warps of 32 x 32; 96 KB of smem, two blocks per SM.
 using MidTiles = TileConfig<64, 128, 64, 2, 4, 4, 2>;
 // Prefill: 128 x 128 tiles, 8 warps of 64 x 32 (64 fp32 accumulators each), 3 stages, two blocks per SM.
@@ -92,6 +98,20 @@ __device__ __forceinline__ uint32_t SmemAddress(const void* p) {
 // 16 bytes global -> shared, bypassing L1; src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// An L2 policy under which the lines a load brings in are the first to be evicted.
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// CpAsync16 with an L2 cache policy for the lines it brings in.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes), "l"(policy)
                : "memory");
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -132,6 +152,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   const int warp = tid >> 5;
   const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
   const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
+  const uint64_t weight_policy = kStreamWeights<C> ? EvictFirstPolicy() : 0;
 
   PdlWait();  // the routing buffers and the activations come from earlier kernels
   PdlLaunchDependents();
@@ -217,7 +238,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
 #pragma unroll
     for (int i = 0; i < C::kBChunks; ++i) {
       const bool ok = k_ok && ((b_ok >> i) & 1u);
-      CpAsync16(stage + ld_smem_b + i * kPassBytes, ok ? b_src + b_chunk_offset(i) + k0 : p.w, ok ? 16u : 0u);
+      const void* src = ok ? b_src + b_chunk_offset(i) + k0 : p.w;
+      if constexpr (kStreamWeights<C>) {
+        CpAsync16(stage + ld_smem_b + i * kPassBytes, src, ok ? 16u : 0u, weight_policy);
+      } else {
+        CpAsync16(stage + ld_smem_b + i * kPassBytes, src, ok ? 16u : 0u);
+      }
     }
   };
 
