@@ -138,15 +138,90 @@ __device__ __forceinline__ void WriteQueries(const QueryRopeParams& queries, int
   }
 }
 
+// The absorbed queries of one row and head for kAbsorbOutputs latent values j: each warp
+// takes 8 values of j, each of them nope / 8 lanes holding one 16-byte piece of its weight row
+// (passes of 32 / (nope / 8) rows per warp). The weights are loaded before the wait.
+constexpr int kAbsorbOutputs = 8 * kRowThreads / 32;
+constexpr int kAbsorbMaxPasses = 4;  // nope 128: 16 lanes a row, 2 rows a pass, 8 rows a warp
+
+__device__ __forceinline__ float Dot8(const uint4& w, const float (&q)[8]) {
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&w);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    sum += f.x * q[2 * i] + f.y * q[2 * i + 1];
+  }
+  return sum;
+}
+
+__device__ void AbsorbQueries(const QueryRopeParams& queries, const QueryAbsorbParams& absorb, int nope, int row,
+                              int head, int part) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lanes_per_row = nope / 8, rows_per_pass = 32 / lanes_per_row;
+  const int piece = (lane % lanes_per_row) * 8;
+  uint4 w[kAbsorbMaxPasses];
+  int j[kAbsorbMaxPasses];
+#pragma unroll
+  for (int p = 0; p < kAbsorbMaxPasses; ++p) {
+    const int in_warp = p * rows_per_pass + lane / lanes_per_row;
+    j[p] = part * kAbsorbOutputs + warp * 8 + in_warp;
+    const bool valid = in_warp < 8 && j[p] < absorb.rank;
+    if (!valid) j[p] = -1;
+    w[p] = valid ? __ldg(reinterpret_cast<const uint4*>(absorb.absorbed_keys +
+                                                        (static_cast<int64_t>(head) * absorb.rank + j[p]) * nope +
+                                                        piece))
+                 : make_uint4(0u, 0u, 0u, 0u);
+  }
+  PdlWait();
+  PdlLaunchDependents();
+  float q[8];
+  if (queries.source != nullptr) {
+    const float* from = queries.source + row * queries.source_row_stride + head * queries.qk_dim + piece;
+    const float4 lo = *reinterpret_cast<const float4*>(from);
+    const float4 hi = *reinterpret_cast<const float4*>(from + 4);
+    const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = __bfloat162float(__float2bfloat16(v[i]));  // as written to q
+  } else {
+    const uint4 packed = *reinterpret_cast<const uint4*>(
+        queries.q + (static_cast<int64_t>(row) * queries.heads + head) * queries.qk_dim + piece);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      q[2 * i] = f.x;
+      q[2 * i + 1] = f.y;
+    }
+  }
+  __nv_bfloat16* out = absorb.q_latent + (static_cast<int64_t>(row) * queries.heads + head) * absorb.rank;
+#pragma unroll
+  for (int p = 0; p < kAbsorbMaxPasses; ++p) {
+    float sum = Dot8(w[p], q);
+    for (int offset = lanes_per_row / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane % lanes_per_row == 0 && j[p] >= 0) out[j[p]] = __float2bfloat16(sum);
+  }
+}
+
 constexpr int kMaxLatentPerThread = 4;  // kv_lora_rank <= 4 * kRowThreads
 constexpr int kQueryHeadsPerBlock = 4;
 
 // Block (row, 0) normalises and places the row's latent and rotates its rope key; blocks (row, 1 + j)
-// write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs.
+// write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs. With
+// absorbed queries, blocks (row, 1 + query blocks + i) form those of head i / parts, latent values
+// [kAbsorbOutputs * (i % parts), + kAbsorbOutputs) (the same blocks of rows past the absorb rows exit).
 __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_stride, int rank,
                                    const __nv_bfloat16* __restrict__ latent_norm, float eps, RopeParams rope,
-                                   CacheWriteParams where, __nv_bfloat16* __restrict__ cache, QueryRopeParams queries) {
+                                   CacheWriteParams where, __nv_bfloat16* __restrict__ cache, QueryRopeParams queries,
+                                   QueryAbsorbParams absorb, int query_blocks) {
   __shared__ float scratch[32];
+  if (static_cast<int>(blockIdx.y) > query_blocks) {
+    if (static_cast<int>(blockIdx.x) >= absorb.rows) return;
+    const int i = static_cast<int>(blockIdx.y) - 1 - query_blocks;
+    const int parts = (absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs;
+    AbsorbQueries(queries, absorb, queries.qk_dim - rope.rope_dim, blockIdx.x, i / parts, i % parts);
+    return;
+  }
   PdlWait();
   PdlLaunchDependents();
   const int row = blockIdx.x;
@@ -266,10 +341,12 @@ cudaError_t LaunchRopeQueries(__nv_bfloat16* q, int rows, int heads, int qk_dim,
   return LaunchPdl(RopeQueriesKernel, dim3(rows, heads), dim3(threads), 0, stream, q, heads, qk_dim, positions, rope);
 }
 
+bool CanAbsorbQueries(int nope) { return nope >= 8 && nope <= 128 && (nope & (nope - 1)) == 0; }
+
 cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
                                const __nv_bfloat16* latent_norm, float latent_eps, const RopeParams& rope,
                                const CacheWriteParams& where, __nv_bfloat16* layer_cache, cudaStream_t stream,
-                               const QueryRopeParams& queries) {
+                               const QueryRopeParams& queries, const QueryAbsorbParams& absorb) {
   if (rows == 0) return cudaSuccess;
   if (rope.rope_dim % 2 != 0 || rope.rope_dim / 2 > kRowThreads || kv_row_stride < kv_lora_rank + rope.rope_dim ||
       kv_lora_rank > kMaxLatentPerThread * kRowThreads) {
@@ -281,8 +358,24 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
     return cudaErrorInvalidValue;
   }
   const int query_blocks = queries.q != nullptr ? (queries.heads + kQueryHeadsPerBlock - 1) / kQueryHeadsPerBlock : 0;
-  return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks), dim3(kRowThreads), 0, stream, kv, kv_row_stride,
-                   kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries);
+  int absorb_blocks = 0;
+  if (absorb.absorbed_keys != nullptr) {
+    // 16-byte loads of weight rows and query pieces.
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool pieces_aligned = queries.source != nullptr
+                                    ? aligned(queries.source) && queries.source_row_stride % 4 == 0 &&
+                                          queries.qk_dim % 4 == 0
+                                    : aligned(queries.q) && queries.qk_dim % 8 == 0;
+    if (queries.q == nullptr || absorb.q_latent == nullptr || absorb.rows < 1 || absorb.rows > kMaxAbsorbRows ||
+        absorb.rows > rows || absorb.rank < 1 || !CanAbsorbQueries(queries.qk_dim - rope.rope_dim) ||
+        !aligned(absorb.absorbed_keys) || !pieces_aligned) {
+      return cudaErrorInvalidValue;
+    }
+    absorb_blocks = queries.heads * ((absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs);
+  }
+  return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks + absorb_blocks), dim3(kRowThreads), 0, stream,
+                   kv, kv_row_stride, kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries, absorb,
+                   query_blocks);
 }
 
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,

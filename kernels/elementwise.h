@@ -61,15 +61,33 @@ struct QueryRopeParams {
   int64_t source_row_stride = 0;
 };
 
+// MLA decode's absorbed queries, formed in the cache-write launch for a few rows: for rows r <
+// rows, heads h and j < rank, q_latent[r, h, j] = sum over d < nope of bf16(q_nope[r, h, d]) *
+// absorbed_keys[h, j, d] in fp32, rounded to bf16, where q_nope is the first nope values of the
+// row's head in QueryRopeParams (its fp32 source, or q). One launch instead of a product after it;
+// each block loads its share of the weights before it waits for the kernel before it.
+inline constexpr int kMaxAbsorbRows = 8;
+struct QueryAbsorbParams {
+  const __nv_bfloat16* absorbed_keys = nullptr;  // [heads, rank, nope]; null: nothing to absorb
+  __nv_bfloat16* q_latent = nullptr;             // [rows, heads, rank]
+  int rows = 0;                                  // 1..kMaxAbsorbRows, the first rows of the launch
+  int rank = 0;
+};
+
+// Whether LaunchWriteKvCache forms absorbed queries with `nope` values a head: a power of two from 8
+// to 128 (each 16-byte piece of a weight row goes to one lane, a row to at most 16 lanes).
+bool CanAbsorbQueries(int nope);
+
 // kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output; rows kv_row_stride apart) ->
 // for each row, the latent part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key
 // rotated, written as bf16 into layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the
-// row's slot; with `queries`, the row's queries are rotated at the same position (one launch
-// instead of two). kv_lora_rank <= 1024.
+// row's slot; with `queries`, the row's queries are rotated at the same position, and with `absorb`
+// also multiplied into the latent space (one launch instead of two or three). kv_lora_rank <= 1024.
 cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
                                const __nv_bfloat16* latent_norm,
                                float latent_eps, const RopeParams& rope, const CacheWriteParams& where,
-                               __nv_bfloat16* layer_cache, cudaStream_t stream, const QueryRopeParams& queries = {});
+                               __nv_bfloat16* layer_cache, cudaStream_t stream, const QueryRopeParams& queries = {},
+                               const QueryAbsorbParams& absorb = {});
 
 // out[r, :] = in[rows[r], :] for bf16 rows of `dim` values.
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,

@@ -1,6 +1,7 @@
 // The small kernels around a layer's matrix products against CPU references on fresh random
 // inputs: embedding gather, fused residual add + RMSNorm, query rope (the CPU engine's Rope, YaRN
-// and both layouts), the normalise-rotate-write of new latents into the paged cache.
+// and both layouts), the normalise-rotate-write of new latents into the paged cache (with the
+// queries rotated and absorbed into the latent space in the same launch).
 #include <cmath>
 #include <numeric>
 #include <tuple>
@@ -118,8 +119,11 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
   std::mt19937 rng = testing::FreshRng();
   const ModelConfig config = RopeConfig(true, true);
   const Rope rope(config);
-  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5, heads = 3, qk = 192;
+  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5, heads = 3, qk = 192, nope = 128;
+  const int absorb_rows = 4;  // of 5: the last row's absorbed queries must stay unwritten
   const std::vector<uint16_t> norm = RandomBf16(rank, rng);
+  const std::vector<uint16_t> absorbed_keys = RandomBf16(static_cast<size_t>(heads) * rank * nope, rng);
+  DeviceVector<uint16_t> d_absorbed_keys(absorbed_keys);
   // Two sequences with scattered blocks; tokens at the positions below.
   const std::vector<int32_t> tables = {9, 4, 0, 11, 3, 7};
   const std::vector<int32_t> offsets = {0, 3};
@@ -137,11 +141,14 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
     const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
     DeviceVector<float> d_projected(projected);
     DeviceVector<uint16_t> d_q(q), d_cache(static_cast<size_t>(blocks) * block_size * width);
+    constexpr uint16_t kPoison = 0x7fc1;  // a NaN no result equals
+    DeviceVector<uint16_t> d_q_latent(std::vector<uint16_t>(static_cast<size_t>(rows) * heads * rank, kPoison));
     kernels::QueryRopeParams queries{Bf16(d_q), heads, qk};
     if (from_source) queries.source = d_projected.get(), queries.source_row_stride = stride;
+    const kernels::QueryAbsorbParams absorb{Bf16(d_absorbed_keys), Bf16(d_q_latent), absorb_rows, rank};
     ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_projected.get() + q_width, stride, rows, rank, Bf16(d_norm), 1e-6f,
-                                               rope_params, where, Bf16(d_cache), nullptr, queries));
-    const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost();
+                                               rope_params, where, Bf16(d_cache), nullptr, queries, absorb));
+    const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost(), q_latent = d_q_latent.ToHost();
     for (int r = 0; r < rows; ++r) {
       const float* kv = projected.data() + static_cast<size_t>(r) * stride + q_width;
       const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
@@ -168,6 +175,24 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
         for (int i = 0; i < 64; ++i) {
           ASSERT_NEAR(BF16ToFloat(rotated[base + 128 + i]), rope_part[i], 8e-3 * std::abs(rope_part[i]) + 2e-3)
               << "query rope";
+        }
+        // Absorbed queries: bf16(q_nope) . absorbed_keys[h, j] in float64, against an fp32 sum
+        // rounded to bf16.
+        const size_t latent = (static_cast<size_t>(r) * heads + h) * rank;
+        for (int j = 0; j < rank; ++j) {
+          if (r >= absorb_rows) {
+            ASSERT_EQ(q_latent[latent + j], kPoison) << "row " << r << " is past the absorb rows";
+            continue;
+          }
+          double sum = 0, scale = 0;
+          for (int d = 0; d < nope; ++d) {
+            const double term = static_cast<double>(BF16ToFloat(FloatToBF16(want[d]))) *
+                                BF16ToFloat(absorbed_keys[(static_cast<size_t>(h) * rank + j) * nope + d]);
+            sum += term;
+            scale += term * term;
+          }
+          ASSERT_NEAR(BF16ToFloat(q_latent[latent + j]), sum, 8e-3 * std::abs(sum) + 1e-5 * std::sqrt(scale) + 1e-6)
+              << "absorbed query row " << r << " head " << h << " value " << j;
         }
       }
     }

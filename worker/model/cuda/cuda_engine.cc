@@ -506,20 +506,30 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     queries.source_row_stride = projected;
   }
 
+  // The absorbed queries: q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows
+  // [h (nope + v), + nope) as [nope, rank], stored transposed ([rank, nope]) in absorbed_keys. For
+  // a few tokens the cache-write launch forms them too; else a product after it.
+  const int64_t Q = s.absorbed_tokens;
+  kernels::QueryAbsorbParams absorb;
+  if (Q > 0 && Q <= kernels::kMaxAbsorbRows && kernels::CanAbsorbQueries(static_cast<int>(nope))) {
+    absorb = {l.absorbed_keys, ws_.q_latent, static_cast<int>(Q), static_cast<int>(rank)};
+  }
+
   // This step's latents go into the cache first, so tokens of one sequence in this step see each
   // other (causally) through the cache like any earlier token; the same launch rotates the queries.
   bf16* cache = LayerCache(index);
   const kernels::CacheWriteParams where{ws_.positions, ws_.token_sequence, ws_.block_tables, ws_.table_offsets,
                                         static_cast<int>(geometry_.block_size_tokens)};
   COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.projected + q_width, projected, T, rank, l.kv_a_norm,
-                                                          kLatentNormEps, RopeArgs(), where, cache, stream_, queries));
+                                                          kLatentNormEps, RopeArgs(), where, cache, stream_, queries,
+                                                          absorb));
 
-  if (s.absorbed_tokens > 0) {
-    const int64_t Q = s.absorbed_tokens, kv_b_head = (nope + v) * rank;
-    // q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows [h (nope + v), + nope) as [nope, rank],
-    // stored transposed ([rank, nope]) in absorbed_keys.
-    COHORT_RETURN_IF_ERROR(Product(Q, rank, nope, {ws_.q, heads * qk, qk}, {l.absorbed_keys, nope, rank * nope},
-                                   {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
+  if (Q > 0) {
+    const int64_t kv_b_head = (nope + v) * rank;
+    if (absorb.absorbed_keys == nullptr) {
+      COHORT_RETURN_IF_ERROR(Product(Q, rank, nope, {ws_.q, heads * qk, qk}, {l.absorbed_keys, nope, rank * nope},
+                                     {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
+    }
     kernels::MlaDecodeParams p;
     p.q_latent = ws_.q_latent;
     p.q_rope = ws_.q + nope;
