@@ -271,14 +271,41 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
 // thread sums 4 columns (kv_lora_rank <= 4 * 128). A block is latency-bound: every partial it needs
 // is loaded at once, before the weights are known; each warp turns the log-sum-exps into weights
 // itself (no block barrier between the loads and the sum).
+//
+// With value weights (kValue), block (q, h, part) goes on to apply them to the merged row, rounded
+// to bf16 as `out` would hold it: attention outputs [kValueOutputs * part, + kValueOutputs) of the
+// head, 4 a warp, each lane holding up to kMaxValuePieces 16-byte pieces of each weight row, loaded
+// before the wait. Every part of a head merges the same row again: partials are few and in L2,
+// and a launch less is worth more.
 constexpr int kMaxSplits = 64;
 constexpr int kCombineBatch = 32;  // splits whose partials are in flight together
+constexpr int kCombineThreads = 128;
+constexpr int kMaxCombineRank = 4 * kCombineThreads;
+constexpr int kValueOutputs = 4 * kCombineThreads / 32;
+constexpr int kMaxValuePieces = kMaxCombineRank / 8 / 32;
 
-__global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
+template <bool kValue>
+__global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodeParams p) {
   __shared__ float weights[4][kMaxSplits];
+  __shared__ __align__(16) __nv_bfloat16 merged[kValue ? kMaxCombineRank : 8];
   const int query = blockIdx.x, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int col = threadIdx.x * 4;
   const bool active = col < p.kv_lora_rank;
+  uint4 w[kValue ? 4 : 1][kMaxValuePieces];
+  if constexpr (kValue) {
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+      const int i = blockIdx.z * kValueOutputs + warp * 4 + o;
+#pragma unroll
+      for (int k = 0; k < kMaxValuePieces; ++k) {
+        const int piece = (lane + 32 * k) * 8;
+        w[o][k] = i < p.v_head_dim && piece < p.kv_lora_rank
+                      ? __ldg(reinterpret_cast<const uint4*>(p.value_weights + head * p.value_head_stride +
+                                                             static_cast<int64_t>(i) * p.kv_lora_rank + piece))
+                      : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
   PdlWait();
   PdlLaunchDependents();
   const int64_t first = static_cast<int64_t>(query) * p.num_splits * p.heads + head;
@@ -328,12 +355,43 @@ __global__ void __launch_bounds__(128) MlaCombineKernel(MlaDecodeParams p) {
     if (first_split >= p.num_splits) break;
     load_batch(first_split);
   }
-  if (!active) return;
-  __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank + col;
-  out[0] = __float2bfloat16(sum.x);
-  out[1] = __float2bfloat16(sum.y);
-  out[2] = __float2bfloat16(sum.z);
-  out[3] = __float2bfloat16(sum.w);
+  if constexpr (!kValue) {
+    if (!active) return;
+    __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank + col;
+    out[0] = __float2bfloat16(sum.x);
+    out[1] = __float2bfloat16(sum.y);
+    out[2] = __float2bfloat16(sum.z);
+    out[3] = __float2bfloat16(sum.w);
+  } else {
+    if (active) {
+      merged[col] = __float2bfloat16(sum.x);
+      merged[col + 1] = __float2bfloat16(sum.y);
+      merged[col + 2] = __float2bfloat16(sum.z);
+      merged[col + 3] = __float2bfloat16(sum.w);
+    }
+    __syncthreads();
+    __nv_bfloat16* attn = p.attn + (static_cast<int64_t>(query) * p.heads + head) * p.v_head_dim;
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxValuePieces; ++k) {
+        const int piece = (lane + 32 * k) * 8;
+        if (piece >= p.kv_lora_rank) continue;
+        const uint4 m = *reinterpret_cast<const uint4*>(merged + piece);
+        const __nv_bfloat162* mp = reinterpret_cast<const __nv_bfloat162*>(&m);
+        const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w[o][k]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 mf = __bfloat1622float2(mp[e]), wf = __bfloat1622float2(wp[e]);
+          dot += mf.x * wf.x + mf.y * wf.y;
+        }
+      }
+      dot = WarpSum(dot);
+      const int i = blockIdx.z * kValueOutputs + warp * 4 + o;
+      if (lane == 0 && i < p.v_head_dim) attn[i] = __float2bfloat16(dot);
+    }
+  }
 }
 
 // The kernel's shared-memory limit raised on the current device, and its occupancy there.
@@ -350,8 +408,11 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
   cudaError_t error = LaunchPdl(MlaDecodeKernel<kRank, kRope>, grid, dim3(kThreads),
                                 sizeof(typename Shape<kRank, kRope>::Smem), stream, p);
-  if (error == cudaSuccess && p.num_splits > 1) {
-    error = LaunchPdl(MlaCombineKernel, dim3(p.num_queries, p.heads), dim3(128), 0, stream, p);
+  if (error == cudaSuccess && p.value_weights != nullptr) {
+    const dim3 combine_grid(p.num_queries, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
+    error = LaunchPdl(MlaCombineKernel<true>, combine_grid, dim3(kCombineThreads), 0, stream, p);
+  } else if (error == cudaSuccess && p.num_splits > 1) {
+    error = LaunchPdl(MlaCombineKernel<false>, dim3(p.num_queries, p.heads), dim3(kCombineThreads), 0, stream, p);
   }
   return error;
 }
@@ -378,6 +439,11 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  if (p.value_weights != nullptr &&
+      (p.num_splits < 2 || p.attn == nullptr || p.v_head_dim < 1 || p.value_head_stride % 8 != 0 ||
+       reinterpret_cast<uintptr_t>(p.value_weights) % 16 != 0)) {
+    return cudaErrorInvalidValue;
+  }
   // Queries are copied in 16-byte pieces.
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   if (!aligned(p.q_latent) || !aligned(p.q_rope) || p.q_rope_row_stride % 8 != 0 || p.q_rope_head_stride % 8 != 0) {

@@ -46,6 +46,16 @@ struct MlaDecodeParams {
   // Workspace when num_splits > 1 (sizes from MlaSplitWorkspaceFloats).
   float* partial_out = nullptr;  // [queries, num_splits, heads, kv_lora_rank]
   float* partial_lse = nullptr;  // [queries, num_splits, heads]
+
+  // Optional, with num_splits > 1: the merge of the splits also applies kv_b_proj's value half, and
+  // writes attn[q, h, i] = sum over j of bf16(o_latent[q, h, j]) * W_uv[h][i, j] (fp32, rounded to
+  // bf16) for i < v_head_dim instead of `out` (one launch instead of a product after it; for few
+  // queries, since every block of a head merges its row again). W_uv[h] is the [v_head_dim,
+  // kv_lora_rank] matrix at value_weights + h * value_head_stride, 16-byte aligned.
+  const __nv_bfloat16* value_weights = nullptr;
+  int64_t value_head_stride = 0;
+  int v_head_dim = 0;
+  __nv_bfloat16* attn = nullptr;  // [queries, heads, v_head_dim]
 };
 
 // Floats of workspace (partial_out and partial_lse together) for `queries` x `num_splits` (0 for

@@ -1,7 +1,8 @@
 // The MLA attention kernels against float64 CPU references on fresh random inputs: the absorbed
 // decode kernel (every supported latent shape, head counts that do and do not fill a 16-head
-// group, contexts from 1 token to several thousand, one split and many, scattered block tables),
-// and the prefill helpers (cache gather, causal softmax).
+// group, contexts from 1 token to several thousand, one split and many, scattered block tables,
+// the value weights applied in the merge of the splits), and the prefill helpers (cache gather,
+// causal softmax).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -32,6 +33,7 @@ double RelativeError(const std::vector<double>& ref, const std::vector<float>& g
 struct MlaCase {
   int rank, rope, heads, block_size, splits;
   std::vector<int> positions;  // one query each, of its own sequence
+  int v_head_dim = 0;          // > 0: a second launch applies value weights in the merge
 };
 
 void RunMlaCase(const MlaCase& c) {
@@ -85,6 +87,26 @@ void RunMlaCase(const MlaCase& c) {
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
   const std::vector<uint16_t> out = d_out.ToHost();
 
+  // The same attention with the value weights applied in the merge: W_uv[h] is [v, rank] with a
+  // gap after it, like kv_b_proj's value rows between its key rows.
+  const int v = c.v_head_dim;
+  const int64_t value_head_stride = static_cast<int64_t>(v + 8) * c.rank;
+  const std::vector<uint16_t> values = RandomBf16(static_cast<size_t>(c.heads) * value_head_stride, rng);
+  std::vector<uint16_t> attn;
+  if (v > 0) {
+    DeviceVector<uint16_t> d_values(values), d_attn(static_cast<size_t>(queries) * c.heads * v);
+    ASSERT_CUDA_OK(cudaMemset(d_attn.get(), 0xff, static_cast<size_t>(queries) * c.heads * v * sizeof(uint16_t)));
+    kernels::MlaDecodeParams pv = p;
+    pv.out = nullptr;  // not written when the values are applied
+    pv.value_weights = Bf16(d_values);
+    pv.value_head_stride = value_head_stride;
+    pv.v_head_dim = v;
+    pv.attn = Bf16(d_attn);
+    ASSERT_CUDA_OK(kernels::LaunchMlaDecode(pv, nullptr));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    attn = d_attn.ToHost();
+  }
+
   auto value = [&](const std::vector<uint16_t>& v, size_t i) { return static_cast<double>(BF16ToFloat(v[i])); };
   for (int qi = 0; qi < queries; ++qi) {
     std::vector<double> ref;
@@ -115,6 +137,21 @@ void RunMlaCase(const MlaCase& c) {
     }
     EXPECT_LT(RelativeError(ref, got), 1e-2) << "rank " << c.rank << " heads " << c.heads << " query " << qi
                                              << " at position " << c.positions[qi] << " splits " << c.splits;
+    if (v == 0) continue;
+    std::vector<double> attn_ref;
+    std::vector<float> attn_got;
+    for (int h = 0; h < c.heads; ++h) {
+      for (int i = 0; i < v; ++i) {
+        double a = 0;
+        for (int j = 0; j < c.rank; ++j) {
+          a += ref[static_cast<size_t>(h) * c.rank + j] * value(values, h * value_head_stride + static_cast<int64_t>(i) * c.rank + j);
+        }
+        attn_ref.push_back(a);
+        attn_got.push_back(BF16ToFloat(attn[(static_cast<size_t>(qi) * c.heads + h) * v + i]));
+      }
+    }
+    EXPECT_LT(RelativeError(attn_ref, attn_got), 1e-2) << "values applied in the merge: rank " << c.rank << " heads "
+                                                       << c.heads << " query " << qi << " splits " << c.splits;
   }
 }
 
@@ -129,6 +166,14 @@ TEST(MlaDecodeTest, DeepseekShapesManySplitsAndPartialHeadGroups) {
   RunMlaCase({512, 64, 128, 64, 3, {2047, 3}});
   // The most splits: two batches of partials in the merge, and splits left without a tile.
   RunMlaCase({512, 64, 16, 64, 64, {4095, 2100, 40}});
+}
+
+TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
+  COHORT_SKIP_WITHOUT_GPU();
+  RunMlaCase({512, 64, 16, 64, 32, {1023, 0, 300}, 128});
+  RunMlaCase({512, 64, 20, 16, 64, {4095, 17}, 40});  // a partial last block of outputs
+  RunMlaCase({64, 16, 4, 5, 4, {1, 77, 300}, 16});
+  RunMlaCase({32, 8, 4, 3, 3, {0, 2, 95}, 8});
 }
 
 TEST(MlaDecodeTest, SmallTestShapesWithOddBlocks) {
