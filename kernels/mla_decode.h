@@ -1,7 +1,8 @@
 // MLA attention over the compressed latent cache, DeepSeek's decode form: kv_b_proj's key half has
 // been absorbed into the query (q_latent = q_nope . W_uk per head) and its value half is applied
-// after this kernel (o = o_latent . W_uv^T), so attention reads only the cache: one latent row
-// (kv_lora_rank values) plus one rope key (qk_rope_head_dim values) per token, shared by all heads.
+// after the attention (o = o_latent . W_uv^T; by this launch's merge when value_weights is set),
+// so attention reads only the cache: one latent row (kv_lora_rank values) plus one rope key
+// (qk_rope_head_dim values) per token, shared by all heads.
 //
 // Each query attends to positions [0, query_position] of its sequence, read through the sequence's
 // block table; a query may be a decode token or a prefill token (causal by position). Work splits
