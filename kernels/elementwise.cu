@@ -1,5 +1,6 @@
 #include "kernels/elementwise.h"
 
+#include "kernels/bf16.cuh"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
 
@@ -184,15 +185,9 @@ __device__ void AbsorbQueries(const QueryRopeParams& queries, const QueryAbsorbP
 #pragma unroll
     for (int i = 0; i < 8; ++i) q[i] = __bfloat162float(__float2bfloat16(v[i]));  // as written to q
   } else {
-    const uint4 packed = *reinterpret_cast<const uint4*>(
-        queries.q + (static_cast<int64_t>(row) * queries.heads + head) * queries.qk_dim + piece);
-    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pairs[i]);
-      q[2 * i] = f.x;
-      q[2 * i + 1] = f.y;
-    }
+    const __nv_bfloat16* from =
+        queries.q + (static_cast<int64_t>(row) * queries.heads + head) * queries.qk_dim + piece;
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(from), q);
   }
   __nv_bfloat16* out = absorb.q_latent + (static_cast<int64_t>(row) * queries.heads + head) * absorb.rank;
 #pragma unroll
@@ -341,7 +336,17 @@ cudaError_t LaunchRopeQueries(__nv_bfloat16* q, int rows, int heads, int qk_dim,
   return LaunchPdl(RopeQueriesKernel, dim3(rows, heads), dim3(threads), 0, stream, q, heads, qk_dim, positions, rope);
 }
 
-bool CanAbsorbQueries(int nope) { return nope >= 8 && nope <= 128 && (nope & (nope - 1)) == 0; }
+bool CanAbsorbQueries(const QueryRopeParams& queries, int rope_dim, const QueryAbsorbParams& absorb) {
+  const int nope = queries.qk_dim - rope_dim;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool pieces_aligned = queries.source != nullptr
+                                  ? aligned(queries.source) && queries.source_row_stride % 4 == 0 &&
+                                        queries.qk_dim % 4 == 0
+                                  : aligned(queries.q) && queries.qk_dim % 8 == 0;
+  return queries.q != nullptr && absorb.absorbed_keys != nullptr && absorb.q_latent != nullptr &&
+         absorb.rows >= 1 && absorb.rows <= kMaxAbsorbRows && absorb.rank >= 1 && nope >= 8 && nope <= 128 &&
+         (nope & (nope - 1)) == 0 && aligned(absorb.absorbed_keys) && pieces_aligned;
+}
 
 cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
                                const __nv_bfloat16* latent_norm, float latent_eps, const RopeParams& rope,
@@ -360,17 +365,7 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
   const int query_blocks = queries.q != nullptr ? (queries.heads + kQueryHeadsPerBlock - 1) / kQueryHeadsPerBlock : 0;
   int absorb_blocks = 0;
   if (absorb.absorbed_keys != nullptr) {
-    // 16-byte loads of weight rows and query pieces.
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool pieces_aligned = queries.source != nullptr
-                                    ? aligned(queries.source) && queries.source_row_stride % 4 == 0 &&
-                                          queries.qk_dim % 4 == 0
-                                    : aligned(queries.q) && queries.qk_dim % 8 == 0;
-    if (queries.q == nullptr || absorb.q_latent == nullptr || absorb.rows < 1 || absorb.rows > kMaxAbsorbRows ||
-        absorb.rows > rows || absorb.rank < 1 || !CanAbsorbQueries(queries.qk_dim - rope.rope_dim) ||
-        !aligned(absorb.absorbed_keys) || !pieces_aligned) {
-      return cudaErrorInvalidValue;
-    }
+    if (absorb.rows > rows || !CanAbsorbQueries(queries, rope.rope_dim, absorb)) return cudaErrorInvalidValue;
     absorb_blocks = queries.heads * ((absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs);
   }
   return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks + absorb_blocks), dim3(kRowThreads), 0, stream,

@@ -74,9 +74,10 @@ struct QueryAbsorbParams {
   int rank = 0;
 };
 
-// Whether LaunchWriteKvCache forms absorbed queries with `nope` values a head: a power of two from 8
-// to 128 (each 16-byte piece of a weight row goes to one lane, a row to at most 16 lanes).
-bool CanAbsorbQueries(int nope);
+// Whether LaunchWriteKvCache takes `absorb` with these queries: 1..kMaxAbsorbRows rows, nope
+// (qk_dim - rope_dim) a power of two from 8 to 128 (each 16-byte piece of a weight row goes to one
+// lane, a row to at most 16 lanes), and 16-byte aligned pieces of weights and queries.
+bool CanAbsorbQueries(const QueryRopeParams& queries, int rope_dim, const QueryAbsorbParams& absorb);
 
 // kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output; rows kv_row_stride apart) ->
 // for each row, the latent part RMS-normalised with `latent_norm` (eps 1e-6) and the rope key

@@ -5,6 +5,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/bf16.cuh"
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
@@ -12,6 +13,7 @@
 namespace cohort {
 namespace {
 
+using kernels::Bf16x8ToFloat;
 using kernels::LaunchPdl;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
@@ -377,16 +379,6 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
 // ---------------------------------------------------------------------------------------- combine
 
 constexpr int kCombineThreads = 256;
-
-__device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float* out) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
 
 struct CombineArgs {
   const __nv_bfloat16* expert_out;

@@ -199,6 +199,35 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
   }
 }
 
+// Host only: which absorbed-query launches the cache write takes (the engine asks before it passes
+// them, and falls back to a separate product).
+TEST(ElementwiseTest, AbsorbedQueriesOnlyInTheShapesTheKernelHandles) {
+  auto address = [](uintptr_t a) { return reinterpret_cast<__nv_bfloat16*>(a); };
+  alignas(16) static float source[16];
+  const kernels::QueryRopeParams from_source{address(0x1000), 16, 192, source, 16 * 192 + 576};
+  const kernels::QueryAbsorbParams absorb{address(0x2000), address(0x3000), 1, 512};
+  EXPECT_TRUE(kernels::CanAbsorbQueries(from_source, 64, absorb));
+  kernels::QueryAbsorbParams rows = absorb;
+  rows.rows = kernels::kMaxAbsorbRows;
+  EXPECT_TRUE(kernels::CanAbsorbQueries(from_source, 64, rows));
+  rows.rows = kernels::kMaxAbsorbRows + 1;
+  EXPECT_FALSE(kernels::CanAbsorbQueries(from_source, 64, rows)) << "too many rows";
+  rows.rows = 0;
+  EXPECT_FALSE(kernels::CanAbsorbQueries(from_source, 64, rows)) << "no rows";
+  EXPECT_FALSE(kernels::CanAbsorbQueries({address(0x1000), 16, 160, source, 16 * 160 + 576}, 64, absorb))
+      << "nope 96 is not a power of two";
+  EXPECT_FALSE(kernels::CanAbsorbQueries({address(0x1000), 16, 320, source, 16 * 320 + 576}, 64, absorb))
+      << "nope 256 is past the lanes of a warp";
+  EXPECT_FALSE(kernels::CanAbsorbQueries({address(0x1000), 16, 192, source, 16 * 192 + 578}, 64, absorb))
+      << "source rows not 16-byte aligned";
+  kernels::QueryAbsorbParams keys = absorb;
+  keys.absorbed_keys = address(0x2008);
+  EXPECT_FALSE(kernels::CanAbsorbQueries(from_source, 64, keys)) << "weights not 16-byte aligned";
+  const kernels::QueryRopeParams in_place{address(0x1000), 16, 36};  // q LoRA models: q rotated in place
+  EXPECT_FALSE(kernels::CanAbsorbQueries(in_place, 4, absorb)) << "bf16 query rows (36 values) not 16-byte aligned";
+  EXPECT_TRUE(kernels::CanAbsorbQueries({address(0x1000), 16, 48}, 16, absorb));
+}
+
 TEST(ElementwiseTest, TransposeEachMatrixOfABatch) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();

@@ -515,10 +515,8 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   // [h (nope + v), + nope) as [nope, rank], stored transposed ([rank, nope]) in absorbed_keys. For
   // a few tokens the cache-write launch forms them too; else a product after it.
   const int64_t Q = s.absorbed_tokens;
-  kernels::QueryAbsorbParams absorb;
-  if (Q > 0 && Q <= kernels::kMaxAbsorbRows && kernels::CanAbsorbQueries(static_cast<int>(nope))) {
-    absorb = {l.absorbed_keys, ws_.q_latent, static_cast<int>(Q), static_cast<int>(rank)};
-  }
+  kernels::QueryAbsorbParams absorb{l.absorbed_keys, ws_.q_latent, static_cast<int>(Q), static_cast<int>(rank)};
+  if (!kernels::CanAbsorbQueries(queries, static_cast<int>(c.qk_rope_head_dim), absorb)) absorb = {};
 
   // This step's latents go into the cache first, so tokens of one sequence in this step see each
   // other (causally) through the cache like any earlier token; the same launch rotates the queries.
