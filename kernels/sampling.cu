@@ -1,37 +1,57 @@
 // Sampling kernels. See sampling.h for the contract and worker/sampling/sampler.cc for the
 // semantics reproduced here.
 //
-// Work split. A row belongs to a cluster of C blocks (C = 1..8, chosen per launch). Block r copies
-// the slice [r*S, r*S + S) of the row into its shared memory once and works there from then on:
-// every later pass (selects, weights, the draw) reads shared memory, not the row in global memory.
-// Few rows get C = 8, so that a one-row step still spreads over 8 SMs; many rows get the smallest
-// C whose slices fit. Whole-row questions combine the blocks' partial results through distributed
-// shared memory, always in block-rank order, so that every block computes bit-identical sums and
-// takes the same decisions:
+// Two work splits, chosen per launch from the number of rows (LaunchSampling says when):
+//
+// Cluster split (few rows). A row belongs to a cluster of C blocks of 1024 threads (C = 1..8), one
+// block per SM. Block r copies the slice [r*S, r*S + S) of the row into its shared memory once and
+// works there from then on: every later pass (selects, weights, the draw) reads shared memory, not
+// the row in global memory. Few rows get C = 8, so that a one-row step still spreads over 8 SMs;
+// more rows get the smallest C whose slices fit. Whole-row questions combine the blocks' partial
+// results through distributed shared memory, always in block-rank order, so that every block
+// computes bit-identical sums and takes the same decisions. Weights are computed once per token,
+// in place of the logits in shared memory.
+//
+// Row split (many rows: more clusters than the device holds at once). A row belongs to one block
+// of 512 threads, two per SM, that keeps nothing of the row in shared memory: each pass streams it
+// from global memory. Penalised tokens are marked in a shared bitmap, left out of the stream and
+// visited again from their penalty entries with their penalised logits; weights are computed on
+// the fly, and the logits are never written. Passes are few: the first computes the log-sum-exp,
+// the argmax and the first digit of the row's first select together, and a select's first digit
+// usually leaves few tokens that can still matter. When those are at most kListCapacity, they are
+// gathered into shared memory in id order (the list), and the select's later digits, the weights,
+// top-p and the draw work there as on a slice.
+//
+// Both splits run the same selects, weights and draw, templated on where the values live (a
+// slice, the list, or the row in global memory):
 //   - every "best k" question (top-k over penalised logits, the top logprobs over raw logits, the
 //     top-p cut over weights) is a radix select on order-preserving keys, 11-bit digits, three
-//     levels. Each block histograms its slice (lanes with equal digits combined before the
-//     atomics); the blocks then read each other's 64 super-bin sums and the 32 bins of the chosen
-//     super-bin: two small reads per digit rather than 2048 bins per block. Ties at a cut go to
-//     the lowest ids through a second select on the ids.
-//   - the draw: each block sums its kept weight; the block whose range holds the target scans its
-//     slice in 128-token chunks.
-// Weights are computed once per token, in place of the logits in shared memory.
+//     levels. Each block histograms its values (lanes with equal digits combined before the
+//     atomics); a cluster's blocks then read each other's 64 super-bin sums and the 32 bins of the
+//     chosen super-bin: two small reads per digit rather than 2048 bins per block. Ties at a cut go
+//     to the lowest ids through a second select on the ids.
+//   - the draw: each block sums its kept weight in 128-token chunks; the block whose range holds
+//     the target finds the chunk, and one warp the token.
 //
-// Exchanges. Cluster-wide steps alternate between two slots and each ends with one cluster
-// barrier: step e fills slot e % 2 after barrier e - 1, which every block reached only after
-// reading what step e - 2 left in that slot. Small results (row summaries, draw masses,
+// Exchanges (cluster split). Cluster-wide steps alternate between two slots and each ends with one
+// cluster barrier: step e fills slot e % 2 after barrier e - 1, which every block reached only
+// after reading what step e - 2 left in that slot. Small results (row summaries, draw masses,
 // top-logprob lists) are pushed into the other blocks' slots before the barrier, so after the last
-// step no block reads another's memory and each may exit at once.
+// step no block reads another's memory and each may exit at once. A row block runs the same steps
+// with block barriers.
 //
 // Greedy-only launches use a lighter kernel: one streaming pass over global memory per row slice,
-// the argmax and log-sum-exp combined in the cluster, nothing kept in shared memory.
+// the argmax and log-sum-exp combined in the cluster, nothing kept in shared memory; one plain
+// block per row once the rows alone fill the device.
 //
 // Weights are floats like the CPU's std::exp on float: evaluated in double and rounded once
 // (ExpNonPositive), they are the correctly rounded exponential, which glibc's expf (0.502 ulp)
 // differs from in the last bit for about 1 input in 2000. Sums are in double like the CPU's, in a
-// different order (differences near 1e-16 relative). Either only matters where a cumulative sum
-// lands within about 1e-8 of its target: near-ties, where the device may pick the neighbour.
+// different order (differences near 1e-16 relative), which also differs between the splits and
+// cluster sizes, and between runs where double atomics add (the top-p histograms' weights; in the
+// row split, penalised tokens' weights in the draw's chunk sums). Either only matters where a
+// cumulative sum lands within about 1e-8 of its target: near-ties, where the device may pick the
+// neighbour.
 #include "kernels/sampling.h"
 
 #include <cuda_pipeline.h>
@@ -42,19 +62,22 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/launch_setup.h"
 #include "kernels/reduce.cuh"
 
 namespace cohort {
 
-// SampleKernel's dynamic shared memory: SharedStorage, then the block's slice of the row.
+// The sample kernels' dynamic shared memory: SharedStorage, then the cluster split's slice of the
+// row, or the row split's RowScratch and penalty bitmap.
 extern __shared__ __align__(16) unsigned char sampling_shared_memory[];
 
 namespace {
 
-constexpr int kThreads = 1024;  // SampleKernel: one block per SM, its slice in shared memory
-constexpr int kWarps = kThreads / 32;
+constexpr int kClusterThreads = 1024;  // a cluster block: one per SM, its slice in shared memory
+constexpr int kRowThreads = 512;       // a row block: two per SM, its row in global memory
+constexpr int kRowUnroll = 4;          // float4 loads in flight per thread in a row pass
 constexpr int kGreedyThreads = 512;
 constexpr int kGreedyUnroll = 8;  // float4 loads in flight per thread
 constexpr int kMaxCluster = 8;    // the portable cluster size
@@ -65,27 +88,35 @@ constexpr int kBinsPerSuper = kBins / kSuperBins;
 constexpr int kIdBits = 18;
 constexpr uint32_t kIdMask = (1u << kIdBits) - 1;
 constexpr int kChunk = 128;       // tokens per draw chunk: one float4 per lane of a warp
-constexpr int kMaxSlice = 40960;  // floats of a row per block: with SharedStorage, within 227 KiB
-constexpr int kMaxChunks = kMaxSlice / kChunk;
-constexpr int kMinSlice = 2048;  // rows are not split into smaller slices than this
+constexpr int kMaxSlice = 40960;  // floats of a row per cluster block: with SharedStorage, within 227 KiB
+constexpr int kMaxSliceChunks = kMaxSlice / kChunk;
+constexpr int kMaxRowChunks = kSamplingMaxVocab / kChunk;
+constexpr int kMinSlice = 2048;      // rows are not split into smaller slices than this
+constexpr int kListCapacity = 2048;  // the row split's candidates in shared memory
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kSamplingMaxVocab == (1 << kIdBits), "token ids are kIdBits wide");
 static_assert(kMaxSlice * kMaxCluster >= kSamplingMaxVocab, "the largest vocabulary fits in one cluster");
-static_assert(kMaxSlice % kChunk == 0, "whole draw chunks");
-static_assert(kBins == 2 * kThreads, "each thread clears and sums two bins");
+static_assert(kMaxSlice % kChunk == 0 && kListCapacity % kChunk == 0, "whole draw chunks");
+static_assert(kListCapacity / kChunk <= kMaxSliceChunks, "the list's draw chunks fit SharedStorage's");
+static_assert(kBins % kClusterThreads == 0 && kBins % kRowThreads == 0, "each thread clears and sums whole bins");
 static_assert(kSuperBins == 64 && kBinsPerSuper == 32, "two super-bins per lane, one bin per lane");
+static_assert(kBinsPerSuper % (kBins / kRowThreads) == 0, "a super-bin's bins belong to whole threads");
 static_assert(kChunk == 4 * 32, "a chunk is one float4 per lane");
-static_assert(kMaxChunks <= kThreads, "one thread per chunk in the draw's scan");
 
 __device__ __forceinline__ int MinInt(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int MaxInt(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int Lane() { return static_cast<int>(threadIdx.x) & 31; }
 __device__ __forceinline__ int Warp() { return static_cast<int>(threadIdx.x) >> 5; }
 
-// The same object in the shared memory of block `rank` of this block's cluster.
-template <class T>
+// The same object in the shared memory of block `rank` of this block's cluster; a block outside a
+// cluster (rank 0) has only its own.
+template <bool kCluster, class T>
 __device__ __forceinline__ T* AtRank(T* local, int rank) {
-  return static_cast<T*>(__cluster_map_shared_rank(local, static_cast<unsigned>(rank)));
+  if constexpr (kCluster) {
+    return static_cast<T*>(__cluster_map_shared_rank(local, static_cast<unsigned>(rank)));
+  } else {
+    return local;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,6 +168,29 @@ __device__ __forceinline__ float PenalisedLogit(float logit, const SamplingPenal
   }
   return logit;
 }
+
+// A set's first members in (key descending, id ascending) order: key above `key`, or equal with
+// id <= `id`.
+struct Cut {
+  bool active = false;
+  uint32_t key = 0;
+  int id = INT_MAX;
+  __device__ __forceinline__ bool Keeps(uint32_t k, int t) const { return !active || k > key || (k == key && t <= id); }
+};
+
+// What top-k and min-p keep, with Sampler::Draw's weights: 0 for the tokens they drop (the best
+// weighs 1, so min-p keeps weight >= min_p).
+struct Survivors {
+  Cut top_k;
+  float best;
+  float temperature;
+  float min_p;
+  __device__ __forceinline__ float WeightOf(float logit, int t, const double* exp_table) const {
+    if (!top_k.Keeps(OrderedKey(logit), t)) return 0.0f;
+    const float w = Weight(logit, best, temperature, exp_table);
+    return w < min_p ? 0.0f : w;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. Block collectives are called by every thread of the block and give every thread
@@ -226,8 +280,8 @@ __device__ __forceinline__ T BlockAllReduce(T v, Op op, unsigned char* scratch) 
   return all;
 }
 
-// Exclusive prefix sum over the threads of a kThreads block in thread order; *total gets the sum.
-template <class T>
+// Exclusive prefix sum over the threads of a kBlockThreads block in thread order; *total gets the sum.
+template <int kBlockThreads, class T>
 __device__ __forceinline__ T BlockExclusiveSum(T v, T* total, unsigned char* scratch) {
   const T inclusive = kernels::WarpInclusiveSum(v);
   T exclusive = __shfl_up_sync(kFullMask, inclusive, 1);
@@ -238,7 +292,7 @@ __device__ __forceinline__ T BlockExclusiveSum(T v, T* total, unsigned char* scr
   __syncthreads();
   T before = T(0);
   T all = T(0);
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < kBlockThreads / 32; ++w) {
     if (w == Warp()) before = all;
     all += slots[w];
   }
@@ -310,7 +364,7 @@ __device__ __forceinline__ RowStats CombineSummaries(const RowSummary* summaries
 }
 
 // ---------------------------------------------------------------------------------------------
-// SampleKernel's shared memory
+// The sample kernels' shared memory
 
 struct ListEntry {
   int32_t id;
@@ -334,6 +388,22 @@ struct alignas(16) ExchangeSlot {
   TopList top[kMaxCluster];  // rank 0's slot only
 };
 
+// Where a row's result goes.
+struct RowOutput {
+  const float* logits;  // the row's raw logits
+  SamplingRowResult* result;
+  int vocab;
+};
+
+// The row split's row: in global memory, penalised tokens marked in PenaltyBitmap().
+struct RowInfo {
+  const float* logits;
+  const SamplingPenaltyToken* penalties;  // the row's entries of SamplingArgs::penalty_tokens
+  const SamplingRowParams* params;
+  int penalty_count;  // 0: no penalties, nothing marked
+  bool aligned;       // 16-byte aligned: whole quads load as float4
+};
+
 struct BinChoice {
   int index;              // in descending order
   uint32_t count_before;  // keys in earlier (higher) items of this digit
@@ -343,47 +413,305 @@ struct BinChoice {
 
 struct SharedStorage {
   ExchangeSlot exchange[2];
-  double chunk_mass[kMaxChunks];    // the draw: kept weight of each chunk of the slice
-  double chunk_before[kMaxChunks];  // ... and of the slice's chunks before it
-  double exp_table[32];             // 2^(i/32)
-  alignas(16) unsigned char reduce[kWarps * 16];
+  double chunk_mass[kMaxSliceChunks];  // the draw over a slice or the list: kept weight of each chunk
+  double exp_table[32];                // 2^(i/32)
+  alignas(16) unsigned char reduce[(kClusterThreads / 32) * 16];
   BinChoice choice;
   double target;
+  double scan_from;  // the draw: kept weight before the chunk that one warp scans
   ListEntry top[kSamplingMaxTopLogprobs];
   int top_count;
   int outbox;  // the slot this block fills for the coming exchange
   int pick;
   int fallback;
+  int list_size;
+  // Set by thread 0, which writes the result: rather than held in registers across calls.
+  RowOutput output;
+  RowStats stats;
+  // The row split: its row, and what turns its penalised logits into weights.
+  RowInfo row;
+  Survivors keep;
+};
+
+// The row split's candidates, in id order after the gather.
+struct CandidateList {
+  float values[kListCapacity];
+  int32_t ids[kListCapacity];
+};
+
+// The row split's shared memory after SharedStorage, before the penalty bitmap: the list, or the
+// whole row's draw chunks when the draw runs over the row (there is no list then).
+struct RowScratch {
+  union alignas(16) {
+    CandidateList list;
+    double chunk_mass[kMaxRowChunks];
+  } u;
+  float scan[kChunk];  // the draw's scan over the row: the weights of one chunk's penalised tokens
 };
 
 constexpr size_t kSliceOffset = (sizeof(SharedStorage) + 15) / 16 * 16;
 constexpr size_t kMaxSharedBytes = kSliceOffset + sizeof(float) * kMaxSlice;
 static_assert(kMaxSharedBytes <= 227 * 1024, "a block may have 227 KiB of shared memory on sm_90");
+constexpr size_t kBitmapOffset = kSliceOffset + (sizeof(RowScratch) + 15) / 16 * 16;
+// A row block's shared memory: bit t of the bitmap marks a penalised token t.
+constexpr size_t RowSharedBytes(int vocab) {
+  return kBitmapOffset + sizeof(uint32_t) * static_cast<size_t>((vocab + 31) / 32);
+}
+constexpr size_t kRowMaxSharedBytes = RowSharedBytes(kSamplingMaxVocab);
+static_assert(2 * (kRowMaxSharedBytes + 1024) <= 228 * 1024, "two row blocks per SM (228 KiB, 1 KiB each reserved)");
 
 __device__ __forceinline__ SharedStorage& Smem() { return *reinterpret_cast<SharedStorage*>(sampling_shared_memory); }
-// The slice: raw logits, then penalised logits, then weights (0 for tokens that are not kept).
+// The cluster split's slice: raw logits, then penalised logits, then weights (0 for tokens that
+// are not kept).
 __device__ __forceinline__ float* SliceValues() {
   return reinterpret_cast<float*>(sampling_shared_memory + kSliceOffset);
+}
+__device__ __forceinline__ RowScratch& Scratch() {
+  return *reinterpret_cast<RowScratch*>(sampling_shared_memory + kSliceOffset);
+}
+__device__ __forceinline__ uint32_t* PenaltyBitmap() {
+  return reinterpret_cast<uint32_t*>(sampling_shared_memory + kBitmapOffset);
 }
 
 __device__ __forceinline__ ExchangeSlot& Outbox() { return Smem().exchange[Smem().outbox]; }
 
+// Thread 0 (which set s.output and s.stats): the row's token, with the log-softmax of its raw logit.
+__device__ __forceinline__ void WriteToken(int token) {
+  const SharedStorage& s = Smem();
+  token = MinInt(MaxInt(token, 0), s.output.vocab - 1);
+  const double logprob = static_cast<double>(s.output.logits[token]) - s.stats.log_normalizer;
+  *s.output.result = SamplingRowResult{token, static_cast<float>(logprob)};
+}
+
 // Ends an exchange; returns the slot that now holds what every block published, until the end of
 // the next exchange. Every thread of every block of the cluster calls it the same number of times.
+template <bool kCluster>
 __device__ __forceinline__ int Exchange() {
   SharedStorage& s = Smem();
   const int slot = s.outbox;
   __syncthreads();  // every thread has read `outbox`
   if (threadIdx.x == 0) s.outbox = slot ^ 1;
-  __cluster_barrier_arrive();  // release: this block's writes, local and pushed
-  __cluster_barrier_wait();    // acquire: everyone's
+  if constexpr (kCluster) {
+    __cluster_barrier_arrive();  // release: this block's writes, local and pushed
+    __cluster_barrier_wait();    // acquire: everyone's
+  } else {
+    __syncthreads();
+  }
   return slot;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Cluster-wide radix select over kBits-bit keys, largest first: digit levels of up to 11 bits from
-// the top. A count select finds the need-th key; a mass select the key where the running weight,
-// in key order, first reaches a target (top-p's "cumulative >= target").
+// Where a block's values live
+//
+// A store says how many threads its block has and whether the block is in a cluster (blocks,
+// rank); it holds n values and visits them: Visit(f) calls f(in, id, value) for each, every thread
+// of the block calling f equally often so that warp collectives inside f see whole warps (`in`
+// false: no value this time). The draw reads a store in chunks of 128 values in id order:
+// ChunkValues for the sums, ScanValues (one warp) for the scan of one chunk.
+
+// Values in shared memory, rewritten in place (raw logits, penalised logits, weights): the cluster
+// split's slice, ids begin + i, or the row split's list, ids listed.
+template <bool kListed>
+struct SharedValues {
+  static constexpr int kThreads = kListed ? kRowThreads : kClusterThreads;
+  static constexpr bool kCluster = !kListed;
+  static constexpr bool kPenaltiesApart = false;  // ChunkValues covers every value
+  int begin;  // the slice's first token id
+  int n;
+  int blocks;
+  int rank;
+
+  __device__ float* Values() const {
+    if constexpr (kListed) {
+      return Scratch().u.list.values;
+    } else {
+      return SliceValues();
+    }
+  }
+  __device__ int Id(int i) const {
+    if constexpr (kListed) {
+      return Scratch().u.list.ids[i];
+    } else {
+      return begin + i;
+    }
+  }
+  __device__ double* ChunkMass() const { return Smem().chunk_mass; }
+
+  template <class F>
+  __device__ void Visit(F&& f) const {
+    const float* values = Values();
+    for (int base = 0; base < n; base += kThreads) {
+      const int i = base + static_cast<int>(threadIdx.x);
+      const bool in = i < n;
+      f(in, in ? Id(i) : 0, in ? values[i] : 0.0f);
+    }
+  }
+  // The lane's four values of chunk c (0 past the end) and their ids.
+  __device__ void ChunkValues(int c, float (&w)[4], int (&id)[4]) const {
+    const float4 w4 = reinterpret_cast<const float4*>(Values())[c * (kChunk / 4) + Lane()];
+    const float v[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = c * kChunk + 4 * Lane() + e;
+      w[e] = i < n ? v[e] : 0.0f;
+      id[e] = Id(i);
+    }
+  }
+  __device__ void ScanValues(int c, float (&w)[4], int (&id)[4]) const { ChunkValues(c, w, id); }
+};
+using SliceStore = SharedValues<false>;
+using ListStore = SharedValues<true>;
+
+// The row split's row, as a store of raw logits, penalised logits, or weights (SharedStorage's
+// `keep`, computed on the fly). The row stays in global memory and is streamed in passes;
+// penalised tokens are marked in the bitmap, left out of the stream and visited again from their
+// penalty entries. A pass reads what it needs about the row from SharedStorage when it starts, so
+// that none of it is held in registers across the kernel's calls.
+
+// f(in, marked, t, logit) for the row's tokens, every thread calling it equally often (`in` false
+// past the row's end; `marked` only when `marks`), kUnroll float4 loads in flight per thread.
+template <int kUnroll, class F>
+__device__ __forceinline__ void StreamRow(const RowInfo& row, int n, bool marks, F&& f) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int quads = (n + 3) >> 2;
+  for (int base = 0; base < quads; base += kRowThreads * kUnroll) {
+    float v[kUnroll][4];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int q = base + u * kRowThreads + tid;
+      if (q < quads) {
+        LoadQuad(row.logits, n, row.aligned, q, v[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[u][e] = -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int q = base + u * kRowThreads + tid;
+      const uint32_t word = marks && q < quads ? PenaltyBitmap()[q >> 3] : 0u;  // tokens 4q..4q+3
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = 4 * q + e;
+        f(t < n, ((word >> (t & 31)) & 1u) != 0u, t, v[u][e]);
+      }
+    }
+  }
+}
+
+// f(in, t, penalised logit) for each of the row's penalty entries, every thread calling it equally
+// often.
+template <class F>
+__device__ __forceinline__ void VisitPenaltyEntries(const RowInfo& row, int n, F&& f) {
+  for (int base = 0; base < row.penalty_count; base += kRowThreads) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    SamplingPenaltyToken pt{};
+    if (e < row.penalty_count) pt = row.penalties[e];
+    const bool in = e < row.penalty_count && pt.token >= 0 && pt.token < n;
+    f(in, pt.token, in ? PenalisedLogit(row.logits[pt.token], pt, *row.params) : 0.0f);
+  }
+}
+
+enum class RowValues { kRaw, kPenalised, kWeights };
+
+struct RowStoreTraits {
+  static constexpr int kThreads = kRowThreads;
+  static constexpr bool kCluster = false;
+  static constexpr bool kPenaltiesApart = true;  // ChunkValues leaves them out, VisitPenalised visits them
+  static constexpr int blocks = 1;
+  static constexpr int rank = 0;
+};
+
+template <RowValues kValues>
+struct RowStore : RowStoreTraits {
+  // Loads in flight per thread: fewer for weights, which the exponentials bound.
+  static constexpr int kUnroll = kValues == RowValues::kWeights ? kRowUnroll / 2 : kRowUnroll;
+  int n;  // the vocabulary
+
+  __device__ explicit RowStore(int vocab) : n(vocab) {}
+
+  // Token t's value from its penalised logit.
+  __device__ static float Value(const Survivors& keep, int t, float penalised) {
+    if constexpr (kValues == RowValues::kWeights) {
+      return keep.WeightOf(penalised, t, Smem().exp_table);
+    } else {
+      return penalised;
+    }
+  }
+
+  template <class F>
+  __device__ void Visit(F&& f) const {
+    constexpr bool kPenalised = kValues != RowValues::kRaw;  // raw logits: every token from the stream
+    const SharedStorage& s = Smem();
+    const RowInfo row = s.row;
+    const Survivors keep = s.keep;
+    StreamRow<kUnroll>(row, n, kPenalised && row.penalty_count > 0, [&](bool in, bool marked, int t, float logit) {
+      const bool here = in && !marked;
+      f(here, t, here ? Value(keep, t, logit) : 0.0f);
+    });
+    if constexpr (kPenalised) {
+      VisitPenaltyEntries(row, n, [&](bool in, int t, float penalised) {
+        f(in, t, in ? Value(keep, t, penalised) : 0.0f);
+      });
+    }
+  }
+  // f(t, value) for each penalised token, spread over the block's threads.
+  template <class F>
+  __device__ void VisitPenalised(F&& f) const {
+    const SharedStorage& s = Smem();
+    const Survivors keep = s.keep;
+    VisitPenaltyEntries(s.row, n, [&](bool in, int t, float penalised) {
+      if (in) f(t, Value(keep, t, penalised));
+    });
+  }
+  // The lane's four values of chunk c and their ids; 0 past the end and for penalised tokens.
+  __device__ void ChunkValues(int c, float (&w)[4], int (&id)[4]) const {
+    const SharedStorage& s = Smem();
+    const RowInfo row = s.row;
+    const int q = c * (kChunk / 4) + Lane();
+    const Survivors keep = s.keep;
+    float raw[4];
+    LoadQuad(row.logits, n, row.aligned, q, raw);
+    const uint32_t word = row.penalty_count > 0 && 4 * q < n ? PenaltyBitmap()[q >> 3] : 0u;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = 4 * q + e;
+      id[e] = t;
+      w[e] = t < n && ((word >> (t & 31)) & 1u) == 0u ? Value(keep, t, raw[e]) : 0.0f;
+    }
+  }
+  // ChunkValues with the chunk's penalised tokens too, found among the penalty entries by the warp.
+  __device__ void ScanValues(int c, float (&w)[4], int (&id)[4]) const {
+    ChunkValues(c, w, id);
+    const SharedStorage& s = Smem();
+    const RowInfo row = s.row;
+    const int q = c * (kChunk / 4) + Lane();
+    const uint32_t word = row.penalty_count > 0 && 4 * q < n ? PenaltyBitmap()[q >> 3] : 0u;
+    const uint32_t mine = (word >> ((4 * q) & 31)) & 0xfu;
+    if (__ballot_sync(kFullMask, mine != 0u) == 0u) return;
+    float* scan = Scratch().scan;
+    for (int e = Lane(); e < row.penalty_count; e += 32) {
+      const SamplingPenaltyToken pt = row.penalties[e];
+      const int i = pt.token - c * kChunk;
+      if (i >= 0 && i < kChunk && pt.token < n) {
+        scan[i] = Value(s.keep, pt.token, PenalisedLogit(row.logits[pt.token], pt, *row.params));
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (((mine >> e) & 1u) != 0u) w[e] = scan[4 * Lane() + e];
+    }
+    __syncwarp();  // read before the next chunk's entries are written
+  }
+  __device__ double* ChunkMass() const { return Scratch().u.chunk_mass; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Radix select over kBits-bit keys, largest first: digit levels of up to 11 bits from the top,
+// over a store's values, combined over the cluster. A count select finds the need-th key; a mass
+// select the key where the running weight, in key order, first reaches a target (top-p's
+// "cumulative >= target").
 
 enum class Rank { kCount, kMassAtLeast };
 
@@ -401,10 +729,17 @@ struct SelectState {
   uint32_t prefix = 0;    // the digits decided so far, in place
   int level = 0;          // the next level to histogram
   uint32_t need = 0;      // count select: rank still wanted among keys matching the prefix
+  uint32_t above = 0;     // keys above the prefix: with `group`, the keys that are at least it
   uint32_t group = 0;     // keys matching the prefix (after the last level: equal to it)
   double mass_above = 0;  // mass select: weight of the keys above the prefix
   double target = 0;      // mass select: top_p times the total weight
 };
+
+__device__ __forceinline__ SelectState CountSelect(int need) {
+  SelectState st;
+  st.need = static_cast<uint32_t>(need);
+  return st;
+}
 
 template <int kBits>
 __device__ __forceinline__ bool MatchesPrefix(uint32_t key, const SelectState& st) {
@@ -452,43 +787,60 @@ __device__ __forceinline__ void AddToBin(ExchangeSlot& out, int bin, float mass)
   if (leader) atomicAdd(&out.count[bin], static_cast<uint32_t>(__popc(peers)));
 }
 
-// This block's histogram of the current digit of the keys that match the prefix, in the outbox,
-// with its super-bin sums. key_of(i, &key, &mass) says whether slice value i is in the set.
-template <int kBits, bool kMass, class KeyOf>
-__device__ __forceinline__ void BuildHistogram(const SelectState& st, int n, KeyOf&& key_of) {
-  ExchangeSlot& out = Outbox();
-  const int first = 2 * static_cast<int>(threadIdx.x);
-  out.count[first] = 0u;
-  out.count[first + 1] = 0u;
-  if constexpr (kMass) {
-    out.mass[first] = 0.0;
-    out.mass[first + 1] = 0.0;
-  }
-  __syncthreads();
-  // Whole warps take part in every step (AddToBin needs them).
-  for (int base = 0; base < n; base += kThreads) {
-    const int i = base + static_cast<int>(threadIdx.x);
-    uint32_t key = 0;
-    float mass = 0.0f;
-    int bin = -1;
-    if (i < n && key_of(i, &key, &mass) && MatchesPrefix<kBits>(key, st)) {
-      bin = kBins - 1 - static_cast<int>(DigitOf<kBits>(key, st.level));
-    }
-    AddToBin<kMass>(out, bin, mass);
-  }
-  __syncthreads();
-  // 16 threads per super-bin, two bins each.
-  uint32_t count = out.count[first] + out.count[first + 1];
-  double mass = kMass ? out.mass[first] + out.mass[first + 1] : 0.0;
+// Each thread of a kThreads block owns kBins / kThreads consecutive bins.
+template <int kThreads, bool kMass>
+__device__ __forceinline__ void ClearBins(ExchangeSlot& out) {
+  constexpr int kPerThread = kBins / kThreads;
+  const int first = kPerThread * static_cast<int>(threadIdx.x);
 #pragma unroll
-  for (int o = 8; o > 0; o >>= 1) {
+  for (int j = 0; j < kPerThread; ++j) {
+    out.count[first + j] = 0u;
+    if constexpr (kMass) out.mass[first + j] = 0.0;
+  }
+}
+
+// After the atomics: the super-bin sums, each over the threads that own its bins.
+template <int kThreads, bool kMass>
+__device__ __forceinline__ void SumSuperBins(ExchangeSlot& out) {
+  constexpr int kPerThread = kBins / kThreads;
+  constexpr int kGroup = kBinsPerSuper / kPerThread;  // threads per super-bin
+  __syncthreads();
+  const int first = kPerThread * static_cast<int>(threadIdx.x);
+  uint32_t count = out.count[first];
+  double mass = kMass ? out.mass[first] : 0.0;
+#pragma unroll
+  for (int j = 1; j < kPerThread; ++j) {
+    count += out.count[first + j];
+    if constexpr (kMass) mass += out.mass[first + j];
+  }
+#pragma unroll
+  for (int o = kGroup / 2; o > 0; o >>= 1) {
     count += __shfl_xor_sync(kFullMask, count, o);
     if constexpr (kMass) mass += ShflXor(mass, o);
   }
-  if ((threadIdx.x & 15) == 0) {
-    out.super_count[threadIdx.x >> 4] = count;
-    if constexpr (kMass) out.super_mass[threadIdx.x >> 4] = mass;
+  if (static_cast<int>(threadIdx.x) % kGroup == 0) {
+    out.super_count[threadIdx.x / kGroup] = count;
+    if constexpr (kMass) out.super_mass[threadIdx.x / kGroup] = mass;
   }
+}
+
+// This block's histogram of the current digit of the keys that match the prefix, in the outbox,
+// with its super-bin sums. key_of(id, value, &key, &mass) says whether a value is in the set.
+template <int kBits, bool kMass, class Store, class KeyOf>
+__device__ __forceinline__ void BuildHistogram(const SelectState& st, const Store& store, KeyOf&& key_of) {
+  ExchangeSlot& out = Outbox();
+  ClearBins<Store::kThreads, kMass>(out);
+  __syncthreads();
+  store.Visit([&](bool in, int id, float value) {
+    uint32_t key = 0;
+    float mass = 0.0f;
+    int bin = -1;
+    if (in && key_of(id, value, &key, &mass) && MatchesPrefix<kBits>(key, st)) {
+      bin = kBins - 1 - static_cast<int>(DigitOf<kBits>(key, st.level));
+    }
+    AddToBin<kMass>(out, bin, mass);
+  });
+  SumSuperBins<Store::kThreads, kMass>(out);
 }
 
 // One warp: lane l holds items kPer*l .. kPer*l + kPer - 1 (descending key order) with their key
@@ -560,18 +912,19 @@ __device__ __forceinline__ BinChoice FindInWarp(const uint32_t (&count)[kPer], c
 // Ends a level whose histogram is in the outbox: every block reads all blocks' super-bins, then
 // the bins of the chosen one, summed in rank order, and takes the same decision. A mass select's
 // first level also sets st.target = top_p * the total weight.
-template <int kBits, Rank kRank>
+template <int kBits, Rank kRank, bool kCluster>
 __device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double top_p) {
   constexpr bool kMass = kRank != Rank::kCount;
+  constexpr int kRanks = kCluster ? kMaxCluster : 1;
   SharedStorage& s = Smem();
-  const int slot = Exchange();
+  const int slot = Exchange<kCluster>();
   if (Warp() == 0) {
     uint32_t super_count[2] = {0u, 0u};
     double super_mass[2] = {0.0, 0.0};
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) {
+    for (int r = 0; r < kRanks; ++r) {
       if (r < blocks) {
-        const ExchangeSlot* in = AtRank(&s.exchange[slot], r);
+        const ExchangeSlot* in = AtRank<kCluster>(&s.exchange[slot], r);
         const uint2 c = reinterpret_cast<const uint2*>(in->super_count)[Lane()];
         super_count[0] += c.x;
         super_count[1] += c.y;
@@ -589,9 +942,9 @@ __device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double
     double bin_mass[1] = {0.0};
     const int bin = super.index * kBinsPerSuper + Lane();
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) {
+    for (int r = 0; r < kRanks; ++r) {
       if (r < blocks) {
-        const ExchangeSlot* in = AtRank(&s.exchange[slot], r);
+        const ExchangeSlot* in = AtRank<kCluster>(&s.exchange[slot], r);
         bin_count[0] += in->count[bin];
         if constexpr (kMass) bin_mass[0] += in->mass[bin];
       }
@@ -609,80 +962,81 @@ __device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double
   st.target = s.target;
   st.prefix |= static_cast<uint32_t>(kBins - 1 - choice.index) << Radix<kBits>::Shift(st.level);
   st.need -= choice.count_before;
+  st.above += choice.count_before;
   st.mass_above = choice.mass_before;
   st.group = choice.count_in;
   ++st.level;
 }
 
-// A set's first members in (key descending, id ascending) order: key above `key`, or equal with
-// id <= `id`.
-struct Cut {
-  bool active = false;
-  uint32_t key = 0;
-  int id = INT_MAX;
-  __device__ __forceinline__ bool Keeps(uint32_t k, int t) const { return !active || k > key || (k == key && t <= id); }
-};
-
-// The need-th lowest token id among the slice values for which is_tied(i) holds, over the cluster.
-template <class IsTied>
-__device__ __forceinline__ int SelectTiedId(uint32_t need, const Slice& slice, IsTied&& is_tied) {
+// The need-th lowest token id among the store's values for which is_tied(value) holds, over the
+// cluster.
+template <class Store, class IsTied>
+__device__ __noinline__ int SelectTiedId(uint32_t need, const Store store, const IsTied is_tied) {
   SelectState st;
   st.need = need;
 #pragma unroll 1
   for (int level = 0; level < Radix<kIdBits>::kLevels; ++level) {
-    BuildHistogram<kIdBits, false>(st, slice.n, [&](int i, uint32_t* key, float*) {
-      if (!is_tied(i)) return false;
-      *key = kIdMask - static_cast<uint32_t>(slice.begin + i);  // the lowest id has the largest key
+    BuildHistogram<kIdBits, false>(st, store, [&](int id, float value, uint32_t* key, float*) {
+      if (!is_tied(value)) return false;
+      *key = kIdMask - static_cast<uint32_t>(id);  // the lowest id has the largest key
       return true;
     });
-    ResolveLevel<kIdBits, Rank::kCount>(st, slice.blocks, 0.0);
+    ResolveLevel<kIdBits, Rank::kCount, Store::kCluster>(st, store.blocks, 0.0);
   }
   return static_cast<int>(kIdMask - st.prefix);
 }
 
-// The `need` largest slice values of the row in (value descending, id ascending) order, as a cut:
-// top-k over the penalised logits, the top logprobs over the raw ones.
-__device__ __noinline__ Cut SelectLargest(uint32_t need, const Slice slice) {
-  const float* values = SliceValues();
-  SelectState st;
-  st.need = need;
+// One level of a count select over the values' OrderedKeys; not inlined, as a pass over the row
+// wants the registers to itself.
+template <class Store>
+__device__ __noinline__ SelectState LargestLevel(SelectState st, const Store store) {
+  BuildHistogram<32, false>(st, store, [](int, float value, uint32_t* key, float*) {
+    *key = OrderedKey(value);
+    return true;
+  });
+  ResolveLevel<32, Rank::kCount, Store::kCluster>(st, store.blocks, 0.0);
+  return st;
+}
+
+// The rest of a count select (CountSelect(need), or further): the `need` largest values of the row
+// in (value descending, id ascending) order, as a cut: top-k over the penalised logits, the top
+// logprobs over the raw ones.
+template <class Store>
+__device__ __noinline__ Cut FinishLargest(SelectState st, const Store store) {
 #pragma unroll 1
-  for (int level = 0; level < Radix<32>::kLevels; ++level) {
-    BuildHistogram<32, false>(st, slice.n, [&](int i, uint32_t* key, float*) {
-      *key = OrderedKey(values[i]);
-      return true;
-    });
-    ResolveLevel<32, Rank::kCount>(st, slice.blocks, 0.0);
-  }
+  while (st.level < Radix<32>::kLevels) st = LargestLevel(st, store);
   Cut cut{true, st.prefix, INT_MAX};
   if (st.need < st.group) {
     const uint32_t key = st.prefix;
-    cut.id = SelectTiedId(st.need, slice, [&](int i) { return OrderedKey(values[i]) == key; });
+    cut.id = SelectTiedId(st.need, store, [key](float value) { return OrderedKey(value) == key; });
   }
   return cut;
 }
 
-// Top-p over the weights in the slices (Sampler::KeepTopP): (weight descending, id ascending)
-// until the running weight reaches top_p times the total. Tokens of weight 0 are not kept anyway,
-// so only positive weights take part. A weight's bits are ordered like it and, as weights are at
-// most 1, fit in kWeightBits: the first digit spans only the exponents and mantissas weights have.
+// Top-p over weights (Sampler::KeepTopP): (weight descending, id ascending) until the running
+// weight reaches top_p times the total. Tokens of weight 0 are not kept anyway, so only positive
+// weights take part. A weight's bits are ordered like it and, as weights are at most 1, fit in
+// kWeightBits: the first digit spans only the exponents and mantissas weights have.
 constexpr int kWeightBits = 30;
 static_assert(0x3f800000u < (1u << kWeightBits), "the bits of 1.0f fit in kWeightBits");
 
-__device__ __noinline__ Cut SelectTopP(float top_p, const Slice slice) {
-  const float* weights = SliceValues();
-  SelectState st;
+template <class Store>
+__device__ __noinline__ SelectState TopPLevel(SelectState st, const Store store, float top_p) {
+  BuildHistogram<kWeightBits, true>(st, store, [](int, float w, uint32_t* key, float* mass) {
+    if (!(w > 0.0f)) return false;
+    *key = __float_as_uint(w);
+    *mass = w;
+    return true;
+  });
+  ResolveLevel<kWeightBits, Rank::kMassAtLeast, Store::kCluster>(st, store.blocks, static_cast<double>(top_p));
+  return st;
+}
+
+// The rest of a top-p select (from a SelectState{}, or further), as a cut.
+template <class Store>
+__device__ __noinline__ Cut FinishTopP(SelectState st, const Store store, float top_p) {
 #pragma unroll 1
-  for (int level = 0; level < Radix<kWeightBits>::kLevels; ++level) {
-    BuildHistogram<kWeightBits, true>(st, slice.n, [&](int i, uint32_t* key, float* mass) {
-      const float w = weights[i];
-      if (!(w > 0.0f)) return false;
-      *key = __float_as_uint(w);
-      *mass = w;
-      return true;
-    });
-    ResolveLevel<kWeightBits, Rank::kMassAtLeast>(st, slice.blocks, static_cast<double>(top_p));
-  }
+  while (st.level < Radix<kWeightBits>::kLevels) st = TopPLevel(st, store, top_p);
   // The last key's tokens all weigh the same: keep as many (lowest ids first) as reach the target.
   const uint32_t key = st.prefix;
   const float weight = __uint_as_float(key);
@@ -693,81 +1047,35 @@ __device__ __noinline__ Cut SelectTopP(float top_p, const Slice slice) {
   }
   Cut cut{true, key, INT_MAX};
   if (take < st.group) {
-    cut.id = SelectTiedId(take, slice, [&](int i) {
-      const float w = weights[i];
-      return w > 0.0f && __float_as_uint(w) == key;
-    });
+    cut.id = SelectTiedId(take, store, [key](float w) { return w > 0.0f && __float_as_uint(w) == key; });
   }
   return cut;
 }
 
 // ---------------------------------------------------------------------------------------------
-// SampleKernel's phases
+// Top logprobs
 
-// Copies the slice into shared memory; returns this thread's log-sum-exp of some of its values.
-// Whole 16-byte quads go by cp.async, all in flight at once and through no registers.
-__device__ __forceinline__ LogSumExp LoadSlice(const float* row_logits, const Slice& slice) {
-  const float* src = row_logits + slice.begin;
-  float* dst = SliceValues();
-  const int tid = static_cast<int>(threadIdx.x);
-  const int padded = (slice.n + 3) / 4 * 4;  // the last quad's tail reads as -inf
-  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
-    const int whole = slice.n / 4;
-    for (int q = tid; q < whole; q += kThreads) __pipeline_memcpy_async(dst + 4 * q, src + 4 * q, 16);
-    __pipeline_commit();
-    for (int i = 4 * whole + tid; i < padded; i += kThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
-    __pipeline_wait_prior(0);
-  } else {
-    for (int i = tid; i < padded; i += kThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
-  }
-  __syncthreads();
-  LogSumExp lse{-INFINITY, 0.0f};
-  for (int i = tid; i < slice.n; i += kThreads) lse.Add(dst[i]);
-  return lse;
-}
-
-// Sampler::ApplyPenalties on the slice, in place.
-__device__ __forceinline__ void ApplyPenalties(const SamplingArgs& args, const SamplingRowParams& p,
-                                               const Slice& slice) {
-  float* values = SliceValues();
-  for (int e = p.penalty_begin + static_cast<int>(threadIdx.x); e < p.penalty_end; e += kThreads) {
-    const SamplingPenaltyToken pt = args.penalty_tokens[e];
-    const int i = pt.token - slice.begin;  // tokens are distinct: no two threads write one value
-    if (i >= 0 && i < slice.n) values[i] = PenalisedLogit(values[i], pt, p);
-  }
-  __syncthreads();
-}
-
-// Leaves this block's members of the top-logprob cut (over the raw logits in the slice) in rank
-// 0's slot for the coming exchange.
-__device__ __forceinline__ void PublishTopLogprobs(const Cut& cut, const Slice& slice) {
+// This block's members of the top-logprob cut (over raw logits), in s.top: s.top_count of them,
+// at most kSamplingMaxTopLogprobs as the cut holds no more.
+template <class Store>
+__device__ __forceinline__ void CollectTopLogprobs(const Cut& cut, const Store& store) {
   SharedStorage& s = Smem();
-  const float* values = SliceValues();
   if (threadIdx.x == 0) s.top_count = 0;
   __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) {
-    const float v = values[i];
-    if (cut.Keeps(OrderedKey(v), slice.begin + i)) {
+  store.Visit([&](bool in, int id, float v) {
+    if (in && cut.Keeps(OrderedKey(v), id)) {
       const int j = atomicAdd(&s.top_count, 1);
-      if (j < kSamplingMaxTopLogprobs) s.top[j] = ListEntry{slice.begin + i, v};
+      if (j < kSamplingMaxTopLogprobs) s.top[j] = ListEntry{id, v};
     }
-  }
+  });
   __syncthreads();
-  const int count = MinInt(s.top_count, kSamplingMaxTopLogprobs);
-  TopList* dst = AtRank(&Outbox().top[slice.rank], 0);
-  if (static_cast<int>(threadIdx.x) < count) dst->entries[threadIdx.x] = s.top[threadIdx.x];
-  if (threadIdx.x == 0) dst->count = count;
 }
 
-// Rank 0, one thread: the blocks' lists merged, best first, as logprobs.
-__device__ __forceinline__ void WriteTopLogprobs(const ExchangeSlot& in, int blocks, int n, double log_normalizer,
-                                                 SamplingTopLogprob* out) {
-  ListEntry* list = Smem().top;
-  int total = 0;
-  for (int r = 0; r < blocks; ++r) {
-    for (int j = 0; j < in.top[r].count && total < kSamplingMaxTopLogprobs; ++j) list[total++] = in.top[r].entries[j];
-  }
-  for (int i = 1; i < total; ++i) {  // insertion sort: (logit descending, id ascending)
+// One thread: `total` entries of `list` sorted (logit descending, id ascending), the first n
+// written as logprobs.
+__device__ __forceinline__ void WriteSortedTopLogprobs(ListEntry* list, int total, int n, double log_normalizer,
+                                                       SamplingTopLogprob* out) {
+  for (int i = 1; i < total; ++i) {  // insertion sort
     const ListEntry e = list[i];
     int j = i - 1;
     while (j >= 0 && (list[j].value < e.value || (list[j].value == e.value && list[j].id > e.id))) {
@@ -781,64 +1089,30 @@ __device__ __forceinline__ void WriteTopLogprobs(const ExchangeSlot& in, int blo
   }
 }
 
-// The argmax of the penalised slice and the log-sum-exp, combined over the cluster (and the top
-// logprobs written, when asked for: their lists travel in the same exchange).
-__device__ __noinline__ RowStats SummarizeRow(const Slice slice, LogSumExp lse, int top_n, SamplingTopLogprob* top) {
-  SharedStorage& s = Smem();
-  const float* values = SliceValues();
-  ArgMax best{-INFINITY, INT_MAX};
-  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) best.Add(values[i], slice.begin + i);
-  lse = BlockAllReduce<kThreads>(lse, CombineLogSumExp{}, s.reduce);
-  best = BlockAllReduce<kThreads>(best, CombineArgMax{}, s.reduce);
-  const RowSummary mine{lse, best, slice.rank == 0 && slice.n > 0 && values[0] != values[0]};
-  if (static_cast<int>(threadIdx.x) < slice.blocks) *AtRank(&Outbox().summary[slice.rank], threadIdx.x) = mine;
-  const ExchangeSlot& in = s.exchange[Exchange()];
-  const RowStats stats = CombineSummaries(in.summary, slice.blocks);
-  if (top_n > 0 && slice.rank == 0 && threadIdx.x == 0) {
-    WriteTopLogprobs(in, slice.blocks, top_n, stats.log_normalizer, top);
-  }
-  return stats;
-}
-
-// The slice's penalised logits become Sampler::Draw's weights: 0 for tokens that top-k or min-p
-// drop (the best weight is 1, so min-p keeps weight >= min_p).
-__device__ __forceinline__ void ComputeWeights(const Slice& slice, const Cut& top_k, float best, float temperature,
-                                               float min_p) {
-  float* values = SliceValues();
-  const double* exp_table = Smem().exp_table;
-  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kThreads) {
-    const float v = values[i];
-    float w = 0.0f;
-    if (top_k.Keeps(OrderedKey(v), slice.begin + i)) {
-      w = Weight(v, best, temperature, exp_table);
-      if (w < min_p) w = 0.0f;
-    }
-    values[i] = w;
-  }
-  __syncthreads();
-}
+// ---------------------------------------------------------------------------------------------
+// The draw
 
 // A kept token's weight (it survived top-k, min-p and top-p), else 0.
 __device__ __forceinline__ float KeptWeight(float w, int t, const Cut& top_p) {
   return w > 0.0f && top_p.Keeps(__float_as_uint(w), t) ? w : 0.0f;
 }
 
-// One warp scans the slice's chunks from `chunk` on, `running` being the kept weight before it:
+// One warp scans the store's chunks from `chunk` on, `running` being the kept weight before it:
 // the first token whose running weight exceeds `target`, else `fallback`.
-__device__ __forceinline__ int ScanChunks(const Slice& slice, const Cut& top_p, int chunk, double running,
+template <class Store>
+__device__ __forceinline__ int ScanChunks(const Store& store, const Cut& top_p, int chunk, double running,
                                           double target, int fallback) {
-  const float4* weights = reinterpret_cast<const float4*>(SliceValues());
-  const int chunks = (slice.n + kChunk - 1) / kChunk;
+  const int chunks = (store.n + kChunk - 1) / kChunk;
   for (int c = chunk; c < chunks; ++c) {
-    const float4 w4 = weights[c * (kChunk / 4) + Lane()];
-    const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+    float w[4];
+    int id[4];
+    store.ScanValues(c, w, id);
     float kept[4];
     double partial[4];
     double lane_sum = 0.0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = c * kChunk + 4 * Lane() + e;
-      kept[e] = i < slice.n ? KeptWeight(w[e], slice.begin + i, top_p) : 0.0f;
+      kept[e] = KeptWeight(w[e], id[e], top_p);
       lane_sum += static_cast<double>(kept[e]);
       partial[e] = lane_sum;
     }
@@ -849,7 +1123,7 @@ __device__ __forceinline__ int ScanChunks(const Slice& slice, const Cut& top_p, 
     int hit = -1;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (hit < 0 && kept[e] > 0.0f && base + partial[e] > target) hit = slice.begin + c * kChunk + 4 * Lane() + e;
+      if (hit < 0 && kept[e] > 0.0f && base + partial[e] > target) hit = id[e];
     }
     const unsigned lanes = __ballot_sync(kFullMask, hit >= 0);
     if (lanes != 0u) return __shfl_sync(kFullMask, hit, __ffs(static_cast<int>(lanes)) - 1);
@@ -860,47 +1134,63 @@ __device__ __forceinline__ int ScanChunks(const Slice& slice, const Cut& top_p, 
 
 // The draw (Sampler::Draw's loop) over the kept tokens in id order: the first whose running
 // weight exceeds uniform * total, or the last kept one when rounding leaves none. Each block sums
-// its chunks; the block whose range holds the target finds the chunk, and one warp the token.
-__device__ __noinline__ void Draw(const SamplingArgs args, int row, const Slice slice, const Cut top_p, double uniform,
-                                  RowStats stats) {
+// its chunks (each thread a run of them); the block whose range holds the target finds the chunk,
+// and one warp the token, which its thread 0 writes.
+template <class Store>
+__device__ __noinline__ void Draw(const Store store, const Cut top_p, double uniform) {
+  constexpr int kThreads = Store::kThreads;
   SharedStorage& s = Smem();
-  const float4* weights = reinterpret_cast<const float4*>(SliceValues());
-  const int chunks = (slice.n + kChunk - 1) / kChunk;
+  double* chunk_mass = store.ChunkMass();
+  const int chunks = (store.n + kChunk - 1) / kChunk;
   int last_kept = -1;
-  for (int c = Warp(); c < chunks; c += kWarps) {
-    const float4 w4 = weights[c * (kChunk / 4) + Lane()];
-    const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+  for (int c = Warp(); c < chunks; c += kThreads / 32) {
+    float w[4];
+    int id[4];
+    store.ChunkValues(c, w, id);
     double sum = 0.0;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = c * kChunk + 4 * Lane() + e;
-      const float kept = i < slice.n ? KeptWeight(w[e], slice.begin + i, top_p) : 0.0f;
+      const float kept = KeptWeight(w[e], id[e], top_p);
       if (kept > 0.0f) {
         sum += static_cast<double>(kept);
-        last_kept = slice.begin + i;
+        last_kept = id[e];
       }
     }
     sum = WarpAllReduce(sum, Plus{});
-    if (Lane() == 0) s.chunk_mass[c] = sum;
+    if (Lane() == 0) chunk_mass[c] = sum;
+  }
+  if constexpr (Store::kPenaltiesApart) {
+    __syncthreads();  // every chunk's sum of the others is written
+    store.VisitPenalised([&](int t, float w) {
+      const float kept = KeptWeight(w, t, top_p);
+      if (kept > 0.0f) {
+        atomicAdd(&chunk_mass[t / kChunk], static_cast<double>(kept));
+        last_kept = MaxInt(last_kept, t);
+      }
+    });
   }
   last_kept = BlockAllReduce<kThreads>(last_kept, Max{}, s.reduce);  // its barriers publish chunk_mass
-  double block_mass = 0.0;
   const int tid = static_cast<int>(threadIdx.x);
-  const double before = BlockExclusiveSum(tid < chunks ? s.chunk_mass[tid] : 0.0, &block_mass, s.reduce);
-  if (tid < chunks) s.chunk_before[tid] = before;
-  if (tid < slice.blocks) *AtRank(&Outbox().draw_mass[slice.rank], tid) = block_mass;
-  const ExchangeSlot& in = s.exchange[Exchange()];
+  const int per_thread = (chunks + kThreads - 1) / kThreads;
+  const int first = MinInt(tid * per_thread, chunks);
+  const int end = MinInt(first + per_thread, chunks);
+  double mine = 0.0;
+  for (int c = first; c < end; ++c) mine += chunk_mass[c];
+  double block_mass = 0.0;
+  const double before = BlockExclusiveSum<kThreads>(mine, &block_mass, s.reduce);
+  if (tid < store.blocks) *AtRank<Store::kCluster>(&Outbox().draw_mass[store.rank], tid) = block_mass;
+  const ExchangeSlot& in = s.exchange[Exchange<Store::kCluster>()];
 
   // Every block finds the block that holds the target, with the same sums.
   double total = 0.0;
-  for (int r = 0; r < slice.blocks; ++r) total += in.draw_mass[r];
+  for (int r = 0; r < store.blocks; ++r) total += in.draw_mass[r];
   const double target = uniform * total;
   int chosen = -1;
   int last = -1;
   double chosen_before = 0.0;
   double last_before = 0.0;
   double running = 0.0;
-  for (int r = 0; r < slice.blocks; ++r) {
+  for (int r = 0; r < store.blocks; ++r) {
     const double mass = in.draw_mass[r];
     if (chosen < 0 && running <= target && target < running + mass) {
       chosen = r;
@@ -917,61 +1207,394 @@ __device__ __noinline__ void Draw(const SamplingArgs args, int row, const Slice 
     chosen_before = last_before;
   }
   if (chosen < 0) {  // no positive weight at all (logits of -inf or NaN): the argmax
-    if (slice.rank == 0 && tid == 0) WriteResult(args, row, stats.best.id, stats.log_normalizer);
+    if (store.rank == 0 && tid == 0) WriteToken(s.stats.best.id);
     return;
   }
-  if (chosen != slice.rank) return;
+  if (chosen != store.rank) return;
 
   if (tid == 0) {
     s.pick = INT_MAX;
     s.fallback = -1;
   }
   __syncthreads();
-  if (tid < chunks) {
-    const double mass = s.chunk_mass[tid];
-    const double mass_before = chosen_before + s.chunk_before[tid];
-    if (mass_before <= target && target < mass_before + mass) atomicMin(&s.pick, tid);
-    if (mass > 0.0) atomicMax(&s.fallback, tid);
+  running = chosen_before + before;
+  for (int c = first; c < end; ++c) {
+    const double mass = chunk_mass[c];
+    if (running <= target && target < running + mass) atomicMin(&s.pick, c);
+    if (mass > 0.0) atomicMax(&s.fallback, c);
+    running += mass;
+  }
+  __syncthreads();
+  const int chunk = s.pick != INT_MAX ? s.pick : s.fallback;
+  if (chunk >= first && chunk < end) {  // the chunk's owner: the kept weight before it
+    double from = chosen_before + before;
+    for (int c = first; c < chunk; ++c) from += chunk_mass[c];
+    s.scan_from = from;
   }
   __syncthreads();
   if (Warp() != 0) return;
-  const int chunk = s.pick != INT_MAX ? s.pick : s.fallback;
-  const int token =
-      chunk < 0 ? last_kept : ScanChunks(slice, top_p, chunk, chosen_before + s.chunk_before[chunk], target, last_kept);
-  if (Lane() == 0) WriteResult(args, row, token, stats.log_normalizer);
+  const int token = chunk < 0 ? last_kept : ScanChunks(store, top_p, chunk, s.scan_from, target, last_kept);
+  if (Lane() == 0) WriteToken(token);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) SampleKernel(const SamplingArgs args, const int slice_size) {
+// The values of a slice or the list become Sampler::Draw's weights, in place.
+template <class Store>
+__device__ __forceinline__ void ComputeWeights(const Store& store, const Survivors& keep) {
+  float* values = store.Values();
+  const double* exp_table = Smem().exp_table;
+  for (int i = static_cast<int>(threadIdx.x); i < store.n; i += Store::kThreads) {
+    values[i] = keep.WeightOf(values[i], store.Id(i), exp_table);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// SampleKernel: the cluster split
+
+// Copies the slice into shared memory; returns this thread's log-sum-exp of some of its values.
+// Whole 16-byte quads go by cp.async, all in flight at once and through no registers.
+__device__ __forceinline__ LogSumExp LoadSlice(const float* row_logits, const SliceStore& slice) {
+  const float* src = row_logits + slice.begin;
+  float* dst = SliceValues();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int padded = (slice.n + 3) / 4 * 4;  // the last quad's tail reads as -inf
+  if ((reinterpret_cast<uintptr_t>(src) & 15u) == 0) {
+    const int whole = slice.n / 4;
+    for (int q = tid; q < whole; q += kClusterThreads) __pipeline_memcpy_async(dst + 4 * q, src + 4 * q, 16);
+    __pipeline_commit();
+    for (int i = 4 * whole + tid; i < padded; i += kClusterThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
+    __pipeline_wait_prior(0);
+  } else {
+    for (int i = tid; i < padded; i += kClusterThreads) dst[i] = i < slice.n ? __ldg(src + i) : -INFINITY;
+  }
+  __syncthreads();
+  LogSumExp lse{-INFINITY, 0.0f};
+  for (int i = tid; i < slice.n; i += kClusterThreads) lse.Add(dst[i]);
+  return lse;
+}
+
+// Sampler::ApplyPenalties on the slice, in place.
+__device__ __forceinline__ void ApplyPenalties(const SamplingArgs& args, const SamplingRowParams& p,
+                                               const SliceStore& slice) {
+  float* values = SliceValues();
+  for (int e = p.penalty_begin + static_cast<int>(threadIdx.x); e < p.penalty_end; e += kClusterThreads) {
+    const SamplingPenaltyToken pt = args.penalty_tokens[e];
+    const int i = pt.token - slice.begin;  // tokens are distinct: no two threads write one value
+    if (i >= 0 && i < slice.n) values[i] = PenalisedLogit(values[i], pt, p);
+  }
+  __syncthreads();
+}
+
+// Leaves this block's members of the top-logprob cut (over the raw logits in the slice) in rank
+// 0's slot for the coming exchange.
+__device__ __forceinline__ void PublishTopLogprobs(const Cut& cut, const SliceStore& slice) {
+  SharedStorage& s = Smem();
+  CollectTopLogprobs(cut, slice);
+  const int count = MinInt(s.top_count, kSamplingMaxTopLogprobs);
+  TopList* dst = AtRank<true>(&Outbox().top[slice.rank], 0);
+  if (static_cast<int>(threadIdx.x) < count) dst->entries[threadIdx.x] = s.top[threadIdx.x];
+  if (threadIdx.x == 0) dst->count = count;
+}
+
+// Rank 0, one thread: the blocks' lists merged, best first, as logprobs.
+__device__ __forceinline__ void WriteTopLogprobs(const ExchangeSlot& in, int blocks, int n, double log_normalizer,
+                                                 SamplingTopLogprob* out) {
+  ListEntry* list = Smem().top;
+  int total = 0;
+  for (int r = 0; r < blocks; ++r) {
+    for (int j = 0; j < in.top[r].count && total < kSamplingMaxTopLogprobs; ++j) list[total++] = in.top[r].entries[j];
+  }
+  WriteSortedTopLogprobs(list, total, n, log_normalizer, out);
+}
+
+// The argmax of the penalised slice and the log-sum-exp, combined over the cluster (and the top
+// logprobs written, when asked for: their lists travel in the same exchange).
+__device__ __noinline__ RowStats SummarizeRow(const SliceStore slice, LogSumExp lse, int top_n,
+                                              SamplingTopLogprob* top) {
+  SharedStorage& s = Smem();
+  const float* values = SliceValues();
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = static_cast<int>(threadIdx.x); i < slice.n; i += kClusterThreads) best.Add(values[i], slice.begin + i);
+  lse = BlockAllReduce<kClusterThreads>(lse, CombineLogSumExp{}, s.reduce);
+  best = BlockAllReduce<kClusterThreads>(best, CombineArgMax{}, s.reduce);
+  const RowSummary mine{lse, best, slice.rank == 0 && slice.n > 0 && values[0] != values[0]};
+  if (static_cast<int>(threadIdx.x) < slice.blocks) *AtRank<true>(&Outbox().summary[slice.rank], threadIdx.x) = mine;
+  const ExchangeSlot& in = s.exchange[Exchange<true>()];
+  const RowStats stats = CombineSummaries(in.summary, slice.blocks);
+  if (threadIdx.x == 0) {
+    s.stats = stats;
+    if (top_n > 0 && slice.rank == 0) WriteTopLogprobs(in, slice.blocks, top_n, stats.log_normalizer, top);
+  }
+  return stats;
+}
+
+__global__ void __launch_bounds__(kClusterThreads, 1) SampleKernel(const SamplingArgs args, const int slice_size) {
   __cluster_barrier_arrive_relaxed();  // "this block runs": waited for before the first exchange
   SharedStorage& s = Smem();
-  const Slice slice = SliceOf(args.vocab, slice_size);
+  const Slice part = SliceOf(args.vocab, slice_size);
+  const SliceStore slice{part.begin, part.n, part.blocks, part.rank};
   const int row = static_cast<int>(blockIdx.x) / slice.blocks;
   const SamplingRowParams& p = args.params[row];
-  if (threadIdx.x == 0) s.outbox = 0;
+  const float* row_logits = args.logits + static_cast<int64_t>(row) * args.row_stride;
+  if (threadIdx.x == 0) {
+    s.outbox = 0;
+    s.output = RowOutput{row_logits, args.results + row, args.vocab};
+  }
   if (threadIdx.x < 32) s.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
-  const LogSumExp lse = LoadSlice(args.logits + static_cast<int64_t>(row) * args.row_stride, slice);
+  const LogSumExp lse = LoadSlice(row_logits, slice);
   __cluster_barrier_wait();  // every block of the cluster runs: its shared memory may be written
 
   // The top logprobs, while the slice holds the raw logits; written after the summary exchange.
   const int top_n = args.top != nullptr ? MinInt(p.top_logprobs, args.vocab) : 0;
-  if (top_n > 0) PublishTopLogprobs(SelectLargest(static_cast<uint32_t>(top_n), slice), slice);
+  if (top_n > 0) PublishTopLogprobs(FinishLargest(CountSelect(top_n), slice), slice);
   if (args.penalty_tokens != nullptr && p.penalty_end > p.penalty_begin) ApplyPenalties(args, p, slice);
   const RowStats stats = SummarizeRow(slice, lse, top_n, args.top + (top_n > 0 ? p.top_offset : 0));
 
   if (p.temperature == 0.0f) {
-    if (slice.rank == 0 && threadIdx.x == 0) WriteResult(args, row, stats.best.id, stats.log_normalizer);
+    if (slice.rank == 0 && threadIdx.x == 0) WriteToken(stats.best.id);
     return;
   }
-  Cut top_k;
-  if (p.top_k > 0 && p.top_k < args.vocab) top_k = SelectLargest(static_cast<uint32_t>(p.top_k), slice);
-  ComputeWeights(slice, top_k, stats.best.value, p.temperature, p.min_p);
+  Survivors keep{Cut{}, stats.best.value, p.temperature, p.min_p};
+  if (p.top_k > 0 && p.top_k < args.vocab) keep.top_k = FinishLargest(CountSelect(p.top_k), slice);
+  ComputeWeights(slice, keep);
   Cut top_p;
-  if (p.top_p < 1.0f) top_p = SelectTopP(p.top_p, slice);
-  Draw(args, row, slice, top_p, p.uniform, stats);
+  if (p.top_p < 1.0f) top_p = FinishTopP(SelectState{}, slice, p.top_p);
+  Draw(slice, top_p, p.uniform);
 }
 
 // ---------------------------------------------------------------------------------------------
-// GreedyKernel: rows of temperature 0 without top logprobs.
+// SampleRowKernel: the row split
+
+// Notes the block's row and output in SharedStorage and marks its penalised tokens in the bitmap.
+__device__ __forceinline__ void SetUpRow(const SamplingArgs& args, const SamplingRowParams& p, int row_index) {
+  SharedStorage& s = Smem();
+  const int tid = static_cast<int>(threadIdx.x);
+  const bool penalised = args.penalty_tokens != nullptr && p.penalty_end > p.penalty_begin;
+  if (tid == 0) {
+    const float* logits = args.logits + static_cast<int64_t>(row_index) * args.row_stride;
+    s.output = RowOutput{logits, args.results + row_index, args.vocab};
+    s.row = RowInfo{logits, penalised ? args.penalty_tokens + p.penalty_begin : nullptr, &p,
+                    penalised ? p.penalty_end - p.penalty_begin : 0, (reinterpret_cast<uintptr_t>(logits) & 15u) == 0};
+  }
+  if (penalised) {
+    uint32_t* marked = PenaltyBitmap();
+    for (int w = tid; w < (args.vocab + 31) / 32; w += kRowThreads) marked[w] = 0u;
+    __syncthreads();
+    for (int e = p.penalty_begin + tid; e < p.penalty_end; e += kRowThreads) {
+      const int t = args.penalty_tokens[e].token;
+      if (t >= 0 && t < args.vocab) atomicOr(&marked[t >> 5], 1u << (t & 31));
+    }
+  }
+  __syncthreads();
+}
+
+// Which select's first digit the row's first pass histograms along the way.
+enum class FirstDigit { kNone, kRawKeys, kPenalisedKeys };
+
+// The log-sum-exp of the raw logits and the argmax of the penalised ones, into s.stats; for
+// `digit`, the first digit's histogram in the outbox (ResolveFirstDigit ends it).
+__device__ __noinline__ void RowFirstPass(int n, FirstDigit digit) {
+  SharedStorage& s = Smem();
+  const RowInfo row = s.row;
+  ExchangeSlot& out = Outbox();
+  if (digit != FirstDigit::kNone) {
+    ClearBins<kRowThreads, false>(out);
+    __syncthreads();
+  }
+  LogSumExp lse{-INFINITY, 0.0f};
+  ArgMax best{-INFINITY, INT_MAX};
+  int first_is_nan = 0;  // Sampler::Argmax keeps token 0 when its penalised logit is NaN
+  auto add = [&](bool raw_in, bool penalised_in, int t, float raw, float penalised) {
+    if (raw_in) lse.Add(raw);
+    if (penalised_in) {
+      best.Add(penalised, t);
+      if (t == 0) first_is_nan = penalised != penalised;
+    }
+    if (digit != FirstDigit::kNone) {
+      const bool raw_keys = digit == FirstDigit::kRawKeys;
+      const bool in = raw_keys ? raw_in : penalised_in;
+      const uint32_t key = OrderedKey(raw_keys ? raw : penalised);
+      AddToBin<false>(out, in ? kBins - 1 - static_cast<int>(DigitOf<32>(key, 0)) : -1, 0.0f);
+    }
+  };
+  StreamRow<kRowUnroll>(row, n, row.penalty_count > 0,
+                        [&](bool in, bool marked, int t, float logit) { add(in, in && !marked, t, logit, logit); });
+  VisitPenaltyEntries(row, n, [&](bool in, int t, float penalised) { add(false, in, t, 0.0f, penalised); });
+  if (digit != FirstDigit::kNone) SumSuperBins<kRowThreads, false>(out);
+  first_is_nan = __syncthreads_or(first_is_nan);
+  lse = BlockAllReduce<kRowThreads>(lse, CombineLogSumExp{}, s.reduce);
+  best = BlockAllReduce<kRowThreads>(best, CombineArgMax{}, s.reduce);
+  if (first_is_nan != 0) best.id = 0;
+  if (threadIdx.x == 0) s.stats = RowStats{static_cast<double>(lse.max) + log(static_cast<double>(lse.sum)), best};
+  __syncthreads();
+}
+
+// A count select's first digit, from the first pass's histogram.
+__device__ __forceinline__ SelectState ResolveFirstDigit(int need) {
+  SelectState st = CountSelect(need);
+  ResolveLevel<32, Rank::kCount, false>(st, 1, 0.0);
+  return st;
+}
+
+// Bitonic sort of the list's first n entries by id (distinct), padded to a power of two with ids
+// that sort last.
+__device__ void SortListById(int n) {
+  CandidateList& list = Scratch().u.list;
+  const int tid = static_cast<int>(threadIdx.x);
+  int size = 1;
+  while (size < n) size <<= 1;
+  for (int i = n + tid; i < size; i += kRowThreads) list.ids[i] = INT_MAX;
+  __syncthreads();
+  for (int k = 2; k <= size; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < size; i += kRowThreads) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const int a = list.ids[i];
+          const int b = list.ids[partner];
+          if ((a > b) == ((i & k) == 0)) {
+            list.ids[i] = b;
+            list.ids[partner] = a;
+            const float v = list.values[i];
+            list.values[i] = list.values[partner];
+            list.values[partner] = v;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// The list as a store.
+__device__ __forceinline__ ListStore Listed() { return ListStore{0, MinInt(Smem().list_size, kListCapacity), 1, 0}; }
+
+// The row's values for which keep(id, value) holds (the caller counted at most kListCapacity),
+// gathered into the list in id order.
+template <class Store, class Keep>
+__device__ __noinline__ void Gather(const Store row, const Keep keep) {
+  SharedStorage& s = Smem();
+  CandidateList& list = Scratch().u.list;
+  if (threadIdx.x == 0) s.list_size = 0;
+  __syncthreads();
+  row.Visit([&](bool in, int id, float value) {
+    if (in && keep(id, value)) {
+      const int j = atomicAdd(&s.list_size, 1);
+      if (j < kListCapacity) {
+        list.ids[j] = id;
+        list.values[j] = value;
+      }
+    }
+  });
+  __syncthreads();
+  SortListById(MinInt(s.list_size, kListCapacity));
+}
+
+// Whether a select's first digit leaves few enough values at or above it to gather.
+__device__ __forceinline__ bool FitsList(const SelectState& st) {
+  return st.above + st.group <= static_cast<uint32_t>(kListCapacity);
+}
+
+// The rest of a count select (FitsList) over the row's values at or above its first digit,
+// gathered into the list, which stays for what follows.
+template <RowValues kValues>
+__device__ __forceinline__ Cut FinishLargestInList(SelectState st, const RowStore<kValues> row) {
+  const uint32_t min_key = st.prefix;
+  Gather(row, [min_key](int, float v) { return OrderedKey(v) >= min_key; });
+  return FinishLargest(st, Listed());
+}
+
+// The same for top-p over the row's weights.
+__device__ __forceinline__ Cut FinishTopPInList(SelectState st, const RowStore<RowValues::kWeights> row, float top_p) {
+  const uint32_t min_key = st.prefix;
+  Gather(row, [min_key](int, float w) { return w > 0.0f && __float_as_uint(w) >= min_key; });
+  return FinishTopP(st, Listed(), top_p);
+}
+
+// The row's top logprobs; `st` has the select's first digit. The rest runs over the list when
+// it can, else over the row.
+__device__ __noinline__ void RowTopLogprobs(int vocab, SelectState st, int n, SamplingTopLogprob* out) {
+  SharedStorage& s = Smem();
+  const RowStore<RowValues::kRaw> raw{vocab};
+  if (FitsList(st)) {
+    const Cut cut = FinishLargestInList(st, raw);
+    CollectTopLogprobs(cut, Listed());
+  } else {
+    CollectTopLogprobs(FinishLargest(st, raw), raw);
+  }
+  if (threadIdx.x == 0) {
+    WriteSortedTopLogprobs(s.top, MinInt(s.top_count, kSamplingMaxTopLogprobs), n, s.stats.log_normalizer, out);
+  }
+}
+
+// Top-p and the draw over weights: in the list, or computed from the row. Over the row, top-p's
+// first digit may leave few enough tokens to gather.
+template <class Store>
+__device__ __forceinline__ void SampleWeights(const Store& store, float top_p, double uniform) {
+  Cut cut;
+  if (top_p < 1.0f) {
+    SelectState st;
+    if constexpr (std::is_same_v<Store, RowStore<RowValues::kWeights>>) {
+      st = TopPLevel(st, store, top_p);
+      if (FitsList(st)) {
+        const Cut list_cut = FinishTopPInList(st, store, top_p);  // gathers the list first
+        Draw(Listed(), list_cut, uniform);
+        return;
+      }
+    }
+    cut = FinishTopP(st, store, top_p);
+  }
+  Draw(store, cut, uniform);
+}
+
+// A sampled row (temperature > 0) after the first pass: top-k, min-p, top-p and the draw.
+__device__ __forceinline__ void SampleRow(int vocab, const SamplingRowParams& p, bool top_k_digit_done) {
+  SharedStorage& s = Smem();
+  if (p.top_k > 0 && p.top_k < vocab) {
+    const RowStore<RowValues::kPenalised> penalised{vocab};
+    const SelectState st =
+        top_k_digit_done ? ResolveFirstDigit(p.top_k) : LargestLevel(CountSelect(p.top_k), penalised);
+    if (FitsList(st)) {
+      const Cut top_k = FinishLargestInList(st, penalised);
+      const ListStore list = Listed();
+      ComputeWeights(list, Survivors{top_k, s.stats.best.value, p.temperature, p.min_p});
+      SampleWeights(list, p.top_p, p.uniform);
+      return;
+    }
+    const Cut top_k = FinishLargest(st, penalised);
+    if (threadIdx.x == 0) s.keep = Survivors{top_k, s.stats.best.value, p.temperature, p.min_p};
+  } else if (threadIdx.x == 0) {
+    s.keep = Survivors{Cut{}, s.stats.best.value, p.temperature, p.min_p};
+  }
+  __syncthreads();
+  SampleWeights(RowStore<RowValues::kWeights>{vocab}, p.top_p, p.uniform);
+}
+
+__global__ void __launch_bounds__(kRowThreads, 2) SampleRowKernel(const SamplingArgs args) {
+  SharedStorage& s = Smem();
+  const int row_index = static_cast<int>(blockIdx.x);
+  const SamplingRowParams& p = args.params[row_index];
+  if (threadIdx.x == 0) s.outbox = 0;
+  if (threadIdx.x < 32) s.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
+  SetUpRow(args, p, row_index);  // its barrier publishes the above too
+
+  const int top_n = args.top != nullptr ? MinInt(p.top_logprobs, args.vocab) : 0;
+  const bool greedy = p.temperature == 0.0f;
+  const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < args.vocab;
+  // The first pass also histograms the first digit of the row's first select.
+  const FirstDigit digit = top_n > 0 ? FirstDigit::kRawKeys : top_k_on ? FirstDigit::kPenalisedKeys : FirstDigit::kNone;
+  RowFirstPass(args.vocab, digit);
+  if (top_n > 0) RowTopLogprobs(args.vocab, ResolveFirstDigit(top_n), top_n, args.top + p.top_offset);
+  if (!greedy) {
+    SampleRow(args.vocab, p, digit == FirstDigit::kPenalisedKeys);
+  } else if (threadIdx.x == 0) {
+    WriteToken(s.stats.best.id);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GreedyKernel: rows of temperature 0 without top logprobs, as clusters or (kCluster false) one
+// plain block per row.
 
 struct GreedyShared {
   uint32_t penalised[kSamplingMaxVocab / 32];  // bit i: the slice's value i has a penalty
@@ -979,10 +1602,14 @@ struct GreedyShared {
   alignas(16) unsigned char reduce[(kGreedyThreads / 32) * 16];
 };
 
+template <bool kCluster>
 __global__ void __launch_bounds__(kGreedyThreads, 2) GreedyKernel(const SamplingArgs args, const int slice_size) {
   __shared__ GreedyShared g;
-  __cluster_barrier_arrive_relaxed();  // "this block runs": waited for before writing to rank 0
-  const Slice slice = SliceOf(args.vocab, slice_size);
+  Slice slice{0, args.vocab, 1, 0};
+  if constexpr (kCluster) {
+    __cluster_barrier_arrive_relaxed();  // "this block runs": waited for before writing to rank 0
+    slice = SliceOf(args.vocab, slice_size);
+  }
   const int row = static_cast<int>(blockIdx.x) / slice.blocks;
   const SamplingRowParams& p = args.params[row];
   const float* logits = args.logits + static_cast<int64_t>(row) * args.row_stride + slice.begin;
@@ -1044,12 +1671,18 @@ __global__ void __launch_bounds__(kGreedyThreads, 2) GreedyKernel(const Sampling
   lse = BlockAllReduce<kGreedyThreads>(lse, CombineLogSumExp{}, g.reduce);
   best = BlockAllReduce<kGreedyThreads>(best, CombineArgMax{}, g.reduce);
 
-  __cluster_barrier_wait();  // every block of the cluster runs: rank 0's inbox may be written
-  if (tid == 0) *AtRank(&g.inbox[slice.rank], 0) = RowSummary{lse, best, first_is_nan};
-  __cluster_barrier_arrive();
-  __cluster_barrier_wait();
-  if (slice.rank == 0 && tid == 0) {
-    const RowStats stats = CombineSummaries(g.inbox, slice.blocks);
+  const RowSummary mine{lse, best, first_is_nan};
+  if constexpr (kCluster) {
+    __cluster_barrier_wait();  // every block of the cluster runs: rank 0's inbox may be written
+    if (tid == 0) *AtRank<true>(&g.inbox[slice.rank], 0) = mine;
+    __cluster_barrier_arrive();
+    __cluster_barrier_wait();
+    if (slice.rank == 0 && tid == 0) {
+      const RowStats stats = CombineSummaries(g.inbox, slice.blocks);
+      WriteResult(args, row, stats.best.id, stats.log_normalizer);
+    }
+  } else if (tid == 0) {
+    const RowStats stats = CombineSummaries(&mine, 1);
     WriteResult(args, row, stats.best.id, stats.log_normalizer);
   }
 }
@@ -1068,32 +1701,37 @@ int BlocksPerRow(int rows, int vocab, int resident, int min_blocks) {
 // Slices start on 16-byte boundaries (float4 loads) when the row does.
 int SliceSize(int vocab, int blocks) { return ((vocab + blocks - 1) / blocks + 3) / 4 * 4; }
 
-template <class Kernel>
-cudaError_t LaunchClusters(Kernel kernel, const SamplingArgs& args, int blocks, int threads, size_t shared_bytes,
-                           int slice_size, cudaStream_t stream) {
+// rows * blocks_per_row blocks of `threads`, in clusters of blocks_per_row when `clustered`.
+template <class... Params, class... Args>
+cudaError_t LaunchRows(void (*kernel)(Params...), int rows, int blocks_per_row, bool clustered, int threads,
+                       size_t shared_bytes, cudaStream_t stream, const Args&... kernel_args) {
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(blocks);
+  cluster.val.clusterDim.x = static_cast<unsigned>(blocks_per_row);
   cluster.val.clusterDim.y = 1;
   cluster.val.clusterDim.z = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(args.rows * blocks));
+  config.gridDim = dim3(static_cast<unsigned>(rows * blocks_per_row));
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, args, slice_size);
+  config.attrs = clustered ? &cluster : nullptr;
+  config.numAttrs = clustered ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, kernel_args...);
 }
 
-// The current device's SM count, with SampleKernel's shared memory limit raised there: set up once
-// per device, so that a launch costs the host little more than the launch itself.
-cudaError_t PrepareCurrentDevice(int* sms) {
-  static kernels::LaunchSetUp setup;
-  kernels::LaunchInfo info;
-  if (const cudaError_t e = setup.Get(SampleKernel, kThreads, kMaxSharedBytes, &info); e != cudaSuccess) return e;
-  *sms = info.sms;
-  return cudaSuccess;
+// The sample kernels' shared memory limits raised on the current device, with the SM count and
+// SampleKernel's resident blocks per SM: set up once per device, so that a launch costs the host
+// little more than the launch itself.
+cudaError_t PrepareCurrentDevice(kernels::LaunchInfo* cluster_info) {
+  static kernels::LaunchSetUp cluster_setup;
+  static kernels::LaunchSetUp row_setup;
+  if (const cudaError_t e = cluster_setup.Get(SampleKernel, kClusterThreads, kMaxSharedBytes, cluster_info);
+      e != cudaSuccess) {
+    return e;
+  }
+  kernels::LaunchInfo row_info;
+  return row_setup.Get(SampleRowKernel, kRowThreads, kRowMaxSharedBytes, &row_info);
 }
 
 }  // namespace
@@ -1105,16 +1743,38 @@ cudaError_t LaunchSampling(const SamplingArgs& args, cudaStream_t stream) {
   }
   if (args.rows == 0) return cudaSuccess;
   if (args.logits == nullptr || args.params == nullptr || args.results == nullptr) return cudaErrorInvalidValue;
-  int sms = 0;
-  if (cudaError_t e = PrepareCurrentDevice(&sms); e != cudaSuccess) return e;
+  kernels::LaunchInfo info;
+  if (const cudaError_t e = PrepareCurrentDevice(&info); e != cudaSuccess) return e;
   if (args.greedy_only) {
-    const int blocks = BlocksPerRow(args.rows, args.vocab, 2 * sms, 1);
-    return LaunchClusters(GreedyKernel, args, blocks, kGreedyThreads, 0, SliceSize(args.vocab, blocks), stream);
+    // Two greedy blocks per SM (512 threads of 64 registers). Past `sms` rows one block a row fills
+    // them, and then as a plain block, as the previous kernel had it: a cluster of one would only
+    // add the cluster launch and its barriers.
+    const int blocks = BlocksPerRow(args.rows, args.vocab, 2 * info.sms, 1);
+    if (blocks == 1) {
+      return LaunchRows(GreedyKernel<false>, args.rows, 1, false, kGreedyThreads, 0, stream, args, args.vocab);
+    }
+    return LaunchRows(GreedyKernel<true>, args.rows, blocks, true, kGreedyThreads, 0, stream, args,
+                      SliceSize(args.vocab, blocks));
   }
-  const int blocks = BlocksPerRow(args.rows, args.vocab, sms, (args.vocab + kMaxSlice - 1) / kMaxSlice);
-  const int slice_size = SliceSize(args.vocab, blocks);
-  const size_t shared_bytes = kSliceOffset + sizeof(float) * ((slice_size + kChunk - 1) / kChunk * kChunk);
-  return LaunchClusters(SampleKernel, args, blocks, kThreads, shared_bytes, slice_size, stream);
+  // The split, from occupancy. A cluster block keeps up to kMaxSlice floats in shared memory, so
+  // one runs per SM (`resident` in all) and a row needs at least min_blocks of them (3 at
+  // DeepSeek's 102400). While rows * min_blocks fit in one wave, the cluster split spreads the
+  // batch over every SM. Past that, clusters run in waves, each as long as a block's whole life
+  // (copying its slice, then the cluster's many short steps, with nothing else on the SM to
+  // overlap them); a row block instead (87 KB of shared memory at 102400, 107 KB at most, and 512
+  // threads of 64 registers, two per SM) streams its row from global memory in a few passes, with
+  // no waves of latency but more reads. On an H200 at 102400 (sampling_bench, one run) the cluster
+  // split was still faster at 64 rows (1.5 waves) for every setting, the row split faster at 128
+  // (3 waves) for all but top-p over flat logits: the switch is at two waves, 88 rows there.
+  const int min_blocks = (args.vocab + kMaxSlice - 1) / kMaxSlice;
+  const int resident = info.sms * info.blocks_per_sm;
+  if (args.rows * min_blocks <= 2 * resident) {
+    const int blocks = BlocksPerRow(args.rows, args.vocab, resident, min_blocks);
+    const int slice_size = SliceSize(args.vocab, blocks);
+    const size_t shared_bytes = kSliceOffset + sizeof(float) * ((slice_size + kChunk - 1) / kChunk * kChunk);
+    return LaunchRows(SampleKernel, args.rows, blocks, true, kClusterThreads, shared_bytes, stream, args, slice_size);
+  }
+  return LaunchRows(SampleRowKernel, args.rows, 1, false, kRowThreads, RowSharedBytes(args.vocab), stream, args);
 }
 
 }  // namespace cohort

@@ -5,10 +5,13 @@
 // the uniform number the host drew; plus the log-softmax of the raw logits at the chosen token and
 // the requested top logprobs. The logits are never modified.
 //
-// Each row is worked on by a cluster of up to 8 blocks (sm_90 thread block clusters), each holding
-// a slice of the row in shared memory, so a batch of one row still spreads over several SMs. The
-// launch needs no workspace and allocates nothing; parameters, penalty tokens and outputs live in
-// caller-owned device memory, so a launch can be captured in a CUDA graph.
+// A batch of few rows works row by row in clusters of up to 8 blocks (sm_90 thread block clusters),
+// each holding a slice of the row in shared memory, so a batch of one row still spreads over
+// several SMs. A batch whose clusters would take more than two waves of the device (rows times
+// ceil(vocab / 40960) above twice its SM count) gets one block per row instead, which streams its
+// row from global memory. The two give the same results, up to the order of double sums (near-ties only).
+// The launch needs no workspace and allocates nothing; parameters, penalty tokens and outputs live
+// in caller-owned device memory, so a launch can be captured in a CUDA graph.
 //
 //   std::vector<SamplingRowParams> params = ...;          // uniform from Sampler::BeginDeviceSample
 //   copy params (and penalty tokens) to the device, then
@@ -81,7 +84,7 @@ struct SamplingArgs {
 
 // cudaErrorInvalidValue for sizes outside the limits above or missing pointers; otherwise the
 // launch's status. Nothing is allocated and nothing waits. Call it with the device that holds the
-// buffers current (it reads the device's SM count to size the clusters).
+// buffers current (it reads the device's SM count to choose between the two and size the clusters).
 cudaError_t LaunchSampling(const SamplingArgs& args, cudaStream_t stream);
 
 }  // namespace cohort

@@ -5,6 +5,11 @@
 // how many tokens stay candidates: "peaked" N(0, 4) like a language model's, "flat" N(0, 1) where
 // top-p 0.9 keeps most of the vocabulary.
 //
+// Which work split a launch takes depends on the SM count (kernels/sampling.cu, LaunchSampling): a
+// row of this vocabulary needs 3 cluster blocks, so on an H200 (132 SMs) up to 64 rows below take
+// the cluster split and from 128 rows on the row split; greedy-only launches use one plain block a
+// row from 256 rows on.
+//
 // Each case is the median of 100 launches timed with CUDA events, after warm-up. "logits GB/s" is
 // rows * vocab * 4 bytes over that time, and "% copy" compares it with the device-to-device copy
 // bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written) measured at the start: one pass over

@@ -496,9 +496,72 @@ TEST(SamplingKernelTest, GreedyTiesAcrossSlicesGoToTheLowestId) {
   }
 }
 
-// Rows whose top-p or top-k cut falls inside a group of equal logits that is spread over the row
-// (and over the places where slices may meet): the group's lowest ids are kept, as many as the
-// CPU keeps. Logits in three levels: `high` tokens at 0, `middle` at -1, the rest at -30.
+// One launch of rows whose top-p or top-k cut falls inside a group of equal logits that is spread
+// over the row (and over the places where slices may meet): the group's lowest ids are kept, as
+// many as the CPU keeps. Logits in three levels: `high` tokens at 0, `middle` at -1, the rest at
+// -30.
+void CheckCutsInsideTieGroups(const Shape& shape, std::mt19937_64& rng, Tally& tally) {
+  SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab, ", ", shape.rows, " rows"));
+  const int vocab = shape.vocab;
+  const std::vector<int32_t> splits = SplitNeighbours(vocab);
+  std::vector<float> logits(static_cast<size_t>(shape.rows) * vocab, -30.0f);
+  RowSet set(vocab);
+  for (int r = 0; r < shape.rows; ++r) {
+    const int high = 1 + static_cast<int>(rng() % 40);
+    const int middle = 100 + static_cast<int>(rng() % 3000);
+    // Both groups get some of the split neighbours, then random places.
+    std::vector<int32_t> places(splits);
+    std::shuffle(places.begin(), places.end(), rng);
+    places.resize(places.size() / 2);
+    std::vector<int32_t> others(vocab);
+    std::iota(others.begin(), others.end(), 0);
+    std::shuffle(others.begin(), others.end(), rng);
+    places.insert(places.end(), others.begin(), others.end());
+    std::vector<bool> taken(vocab, false);
+    std::vector<int32_t> members;
+    for (int32_t t : places) {
+      if (!taken[t]) {
+        taken[t] = true;
+        members.push_back(t);
+        if (static_cast<int>(members.size()) == high + middle) break;
+      }
+    }
+    std::shuffle(members.begin(), members.end(), rng);
+    float* row = logits.data() + static_cast<size_t>(r) * vocab;
+    for (int i = 0; i < high + middle; ++i) row[members[i]] = i < high ? 0.0f : -1.0f;
+
+    SamplingConfig c;
+    c.seed = rng();
+    c.temperature = std::vector<float>{0.7f, 1.0f, 1.6f}[rng() % 3];
+    c.top_logprobs = static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1));
+    // The weights as the CPU computes them, and where a cut after k + 0.5 tokens of a group lands.
+    const double w_middle = std::exp(-1.0f / c.temperature);
+    const double w_low = std::exp(-30.0f / c.temperature);
+    const double mass = high + middle * w_middle + (vocab - high - middle) * w_low;
+    switch (r % 4) {
+      case 0:  // top-p inside the middle group
+        c.top_p = static_cast<float>((high + (static_cast<double>(rng() % middle) + 0.5) * w_middle) / mass);
+        break;
+      case 1:  // top-p inside the high group
+        c.top_p = static_cast<float>((static_cast<double>(rng() % high) + 0.5) / mass);
+        break;
+      case 2:  // top-k inside either group
+        c.top_k = 1 + static_cast<int32_t>(rng() % (high + middle - 1));
+        break;
+      default: {  // both: top-k inside the middle group, top-p inside the part of it that top-k keeps
+        c.top_k = high + 1 + static_cast<int32_t>(rng() % (middle - 1));
+        const double kept_middle = c.top_k - high;
+        const double k = static_cast<double>(rng() % (c.top_k - high));
+        c.top_p = static_cast<float>((high + (k + 0.5) * w_middle) / (high + kept_middle * w_middle));
+        break;
+      }
+    }
+    if (!(c.top_p > 0.0f && c.top_p < 1.0f)) c.top_p = 1.0f;
+    AddRow(set, c, {}, 0, rng);
+  }
+  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+}
+
 TEST(SamplingKernelTest, CutsInsideTieGroupsMatchCpu) {
   COHORT_SKIP_WITHOUT_GPU();
   const uint64_t seed = FreshSeed();
@@ -506,110 +569,215 @@ TEST(SamplingKernelTest, CutsInsideTieGroupsMatchCpu) {
   std::mt19937_64 rng(seed);
   Tally tally;
   for (const Shape shape : {Shape{102400, 1}, Shape{102400, 256}, Shape{129280, 3}, Shape{262144, 2}}) {
-    SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab, ", ", shape.rows, " rows"));
-    const int vocab = shape.vocab;
-    const std::vector<int32_t> splits = SplitNeighbours(vocab);
-    std::vector<float> logits(static_cast<size_t>(shape.rows) * vocab, -30.0f);
-    RowSet set(vocab);
-    for (int r = 0; r < shape.rows; ++r) {
-      const int high = 1 + static_cast<int>(rng() % 40);
-      const int middle = 100 + static_cast<int>(rng() % 3000);
-      // Both groups get some of the split neighbours, then random places.
-      std::vector<int32_t> places(splits);
-      std::shuffle(places.begin(), places.end(), rng);
-      places.resize(places.size() / 2);
-      std::vector<int32_t> others(vocab);
-      std::iota(others.begin(), others.end(), 0);
-      std::shuffle(others.begin(), others.end(), rng);
-      places.insert(places.end(), others.begin(), others.end());
-      std::vector<bool> taken(vocab, false);
-      std::vector<int32_t> members;
-      for (int32_t t : places) {
-        if (!taken[t]) {
-          taken[t] = true;
-          members.push_back(t);
-          if (static_cast<int>(members.size()) == high + middle) break;
-        }
-      }
-      std::shuffle(members.begin(), members.end(), rng);
-      float* row = logits.data() + static_cast<size_t>(r) * vocab;
-      for (int i = 0; i < high + middle; ++i) row[members[i]] = i < high ? 0.0f : -1.0f;
-
-      SamplingConfig c;
-      c.seed = rng();
-      c.temperature = std::vector<float>{0.7f, 1.0f, 1.6f}[rng() % 3];
-      c.top_logprobs = static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1));
-      // The weights as the CPU computes them, and where a cut after k + 0.5 tokens of a group lands.
-      const double w_middle = std::exp(-1.0f / c.temperature);
-      const double w_low = std::exp(-30.0f / c.temperature);
-      const double mass = high + middle * w_middle + (vocab - high - middle) * w_low;
-      switch (r % 4) {
-        case 0:  // top-p inside the middle group
-          c.top_p = static_cast<float>((high + (static_cast<double>(rng() % middle) + 0.5) * w_middle) / mass);
-          break;
-        case 1:  // top-p inside the high group
-          c.top_p = static_cast<float>((static_cast<double>(rng() % high) + 0.5) / mass);
-          break;
-        case 2:  // top-k inside either group
-          c.top_k = 1 + static_cast<int32_t>(rng() % (high + middle - 1));
-          break;
-        default: {  // both: top-k inside the middle group, top-p inside the part of it that top-k keeps
-          c.top_k = high + 1 + static_cast<int32_t>(rng() % (middle - 1));
-          const double kept_middle = c.top_k - high;
-          const double k = static_cast<double>(rng() % (c.top_k - high));
-          c.top_p = static_cast<float>((high + (k + 0.5) * w_middle) / (high + kept_middle * w_middle));
-          break;
-        }
-      }
-      if (!(c.top_p > 0.0f && c.top_p < 1.0f)) c.top_p = 1.0f;
-      AddRow(set, c, {}, 0, rng);
-    }
-    LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+    CheckCutsInsideTieGroups(shape, rng, tally);
   }
   ExpectNearTiesRare(tally);
 }
 
 // The draw's extremes, against the reference directly (no near-tie allowance): uniform 0 picks the
 // first kept token in id order, the largest uniform below 1 the last one (Sampler::Draw's fallback
-// when rounding leaves the target at the top of the range), through the list and the whole-row paths.
+// when rounding leaves the target at the top of the range), through the list and the whole-row
+// paths. `rows` (a multiple of 8) cycle through four truncations and the two uniforms.
+void CheckUniformExtremes(int vocab, int rows, std::mt19937_64& rng) {
+  SCOPED_TRACE(absl::StrCat("vocab ", vocab, ", ", rows, " rows"));
+  std::vector<SamplingConfig> configs(4);
+  configs[1].min_p = 0.1f;
+  configs[2].top_k = 20;
+  configs[3].top_p = 0.5f;
+  const std::vector<double> uniforms = {0.0, 0x1.fffffffffffffp-1};
+  const std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+  std::vector<SamplingRowParams> params(rows);
+  for (int r = 0; r < rows; ++r) {
+    const SamplingConfig& c = configs[r % configs.size()];
+    params[r].uniform = uniforms[(r / configs.size()) % uniforms.size()];
+    params[r].top_k = c.top_k;
+    params[r].top_p = c.top_p;
+    params[r].min_p = c.min_p;
+  }
+  DeviceVector<float> d_logits(logits);
+  DeviceVector<SamplingRowParams> d_params(params);
+  DeviceVector<SamplingRowResult> results(rows);
+  SamplingArgs args;
+  args.logits = d_logits.get();
+  args.row_stride = vocab;
+  args.rows = rows;
+  args.vocab = vocab;
+  args.params = d_params.get();
+  args.results = results.get();
+  ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
+  const std::vector<SamplingRowResult> got = results.ToHost();
+  for (int r = 0; r < rows; ++r) {
+    const std::vector<float> row(logits.begin() + static_cast<int64_t>(r) * vocab,
+                                 logits.begin() + static_cast<int64_t>(r + 1) * vocab);
+    EXPECT_EQ(got[r].token, ReferenceDraw(row, configs[r % configs.size()], params[r].uniform).token)
+        << "row " << r << ", uniform " << params[r].uniform;
+  }
+}
+
 TEST(SamplingKernelTest, UniformExtremesPickTheFirstAndLastKeptTokens) {
   COHORT_SKIP_WITHOUT_GPU();
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   std::mt19937_64 rng(seed);
-  for (int vocab : {102400, 1000, 7}) {
-    std::vector<SamplingConfig> configs(4);
-    configs[1].min_p = 0.1f;
-    configs[2].top_k = 20;
-    configs[3].top_p = 0.5f;
-    const std::vector<double> uniforms = {0.0, 0x1.fffffffffffffp-1};
-    const int rows = static_cast<int>(configs.size() * uniforms.size());
-    const std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
-    std::vector<SamplingRowParams> params(rows);
-    for (int r = 0; r < rows; ++r) {
-      const SamplingConfig& c = configs[r % configs.size()];
-      params[r].uniform = uniforms[r / configs.size()];
-      params[r].top_k = c.top_k;
-      params[r].top_p = c.top_p;
-      params[r].min_p = c.min_p;
+  for (int vocab : {102400, 1000, 7}) CheckUniformExtremes(vocab, 8, rng);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The row split. A launch takes it when rows * ceil(vocab / 40960) exceeds twice the SM count
+// (kernels/sampling.cu, LaunchSampling), else the cluster split. These batches take it on any
+// device of fewer than 140 SMs (an H200 has 132), and are no larger than that needs: their float64
+// references on the host are most of the test's time. So do the 256- and 300-row batches of
+// 102400 and more above, while their few-row batches take the cluster split.
+constexpr Shape kRowSplitShapes[] = {{102400, 100}, {129280, 80}, {262144, 40}, {50257, 140},
+                                     {1000, 300},   {7, 300},     {1, 300}};
+
+TEST(SamplingKernelTest, RowSplitGreedyMatchesCpuIncludingTies) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape& shape : kRowSplitShapes) {
+    for (Logits kind : {Logits::kNormal4, Logits::kBf16, Logits::kFewLevels}) {
+      for (bool greedy_only : {false, true}) {
+        KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind,
+                      .greedy = true, .greedy_only = greedy_only};
+        RunAndCheck(b, rng, tally);
+      }
     }
-    DeviceVector<float> d_logits(logits);
-    DeviceVector<SamplingRowParams> d_params(params);
-    DeviceVector<SamplingRowResult> results(rows);
+  }
+}
+
+// RandomConfig's mix (penalties, top logprobs, every truncation): over flat logits most rows keep
+// too many tokens to gather and draw over the row; over peaked ones top-k and top-p gather their
+// candidates; halves put cuts inside groups of equal logits.
+TEST(SamplingKernelTest, RowSplitSamplingMatchesCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape& shape : kRowSplitShapes) {
+    for (Logits kind : {Logits::kNormal1, Logits::kNormal4, Logits::kHalves}) {
+      KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind};
+      RunAndCheck(b, rng, tally);
+    }
+  }
+  ExpectNearTiesRare(tally);
+  std::printf("%d sampled rows, %d near-tie mismatches\n", tally.sampled, tally.near_tie_mismatches);
+}
+
+// Long histories under every penalty: thousands of penalised tokens a row (more than a block has
+// threads; several in most 128-token draw chunks), the maximum among them in greedy rows, sampled
+// over flat logits so that the draw over the whole row meets them, and through top-k's list.
+TEST(SamplingKernelTest, RowSplitPenaltiesOverLongHistoriesMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  const int vocab = 102400;
+  const int rows = 100;
+  const std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+  RowSet set(vocab);
+  for (int r = 0; r < rows; ++r) {
+    const std::span<const float> row(logits.data() + static_cast<size_t>(r) * vocab, vocab);
+    SamplingConfig c;
+    c.seed = rng();
+    c.repetition_penalty = 1.3f;
+    c.presence_penalty = 0.5f;
+    c.frequency_penalty = 0.3f;
+    c.top_logprobs = r % 2 == 0 ? 5 : 0;
+    switch (r % 5) {
+      case 0: c.temperature = 0.0f; break;  // the argmax of the penalised logits
+      case 1: c.top_p = 0.95f; break;       // the draw over the row
+      case 2: c.top_k = 50; break;          // the list
+      case 3:
+        c.temperature = 0.7f;
+        c.min_p = 0.05f;
+        break;
+      default: c.temperature = 1.3f; break;  // every token kept
+    }
+    std::vector<int32_t> prompt(2000 + rng() % 4000);
+    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % vocab);
+    if (r % 5 == 0) prompt.push_back(static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+    AddRow(set, c, prompt, /*warm_up_steps=*/1, rng);
+  }
+  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+  ExpectNearTiesRare(tally);
+}
+
+TEST(SamplingKernelTest, RowSplitCutsInsideTieGroupsMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  for (const Shape shape : {Shape{102400, 100}, Shape{129280, 80}, Shape{262144, 40}}) {
+    CheckCutsInsideTieGroups(shape, rng, tally);
+  }
+  ExpectNearTiesRare(tally);
+}
+
+TEST(SamplingKernelTest, RowSplitUniformExtremesPickTheFirstAndLastKeptTokens) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  for (const Shape shape : {Shape{102400, 100}, Shape{262144, 48}, Shape{1000, 300}, Shape{7, 400}}) {
+    CheckUniformExtremes(shape.vocab, shape.rows, rng);
+  }
+}
+
+// The same rows through both splits: all at once (the row split) and one at a time (a one-row
+// launch takes the cluster split, 8 blocks a row). Only the order of double sums differs, so the
+// tokens and top-logprob ids must be equal, and the logprobs close.
+TEST(SamplingKernelTest, RowAndClusterSplitsPickTheSameTokens) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  const std::pair<Shape, Logits> batches[] = {{{102400, 100}, Logits::kNormal4}, {{262144, 40}, Logits::kBf16}};
+  for (const auto& [shape, kind] : batches) {
+    SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab, ", ", shape.rows, " rows, ", Name(kind)));
+    RowSet set(shape.vocab);
+    for (int r = 0; r < shape.rows; ++r) {
+      AddRow(set, RandomConfig(shape.vocab, /*greedy=*/false, rng), RandomPrompt(shape.vocab, rng), 1, rng);
+    }
+    DeviceVector<float> d_logits(RandomLogits(shape.rows, shape.vocab, shape.vocab, kind, rng));
+    DeviceVector<SamplingRowParams> d_params(set.params);
+    DeviceVector<SamplingPenaltyToken> d_penalty(set.penalty_tokens);
+    DeviceVector<SamplingRowResult> together(shape.rows), alone(shape.rows);
+    DeviceVector<SamplingTopLogprob> together_top(set.top_total), alone_top(set.top_total);
     SamplingArgs args;
     args.logits = d_logits.get();
-    args.row_stride = vocab;
-    args.rows = rows;
-    args.vocab = vocab;
+    args.row_stride = shape.vocab;
+    args.rows = shape.rows;
+    args.vocab = shape.vocab;
     args.params = d_params.get();
-    args.results = results.get();
+    args.penalty_tokens = d_penalty.get();
+    args.results = together.get();
+    args.top = together_top.get();
     ASSERT_CUDA_OK(LaunchSampling(args, nullptr));
-    const std::vector<SamplingRowResult> got = results.ToHost();
-    for (int r = 0; r < rows; ++r) {
-      const std::vector<float> row(logits.begin() + static_cast<int64_t>(r) * vocab,
-                                   logits.begin() + static_cast<int64_t>(r + 1) * vocab);
-      EXPECT_EQ(got[r].token, ReferenceDraw(row, configs[r % configs.size()], params[r].uniform).token)
-          << "vocab " << vocab << ", row " << r << ", uniform " << params[r].uniform;
+    for (int r = 0; r < shape.rows; ++r) {
+      SamplingArgs one = args;
+      one.logits += static_cast<int64_t>(r) * shape.vocab;
+      one.rows = 1;
+      one.params += r;
+      one.results = alone.get() + r;
+      one.top = alone_top.get();  // the rows' top_offset places them
+      ASSERT_CUDA_OK(LaunchSampling(one, nullptr));
+    }
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<SamplingRowResult> a = together.ToHost(), b = alone.ToHost();
+    for (int r = 0; r < shape.rows; ++r) {
+      EXPECT_EQ(a[r].token, b[r].token) << "row " << r;
+      EXPECT_NEAR(a[r].logprob, b[r].logprob, kLogprobTolerance) << "row " << r;
+    }
+    const std::vector<SamplingTopLogprob> at = together_top.ToHost(), bt = alone_top.ToHost();
+    for (int32_t i = 0; i < set.top_total; ++i) {
+      EXPECT_EQ(at[i].token, bt[i].token) << "top slot " << i;
+      EXPECT_NEAR(at[i].logprob, bt[i].logprob, kLogprobTolerance) << "top slot " << i;
     }
   }
 }
