@@ -12,7 +12,7 @@
 //   LaunchMoeGroupedGemm({hidden, /*gather_a=*/true, w_gate_up, I, H, act, /*silu_mul=*/true}, r, s);
 //                        // act [R, I] = silu(gate) * up
 //   LaunchMoeGroupedGemm({act, /*gather_a=*/false, w_down, H, I, y2}, r, s);               // [R, H]
-//   LaunchMoeCombine(y2, topk_weights, r, /*add=*/nullptr, H, out, s);                     // [T, H]
+//   LaunchMoeCombine(y2, topk_weights, r, /*add=*/{}, H, out, s);                          // [T, H]
 //                        // or LaunchMoeCombineAddRmsNorm: the combine inside the next RMSNorm
 //
 // Every launch can be captured in a CUDA graph: no allocation, no host synchronisation, and grid sizes
@@ -175,13 +175,21 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& rout
 cudaError_t LaunchMoeSiluMul(const __nv_bfloat16* gate_up, int64_t rows, int64_t intermediate,
                              const int32_t* num_rows, __nv_bfloat16* act, cudaStream_t stream);
 
-// out[t, :] = add[t, :] + sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], :]
-//                       + sum_s expert_out[offsets[E] + s*T + t, :]
-// in fp32, stored bf16: the routed experts weighted, the shared ones with weight 1; slots whose row is
-// -1 are skipped. expert_out [T*(k+S), H] (rows of `routing`), topk_weights fp32 [T, k], add [T, H]
-// or nullptr, out [T, H]; H a multiple of 8. `out` may alias `add`.
+// Matrices a combine adds with weight 1: `count` of them, [T, H] each, one after another from `rows`
+// (the shared experts' outputs when they ran apart from the routed experts: one already summed, or
+// one per shared expert). None when count is 0.
+struct MoeCombineAdd {
+  const __nv_bfloat16* rows = nullptr;
+  int32_t count = 0;
+};
+
+// out[t, :] = sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], :]
+//           + sum_s expert_out[offsets[E] + s*T + t, :] + sum_a add.rows[a*T + t, :]
+// in fp32, in this order, stored bf16: the routed experts weighted, the shared ones with weight 1;
+// slots whose row is -1 are skipped. expert_out [T*(k+S), H] (rows of `routing`), topk_weights fp32
+// [T, k], out [T, H]; H a multiple of 8. `out` may alias add.rows.
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
-                             const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                             const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream);
 
 // The combine folded into the RMSNorm that follows the MoE block (the next layer's input norm, or the
@@ -191,7 +199,7 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
 // residual fp32 [T, H] (updated in place), norm_weight bf16 [H], out bf16 [T, H]; H a multiple of 8
 // and at most 8192. One block per token.
 cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
-                                       const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                                       const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                                        float* residual, const __nv_bfloat16* norm_weight, float eps,
                                        __nv_bfloat16* out, cudaStream_t stream);
 

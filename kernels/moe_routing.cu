@@ -385,16 +385,17 @@ struct CombineArgs {
   const float* topk_weights;
   const int32_t* slot_row;
   const int32_t* shared_first_row;  // &expert_offsets[E]: the first row of shared expert 0
-  const __nv_bfloat16* add;         // may alias out
+  const __nv_bfloat16* add;         // add_count matrices [T, H], one after another; may alias out
   __nv_bfloat16* out;
   int64_t num_tokens;
+  int32_t add_count;
   int32_t top_k;
   int32_t num_shared;
   int32_t hidden;
 };
 
 // acc = sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], col + i] + the shared experts' rows
-// + add[t, col + i], for the 8 values i of one chunk.
+// + each added matrix's [t, col + i], for the 8 values i of one chunk.
 __device__ __forceinline__ void CombineChunk(const CombineArgs& p, int64_t token, int col, int64_t shared_first_row,
                                              float (&acc)[8]) {
   const int hidden = p.hidden;
@@ -419,9 +420,9 @@ __device__ __forceinline__ void CombineChunk(const CombineArgs& p, int64_t token
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] += v[e];
   }
-  if (p.add != nullptr) {
+  for (int a = 0; a < p.add_count; ++a) {
     float v[8];
-    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.add + token * hidden + col), v);
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.add + (a * p.num_tokens + token) * hidden + col), v);
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] += v[e];
   }
@@ -555,15 +556,16 @@ AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int3
 }
 
 CombineArgs MakeCombineArgs(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
-                            const __nv_bfloat16* add, int64_t hidden, __nv_bfloat16* out) {
+                            const MoeCombineAdd& add, int64_t hidden, __nv_bfloat16* out) {
   CombineArgs args;
   args.expert_out = expert_out;
   args.topk_weights = topk_weights;
   args.slot_row = routing.slot_row;
   args.shared_first_row = routing.expert_offsets + routing.num_experts;
-  args.add = add;
+  args.add = add.rows;
   args.out = out;
   args.num_tokens = routing.num_tokens;
+  args.add_count = add.count;
   args.top_k = routing.top_k;
   args.num_shared = routing.num_shared;
   args.hidden = static_cast<int32_t>(hidden);
@@ -571,9 +573,10 @@ CombineArgs MakeCombineArgs(const __nv_bfloat16* expert_out, const float* topk_w
 }
 
 bool ValidCombine(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
-                  const __nv_bfloat16* add, int64_t hidden) {
+                  const MoeCombineAdd& add, int64_t hidden) {
   return ValidRouting(routing) && hidden > 0 && hidden % 8 == 0 && hidden <= INT32_MAX && expert_out != nullptr &&
-         topk_weights != nullptr && Aligned16(expert_out) && (add == nullptr || Aligned16(add));
+         topk_weights != nullptr && Aligned16(expert_out) && add.count >= 0 &&
+         (add.count == 0 || (add.rows != nullptr && Aligned16(add.rows)));
 }
 
 }  // namespace
@@ -676,7 +679,7 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
 }
 
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
-                             const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                             const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream) {
   if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || out == nullptr || !Aligned16(out)) {
     return cudaErrorInvalidValue;
@@ -690,7 +693,7 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
 }
 
 cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
-                                       const MoeRouting& routing, const __nv_bfloat16* add, int64_t hidden,
+                                       const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                                        float* residual, const __nv_bfloat16* norm_weight, float eps,
                                        __nv_bfloat16* out, cudaStream_t stream) {
   if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || hidden > 8 * 1024 || residual == nullptr ||

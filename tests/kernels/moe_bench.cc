@@ -180,7 +180,7 @@ int Run() {
           for (int l = 0; l < kLayers; ++l) {
             BENCH_CHECK(
                 LaunchMoeRoute(logits, nullptr, gate, nullptr, topk_ids, topk_weights, routing, nullptr, stream));
-            BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, nullptr, kHidden, out, stream));
+            BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, {}, kHidden, out, stream));
           }
         });
         route_us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(route_graph, stream)); }) / kLayers;

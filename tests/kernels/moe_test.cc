@@ -1065,7 +1065,7 @@ void ExpectCombineMatchesCpu(int shared, Rng& rng) {
   std::vector<float> weights(tokens * top_k);
   for (float& w : weights) w = rng.Uniform(0.0f, 1.0f);
   const std::vector<uint16_t> expert_out = RandomBf16(rng, rows * hidden, 3.0f);
-  const std::vector<uint16_t> add = RandomBf16(rng, tokens * hidden, 3.0f);
+  const std::vector<uint16_t> add = RandomBf16(rng, 2 * tokens * hidden, 3.0f);  // two matrices [T, H]
 
   RoutingOnDevice d(tokens, top_k, experts, shared);
   DeviceBuffer<int32_t> d_ids(ids);
@@ -1078,17 +1078,18 @@ void ExpectCombineMatchesCpu(int shared, Rng& rng) {
   const int32_t shared_first = ReadDevice(d.routing.expert_offsets + experts, 1)[0];
   ASSERT_LT(shared_first, tokens * top_k);
 
-  for (bool with_add : {true, false}) {
-    SCOPED_TRACE(with_add ? "with add" : "without add");
+  for (int32_t adds : {2, 1, 0}) {
+    SCOPED_TRACE(::testing::Message() << adds << " added matrices");
     ASSERT_CUDA_OK(d_out.Poison());
-    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, with_add ? Bf16(d_add) : nullptr,
-                                    hidden, Bf16(d_out), nullptr));
+    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds}, hidden,
+                                    Bf16(d_out), nullptr));
     std::vector<uint16_t> out;
     ASSERT_CUDA_OK(d_out.Read(&out));
     std::vector<double> want(tokens * hidden);
     for (int64_t t = 0; t < tokens; ++t) {
       for (int64_t h = 0; h < hidden; ++h) {
-        double sum = with_add ? Bf16ToFloat(add[t * hidden + h]) : 0.0;
+        double sum = 0.0;
+        for (int a = 0; a < adds; ++a) sum += Bf16ToFloat(add[(a * tokens + t) * hidden + h]);
         for (int j = 0; j < top_k; ++j) {
           const int32_t row = slot_row[t * top_k + j];
           if (ids[t * top_k + j] < 0) continue;
@@ -1101,14 +1102,14 @@ void ExpectCombineMatchesCpu(int shared, Rng& rng) {
     ExpectClose(ToFloat(out), want, "combine");
   }
 
-  // In place: out aliases add.
+  // In place: out aliases the first added matrix.
   DeviceBuffer<uint16_t> d_inout(add);
-  ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, Bf16(d_inout), hidden,
+  ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_inout), 2}, hidden,
                                   Bf16(d_inout), nullptr));
   std::vector<uint16_t> in_place, out_of_place;
-  ASSERT_CUDA_OK(d_inout.Read(&in_place));
-  ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, Bf16(d_add), hidden, Bf16(d_out),
-                                  nullptr));
+  ASSERT_CUDA_OK(d_inout.ReadFirst(tokens * hidden, &in_place));
+  ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), 2}, hidden,
+                                  Bf16(d_out), nullptr));
   ASSERT_CUDA_OK(d_out.Read(&out_of_place));
   EXPECT_EQ(in_place, out_of_place);
 }
@@ -1129,11 +1130,12 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
   const int top_k = 6, experts = 64;
-  for (const auto& [tokens, hidden, shared, with_add] :
-       std::vector<std::tuple<int64_t, int64_t, int, bool>>{
-           {1, 2048, 2, false}, {5, 2048, 0, true}, {70, 7168, 1, false}, {3, 104, 2, true}}) {
-    SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " hidden " << hidden << " shared " << shared
-                                    << (with_add ? " with add" : ""));
+  // (tokens, hidden, shared experts in the routing, matrices added): the last two as the engine
+  // combines the shared experts run apart (none in the routing, two added) or on cuBLAS (one summed).
+  for (const auto& [tokens, hidden, shared, adds] : std::vector<std::tuple<int64_t, int64_t, int, int32_t>>{
+           {1, 2048, 2, 0}, {5, 2048, 0, 1}, {70, 7168, 1, 0}, {3, 104, 2, 1}, {2, 2048, 0, 2}, {7, 2048, 0, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " hidden " << hidden << " shared " << shared << ", "
+                                    << adds << " added");
     const int64_t rows = tokens * (top_k + shared);
     std::vector<int32_t> ids = RandomTopkIds(rng, tokens, top_k, experts);
     ids[rng.Below(static_cast<int>(ids.size()))] = -1;  // a slot on another rank
@@ -1141,7 +1143,7 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
     for (float& w : weights) w = rng.Uniform(0.0f, 1.0f);
     for (float& r : residual) r = rng.Uniform(-4.0f, 4.0f);
     const std::vector<uint16_t> expert_out = RandomBf16(rng, rows * hidden, 3.0f);
-    const std::vector<uint16_t> add = RandomBf16(rng, tokens * hidden, 3.0f);
+    const std::vector<uint16_t> add = RandomBf16(rng, std::max(adds, 1) * tokens * hidden, 3.0f);
     const std::vector<uint16_t> norm = RandomBf16(rng, hidden, 2.0f);
 
     RoutingOnDevice d(tokens, top_k, experts, shared);
@@ -1151,12 +1153,11 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
         d_out(tokens * hidden);
     ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, shared, 16));
     ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
-    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, with_add ? Bf16(d_add) : nullptr,
-                                    hidden, Bf16(d_delta), nullptr));
+    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds}, hidden,
+                                    Bf16(d_delta), nullptr));
     ASSERT_CUDA_OK(d_out.Poison());
-    ASSERT_CUDA_OK(LaunchMoeCombineAddRmsNorm(Bf16(d_expert_out), d_weights.get(), d.routing,
-                                              with_add ? Bf16(d_add) : nullptr, hidden, d_residual.get(), Bf16(d_norm),
-                                              1e-6f, Bf16(d_out), nullptr));
+    ASSERT_CUDA_OK(LaunchMoeCombineAddRmsNorm(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds},
+                                              hidden, d_residual.get(), Bf16(d_norm), 1e-6f, Bf16(d_out), nullptr));
     std::vector<uint16_t> delta, out;
     std::vector<float> new_residual;
     ASSERT_CUDA_OK(d_delta.Read(&delta));
@@ -1305,7 +1306,7 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
     }
     if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2)}, d.routing, stream)) !=
         cudaSuccess) return e;
-    return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, nullptr, h, Bf16(d_out), stream);
+    return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, {}, h, Bf16(d_out), stream);
   };
   ASSERT_CUDA_OK(layer());
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream));

@@ -43,6 +43,10 @@ constexpr int64_t kSkinnyRows = 8;
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
 // (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows.
 constexpr int64_t kFoldSharedMaxTokens = 512;
+// Steps of up to this many tokens run the shared experts on a second stream, beside the routing
+// (SharedExpertsApart). cohort bench step, V2-Lite on an H200, same device call: batch 1 and 2 steps
+// 2% faster than with the shared experts folded into the routed products; batch 4 and up 1-3% slower.
+constexpr int64_t kSharedApartMaxTokens = 2;
 // Up to this many absorbed tokens the attention's W_uv product is done by the merge of its context
 // splits (kernels::MlaDecodeParams::value_weights): a launch less, but every block of a head merges
 // the head's partials again. H200, cohort bench step against the separate product: batch 1 2.5%
@@ -127,6 +131,11 @@ class CudaEngine final : public Engine {
     int32_t* topk_ids;
     bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
     void* moe_workspace;
+    // The shared experts apart (SharedExpertsApart): their routing, made from routed ids that are all
+    // -1, their activations and their S output matrices [S][T, H].
+    void* shared_routing;
+    int32_t* no_routed_ids;
+    bf16 *shared_act, *shared_rows;
     bf16 *final_rows, *gathered, *expanded_kv, *probs;
     float *scores, *logits;
     int32_t* experts_used;
@@ -142,6 +151,10 @@ class CudaEngine final : public Engine {
   absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
   // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_).
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
+  // Launches a small step's shared experts on shared_stream_, which forks from stream_ here (after the
+  // post-attention norm) and joins it again in FeedForward before the combine; they leave their S
+  // outputs in ws_.shared_rows.
+  absl::Status SharedExpertsApart(const DeviceLayer& layer, int64_t num_tokens);
   // residual += the last block's output (ws_.delta, or the pending MoE combine; nothing before the
   // first layer), then x = RMSNorm(residual) * weight.
   absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first);
@@ -181,15 +194,18 @@ class CudaEngine final : public Engine {
   float* rope_inv_freq_ = nullptr;
   bf16* kv_cache_ = nullptr;  // [layers][blocks + 1][block_size][kv_cache_width]; the last block is scratch
   int64_t moe_workspace_bytes_ = 0;
+  int64_t shared_routing_bytes_ = 0;
   MoeGateParams gate_params_;  // the model's routing, for every MoE layer's gate
   // An MoE block's output, combined by the norm after it (LaunchMoeCombineAddRmsNorm).
   struct PendingCombine {
     MoeRouting routing;
-    const bf16* add;  // the shared experts' output when they ran outside the grouped products
+    MoeCombineAdd add;  // the shared experts' outputs when they ran outside the routed products
   };
   std::optional<PendingCombine> pending_combine_;
 
   cudaStream_t stream_ = nullptr;
+  cudaStream_t shared_stream_ = nullptr;  // SharedExpertsApart's, and its fork and join
+  cudaEvent_t shared_fork_ = nullptr, shared_join_ = nullptr;
   const CublasApi* cublas_api_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   std::unique_ptr<DeviceSampler> sampler_;
@@ -207,6 +223,9 @@ CudaEngine::~CudaEngine() {
   for (auto& [bucket, graph] : graphs_) cudaGraphExecDestroy(graph);
   if (cublas_ != nullptr) cublas_api_->destroy(cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  if (shared_stream_ != nullptr) cudaStreamDestroy(shared_stream_);
+  if (shared_fork_ != nullptr) cudaEventDestroy(shared_fork_);
+  if (shared_join_ != nullptr) cudaEventDestroy(shared_join_);
 }
 
 void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
@@ -250,6 +269,13 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     ws.routed_out = a.Take<bf16>(rows * H);
     if (c.n_shared_experts > 0) ws.shared_out = a.Take<bf16>(T * H);
     ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
+    if (c.n_shared_experts > 0) {
+      const int64_t apart = std::min(T, kSharedApartMaxTokens);
+      ws.shared_routing = a.Take<char>(shared_routing_bytes_);
+      ws.no_routed_ids = a.Take<int32_t>(apart * c.num_experts_per_tok);
+      ws.shared_act = a.Take<bf16>(apart * c.n_shared_experts * inter);
+      ws.shared_rows = a.Take<bf16>(apart * c.n_shared_experts * H);
+    }
   }
   ws.final_rows = a.Take<bf16>(S * H);
   ws.logits = a.Take<float>(S * c.vocab_size);
@@ -321,6 +347,10 @@ absl::Status CudaEngine::Initialize() {
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                     static_cast<int32_t>(c.n_routed_experts),
                                                     static_cast<int32_t>(c.n_shared_experts));
+    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(std::min(max_tokens_, kSharedApartMaxTokens),
+                                                     static_cast<int32_t>(c.num_experts_per_tok),
+                                                     static_cast<int32_t>(c.n_routed_experts),
+                                                     static_cast<int32_t>(c.n_shared_experts));
   }
 
   // Plan: weights, workspace, then the KV cache from what is left.
@@ -389,6 +419,13 @@ absl::Status CudaEngine::Initialize() {
   COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
   COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
   COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
+  if (ws_.no_routed_ids != nullptr) {  // SharedExpertsApart's stream, fork, join and ids
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_join_, cudaEventDisableTiming));
+    const int64_t ids = std::min(max_tokens_, kSharedApartMaxTokens) * c.num_experts_per_tok;
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
+  }
   return CaptureGraphs();
 }
 
@@ -621,13 +658,21 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     return Linear(l.mlp_down, ws_.mlp_act, T, ws_.delta);
   }
 
-  // The shared experts are experts E..E+S-1 of the weight arrays. Up to kFoldSharedMaxTokens tokens
-  // they join the routed ones in the grouped products (one row per token, weight 1 in the combine):
-  // no extra launches, and they stream like any expert. Prefill-sized steps run them on cuBLAS.
+  // The shared experts are experts E..E+S-1 of the weight arrays. They need no routing: steps of up
+  // to kSharedApartMaxTokens tokens run them beside it on a second stream, so that their weight reads
+  // fill the routing's latency-bound launches. Up to kFoldSharedMaxTokens tokens they join the routed
+  // ones in the grouped products (one row per token, weight 1 in the combine): no extra launches,
+  // and they stream like any expert. Prefill-sized steps run them on cuBLAS.
   const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
   const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
-  const int32_t folded = T <= kFoldSharedMaxTokens ? shared : 0;
+  const bool apart = shared > 0 && T <= kSharedApartMaxTokens;
+  const int32_t folded = !apart && T <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size;
+  MoeCombineAdd add;
+  if (apart) {
+    COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, T));
+    add = {ws_.shared_rows, shared};
+  }
   COHORT_RETURN_IF_ERROR(Product(T, E, H, {ws_.x, H}, {l.router.data, H}, {ws_.router_logits, E, 0, CUDA_R_32F}));
   MoeRouting routing;
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E, folded,
@@ -640,8 +685,9 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
                                                     ws_.routed_out}, routing, stream_));
-  const bf16* add = nullptr;
-  if (folded < shared) {
+  if (apart) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, shared_join_, 0));
+  } else if (folded < shared) {
     // [S][T, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
     const bf16* gate_up = l.experts_gate_up + E * 2 * inter * H;
     const bf16* down = l.experts_down + E * H * inter;
@@ -652,9 +698,30 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
       COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, H, inter, {ws_.mlp_act + e * T * inter, inter},
                                   {down + e * H * inter, inter}, true, {ws_.shared_out, H}, 1, 1.0f, e == 0 ? 0.0f : 1.0f));
     }
-    add = ws_.shared_out;
+    add = {ws_.shared_out, 1};
   }
   pending_combine_ = PendingCombine{routing, add};
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
+  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
+  const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_fork_, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(shared_stream_, shared_fork_, 0));
+  // With every routed id -1 the routing holds the shared experts' rows only: row s*T + t is shared
+  // expert s for token t, so the down product leaves the S matrices [T, H] one after another.
+  MoeRouting routing;
+  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.shared_routing, shared_routing_bytes_, T, k, E, shared,
+                                              MoeDefaultTileRows(T, k, E, shared), &routing));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.no_routed_ids, routing, nullptr, shared_stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
+                                                    ws_.shared_act, /*silu_mul=*/true}, routing, shared_stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.shared_act, /*gather_a=*/false, l.experts_down, H, inter,
+                                                    ws_.shared_rows}, routing, shared_stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_join_, shared_stream_));
   return absl::OkStatus();
 }
 
