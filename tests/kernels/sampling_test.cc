@@ -401,13 +401,13 @@ uint64_t FreshSeed() {
 
 // ---------------------------------------------------------------------------------------------
 
-TEST(SamplingKernelTest, GreedyMatchesCpuIncludingTies) {
-  COHORT_SKIP_WITHOUT_GPU();
+// Greedy rows (with and without the greedy-only kernel) of every shape over logits with ties.
+void CheckGreedy(std::span<const Shape> shapes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   std::mt19937_64 rng(seed);
   Tally tally;
-  for (const Shape& shape : kShapes) {
+  for (const Shape& shape : shapes) {
     for (Logits kind : {Logits::kNormal4, Logits::kBf16, Logits::kFewLevels}) {
       for (bool greedy_only : {true, false}) {
         KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind,
@@ -418,20 +418,30 @@ TEST(SamplingKernelTest, GreedyMatchesCpuIncludingTies) {
   }
 }
 
-TEST(SamplingKernelTest, SeededSamplingMatchesCpu) {
-  COHORT_SKIP_WITHOUT_GPU();
+// RandomConfig's mix of sampled rows over each kind of logits, for every shape.
+void CheckSampling(std::span<const Shape> shapes, std::span<const Logits> kinds) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   std::mt19937_64 rng(seed);
   Tally tally;
-  for (const Shape& shape : kShapes) {
-    for (Logits kind : kAllLogits) {
+  for (const Shape& shape : shapes) {
+    for (Logits kind : kinds) {
       KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind};
       RunAndCheck(b, rng, tally);
     }
   }
   ExpectNearTiesRare(tally);
   std::printf("%d sampled rows, %d near-tie mismatches\n", tally.sampled, tally.near_tie_mismatches);
+}
+
+TEST(SamplingKernelTest, GreedyMatchesCpuIncludingTies) {
+  COHORT_SKIP_WITHOUT_GPU();
+  CheckGreedy(kShapes);
+}
+
+TEST(SamplingKernelTest, SeededSamplingMatchesCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  CheckSampling(kShapes, kAllLogits);
 }
 
 // Many rows of one vocabulary with every combination of the truncations, at temperatures that make
@@ -633,19 +643,7 @@ constexpr Shape kRowSplitShapes[] = {{102400, 100}, {129280, 80}, {262144, 40}, 
 
 TEST(SamplingKernelTest, RowSplitGreedyMatchesCpuIncludingTies) {
   COHORT_SKIP_WITHOUT_GPU();
-  const uint64_t seed = FreshSeed();
-  SCOPED_TRACE(absl::StrCat("seed ", seed));
-  std::mt19937_64 rng(seed);
-  Tally tally;
-  for (const Shape& shape : kRowSplitShapes) {
-    for (Logits kind : {Logits::kNormal4, Logits::kBf16, Logits::kFewLevels}) {
-      for (bool greedy_only : {false, true}) {
-        KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind,
-                      .greedy = true, .greedy_only = greedy_only};
-        RunAndCheck(b, rng, tally);
-      }
-    }
-  }
+  CheckGreedy(kRowSplitShapes);
 }
 
 // RandomConfig's mix (penalties, top logprobs, every truncation): over flat logits most rows keep
@@ -653,18 +651,8 @@ TEST(SamplingKernelTest, RowSplitGreedyMatchesCpuIncludingTies) {
 // candidates; halves put cuts inside groups of equal logits.
 TEST(SamplingKernelTest, RowSplitSamplingMatchesCpu) {
   COHORT_SKIP_WITHOUT_GPU();
-  const uint64_t seed = FreshSeed();
-  SCOPED_TRACE(absl::StrCat("seed ", seed));
-  std::mt19937_64 rng(seed);
-  Tally tally;
-  for (const Shape& shape : kRowSplitShapes) {
-    for (Logits kind : {Logits::kNormal1, Logits::kNormal4, Logits::kHalves}) {
-      KernelBatch b{.vocab = shape.vocab, .rows = shape.rows, .stride = StrideFor(shape.vocab, rng), .kind = kind};
-      RunAndCheck(b, rng, tally);
-    }
-  }
-  ExpectNearTiesRare(tally);
-  std::printf("%d sampled rows, %d near-tie mismatches\n", tally.sampled, tally.near_tie_mismatches);
+  constexpr Logits kKinds[] = {Logits::kNormal1, Logits::kNormal4, Logits::kHalves};
+  CheckSampling(kRowSplitShapes, kKinds);
 }
 
 // Long histories under every penalty: thousands of penalised tokens a row (more than a block has
