@@ -45,26 +45,31 @@ struct Shape {
   };
 };
 
-// Four threads per token row: one block-table lookup per thread and tile, then the row's 16-byte
-// chunks (each instruction of a warp moves 8 rows x 64 contiguous bytes).
+// Four threads per token row: one block-table lookup per thread and tile (TileRowSource), then the
+// row's 16-byte chunks (CopyTileRow; each instruction of a warp moves 8 rows x 64 contiguous bytes).
+constexpr int kThreadsPerRow = kThreads / kTileTokens;
+static_assert(kThreads % kTileTokens == 0, "whole threads per row");
+
+// This thread's cache row of `tile`, or nullptr past the context.
 template <int kRank, int kRope>
-__device__ __forceinline__ void LoadTile(typename Shape<kRank, kRope>::Smem& s, int buffer, int tile,
-                                         const MlaDecodeParams& p, const int32_t* table, int kv_len) {
+__device__ __forceinline__ const __nv_bfloat16* TileRowSource(int tile, const MlaDecodeParams& p, const int32_t* table,
+                                                             int kv_len) {
+  const int token = tile * kTileTokens + static_cast<int>(threadIdx.x) / kThreadsPerRow;
+  if (token >= kv_len) return nullptr;
+  const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
+  return p.cache + slot * Shape<kRank, kRope>::kWidth;
+}
+
+template <int kRank, int kRope>
+__device__ __forceinline__ void CopyTileRow(typename Shape<kRank, kRope>::Smem& s, int buffer, const __nv_bfloat16* src,
+                                            const MlaDecodeParams& p) {
   using S = Shape<kRank, kRope>;
   constexpr int kChunks = S::kWidth / 8;  // 16-byte chunks per token
-  constexpr int kThreadsPerRow = kThreads / kTileTokens;
-  static_assert(kThreads % kTileTokens == 0, "whole threads per row");
   const int row = threadIdx.x / kThreadsPerRow, first_chunk = threadIdx.x % kThreadsPerRow;
-  const int token = tile * kTileTokens + row;
-  const bool valid = token < kv_len;
-  const __nv_bfloat16* src = p.cache;
-  if (valid) {
-    const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
-    src = p.cache + slot * S::kWidth;
-  }
+  const bool valid = src != nullptr;
 #pragma unroll
   for (int chunk = first_chunk; chunk < kChunks; chunk += kThreadsPerRow) {
-    CpAsync16(&s.kv[buffer][row][chunk * 8], src + (valid ? chunk * 8 : 0), valid);
+    CpAsync16(&s.kv[buffer][row][chunk * 8], valid ? src + chunk * 8 : p.cache, valid);
   }
 }
 
@@ -81,14 +86,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   // ldmatrix addressing: this lane's row within a 16-row operand and its 8-column half.
   const int ld_row = lane % 8 + 8 * ((lane / 8) % 2), ld_col = 8 * (lane / 16);
 
-  PdlWait();  // queries, positions and this step's cache rows come from earlier kernels
-  PdlLaunchDependents();
+  // Positions and block tables are step inputs, copied up before the step's first kernel, so the
+  // chain of lookups up to this thread's first cache row runs before the wait; the queries and the
+  // cache rows (the newest written by the kernel before) after it.
   const int kv_len = p.query_position[query] + 1;
   const int32_t* table = p.block_tables + p.table_offsets[p.query_sequence[query]];
   const int tiles = (kv_len + kTileTokens - 1) / kTileTokens;
   const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles, tile_begin + tiles_per_split);
+  const __nv_bfloat16* first_row =
+      tile_begin < tile_end ? TileRowSource<kRank, kRope>(tile_begin, p, table, kv_len) : nullptr;
+  PdlWait();
+  PdlLaunchDependents();
 
   // Queries (16 heads x (latent | rope)) and the first cache tile arrive in one async group: every
   // load is in flight at once. Heads past p.heads are zero rows.
@@ -104,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
     }
     CpAsync16(&s.q[h][c * 8], src, valid);
   }
-  if (tile_begin < tile_end) LoadTile<kRank, kRope>(s, 0, tile_begin, p, table, kv_len);
+  if (tile_begin < tile_end) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
   CpAsyncCommit();
 
   // Padding columns of the queries and cache tiles are never copied into: zero them once.
@@ -127,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int buffer = (tile - tile_begin) % 2;
     if (tile + 1 < tile_end) {
-      LoadTile<kRank, kRope>(s, buffer ^ 1, tile + 1, p, table, kv_len);
+      CopyTileRow<kRank, kRope>(s, buffer ^ 1, TileRowSource<kRank, kRope>(tile + 1, p, table, kv_len), p);
       CpAsyncCommit();
       CpAsyncWait<1>();
     } else {
@@ -268,9 +278,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
 }
 
 // out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s). Each
-// thread sums 4 columns (kv_lora_rank <= 4 * 128). A block is latency-bound: every partial it needs
-// is loaded at once, before the weights are known; each warp turns the log-sum-exps into weights
-// itself (no block barrier between the loads and the sum).
+// thread sums 2 columns (kv_lora_rank <= 2 * 256) of every split, up to kSplits of them (the launch
+// picks the smallest of 8, 16, 32 and 64 that holds num_splits). A block is latency-bound: every
+// partial it needs is in flight at once, loaded before the weights are known; each warp turns the
+// log-sum-exps into weights itself (no block barrier between the loads and the sum).
 //
 // With value weights (kValue), block (q, h, part) goes on to apply them to the merged row, rounded
 // to bf16 as `out` would hold it: attention outputs [kValueOutputs * part, + kValueOutputs) of the
@@ -278,18 +289,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
 // before the wait. Every part of a head merges the same row again: partials are few and in L2,
 // and a launch less is worth more.
 constexpr int kMaxSplits = 64;
-constexpr int kCombineBatch = 32;  // splits whose partials are in flight together
-constexpr int kCombineThreads = 128;
-constexpr int kMaxCombineRank = 4 * kCombineThreads;
-constexpr int kValueOutputs = 4 * kCombineThreads / 32;
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kMaxCombineRank = 2 * kCombineThreads;
+constexpr int kValueOutputs = 4 * kCombineWarps;
 constexpr int kMaxValuePieces = kMaxCombineRank / 8 / 32;
 
-template <bool kValue>
+template <bool kValue, int kSplits>
 __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodeParams p) {
-  __shared__ float weights[4][kMaxSplits];
+  static_assert(kSplits <= 32 || kSplits % 32 == 0, "log-sum-exps are whole warps' worth past 32");
+  constexpr int kLanes = kSplits < 32 ? 1 : kSplits / 32;  // log-sum-exps per lane
+  __shared__ float weights[kCombineWarps][kSplits];
   __shared__ __align__(16) __nv_bfloat16 merged[kValue ? kMaxCombineRank : 8];
   const int query = blockIdx.x, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int col = threadIdx.x * 4;
+  const int col = threadIdx.x * 2;
   const bool active = col < p.kv_lora_rank;
   uint4 w[kValue ? 4 : 1][kMaxValuePieces];
   if constexpr (kValue) {
@@ -311,64 +324,47 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   const int64_t first = static_cast<int64_t>(query) * p.num_splits * p.heads + head;
   const float* partial = p.partial_out + first * p.kv_lora_rank + col;
   const int64_t split_stride = static_cast<int64_t>(p.heads) * p.kv_lora_rank;
-  float4 v[kCombineBatch];
-  auto load_batch = [&](int first_split) {
+  float2 v[kSplits];
 #pragma unroll
-    for (int j = 0; j < kCombineBatch; ++j) {
-      const int s = first_split + j;
-      v[j] = active && s < p.num_splits ? *reinterpret_cast<const float4*>(partial + s * split_stride)
-                                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-  };
-  load_batch(0);
+  for (int j = 0; j < kSplits; ++j) {
+    v[j] = active && j < p.num_splits ? *reinterpret_cast<const float2*>(partial + j * split_stride)
+                                      : make_float2(0.0f, 0.0f);
+  }
 
-  float lse[kMaxSplits / 32], max_lse = -INFINITY;
+  float lse[kLanes], max_lse = -INFINITY;
 #pragma unroll
-  for (int j = 0; j < kMaxSplits / 32; ++j) {
+  for (int j = 0; j < kLanes; ++j) {
     const int s = lane + 32 * j;
     lse[j] = s < p.num_splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
     max_lse = fmaxf(max_lse, lse[j]);
   }
   max_lse = WarpMax(max_lse);
-  float e[kMaxSplits / 32], total = 0.0f;
+  float e[kLanes], total = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kMaxSplits / 32; ++j) {
+  for (int j = 0; j < kLanes; ++j) {
     e[j] = lse[j] == -INFINITY ? 0.0f : __expf(lse[j] - max_lse);
     total += e[j];
   }
   total = WarpSum(total);
 #pragma unroll
-  for (int j = 0; j < kMaxSplits / 32; ++j) weights[warp][lane + 32 * j] = e[j] / total;
+  for (int j = 0; j < kLanes; ++j) {
+    if (lane + 32 * j < kSplits) weights[warp][lane + 32 * j] = e[j] / total;
+  }
   __syncwarp();
 
-  float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  for (int first_split = 0;;) {
+  float2 sum = make_float2(0.0f, 0.0f);
 #pragma unroll
-    for (int j = 0; j < kCombineBatch; ++j) {
-      const float w = first_split + j < p.num_splits ? weights[warp][first_split + j] : 0.0f;
-      sum.x += w * v[j].x;
-      sum.y += w * v[j].y;
-      sum.z += w * v[j].z;
-      sum.w += w * v[j].w;
-    }
-    first_split += kCombineBatch;
-    if (first_split >= p.num_splits) break;
-    load_batch(first_split);
+  for (int j = 0; j < kSplits; ++j) {
+    const float weight = weights[warp][j];  // 0 past num_splits
+    sum.x += weight * v[j].x;
+    sum.y += weight * v[j].y;
   }
   if constexpr (!kValue) {
     if (!active) return;
     __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank + col;
-    out[0] = __float2bfloat16(sum.x);
-    out[1] = __float2bfloat16(sum.y);
-    out[2] = __float2bfloat16(sum.z);
-    out[3] = __float2bfloat16(sum.w);
+    *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(sum.x, sum.y);
   } else {
-    if (active) {
-      merged[col] = __float2bfloat16(sum.x);
-      merged[col + 1] = __float2bfloat16(sum.y);
-      merged[col + 2] = __float2bfloat16(sum.z);
-      merged[col + 3] = __float2bfloat16(sum.w);
-    }
+    if (active) *reinterpret_cast<__nv_bfloat162*>(&merged[col]) = __floats2bfloat162_rn(sum.x, sum.y);
     __syncthreads();
     __nv_bfloat16* attn = p.attn + (static_cast<int64_t>(query) * p.heads + head) * p.v_head_dim;
 #pragma unroll
@@ -401,6 +397,16 @@ cudaError_t SetUp(LaunchInfo* info) {
   return setup.Get(MlaDecodeKernel<kRank, kRope>, kThreads, sizeof(typename Shape<kRank, kRope>::Smem), info);
 }
 
+// The merge of the splits, with or without the value weights.
+template <int kSplits>
+cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
+  if (p.value_weights != nullptr) {
+    const dim3 grid(p.num_queries, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
+    return LaunchPdl(MlaCombineKernel<true, kSplits>, grid, dim3(kCombineThreads), 0, stream, p);
+  }
+  return LaunchPdl(MlaCombineKernel<false, kSplits>, dim3(p.num_queries, p.heads), dim3(kCombineThreads), 0, stream, p);
+}
+
 template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   LaunchInfo info;
@@ -408,13 +414,11 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
   cudaError_t error = LaunchPdl(MlaDecodeKernel<kRank, kRope>, grid, dim3(kThreads),
                                 sizeof(typename Shape<kRank, kRope>::Smem), stream, p);
-  if (error == cudaSuccess && p.value_weights != nullptr) {
-    const dim3 combine_grid(p.num_queries, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
-    error = LaunchPdl(MlaCombineKernel<true>, combine_grid, dim3(kCombineThreads), 0, stream, p);
-  } else if (error == cudaSuccess && p.num_splits > 1) {
-    error = LaunchPdl(MlaCombineKernel<false>, dim3(p.num_queries, p.heads), dim3(kCombineThreads), 0, stream, p);
-  }
-  return error;
+  if (error != cudaSuccess || (p.num_splits == 1 && p.value_weights == nullptr)) return error;
+  if (p.num_splits <= 8) return LaunchCombine<8>(p, stream);
+  if (p.num_splits <= 16) return LaunchCombine<16>(p, stream);
+  if (p.num_splits <= 32) return LaunchCombine<32>(p, stream);
+  return LaunchCombine<kMaxSplits>(p, stream);
 }
 
 template <int kRank, int kRope>

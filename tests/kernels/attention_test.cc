@@ -164,7 +164,8 @@ TEST(MlaDecodeTest, DeepseekShapesManySplitsAndPartialHeadGroups) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({512, 64, 20, 16, 7, {0, 5, 64, 1000, 4100}});
   RunMlaCase({512, 64, 128, 64, 3, {2047, 3}});
-  // The most splits: two batches of partials in the merge, and splits left without a tile.
+  RunMlaCase({512, 64, 20, 16, 12, {3000, 1, 400}});  // the merge's 16-split size
+  // The most splits, and splits left without a tile.
   RunMlaCase({512, 64, 16, 64, 64, {4095, 2100, 40}});
 }
 
@@ -173,6 +174,7 @@ TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
   RunMlaCase({512, 64, 16, 64, 32, {1023, 0, 300}, 128});
   RunMlaCase({512, 64, 20, 16, 64, {4095, 17}, 40});  // a partial last block of outputs
   RunMlaCase({64, 16, 4, 5, 4, {1, 77, 300}, 16});
+  RunMlaCase({64, 16, 4, 5, 16, {1, 77, 300}, 16});
   RunMlaCase({32, 8, 4, 3, 3, {0, 2, 95}, 8});
 }
 
