@@ -50,8 +50,9 @@ constexpr int64_t kSharedApartMaxTokens = 2;
 // Up to this many absorbed tokens the attention's W_uv product is done by the merge of its context
 // splits (kernels::MlaDecodeParams::value_weights): a launch less, but every block of a head merges
 // the head's partials again. H200, cohort bench step against the separate product: batch 1 2.5%
-// faster, batch 2 0.5% and batch 4 2.5% slower.
-constexpr int64_t kMergeValuesMaxTokens = 1;
+// faster; with the merge's one-pass loads (kernels/mla_decode.cu), batch 2 2% faster at context
+// 1024 and the same at 4096, batch 4 the same at 1024 and 3% slower at 4096, batch 8 3-5% slower.
+constexpr int64_t kMergeValuesMaxTokens = 2;
 constexpr int64_t kReserveBytes = int64_t{512} << 20;   // CUDA graphs, cuBLAS and driver state
 constexpr uint64_t kSyntheticSeed = 0x5eed;
 
@@ -591,7 +592,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     p.partial_out = ws_.split_partials;
     p.partial_lse = ws_.split_partials + kSplitPairs * heads * rank;
     // attn[t, h] = o_latent[t, h] . W_uv[h]^T, W_uv[h] = kv_b_proj rows [h (nope + v) + nope, + v):
-    // for one token in the launch's merge of the context splits, else a product after it.
+    // for up to two tokens in the launch's merge of the context splits, else a product after it.
     const bool merge_values = Q <= kMergeValuesMaxTokens && s.splits > 1;
     if (merge_values) {
       p.value_weights = l.kv_b_proj.data + nope * rank;
