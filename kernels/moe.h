@@ -197,7 +197,9 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
 //   delta[t] = bf16(the combine above, without `out`);  residual[t] += delta[t];
 //   out[t] = bf16(residual[t] * rsqrt(mean(residual[t]^2) + eps) * norm_weight)
 // residual fp32 [T, H] (updated in place), norm_weight bf16 [H], out bf16 [T, H]; H a multiple of 8
-// and at most 8192. One block per token.
+// and at most 8192. One block per token. The routing, topk_weights and residual are read before the
+// launch waits for the kernel before it (kernels/pdl.cuh): their writers must be at least two
+// launches back on the stream, as in a MoE block (route, gate_up and down products, then this).
 cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
                                        const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                                        float* residual, const __nv_bfloat16* norm_weight, float eps,

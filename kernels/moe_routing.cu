@@ -394,27 +394,42 @@ struct CombineArgs {
   int32_t hidden;
 };
 
+// Where a token's combine reads: its routed rows (-1: none) with their weights, and the first row of
+// shared expert 0.
+struct CombineSlots {
+  int32_t row[kMoeMaxTopK];
+  float weight[kMoeMaxTopK];
+  int64_t shared_first_row;
+};
+
+__device__ __forceinline__ CombineSlots LoadCombineSlots(const CombineArgs& p, int64_t token) {
+  CombineSlots slots;
+#pragma unroll
+  for (int j = 0; j < kMoeMaxTopK; ++j) {
+    slots.row[j] = j < p.top_k ? p.slot_row[token * p.top_k + j] : -1;
+    slots.weight[j] = j < p.top_k ? p.topk_weights[token * p.top_k + j] : 0.0f;
+  }
+  slots.shared_first_row = p.num_shared > 0 ? *p.shared_first_row : 0;
+  return slots;
+}
+
 // acc = sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], col + i] + the shared experts' rows
 // + each added matrix's [t, col + i], for the 8 values i of one chunk.
-__device__ __forceinline__ void CombineChunk(const CombineArgs& p, int64_t token, int col, int64_t shared_first_row,
+__device__ __forceinline__ void CombineChunk(const CombineArgs& p, const CombineSlots& slots, int64_t token, int col,
                                              float (&acc)[8]) {
   const int hidden = p.hidden;
-  const int top_k = p.top_k;
 #pragma unroll
   for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
 #pragma unroll
   for (int j = 0; j < kMoeMaxTopK; ++j) {
-    if (j >= top_k) break;
-    const int row = p.slot_row[token * top_k + j];
-    if (row < 0) continue;
-    const float w = p.topk_weights[token * top_k + j];
+    if (slots.row[j] < 0) continue;
     float v[8];
-    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + static_cast<int64_t>(row) * hidden + col), v);
+    Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + static_cast<int64_t>(slots.row[j]) * hidden + col), v);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, v[e], acc[e]);
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(slots.weight[j], v[e], acc[e]);
   }
   for (int s = 0; s < p.num_shared; ++s) {
-    const int64_t row = shared_first_row + s * p.num_tokens + token;
+    const int64_t row = slots.shared_first_row + s * p.num_tokens + token;
     float v[8];
     Bf16x8ToFloat(*reinterpret_cast<const uint4*>(p.expert_out + row * hidden + col), v);
 #pragma unroll
@@ -434,13 +449,12 @@ __global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const Combin
   PdlLaunchDependents();
   const int chunks_per_token = p.hidden / 8;
   const int64_t total = p.num_tokens * chunks_per_token;
-  const int64_t shared_first_row = p.num_shared > 0 ? *p.shared_first_row : 0;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x; c < total;
        c += static_cast<int64_t>(gridDim.x) * kCombineThreads) {
     const int64_t token = c / chunks_per_token;
     const int col = static_cast<int>(c - token * chunks_per_token) * 8;
     float acc[8];
-    CombineChunk(p, token, col, shared_first_row, acc);
+    CombineChunk(p, LoadCombineSlots(p, token), token, col, acc);
     uint4 packed;
     __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
@@ -458,20 +472,25 @@ struct NormArgs {
 
 // One block per token, one thread per 8 values: the combined row, rounded to bf16 as LaunchMoeCombine
 // stores it, joins the residual, which is then normalised.
+//
+// The routing and the residual come from kernels at least two launches back (the route or align
+// kernel, then the attention's norm), complete when this one starts (kernels/pdl.cuh), so they are
+// read before the wait; only the expert rows and the added matrices after it.
 __global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const CombineArgs p, const NormArgs n) {
   __shared__ float scratch[32];
-  PdlWait();  // the expert rows come from the down GEMM
-  PdlLaunchDependents();
   const int64_t token = blockIdx.x;
   const int col = threadIdx.x * 8;
   const bool active = col < p.hidden;
+  const CombineSlots slots = LoadCombineSlots(p, token);
+  float* h = n.residual + token * p.hidden + col;
+  const float4 h0 = active ? *reinterpret_cast<const float4*>(h) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const float4 h1 = active ? *reinterpret_cast<const float4*>(h + 4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  PdlWait();  // the expert rows come from the down GEMM
+  PdlLaunchDependents();
   float v[8] = {};
   float sum_sq = 0.0f;
   if (active) {
-    CombineChunk(p, token, col, p.num_shared > 0 ? *p.shared_first_row : 0, v);
-    float* h = n.residual + token * p.hidden + col;
-    const float4 h0 = *reinterpret_cast<const float4*>(h);
-    const float4 h1 = *reinterpret_cast<const float4*>(h + 4);
+    CombineChunk(p, slots, token, col, v);
     const float before[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {

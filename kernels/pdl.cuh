@@ -11,6 +11,9 @@
 //     visible (it is a no-op for a kernel launched without the attribute);
 //   - PdlLaunchDependents() lets the next kernel start; call it after PdlWait() (at most two kernels
 //     then overlap) and before the kernel's main loop.
+// So when a kernel starts, the kernel before it has passed its PdlWait(): every kernel two or more
+// launches back has completed, and what those wrote may also be read before PdlWait() (a launcher
+// that relies on this says so).
 #pragma once
 
 #include <cuda_runtime.h>
