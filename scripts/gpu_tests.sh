@@ -4,8 +4,9 @@
 #   scripts/gpu_tests.sh bundle            here: build, then copy the GPU test and benchmark binaries
 #                                          with the libraries they need into .gpu/ (gpu-bundle)
 #   scripts/gpu_tests.sh run [--bench]     there (carry .gpu): every GPU test, then with --bench the
-#                                          kernel benchmarks and `cohort bench step` with the
-#                                          transformers baseline; logs and JSON under $OUT
+#                                          kernel benchmarks, the transformers baseline and
+#                                          `cohort bench step --baseline` (Cohort's speed-up over
+#                                          it at the same shapes); logs and JSON under $OUT
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail
@@ -42,6 +43,16 @@ case "${1:-}" in
       echo "== moe_bench";      .gpu/bin/moe_bench      >"$out/moe_bench.txt" 2>&1 || status=1; tail -30 "$out/moe_bench.txt"
       echo "== sampling_bench"; .gpu/bin/sampling_bench >"$out/sampling_bench.txt" 2>&1 || status=1; tail -20 "$out/sampling_bench.txt"
       echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$out/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$out/skinny_gemm_bench.txt"
+      echo "== transformers baseline"
+      baseline=()
+      if python3 scripts/bench_transformers_baseline.py --out "$out/transformers_baseline.json" >"$out/baseline.txt" 2>&1; then
+        baseline=(--baseline "$out/transformers_baseline.json")
+      else
+        status=1; tail -5 "$out/baseline.txt"
+      fi
+      echo "== cohort bench step"
+      .gpu/bin/cohort bench step "${baseline[@]}" --output "$out/step_v2_lite.json" >"$out/bench_step.txt" 2>&1 || status=1
+      tail -40 "$out/bench_step.txt"
     fi
     exit $status
     ;;

@@ -6,12 +6,15 @@
 // token ids down). The bytes the step must read (weights of the layers, the distinct experts the
 // batch routed to, the KV cache) over the step time is the achieved bandwidth, reported as a
 // fraction of the device's measured copy bandwidth; model FLOPs over time is the FLOP utilisation.
-// Then prefill throughput for the --prefill shapes.
+// Then prefill throughput for the --prefill shapes. With --baseline, another implementation's
+// decode step times at the same shapes (scripts/bench_transformers_baseline.py writes them) and
+// this run's speed-up over each.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,9 +50,84 @@ struct BenchStepFlags {
   double peak_tflops = 989;
   double copy_bandwidth_gbs = 0;  // 0: measure
   int threads = 0;
+  std::string baseline;
   std::string output;
   std::string log_level = "warn";
 };
+
+// --baseline: decode step times of another implementation, as scripts/bench_transformers_baseline.py
+// writes them: {"transformers": "5.17.0", "layers": 27, "decode": [{"batch": 1, "context": 1024,
+// "step_ms": 67.0}, ...]} ("layers" optional; any other keys are ignored).
+struct Baseline {
+  struct Step {
+    int64_t batch = 0;
+    int64_t context = 0;
+    double step_ms = 0;
+  };
+  std::string name;    // "transformers 5.17.0", or "baseline"
+  int64_t layers = 0;  // 0: not stated
+  std::vector<Step> decode;
+};
+
+absl::StatusOr<Baseline> LoadBaseline(const std::string& path) {
+  auto bad = [&](const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("--baseline ", path, ": ", why));
+  };
+  std::ifstream in(path);
+  if (!in) return bad("cannot be read");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return bad("is not a JSON object");
+  Baseline b;
+  b.name = j.contains("transformers") && j["transformers"].is_string()
+               ? absl::StrCat("transformers ", j["transformers"].get<std::string>())
+               : "baseline";
+  if (j.contains("layers")) {
+    if (!j["layers"].is_number_integer() || j["layers"].get<int64_t>() <= 0) {
+      return bad("\"layers\" is not a positive integer");
+    }
+    b.layers = j["layers"].get<int64_t>();
+  }
+  if (!j.contains("decode") || !j["decode"].is_array() || j["decode"].empty()) return bad("has no \"decode\" list");
+  for (size_t i = 0; i < j["decode"].size(); ++i) {
+    const nlohmann::json& row = j["decode"][i];
+    auto positive = [&](const char* key, bool integer) {
+      if (!row.is_object() || !row.contains(key)) return false;
+      const nlohmann::json& v = row[key];
+      return integer ? v.is_number_integer() && v.get<int64_t>() > 0 : v.is_number() && v.get<double>() > 0;
+    };
+    if (!positive("batch", true) || !positive("context", true) || !positive("step_ms", false)) {
+      return bad(absl::StrCat("decode[", i, "] needs a positive integer batch and context and a positive step_ms"));
+    }
+    b.decode.push_back({row["batch"].get<int64_t>(), row["context"].get<int64_t>(), row["step_ms"].get<double>()});
+  }
+  return b;
+}
+
+// Prints and returns the speed-up of this run's decode steps over the baseline's at the same
+// (context, batch); a baseline step this run did not time is listed without one.
+nlohmann::json CompareWithBaseline(const Baseline& baseline, const std::string& path, const nlohmann::json& decode) {
+  std::printf("\n%s (%s), the same decode steps:\n", baseline.name.c_str(), path.c_str());
+  std::printf("%8s %6s %12s %9s %9s\n", "context", "batch", "baseline ms", "step ms", "speed-up");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const Baseline::Step& step : baseline.decode) {
+    nlohmann::json row = {{"context", step.context}, {"batch", step.batch}, {"baseline_step_ms", step.step_ms}};
+    const auto ours = std::find_if(decode.begin(), decode.end(), [&](const nlohmann::json& r) {
+      return r["context"].get<int64_t>() == step.context && r["batch"].get<int64_t>() == step.batch;
+    });
+    if (ours == decode.end()) {
+      std::printf("%8ld %6ld %12.3f  not timed here (--contexts / --batch-sizes)\n", static_cast<long>(step.context),
+                  static_cast<long>(step.batch), step.step_ms);
+    } else {
+      const double step_ms = (*ours)["step_ms"].get<double>();
+      row["step_ms"] = step_ms;
+      row["speedup"] = step.step_ms / step_ms;
+      std::printf("%8ld %6ld %12.3f %9.3f %8.1fx\n", static_cast<long>(step.context), static_cast<long>(step.batch),
+                  step.step_ms, step_ms, step.step_ms / step_ms);
+    }
+    rows.push_back(std::move(row));
+  }
+  return {{"name", baseline.name}, {"path", path}, {"layers", baseline.layers}, {"decode", std::move(rows)}};
+}
 
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& text) {
   std::vector<int64_t> values;
@@ -138,6 +216,10 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   COHORT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, ParseList("contexts", f.contexts));
   COHORT_ASSIGN_OR_RETURN(auto prefill, ParseShapes(f.prefill));
   if (f.iterations <= 0 || f.warmup < 0) return absl::InvalidArgumentError("--iterations must be > 0, --warmup >= 0");
+  std::optional<Baseline> baseline;
+  if (!f.baseline.empty()) {
+    COHORT_ASSIGN_OR_RETURN(baseline, LoadBaseline(f.baseline));
+  }
   const int64_t max_batch = batch_sizes.empty() ? 1 : *std::max_element(batch_sizes.begin(), batch_sizes.end());
   int64_t max_tokens = max_batch;
   for (const auto& [n, len] : prefill) max_tokens = std::max(max_tokens, n * len);
@@ -165,6 +247,10 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, CreateEngine(options));
   const ModelConfig& c = engine->config();
   const KvCacheGeometry& kv = engine->kv_geometry();
+  if (baseline.has_value() && baseline->layers > 0 && baseline->layers != c.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("--baseline ", f.baseline, ": timed ", baseline->layers,
+                                                   " layers, this model runs ", c.num_layers, " (--num-layers)"));
+  }
   const ParameterCounts params = CountParameters(c);
   std::printf("model %s: %ld layers, %.2f B parameters (%.2f B active per token); KV cache %ld blocks of %ld tokens\n",
               f.model.c_str(), static_cast<long>(c.num_layers), params.total / 1e9, params.active_per_token / 1e9,
@@ -212,8 +298,9 @@ absl::Status BenchStep(const BenchStepFlags& f) {
       results["decode"].push_back(std::move(row));
     }
   }
+  if (baseline.has_value()) results["baseline"] = CompareWithBaseline(*baseline, f.baseline, results["decode"]);
 
-  std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
+  if (!prefill.empty()) std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
   for (const auto& [n, len] : prefill) {
     const int64_t blocks_per_seq = (len + kv.block_size_tokens - 1) / kv.block_size_tokens;
     if (n * blocks_per_seq > kv.num_blocks) {
@@ -263,6 +350,9 @@ int RunBenchStep(int argc, char** argv) {
   flags.Add("peak-tflops", &f.peak_tflops, "peak dense bf16 TFLOP/s for the FLOP utilisation (H200: 989)");
   flags.Add("copy-bandwidth-gbs", &f.copy_bandwidth_gbs, "memory bandwidth to compare with (0: measure on the GPU)");
   flags.Add("threads", &f.threads, "CPU backend threads (0: one per core)");
+  flags.Add("baseline", &f.baseline,
+            "JSON of another implementation's decode step times at the same shapes, as written by "
+            "scripts/bench_transformers_baseline.py: prints this run's speed-up over each");
   flags.Add("output", &f.output, "write every number as JSON here");
   flags.Add("log-level", &f.log_level, "trace, debug, info, warn, error or off");
   return RunProgram(flags, argc, argv, f.log_level, [&] { return BenchStep(f); });
