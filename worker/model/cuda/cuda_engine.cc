@@ -195,6 +195,7 @@ class CudaEngine final : public Engine {
   float* rope_inv_freq_ = nullptr;
   bf16* kv_cache_ = nullptr;  // [layers][blocks + 1][block_size][kv_cache_width]; the last block is scratch
   int64_t moe_workspace_bytes_ = 0;
+  int64_t shared_apart_tokens_ = 0;   // tokens SharedExpertsApart's buffers hold (0: no shared experts)
   int64_t shared_routing_bytes_ = 0;
   MoeGateParams gate_params_;  // the model's routing, for every MoE layer's gate
   // An MoE block's output, combined by the norm after it (LaunchMoeCombineAddRmsNorm).
@@ -270,8 +271,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     ws.routed_out = a.Take<bf16>(rows * H);
     if (c.n_shared_experts > 0) ws.shared_out = a.Take<bf16>(T * H);
     ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
-    if (c.n_shared_experts > 0) {
-      const int64_t apart = std::min(T, kSharedApartMaxTokens);
+    if (shared_apart_tokens_ > 0) {
+      const int64_t apart = shared_apart_tokens_;
       ws.shared_routing = a.Take<char>(shared_routing_bytes_);
       ws.no_routed_ids = a.Take<int32_t>(apart * c.num_experts_per_tok);
       ws.shared_act = a.Take<bf16>(apart * c.n_shared_experts * inter);
@@ -348,8 +349,8 @@ absl::Status CudaEngine::Initialize() {
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                     static_cast<int32_t>(c.n_routed_experts),
                                                     static_cast<int32_t>(c.n_shared_experts));
-    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(std::min(max_tokens_, kSharedApartMaxTokens),
-                                                     static_cast<int32_t>(c.num_experts_per_tok),
+    shared_apart_tokens_ = c.n_shared_experts > 0 ? std::min(max_tokens_, kSharedApartMaxTokens) : 0;
+    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(shared_apart_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                      static_cast<int32_t>(c.n_routed_experts),
                                                      static_cast<int32_t>(c.n_shared_experts));
   }
@@ -424,7 +425,7 @@ absl::Status CudaEngine::Initialize() {
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_join_, cudaEventDisableTiming));
-    const int64_t ids = std::min(max_tokens_, kSharedApartMaxTokens) * c.num_experts_per_tok;
+    const int64_t ids = shared_apart_tokens_ * c.num_experts_per_tok;  // as PlaceWorkspace sized them
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
   }
   return CaptureGraphs();
