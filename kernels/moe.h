@@ -164,6 +164,12 @@ struct MoeGemmArgs {
   int64_t in_features = 0;                 // K
   __nv_bfloat16* y = nullptr;              // [T*(k+S), out]
   bool silu_mul = false;
+  // For products without gather_a or silu_mul (the down products): the routing was written two or
+  // more launches back on this stream, so it is complete when this product starts (kernels/pdl.cuh),
+  // and the product looks up its first tile and requests its first weights before it waits for the
+  // previous kernel (whose output, `a`, it reads after the wait). True for a down product launched
+  // right after its gate_up product. Other products ignore it.
+  bool routing_ready = false;
 };
 cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& routing, cudaStream_t stream);
 

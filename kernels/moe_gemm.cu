@@ -5,8 +5,11 @@
 // side by side and share its weight columns through L2. Each item streams a BN x K weight slice and a
 // BM x K activation slice (rows gathered through row_token) through a STAGES-deep cp.async ring; the
 // ring runs across item boundaries, so the next item's first loads overlap this item's last MMAs and
-// its epilogue. All threads load and all warps compute (mma.sync m16n8k16, operands via ldmatrix
-// from an XOR-swizzled layout: 16-byte chunk c of row r lives at chunk c ^ (r % 8)).
+// its epilogue. A product whose routing is complete when it starts (MoeGemmArgs::routing_ready) looks
+// up its first tile and requests its first stages' weights before its PDL wait. The grid is capped by
+// a bound on the items from the batch shape (TilesBound), so no block is launched that can have no
+// work. All threads load and all warps compute (mma.sync m16n8k16, operands via ldmatrix from an
+// XOR-swizzled layout: 16-byte chunk c of row r lives at chunk c ^ (r % 8)).
 //
 // With silu_mul an item covers BN / 2 act columns j0 .. j0 + BN/2 - 1 and its BN weight rows interleave
 // the gate and up rows in groups of 16: tile row r holds the gate (r / 8 % 2 == 0) or up row of act
@@ -15,6 +18,7 @@
 // the other, and the epilogue writes silu(gate) * up with no exchange between threads.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -24,6 +28,8 @@
 
 namespace cohort {
 namespace {
+
+constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 using kernels::LaunchPdl;
 using kernels::PdlLaunchDependents;
@@ -63,8 +69,12 @@ struct TileConfig {
 };
 
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
-// to fill 132 SMs from 6 experts; 4 stages x 20 KB keep ~60 KB in flight per block, two blocks per SM.
-using DecodeTiles = TileConfig<16, 64, 128, 1, 4, 4, 2>;
+// to fill 132 SMs from 6 experts; 3 stages x 20 KB, three blocks per SM.
+using DecodeTiles = TileConfig<16, 64, 128, 1, 4, 3, 3>;
+// A down product with its routing ready (weights requested before the wait) and at most two items per
+// SM (one V2-Lite token: 6 experts x 32 items on 132 SMs): 4 stages, two blocks per SM, so three
+// stages of weights are in flight before the gate_up product ends.
+using DecodePairTiles = TileConfig<16, 64, 128, 1, 4, 4, 2>;
 // Whether the weights stream through L2 as evict-first lines. At decode sizes each expert's weights
 // are read once a step (a second row tile of an expert reads them at the same time), and letting them
 // push out nothing else — activations, routing tables, the KV cache — measured 1-3% faster decode
@@ -143,7 +153,9 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
 // The SiLU-and-mul of MoeSiluMulKernel and the fused epilogue: one formula for both.
 __device__ __forceinline__ float SiluMul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
 
-template <class C, bool kGather, bool kSiluMul>
+// kEarly (the routing complete when the kernel starts; no gather, no silu_mul): the first tile's
+// lookups and its first stages' weights come before the wait, only the activations after it.
+template <class C, bool kGather, bool kSiluMul, bool kEarly>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKernel(const GemmParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = SmemAddress(smem);
@@ -154,11 +166,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
   const uint64_t weight_policy = kStreamWeights<C> ? EvictFirstPolicy() : 0;
 
-  PdlWait();  // the routing buffers and the activations come from earlier kernels
-  PdlLaunchDependents();
+  if constexpr (!kEarly) {
+    PdlWait();  // the routing buffers and the activations come from earlier kernels
+    PdlLaunchDependents();
+  }
   const int num_tiles = *p.num_tiles;
   const int num_items = num_tiles * p.n_blocks;
-  if (static_cast<int>(blockIdx.x) >= num_items) return;
+  if (static_cast<int>(blockIdx.x) >= num_items) {
+    if constexpr (kEarly) PdlWait();  // exits only after the kernel before it: PDL's ordering holds
+    return;
+  }
   const int my_items = (num_items - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1;
   const int total_steps = my_items * p.k_steps;
 
@@ -226,15 +243,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     }
   };
 
-  auto issue_stage = [&]() {
-    const int k0 = load_kstep * C::kBK;
+  // One stage's activation (A) and weight (B) loads: k-step kstep into ring slot `slot`.
+  auto issue_a = [&](int kstep, int slot) {
+    const int k0 = kstep * C::kBK;
     const bool k_ok = k0 + ld_chunk * 8 < p.k;
-    const uint32_t stage = smem_base + load_stage * C::kStageBytes;
+    const uint32_t stage = smem_base + slot * C::kStageBytes;
 #pragma unroll
     for (int i = 0; i < C::kAChunks; ++i) {
       const bool ok = k_ok && ((a_ok >> i) & 1u);
       CpAsync16(stage + ld_smem_a + i * kPassBytes, ok ? a_src[i] + k0 : p.a, ok ? 16u : 0u);
     }
+  };
+  auto issue_b = [&](int kstep, int slot) {
+    const int k0 = kstep * C::kBK;
+    const bool k_ok = k0 + ld_chunk * 8 < p.k;
+    const uint32_t stage = smem_base + slot * C::kStageBytes;
 #pragma unroll
     for (int i = 0; i < C::kBChunks; ++i) {
       const bool ok = k_ok && ((b_ok >> i) & 1u);
@@ -251,7 +274,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   auto load_next = [&]() {
     if (loaded_steps < total_steps) {
       if (load_kstep == 0) begin_item(load_item);
-      issue_stage();
+      issue_a(load_kstep, load_stage);
+      issue_b(load_kstep, load_stage);
       ++loaded_steps;
       load_stage = load_stage + 1 == C::kStages ? 0 : load_stage + 1;
       if (++load_kstep == p.k_steps) {
@@ -262,8 +286,35 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     CpAsyncCommit();  // possibly empty: keeps one group per step
   };
 
+  if constexpr (kEarly) {
+    // Groups B_0 .. B_{S-2} (weights) before the wait, A_0 .. A_{S-2} (activations) after it; the
+    // launcher makes sure these S - 1 steps lie in the first item. At loop step s the groups committed
+    // after A_s number S - 2, as in the plain ring, so the loop's wait holds unchanged.
+    const int early = min(C::kStages - 1, total_steps);
+    begin_item(0);
 #pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) load_next();
+    for (int s = 0; s < C::kStages - 1; ++s) {
+      if (s < early) issue_b(s, s);
+      CpAsyncCommit();
+    }
+    PdlWait();  // the activations come from the previous kernel
+    PdlLaunchDependents();
+#pragma unroll
+    for (int s = 0; s < C::kStages - 1; ++s) {
+      if (s < early) issue_a(s, s);
+      CpAsyncCommit();
+    }
+    loaded_steps = early;
+    load_stage = early;
+    load_kstep = early;
+    if (load_kstep == p.k_steps) {
+      load_kstep = 0;
+      ++load_item;
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < C::kStages - 1; ++s) load_next();
+  }
 
   float acc[C::kFragsM][C::kFragsN][4];
 #pragma unroll
@@ -355,9 +406,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   CpAsyncWait<0>();
 }
 
-template <class C, bool kGather, bool kSiluMul>
+template <class C, bool kGather, bool kSiluMul, bool kEarly = false>
 cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t stream) {
-  auto kernel = MoeGroupedGemmKernel<C, kGather, kSiluMul>;
+  auto kernel = MoeGroupedGemmKernel<C, kGather, kSiluMul, kEarly>;
   static kernels::LaunchSetUp setup;
   kernels::LaunchInfo info;
   if (const cudaError_t error = setup.Get(kernel, C::kThreads, C::kSmemBytes, &info); error != cudaSuccess) {
@@ -369,13 +420,27 @@ cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t str
   return LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(C::kThreads), C::kSmemBytes, stream, p);
 }
 
+// p with the column blocks and k-steps of tiles C.
 template <class C>
-cudaError_t LaunchGemm(const GemmParams& p, bool gather, bool silu_mul, int64_t max_tiles, cudaStream_t stream) {
+GemmParams Shaped(const GemmParams& p, bool silu_mul) {
   GemmParams q = p;
-  const int columns_per_item = silu_mul ? C::kActCols : C::kBN;
-  q.n_blocks = (p.n + columns_per_item - 1) / columns_per_item;
-  q.k_steps = (p.k + C::kBK - 1) / C::kBK;
+  q.n_blocks = static_cast<int32_t>(CeilDiv(p.n, silu_mul ? C::kActCols : C::kBN));
+  q.k_steps = static_cast<int32_t>(CeilDiv(p.k, C::kBK));
+  return q;
+}
+
+// The early form needs its first S - 1 k-steps in the first item.
+template <class C>
+bool CanStartEarly(const MoeGemmArgs& args, const GemmParams& q) {
+  return args.routing_ready && !args.gather_a && !args.silu_mul && q.k_steps >= C::kStages - 1;
+}
+
+template <class C>
+cudaError_t LaunchGemm(const GemmParams& p, const MoeGemmArgs& args, int64_t max_tiles, cudaStream_t stream) {
+  const bool gather = args.gather_a, silu_mul = args.silu_mul;
+  const GemmParams q = Shaped<C>(p, silu_mul);
   if (max_tiles * q.n_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  if (CanStartEarly<C>(args, q)) return LaunchTiles<C, false, false, true>(q, max_tiles, stream);
   if (silu_mul) {
     return gather ? LaunchTiles<C, true, true>(q, max_tiles, stream)
                   : LaunchTiles<C, false, true>(q, max_tiles, stream);
@@ -420,6 +485,16 @@ __global__ void __launch_bounds__(kSiluThreads)
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Tiles a routing can fill, from its host shape: each routed expert's rows leave at most one partial
+// tile and every tile holds a row; each shared expert has one row per token. Tighter than max_tiles(),
+// which sizes the buffers; it caps the grid and picks the decode tiles.
+int64_t TilesBound(const MoeRouting& r) {
+  const int64_t routed = r.num_pairs();
+  const int64_t routed_tiles =
+      std::min(routed, CeilDiv(routed, r.tile_rows) + std::min<int64_t>(routed, r.num_experts));
+  return routed_tiles + r.num_shared * CeilDiv(r.num_tokens, r.tile_rows);
+}
+
 }  // namespace
 
 cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, cudaStream_t stream) {
@@ -446,14 +521,21 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
   p.k = static_cast<int32_t>(k);
   p.n_blocks = 0;
   p.k_steps = 0;
-  const int64_t max_tiles = r.max_tiles();
+  const int64_t max_tiles = TilesBound(r);
   switch (r.tile_rows) {
-    case DecodeTiles::kBM:
-      return LaunchGemm<DecodeTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
+    case DecodeTiles::kBM: {
+      int sms = 0;
+      if (const cudaError_t e = kernels::CurrentDeviceSms(&sms); e != cudaSuccess) return e;
+      const GemmParams q = Shaped<DecodePairTiles>(p, args.silu_mul);
+      if (CanStartEarly<DecodePairTiles>(args, q) && max_tiles * q.n_blocks <= 2 * int64_t{sms}) {
+        return LaunchTiles<DecodePairTiles, false, false, true>(q, max_tiles, stream);
+      }
+      return LaunchGemm<DecodeTiles>(p, args, max_tiles, stream);
+    }
     case MidTiles::kBM:
-      return LaunchGemm<MidTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
+      return LaunchGemm<MidTiles>(p, args, max_tiles, stream);
     case PrefillTiles::kBM:
-      return LaunchGemm<PrefillTiles>(p, args.gather_a, args.silu_mul, max_tiles, stream);
+      return LaunchGemm<PrefillTiles>(p, args, max_tiles, stream);
     default:
       return cudaErrorInvalidValue;
   }

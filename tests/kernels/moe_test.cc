@@ -855,7 +855,10 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(d_y2.Poison());
     ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_hidden), true, Bf16(w.d_gate_up), n1, k1, Bf16(d_y1)}, d.routing,
                                         nullptr));
-    ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), n2, k2, Bf16(d_y2)}, d.routing, nullptr));
+    // The align is two launches back: the down product may read the routing before its wait.
+    ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), n2, k2, Bf16(d_y2), /*silu_mul=*/false,
+                                         /*routing_ready=*/true},
+                                        d.routing, nullptr));
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     if (want1.empty()) {  // the row order does not depend on the tile size; checked by the align test
       ASSERT_NO_FATAL_FAILURE(ListRows(ids, d.routing, &list));
@@ -868,6 +871,14 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(d_y2.Read(&y2));
     ExpectClose(RowsInListOrder(y1, list.device_row, n1), want1, "gate_up (gathered rows)");
     ExpectClose(RowsInListOrder(y2, list.device_row, n2), want2, "down (rows in routing order)");
+
+    // Without routing_ready: the same bits.
+    ASSERT_CUDA_OK(d_y2.Poison());
+    ASSERT_CUDA_OK(LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), n2, k2, Bf16(d_y2)}, d.routing, nullptr));
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t> y2_waiting;
+    ASSERT_CUDA_OK(d_y2.Read(&y2_waiting));
+    EXPECT_TRUE(y2_waiting == y2) << "down product with and without routing_ready";
   }
 }
 
@@ -1304,8 +1315,11 @@ void ExpectLayerMatchesCpu(const LayerCase& c, const Experts& w, int64_t tokens,
       if ((e = LaunchMoeSiluMul(Bf16(d_y1), rows, inter, d.routing.expert_offsets + experts + c.shared, Bf16(d_act),
                                 stream)) != cudaSuccess) return e;
     }
-    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2)}, d.routing, stream)) !=
-        cudaSuccess) return e;
+    // The route is two or three launches back: as in the engine, the down product reads the routing
+    // before its wait.
+    if ((e = LaunchMoeGroupedGemm({Bf16(d_act), false, Bf16(w.d_down), h, inter, Bf16(d_y2), /*silu_mul=*/false,
+                                   /*routing_ready=*/true},
+                                  d.routing, stream)) != cudaSuccess) return e;
     return LaunchMoeCombine(Bf16(d_y2), d_weights.get(), d.routing, {}, h, Bf16(d_out), stream);
   };
   ASSERT_CUDA_OK(layer());

@@ -47,6 +47,10 @@ constexpr int64_t kFoldSharedMaxTokens = 512;
 // (SharedExpertsApart). cohort bench step, V2-Lite on an H200, same device call: batch 1 and 2 steps
 // 2% faster than with the shared experts folded into the routed products; batch 4 and up 1-3% slower.
 constexpr int64_t kSharedApartMaxTokens = 2;
+// Routed ids per token in the shared experts' own routing (SharedExpertsApart): all -1, so one is
+// enough. The grouped products size their grids from it (a bound on the tiles from the batch shape):
+// with the model's k they would launch blocks for tiles that cannot exist.
+constexpr int32_t kSharedApartTopK = 1;
 // Up to this many absorbed tokens the attention's W_uv product is done by the merge of its context
 // splits (kernels::MlaDecodeParams::value_weights): a launch less, but every block of a head merges
 // the head's partials again. H200, cohort bench step against the separate product: batch 1 2.5%
@@ -132,8 +136,8 @@ class CudaEngine final : public Engine {
     int32_t* topk_ids;
     bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
     void* moe_workspace;
-    // The shared experts apart (SharedExpertsApart): their routing, made from routed ids that are all
-    // -1, their activations and their S output matrices [S][T, H].
+    // The shared experts apart (SharedExpertsApart): their routing, made from kSharedApartTopK routed
+    // ids per token that are all -1, their activations and their S output matrices [S][T, H].
     void* shared_routing;
     int32_t* no_routed_ids;
     bf16 *shared_act, *shared_rows;
@@ -274,7 +278,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     if (shared_apart_tokens_ > 0) {
       const int64_t apart = shared_apart_tokens_;
       ws.shared_routing = a.Take<char>(shared_routing_bytes_);
-      ws.no_routed_ids = a.Take<int32_t>(apart * c.num_experts_per_tok);
+      ws.no_routed_ids = a.Take<int32_t>(apart * kSharedApartTopK);
       ws.shared_act = a.Take<bf16>(apart * c.n_shared_experts * inter);
       ws.shared_rows = a.Take<bf16>(apart * c.n_shared_experts * H);
     }
@@ -350,7 +354,7 @@ absl::Status CudaEngine::Initialize() {
                                                     static_cast<int32_t>(c.n_routed_experts),
                                                     static_cast<int32_t>(c.n_shared_experts));
     shared_apart_tokens_ = c.n_shared_experts > 0 ? std::min(max_tokens_, kSharedApartMaxTokens) : 0;
-    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(shared_apart_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
+    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(shared_apart_tokens_, kSharedApartTopK,
                                                      static_cast<int32_t>(c.n_routed_experts),
                                                      static_cast<int32_t>(c.n_shared_experts));
   }
@@ -425,7 +429,7 @@ absl::Status CudaEngine::Initialize() {
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_join_, cudaEventDisableTiming));
-    const int64_t ids = shared_apart_tokens_ * c.num_experts_per_tok;  // as PlaceWorkspace sized them
+    const int64_t ids = shared_apart_tokens_ * kSharedApartTopK;  // as PlaceWorkspace sized them
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
   }
   return CaptureGraphs();
@@ -685,8 +689,11 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
                                              routing, ws_.experts_used, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
+  // The route (or the align) is two launches back: the down product may read the routing, and request
+  // its first weights, before it waits for the gate_up product.
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.routed_act, /*gather_a=*/false, l.experts_down, H, inter,
-                                                    ws_.routed_out}, routing, stream_));
+                                                    ws_.routed_out, /*silu_mul=*/false, /*routing_ready=*/true},
+                                                   routing, stream_));
   if (apart) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, shared_join_, 0));
   } else if (folded < shared) {
@@ -709,7 +716,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
 absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
-  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
+  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = kSharedApartTopK;
   const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
   COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_fork_, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(shared_stream_, shared_fork_, 0));
@@ -726,7 +733,8 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.shared_act, /*silu_mul=*/true}, routing, shared_stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.shared_act, /*gather_a=*/false, l.experts_down, H, inter,
-                                                    ws_.shared_rows}, routing, shared_stream_));
+                                                    ws_.shared_rows, /*silu_mul=*/false, /*routing_ready=*/true},
+                                                   routing, shared_stream_));
   COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_join_, shared_stream_));
   return absl::OkStatus();
 }
