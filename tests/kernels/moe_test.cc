@@ -826,12 +826,15 @@ void ListRows(const std::vector<int32_t>& ids, const MoeRouting& r, RowList* lis
 
 // Both GEMMs of a layer (gate_up from token rows through the gather, down from rows in routing order)
 // at every tile size, against one CPU reference over the routed (token, slot) pairs and the (token,
-// shared expert) pairs.
-void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t tokens, Rng& rng) {
+// shared expert) pairs. Without routed ids every id is -1: the shared experts' own routing, as the
+// engine runs them beside the routing at one or two tokens.
+void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t tokens, Rng& rng,
+                                bool routed_ids = true) {
   SCOPED_TRACE(::testing::Message() << s.name << " shared " << s.shared << " tokens " << tokens);
   const int64_t rows = tokens * (s.top_k + s.shared);
   const int64_t n1 = 2 * s.intermediate, k1 = s.hidden, n2 = s.hidden, k2 = s.intermediate;
-  const std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
+  std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
+  if (!routed_ids) std::fill(ids.begin(), ids.end(), -1);
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * k1);
   const std::vector<uint16_t> act = RandomBf16(rng, rows * k2);  // rows in routing order
 
@@ -862,7 +865,7 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     if (want1.empty()) {  // the row order does not depend on the tile size; checked by the align test
       ASSERT_NO_FATAL_FAILURE(ListRows(ids, d.routing, &list));
-      ASSERT_EQ(static_cast<int64_t>(list.device_row.size()), rows);
+      ASSERT_EQ(static_cast<int64_t>(list.device_row.size()), routed_ids ? rows : tokens * s.shared);
       want1 = ReferenceGemm(ToFloat(hidden), list.token, list.expert, w.gate_up, n1, k1);
       want2 = ReferenceGemm(ToFloat(act), list.device_row, list.expert, w.down, n2, k2);
     }
@@ -925,12 +928,13 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnSizesThatAreOnlyMultiplesOfEight) {
 // tile size, against silu(gate) * up of the double-precision gate and up. `shared` experts in use (the
 // weights may hold more); about one routed slot in ten on another rank, so the rows in use stop short
 // of the buffer, and the rows past them must keep their poison.
-void ExpectFusedGateUpMatchesCpu(const ExpertShapes& s, const Experts& w, int shared, int64_t tokens, Rng& rng) {
+void ExpectFusedGateUpMatchesCpu(const ExpertShapes& s, const Experts& w, int shared, int64_t tokens, Rng& rng,
+                                 bool routed_ids = true) {
   SCOPED_TRACE(::testing::Message() << s.name << " shared " << shared << " tokens " << tokens);
   ASSERT_LE(shared, s.shared);
   const int64_t rows = tokens * (s.top_k + shared), inter = s.intermediate, h = s.hidden;
   std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
-  for (int32_t& id : ids) id = rng.Below(10) == 0 ? -1 : id;
+  for (int32_t& id : ids) id = !routed_ids || rng.Below(10) == 0 ? -1 : id;
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * h);
 
   DeviceBuffer<int32_t> d_ids(ids);
@@ -1001,6 +1005,24 @@ TEST(MoeGroupedGemmTest, FusedSiluMulMatchesCpuOnSizesThatAreOnlyMultiplesOfEigh
     for (int shared : {0, 2}) {
       for (int64_t tokens : {1, 37, 300, 1000}) ExpectFusedGateUpMatchesCpu(shapes, experts, shared, tokens, rng);
     }
+  }
+}
+
+// The engine's shared experts beside the routing at one or two tokens: a routing of one -1 id per
+// token, so the products have few items (the down product on the decode tiles of two blocks a SM,
+// its first weights requested before its wait).
+TEST(MoeGroupedGemmTest, MatchesCpuForSharedExpertsAlone) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  const ExpertShapes shapes{"V2-Lite, shared experts alone", 64, /*top_k=*/1, 2048, 1408, /*shared=*/2};
+  const Experts experts(shapes, rng);
+  ASSERT_CUDA_OK(experts.d_gate_up.error());
+  ASSERT_CUDA_OK(experts.d_down.error());
+  for (int64_t tokens : {1, 2}) {
+    ExpectGroupedGemmsMatchCpu(shapes, experts, tokens, rng, /*routed_ids=*/false);
+    ExpectFusedGateUpMatchesCpu(shapes, experts, shapes.shared, tokens, rng, /*routed_ids=*/false);
   }
 }
 
