@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The GPU suite in two halves, for a GPU machine that lacks this project's Debian libraries.
 #
-#   scripts/gpu_tests.sh bundle            here: build, then copy the GPU test and benchmark binaries
-#                                          with the libraries they need into .gpu/ (gpu-bundle)
-#   scripts/gpu_tests.sh run [--bench]     there (carry .gpu): every GPU test, then with --bench the
-#                                          kernel benchmarks, the transformers baseline and
-#                                          `cohort bench step --baseline` (Cohort's speed-up over
-#                                          it at the same shapes); logs and JSON under $OUT
+#   scripts/gpu_tests.sh bundle [--base REV]
+#       here: build, then copy the GPU test and benchmark binaries with the libraries they need into
+#       .gpu/ (gpu-bundle); with --base, also REV's `cohort` and kernels library, built in
+#       build-base/, into .gpu/base/ (xz: the tree that travels is capped at 64 MiB)
+#   scripts/gpu_tests.sh run [--bench]
+#       there (carry .gpu): every GPU test, then with --bench the kernel benchmarks, the transformers
+#       baseline and `cohort bench step --baseline` (Cohort's speed-up over it at the same shapes);
+#       logs and JSON under $OUT
+#   scripts/gpu_tests.sh ab [ROUNDS] [BENCH FLAGS...]
+#       there: `cohort bench step` ROUNDS times (3) for REV's build and this one in turn, then each
+#       shape's change (scripts/compare_steps.py); machines differ by a few per cent, so a change is
+#       measured against its base on one machine. JSON and logs under $OUT/ab
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail
@@ -25,6 +31,29 @@ case "${1:-}" in
       ../shared/tools/gpu-bundle "$bin" >/dev/null || cp -L "$bin" .gpu/bin/
     done
     strip --strip-unneeded .gpu/bin/* .gpu/lib/* 2>/dev/null || true  # the tree that travels is capped at 64 MiB
+    if [ "${2:-}" = "--base" ]; then
+      rev=$(git rev-parse --verify "${3:?bundle --base needs a revision}^{commit}")
+      # A worktree and build folder kept between bundles, so a second base build is incremental.
+      if [ -d build-base/src ]; then
+        git -C build-base/src checkout -q --detach "$rev"
+      else
+        git worktree add -q --detach build-base/src "$rev"
+      fi
+      cmake -S build-base/src -B build-base/build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+      if ! cmake --build build-base/build --target cohort >build-base/build.log 2>&1; then
+        tail -20 build-base/build.log
+        echo "gpu_tests: the base build of $rev failed (build-base/build.log)" >&2
+        exit 1
+      fi
+      mkdir -p .gpu/base
+      for file in build-base/build/bin/cohort build-base/build/lib/libcohort_kernels.so; do
+        cp -L "$file" .gpu/base/
+        strip --strip-unneeded ".gpu/base/${file##*/}"
+        xz -9 -f ".gpu/base/${file##*/}"
+      done
+      echo "$rev" >.gpu/base/REVISION
+      echo "base: $(git log -1 --format='%h %s' "$rev")"
+    fi
     du -sh .gpu
     ;;
   run)
@@ -56,8 +85,47 @@ case "${1:-}" in
     fi
     exit $status
     ;;
+  ab)
+    shift
+    rounds=3
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+      rounds=$1
+      shift
+    fi
+    if [ ! -f .gpu/base/cohort.xz ]; then
+      echo "gpu_tests: no base build in .gpu/base (scripts/gpu_tests.sh bundle --base REV)" >&2
+      exit 2
+    fi
+    out="${OUT:-/tmp/cohort-gpu}/ab"
+    rm -rf "$out"
+    mkdir -p "$out/base"
+    # xz may be missing there; python has lzma.
+    python3 -c 'import lzma, os, shutil, sys
+for name in ("cohort", "libcohort_kernels.so"):
+    target = os.path.join(sys.argv[1], name)
+    with lzma.open(f".gpu/base/{name}.xz") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(target, 0o755)' "$out/base"
+    echo "base $(cat .gpu/base/REVISION), $rounds rounds of: cohort bench step $*"
+    for round in $(seq "$rounds"); do
+      for build in base this; do
+        bin=.gpu/bin/cohort
+        library_path=${LD_LIBRARY_PATH:-}
+        if [ "$build" = base ]; then
+          bin=$out/base/cohort
+          library_path=$out/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        fi
+        if ! LD_LIBRARY_PATH=$library_path "$bin" bench step "$@" --output "$out/$build$round.json" \
+            >"$out/$build$round.txt" 2>&1; then
+          tail -5 "$out/$build$round.txt"
+          exit 1
+        fi
+      done
+    done
+    python3 scripts/compare_steps.py --base "$out"/base[0-9]*.json --new "$out"/this[0-9]*.json | tee "$out/compare.txt"
+    ;;
   *)
-    sed -n '2,11p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
     ;;
 esac

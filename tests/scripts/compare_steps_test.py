@@ -1,0 +1,102 @@
+#!/usr/bin/python3
+"""scripts/compare_steps.py on the JSON of real `cohort bench step` runs (CPU backend, the 3-layer
+fixture): one row per shape with the change of the medians, and one line and exit 2 for files it
+cannot compare.
+
+  /usr/bin/python3 tests/scripts/compare_steps_test.py --bin-dir build/bin
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMPARE = os.path.join(ROOT, "scripts", "compare_steps.py")
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "models", "v3_plain")
+
+
+def bench(bin_dir, out, batch_sizes):
+    subprocess.run([os.path.join(bin_dir, "cohort"), "bench", "step", "--device", "cpu", "--model", FIXTURE,
+                    "--copy-bandwidth-gbs", "10", "--contexts", "16,32", "--batch-sizes", batch_sizes,
+                    "--prefill", "1x8", "--iterations", "2", "--warmup", "0", "--threads", "1", "--output", out],
+                   check=True, capture_output=True, timeout=120)
+    with open(out) as f:
+        return json.load(f)
+
+
+def compare(base, new):
+    return subprocess.run([sys.executable, COMPARE, "--base", *base, "--new", *new], capture_output=True,
+                          text=True, timeout=60)
+
+
+def expect(condition, message):
+    if not condition:
+        print(f"FAILED: {message}")
+        sys.exit(1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin-dir", required=True)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"run{i}.json") for i in range(4)]
+        runs = [bench(args.bin_dir, path, "1,2") for path in paths]
+
+        # Two runs a build: a row per decode shape and per prefill shape, min-max and medians' change.
+        r = compare(paths[:2], paths[2:])
+        expect(r.returncode == 0 and r.stderr == "", f"compare failed: {r.returncode} {r.stderr}")
+        rows = {}
+        for line in r.stdout.splitlines():
+            m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
+            if m:
+                rows[("decode", int(m[1]), int(m[2]))] = [float(v) for v in m.groups()[2:]]
+            m = re.fullmatch(r"\s*(\d+)x(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
+            if m:
+                rows[("prefill", int(m[1]), int(m[2]))] = [float(v) for v in m.groups()[2:]]
+        shapes = {("decode", c, b) for c in (16, 32) for b in (1, 2)} | {("prefill", 1, 8)}
+        expect(set(rows) == shapes, f"rows {sorted(rows)} for shapes {sorted(shapes)}:\n{r.stdout}")
+
+        def times(run_list, shape):
+            kind, a, b = shape
+            if kind == "decode":
+                return [next(x["step_ms"] for x in run["decode"] if (x["context"], x["batch"]) == (a, b))
+                        for run in run_list]
+            return [next(x["step_ms"] for x in run["prefill"] if (x["sequences"], x["tokens_per_sequence"]) == (a, b))
+                    for run in run_list]
+
+        for shape, (base_lo, base_hi, new_lo, new_hi, change) in rows.items():
+            base, new = times(runs[:2], shape), times(runs[2:], shape)
+            expect(abs(base_lo - min(base)) < 6e-4 and abs(base_hi - max(base)) < 6e-4, f"{shape}: base span")
+            expect(abs(new_lo - min(new)) < 6e-4 and abs(new_hi - max(new)) < 6e-4, f"{shape}: new span")
+            want = 100.0 * (statistics.median(new) / statistics.median(base) - 1.0)
+            expect(abs(change - want) < 0.051, f"{shape}: change {change} against {want:.3f}")
+        expect(f"over 2 runs of the base and 2 of this build" in r.stdout, r.stdout)
+
+        # Files it cannot compare: one line on stderr, nothing on stdout, exit 2.
+        other = os.path.join(tmp, "other.json")
+        bench(args.bin_dir, other, "1,3")
+        not_bench = os.path.join(tmp, "not_bench.json")
+        with open(not_bench, "w") as f:
+            json.dump({"decode": [{"batch": 1}]}, f)
+        broken = os.path.join(tmp, "broken.json")
+        with open(broken, "w") as f:
+            f.write('{"decode": [')
+        for base, new, says in (([paths[0]], [other], "other shapes"),
+                                ([paths[0], other], [paths[1]], "other shapes"),
+                                ([paths[0]], [not_bench], "not the JSON of `cohort bench step --output`"),
+                                ([broken], [paths[1]], "broken.json"),
+                                ([paths[0]], [os.path.join(tmp, "missing.json")], "missing.json")):
+            r = compare(base, new)
+            lines = r.stderr.splitlines()
+            expect(r.returncode == 2 and r.stdout == "" and len(lines) == 1 and says in lines[0],
+                   f"{base} {new}: exit {r.returncode}, stdout {r.stdout!r}, stderr {r.stderr!r}")
+    print("compare_steps_test: passed")
+
+
+if __name__ == "__main__":
+    main()
