@@ -31,6 +31,10 @@ case "${1:-}" in
       ../shared/tools/gpu-bundle "$bin" >/dev/null || cp -L "$bin" .gpu/bin/
     done
     strip --strip-unneeded .gpu/bin/* .gpu/lib/* 2>/dev/null || true  # the tree that travels is capped at 64 MiB
+    # What was built, for the logs there (the checkout that travels need not carry its history).
+    revision=$(git rev-parse HEAD)
+    git diff --quiet HEAD -- . || revision="$revision with uncommitted changes"
+    echo "$revision" >.gpu/REVISION
     if [ "${2:-}" = "--base" ]; then
       rev=$(git rev-parse --verify "${3:?bundle --base needs a revision}^{commit}")
       # A worktree and build folder kept between bundles, so a second base build is incremental.
@@ -61,6 +65,7 @@ case "${1:-}" in
     mkdir -p "$out"
     export COHORT_SOURCE_DIR="$PWD" COHORT_BINARY_DIR="$PWD/.gpu/bin"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    echo "build $(cat .gpu/REVISION)" | tee -a "$out/gpu.txt"
     status=0
     for t in "${GPU_TESTS[@]}"; do
       echo "== $t"
@@ -106,7 +111,8 @@ for name in ("cohort", "libcohort_kernels.so"):
     with lzma.open(f".gpu/base/{name}.xz") as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.chmod(target, 0o755)' "$out/base"
-    echo "base $(cat .gpu/base/REVISION), $rounds rounds of: cohort bench step $*"
+    echo "base $(cat .gpu/base/REVISION), this build $(cat .gpu/REVISION)"
+    echo "$rounds rounds of: cohort bench step $*"
     for round in $(seq "$rounds"); do
       for build in base this; do
         bin=.gpu/bin/cohort
