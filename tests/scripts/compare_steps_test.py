@@ -28,6 +28,13 @@ def bench(bin_dir, out, batch_sizes):
         return json.load(f)
 
 
+def step_times(run):
+    """{shape: step ms} of one run, shapes keyed as the rows of the comparison are read."""
+    times = {("decode", x["context"], x["batch"]): x["step_ms"] for x in run["decode"]}
+    times.update({("prefill", x["sequences"], x["tokens_per_sequence"]): x["step_ms"] for x in run["prefill"]})
+    return times
+
+
 def compare(base, new):
     return subprocess.run([sys.executable, COMPARE, "--base", *base, "--new", *new], capture_output=True,
                           text=True, timeout=60)
@@ -50,27 +57,18 @@ def main():
         # Two runs a build: a row per decode shape and per prefill shape, min-max and medians' change.
         r = compare(paths[:2], paths[2:])
         expect(r.returncode == 0 and r.stderr == "", f"compare failed: {r.returncode} {r.stderr}")
-        rows = {}
+        rows = {}  # decode rows read "context batch ...", prefill rows "SEQUENCESxTOKENS ..."
         for line in r.stdout.splitlines():
-            m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
+            m = re.fullmatch(r"\s*(\d+)(x|\s+)(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
             if m:
-                rows[("decode", int(m[1]), int(m[2]))] = [float(v) for v in m.groups()[2:]]
-            m = re.fullmatch(r"\s*(\d+)x(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
-            if m:
-                rows[("prefill", int(m[1]), int(m[2]))] = [float(v) for v in m.groups()[2:]]
+                kind = "prefill" if m[2] == "x" else "decode"
+                rows[(kind, int(m[1]), int(m[3]))] = [float(v) for v in m.groups()[3:]]
         shapes = {("decode", c, b) for c in (16, 32) for b in (1, 2)} | {("prefill", 1, 8)}
         expect(set(rows) == shapes, f"rows {sorted(rows)} for shapes {sorted(shapes)}:\n{r.stdout}")
 
-        def times(run_list, shape):
-            kind, a, b = shape
-            if kind == "decode":
-                return [next(x["step_ms"] for x in run["decode"] if (x["context"], x["batch"]) == (a, b))
-                        for run in run_list]
-            return [next(x["step_ms"] for x in run["prefill"] if (x["sequences"], x["tokens_per_sequence"]) == (a, b))
-                    for run in run_list]
-
+        steps = [step_times(run) for run in runs]
         for shape, (base_lo, base_hi, new_lo, new_hi, change) in rows.items():
-            base, new = times(runs[:2], shape), times(runs[2:], shape)
+            base, new = [t[shape] for t in steps[:2]], [t[shape] for t in steps[2:]]
             expect(abs(base_lo - min(base)) < 6e-4 and abs(base_hi - max(base)) < 6e-4, f"{shape}: base span")
             expect(abs(new_lo - min(new)) < 6e-4 and abs(new_hi - max(new)) < 6e-4, f"{shape}: new span")
             want = 100.0 * (statistics.median(new) / statistics.median(base) - 1.0)
