@@ -287,26 +287,27 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   };
 
   if constexpr (kEarly) {
-    // Groups B_0 .. B_{S-2} (weights) before the wait, A_0 .. A_{S-2} (activations) after it; the
-    // launcher makes sure these S - 1 steps lie in the first item. At loop step s the groups committed
-    // after A_s number S - 2, as in the plain ring, so the loop's wait holds unchanged.
-    const int early = min(C::kStages - 1, total_steps);
+    // Groups B_0 .. B_{S-2} (weights) before the wait, A_0 .. A_{S-2} (activations) after it. These
+    // S - 1 steps lie in the block's first item: it has one (blocks without exited above), and the
+    // launcher makes sure an item has at least S - 1 k-steps (CanStartEarly). At loop step s the
+    // groups committed after A_s number S - 2, as in the plain ring, so the loop's wait holds unchanged.
+    constexpr int kEarlySteps = C::kStages - 1;
     begin_item(0);
 #pragma unroll
-    for (int s = 0; s < C::kStages - 1; ++s) {
-      if (s < early) issue_b(s, s);
+    for (int s = 0; s < kEarlySteps; ++s) {
+      issue_b(s, s);
       CpAsyncCommit();
     }
     PdlWait();  // the activations come from the previous kernel
     PdlLaunchDependents();
 #pragma unroll
-    for (int s = 0; s < C::kStages - 1; ++s) {
-      if (s < early) issue_a(s, s);
+    for (int s = 0; s < kEarlySteps; ++s) {
+      issue_a(s, s);
       CpAsyncCommit();
     }
-    loaded_steps = early;
-    load_stage = early;
-    load_kstep = early;
+    loaded_steps = kEarlySteps;
+    load_stage = kEarlySteps;
+    load_kstep = kEarlySteps;
     if (load_kstep == p.k_steps) {
       load_kstep = 0;
       ++load_item;
