@@ -9,10 +9,13 @@
 #       there (carry .gpu): every GPU test, then with --bench the kernel benchmarks, the transformers
 #       baseline and `cohort bench step --baseline` (Cohort's speed-up over it at the same shapes);
 #       logs and JSON under $OUT
-#   scripts/gpu_tests.sh ab [ROUNDS] [BENCH FLAGS...]
+#   scripts/gpu_tests.sh ab [ROUNDS] [--variant 'NAME VAR=VALUE...']... [BENCH FLAGS...]
 #       there: `cohort bench step` ROUNDS times (3) for REV's build and this one in turn, then each
 #       shape's change (scripts/compare_steps.py); machines differ by a few per cent, so a change is
-#       measured against its base on one machine. JSON and logs under $OUT/ab
+#       measured against its base on one machine. Each --variant runs this build once more a round
+#       with VAR=VALUE... in its environment (the switches of an experiment, read with getenv in the
+#       build under test and removed before it is committed) and is compared with the base as well:
+#       many settings in one device call. JSON and logs under $OUT/ab
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail
@@ -97,6 +100,29 @@ case "${1:-}" in
       rounds=$1
       shift
     fi
+    builds=(base this)
+    declare -A variant_env=()
+    while [ "${1:-}" = "--variant" ]; do
+      if [ $# -lt 2 ]; then
+        echo "gpu_tests: --variant needs 'NAME VAR=VALUE...'" >&2
+        exit 2
+      fi
+      read -r -a words <<<"$2"
+      name=${words[0]:-}
+      if [[ ! "$name" =~ ^[A-Za-z][A-Za-z0-9_-]*$ || "$name" = base || "$name" = this || -n "${variant_env[$name]+x}" ]]; then
+        echo "gpu_tests: a variant needs a new name of letters, digits, _ and - (not base or this): '$name'" >&2
+        exit 2
+      fi
+      for word in "${words[@]:1}"; do
+        if [[ ! "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+          echo "gpu_tests: variant $name: '$word' is not VAR=VALUE" >&2
+          exit 2
+        fi
+      done
+      variant_env[$name]="${words[*]:1}"
+      builds+=("$name")
+      shift 2
+    done
     if [ ! -f .gpu/base/cohort.xz ]; then
       echo "gpu_tests: no base build in .gpu/base (scripts/gpu_tests.sh bundle --base REV)" >&2
       exit 2
@@ -114,21 +140,27 @@ for name in ("cohort", "libcohort_kernels.so"):
     echo "base $(cat .gpu/base/REVISION), this build $(cat .gpu/REVISION)"
     echo "$rounds rounds of: cohort bench step $*"
     for round in $(seq "$rounds"); do
-      for build in base this; do
+      for build in "${builds[@]}"; do
         bin=.gpu/bin/cohort
         library_path=${LD_LIBRARY_PATH:-}
         if [ "$build" = base ]; then
           bin=$out/base/cohort
           library_path=$out/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
         fi
-        if ! LD_LIBRARY_PATH=$library_path "$bin" bench step "$@" --output "$out/$build$round.json" \
-            >"$out/$build$round.txt" 2>&1; then
-          tail -5 "$out/$build$round.txt"
+        read -r -a environment <<<"${variant_env[$build]:-}"
+        mkdir -p "$out/runs/$build"
+        if ! env "${environment[@]}" LD_LIBRARY_PATH="$library_path" "$bin" bench step "$@" \
+            --output "$out/runs/$build/$round.json" >"$out/runs/$build/$round.txt" 2>&1; then
+          tail -5 "$out/runs/$build/$round.txt"
           exit 1
         fi
       done
     done
-    python3 scripts/compare_steps.py --base "$out"/base[0-9]*.json --new "$out"/this[0-9]*.json | tee "$out/compare.txt"
+    for build in "${builds[@]:1}"; do
+      [ "$build" = this ] || echo "== variant $build: ${variant_env[$build]}" | tee -a "$out/compare.txt"
+      python3 scripts/compare_steps.py --base "$out"/runs/base/*.json --new "$out/runs/$build"/*.json |
+        tee -a "$out/compare.txt"
+    done
     ;;
   *)
     sed -n '2,20p' "$0" >&2
