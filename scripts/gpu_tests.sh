@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GPU_TESTS=(kernels_test cuda_engine_test)
-GPU_TOOLS=(moe_bench sampling_bench skinny_gemm_bench cohort cohort-worker cohort-router)
+GPU_TOOLS=(moe_bench sampling_bench skinny_gemm_bench memory_latency_bench cohort cohort-worker cohort-router)
 
 case "${1:-}" in
   bundle)
@@ -80,6 +80,8 @@ case "${1:-}" in
       echo "== moe_bench";      .gpu/bin/moe_bench      >"$out/moe_bench.txt" 2>&1 || status=1; tail -30 "$out/moe_bench.txt"
       echo "== sampling_bench"; .gpu/bin/sampling_bench >"$out/sampling_bench.txt" 2>&1 || status=1; tail -20 "$out/sampling_bench.txt"
       echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$out/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$out/skinny_gemm_bench.txt"
+      echo "== memory_latency_bench"
+      .gpu/bin/memory_latency_bench >"$out/memory_latency_bench.txt" 2>&1 || status=1; tail -12 "$out/memory_latency_bench.txt"
       echo "== transformers baseline"
       baseline=()
       if python3 scripts/bench_transformers_baseline.py --out "$out/transformers_baseline.json" >"$out/baseline.txt" 2>&1; then
