@@ -134,14 +134,14 @@ struct Point {
 };
 
 Point Measure(const uint32_t* chain, uint32_t first, const uint4* buffer, int stream_blocks,
-              cudaStream_t chase_stream, cudaStream_t stream_stream, Flags* flags, double* ns) {
+              cudaStream_t chase_stream, cudaStream_t background_stream, Flags* flags, double* ns) {
   BENCH_CHECK(cudaMemset(flags, 0, sizeof(Flags)));
   BENCH_CHECK(cudaDeviceSynchronize());
-  // The chase first, so its block is resident before the stream's fill the SMs.
+  // The chase first, so its block is resident before the stream's blocks fill the SMs.
   ChaseKernel<<<1, 1, 0, chase_stream>>>(chain, first, stream_blocks > 0, flags, ns);
   BENCH_CHECK(cudaGetLastError());
   if (stream_blocks > 0) {
-    StreamKernel<<<stream_blocks, kStreamThreads, 0, stream_stream>>>(buffer, kStreamBytes / 16, flags);
+    StreamKernel<<<stream_blocks, kStreamThreads, 0, background_stream>>>(buffer, kStreamBytes / 16, flags);
     BENCH_CHECK(cudaGetLastError());
   }
   BENCH_CHECK(cudaDeviceSynchronize());
@@ -162,9 +162,9 @@ int Main() {
   BENCH_CHECK(cudaMemset(buffer, 1, kStreamBytes));
   Flags* flags = DeviceAlloc<Flags>(1);
   double* ns = DeviceAlloc<double>(1);
-  cudaStream_t chase_stream, stream_stream;
+  cudaStream_t chase_stream, background_stream;
   BENCH_CHECK(cudaStreamCreateWithFlags(&chase_stream, cudaStreamNonBlocking));
-  BENCH_CHECK(cudaStreamCreateWithFlags(&stream_stream, cudaStreamNonBlocking));
+  BENCH_CHECK(cudaStreamCreateWithFlags(&background_stream, cudaStreamNonBlocking));
   const int sms = d.prop.multiProcessorCount;
   // Both kernels loaded now: with lazy loading, the stream's first launch would wait for an idle
   // device while the chase spins waiting for it.
@@ -176,19 +176,19 @@ int Main() {
               "while StreamKernel reads a 4 GiB buffer (16-byte streaming loads) from the given blocks\n"
               "(copy bandwidth counts bytes read and written; a stream that only reads can exceed it):\n\n",
               kChaseSteps);
-  std::fflush(stdout);
   std::printf("%14s %12s %14s %14s %14s\n", "stream blocks", "stream GB/s", "of copy BW", "L2 hit ns",
               "HBM miss ns");
+  std::fflush(stdout);
   // Each HBM chase starts at a random entry of its 16 Mi-line cycle, so no point finds the lines of an
   // earlier one in L2.
   std::uniform_int_distribution<uint32_t> hbm_line(0, kHbmChainBytes / kLine - 1);
   constexpr uint32_t kPerLine = kLine / sizeof(uint32_t);
   for (const int per_sm_eighths : {0, 1, 2, 4, 8, 12, 16, 24, 32}) {  // blocks per SM, in eighths
     const int blocks = sms * per_sm_eighths / 8;
-    Measure(l2_chain, 0, buffer, 0, chase_stream, stream_stream, flags, ns);  // the 4 MB chain into L2
-    const Point l2 = Measure(l2_chain, 0, buffer, blocks, chase_stream, stream_stream, flags, ns);
+    Measure(l2_chain, 0, buffer, 0, chase_stream, background_stream, flags, ns);  // the 4 MB chain into L2
+    const Point l2 = Measure(l2_chain, 0, buffer, blocks, chase_stream, background_stream, flags, ns);
     const Point hbm =
-        Measure(hbm_chain, hbm_line(rng) * kPerLine, buffer, blocks, chase_stream, stream_stream, flags, ns);
+        Measure(hbm_chain, hbm_line(rng) * kPerLine, buffer, blocks, chase_stream, background_stream, flags, ns);
     const double gbs = (l2.stream_gbs + hbm.stream_gbs) / 2;
     std::printf("%14d %12.0f %13.0f%% %14.0f %14.0f\n", blocks, gbs, 100.0 * gbs / d.copy_gbs, l2.ns_per_load,
                 hbm.ns_per_load);
