@@ -6,7 +6,9 @@
 Two builds timed in turn on one machine (`scripts/gpu_tests.sh ab` runs them so): machines differ by
 a few per cent, runs on one machine by well under one, so only such pairs say what a change did. For
 every decode and prefill shape it prints each build's step times as min-max over its runs and the
-change of the medians. All files must hold the same shapes; when they do not, or a file is missing
+change of the medians, marked ~ where the two ranges overlap: such a change is not told apart from
+the runs' noise (on an H200, two builds running the same kernels differed by up to 0.7% at batch 1,
+docs/cuda_backend.md). All files must hold the same shapes; when they do not, or a file is missing
 or is not such JSON, it prints one line and exits with 2. Standard library only: the GPU machine's
 python has nothing of ours.
 """
@@ -62,13 +64,18 @@ def change(base, new):
     return 100.0 * (statistics.median(new) / statistics.median(base) - 1.0)
 
 
+def overlap(base, new):
+    """Whether the two builds' min-max ranges share a value."""
+    return min(base) <= max(new) and min(new) <= max(base)
+
+
 def report(base_paths, new_paths):
     base_runs, base_bw = load_build(base_paths)
     new_runs, new_bw = load_build(new_paths)
     if base_runs[0].keys() != new_runs[0].keys():
         raise Unusable(f"{new_paths[0]}: other shapes than {base_paths[0]}")
     lines = [f"step ms, min-max over {len(base_runs)} runs of the base and {len(new_runs)} of this build; "
-             "change of the medians"]
+             "change of the medians (~: the ranges overlap, so the runs do not tell it from noise)"]
     for kind, header in (("decode", " context  batch"), ("prefill", f"{'prefill':>15}")):
         shapes = sorted(s for s in base_runs[0] if s[0] == kind)
         if not shapes:
@@ -78,7 +85,8 @@ def report(base_paths, new_paths):
             base = [run[shape] for run in base_runs]
             new = [run[shape] for run in new_runs]
             label = f"{shape[1]:8d} {shape[2]:6d}" if kind == "decode" else f"{f'{shape[1]}x{shape[2]}':>15}"
-            lines.append(f"{label} {span(base, 3):>16} {span(new, 3):>16} {change(base, new):+7.1f}%")
+            mark = " ~" if overlap(base, new) else ""
+            lines.append(f"{label} {span(base, 3):>16} {span(new, 3):>16} {change(base, new):+7.1f}%{mark}")
     lines.append(f"copy bandwidth GB/s: base {span(base_bw, 0)}, this {span(new_bw, 0)}")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """scripts/compare_steps.py on the JSON of real `cohort bench step` runs (CPU backend, the 3-layer
-fixture): one row per shape with the change of the medians, and one line and exit 2 for files it
-cannot compare.
+fixture): one row per shape with the change of the medians, marked ~ where the builds' ranges
+overlap, and one line and exit 2 for files it cannot compare.
 
   /usr/bin/python3 tests/scripts/compare_steps_test.py --bin-dir build/bin
 """
@@ -35,6 +35,27 @@ def step_times(run):
     return times
 
 
+def scaled(run, factor, path):
+    """A copy of a run at `path` whose step times are `factor` times its own."""
+    copy = json.loads(json.dumps(run))
+    for row in copy["decode"] + copy["prefill"]:
+        row["step_ms"] *= factor
+    with open(path, "w") as f:
+        json.dump(copy, f)
+    return path
+
+
+def parse_rows(stdout):
+    """{shape: [base lo, base hi, new lo, new hi, change %, marked]} from a comparison's rows."""
+    rows = {}  # decode rows read "context batch ...", prefill rows "SEQUENCESxTOKENS ..."
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"\s*(\d+)(x|\s+)(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%( ~)?", line)
+        if m:
+            kind = "prefill" if m[2] == "x" else "decode"
+            rows[(kind, int(m[1]), int(m[3]))] = [float(v) for v in m.groups()[3:8]] + [m[9] is not None]
+    return rows
+
+
 def compare(base, new):
     return subprocess.run([sys.executable, COMPARE, "--base", *base, "--new", *new], capture_output=True,
                           text=True, timeout=60)
@@ -57,23 +78,33 @@ def main():
         # Two runs a build: a row per decode shape and per prefill shape, min-max and medians' change.
         r = compare(paths[:2], paths[2:])
         expect(r.returncode == 0 and r.stderr == "", f"compare failed: {r.returncode} {r.stderr}")
-        rows = {}  # decode rows read "context batch ...", prefill rows "SEQUENCESxTOKENS ..."
-        for line in r.stdout.splitlines():
-            m = re.fullmatch(r"\s*(\d+)(x|\s+)(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%", line)
-            if m:
-                kind = "prefill" if m[2] == "x" else "decode"
-                rows[(kind, int(m[1]), int(m[3]))] = [float(v) for v in m.groups()[3:]]
+        rows = parse_rows(r.stdout)
         shapes = {("decode", c, b) for c in (16, 32) for b in (1, 2)} | {("prefill", 1, 8)}
         expect(set(rows) == shapes, f"rows {sorted(rows)} for shapes {sorted(shapes)}:\n{r.stdout}")
 
         steps = [step_times(run) for run in runs]
-        for shape, (base_lo, base_hi, new_lo, new_hi, change) in rows.items():
+        for shape, (base_lo, base_hi, new_lo, new_hi, change, marked) in rows.items():
             base, new = [t[shape] for t in steps[:2]], [t[shape] for t in steps[2:]]
             expect(abs(base_lo - min(base)) < 6e-4 and abs(base_hi - max(base)) < 6e-4, f"{shape}: base span")
             expect(abs(new_lo - min(new)) < 6e-4 and abs(new_hi - max(new)) < 6e-4, f"{shape}: new span")
             want = 100.0 * (statistics.median(new) / statistics.median(base) - 1.0)
             expect(abs(change - want) < 0.051, f"{shape}: change {change} against {want:.3f}")
+            expect(marked == (min(base) <= max(new) and min(new) <= max(base)), f"{shape}: ~ mark {marked}")
         expect(f"over 2 runs of the base and 2 of this build" in r.stdout, r.stdout)
+
+        # A build twice as slow is apart from its base at every shape; the same runs on both sides
+        # overlap at every shape, and their change is nil.
+        slow = [scaled(run, 2.0, os.path.join(tmp, f"slow{i}.json")) for i, run in enumerate(runs[:2])]
+        r = compare(paths[:2], slow)
+        rows = parse_rows(r.stdout)
+        expect(r.returncode == 0 and set(rows) == shapes, f"twice as slow:\n{r.stdout}{r.stderr}")
+        for shape, row in rows.items():
+            expect(abs(row[4] - 100.0) < 0.051 and not row[5], f"{shape}, twice as slow: {row}")
+        r = compare(paths[:2], paths[:2])
+        rows = parse_rows(r.stdout)
+        expect(r.returncode == 0 and set(rows) == shapes, f"the same runs:\n{r.stdout}{r.stderr}")
+        for shape, row in rows.items():
+            expect(abs(row[4]) < 0.051 and row[5], f"{shape}, the same runs: {row}")
 
         # Files it cannot compare: one line on stderr, nothing on stdout, exit 2.
         other = os.path.join(tmp, "other.json")
