@@ -58,8 +58,8 @@ __device__ __forceinline__ int LoadFlag(const int* p) {
   return v;
 }
 
-// Reads `buffer` in 16-byte pieces over and over until the chase is done; block 0 reports the bytes
-// the grid read (each block's passes, counted by it) and the time.
+// Reads `buffer` in 16-byte pieces over and over until the chase is done (or kGiveUpNs pass); every
+// thread adds the bytes it read to flags->stream_bytes, and block 0 reports the time.
 __global__ void __launch_bounds__(kStreamThreads) StreamKernel(const uint4* buffer, int64_t pieces, Flags* flags) {
   const uint64_t start = GlobalNs();
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicExch(&flags->stream_started, 1);
