@@ -21,7 +21,12 @@ __global__ void EmbeddingKernel(const __nv_bfloat16* embedding, const int32_t* t
 // row is in flight before the first reduction and nothing is read twice.
 constexpr int kNormValuesPerThread = 8;
 
-__global__ void AddRmsNormKernel(float* __restrict__ residual, const __nv_bfloat16* __restrict__ delta,
+// A delta value as it joins the residual: bf16 as stored, or an fp32 sum rounded to bf16 first.
+__device__ __forceinline__ float DeltaValue(__nv_bfloat16 d) { return __bfloat162float(d); }
+__device__ __forceinline__ float DeltaValue(float d) { return __bfloat162float(__float2bfloat16(d)); }
+
+template <typename Delta>
+__global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __restrict__ delta,
                                  const __nv_bfloat16* __restrict__ weight, int dim, float eps,
                                  __nv_bfloat16* __restrict__ out) {
   __shared__ float scratch[32];
@@ -35,7 +40,7 @@ __global__ void AddRmsNormKernel(float* __restrict__ residual, const __nv_bfloat
   for (int j = 0; j < kNormValuesPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     v[j] = 0.0f;
-    if (i < dim) v[j] = h[i] + (delta != nullptr ? __bfloat162float(delta[row * dim + i]) : 0.0f);
+    if (i < dim) v[j] = h[i] + (delta != nullptr ? DeltaValue(delta[row * dim + i]) : 0.0f);
     sum_sq += v[j] * v[j];
   }
   const float inv_rms = rsqrtf(BlockSum(sum_sq, scratch) / dim + eps);
@@ -314,12 +319,24 @@ cudaError_t LaunchEmbedding(const __nv_bfloat16* embedding, const int32_t* token
   return LaunchPdl(EmbeddingKernel, dim3(num_tokens), dim3(kRowThreads), 0, stream, embedding, tokens, hidden, out);
 }
 
-cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
-                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream) {
+template <typename Delta>
+cudaError_t LaunchAddRmsNormOf(float* residual, const Delta* delta, const __nv_bfloat16* weight, int rows, int dim,
+                               float eps, __nv_bfloat16* out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int threads = std::max(32, (dim + kNormValuesPerThread * 32 - 1) / (kNormValuesPerThread * 32) * 32);
   if (threads > 1024) return cudaErrorInvalidValue;  // rows of up to 8192 values
-  return LaunchPdl(AddRmsNormKernel, dim3(rows), dim3(threads), 0, stream, residual, delta, weight, dim, eps, out);
+  return LaunchPdl(AddRmsNormKernel<Delta>, dim3(rows), dim3(threads), 0, stream, residual, delta, weight, dim, eps,
+                   out);
+}
+
+cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
+                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream) {
+  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream);
+}
+
+cudaError_t LaunchAddRmsNorm(float* residual, const float* delta, const __nv_bfloat16* weight, int rows, int dim,
+                             float eps, __nv_bfloat16* out, cudaStream_t stream) {
+  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream);
 }
 
 cudaError_t LaunchRmsNorm(const float* in, int ld_in, const __nv_bfloat16* weight, int rows, int dim, float eps,

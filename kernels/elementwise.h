@@ -30,6 +30,10 @@ cudaError_t LaunchEmbedding(const __nv_bfloat16* embedding, const int32_t* token
 // out = bf16(residual * rsqrt(mean(residual^2) + eps) * weight). dim <= 8192.
 cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
                              int dim, float eps, __nv_bfloat16* out, cudaStream_t stream);
+// The same with an fp32 delta (a sum across GPUs), rounded to bf16 before it joins the residual,
+// so that it changes the residual exactly as the same delta stored in bf16 would.
+cudaError_t LaunchAddRmsNorm(float* residual, const float* delta, const __nv_bfloat16* weight, int rows, int dim,
+                             float eps, __nv_bfloat16* out, cudaStream_t stream);
 
 // out[r, :] = bf16(rmsnorm(in[r, :]) * weight) for an fp32 input with row stride `ld_in`.
 cudaError_t LaunchRmsNorm(const float* in, int ld_in, const __nv_bfloat16* weight, int rows, int dim, float eps,

@@ -83,6 +83,9 @@ struct MoeRouting {
   int32_t num_experts = 0;  // E routed experts
   int32_t num_shared = 0;   // S shared experts, 0..kMoeMaxShared
   int32_t tile_rows = 0;    // 16, 64 or 128: the grouped GEMM's BM, fixed by the align that fills the tiles
+  // Expert parallelism: the routed ids this routing takes are [first_expert, first_expert + E), the
+  // experts this GPU holds, which become its experts 0..E-1; other ids get no row. 0 on one GPU.
+  int32_t first_expert = 0;
 
   // Device buffers, caller-owned (CarveMoeRouting), written by LaunchMoeAlign.
   int32_t* expert_offsets = nullptr;  // [E + S + 1]: rows of expert e are [offsets[e], offsets[e + 1]);
@@ -121,7 +124,8 @@ int64_t MoeRoutingWorkspaceBytes(int64_t max_tokens, int32_t top_k, int32_t num_
 cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t num_tokens, int32_t top_k,
                             int32_t num_experts, int32_t num_shared, int32_t tile_rows, MoeRouting* routing);
 
-// topk_ids int32 [T, k] (from the gate, or any ids; ids outside [0, E) get no row) -> every buffer of
+// topk_ids int32 [T, k] (from the gate, or any ids; ids outside [first_expert, first_expert + E) get no
+// row, the others are taken as expert id - first_expert) -> every buffer of
 // `routing`, the shared experts' rows included. Adds to *experts_used (nullable, int32) the number of
 // routed experts that received at least one row: the routed weight reads of the step (shared experts
 // are always read and not counted). One block of 1024 threads.
@@ -130,8 +134,9 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 
 // Gate then align in one call: the same results as LaunchMoeGate followed by LaunchMoeAlign (whose
 // contracts hold), in one launch of one block for batches of up to kMoeFusedRouteTokens tokens (the
-// decode steps where each launch's latency shows), two launches above. gate.num_experts and
-// gate.top_k must equal routing's; the batch is routing.num_tokens tokens. num_valid (device int32,
+// decode steps where each launch's latency shows), two launches above. gate.top_k must equal
+// routing's, and the routing's experts must lie within the gate's (first_expert + E <= gate.num_experts;
+// equal on one GPU); the batch is routing.num_tokens tokens. num_valid (device int32,
 // nullable): tokens at or past *num_valid are padding (a captured graph's rows beyond the batch) and
 // get ids -1 and weights 0, so they receive no routed row and read no expert.
 inline constexpr int64_t kMoeFusedRouteTokens = 32;
@@ -197,6 +202,12 @@ struct MoeCombineAdd {
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream);
+// The same sum left in fp32, unrounded (`out` must not alias add.rows): under expert parallelism
+// each GPU's share of the combine, summed across GPUs before it is rounded to bf16 once
+// (kernels::LaunchAddRmsNorm with an fp32 delta), as one GPU would round it.
+cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
+                             const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden, float* out,
+                             cudaStream_t stream);
 
 // The combine folded into the RMSNorm that follows the MoE block (the next layer's input norm, or the
 // model's final norm), saving a launch and a round trip of the combined rows:

@@ -232,6 +232,7 @@ struct AlignArgs {
   int32_t num_tokens;
   int32_t top_k;
   int32_t num_experts;
+  int32_t first_expert;  // topk id of expert 0
   int32_t num_shared;
   int32_t tile_rows;
   int32_t max_tiles;
@@ -276,7 +277,7 @@ __device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
   const int end = min(p.num_pairs, begin + segment);
   for (int base = begin; base < end; base += 32) {
     const int i = base + lane;
-    const int id = i < end ? p.topk_ids[i] : -1;
+    const int id = i < end ? p.topk_ids[i] - p.first_expert : -1;
     if (id >= 0 && id < num_experts) atomicAdd(&warp_counts[warp][id], 1);
   }
   __syncthreads();
@@ -334,7 +335,7 @@ __device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
   for (int base = begin; base < end; base += 32) {
     const int i = base + lane;
     const bool in_range = i < end;
-    const int id = in_range ? p.topk_ids[i] : -1;
+    const int id = in_range ? p.topk_ids[i] - p.first_expert : -1;
     const bool valid = in_range && id >= 0 && id < num_experts;
     const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
     if (valid) {
@@ -380,13 +381,14 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
 
 constexpr int kCombineThreads = 256;
 
+template <typename Out>
 struct CombineArgs {
   const __nv_bfloat16* expert_out;
   const float* topk_weights;
   const int32_t* slot_row;
   const int32_t* shared_first_row;  // &expert_offsets[E]: the first row of shared expert 0
-  const __nv_bfloat16* add;         // add_count matrices [T, H], one after another; may alias out
-  __nv_bfloat16* out;
+  const __nv_bfloat16* add;         // add_count matrices [T, H], one after another; may alias a bf16 out
+  Out* out;
   int64_t num_tokens;
   int32_t add_count;
   int32_t top_k;
@@ -402,7 +404,8 @@ struct CombineSlots {
   int64_t shared_first_row;
 };
 
-__device__ __forceinline__ CombineSlots LoadCombineSlots(const CombineArgs& p, int64_t token) {
+template <typename Out>
+__device__ __forceinline__ CombineSlots LoadCombineSlots(const CombineArgs<Out>& p, int64_t token) {
   CombineSlots slots;
 #pragma unroll
   for (int j = 0; j < kMoeMaxTopK; ++j) {
@@ -415,8 +418,9 @@ __device__ __forceinline__ CombineSlots LoadCombineSlots(const CombineArgs& p, i
 
 // acc = sum_j topk_weights[t, j] * expert_out[slot_row[t*k + j], col + i] + the shared experts' rows
 // + each added matrix's [t, col + i], for the 8 values i of one chunk.
-__device__ __forceinline__ void CombineChunk(const CombineArgs& p, const CombineSlots& slots, int64_t token, int col,
-                                             float (&acc)[8]) {
+template <typename Out>
+__device__ __forceinline__ void CombineChunk(const CombineArgs<Out>& p, const CombineSlots& slots, int64_t token,
+                                             int col, float (&acc)[8]) {
   const int hidden = p.hidden;
 #pragma unroll
   for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
@@ -443,8 +447,22 @@ __device__ __forceinline__ void CombineChunk(const CombineArgs& p, const Combine
   }
 }
 
+__device__ __forceinline__ void StoreChunk(const float (&acc)[8], __nv_bfloat16* out) {
+  uint4 packed;
+  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  *reinterpret_cast<uint4*>(out) = packed;
+}
+
+__device__ __forceinline__ void StoreChunk(const float (&acc)[8], float* out) {
+  reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  reinterpret_cast<float4*>(out)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+}
+
 // One thread per 8 consecutive outputs of one token.
-__global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const CombineArgs p) {
+template <typename Out>
+__global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const CombineArgs<Out> p) {
   PdlWait();  // the expert rows come from the down GEMM
   PdlLaunchDependents();
   const int chunks_per_token = p.hidden / 8;
@@ -455,11 +473,7 @@ __global__ void __launch_bounds__(kCombineThreads) MoeCombineKernel(const Combin
     const int col = static_cast<int>(c - token * chunks_per_token) * 8;
     float acc[8];
     CombineChunk(p, LoadCombineSlots(p, token), token, col, acc);
-    uint4 packed;
-    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p.out + token * p.hidden + col) = packed;
+    StoreChunk(acc, p.out + token * p.hidden + col);
   }
 }
 
@@ -476,7 +490,8 @@ struct NormArgs {
 // The routing and the residual come from kernels at least two launches back (the route or align
 // kernel, then the attention's norm), complete when this one starts (kernels/pdl.cuh), so they are
 // read before the wait; only the expert rows and the added matrices after it.
-__global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const CombineArgs p, const NormArgs n) {
+__global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const CombineArgs<__nv_bfloat16> p,
+                                                                   const NormArgs n) {
   __shared__ float scratch[32];
   const int64_t token = blockIdx.x;
   const int col = threadIdx.x * 8;
@@ -550,7 +565,7 @@ bool ValidGate(const MoeGateParams& p) {
 
 bool ValidRouting(const MoeRouting& r) {
   return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts, r.num_shared) && ValidTileRows(r.tile_rows) &&
-         r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
+         r.first_expert >= 0 && r.first_expert <= kMoeMaxExperts - r.num_experts && r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
          r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr;
 }
 
@@ -561,6 +576,7 @@ AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int3
   args.num_tokens = static_cast<int32_t>(routing.num_tokens);
   args.top_k = routing.top_k;
   args.num_experts = routing.num_experts;
+  args.first_expert = routing.first_expert;
   args.num_shared = routing.num_shared;
   args.tile_rows = routing.tile_rows;
   args.max_tiles = static_cast<int32_t>(routing.max_tiles());
@@ -574,9 +590,10 @@ AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int3
   return args;
 }
 
-CombineArgs MakeCombineArgs(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
-                            const MoeCombineAdd& add, int64_t hidden, __nv_bfloat16* out) {
-  CombineArgs args;
+template <typename Out>
+CombineArgs<Out> MakeCombineArgs(const __nv_bfloat16* expert_out, const float* topk_weights,
+                                 const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden, Out* out) {
+  CombineArgs<Out> args;
   args.expert_out = expert_out;
   args.topk_weights = topk_weights;
   args.slot_row = routing.slot_row;
@@ -596,6 +613,20 @@ bool ValidCombine(const __nv_bfloat16* expert_out, const float* topk_weights, co
   return ValidRouting(routing) && hidden > 0 && hidden % 8 == 0 && hidden <= INT32_MAX && expert_out != nullptr &&
          topk_weights != nullptr && Aligned16(expert_out) && add.count >= 0 &&
          (add.count == 0 || (add.rows != nullptr && Aligned16(add.rows)));
+}
+
+template <typename Out>
+cudaError_t LaunchCombine(const __nv_bfloat16* expert_out, const float* topk_weights, const MoeRouting& routing,
+                          const MoeCombineAdd& add, int64_t hidden, Out* out, cudaStream_t stream) {
+  if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || out == nullptr || !Aligned16(out)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t chunks = routing.num_tokens * (hidden / 8);
+  if (chunks == 0) return cudaSuccess;
+  const int64_t blocks = (chunks + kCombineThreads - 1) / kCombineThreads;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  return LaunchPdl(MoeCombineKernel<Out>, dim3(grid), dim3(kCombineThreads), 0, stream,
+                   MakeCombineArgs(expert_out, topk_weights, routing, add, hidden, out));
 }
 
 }  // namespace
@@ -680,7 +711,7 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
                            int32_t* experts_used, cudaStream_t stream) {
   const int64_t num_tokens = routing.num_tokens;
-  if (!ValidGate(gate) || !ValidRouting(routing) || gate.num_experts != routing.num_experts ||
+  if (!ValidGate(gate) || !ValidRouting(routing) || routing.first_expert + routing.num_experts > gate.num_experts ||
       gate.top_k != routing.top_k || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -700,15 +731,13 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                              __nv_bfloat16* out, cudaStream_t stream) {
-  if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || out == nullptr || !Aligned16(out)) {
-    return cudaErrorInvalidValue;
-  }
-  const int64_t chunks = routing.num_tokens * (hidden / 8);
-  if (chunks == 0) return cudaSuccess;
-  const int64_t blocks = (chunks + kCombineThreads - 1) / kCombineThreads;
-  const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
-  return LaunchPdl(MoeCombineKernel, dim3(grid), dim3(kCombineThreads), 0, stream,
-                   MakeCombineArgs(expert_out, topk_weights, routing, add, hidden, out));
+  return LaunchCombine(expert_out, topk_weights, routing, add, hidden, out, stream);
+}
+
+cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
+                             const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden, float* out,
+                             cudaStream_t stream) {
+  return LaunchCombine(expert_out, topk_weights, routing, add, hidden, out, stream);
 }
 
 cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
@@ -723,7 +752,7 @@ cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const fl
   if (routing.num_tokens == 0) return cudaSuccess;
   const int threads = static_cast<int>((hidden / 8 + 31) / 32 * 32);
   return LaunchPdl(MoeCombineAddRmsNormKernel, dim3(static_cast<unsigned>(routing.num_tokens)), dim3(threads), 0,
-                   stream, MakeCombineArgs(expert_out, topk_weights, routing, add, hidden, nullptr),
+                   stream, MakeCombineArgs<__nv_bfloat16>(expert_out, topk_weights, routing, add, hidden, nullptr),
                    NormArgs{residual, norm_weight, eps, out});
 }
 

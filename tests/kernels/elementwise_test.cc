@@ -79,6 +79,31 @@ TEST(ElementwiseTest, AddRmsNormUpdatesResidualAndNormalises) {
   }
 }
 
+// An fp32 delta (the sum of the GPUs' combines under expert parallelism) changes the residual and the
+// output exactly as the same delta rounded to bf16 does.
+TEST(ElementwiseTest, AddRmsNormRoundsAnFp32DeltaAsABf16One) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  for (int dim : {2048, 7168}) {
+    const int rows = 1 + static_cast<int>(rng() % 37);
+    const std::vector<float> residual = RandomFloats(static_cast<size_t>(rows) * dim, rng, 4.0f);
+    const std::vector<float> delta = RandomFloats(residual.size(), rng, 3.0f);
+    std::vector<uint16_t> rounded(delta.size());
+    for (size_t i = 0; i < delta.size(); ++i) rounded[i] = FloatToBF16(delta[i]);
+    const std::vector<uint16_t> weight = RandomBf16(dim, rng);
+    DeviceVector<float> d_residual_f32(residual), d_residual_bf16(residual), d_delta(delta);
+    DeviceVector<uint16_t> d_rounded(rounded), d_weight(weight), d_out_f32(residual.size()),
+        d_out_bf16(residual.size());
+    ASSERT_CUDA_OK(kernels::LaunchAddRmsNorm(d_residual_f32.get(), d_delta.get(), Bf16(d_weight), rows, dim, 1e-6f,
+                                             Bf16(d_out_f32), nullptr));
+    ASSERT_CUDA_OK(kernels::LaunchAddRmsNorm(d_residual_bf16.get(), Bf16(d_rounded), Bf16(d_weight), rows, dim, 1e-6f,
+                                             Bf16(d_out_bf16), nullptr));
+    EXPECT_EQ(d_residual_f32.ToHost(), d_residual_bf16.ToHost()) << "dim " << dim;
+    EXPECT_EQ(d_out_f32.ToHost(), d_out_bf16.ToHost()) << "dim " << dim;
+    EXPECT_NE(d_residual_f32.ToHost(), residual) << "the delta was added";
+  }
+}
+
 TEST(ElementwiseTest, RopeQueriesMatchTheCpuRope) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();

@@ -421,15 +421,19 @@ TEST(MoeGateTest, RejectsParametersOutsideTheContract) {
 
 // Routed rows grouped by expert in (token, slot) order, then `shared` experts of one row per token in
 // token order; tiles over all of them; the rows past those in use untouched.
+// With first_expert, ids [first_expert, first_expert + experts) are this GPU's experts 0.. (expert
+// parallelism) and the others get no row.
 void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int top_k, int experts, int shared,
-                           int tile_rows, Rng& rng) {
+                           int tile_rows, Rng& rng, int first_expert = 0) {
   SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " top_k " << top_k << " experts " << experts
-                                  << " shared " << shared << " tile_rows " << tile_rows);
+                                  << " shared " << shared << " tile_rows " << tile_rows << " first expert "
+                                  << first_expert);
   const int64_t pairs = tokens * top_k, rows = tokens * (top_k + shared);
   const int all_experts = experts + shared;
   RoutingOnDevice d(tokens, top_k, experts, shared);
   ASSERT_CUDA_OK(d.workspace.error());
   ASSERT_CUDA_OK(d.Carve(tokens, top_k, experts, shared, tile_rows));
+  d.routing.first_expert = first_expert;
   ASSERT_CUDA_OK(d.workspace.Poison(0xa5));
   DeviceBuffer<int32_t> d_ids(ids);
   ASSERT_CUDA_OK(d_ids.error());
@@ -454,8 +458,9 @@ void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int 
 
   // Expected rows per routed expert, in (token, slot) order.
   std::vector<std::vector<int64_t>> pairs_of(experts);
+  auto local = [&](int64_t pair) { return ids[pair] - first_expert; };  // outside [0, experts): no row
   for (int64_t i = 0; i < pairs; ++i) {
-    if (ids[i] >= 0 && ids[i] < experts) pairs_of[ids[i]].push_back(i);
+    if (local(i) >= 0 && local(i) < experts) pairs_of[local(i)].push_back(i);
   }
   int used = 0;
   int64_t want_tiles = 0;
@@ -473,7 +478,7 @@ void ExpectAlignInvariants(const std::vector<int32_t>& ids, int64_t tokens, int 
     }
   }
   for (int64_t i = 0; i < pairs; ++i) {
-    if (ids[i] < 0 || ids[i] >= experts) {
+    if (local(i) < 0 || local(i) >= experts) {
       ASSERT_EQ(slot_row[i], -1) << "pair " << i << " with id " << ids[i];
     }
   }
@@ -544,15 +549,35 @@ TEST(MoeAlignTest, GivesIdsOutsideTheExpertsNoRow) {
   }
 }
 
+// Expert parallelism: each of the GPUs that split 160 experts (unevenly, as 3 GPUs do) takes the
+// rows of its own ids only, numbered from its first expert.
+TEST(MoeAlignTest, TakesOnlyTheExpertsFromFirstExpertOn) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  for (int64_t tokens : {1, 2, 100, 3000}) {
+    std::vector<int32_t> ids = RandomTopkIds(rng, tokens, 8, 160);
+    ids[0] = -1;  // a padding row's slot
+    for (const auto& [first, count] : std::vector<std::pair<int, int>>{{0, 53}, {53, 53}, {106, 54}}) {
+      ExpectAlignInvariants(ids, tokens, 8, count, first == 0 ? 1 : 0, 16, rng, first);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ route
 
 // LaunchMoeRoute (one fused launch up to kMoeFusedRouteTokens tokens, gate + align above) writes
 // exactly what LaunchMoeGate then LaunchMoeAlign write; with num_valid, the padding tokens past it get
-// ids -1 and weights 0 and the align treats them as such.
-void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int shared, int64_t valid, Rng& rng) {
+// ids -1 and weights 0 and the align treats them as such. With `shard` = {first, count}, the routing
+// takes the gate's experts [first, first + count) only (expert parallelism).
+void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int shared, int64_t valid, Rng& rng,
+                                    std::pair<int, int> shard = {0, 0}) {
   SCOPED_TRACE(::testing::Message() << "experts " << c.n_routed_experts << " tokens " << tokens << " shared "
-                                  << shared << " valid " << valid);
-  const int experts = static_cast<int>(c.n_routed_experts), top_k = static_cast<int>(c.num_experts_per_tok);
+                                  << shared << " valid " << valid << " shard " << shard.first << "+"
+                                  << shard.second);
+  const int experts = shard.second > 0 ? shard.second : static_cast<int>(c.n_routed_experts);
+  const int top_k = static_cast<int>(c.num_experts_per_tok);
   const bool with_bias = c.topk_method == TopkMethod::kNoAuxTc;
   const int tile_rows = MoeDefaultTileRows(tokens, top_k, experts, shared);
   std::vector<float> logits, bias;
@@ -566,6 +591,7 @@ void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int sh
   DeviceBuffer<int32_t> want_ids(tokens * top_k), want_used(std::vector<int32_t>{7});
   DeviceBuffer<float> want_weights(tokens * top_k);
   ASSERT_CUDA_OK(want.Carve(tokens, top_k, experts, shared, tile_rows));
+  want.routing.first_expert = shard.first;
   ASSERT_CUDA_OK(want.workspace.Poison(0xa5));
   ASSERT_CUDA_OK(LaunchMoeGate(d_logits.get(), bias_ptr, tokens, gate, want_ids.get(), want_weights.get(), nullptr));
   std::vector<int32_t> ids;
@@ -581,6 +607,7 @@ void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int sh
                                                                                         static_cast<int32_t>(valid)});
   DeviceBuffer<float> got_weights(tokens * top_k);
   ASSERT_CUDA_OK(got.Carve(tokens, top_k, experts, shared, tile_rows));
+  got.routing.first_expert = shard.first;
   ASSERT_CUDA_OK(got.workspace.Poison(0xa5));
   ASSERT_CUDA_OK(got_ids.Poison());
   ASSERT_CUDA_OK(got_weights.Poison());
@@ -613,6 +640,9 @@ TEST(MoeRouteTest, EqualsGateThenAlignWithAndWithoutPadding) {
       ExpectRouteEqualsGateThenAlign(V2LiteRouter(), tokens, 2, valid, rng);
       ExpectRouteEqualsGateThenAlign(V3Router(), tokens, 1, valid, rng);
       ExpectRouteEqualsGateThenAlign(V2GroupRouter(), tokens, 0, valid, rng);
+      // The second of two GPUs that split V2-Lite's experts, and the third of four for V3.
+      ExpectRouteEqualsGateThenAlign(V2LiteRouter(), tokens, 1, valid, rng, {32, 32});
+      ExpectRouteEqualsGateThenAlign(V3Router(), tokens, 0, valid, rng, {128, 64});
     }
   }
 }
@@ -625,6 +655,11 @@ TEST(MoeRouteTest, RejectsGateAndRoutingThatDisagree) {
   DeviceBuffer<int32_t> ids(4 * 8);
   const MoeGateParams v3 = cuda::MoeGateParamsFor(V3Router());  // 256 experts, top-8
   EXPECT_EQ(LaunchMoeRoute(logits.get(), nullptr, v3, nullptr, ids.get(), weights.get(), d.routing, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  // The routing's 64 experts from expert 32 on are not all among a 64-expert gate's.
+  const MoeGateParams v2 = cuda::MoeGateParamsFor(V2LiteRouter());
+  d.routing.first_expert = 32;
+  EXPECT_EQ(LaunchMoeRoute(logits.get(), nullptr, v2, nullptr, ids.get(), weights.get(), d.routing, nullptr, nullptr),
             cudaErrorInvalidValue);
 }
 
@@ -1133,6 +1168,17 @@ void ExpectCombineMatchesCpu(int shared, Rng& rng) {
       }
     }
     ExpectClose(ToFloat(out), want, "combine");
+
+    // In fp32 (expert parallelism's partial sums): the same sum before its one rounding.
+    DeviceBuffer<float> d_out_f32(tokens * hidden);
+    ASSERT_CUDA_OK(d_out_f32.Poison());
+    ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds}, hidden,
+                                    d_out_f32.get(), nullptr));
+    std::vector<float> out_f32;
+    ASSERT_CUDA_OK(d_out_f32.Read(&out_f32));
+    for (int64_t i = 0; i < tokens * hidden; ++i) {
+      ASSERT_EQ(FloatToBf16(out_f32[i]), out[i]) << "fp32 combine " << out_f32[i] << " at " << i;
+    }
   }
 
   // In place: out aliases the first added matrix.
