@@ -42,6 +42,7 @@ struct WorkerFlags {
   bool kv_cache_bytes_given = false;  // on the command line; else the cuda backend sizes the cache
   double gpu_memory_fraction = 0.90;
   int gpu = 0;
+  int gpus = 1;
   int64_t num_layers = 0;
   int max_batch_tokens = 2048;
   int max_running = 256;
@@ -94,6 +95,10 @@ absl::Status Serve(const WorkerFlags& f) {
   if (f.gpu_hour_cost < 0 || f.peak_memory_bandwidth_gbs <= 0 || f.peak_tflops <= 0) {
     return absl::InvalidArgumentError("--gpu-hour-cost must be >= 0, --peak-memory-bandwidth and --peak-tflops > 0");
   }
+  if (f.gpus < 1 || (f.gpus > 1 && f.device != "cuda")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpus ", f.gpus, ": give at least 1, and more than 1 only with --device cuda"));
+  }
   if (f.scheduler != "continuous" && f.scheduler != "static") {
     return absl::InvalidArgumentError(
         absl::StrCat("--scheduler: '", f.scheduler, "' is neither continuous nor static"));
@@ -107,6 +112,7 @@ absl::Status Serve(const WorkerFlags& f) {
   engine_options.num_threads = f.threads;
   engine_options.gpu_memory_fraction = f.gpu_memory_fraction;
   engine_options.device_id = f.gpu;
+  engine_options.num_gpus = f.gpus;
   engine_options.num_layers = f.num_layers;
   engine_options.max_batch_tokens = f.max_batch_tokens;
   engine_options.max_sequences = f.max_running;
@@ -148,8 +154,10 @@ absl::Status Serve(const WorkerFlags& f) {
   loop_options.max_queue = f.max_queue;
   loop_options.model_name = model_name;
   loop_options.tokenizer = tokenizer.get();
-  loop_options.peaks = peaks;  // of the one device a worker drives today
-  loop_options.device_cost_dollars_per_hour = f.gpu_hour_cost;
+  // The worker's steps use all its GPUs at once: their bandwidth, FLOPs and cost add up.
+  loop_options.peaks = {.memory_bandwidth_bytes_per_s = peaks.memory_bandwidth_bytes_per_s * f.gpus,
+                        .flops_per_s = peaks.flops_per_s * f.gpus};
+  loop_options.device_cost_dollars_per_hour = f.gpu_hour_cost * f.gpus;
   EngineLoop loop(std::move(engine), loop_options, publisher, metrics.get());
   COHORT_RETURN_IF_ERROR(loop.WarmUp());
 
@@ -204,7 +212,10 @@ int main(int argc, char** argv) {
   flags.Add("metrics-port", &f.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
   flags.Add("port-file", &f.port_file, "write {\"grpc_port\":..,\"metrics_port\":..} here once serving");
   flags.Add("device", &f.device, "backend: cpu, cuda, or null (no compute: for overhead benchmarks)");
-  flags.Add("gpu", &f.gpu, "cuda: which GPU of this machine");
+  flags.Add("gpu", &f.gpu, "cuda: which GPU of this machine (the first, with --gpus)");
+  flags.Add("gpus", &f.gpus,
+            "cuda: GPUs to spread the model over, from --gpu on: each holds a share of the experts and the rest "
+            "of the model whole, and they step together over NCCL (docs/expert_parallel.md)");
   flags.Add("gpu-memory-fraction", &f.gpu_memory_fraction,
             "cuda: share of the GPU's memory for weights, workspaces and the KV cache, planned at start-up");
   flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");

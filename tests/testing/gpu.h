@@ -14,6 +14,17 @@
     }                                                                               \
   } while (0)
 
+// Skips a test that spreads a model over `n` GPUs on a machine with fewer.
+#define COHORT_SKIP_WITHOUT_GPUS(n)                                                              \
+  do {                                                                                           \
+    int _devices = 0;                                                                            \
+    if (cudaGetDeviceCount(&_devices) != cudaSuccess || _devices < (n)) {                        \
+      (void)cudaGetLastError();                                                                  \
+      GTEST_SKIP() << "needs " << (n) << " GPUs; this machine has " << _devices                  \
+                   << ": run scripts/gpu_tests.sh on a machine with " << (n);                    \
+    }                                                                                            \
+  } while (0)
+
 // Fails the test with the CUDA error's name when `expr` is not cudaSuccess.
 #define ASSERT_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
 

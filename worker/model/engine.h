@@ -104,7 +104,13 @@ struct EngineOptions {
   // Longest context a prefill chunk attends over in the expanded form (keys and values expanded
   // from the latent); longer ones use the absorbed form. 0: as long as the workspace allows.
   int64_t expanded_prefill_max_context = 0;
-  int device_id = 0;                  // which GPU
+  int device_id = 0;                  // which GPU (the first, with num_gpus > 1)
+  // GPUs the model is spread over (cuda only): the experts split between them, the rest of the
+  // model on each (worker/model/cuda/cuda_engine.h's ShardEngine).
+  int num_gpus = 1;
+  // Benchmarks only (cohort bench step): the GPUs skip the all-reduce of their MoE outputs, so the
+  // logits are wrong; timing steps with and without it splits compute from communication.
+  bool skip_collectives = false;
 };
 
 // Loads the checkpoint and builds the engine for `options.device`. Errors name the file and

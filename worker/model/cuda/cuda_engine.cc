@@ -4,6 +4,8 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <map>
 #include <optional>
 #include <vector>
@@ -22,8 +24,10 @@
 #include "worker/model/cuda/device_memory.h"
 #include "worker/model/cuda/device_sampler.h"
 #include "worker/model/cuda/device_weights.h"
+#include "worker/model/cuda/expert_parallel.h"
 #include "worker/model/cuda/gemm.h"
 #include "worker/model/cuda/moe_gate.h"
+#include "worker/model/cuda/nccl_api.h"
 #include "worker/model/rope.h"
 #include "worker/model/synthetic.h"
 
@@ -108,12 +112,22 @@ struct StepLayout {
   std::vector<ExpandedChunk> expanded;
 };
 
-class CudaEngine final : public Engine {
+class CudaEngine final : public ShardEngine {
  public:
-  CudaEngine(ModelConfig config, const EngineOptions& options) : config_(std::move(config)), options_(options), rope_(config_) {}
+  CudaEngine(ModelConfig config, const EngineOptions& options, int rank, int world)
+      : config_(std::move(config)),
+        options_(options),
+        rope_(config_),
+        rank_(rank),
+        world_(world),
+        shard_(ExpertShard::Of(config_, rank, world)) {}
   ~CudaEngine() override;
 
+  // Everything but the NCCL group and the graphs (ShardEngine::Prepare).
   absl::Status Initialize();
+  absl::Status Start(const NcclApi* nccl, const ncclUniqueId* id) override;
+  absl::Status Follow(std::span<const SequenceStep> batch) override;
+  void Abort() override;
 
   const ModelConfig& config() const override { return config_; }
   const KvCacheGeometry& kv_geometry() const override { return geometry_; }
@@ -135,6 +149,7 @@ class CudaEngine final : public Engine {
     float *projected, *split_partials, *router_logits, *topk_weights;
     int32_t* topk_ids;
     bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
+    float* moe_sum;  // [T, H]: with several GPUs, this GPU's share of the combine, then (all-reduced) the sum
     void* moe_workspace;
     // The shared experts apart (SharedExpertsApart): their routing, made from kSharedApartTopK routed
     // ids per token that are all -1, their activations and their S output matrices [S][T, H].
@@ -154,8 +169,10 @@ class CudaEngine final : public Engine {
   absl::Status RecordForward(const StepLayout& layout);
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
   absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
-  // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_).
+  // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_); with
+  // several GPUs it combines this GPU's experts and sums the GPUs' combines (AllReduceMoe).
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
+  absl::Status AllReduceMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t num_tokens);
   // Launches a small step's shared experts on shared_stream_, which forks from stream_ here (after the
   // post-attention norm) and joins it again in FeedForward before the combine; they leave their S
   // outputs in ws_.shared_rows.
@@ -171,6 +188,9 @@ class CudaEngine final : public Engine {
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
   absl::Status RunStep(std::span<const SequenceStep> batch);
+  // Makes this engine's GPU the calling thread's current device: the thread that steps the engine
+  // need not be the one that created it.
+  absl::Status UseDevice() const { return CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); }
   absl::Status CaptureGraphs();
   absl::Status CaptureGraph(const GraphKey& key, bool warm_up);
   int SplitsFor(int queries, int64_t max_context) const;
@@ -183,6 +203,14 @@ class CudaEngine final : public Engine {
   ModelConfig config_;
   EngineOptions options_;
   Rope rope_;
+  const int rank_;   // of the GPUs the experts are split over (0 on one GPU)
+  const int world_;  // how many there are
+  const ExpertShard shard_;
+  int device_ = 0;   // options_.device_id + rank_
+  const NcclApi* nccl_ = nullptr;  // with world_ > 1
+  ncclComm_t comm_ = nullptr;
+  std::atomic<bool> aborted_{false};    // Abort() was called: no more NCCL calls
+  std::atomic<bool> comm_freed_{false};  // by Abort(), with an NCCL that cannot revoke
   KvCacheGeometry geometry_;
   StepStats stats_;
   int num_sms_ = 0;
@@ -202,10 +230,12 @@ class CudaEngine final : public Engine {
   int64_t shared_apart_tokens_ = 0;   // tokens SharedExpertsApart's buffers hold (0: no shared experts)
   int64_t shared_routing_bytes_ = 0;
   MoeGateParams gate_params_;  // the model's routing, for every MoE layer's gate
-  // An MoE block's output, combined by the norm after it (LaunchMoeCombineAddRmsNorm).
+  // An MoE block's output, combined by the norm after it (LaunchMoeCombineAddRmsNorm), or already
+  // combined and summed across GPUs in ws_.moe_sum.
   struct PendingCombine {
     MoeRouting routing;
     MoeCombineAdd add;  // the shared experts' outputs when they ran outside the routed products
+    bool summed = false;
   };
   std::optional<PendingCombine> pending_combine_;
 
@@ -226,7 +256,9 @@ class CudaEngine final : public Engine {
 };
 
 CudaEngine::~CudaEngine() {
+  (void)UseDevice();
   for (auto& [bucket, graph] : graphs_) cudaGraphExecDestroy(graph);
+  if (comm_ != nullptr && !comm_freed_) (aborted_ ? nccl_->comm_abort : nccl_->comm_destroy)(comm_);
   if (cublas_ != nullptr) cublas_api_->destroy(cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   if (shared_stream_ != nullptr) cudaStreamDestroy(shared_stream_);
@@ -261,30 +293,32 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.split_partials = a.Take<float>(kSplitPairs * heads * (rank + 1));
 
   // The dense layers' MLP, and the shared experts of steps too large to fold them into the grouped products.
-  const int64_t dense_inter = std::max(c.intermediate_size, c.moe_intermediate_size * c.n_shared_experts);
+  const int64_t shared = shard_.num_shared();
+  const int64_t dense_inter = std::max(c.intermediate_size, c.moe_intermediate_size * shared);
   ws.mlp_gate_up = a.Take<bf16>(T * 2 * dense_inter);
   ws.mlp_act = a.Take<bf16>(T * dense_inter);
   if (c.n_routed_experts > 0) {
     // One row per (token, routed slot) and per (token, shared expert): the grouped GEMMs run both.
     const int64_t pairs = T * c.num_experts_per_tok, inter = c.moe_intermediate_size;
-    const int64_t rows = T * (c.num_experts_per_tok + c.n_shared_experts);
+    const int64_t rows = T * (c.num_experts_per_tok + shared);
     ws.router_logits = a.Take<float>(T * c.n_routed_experts);
     ws.topk_ids = a.Take<int32_t>(pairs);
     ws.topk_weights = a.Take<float>(pairs);
     ws.routed_act = a.Take<bf16>(rows * inter);
     ws.routed_out = a.Take<bf16>(rows * H);
-    if (c.n_shared_experts > 0) ws.shared_out = a.Take<bf16>(T * H);
+    if (shared > 0) ws.shared_out = a.Take<bf16>(T * H);
+    if (world_ > 1) ws.moe_sum = a.Take<float>(T * H);
     ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
     if (shared_apart_tokens_ > 0) {
       const int64_t apart = shared_apart_tokens_;
       ws.shared_routing = a.Take<char>(shared_routing_bytes_);
       ws.no_routed_ids = a.Take<int32_t>(apart * kSharedApartTopK);
-      ws.shared_act = a.Take<bf16>(apart * c.n_shared_experts * inter);
-      ws.shared_rows = a.Take<bf16>(apart * c.n_shared_experts * H);
+      ws.shared_act = a.Take<bf16>(apart * shared * inter);
+      ws.shared_rows = a.Take<bf16>(apart * shared * H);
     }
   }
   ws.final_rows = a.Take<bf16>(S * H);
-  ws.logits = a.Take<float>(S * c.vocab_size);
+  if (rank_ == 0) ws.logits = a.Take<float>(S * c.vocab_size);
   ws.gathered = a.Take<bf16>(expanded_context_ * width);
   ws.expanded_kv = a.Take<bf16>(expanded_context_ * heads * (c.qk_nope_head_dim + c.v_head_dim));
   ws.scores = a.Take<float>(kPrefillScoresBytes / 6);
@@ -303,13 +337,13 @@ absl::Status CudaEngine::Initialize() {
     (void)cudaGetLastError();
     return absl::FailedPreconditionError("--device cuda: no CUDA device is visible on this machine");
   }
-  if (options_.device_id < 0 || options_.device_id >= devices) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("GPU ", options_.device_id, " does not exist; this machine has ", devices));
+  device_ = options_.device_id + rank_;
+  if (options_.device_id < 0 || device_ >= devices) {
+    return absl::InvalidArgumentError(absl::StrCat("GPU ", device_, " does not exist; this machine has ", devices));
   }
-  COHORT_CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device_id));
+  COHORT_RETURN_IF_ERROR(UseDevice());
   cudaDeviceProp props{};
-  COHORT_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, options_.device_id));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&props, device_));
   num_sms_ = props.multiProcessorCount;
   int mla_blocks_per_sm = 0;
   if (kernels::MlaDecodeResidentBlocks(static_cast<int>(c.kv_lora_rank), static_cast<int>(c.qk_rope_head_dim),
@@ -351,17 +385,15 @@ absl::Status CudaEngine::Initialize() {
     }
     gate_params_ = MoeGateParamsFor(c);
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
-                                                    static_cast<int32_t>(c.n_routed_experts),
-                                                    static_cast<int32_t>(c.n_shared_experts));
-    shared_apart_tokens_ = c.n_shared_experts > 0 ? std::min(max_tokens_, kSharedApartMaxTokens) : 0;
-    shared_routing_bytes_ = MoeRoutingWorkspaceBytes(shared_apart_tokens_, kSharedApartTopK,
-                                                     static_cast<int32_t>(c.n_routed_experts),
-                                                     static_cast<int32_t>(c.n_shared_experts));
+                                                    shard_.num_routed, shard_.num_shared());
+    shared_apart_tokens_ = shard_.num_shared() > 0 ? std::min(max_tokens_, kSharedApartMaxTokens) : 0;
+    shared_routing_bytes_ =
+        MoeRoutingWorkspaceBytes(shared_apart_tokens_, kSharedApartTopK, shard_.num_routed, shard_.num_shared());
   }
 
   // Plan: weights, workspace, then the KV cache from what is left.
   DeviceArena weight_plan, workspace_plan;
-  PlaceWeights(c, weight_plan);
+  PlaceWeights(c, shard_, weight_plan);
   Workspace dry{};
   PlaceWorkspace(workspace_plan, dry);
   const int64_t rope_bytes = 256 + sizeof(float) * c.qk_rope_head_dim / 2;
@@ -394,9 +426,14 @@ absl::Status CudaEngine::Initialize() {
                IsSyntheticModel(options_.model_dir) ? options_.model_dir : c.architecture_name, props.name, num_sms_,
                gib(weight_plan.bytes()), gib(workspace_plan.bytes()), gib(cache_bytes), geometry_.num_blocks,
                geometry_.block_size_tokens);
+  if (world_ > 1) {
+    spdlog::info("cuda: GPU {} of {} (device {}) holds routed experts [{}, {}) and {} of {} shared experts", rank_,
+                 world_, device_, shard_.first_routed, shard_.first_routed + shard_.num_routed, shard_.num_shared(),
+                 c.n_shared_experts);
+  }
 
   COHORT_ASSIGN_OR_RETURN(weight_arena_, DeviceArena::Allocate(weight_plan.bytes() + rope_bytes, "the weights"));
-  weights_ = PlaceWeights(c, weight_arena_);
+  weights_ = PlaceWeights(c, shard_, weight_arena_);
   rope_inv_freq_ = weight_arena_.Take<float>(c.qk_rope_head_dim / 2);
   COHORT_ASSIGN_OR_RETURN(workspace_arena_, DeviceArena::Allocate(workspace_plan.bytes(), "the step workspaces"));
   PlaceWorkspace(workspace_arena_, ws_);
@@ -406,13 +443,13 @@ absl::Status CudaEngine::Initialize() {
                                          rope_.inv_freq().size() * sizeof(float), cudaMemcpyHostToDevice));
 
   if (IsSyntheticModel(options_.model_dir)) {
-    COHORT_RETURN_IF_ERROR(FillSyntheticWeights(c, weights_, kSyntheticSeed));
+    COHORT_RETURN_IF_ERROR(FillSyntheticWeights(c, shard_, weights_, kSyntheticSeed));
     // A random cache too, so decode benchmarks at long contexts need no prefill first.
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchFillRandom(kv_cache_, cache_bytes / sizeof(bf16), kSyntheticSeed, 1.0f, nullptr));
     COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   } else {
     COHORT_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(options_.model_dir));
-    COHORT_RETURN_IF_ERROR(LoadWeights(c, *checkpoint, weights_));
+    COHORT_RETURN_IF_ERROR(LoadWeights(c, shard_, *checkpoint, weights_));
   }
   COHORT_RETURN_IF_ERROR(DeriveWeights(c, weights_));
 
@@ -424,7 +461,9 @@ absl::Status CudaEngine::Initialize() {
                                       "cublasSetWorkspace"));
   COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
   COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
-  COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
+  if (rank_ == 0) {  // the GPU that samples
+    COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
+  }
   if (ws_.no_routed_ids != nullptr) {  // SharedExpertsApart's stream, fork, join and ids
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
@@ -432,7 +471,27 @@ absl::Status CudaEngine::Initialize() {
     const int64_t ids = shared_apart_tokens_ * kSharedApartTopK;  // as PlaceWorkspace sized them
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::Start(const NcclApi* nccl, const ncclUniqueId* id) {
+  COHORT_RETURN_IF_ERROR(UseDevice());
+  if (world_ > 1) {
+    nccl_ = nccl;
+    COHORT_RETURN_IF_ERROR(NcclStatus(*nccl_, nccl_->comm_init_rank(&comm_, world_, *id, rank_), "ncclCommInitRank"));
+  }
   return CaptureGraphs();
+}
+
+void CudaEngine::Abort() {
+  if (comm_ == nullptr || aborted_.exchange(true)) return;
+  if (nccl_->comm_revoke != nullptr) {
+    nccl_->comm_revoke(comm_, 0);
+  } else {
+    // Frees the communicator under a thread that may be about to use it; NCCLs since 2.28 revoke.
+    nccl_->comm_abort(comm_);
+    comm_freed_ = true;
+  }
 }
 
 int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
@@ -669,8 +728,9 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   // fill the routing's latency-bound launches. Up to kFoldSharedMaxTokens tokens they join the routed
   // ones in the grouped products (one row per token, weight 1 in the combine): no extra launches,
   // and they stream like any expert. Prefill-sized steps run them on cuBLAS.
-  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = static_cast<int32_t>(c.num_experts_per_tok);
-  const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
+  // With several GPUs, E and S count this GPU's experts (shard_); the router still scores all of them.
+  const int32_t E = shard_.num_routed, k = static_cast<int32_t>(c.num_experts_per_tok);
+  const int32_t shared = shard_.num_shared();
   const bool apart = shared > 0 && T <= kSharedApartMaxTokens;
   const int32_t folded = !apart && T <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size;
@@ -679,10 +739,13 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, T));
     add = {ws_.shared_rows, shared};
   }
-  COHORT_RETURN_IF_ERROR(Product(T, E, H, {ws_.x, H}, {l.router.data, H}, {ws_.router_logits, E, 0, CUDA_R_32F}));
+  const int64_t all_experts = c.n_routed_experts;
+  COHORT_RETURN_IF_ERROR(Product(T, all_experts, H, {ws_.x, H}, {l.router.data, H},
+                                 {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
   MoeRouting routing;
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E, folded,
                                               MoeDefaultTileRows(T, k, E, folded), &routing));
+  routing.first_expert = shard_.first_routed;
   // A graph's padding rows (past num_valid) choose no expert.
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_,
                                              s.bucket > 0 ? ws_.num_valid : nullptr, ws_.topk_ids, ws_.topk_weights,
@@ -709,15 +772,30 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     }
     add = {ws_.shared_out, 1};
   }
+  if (world_ > 1) return AllReduceMoe(routing, add, T);
   pending_combine_ = PendingCombine{routing, add};
+  return absl::OkStatus();
+}
+
+absl::Status CudaEngine::AllReduceMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t T) {
+  // In fp32, so that the sum is rounded to bf16 once, as one GPU's combine is.
+  const int64_t H = config_.hidden_size;
+  if (aborted_) return absl::UnavailableError("the GPUs' NCCL group was revoked");
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, add, H, ws_.moe_sum, stream_));
+  if (!options_.skip_collectives) {
+    COHORT_RETURN_IF_ERROR(NcclStatus(*nccl_, nccl_->all_reduce(ws_.moe_sum, ws_.moe_sum, T * H, ncclFloat32, ncclSum,
+                                                                  comm_, stream_),
+                                      "ncclAllReduce"));
+  }
+  pending_combine_ = PendingCombine{routing, add, /*summed=*/true};
   return absl::OkStatus();
 }
 
 absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
-  const int32_t E = static_cast<int32_t>(c.n_routed_experts), k = kSharedApartTopK;
-  const int32_t shared = static_cast<int32_t>(c.n_shared_experts);
+  const int32_t E = shard_.num_routed, k = kSharedApartTopK;
+  const int32_t shared = shard_.num_shared();
   COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_fork_, stream_));
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(shared_stream_, shared_fork_, 0));
   // With every routed id -1 the routing holds the shared experts' rows only: row s*T + t is shared
@@ -744,6 +822,11 @@ absl::Status CudaEngine::NormalizeResidual(const bf16* weight, int64_t rows, boo
   if (pending_combine_.has_value()) {
     const PendingCombine moe = *pending_combine_;
     pending_combine_.reset();
+    if (moe.summed) {
+      return CudaStatus(kernels::LaunchAddRmsNorm(ws_.residual, ws_.moe_sum, weight, static_cast<int>(rows),
+                                                  static_cast<int>(config_.hidden_size), eps, ws_.x, stream_),
+                        "LaunchAddRmsNorm");
+    }
     return CudaStatus(LaunchMoeCombineAddRmsNorm(ws_.routed_out, ws_.topk_weights, moe.routing, moe.add,
                                                  config_.hidden_size, ws_.residual, weight, eps, ws_.x, stream_),
                       "LaunchMoeCombineAddRmsNorm");
@@ -795,6 +878,7 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
     COHORT_RETURN_IF_ERROR(NormalizeResidual(l.post_attention_norm, T, /*first=*/false));
     COHORT_RETURN_IF_ERROR(FeedForward(l, s));
   }
+  if (rank_ != 0) return absl::OkStatus();  // GPU 0 computes the logits
   COHORT_RETURN_IF_ERROR(NormalizeResidual(weights_.norm, T, /*first=*/false));
   COHORT_CUDA_RETURN_IF_ERROR(
       kernels::LaunchGatherRows(ws_.x, ws_.logits_rows, s.rows, static_cast<int>(H), ws_.final_rows, stream_));
@@ -870,6 +954,7 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
 }
 
 absl::Status CudaEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
+  COHORT_RETURN_IF_ERROR(UseDevice());
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
   COHORT_RETURN_IF_ERROR(RunStep(batch));
   int64_t rows = 0;
@@ -884,6 +969,7 @@ absl::Status CudaEngine::Forward(std::span<const SequenceStep> batch, std::span<
 absl::Status CudaEngine::ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
                                           std::span<SampledToken> tokens) {
   COHORT_CHECK(samplers.size() == tokens.size(), samplers.size(), " samplers for ", tokens.size(), " tokens");
+  COHORT_RETURN_IF_ERROR(UseDevice());
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, samplers.size() * config_.vocab_size));
   COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
   COHORT_RETURN_IF_ERROR(RunStep(batch));
@@ -893,7 +979,24 @@ absl::Status CudaEngine::ForwardAndSample(std::span<const SequenceStep> batch, s
   return sampler_->Finish(samplers, tokens);
 }
 
+absl::Status CudaEngine::Follow(std::span<const SequenceStep> batch) {
+  COHORT_RETURN_IF_ERROR(UseDevice());
+  // No logits here: GPU 0 returns them.
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, std::numeric_limits<size_t>::max()));
+  COHORT_RETURN_IF_ERROR(RunStep(batch));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  stats_.routed_expert_reads = experts_used_host_[0];
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<ShardEngine>> ShardEngine::Prepare(ModelConfig config, const EngineOptions& options,
+                                                                  int rank, int world) {
+  auto engine = std::make_unique<CudaEngine>(std::move(config), options, rank, world);
+  COHORT_RETURN_IF_ERROR(engine->Initialize());
+  return engine;
+}
 
 absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options) {
   ModelConfig config;
@@ -902,8 +1005,9 @@ absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& op
   } else {
     COHORT_ASSIGN_OR_RETURN(config, LoadModelConfig(options.model_dir));
   }
-  auto engine = std::make_unique<CudaEngine>(std::move(config), options);
-  COHORT_RETURN_IF_ERROR(engine->Initialize());
+  if (options.num_gpus != 1) return CreateExpertParallelEngine(std::move(config), options);
+  COHORT_ASSIGN_OR_RETURN(std::unique_ptr<ShardEngine> engine, ShardEngine::Prepare(std::move(config), options, 0, 1));
+  COHORT_RETURN_IF_ERROR(engine->Start(nullptr, nullptr));
   return engine;
 }
 

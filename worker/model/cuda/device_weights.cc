@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
@@ -49,28 +50,29 @@ class Uploader {
     COHORT_RETURN_IF_ERROR(Tensor(prefix + ".up_proj.weight", {intermediate, hidden}, gate_up + intermediate * hidden));
     return Tensor(prefix + ".down_proj.weight", {hidden, intermediate}, down);
   }
-  // The MLP under `prefix` (intermediate n * intermediate) as n experts of `intermediate` stacked from
-  // gate_up [n, 2 * intermediate, hidden] and down [n, hidden, intermediate]: expert s takes gate and
-  // up rows [s * intermediate, (s + 1) * intermediate) and that column slice of down.
-  absl::Status MlpAsExperts(const std::string& prefix, int64_t n, int64_t intermediate, int64_t hidden,
-                            bf16* gate_up, bf16* down) {
+  // The MLP under `prefix` (intermediate n * intermediate) as n experts of `intermediate`, of which
+  // those listed in `which` are stacked, in that order, into gate_up [.., 2 * intermediate, hidden]
+  // and down [.., hidden, intermediate]: expert s takes gate and up rows
+  // [s * intermediate, (s + 1) * intermediate) and that column slice of down.
+  absl::Status MlpAsExperts(const std::string& prefix, int64_t n, std::span<const int32_t> which,
+                            int64_t intermediate, int64_t hidden, bf16* gate_up, bf16* down) {
     const int64_t slice = intermediate * hidden;  // values of one expert's gate (or up) rows
     const char* const halves[] = {".gate_proj.weight", ".up_proj.weight"};  // rows [0, I), [I, 2I)
     for (int half = 0; half < 2; ++half) {
       COHORT_ASSIGN_OR_RETURN(std::vector<uint16_t> bits,
                               ReadBf16(ckpt_, prefix + halves[half], {n * intermediate, hidden}));
-      for (int64_t s = 0; s < n; ++s) {
-        COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy(gate_up + (2 * s + half) * slice, bits.data() + s * slice,
+      for (size_t i = 0; i < which.size(); ++i) {
+        COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy(gate_up + (2 * i + half) * slice, bits.data() + which[i] * slice,
                                                slice * sizeof(uint16_t), cudaMemcpyHostToDevice));
       }
     }
     COHORT_ASSIGN_OR_RETURN(std::vector<uint16_t> bits,
                             ReadBf16(ckpt_, prefix + ".down_proj.weight", {hidden, n * intermediate}));
-    for (int64_t s = 0; s < n; ++s) {
+    for (size_t i = 0; i < which.size(); ++i) {
       const size_t row_bytes = intermediate * sizeof(uint16_t);
-      COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy2D(down + s * hidden * intermediate, row_bytes,
-                                               bits.data() + s * intermediate, n * row_bytes, row_bytes, hidden,
-                                               cudaMemcpyHostToDevice));
+      COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpy2D(down + i * hidden * intermediate, row_bytes,
+                                               bits.data() + which[i] * intermediate, n * row_bytes, row_bytes,
+                                               hidden, cudaMemcpyHostToDevice));
     }
     return absl::OkStatus();
   }
@@ -81,7 +83,16 @@ class Uploader {
 
 }  // namespace
 
-DeviceWeights PlaceWeights(const ModelConfig& c, DeviceArena& arena) {
+ExpertShard ExpertShard::Of(const ModelConfig& c, int rank, int world) {
+  ExpertShard shard;
+  const int64_t experts = c.n_routed_experts;
+  shard.first_routed = static_cast<int32_t>(experts * rank / world);
+  shard.num_routed = static_cast<int32_t>(experts * (rank + 1) / world) - shard.first_routed;
+  for (int32_t s = rank; s < c.n_shared_experts; s += world) shard.shared.push_back(s);
+  return shard;
+}
+
+DeviceWeights PlaceWeights(const ModelConfig& c, const ExpertShard& shard, DeviceArena& arena) {
   const int64_t hidden = c.hidden_size, heads = c.num_heads;
   DeviceWeights w;
   w.embed_tokens = PlaceMatrix(arena, c.vocab_size, hidden);
@@ -115,16 +126,16 @@ DeviceWeights PlaceWeights(const ModelConfig& c, DeviceArena& arena) {
       continue;
     }
     const int64_t experts = c.n_routed_experts, inter = c.moe_intermediate_size;
-    const int64_t all_experts = experts + c.n_shared_experts;
     l.router = PlaceMatrix(arena, experts, hidden);
     if (c.topk_method == TopkMethod::kNoAuxTc) l.router_bias = arena.Take<float>(experts);
-    l.experts_gate_up = arena.Take<bf16>(all_experts * 2 * inter * hidden);
-    l.experts_down = arena.Take<bf16>(all_experts * hidden * inter);
+    l.experts_gate_up = arena.Take<bf16>(shard.num_experts() * 2 * inter * hidden);
+    l.experts_down = arena.Take<bf16>(shard.num_experts() * hidden * inter);
   }
   return w;
 }
 
-absl::Status LoadWeights(const ModelConfig& c, const Checkpoint& checkpoint, const DeviceWeights& w) {
+absl::Status LoadWeights(const ModelConfig& c, const ExpertShard& shard, const Checkpoint& checkpoint,
+                         const DeviceWeights& w) {
   if (c.attention_bias) {
     return absl::UnimplementedError("the CUDA backend does not support attention_bias: true; use --device cpu");
   }
@@ -164,13 +175,13 @@ absl::Status LoadWeights(const ModelConfig& c, const Checkpoint& checkpoint, con
       COHORT_CUDA_RETURN_IF_ERROR(
           cudaMemcpy(l.router_bias, bias.data(), bias.size() * sizeof(float), cudaMemcpyHostToDevice));
     }
-    for (int64_t e = 0; e < c.n_routed_experts; ++e) {
-      COHORT_RETURN_IF_ERROR(up.Mlp(absl::StrCat(m, ".experts.", e), inter, hidden,
+    for (int64_t e = 0; e < shard.num_routed; ++e) {
+      COHORT_RETURN_IF_ERROR(up.Mlp(absl::StrCat(m, ".experts.", shard.first_routed + e), inter, hidden,
                                     l.experts_gate_up + e * 2 * inter * hidden, l.experts_down + e * hidden * inter));
     }
-    if (c.n_shared_experts > 0) {
-      const int64_t first = c.n_routed_experts;
-      COHORT_RETURN_IF_ERROR(up.MlpAsExperts(m + ".shared_experts", c.n_shared_experts, inter, hidden,
+    if (!shard.shared.empty()) {
+      const int64_t first = shard.num_routed;
+      COHORT_RETURN_IF_ERROR(up.MlpAsExperts(m + ".shared_experts", c.n_shared_experts, shard.shared, inter, hidden,
                                              l.experts_gate_up + first * 2 * inter * hidden,
                                              l.experts_down + first * hidden * inter));
     }
@@ -178,7 +189,8 @@ absl::Status LoadWeights(const ModelConfig& c, const Checkpoint& checkpoint, con
   return absl::OkStatus();
 }
 
-absl::Status FillSyntheticWeights(const ModelConfig& c, const DeviceWeights& w, uint64_t seed) {
+absl::Status FillSyntheticWeights(const ModelConfig& c, const ExpertShard& shard, const DeviceWeights& w,
+                                  uint64_t seed) {
   uint64_t next = seed;
   auto random = [&](bf16* data, int64_t count, int64_t fan_in) {
     return CudaStatus(kernels::LaunchFillRandom(data, count, next++ * 0x2545f4914f6cdd1dull,
@@ -219,12 +231,14 @@ absl::Status FillSyntheticWeights(const ModelConfig& c, const DeviceWeights& w, 
                                         "LaunchFillRandomFloat"));
     }
     // The shared experts (after the routed ones) have the fan-ins of the one shared MLP they form.
-    const int64_t shared = c.n_shared_experts;
-    COHORT_RETURN_IF_ERROR(random(l.experts_gate_up, (experts + shared) * 2 * inter * hidden, hidden));
-    COHORT_RETURN_IF_ERROR(random(l.experts_down, experts * hidden * inter, inter));
+    const int64_t routed = shard.num_routed, shared = shard.num_shared();
+    COHORT_RETURN_IF_ERROR(random(l.experts_gate_up, (routed + shared) * 2 * inter * hidden, hidden));
+    COHORT_RETURN_IF_ERROR(random(l.experts_down, routed * hidden * inter, inter));
     if (shared > 0) {
       COHORT_RETURN_IF_ERROR(
-          random(l.experts_down + experts * hidden * inter, shared * hidden * inter, shared * inter));
+          random(l.experts_down + routed * hidden * inter, shared * hidden * inter, c.n_shared_experts * inter));
+    } else {
+      ++next;  // the seed a shard with shared experts takes: the next layer's weights are every shard's
     }
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());

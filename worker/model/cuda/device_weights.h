@@ -51,6 +51,21 @@ struct DeviceLayer {
   bf16* experts_down = nullptr;          // [routed + shared experts, hidden, moe_intermediate]
 };
 
+// The experts one GPU holds when a worker splits them over its GPUs (expert parallelism): routed
+// experts [first_routed, first_routed + num_routed) of every MoE layer, then the shared experts
+// listed in `shared` (their indices among the model's), stacked in that order. On one GPU: all.
+struct ExpertShard {
+  int32_t first_routed = 0;
+  int32_t num_routed = 0;
+  std::vector<int32_t> shared;
+
+  // GPU `rank` of `world`: the routed experts split into `world` runs as even as they go, shared
+  // expert s on GPU s % world (with fewer shared experts than GPUs, the last GPUs hold none).
+  static ExpertShard Of(const ModelConfig& config, int rank, int world);
+  int32_t num_shared() const { return static_cast<int32_t>(shared.size()); }
+  int32_t num_experts() const { return num_routed + num_shared(); }
+};
+
 struct DeviceWeights {
   DeviceMatrix embed_tokens;
   bf16* norm = nullptr;
@@ -58,15 +73,20 @@ struct DeviceWeights {
   std::vector<DeviceLayer> layers;
 };
 
-// Places every tensor of `config` in `arena` (a dry run only counts bytes).
-DeviceWeights PlaceWeights(const ModelConfig& config, DeviceArena& arena);
+// Places every tensor of `config` in `arena` (a dry run only counts bytes): all but the experts,
+// and of those the ones in `shard`.
+DeviceWeights PlaceWeights(const ModelConfig& config, const ExpertShard& shard, DeviceArena& arena);
 
-// Copies a checkpoint's tensors into placed weights (converted to bf16 on the host). Errors name
-// the tensor. Unimplemented for features the CUDA backend lacks (attention biases).
-absl::Status LoadWeights(const ModelConfig& config, const Checkpoint& checkpoint, const DeviceWeights& weights);
+// Copies a checkpoint's tensors into placed weights (converted to bf16 on the host); of the experts,
+// only those of `shard` are read. Errors name the tensor. Unimplemented for features the CUDA
+// backend lacks (attention biases).
+absl::Status LoadWeights(const ModelConfig& config, const ExpertShard& shard, const Checkpoint& checkpoint,
+                         const DeviceWeights& weights);
 
-// Random weights of the right scale (uniform, +-1/sqrt(fan_in); norms 1), made on the device.
-absl::Status FillSyntheticWeights(const ModelConfig& config, const DeviceWeights& weights, uint64_t seed);
+// Random weights of the right scale (uniform, +-1/sqrt(fan_in); norms 1), made on the device. All
+// but the experts come out the same for every shard.
+absl::Status FillSyntheticWeights(const ModelConfig& config, const ExpertShard& shard, const DeviceWeights& weights,
+                                  uint64_t seed);
 
 // Computes the weights derived from the loaded ones (absorbed_keys); after LoadWeights or
 // FillSyntheticWeights.

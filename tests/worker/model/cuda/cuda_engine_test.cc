@@ -1,8 +1,10 @@
 // The CUDA engine against the references: transformers' logits for every fixture checkpoint
 // (bf16 weights and activations here, so within bf16 tolerance rather than the CPU's 1e-3), the
 // CPU engine's greedy tokens where the reference's choice is clear, batches and chunks against
-// single runs, both prefill attention forms, sampling on the device, and start-up errors.
+// single runs, both prefill attention forms, sampling on the device, start-up errors, and the
+// engine spread over two GPUs (expert parallelism) against the one-GPU engine.
 #include <cmath>
+#include <cstdio>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -31,8 +33,10 @@ constexpr double kOutlierTolerance = 0.5;
 // A reference argmax counts as clear when it leads the runner-up by this fraction of the row's scale.
 constexpr double kClearMargin = 0.05;
 
-std::unique_ptr<Engine> MakeEngine(const std::string& model, int64_t block_size, int64_t expanded_max = 0) {
+std::unique_ptr<Engine> MakeEngine(const std::string& model, int64_t block_size, int64_t expanded_max = 0,
+                                   int num_gpus = 1) {
   EngineOptions options;
+  options.num_gpus = num_gpus;
   options.model_dir = model;
   options.device = "cuda";
   options.kv_block_size = block_size;
@@ -147,10 +151,8 @@ TEST_P(CudaEngineFixtureTest, AbsorbedPrefillMatchesTransformers) {
 }
 
 // Greedy sampling on the device picks each row's argmax, as Forward's host logits show it.
-TEST_P(CudaEngineFixtureTest, DeviceSamplingFollowsLogits) {
-  auto engine = MakeEngine(fixture_.model_dir, 16);
+void ExpectDeviceSamplingFollowsLogits(Engine* engine, const Fixture& f) {
   ASSERT_NE(engine, nullptr);
-  const Fixture& f = fixture_;
   std::vector<int32_t> tables[3];
   std::vector<SequenceStep> batch;
   std::vector<std::unique_ptr<Sampler>> owned;
@@ -177,6 +179,58 @@ TEST_P(CudaEngineFixtureTest, DeviceSamplingFollowsLogits) {
     EXPECT_EQ(tokens[c].top[0].first, tokens[c].token);
     EXPECT_LE(tokens[c].logprob, 0.0f);
   }
+}
+
+TEST_P(CudaEngineFixtureTest, DeviceSamplingFollowsLogits) {
+  ExpectDeviceSamplingFollowsLogits(MakeEngine(fixture_.model_dir, 16).get(), fixture_);
+}
+
+// Two GPUs, each with half of the routed experts and some of the shared ones, give the one-GPU
+// engine's logits: the same kernels on the same inputs, the GPUs' MoE outputs summed in fp32 and
+// rounded to bf16 once as one GPU rounds its combine. Only the order of that fp32 sum differs, so
+// rows agree far inside the bf16 tolerance, except where a token's router scores nearly tie and a
+// last-bit difference picks another expert (kOutlierTolerance). Mixed prefill and decode steps,
+// graph replays with a padding row, and greedy tokens equal wherever the one-GPU argmax is clear.
+TEST_P(CudaEngineFixtureTest, TwoGpusMatchOneGpu) {
+  COHORT_SKIP_WITHOUT_GPUS(2);
+  auto one = MakeEngine(fixture_.model_dir, 3);
+  auto two = MakeEngine(fixture_.model_dir, 3, 0, /*num_gpus=*/2);
+  ASSERT_NE(one, nullptr);
+  ASSERT_NE(two, nullptr);
+  // Teacher-forced, so both engines see the same tokens at every step.
+  std::vector<Sequence> want = SequencesFor(fixture_, /*teacher_forced=*/true);
+  std::vector<Sequence> got = want;
+  Generate(*one, want, /*chunk=*/4, /*join=*/{0, 2, 3});
+  Generate(*two, got, /*chunk=*/4, /*join=*/{0, 2, 3});
+  ErrorTally errors;
+  int rows = 0, exact = 0, clear = 0;
+  for (size_t c = 0; c < want.size(); ++c) {
+    ASSERT_EQ(got[c].run.logits.size(), want[c].run.logits.size()) << "case " << c;
+    for (size_t step = 0; step < want[c].run.logits.size(); ++step) {
+      const std::vector<float>& ref = want[c].run.logits[step];
+      const double error = RelativeError(got[c].run.logits[step].data(), ref.data(), fixture_.vocab_size);
+      errors.Add(error, absl::StrCat("case ", c, " step ", step));
+      ++rows;
+      exact += error == 0.0;
+      if (!ClearArgmax(ref.data(), fixture_.vocab_size)) continue;
+      ++clear;
+      EXPECT_EQ(got[c].run.generated[step], want[c].run.generated[step]) << "case " << c << " step " << step;
+    }
+  }
+  EXPECT_GT(clear, 0) << "no step had a clear argmax: the token check tested nothing";
+  std::printf("two GPUs vs one: %d of %d logits rows bit-equal, %d greedy tokens compared\n", exact, rows, clear);
+}
+
+TEST_P(CudaEngineFixtureTest, TwoGpusMatchTransformers) {
+  COHORT_SKIP_WITHOUT_GPUS(2);
+  auto engine = MakeEngine(fixture_.model_dir, 16, 0, /*num_gpus=*/2);
+  ASSERT_NE(engine, nullptr);
+  ExpectMatchesTransformers(*engine, /*chunk=*/5, /*join=*/{0, 1, 1});
+}
+
+TEST_P(CudaEngineFixtureTest, TwoGpusSampleOnTheFirst) {
+  COHORT_SKIP_WITHOUT_GPUS(2);
+  ExpectDeviceSamplingFollowsLogits(MakeEngine(fixture_.model_dir, 16, 0, /*num_gpus=*/2).get(), fixture_);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngineFixtureTest, ::testing::ValuesIn(testing::FixtureNames()),
@@ -255,6 +309,66 @@ TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
   for (float v : logits) ASSERT_TRUE(std::isfinite(v));
   EXPECT_GE((*engine)->last_step_stats().routed_expert_reads, 6);  // one layer of MoE, top-6
   EXPECT_LE((*engine)->last_step_stats().routed_expert_reads, 6);
+}
+
+// Spread over two GPUs, each counts the reads of its own experts; the engine reports their sum, the
+// same six experts per MoE layer for one decode token as one GPU does.
+TEST(CudaEngineTest, TwoGpusCountTheExpertsBothRead) {
+  COHORT_SKIP_WITHOUT_GPUS(2);
+  EngineOptions options;
+  options.model_dir = "synthetic:deepseek-v2-lite";
+  options.device = "cuda";
+  options.num_gpus = 2;
+  options.num_layers = 3;  // one dense layer, two MoE layers
+  options.kv_cache_bytes = int64_t{1} << 30;
+  options.max_batch_tokens = 512;
+  options.max_sequences = 16;
+  auto engine = CreateEngine(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int64_t vocab = (*engine)->config().vocab_size;
+  std::vector<int32_t> prompt(300), table;
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919) % vocab);
+  for (int32_t b = 0; b < 20; ++b) table.push_back(b);
+  std::vector<float> logits(vocab);
+  SequenceStep prefill{prompt, 0, table, true};
+  ASSERT_TRUE((*engine)->Forward({&prefill, 1}, logits).ok());
+  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_GT((*engine)->last_step_stats().routed_expert_reads, 12) << "300 tokens route to more than 6 experts a layer";
+  const int32_t next = testing::Argmax(logits);
+  SequenceStep decode{{&next, 1}, 300, table, true};
+  ASSERT_TRUE((*engine)->Forward({&decode, 1}, logits).ok());
+  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_EQ((*engine)->last_step_stats().routed_expert_reads, 12) << "two MoE layers, top-6";
+}
+
+// Asked for more GPUs than the model has routed experts, or than the machine has, the engine says
+// so at start-up. The first check needs no GPU.
+TEST(CudaEngineTest, MoreGpusThanExpertsAreRefused) {
+  const Fixture fixture = testing::LoadFixture("v3_plain");  // 8 routed experts
+  EngineOptions options;
+  options.model_dir = fixture.model_dir;
+  options.device = "cuda";
+  options.num_gpus = 9;
+  auto engine = CreateEngine(options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(engine.status().message().find("this model has 8: use at most 8 GPUs"), std::string::npos)
+      << engine.status();
+}
+
+TEST(CudaEngineTest, MoreGpusThanTheMachineHasAreRefused) {
+  COHORT_SKIP_WITHOUT_GPU();
+  int devices = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&devices), cudaSuccess);
+  EngineOptions options;
+  options.model_dir = testing::LoadFixture("v2_lite_like").model_dir;  // 16 routed experts
+  options.device = "cuda";
+  options.num_gpus = devices + 1;
+  auto engine = CreateEngine(options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(engine.status().message().find(absl::StrCat("this machine has ", devices)), std::string::npos)
+      << engine.status();
 }
 
 TEST(CudaEngineTest, OutOfMemoryIsOneClearError) {

@@ -1,0 +1,249 @@
+#include "worker/model/cuda/expert_parallel.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <deque>
+#include <functional>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "absl/functional/function_ref.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/status.h"
+#include "kernels/cuda_check.h"
+#include "spdlog/spdlog.h"
+#include "worker/model/cuda/cuda_engine.h"
+#include "worker/model/cuda/nccl_api.h"
+
+namespace cohort::cuda {
+namespace {
+
+// How long a step may take on one GPU before the others stop waiting for it.
+constexpr absl::Duration kStepTimeout = absl::Seconds(60);
+// Start-up on every GPU: the weights, then the NCCL group and the decode graphs.
+constexpr absl::Duration kStartTimeout = absl::Minutes(20);
+
+// A thread that drives one GPU: it makes the GPU its current device, then runs the jobs posted to
+// it one after another.
+class GpuThread {
+ public:
+  explicit GpuThread(int device) : device_(device), thread_([this] { Loop(); }) {}
+  ~GpuThread() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+
+  void Post(std::function<void()> job) {
+    absl::MutexLock lock(&mu_);
+    jobs_.push_back(std::move(job));
+  }
+
+ private:
+  bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !jobs_.empty(); }
+
+  void Loop() {
+    const cudaError_t set = cudaSetDevice(device_);
+    if (set != cudaSuccess) spdlog::error("cuda: cannot make GPU {} current: {}", device_, cudaGetErrorString(set));
+    for (;;) {
+      std::function<void()> job;
+      {
+        absl::MutexLock lock(&mu_);
+        mu_.Await(absl::Condition(this, &GpuThread::Ready));
+        if (jobs_.empty()) return;  // stopped, nothing left to run
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+
+  const int device_;
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> jobs_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;  // last: it starts once the members it uses exist
+};
+
+// One job per GPU, and their statuses as they finish.
+class Round {
+ public:
+  explicit Round(int gpus) : status_(gpus) {}
+
+  void Finish(int gpu, absl::Status status) {
+    absl::MutexLock lock(&mu_);
+    if (!status.ok() && failed_ < 0) failed_ = gpu;
+    status_[gpu] = std::move(status);
+    ++finished_;
+  }
+  // Until every GPU has finished or one has failed, at most until `deadline`.
+  void AwaitAllOrFailure(absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithDeadline(absl::Condition(this, &Round::AllOrFailure), deadline);
+  }
+  // Until every GPU has finished, at most until `deadline`; true if they have.
+  bool AwaitAll(absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    return mu_.AwaitWithDeadline(absl::Condition(this, &Round::All), deadline);
+  }
+  // OK when every GPU finished without error; else the first GPU's error, or which GPUs did not
+  // finish within `timeout`.
+  absl::Status Outcome(absl::Duration timeout) {
+    absl::MutexLock lock(&mu_);
+    if (failed_ >= 0) {
+      const absl::Status& s = *status_[failed_];
+      return absl::Status(s.code(), absl::StrCat("GPU ", failed_, ": ", s.message()));
+    }
+    if (All()) return absl::OkStatus();
+    std::vector<int> late;
+    for (size_t g = 0; g < status_.size(); ++g) {
+      if (!status_[g].has_value()) late.push_back(static_cast<int>(g));
+    }
+    return absl::DeadlineExceededError(absl::StrCat("GPU ", absl::StrJoin(late, ", "), " did not finish within ",
+                                                    absl::FormatDuration(timeout)));
+  }
+
+ private:
+  bool All() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return finished_ == static_cast<int>(status_.size()); }
+  bool AllOrFailure() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return All() || failed_ >= 0; }
+
+  absl::Mutex mu_;
+  std::vector<std::optional<absl::Status>> status_ ABSL_GUARDED_BY(mu_);
+  int finished_ ABSL_GUARDED_BY(mu_) = 0;
+  int failed_ ABSL_GUARDED_BY(mu_) = -1;
+};
+
+class ExpertParallelEngine final : public Engine {
+ public:
+  explicit ExpertParallelEngine(ModelConfig config) : config_(std::move(config)) {}
+  ~ExpertParallelEngine() override;
+
+  absl::Status Initialize(const EngineOptions& options);
+
+  const ModelConfig& config() const override { return config_; }
+  const KvCacheGeometry& kv_geometry() const override { return geometry_; }
+  int64_t weight_value_bytes() const override { return gpus_[0]->weight_value_bytes(); }
+  StepStats last_step_stats() const override {
+    StepStats sum;  // each GPU counts the reads of its own experts
+    for (const auto& gpu : gpus_) sum.routed_expert_reads += gpu->last_step_stats().routed_expert_reads;
+    return sum;
+  }
+
+  absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) override {
+    COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
+    return OnEveryGpu(
+        [&](int gpu) { return gpu == 0 ? gpus_[0]->Forward(batch, logits) : gpus_[gpu]->Follow(batch); },
+        kStepTimeout);
+  }
+  absl::Status ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
+                                std::span<SampledToken> tokens) override {
+    COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, samplers.size() * config_.vocab_size));
+    return OnEveryGpu(
+        [&](int gpu) {
+          return gpu == 0 ? gpus_[0]->ForwardAndSample(batch, samplers, tokens) : gpus_[gpu]->Follow(batch);
+        },
+        kStepTimeout);
+  }
+
+ private:
+  // Runs work(gpu) for every GPU on its thread and waits for all of them. When one fails or does
+  // not finish within `timeout`, the others may be waiting for it in a collective: the NCCL group
+  // is revoked so that they return, and the engine takes no further step.
+  absl::Status OnEveryGpu(absl::FunctionRef<absl::Status(int gpu)> work, absl::Duration timeout);
+
+  ModelConfig config_;
+  KvCacheGeometry geometry_;
+  std::vector<std::unique_ptr<GpuThread>> threads_;
+  std::vector<std::unique_ptr<ShardEngine>> gpus_;  // gpus_[g] is used on threads_[g] only
+  absl::Status broken_;  // why the engine takes no more steps
+};
+
+ExpertParallelEngine::~ExpertParallelEngine() {
+  // Each GPU's engine is destroyed on its own thread, where its device is current.
+  for (size_t g = 0; g < threads_.size(); ++g) threads_[g]->Post([this, g] { gpus_[g].reset(); });
+  threads_.clear();  // each thread finishes its jobs, then stops
+}
+
+absl::Status ExpertParallelEngine::OnEveryGpu(absl::FunctionRef<absl::Status(int gpu)> work, absl::Duration timeout) {
+  if (!broken_.ok()) return broken_;
+  const int world = static_cast<int>(threads_.size());
+  Round round(world);
+  for (int g = 0; g < world; ++g) {
+    threads_[g]->Post([&work, &round, g] { round.Finish(g, work(g)); });
+  }
+  round.AwaitAllOrFailure(absl::Now() + timeout);
+  const absl::Status outcome = round.Outcome(timeout);
+  if (outcome.ok()) return outcome;
+
+  spdlog::error("cuda: {}; stopping the other GPUs' collectives", std::string(outcome.message()));
+  for (const auto& gpu : gpus_) {
+    if (gpu != nullptr) gpu->Abort();
+  }
+  // The jobs use `work` and `round`, which live on this stack: they must end before this returns.
+  if (!round.AwaitAll(absl::Now() + timeout)) {
+    spdlog::critical("cuda: a GPU did not return from its work {} after the NCCL group was revoked; exiting so that "
+                     "the worker restarts", absl::FormatDuration(timeout));
+    std::_Exit(EXIT_FAILURE);
+  }
+  broken_ = absl::UnavailableError(
+      absl::StrCat("this worker's GPUs can no longer step together (", outcome.message(), "); restart the worker"));
+  return outcome;
+}
+
+absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
+  const int world = options.num_gpus;
+  if (world < 1) return absl::InvalidArgumentError(absl::StrCat("--gpus must be at least 1, got ", world));
+  if (config_.n_routed_experts < world) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gpus ", world, " splits the model's routed experts between GPUs, and this model has ",
+        config_.n_routed_experts, ": use at most ", std::max<int64_t>(config_.n_routed_experts, 1), " GPUs"));
+  }
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    (void)cudaGetLastError();
+    return absl::FailedPreconditionError("--device cuda: no CUDA device is visible on this machine");
+  }
+  if (options.device_id < 0 || options.device_id + world > devices) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpus ", world, " from GPU ", options.device_id,
+                                                   " needs GPUs ", options.device_id, "..",
+                                                   options.device_id + world - 1, "; this machine has ", devices));
+  }
+  COHORT_ASSIGN_OR_RETURN(const NcclApi* nccl, NcclApi::Load());
+  int version = 0;
+  COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_version(&version), "ncclGetVersion"));
+  ncclUniqueId id;
+  COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_unique_id(&id), "ncclGetUniqueId"));
+  spdlog::info("cuda: spreading the experts over {} GPUs from GPU {} (NCCL {})", world, options.device_id, version);
+
+  gpus_.resize(world);
+  for (int g = 0; g < world; ++g) threads_.push_back(std::make_unique<GpuThread>(options.device_id + g));
+  // Every GPU loads its weights first; only when all have can they wait for each other.
+  COHORT_RETURN_IF_ERROR(OnEveryGpu(
+      [&](int g) -> absl::Status {
+        COHORT_ASSIGN_OR_RETURN(gpus_[g], ShardEngine::Prepare(config_, options, g, world));
+        return absl::OkStatus();
+      },
+      kStartTimeout));
+  // The scheduler hands out the blocks every GPU has.
+  geometry_ = gpus_[0]->kv_geometry();
+  for (const auto& gpu : gpus_) geometry_.num_blocks = std::min(geometry_.num_blocks, gpu->kv_geometry().num_blocks);
+  return OnEveryGpu([&](int g) { return gpus_[g]->Start(nccl, &id); }, kStartTimeout);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> CreateExpertParallelEngine(ModelConfig config, const EngineOptions& options) {
+  auto engine = std::make_unique<ExpertParallelEngine>(std::move(config));
+  COHORT_RETURN_IF_ERROR(engine->Initialize(options));
+  return engine;
+}
+
+}  // namespace cohort::cuda
