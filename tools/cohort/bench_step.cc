@@ -39,6 +39,7 @@ namespace {
 struct BenchStepFlags {
   std::string model = "synthetic:deepseek-v2-lite";
   std::string device = "cuda";
+  int gpus = 1;
   int64_t num_layers = 0;
   std::string batch_sizes = "1,2,4,8,16,32,64,128,256,512";
   std::string contexts = "1024,4096";
@@ -162,8 +163,9 @@ double Median(std::vector<double> v) {
 
 class StepBench {
  public:
+  // copy_bandwidth and f.peak_tflops are one GPU's; the engine steps on f.gpus of them.
   StepBench(const BenchStepFlags& f, Engine& engine, double copy_bandwidth)
-      : f_(f), engine_(engine), copy_bandwidth_(copy_bandwidth) {}
+      : f_(f), engine_(engine), copy_bandwidth_(copy_bandwidth * f.gpus) {}
 
   // Times `batch` (one sampler per sequence with compute_logits); the median step seconds, and the
   // experts the last step read.
@@ -202,7 +204,56 @@ class StepBench {
             {"roofline_fraction", bytes / seconds / copy_bandwidth_},
             {"roofline_ms", bytes / copy_bandwidth_ * 1e3},
             {"tflops", cost.flops / seconds / 1e12},
-            {"mfu", cost.flops / seconds / (f_.peak_tflops * 1e12)}};
+            {"mfu", cost.flops / seconds / (f_.peak_tflops * 1e12 * f_.gpus)}};
+  }
+
+  // Times a decode step for each context and batch size that the KV cache holds; prints a line
+  // for each when `print`. The rows carry context and batch.
+  absl::StatusOr<nlohmann::json> Decode(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batch_sizes,
+                                        bool print) {
+    const ModelConfig& c = engine_.config();
+    const KvCacheGeometry& kv = engine_.kv_geometry();
+    nlohmann::json rows = nlohmann::json::array();
+    if (batch_sizes.empty()) return rows;
+    const int64_t max_batch = *std::max_element(batch_sizes.begin(), batch_sizes.end());
+    for (int64_t context : contexts) {
+      const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
+      std::vector<std::vector<int32_t>> tables(max_batch);
+      for (int64_t b = 0; b < max_batch; ++b) {
+        for (int64_t i = 0; i < blocks_per_seq; ++i) {
+          tables[b].push_back(static_cast<int32_t>((b * blocks_per_seq + i) % kv.num_blocks));
+        }
+      }
+      std::vector<int32_t> token_ids(max_batch);
+      for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
+      for (int64_t batch_size : batch_sizes) {
+        if (batch_size * blocks_per_seq > kv.num_blocks) {
+          if (print) {
+            std::printf("%8ld %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", static_cast<long>(context),
+                        static_cast<long>(batch_size), static_cast<long>(batch_size * blocks_per_seq),
+                        static_cast<long>(kv.num_blocks));
+          }
+          continue;
+        }
+        std::vector<SequenceStep> batch;
+        for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, context - 1, tables[b], true});
+        COHORT_ASSIGN_OR_RETURN(auto timed, Time(batch));
+        nlohmann::json row = Row(batch, timed.first, timed.second, batch_size);
+        row["context"] = context;
+        row["batch"] = batch_size;
+        if (print) {
+          std::printf("%8ld %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n",
+                      static_cast<long>(context), static_cast<long>(batch_size), row["step_ms"].get<double>(),
+                      row["tokens_per_s"].get<double>(), static_cast<long>(timed.second),
+                      row["weight_bytes"].get<double>() / 1e9, row["kv_bytes"].get<double>() / 1e9,
+                      row["roofline_ms"].get<double>(), row["achieved_gb_per_s"].get<double>(),
+                      100 * row["roofline_fraction"].get<double>(), 100 * row["mfu"].get<double>());
+          std::fflush(stdout);
+        }
+        rows.push_back(std::move(row));
+      }
+    }
+    return rows;
   }
 
  private:
@@ -220,6 +271,7 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   if (!f.baseline.empty()) {
     COHORT_ASSIGN_OR_RETURN(baseline, LoadBaseline(f.baseline));
   }
+  if (f.gpus < 1) return absl::InvalidArgumentError(absl::StrCat("--gpus must be at least 1, got ", f.gpus));
   const int64_t max_batch = batch_sizes.empty() ? 1 : *std::max_element(batch_sizes.begin(), batch_sizes.end());
   int64_t max_tokens = max_batch;
   for (const auto& [n, len] : prefill) max_tokens = std::max(max_tokens, n * len);
@@ -244,6 +296,7 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   options.max_batch_tokens = max_tokens;
   options.max_sequences = max_batch;
   options.num_threads = f.threads;
+  options.num_gpus = f.gpus;
   COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, CreateEngine(options));
   const ModelConfig& c = engine->config();
   const KvCacheGeometry& kv = engine->kv_geometry();
@@ -255,49 +308,26 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   std::printf("model %s: %ld layers, %.2f B parameters (%.2f B active per token); KV cache %ld blocks of %ld tokens\n",
               f.model.c_str(), static_cast<long>(c.num_layers), params.total / 1e9, params.active_per_token / 1e9,
               static_cast<long>(kv.num_blocks), static_cast<long>(kv.block_size_tokens));
-  std::printf("measured copy bandwidth %.0f GB/s (read + write); peak %.0f TFLOP/s\n\n", copy_bandwidth / 1e9,
+  std::printf("measured copy bandwidth %.0f GB/s (read + write); peak %.0f TFLOP/s\n", copy_bandwidth / 1e9,
               f.peak_tflops);
+  if (f.gpus > 1) {
+    std::printf("%d GPUs, experts split between them: the roofline and MFU are of all %d together, and the bytes\n"
+                "read on every GPU (attention, dense layers, KV cache) are counted once\n",
+                f.gpus, f.gpus);
+  }
+  std::printf("\n");
 
   StepBench bench(f, *engine, copy_bandwidth);
   nlohmann::json results = {{"model", f.model},
                             {"num_layers", c.num_layers},
+                            {"gpus", f.gpus},
                             {"copy_bandwidth_gb_per_s", copy_bandwidth / 1e9},
                             {"peak_tflops", f.peak_tflops},
                             {"decode", nlohmann::json::array()},
                             {"prefill", nlohmann::json::array()}};
   std::printf("%8s %6s %9s %11s %8s %9s %9s %9s %9s %7s %8s\n", "context", "batch", "step ms", "tokens/s", "experts",
               "weight GB", "KV GB", "roof ms", "GB/s", "% roof", "MFU %");
-  for (int64_t context : contexts) {
-    const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
-    std::vector<std::vector<int32_t>> tables(max_batch);
-    for (int64_t b = 0; b < max_batch; ++b) {
-      for (int64_t i = 0; i < blocks_per_seq; ++i) tables[b].push_back(static_cast<int32_t>((b * blocks_per_seq + i) % kv.num_blocks));
-    }
-    std::vector<int32_t> token_ids(max_batch);
-    for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
-    for (int64_t batch_size : batch_sizes) {
-      if (batch_size * blocks_per_seq > kv.num_blocks) {
-        std::printf("%8ld %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", static_cast<long>(context),
-                    static_cast<long>(batch_size), static_cast<long>(batch_size * blocks_per_seq),
-                    static_cast<long>(kv.num_blocks));
-        continue;
-      }
-      std::vector<SequenceStep> batch;
-      for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, context - 1, tables[b], true});
-      COHORT_ASSIGN_OR_RETURN(auto timed, bench.Time(batch));
-      nlohmann::json row = bench.Row(batch, timed.first, timed.second, batch_size);
-      row["context"] = context;
-      row["batch"] = batch_size;
-      std::printf("%8ld %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n", static_cast<long>(context),
-                  static_cast<long>(batch_size), row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(),
-                  static_cast<long>(timed.second), row["weight_bytes"].get<double>() / 1e9,
-                  row["kv_bytes"].get<double>() / 1e9, row["roofline_ms"].get<double>(),
-                  row["achieved_gb_per_s"].get<double>(), 100 * row["roofline_fraction"].get<double>(),
-                  100 * row["mfu"].get<double>());
-      std::fflush(stdout);
-      results["decode"].push_back(std::move(row));
-    }
-  }
+  COHORT_ASSIGN_OR_RETURN(results["decode"], bench.Decode(contexts, batch_sizes, /*print=*/true));
   if (baseline.has_value()) results["baseline"] = CompareWithBaseline(*baseline, f.baseline, results["decode"]);
 
   if (!prefill.empty()) std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
@@ -322,6 +352,28 @@ absl::Status BenchStep(const BenchStepFlags& f) {
                 row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(), 100 * row["mfu"].get<double>());
     results["prefill"].push_back(std::move(row));
   }
+  if (f.gpus > 1) {
+    // The same decode steps on an engine whose GPUs skip the all-reduce: compute alone.
+    engine.reset();
+    options.skip_collectives = true;
+    COHORT_ASSIGN_OR_RETURN(engine, CreateEngine(options));
+    StepBench alone(f, *engine, copy_bandwidth);
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute, alone.Decode(contexts, batch_sizes, /*print=*/false));
+    std::printf("\nthe same decode steps without the all-reduces (wrong logits; compute alone):\n");
+    std::printf("%8s %6s %9s %11s %9s %7s\n", "context", "batch", "step ms", "compute ms", "comm ms", "comm %");
+    for (nlohmann::json& row : results["decode"]) {
+      const auto same = std::find_if(compute.begin(), compute.end(), [&](const nlohmann::json& r) {
+        return r["context"] == row["context"] && r["batch"] == row["batch"];
+      });
+      if (same == compute.end()) continue;
+      const double step_ms = row["step_ms"].get<double>(), compute_ms = (*same)["step_ms"].get<double>();
+      row["compute_ms"] = compute_ms;
+      row["communication_ms"] = step_ms - compute_ms;
+      std::printf("%8ld %6ld %9.3f %11.3f %9.3f %6.1f%%\n", static_cast<long>(row["context"].get<int64_t>()),
+                  static_cast<long>(row["batch"].get<int64_t>()), step_ms, compute_ms, step_ms - compute_ms,
+                  100 * (step_ms - compute_ms) / step_ms);
+    }
+  }
   if (!f.output.empty()) {
     std::ofstream out(f.output);
     out << results.dump(2) << "\n";
@@ -339,6 +391,9 @@ int RunBenchStep(int argc, char** argv) {
                 "and reports the bytes each step must read against the device's measured copy bandwidth.");
   flags.Add("model", &f.model, "checkpoint folder, or synthetic:deepseek-v2-lite / synthetic:deepseek-v3");
   flags.Add("device", &f.device, "backend: cuda, or cpu (then --copy-bandwidth-gbs is required)");
+  flags.Add("gpus", &f.gpus,
+            "cuda: GPUs to spread the model over (expert parallelism); above 1 the decode steps are timed again "
+            "without the all-reduces, to split each step into compute and communication");
   flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");
   flags.Add("batch-sizes", &f.batch_sizes, "decode batch sizes, comma-separated");
   flags.Add("contexts", &f.contexts, "cached tokens each decoding sequence attends to, comma-separated");
