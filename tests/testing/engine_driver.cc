@@ -14,7 +14,10 @@ int32_t Argmax(const std::vector<float>& row) {
 void Generate(Engine& engine, std::vector<Sequence>& seqs, int64_t chunk, const std::vector<int>& join_step) {
   const int64_t vocab = engine.config().vocab_size;
   const int64_t block_size = engine.kv_geometry().block_size_tokens;
-  BlockManager blocks({.num_blocks = engine.kv_geometry().num_blocks, .block_size = block_size, .prefix_caching = false});
+  BlockManager blocks({.num_blocks = engine.kv_geometry().num_blocks,
+                       .block_size = block_size,
+                       .prefix_caching = false,
+                       .num_pools = engine.kv_geometry().num_pools});
   for (int step = 0; !std::all_of(seqs.begin(), seqs.end(), [](const Sequence& s) { return s.done(); }); ++step) {
     std::vector<SequenceStep> batch;
     std::vector<Sequence*> in_batch;

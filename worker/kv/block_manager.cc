@@ -1,5 +1,7 @@
 #include "worker/kv/block_manager.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 
@@ -14,37 +16,95 @@ BlockManager::BlockManager(const Options& options)
       idle_pos_(options.num_blocks) {
   COHORT_CHECK(num_blocks_ >= 0 && num_blocks_ <= INT32_MAX && block_size_ > 0, "blocks ", num_blocks_, " size ",
                block_size_);
-  free_.reserve(num_blocks_);
-  for (int64_t b = num_blocks_ - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+  COHORT_CHECK(options.num_pools > 0 && num_blocks_ % options.num_pools == 0, "blocks ", num_blocks_, " pools ",
+               options.num_pools);
+  pool_size_ = num_blocks_ / options.num_pools;
+  pools_.resize(options.num_pools);
+  for (int64_t p = 0; p < options.num_pools; ++p) {
+    std::vector<int32_t>& free = pools_[p].free;
+    free.reserve(pool_size_);
+    // Lowest id on top: a pool hands out its blocks in order.
+    for (int64_t b = (p + 1) * pool_size_ - 1; b >= p * pool_size_; --b) free.push_back(static_cast<int32_t>(b));
+  }
+}
+
+int64_t BlockManager::num_available() const {
+  int64_t total = 0;
+  for (int64_t p = 0; p < num_pools(); ++p) total += num_available(p);
+  return total;
+}
+
+int64_t BlockManager::num_cached() const {
+  int64_t total = 0;
+  for (const Pool& pool : pools_) total += static_cast<int64_t>(pool.by_hash.size());
+  return total;
+}
+
+int64_t BlockManager::CachedPrefixLength(int64_t pool, std::span<const uint64_t> block_hashes,
+                                         int64_t max_blocks) const {
+  const int64_t limit = std::min(max_blocks, static_cast<int64_t>(block_hashes.size()));
+  int64_t matched = 0;
+  while (matched < limit && pools_[pool].by_hash.count(block_hashes[matched]) != 0) ++matched;
+  return matched;
+}
+
+std::string BlockManager::DescribeRequestCapacity() const {
+  const int64_t tokens = pool_size() * block_size_;
+  if (num_pools() == 1) return absl::StrCat(tokens);
+  return absl::StrCat(tokens, " tokens in each of its ", num_pools(), " KV pools (one per GPU)");
 }
 
 int64_t BlockManager::AcquirePrefix(std::span<const uint64_t> block_hashes, int64_t max_blocks,
                                     std::vector<int32_t>& table) {
   if (!prefix_caching_) return 0;
   ++prefix_queries_;
-  int64_t matched = 0;
-  for (; matched < max_blocks && matched < static_cast<int64_t>(block_hashes.size()); ++matched) {
-    auto it = by_hash_.find(block_hashes[matched]);
-    if (it == by_hash_.end()) break;
-    const int32_t block = it->second;
-    if (ref_count_[block]++ == 0) idle_.erase(idle_pos_[block]);
+  int64_t pool = table.empty() ? 0 : PoolOf(table[0]);
+  int64_t matched = CachedPrefixLength(pool, block_hashes, max_blocks);
+  if (table.empty()) {
+    for (int64_t p = 1; p < num_pools(); ++p) {
+      const int64_t length = CachedPrefixLength(p, block_hashes, max_blocks);
+      if (length > matched || (length == matched && num_available(p) > num_available(pool))) {
+        pool = p;
+        matched = length;
+      }
+    }
+  }
+  Pool& chosen = pools_[pool];
+  for (int64_t i = 0; i < matched; ++i) {
+    const int32_t block = chosen.by_hash.at(block_hashes[i]);
+    if (ref_count_[block]++ == 0) chosen.idle.erase(idle_pos_[block]);
     table.push_back(block);
   }
   prefix_hit_blocks_ += matched;
   return matched;
 }
 
-int32_t BlockManager::TakeBlock() {
+int64_t BlockManager::PoolForGrowth(std::span<const int32_t> table) const {
+  if (!table.empty()) return PoolOf(table[0]);
+  int64_t roomiest = 0;
+  for (int64_t p = 1; p < num_pools(); ++p) {
+    if (num_available(p) > num_available(roomiest)) roomiest = p;
+  }
+  return roomiest;
+}
+
+int32_t BlockManager::TakeBlock(int64_t pool) {
+  Pool& from = pools_[pool];
   int32_t block;
-  if (!free_.empty()) {
-    block = free_.back();
-    free_.pop_back();
+  if (!from.free.empty()) {
+    block = from.free.back();
+    from.free.pop_back();
   } else {
-    block = idle_.front();
-    idle_.pop_front();
-    Emit(PrefixCacheEvent::Kind::kEvicted, hash_of_[block]);
-    by_hash_.erase(hash_of_[block]);
+    block = from.idle.front();
+    from.idle.pop_front();
+    const uint64_t hash = hash_of_[block];
+    from.by_hash.erase(hash);
     hash_of_[block] = kNoHash;
+    auto caching = pools_caching_.find(hash);
+    if (--caching->second == 0) {
+      pools_caching_.erase(caching);
+      Emit(PrefixCacheEvent::Kind::kEvicted, hash);
+    }
   }
   ref_count_[block] = 1;
   return block;
@@ -53,8 +113,9 @@ int32_t BlockManager::TakeBlock() {
 bool BlockManager::Grow(std::vector<int32_t>& table, int64_t blocks_needed) {
   const int64_t missing = blocks_needed - static_cast<int64_t>(table.size());
   if (missing <= 0) return true;
-  if (missing > num_available()) return false;
-  for (int64_t i = 0; i < missing; ++i) table.push_back(TakeBlock());
+  const int64_t pool = PoolForGrowth(table);
+  if (missing > num_available(pool)) return false;
+  for (int64_t i = 0; i < missing; ++i) table.push_back(TakeBlock(pool));
   return true;
 }
 
@@ -65,11 +126,13 @@ void BlockManager::CacheBlocks(std::span<const int32_t> table, std::span<const u
                "caching blocks up to ", to, " of a table of ", table.size(), " with ", block_hashes.size(), " hashes");
   for (int64_t i = from; i < to; ++i) {
     const int32_t block = table[i];
-    if (hash_of_[block] != kNoHash) continue;           // came from the cache
-    if (by_hash_.count(block_hashes[i]) != 0) continue;  // another request computed the same block
-    hash_of_[block] = block_hashes[i];
-    by_hash_.emplace(block_hashes[i], block);
-    Emit(PrefixCacheEvent::Kind::kAdded, block_hashes[i]);
+    const uint64_t hash = block_hashes[i];
+    if (hash_of_[block] != kNoHash) continue;  // came from the cache
+    // Another request of this pool computed the same block; a copy in another pool does not count,
+    // as this pool's requests cannot attend over it.
+    if (!pools_[PoolOf(block)].by_hash.emplace(hash, block).second) continue;
+    hash_of_[block] = hash;
+    if (++pools_caching_[hash] == 1) Emit(PrefixCacheEvent::Kind::kAdded, hash);
   }
 }
 
@@ -78,10 +141,11 @@ void BlockManager::Release(std::vector<int32_t>& table) {
     COHORT_CHECK(block >= 0 && block < num_blocks_ && ref_count_[block] > 0, "releasing block ", block,
                  " that is not held");
     if (--ref_count_[block] > 0) continue;
+    Pool& pool = pools_[PoolOf(block)];
     if (hash_of_[block] != kNoHash) {
-      idle_pos_[block] = idle_.insert(idle_.end(), block);  // most recently used at the back
+      idle_pos_[block] = pool.idle.insert(pool.idle.end(), block);  // most recently used at the back
     } else {
-      free_.push_back(block);
+      pool.free.push_back(block);
     }
   }
   table.clear();
@@ -99,8 +163,8 @@ std::vector<PrefixCacheEvent> BlockManager::TakeEvents() {
 
 std::vector<uint64_t> BlockManager::CachedHashes() const {
   std::vector<uint64_t> out;
-  out.reserve(by_hash_.size());
-  for (const auto& [hash, block] : by_hash_) out.push_back(hash);
+  out.reserve(pools_caching_.size());
+  for (const auto& [hash, pools] : pools_caching_) out.push_back(hash);
   return out;
 }
 
@@ -109,12 +173,35 @@ absl::Status BlockManager::CheckConsistency(const std::vector<std::span<const in
   for (const auto& table : tables) {
     for (int32_t block : table) {
       if (block < 0 || block >= num_blocks_) return absl::InternalError(absl::StrCat("table holds block ", block));
+      if (PoolOf(block) != PoolOf(table[0])) {
+        return absl::InternalError(absl::StrCat("a table holds block ", table[0], " of pool ", PoolOf(table[0]),
+                                                " and block ", block, " of pool ", PoolOf(block)));
+      }
       ++expected[block];
     }
   }
   std::vector<int> where(num_blocks_, 0);  // how many of free / idle list a block is on
-  for (int32_t b : free_) ++where[b];
-  for (int32_t b : idle_) ++where[b];
+  std::unordered_map<uint64_t, int32_t> pools_caching;
+  for (int64_t p = 0; p < num_pools(); ++p) {
+    const Pool& pool = pools_[p];
+    for (int32_t b : pool.idle) {
+      if (PoolOf(b) != p) return absl::InternalError(absl::StrCat("block ", b, " is on the idle list of pool ", p));
+      if (hash_of_[b] == kNoHash) return absl::InternalError(absl::StrCat("idle block ", b, " has no hash"));
+      ++where[b];
+    }
+    for (int32_t b : pool.free) {
+      if (PoolOf(b) != p) return absl::InternalError(absl::StrCat("block ", b, " is on the free list of pool ", p));
+      if (hash_of_[b] != kNoHash) return absl::InternalError(absl::StrCat("free block ", b, " has a hash"));
+      ++where[b];
+    }
+    for (const auto& [hash, b] : pool.by_hash) {
+      if (PoolOf(b) != p || hash_of_[b] != hash) {
+        return absl::InternalError(absl::StrCat("pool ", p, " maps a hash to block ", b, " that does not hold it"));
+      }
+      ++pools_caching[hash];
+    }
+  }
+  if (pools_caching != pools_caching_) return absl::InternalError("the count of pools caching each hash is off");
   for (int64_t b = 0; b < num_blocks_; ++b) {
     if (ref_count_[b] != expected[b]) {
       return absl::InternalError(absl::StrCat("block ", b, " has reference count ", ref_count_[b], " but ",
@@ -126,11 +213,11 @@ absl::Status BlockManager::CheckConsistency(const std::vector<std::span<const in
                                               " free/idle lists"));
     }
     if (hash_of_[b] != kNoHash) {
-      auto it = by_hash_.find(hash_of_[b]);
-      if (it == by_hash_.end() || it->second != b) return absl::InternalError(absl::StrCat("block ", b, " hash map"));
+      const auto& by_hash = pools_[PoolOf(static_cast<int32_t>(b))].by_hash;
+      auto it = by_hash.find(hash_of_[b]);
+      if (it == by_hash.end() || it->second != b) return absl::InternalError(absl::StrCat("block ", b, " hash map"));
     }
   }
-  if (by_hash_.size() > static_cast<size_t>(num_blocks_)) return absl::InternalError("more hashes than blocks");
   return absl::OkStatus();
 }
 

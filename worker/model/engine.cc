@@ -74,6 +74,10 @@ absl::Status ValidateBatch(const ModelConfig& config, const KvCacheGeometry& geo
       if (seq.block_table[i] < 0 || seq.block_table[i] >= geometry.num_blocks) {
         return bad(absl::StrCat("block id ", seq.block_table[i], " does not exist"));
       }
+      if (geometry.pool_of(seq.block_table[i]) != geometry.pool_of(seq.block_table[0])) {
+        return bad(absl::StrCat("blocks ", seq.block_table[0], " and ", seq.block_table[i],
+                                " are in different pools (one per GPU)"));
+      }
     }
     rows += seq.compute_logits ? 1 : 0;
   }

@@ -46,6 +46,11 @@ struct KvCacheGeometry {
   int64_t block_size_tokens = 0;
   int64_t num_blocks = 0;
   int64_t bytes_per_token = 0;  // all layers
+  // The blocks form this many pools of num_blocks / num_pools consecutive ids, and all blocks of one
+  // sequence must come from one pool: with data-parallel attention each pool lives on one GPU, which
+  // attends over the sequences whose blocks it holds (worker/kv/block_manager.h keeps to this).
+  int64_t num_pools = 1;
+  int64_t pool_of(int64_t block) const { return block / (num_blocks / num_pools); }
 };
 
 // What the last step did, for the batching-economics metrics.
@@ -64,7 +69,8 @@ class Engine {
 
   // Runs one step. `logits` receives one row of vocab_size floats for each sequence with
   // compute_logits, in batch order. InvalidArgument for a token outside the vocabulary, a position
-  // past max_position_embeddings, or a block table too short or naming a block that does not exist.
+  // past max_position_embeddings, or a block table too short, naming a block that does not exist, or
+  // taking blocks from two pools.
   virtual absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) = 0;
 
   // Runs one step and samples the next token of each sequence with compute_logits: `samplers` and

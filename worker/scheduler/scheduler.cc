@@ -16,10 +16,12 @@ Scheduler::Scheduler(const SchedulerOptions& options, BlockManager& blocks) : op
 absl::Status Scheduler::Add(std::unique_ptr<Request> request) {
   const int64_t total = request->prompt_len + request->max_tokens;
   const int64_t blocks_needed = BlocksForTokens(total, blocks_.block_size());
-  if (blocks_needed > blocks_.num_blocks()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the prompt (", request->prompt_len, " tokens) plus max_tokens (", request->max_tokens, ") needs ", total,
-        " tokens of KV cache; this worker holds ", blocks_.num_blocks() * blocks_.block_size()));
+  // A request's blocks all come from one pool, so one pool is the most it can ever have.
+  if (blocks_needed > blocks_.pool_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt (", request->prompt_len, " tokens) plus max_tokens (",
+                                                   request->max_tokens, ") needs ", total,
+                                                   " tokens of KV cache; this worker holds ",
+                                                   blocks_.DescribeRequestCapacity()));
   }
   COHORT_CHECK(requests_.count(request->id) == 0, "duplicate request id ", request->id);
   request->state = RequestState::kWaiting;
@@ -34,10 +36,14 @@ Request* Scheduler::Find(uint64_t id) const {
   return it == requests_.end() ? nullptr : it->second.get();
 }
 
-Request* Scheduler::PickVictim(uint64_t step) const {
+Request* Scheduler::PickVictim(uint64_t step, int64_t pool) const {
   for (RequestPriority priority : {RequestPriority::kBatch, RequestPriority::kInteractive}) {
     for (auto it = running_.rbegin(); it != running_.rend(); ++it) {
-      if ((*it)->priority == priority && (*it)->scheduled_in_step != step) return *it;
+      const Request& r = **it;
+      // Blocks of another pool are no use to the request that needs room. A request holding no
+      // blocks (admitted without tokens) stays a candidate, as it is with one pool.
+      const bool in_pool = r.block_table.empty() || blocks_.PoolOf(r.block_table[0]) == pool;
+      if (r.priority == priority && r.scheduled_in_step != step && in_pool) return *it;
     }
   }
   return nullptr;
@@ -119,7 +125,7 @@ StepPlan Scheduler::Schedule() {
     const int64_t blocks_needed = BlocksForTokens(r->computed + n, block_size);
     bool preempted_self = false;
     while (!blocks_.Grow(r->block_table, blocks_needed)) {
-      Request* victim = PickVictim(plan.step);
+      Request* victim = PickVictim(plan.step, blocks_.PoolForGrowth(r->block_table));
       COHORT_CHECK(victim != nullptr, "no request to preempt");
       Preempt(victim);
       plan.preempted.push_back(victim);

@@ -8,8 +8,10 @@
 // Each step:
 //  1. Running requests, fewest uncomputed tokens first (so decodes are never starved by a long
 //     prefill), then oldest: each gets min(uncomputed, budget left) tokens and the blocks they need.
-//     When blocks run out, the newest running request not yet scheduled this step is preempted
-//     (batch priority before interactive): its blocks are released and it waits to be recomputed.
+//     When blocks run out, the newest running request of the same KV pool not yet scheduled this
+//     step is preempted (batch priority before interactive): its blocks are released and it waits
+//     to be recomputed. Requests of other pools are left alone, as their blocks are of no use here;
+//     with none left to preempt, the request preempts itself.
 //  2. If nothing was preempted, waiting requests are admitted in order (interactive first; batch
 //     only when no interactive request waits) while the budget, --max-running and free blocks
 //     allow. A request first takes the cached blocks matching the start of its prompt.
@@ -19,7 +21,8 @@
 // forms the batch from every waiting request that fits (up to --max-running, each with KV blocks
 // for its whole prompt plus max_tokens, so the batch is never preempted). Nothing joins until the
 // last member finishes; members beyond the first step's token budget are admitted without tokens
-// and prefill in the next steps, by rule 1.
+// and prefill in the next steps, by rule 1. With several KV pools the blocks are counted over the
+// whole cache, not per pool, so a member whose pool fills up can still be preempted.
 #pragma once
 
 #include <cstdint>
@@ -61,7 +64,7 @@ class Scheduler {
   Scheduler(const SchedulerOptions& options, BlockManager& blocks);
 
   // Queues a request. InvalidArgument when it could never run: its prompt plus max_tokens need
-  // more KV blocks than the whole cache has.
+  // more KV blocks than one pool has (the whole cache, with one pool).
   absl::Status Add(std::unique_ptr<Request> request);
   StepPlan Schedule();
   // After the engine ran `plan`: advances each request's computed tokens and enters its newly full
@@ -84,7 +87,8 @@ class Scheduler {
   std::deque<Request*>& QueueOf(const Request& r) {
     return r.priority == RequestPriority::kBatch ? waiting_batch_ : waiting_interactive_;
   }
-  Request* PickVictim(uint64_t step) const;
+  // The request to preempt so that a request growing in `pool` gets blocks; nullptr if none.
+  Request* PickVictim(uint64_t step, int64_t pool) const;
   void Preempt(Request* victim);
   // Tries to admit the front of `queue`; false when it does not fit this step. With no budget left
   // it joins the running batch without a chunk this step.

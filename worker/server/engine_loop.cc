@@ -49,7 +49,8 @@ EngineLoop::EngineLoop(std::unique_ptr<Engine> engine, const EngineLoopOptions& 
               options.tokenizer, std::nullopt},
       blocks_({.num_blocks = engine_->kv_geometry().num_blocks,
                .block_size = engine_->kv_geometry().block_size_tokens,
-               .prefix_caching = options.prefix_caching}),
+               .prefix_caching = options.prefix_caching,
+               .num_pools = engine_->kv_geometry().num_pools}),
       scheduler_(options.scheduler, blocks_) {
   const ModelConfig& config = engine_->config();
   kv_value_bytes_ = engine_->kv_geometry().bytes_per_token / (config.num_layers * config.kv_cache_width());
@@ -92,10 +93,11 @@ absl::StatusOr<uint64_t> EngineLoop::Submit(GenerateSpec spec, std::shared_ptr<G
   };
   if (draining_.load()) return reject(absl::UnavailableError("this worker is draining and takes no new requests"));
   const int64_t total = static_cast<int64_t>(spec.prompt.size()) + spec.max_tokens;
-  if (BlocksForTokens(total, blocks_.block_size()) > blocks_.num_blocks()) {
+  // A request's blocks all come from one pool (one per GPU).
+  if (BlocksForTokens(total, blocks_.block_size()) > blocks_.pool_size()) {
     return reject(absl::InvalidArgumentError(
         absl::StrCat("the prompt (", spec.prompt.size(), " tokens) plus max_tokens (", spec.max_tokens, ") needs ",
-                     total, " tokens of KV cache; this worker holds ", blocks_.num_blocks() * blocks_.block_size(),
+                     total, " tokens of KV cache; this worker holds ", blocks_.DescribeRequestCapacity(),
                      ": lower stopping.max_tokens")));
   }
   std::lock_guard<std::mutex> lock(mu_);

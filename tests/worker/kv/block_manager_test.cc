@@ -1,6 +1,9 @@
 #include "worker/kv/block_manager.h"
 
+#include <algorithm>
+#include <random>
 #include <set>
+#include <string>
 
 #include "common/block_hash.h"
 #include "gtest/gtest.h"
@@ -114,6 +117,184 @@ TEST(BlockManagerTest, DisabledPrefixCachingNeverMatches) {
   std::vector<int32_t> u;
   EXPECT_EQ(bm.AcquirePrefix(h, 2, u), 0);
   EXPECT_EQ(bm.num_cached(), 0);
+}
+
+// Pools (one per GPU under data-parallel attention): a sequence's blocks must all live on one GPU.
+
+// Every pool that holds a block of `table`.
+std::set<int64_t> PoolsOf(const BlockManager& bm, const std::vector<int32_t>& table) {
+  std::set<int64_t> pools;
+  for (int32_t block : table) pools.insert(bm.PoolOf(block));
+  return pools;
+}
+
+TEST(BlockManagerPoolsTest, OnePoolIsTheWholeCache) {
+  BlockManager bm({.num_blocks = 6, .block_size = 2});
+  EXPECT_EQ(bm.num_pools(), 1);
+  EXPECT_EQ(bm.pool_size(), 6);
+  std::vector<int32_t> t;
+  ASSERT_TRUE(bm.Grow(t, 6));
+  EXPECT_EQ(PoolsOf(bm, t), std::set<int64_t>{0});
+  EXPECT_EQ(bm.num_available(0), 0);
+  bm.Release(t);
+  EXPECT_EQ(bm.num_available(0), 6);
+  EXPECT_EQ(bm.num_available(), 6);
+}
+
+TEST(BlockManagerPoolsTest, EveryTableStaysInOnePoolThroughGrowAcquireAndRelease) {
+  std::mt19937 rng(7);
+  BlockManager bm({.num_blocks = 12, .block_size = 1, .num_pools = 3});
+  EXPECT_EQ(bm.pool_size(), 4);
+  std::vector<std::vector<int32_t>> tables;
+  std::set<int64_t> pools_used;
+  for (int op = 0; op < 3000; ++op) {
+    const uint32_t kind = rng() % 3;
+    if (kind == 0 || tables.empty()) {
+      // A new request: three prompts of four tokens share their first token, so prefixes hit.
+      const int32_t first = static_cast<int32_t>(rng() % 2);
+      const auto hashes = HashesOf({first, 10 + static_cast<int32_t>(rng() % 3), 20, 30}, 1);
+      std::vector<int32_t> t;
+      bm.AcquirePrefix(hashes, static_cast<int64_t>(rng() % 4), t);
+      bm.Grow(t, static_cast<int64_t>(t.size()) + 1 + static_cast<int64_t>(rng() % 2));
+      bm.CacheBlocks(t, hashes, 0, std::min<int64_t>(static_cast<int64_t>(t.size()), 4));
+      if (t.empty()) continue;
+      tables.push_back(std::move(t));
+    } else {
+      std::vector<int32_t>& t = tables[rng() % tables.size()];
+      if (kind == 1) {
+        bm.Grow(t, static_cast<int64_t>(t.size()) + 1);
+      } else {
+        bm.Release(t);
+        std::swap(t, tables.back());
+        tables.pop_back();
+      }
+    }
+    std::vector<std::span<const int32_t>> spans;
+    for (const auto& t : tables) {
+      ASSERT_EQ(PoolsOf(bm, t).size(), 1u) << "op " << op;
+      pools_used.insert(bm.PoolOf(t[0]));
+      spans.emplace_back(t);
+    }
+    ASSERT_TRUE(bm.CheckConsistency(spans).ok()) << "op " << op << ": " << bm.CheckConsistency(spans);
+  }
+  EXPECT_EQ(pools_used.size(), 3u);
+  EXPECT_GT(bm.prefix_hit_blocks(), 0u);
+  for (auto& t : tables) bm.Release(t);
+  for (int64_t p = 0; p < 3; ++p) EXPECT_EQ(bm.num_available(p), 4) << "pool " << p;
+}
+
+TEST(BlockManagerPoolsTest, NewTablesGoToThePoolWithTheMostAvailableBlocks) {
+  BlockManager bm({.num_blocks = 8, .block_size = 1, .num_pools = 2});
+  std::vector<int32_t> a, b, c;
+  ASSERT_TRUE(bm.Grow(a, 3));  // a tie: the lowest pool
+  EXPECT_EQ(PoolsOf(bm, a), std::set<int64_t>{0});
+  ASSERT_TRUE(bm.Grow(b, 2));  // 1 left in pool 0, 4 in pool 1
+  EXPECT_EQ(PoolsOf(bm, b), std::set<int64_t>{1});
+  ASSERT_TRUE(bm.Grow(c, 1));  // 1 against 2
+  EXPECT_EQ(PoolsOf(bm, c), std::set<int64_t>{1});
+  EXPECT_EQ(bm.num_available(0), 1);
+  EXPECT_EQ(bm.num_available(1), 1);
+  EXPECT_EQ(bm.num_available(), 2);
+  EXPECT_EQ(bm.num_held(), 6);
+}
+
+TEST(BlockManagerPoolsTest, GrowFailsWhenTheTablesPoolIsFullAlthoughAnotherHasRoom) {
+  BlockManager bm({.num_blocks = 8, .block_size = 1, .num_pools = 2});
+  std::vector<int32_t> a, b;
+  ASSERT_TRUE(bm.Grow(a, 3));  // pool 0
+  ASSERT_TRUE(bm.Grow(b, 1));  // pool 1, which keeps 3 available
+  EXPECT_FALSE(bm.Grow(a, 5));
+  EXPECT_EQ(a.size(), 3u);
+  EXPECT_EQ(bm.num_available(), 4);
+  // A new table asking for more than any one pool has fails too, though the total would do.
+  std::vector<int32_t> c;
+  EXPECT_FALSE(bm.Grow(c, 4));
+  EXPECT_TRUE(c.empty());
+  EXPECT_TRUE(bm.Grow(a, 4));
+  EXPECT_EQ(PoolsOf(bm, a), std::set<int64_t>{0});
+  EXPECT_TRUE(bm.CheckConsistency({a, b}).ok());
+}
+
+TEST(BlockManagerPoolsTest, AcquirePrefixTakesThePoolWithTheLongestCachedMatch) {
+  BlockManager bm({.num_blocks = 8, .block_size = 1, .num_pools = 2});
+  const auto hashes = HashesOf({1, 2, 3}, 1);
+  std::vector<int32_t> short_match, long_match;
+  ASSERT_TRUE(bm.Grow(short_match, 1));  // pool 0
+  ASSERT_TRUE(bm.Grow(long_match, 3));   // pool 1
+  ASSERT_EQ(PoolsOf(bm, long_match), std::set<int64_t>{1});
+  bm.CacheBlocks(short_match, hashes, 0, 1);
+  bm.CacheBlocks(long_match, hashes, 0, 3);
+  bm.Release(short_match);
+  bm.Release(long_match);
+
+  std::vector<int32_t> t;
+  EXPECT_EQ(bm.AcquirePrefix(hashes, 3, t), 3);
+  EXPECT_EQ(PoolsOf(bm, t), std::set<int64_t>{1});
+  EXPECT_EQ(bm.prefix_hit_blocks(), 3u);
+
+  // Equal matches: the pool with more available blocks (pool 0, as t holds three of pool 1).
+  std::vector<int32_t> u;
+  EXPECT_EQ(bm.AcquirePrefix(hashes, 1, u), 1);
+  EXPECT_EQ(PoolsOf(bm, u), std::set<int64_t>{0});
+
+  // A table that has blocks matches only in its own pool.
+  std::vector<int32_t> in_pool_0;
+  ASSERT_TRUE(bm.Grow(in_pool_0, 1));
+  ASSERT_EQ(PoolsOf(bm, in_pool_0), std::set<int64_t>{0});
+  EXPECT_EQ(bm.AcquirePrefix(hashes, 3, in_pool_0), 1);
+  EXPECT_EQ(PoolsOf(bm, in_pool_0), std::set<int64_t>{0});
+  EXPECT_TRUE(bm.CheckConsistency({t, u, in_pool_0}).ok()) << bm.CheckConsistency({t, u, in_pool_0});
+}
+
+TEST(BlockManagerPoolsTest, APrefixCachedInTwoPoolsIsOneHashToTheRouter) {
+  BlockManager bm({.num_blocks = 4, .block_size = 1, .num_pools = 2});
+  const auto h = HashesOf({42}, 1);
+  std::vector<int32_t> a, b;
+  ASSERT_TRUE(bm.Grow(a, 1));  // pool 0
+  ASSERT_TRUE(bm.Grow(b, 1));  // pool 1
+  bm.CacheBlocks(a, h, 0, 1);
+  bm.CacheBlocks(b, h, 0, 1);  // the same content, computed on the other GPU
+  auto events = bm.TakeEvents();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, PrefixCacheEvent::Kind::kAdded);
+  EXPECT_EQ(events[0].block_hash, h[0]);
+  EXPECT_EQ(bm.CachedHashes(), std::vector<uint64_t>{h[0]});
+  EXPECT_EQ(bm.num_cached(), 2);  // two blocks
+  bm.Release(a);
+  bm.Release(b);
+
+  std::vector<int32_t> fills_pool_0;
+  ASSERT_TRUE(bm.Grow(fills_pool_0, 2));  // the free block, then evicts pool 0's copy
+  ASSERT_EQ(PoolsOf(bm, fills_pool_0), std::set<int64_t>{0});
+  EXPECT_TRUE(bm.TakeEvents().empty());  // pool 1 still has it
+  EXPECT_EQ(bm.CachedHashes(), std::vector<uint64_t>{h[0]});
+  EXPECT_EQ(bm.num_cached(), 1);
+
+  std::vector<int32_t> fills_pool_1;
+  ASSERT_TRUE(bm.Grow(fills_pool_1, 2));  // evicts the last copy
+  events = bm.TakeEvents();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].kind, PrefixCacheEvent::Kind::kEvicted);
+  EXPECT_EQ(events[0].block_hash, h[0]);
+  EXPECT_TRUE(bm.CachedHashes().empty());
+  EXPECT_TRUE(bm.CheckConsistency({fills_pool_0, fills_pool_1}).ok());
+}
+
+TEST(BlockManagerPoolsTest, CheckConsistencyCatchesATableSpanningTwoPools) {
+  BlockManager bm({.num_blocks = 4, .block_size = 1, .num_pools = 2});
+  std::vector<int32_t> a, b;
+  ASSERT_TRUE(bm.Grow(a, 1));  // block 0, pool 0
+  ASSERT_TRUE(bm.Grow(b, 1));  // block 2, pool 1
+  ASSERT_TRUE(bm.CheckConsistency({a, b}).ok());
+  // The same references, held by one table: the counts agree, the pools do not.
+  const std::vector<int32_t> spanning = {a[0], b[0]};
+  const absl::Status st = bm.CheckConsistency({spanning});
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("pool"), std::string::npos) << st;
+}
+
+TEST(BlockManagerDeathTest, BlockCountMustBeAMultipleOfThePools) {
+  EXPECT_DEATH(BlockManager({.num_blocks = 5, .block_size = 1, .num_pools = 2}), "pools 2");
 }
 
 TEST(BlockManagerDeathTest, ReleasingABlockNotHeldIsABrokenInvariant) {

@@ -167,11 +167,12 @@ TEST(SchedulerTest, RemovingAWaitingOrRunningRequestReleasesEverything) {
 }
 
 // Thousands of steps of random arrivals, cancellations and memory pressure. After every step the
-// block bookkeeping must match the requests' tables exactly; at the end every request that was not
-// cancelled produced exactly max_tokens tokens, in order, and every block is available again.
-TEST(SchedulerTest, RandomizedStepsLoseNothingAndLeakNoBlocks) {
+// block bookkeeping must match the requests' tables exactly (each table within one KV pool); at the
+// end every request that was not cancelled produced exactly max_tokens tokens, in order, and every
+// block is available again.
+void RunRandomizedSteps(int64_t num_pools) {
   std::mt19937 rng(1234);
-  BlockManager bm({.num_blocks = 48, .block_size = 4});
+  BlockManager bm({.num_blocks = 48, .block_size = 4, .num_pools = num_pools});
   Scheduler s({.max_batch_tokens = 24, .max_running = 16}, bm);
   std::map<uint64_t, int64_t> expected_tokens;  // id -> max_tokens, for requests not cancelled
   std::map<uint64_t, std::vector<int32_t>> outputs;
@@ -223,6 +224,51 @@ TEST(SchedulerTest, RandomizedStepsLoseNothingAndLeakNoBlocks) {
     ASSERT_EQ(static_cast<int64_t>(outputs[id].size()), max_tokens) << "request " << id;
     for (int64_t i = 0; i < max_tokens; ++i) ASSERT_EQ(outputs[id][i], i) << "request " << id;
   }
+}
+
+TEST(SchedulerTest, RandomizedStepsLoseNothingAndLeakNoBlocks) { RunRandomizedSteps(1); }
+
+TEST(SchedulerPoolsTest, RandomizedStepsLoseNothingAndLeakNoBlocks) { RunRandomizedSteps(2); }
+
+TEST(SchedulerPoolsTest, ARequestThatCannotGrowPreemptsOnlyInItsOwnPool) {
+  // Two pools of two 4-token blocks. Each request lands in the pool with the most available blocks.
+  BlockManager bm({.num_blocks = 4, .block_size = 4, .prefix_caching = false, .num_pools = 2});
+  Scheduler s({.max_batch_tokens = 64}, bm);
+  ASSERT_TRUE(s.Add(MakeRequest(1, Range(0, 4), 4)).ok());   // pool 0
+  ASSERT_TRUE(s.Add(MakeRequest(2, Range(10, 1), 4)).ok());  // pool 1
+  ASSERT_TRUE(s.Add(MakeRequest(3, Range(20, 4), 4)).ok());  // pool 0, now full
+  ASSERT_TRUE(s.Add(MakeRequest(4, Range(30, 1), 4)).ok());  // pool 1, the newest request
+  EXPECT_EQ(Step(s), (Computed{{1, 4}, {2, 1}, {3, 4}, {4, 1}}));
+  ASSERT_EQ(bm.PoolOf(s.Find(1)->block_table[0]), 0);
+  ASSERT_EQ(bm.PoolOf(s.Find(4)->block_table[0]), 1);
+  // 1 needs a second block of pool 0. Preempting 4, the newest, would free a block of pool 1 that
+  // 1 cannot use; 3 is preempted instead, and 4 keeps decoding.
+  StepPlan plan;
+  EXPECT_EQ(Step(s, &plan), (Computed{{1, 1}, {2, 1}, {4, 1}}));
+  ASSERT_EQ(plan.preempted.size(), 1u);
+  EXPECT_EQ(plan.preempted[0]->id, 3u);
+  EXPECT_EQ(s.Find(3)->state, RequestState::kWaiting);
+  EXPECT_EQ(s.Find(4)->state, RequestState::kRunning);
+  EXPECT_TRUE(bm.CheckConsistency(s.BlockTables()).ok()) << bm.CheckConsistency(s.BlockTables());
+}
+
+TEST(SchedulerPoolsTest, RequestLargerThanOnePoolIsRejectedUpFront) {
+  // 32 tokens of KV cache in two pools of 16: a request's KV must fit in one.
+  BlockManager bm({.num_blocks = 8, .block_size = 4, .num_pools = 2});
+  Scheduler s({}, bm);
+  absl::Status st = s.Add(MakeRequest(1, Range(0, 10), 10));
+  EXPECT_TRUE(absl::IsInvalidArgument(st)) << st;
+  EXPECT_EQ(st.message(),
+            "the prompt (10 tokens) plus max_tokens (10) needs 20 tokens of KV cache; this worker holds 16 tokens "
+            "in each of its 2 KV pools (one per GPU)");
+  EXPECT_TRUE(s.Add(MakeRequest(2, Range(0, 10), 6)).ok());
+
+  // With one pool the message names the whole cache, as it always did.
+  BlockManager one_pool({.num_blocks = 4, .block_size = 4});
+  Scheduler single({}, one_pool);
+  st = single.Add(MakeRequest(1, Range(0, 10), 7));
+  EXPECT_EQ(st.message(),
+            "the prompt (10 tokens) plus max_tokens (7) needs 17 tokens of KV cache; this worker holds 16");
 }
 
 }  // namespace
