@@ -165,6 +165,23 @@ TEST_F(EngineForwardErrorsTest, PositionPastContext) {
   EXPECT_NE(Message(st).find("context"), std::string::npos) << st;
 }
 
+// Every backend checks a batch with ValidateBatch. A cache split into pools (one per GPU of an
+// expert-parallel engine) refuses a sequence whose blocks come from two of them, and only that.
+TEST(ValidateBatchTest, RefusesASequenceAcrossTwoPools) {
+  ModelConfig config;
+  config.vocab_size = 100;
+  config.max_position_embeddings = 1024;
+  const KvCacheGeometry geometry{.block_size_tokens = 4, .num_blocks = 8, .bytes_per_token = 1, .num_pools = 2};
+  const std::vector<int32_t> tokens(6, 1);
+  const std::vector<int32_t> across = {3, 4}, within = {4, 7};  // pools: blocks 0-3, 4-7
+  SequenceStep step{tokens, 0, across, false};
+  const absl::Status refused = ValidateBatch(config, geometry, {&step, 1}, 0);
+  EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+  EXPECT_NE(Message(refused).find("blocks 3 and 4 are in different pools"), std::string::npos) << refused;
+  step.block_table = within;
+  EXPECT_TRUE(ValidateBatch(config, geometry, {&step, 1}, 0).ok());
+}
+
 TEST_F(EngineForwardErrorsTest, ValidStepStillWorksAfterErrors) {
   EXPECT_FALSE(Step({600}, 0, {0}).ok());
   EXPECT_TRUE(Step({1, 2, 3}, 0, {0}).ok());
