@@ -138,11 +138,13 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 // routing's, and the routing's experts must lie within the gate's (first_expert + E <= gate.num_experts;
 // equal on one GPU); the batch is routing.num_tokens tokens. num_valid (device int32,
 // nullable): tokens at or past *num_valid are padding (a captured graph's rows beyond the batch) and
-// get ids -1 and weights 0, so they receive no routed row and read no expert.
+// get ids -1 and weights 0, so they receive no routed row and read no expert. With valid_group_rows
+// > 0 the tokens come in groups of that many (the rows of several GPUs gathered one after another,
+// each GPU's tokens then its padding) and num_valid holds one count per group.
 inline constexpr int64_t kMoeFusedRouteTokens = 32;
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
-                           int32_t* experts_used, cudaStream_t stream);
+                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows = 0);
 
 // ---------------------------------------------------------------------------------------------------
 // Grouped GEMM: for each expert e (routed and shared) and each of its rows r,

@@ -30,15 +30,24 @@ __device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
   return a > b || (a == b && ia < ib);
 }
 
+// Whether `token` is a padding row: at or past its group's count in num_valid (one count for all
+// tokens when group_rows is 0, else one per group of group_rows consecutive tokens).
+__device__ __forceinline__ bool IsPadding(int64_t token, const int32_t* __restrict__ num_valid, int64_t group_rows) {
+  if (num_valid == nullptr) return false;
+  if (group_rows == 0) return token >= *num_valid;
+  const int64_t group = token / group_rows;
+  return token - group * group_rows >= num_valid[group];
+}
+
 // Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
-// kMoeMaxExperts floats. A padding token (at or past *num_valid) gets ids -1 and weights 0: ids
-// outside [0, E) get no row in the align, so padding rows of a captured graph read no expert.
+// kMoeMaxExperts floats. A padding token (IsPadding) gets ids -1 and weights 0: ids outside
+// [0, E) get no row in the align, so padding rows of a captured graph read no expert.
 __device__ void GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
-                          const int32_t* __restrict__ num_valid, const MoeGateParams& p, float* choice_smem,
-                          int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
+                          const int32_t* __restrict__ num_valid, int64_t group_rows, const MoeGateParams& p,
+                          float* choice_smem, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
   const int lane = threadIdx.x & 31;
   const int num_experts = p.num_experts;
-  if (num_valid != nullptr && token >= *num_valid) {
+  if (IsPadding(token, num_valid, group_rows)) {
     if (lane < p.top_k) {
       topk_ids[token * p.top_k + lane] = -1;
       topk_weights[token * p.top_k + lane] = 0.0f;
@@ -185,6 +194,7 @@ struct GateArgs {
   const float* bias;
   int64_t num_tokens;
   const int32_t* num_valid;
+  int64_t valid_group_rows;
   MoeGateParams params;
   int32_t* topk_ids;
   float* topk_weights;
@@ -198,7 +208,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) MoeGateKernel(const GateArgs 
   const int warp = threadIdx.x >> 5;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
   if (token >= a.num_tokens) return;  // whole warps only; no block barrier in GateToken
-  GateToken(a.logits, a.bias, token, a.num_valid, a.params, choice_smem[warp], a.topk_ids, a.topk_weights);
+  GateToken(a.logits, a.bias, token, a.num_valid, a.valid_group_rows, a.params, choice_smem[warp], a.topk_ids,
+            a.topk_weights);
 }
 
 // ------------------------------------------------------------------------------------------ align
@@ -371,7 +382,8 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
   PdlLaunchDependents();
   const int warp = threadIdx.x >> 5;
   if (warp < g.num_tokens) {
-    GateToken(g.logits, g.bias, warp, g.num_valid, g.params, smem.choice[warp], g.topk_ids, g.topk_weights);
+    GateToken(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, smem.choice[warp], g.topk_ids,
+              g.topk_weights);
   }
   __syncthreads();  // topk_ids (global) visible to the block, the scratch free
   AlignBlock(p, smem.align);
@@ -697,7 +709,7 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
   const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   return LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream,
-                   GateArgs{router_logits, correction_bias, num_tokens, nullptr, p, topk_ids, topk_weights});
+                   GateArgs{router_logits, correction_bias, num_tokens, nullptr, 0, p, topk_ids, topk_weights});
 }
 
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
@@ -709,13 +721,15 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
-                           int32_t* experts_used, cudaStream_t stream) {
+                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows) {
   const int64_t num_tokens = routing.num_tokens;
   if (!ValidGate(gate) || !ValidRouting(routing) || routing.first_expert + routing.num_experts > gate.num_experts ||
-      gate.top_k != routing.top_k || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr) {
+      gate.top_k != routing.top_k || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr ||
+      valid_group_rows < 0) {
     return cudaErrorInvalidValue;
   }
-  const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, gate, topk_ids, topk_weights};
+  const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, valid_group_rows, gate, topk_ids,
+                   topk_weights};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
   if (num_tokens <= kMoeFusedRouteTokens) {
     return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);

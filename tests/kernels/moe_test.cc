@@ -570,12 +570,18 @@ TEST(MoeAlignTest, TakesOnlyTheExpertsFromFirstExpertOn) {
 // LaunchMoeRoute (one fused launch up to kMoeFusedRouteTokens tokens, gate + align above) writes
 // exactly what LaunchMoeGate then LaunchMoeAlign write; with num_valid, the padding tokens past it get
 // ids -1 and weights 0 and the align treats them as such. With `shard` = {first, count}, the routing
-// takes the gate's experts [first, first + count) only (expert parallelism).
+// takes the gate's experts [first, first + count) only (expert parallelism). With `group_valid`, the
+// tokens are that many equal groups (GPUs' rows gathered), each with its own count of valid tokens,
+// and `valid` is not used.
 void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int shared, int64_t valid, Rng& rng,
-                                    std::pair<int, int> shard = {0, 0}) {
+                                    std::pair<int, int> shard = {0, 0}, std::vector<int32_t> group_valid = {}) {
   SCOPED_TRACE(::testing::Message() << "experts " << c.n_routed_experts << " tokens " << tokens << " shared "
                                   << shared << " valid " << valid << " shard " << shard.first << "+"
-                                  << shard.second);
+                                  << shard.second << " groups " << group_valid.size());
+  const int64_t group_rows = group_valid.empty() ? 0 : tokens / static_cast<int64_t>(group_valid.size());
+  auto padding = [&](int64_t token) {
+    return group_rows > 0 ? token % group_rows >= group_valid[token / group_rows] : token >= valid;
+  };
   const int experts = shard.second > 0 ? shard.second : static_cast<int>(c.n_routed_experts);
   const int top_k = static_cast<int>(c.num_experts_per_tok);
   const bool with_bias = c.topk_method == TopkMethod::kNoAuxTc;
@@ -598,21 +604,23 @@ void ExpectRouteEqualsGateThenAlign(const ModelConfig& c, int64_t tokens, int sh
   std::vector<float> weights;
   ASSERT_CUDA_OK(want_ids.Read(&ids));
   ASSERT_CUDA_OK(want_weights.Read(&weights));
-  for (int64_t i = valid * top_k; i < tokens * top_k; ++i) ids[i] = -1, weights[i] = 0.0f;
+  for (int64_t i = 0; i < tokens * top_k; ++i) {
+    if (padding(i / top_k)) ids[i] = -1, weights[i] = 0.0f;
+  }
   DeviceBuffer<int32_t> padded_ids(ids);
   ASSERT_CUDA_OK(LaunchMoeAlign(padded_ids.get(), want.routing, want_used.get(), nullptr));
 
   RoutingOnDevice got(tokens, top_k, experts, shared);
-  DeviceBuffer<int32_t> got_ids(tokens * top_k), got_used(std::vector<int32_t>{7}), d_valid(std::vector<int32_t>{
-                                                                                        static_cast<int32_t>(valid)});
+  const std::vector<int32_t> counts = group_rows > 0 ? group_valid : std::vector<int32_t>{static_cast<int32_t>(valid)};
+  DeviceBuffer<int32_t> got_ids(tokens * top_k), got_used(std::vector<int32_t>{7}), d_valid(counts);
   DeviceBuffer<float> got_weights(tokens * top_k);
   ASSERT_CUDA_OK(got.Carve(tokens, top_k, experts, shared, tile_rows));
   got.routing.first_expert = shard.first;
   ASSERT_CUDA_OK(got.workspace.Poison(0xa5));
   ASSERT_CUDA_OK(got_ids.Poison());
   ASSERT_CUDA_OK(got_weights.Poison());
-  ASSERT_CUDA_OK(LaunchMoeRoute(d_logits.get(), bias_ptr, gate, valid < tokens ? d_valid.get() : nullptr, got_ids.get(),
-                                got_weights.get(), got.routing, got_used.get(), nullptr));
+  ASSERT_CUDA_OK(LaunchMoeRoute(d_logits.get(), bias_ptr, gate, group_rows > 0 || valid < tokens ? d_valid.get() : nullptr,
+                                got_ids.get(), got_weights.get(), got.routing, got_used.get(), nullptr, group_rows));
   ASSERT_CUDA_OK(cudaDeviceSynchronize());
 
   std::vector<int32_t> route_ids;
@@ -644,6 +652,13 @@ TEST(MoeRouteTest, EqualsGateThenAlignWithAndWithoutPadding) {
       ExpectRouteEqualsGateThenAlign(V2LiteRouter(), tokens, 1, valid, rng, {32, 32});
       ExpectRouteEqualsGateThenAlign(V3Router(), tokens, 0, valid, rng, {128, 64});
     }
+  }
+  // Two and four GPUs' rows gathered, each GPU with its own count of tokens before its padding.
+  for (int64_t rows : {int64_t{1}, int64_t{8}, int64_t{100}}) {
+    ExpectRouteEqualsGateThenAlign(V2LiteRouter(), 2 * rows, 1, 0, rng, {0, 32},
+                                   {static_cast<int32_t>(rows), static_cast<int32_t>(rows / 2)});
+    ExpectRouteEqualsGateThenAlign(V3Router(), 4 * rows, 0, 0, rng, {64, 64},
+                                   {0, static_cast<int32_t>(rows), 1, static_cast<int32_t>(rows - 1)});
   }
 }
 
