@@ -175,7 +175,16 @@ absl::Status Serve(const WorkerFlags& f) {
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
-  while (g_signal == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  bool reported_unhealthy = false;
+  while (g_signal == 0) {
+    if (loop.unhealthy() && !reported_unhealthy) {
+      // The engine cannot step any more (a GPU of its group failed): not ready, so that no one
+      // sends work here; restarting the worker is the way back.
+      server->GetHealthCheckService()->SetServingStatus(false);
+      reported_unhealthy = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
 
   spdlog::info("signal {}: draining (up to {} s)", static_cast<int>(g_signal), f.drain_timeout_s);
   server->GetHealthCheckService()->SetServingStatus(false);

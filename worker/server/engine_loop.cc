@@ -92,6 +92,9 @@ absl::StatusOr<uint64_t> EngineLoop::Submit(GenerateSpec spec, std::shared_ptr<G
     return status;
   };
   if (draining_.load()) return reject(absl::UnavailableError("this worker is draining and takes no new requests"));
+  if (unhealthy_.load()) {
+    return reject(absl::UnavailableError("this worker's engine failed and takes no new requests: retry elsewhere"));
+  }
   const int64_t total = static_cast<int64_t>(spec.prompt.size()) + spec.max_tokens;
   // A request's blocks all come from one pool (one per GPU).
   if (BlocksForTokens(total, blocks_.block_size()) > blocks_.pool_size()) {
@@ -220,6 +223,20 @@ void EngineLoop::Step() {
   const auto start = Clock::now();
   absl::Status status = engine_->ForwardAndSample(batch, samplers, sampled_tokens);
   const auto end = Clock::now();
+  if (absl::IsUnavailable(status)) {
+    // The engine can take no more steps: nothing here can finish, so every request ends now.
+    spdlog::critical("engine failed, the worker is unhealthy: {}", std::string(status.message()));
+    unhealthy_ = true;
+    load_changed_ = true;
+    std::vector<uint64_t> ids;
+    for (const auto& [id, live] : live_) ids.push_back(id);
+    for (uint64_t id : ids) {
+      Finish(id, absl::UnavailableError(absl::StrCat("the worker's engine failed (", status.message(),
+                                                     "): retry elsewhere")),
+             {});
+    }
+    return;
+  }
   if (!status.ok()) {
     spdlog::error("engine step failed: {}", std::string(status.message()));
     for (const ScheduledChunk& c : plan.chunks) {
@@ -321,7 +338,9 @@ void EngineLoop::PublishLoad(int64_t step_time_us) {
   cohort::worker::v1::LoadReport report;
   report.set_worker_id(options_.worker_id);
   report.set_model(options_.model_name);
-  report.set_state(draining_.load() ? cohort::worker::v1::WORKER_STATE_DRAINING : cohort::worker::v1::WORKER_STATE_READY);
+  report.set_state(unhealthy_.load() ? cohort::worker::v1::WORKER_STATE_UNHEALTHY
+                   : draining_.load() ? cohort::worker::v1::WORKER_STATE_DRAINING
+                                      : cohort::worker::v1::WORKER_STATE_READY);
   report.set_running_requests(static_cast<uint32_t>(scheduler_.num_running()));
   report.set_waiting_requests(static_cast<uint32_t>(scheduler_.num_waiting()));
   report.set_tokens_in_flight(static_cast<uint64_t>(scheduler_.tokens_in_flight()));

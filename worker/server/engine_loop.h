@@ -65,8 +65,8 @@ class EngineLoop {
   absl::Status WarmUp();
   void Start();
 
-  // Queues a request and returns its id. UNAVAILABLE when draining, RESOURCE_EXHAUSTED when the
-  // queue is full, INVALID_ARGUMENT when it could never fit in the KV cache.
+  // Queues a request and returns its id. UNAVAILABLE when draining or unhealthy, RESOURCE_EXHAUSTED
+  // when the queue is full, INVALID_ARGUMENT when it could never fit in the KV cache.
   absl::StatusOr<uint64_t> Submit(GenerateSpec spec, std::shared_ptr<GenerationSink> sink);
   // The request leaves the batch, its blocks are freed and its sink finishes with CANCELLED, all
   // within one step. Unknown ids are ignored.
@@ -74,6 +74,10 @@ class EngineLoop {
   // Refuses new requests from now on; running and queued ones finish.
   void Drain();
   bool draining() const { return draining_.load(); }
+  // The engine said it can take no more steps (Engine returned UNAVAILABLE: a GPU of its group
+  // failed). Every request then ends with UNAVAILABLE, so that clients retry elsewhere, new ones are
+  // refused, and load reports say UNHEALTHY; the worker should report itself not ready.
+  bool unhealthy() const { return unhealthy_.load(); }
   // No request queued or running.
   bool idle() const { return live_requests_.load() == 0; }
   // Ends the thread; requests still there finish with UNAVAILABLE.
@@ -117,6 +121,7 @@ class EngineLoop {
   uint64_t next_id_ = 1;             // guarded by mu_
 
   std::atomic<bool> draining_{false};
+  std::atomic<bool> unhealthy_{false};
   std::atomic<int64_t> live_requests_{0};   // queued in the inbox or known to the scheduler
   std::atomic<int64_t> waiting_requests_{0};
   std::thread thread_;

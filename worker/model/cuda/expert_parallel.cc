@@ -163,6 +163,7 @@ class ExpertParallelEngine final : public Engine {
   KvCacheGeometry geometry_;
   std::vector<std::unique_ptr<GpuThread>> threads_;
   std::vector<std::unique_ptr<ShardEngine>> gpus_;  // gpus_[g] is used on threads_[g] only
+  bool started_ = false;  // Initialize has succeeded
   absl::Status broken_;  // why the engine takes no more steps
 };
 
@@ -195,7 +196,9 @@ absl::Status ExpertParallelEngine::OnEveryGpu(absl::FunctionRef<absl::Status(int
   }
   broken_ = absl::UnavailableError(
       absl::StrCat("this worker's GPUs can no longer step together (", outcome.message(), "); restart the worker"));
-  return outcome;
+  // At start-up the first error says what to fix; once serving, any failure breaks the group, and
+  // UNAVAILABLE tells the worker so (EngineLoop::unhealthy).
+  return started_ ? broken_ : outcome;
 }
 
 absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
@@ -235,7 +238,9 @@ absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
   // The scheduler hands out the blocks every GPU has.
   geometry_ = gpus_[0]->kv_geometry();
   for (const auto& gpu : gpus_) geometry_.num_blocks = std::min(geometry_.num_blocks, gpu->kv_geometry().num_blocks);
-  return OnEveryGpu([&](int g) { return gpus_[g]->Start(nccl, &id); }, kStartTimeout);
+  COHORT_RETURN_IF_ERROR(OnEveryGpu([&](int g) { return gpus_[g]->Start(nccl, &id); }, kStartTimeout));
+  started_ = true;
+  return absl::OkStatus();
 }
 
 }  // namespace

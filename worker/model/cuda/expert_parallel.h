@@ -10,7 +10,8 @@
 // splitting it by request would change.
 //
 // A GPU whose step fails or does not finish within a minute fails the step on every GPU: the NCCL
-// group is revoked so that no GPU waits for it, and every later step returns Unavailable.
+// group is revoked so that no GPU waits for it, and that step and every later one return
+// Unavailable, which makes the worker unhealthy (worker/server/engine_loop.h).
 #pragma once
 
 #include <memory>
