@@ -14,6 +14,7 @@
 #include "tests/testing/http_scrape.h"
 #include "tests/testing/paths.h"
 #include "tests/testing/server_process.h"
+#include "tests/testing/subprocess.h"
 
 namespace cohort {
 namespace {
@@ -365,6 +366,17 @@ TEST(WorkerTest, PeakFlagsReplaceTheCpuMeasurement) {
   EXPECT_EQ(testing::MetricValue(text, "cohort_worker_peak_flops_per_second", "model="), 0.5e12) << text;
   EXPECT_EQ(testing::MetricValue(text, "cohort_worker_device_cost_dollars_per_hour", "model="), 3) << text;
   EXPECT_EQ(worker->Log().find("measured this machine"), std::string::npos) << worker->Log();
+}
+
+// Spreading a model over GPUs needs the CUDA backend: asked of another, the worker stops at once
+// with one line that says so.
+TEST(WorkerTest, GpusAboveOneWithoutCudaIsOneClearLine) {
+  const testing::ProcessResult r =
+      testing::RunProcess({testing::BinaryPath("cohort-worker"), "--model",
+                           testing::SourcePath("tests/fixtures/models/v3_plain"), "--gpus", "2", "--port", "0"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--gpus 2: give at least 1, and more than 1 only with --device cuda"), std::string::npos)
+      << r.err;
 }
 
 }  // namespace
