@@ -1,10 +1,8 @@
 #include "worker/model/cuda/cublas_api.h"
 
-#include <dlfcn.h>
-
-#include <mutex>
-
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "worker/model/cuda/shared_library.h"
 
 namespace cohort::cuda {
 namespace {
@@ -12,50 +10,26 @@ namespace {
 constexpr const char* kLibrary = "libcublas.so.13";
 
 absl::StatusOr<CublasApi> Open() {
-  void* library = dlopen(kLibrary, RTLD_NOW | RTLD_LOCAL);
-  if (library == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat("cannot load cuBLAS (", kLibrary, "): ", dlerror()));
-  }
+  COHORT_ASSIGN_OR_RETURN(SharedLibrary library, SharedLibrary::Open(kLibrary, "cannot load cuBLAS"));
   CublasApi api;
-  absl::Status missing;
-  auto bind = [&](auto& function, const char* name) {
-    function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(dlsym(library, name));
-    if (function == nullptr && missing.ok()) {
-      missing = absl::FailedPreconditionError(absl::StrCat(kLibrary, " has no function ", name));
-    }
-  };
-  bind(api.create, "cublasCreate_v2");
-  bind(api.destroy, "cublasDestroy_v2");
-  bind(api.set_stream, "cublasSetStream_v2");
-  bind(api.set_workspace, "cublasSetWorkspace_v2");
-  bind(api.gemm_strided_batched_ex, "cublasGemmStridedBatchedEx");
-  bind(api.status_name, "cublasGetStatusName");
-  if (!missing.ok()) return missing;
-  return api;  // the library stays loaded for the life of the process
+  library.Bind(api.create, "cublasCreate_v2");
+  library.Bind(api.destroy, "cublasDestroy_v2");
+  library.Bind(api.set_stream, "cublasSetStream_v2");
+  library.Bind(api.set_workspace, "cublasSetWorkspace_v2");
+  library.Bind(api.gemm_strided_batched_ex, "cublasGemmStridedBatchedEx");
+  library.Bind(api.status_name, "cublasGetStatusName");
+  COHORT_RETURN_IF_ERROR(library.missing());
+  return api;
 }
-
-const CublasApi* g_api = nullptr;
 
 }  // namespace
 
-absl::StatusOr<const CublasApi*> CublasApi::Load() {
-  static std::once_flag once;
-  static absl::Status error;
-  std::call_once(once, [] {
-    absl::StatusOr<CublasApi> api = Open();
-    if (api.ok()) {
-      g_api = new CublasApi(*api);
-    } else {
-      error = api.status();
-    }
-  });
-  if (g_api == nullptr) return error;
-  return g_api;
-}
+absl::StatusOr<const CublasApi*> CublasApi::Load() { return LoadOnce(&Open); }
 
 absl::Status CublasStatus(cublasStatus_t status, const char* what) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  const char* name = g_api != nullptr ? g_api->status_name(status) : "?";
+  absl::StatusOr<const CublasApi*> api = CublasApi::Load();  // loaded: a cuBLAS call gave `status`
+  const char* name = api.ok() ? (*api)->status_name(status) : "?";
   return absl::InternalError(absl::StrCat(what, ": ", name, " (cuBLAS status ", static_cast<int>(status), ")"));
 }
 

@@ -1,10 +1,8 @@
 #include "worker/model/cuda/nccl_api.h"
 
-#include <dlfcn.h>
-
-#include <mutex>
-
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "worker/model/cuda/shared_library.h"
 
 namespace cohort::cuda {
 namespace {
@@ -12,48 +10,24 @@ namespace {
 constexpr const char* kLibrary = "libnccl.so.2";
 
 absl::StatusOr<NcclApi> Open() {
-  void* library = dlopen(kLibrary, RTLD_NOW | RTLD_LOCAL);
-  if (library == nullptr) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot load NCCL (", kLibrary, "), which --gpus above 1 needs: ", dlerror()));
-  }
+  COHORT_ASSIGN_OR_RETURN(SharedLibrary library,
+                          SharedLibrary::Open(kLibrary, "cannot load NCCL, which --gpus above 1 needs"));
   NcclApi api;
-  absl::Status missing;
-  auto bind = [&](auto& function, const char* name) {
-    function = reinterpret_cast<std::remove_reference_t<decltype(function)>>(dlsym(library, name));
-    if (function == nullptr && missing.ok()) {
-      missing = absl::FailedPreconditionError(absl::StrCat(kLibrary, " has no function ", name));
-    }
-  };
-  bind(api.get_unique_id, "ncclGetUniqueId");
-  bind(api.comm_init_rank, "ncclCommInitRank");
-  bind(api.comm_destroy, "ncclCommDestroy");
-  bind(api.comm_abort, "ncclCommAbort");
-  bind(api.all_reduce, "ncclAllReduce");
-  bind(api.error_string, "ncclGetErrorString");
-  bind(api.get_version, "ncclGetVersion");
-  if (!missing.ok()) return missing;
-  api.comm_revoke = reinterpret_cast<decltype(api.comm_revoke)>(dlsym(library, "ncclCommRevoke"));
-  return api;  // the library stays loaded for the life of the process
+  library.Bind(api.get_unique_id, "ncclGetUniqueId");
+  library.Bind(api.comm_init_rank, "ncclCommInitRank");
+  library.Bind(api.comm_destroy, "ncclCommDestroy");
+  library.Bind(api.comm_abort, "ncclCommAbort");
+  library.Bind(api.all_reduce, "ncclAllReduce");
+  library.Bind(api.error_string, "ncclGetErrorString");
+  library.Bind(api.get_version, "ncclGetVersion");
+  library.BindOptional(api.comm_revoke, "ncclCommRevoke");
+  COHORT_RETURN_IF_ERROR(library.missing());
+  return api;
 }
 
 }  // namespace
 
-absl::StatusOr<const NcclApi*> NcclApi::Load() {
-  static std::once_flag once;
-  static const NcclApi* api = nullptr;
-  static absl::Status error;
-  std::call_once(once, [] {
-    absl::StatusOr<NcclApi> opened = Open();
-    if (opened.ok()) {
-      api = new NcclApi(*opened);
-    } else {
-      error = opened.status();
-    }
-  });
-  if (api == nullptr) return error;
-  return api;
-}
+absl::StatusOr<const NcclApi*> NcclApi::Load() { return LoadOnce(&Open); }
 
 absl::Status NcclStatus(const NcclApi& nccl, ncclResult_t result, const char* what) {
   if (result == ncclSuccess) return absl::OkStatus();

@@ -282,12 +282,15 @@ TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
   }
 }
 
-TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
-  COHORT_SKIP_WITHOUT_GPU();
+// A synthetic V2-Lite of `layers` layers (the first dense) on `gpus` GPUs prefills 300 tokens and
+// decodes one, with finite logits. One decode token reads six experts in each MoE layer; with
+// several GPUs each counts its own experts' reads and the engine reports their sum.
+void ExpectSyntheticPrefillAndDecode(int gpus, int64_t layers) {
   EngineOptions options;
   options.model_dir = "synthetic:deepseek-v2-lite";
   options.device = "cuda";
-  options.num_layers = 2;
+  options.num_gpus = gpus;
+  options.num_layers = layers;
   options.kv_cache_bytes = int64_t{1} << 30;
   options.max_batch_tokens = 512;
   options.max_sequences = 16;
@@ -302,43 +305,24 @@ TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
   SequenceStep prefill{prompt, 0, table, true};
   ASSERT_TRUE((*engine)->Forward({&prefill, 1}, logits).ok());
   for (float v : logits) ASSERT_TRUE(std::isfinite(v));
-  EXPECT_GT((*engine)->last_step_stats().routed_expert_reads, 6) << "300 tokens route to more than 6 experts";
+  const int64_t moe_layers = layers - 1;
+  EXPECT_GT((*engine)->last_step_stats().routed_expert_reads, 6 * moe_layers)
+      << "300 tokens route to more than 6 experts a layer";
   const int32_t next = testing::Argmax(logits);
   SequenceStep decode{{&next, 1}, 300, table, true};
   ASSERT_TRUE((*engine)->Forward({&decode, 1}, logits).ok());
   for (float v : logits) ASSERT_TRUE(std::isfinite(v));
-  EXPECT_GE((*engine)->last_step_stats().routed_expert_reads, 6);  // one layer of MoE, top-6
-  EXPECT_LE((*engine)->last_step_stats().routed_expert_reads, 6);
+  EXPECT_EQ((*engine)->last_step_stats().routed_expert_reads, 6 * moe_layers) << "top-6 in each MoE layer";
 }
 
-// Spread over two GPUs, each counts the reads of its own experts; the engine reports their sum, the
-// same six experts per MoE layer for one decode token as one GPU does.
+TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
+  COHORT_SKIP_WITHOUT_GPU();
+  ExpectSyntheticPrefillAndDecode(/*gpus=*/1, /*layers=*/2);
+}
+
 TEST(CudaEngineTest, TwoGpusCountTheExpertsBothRead) {
   COHORT_SKIP_WITHOUT_GPUS(2);
-  EngineOptions options;
-  options.model_dir = "synthetic:deepseek-v2-lite";
-  options.device = "cuda";
-  options.num_gpus = 2;
-  options.num_layers = 3;  // one dense layer, two MoE layers
-  options.kv_cache_bytes = int64_t{1} << 30;
-  options.max_batch_tokens = 512;
-  options.max_sequences = 16;
-  auto engine = CreateEngine(options);
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  const int64_t vocab = (*engine)->config().vocab_size;
-  std::vector<int32_t> prompt(300), table;
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919) % vocab);
-  for (int32_t b = 0; b < 20; ++b) table.push_back(b);
-  std::vector<float> logits(vocab);
-  SequenceStep prefill{prompt, 0, table, true};
-  ASSERT_TRUE((*engine)->Forward({&prefill, 1}, logits).ok());
-  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
-  EXPECT_GT((*engine)->last_step_stats().routed_expert_reads, 12) << "300 tokens route to more than 6 experts a layer";
-  const int32_t next = testing::Argmax(logits);
-  SequenceStep decode{{&next, 1}, 300, table, true};
-  ASSERT_TRUE((*engine)->Forward({&decode, 1}, logits).ok());
-  for (float v : logits) ASSERT_TRUE(std::isfinite(v));
-  EXPECT_EQ((*engine)->last_step_stats().routed_expert_reads, 12) << "two MoE layers, top-6";
+  ExpectSyntheticPrefillAndDecode(/*gpus=*/2, /*layers=*/3);
 }
 
 // Asked for more GPUs than the model has routed experts, or than the machine has, the engine says
