@@ -173,6 +173,7 @@ def test_defaults(r):
     w = container(sts, "worker")
     assert gpu(w, "limits") == 1 and gpu(w, "requests") == 1
     a = args_of(w)
+    assert "gpus" not in a, "one GPU is the worker's default"
     assert a["model"] == "/models/DeepSeek-V3" and a["device"] == "cuda", a
     assert a["kv-cache-bytes"] == "64424509440" and a["max-batch-tokens"] == "8192" and a["max-running"] == "256", a
     assert workers_dns(deploy) == "cohort-worker-headless.default.svc.cluster.local:50061"
@@ -243,6 +244,7 @@ def test_multi_gpu(r):
     assert gpu(w, "limits") == 8 and gpu(w, "requests") == 8
     assert w["resources"]["requests"]["cpu"] == "32" and w["resources"]["limits"]["memory"] == "1Ti"
     a = args_of(w)
+    assert a["gpus"] == "8", "the worker spreads the model over the pod's GPUs"
     assert a["kv-cache-bytes"] == "137438953472", a["kv-cache-bytes"]
     assert a["max-batch-tokens"] == "16384" and a["max-running"] == "512"
     assert args_of(container(deploy, "router"))["policy"] == "least_loaded"
