@@ -1,5 +1,7 @@
 #include "worker/model/cuda/nccl_api.h"
 
+#include <cstdlib>
+
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 #include "worker/model/cuda/shared_library.h"
@@ -10,6 +12,10 @@ namespace {
 constexpr const char* kLibrary = "libnccl.so.2";
 
 absl::StatusOr<NcclApi> Open() {
+  // NVLink multicast (NVLS) off unless the environment asks for it: on shared GPU hosts a program
+  // that uses it can take the host's GPUs out of service, and this engine's collectives are too
+  // small to gain from it. NCCL reads the variable when its first communicator is made.
+  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
   COHORT_ASSIGN_OR_RETURN(SharedLibrary library,
                           SharedLibrary::Open(kLibrary, "cannot load NCCL, which --gpus above 1 needs"));
   NcclApi api;
