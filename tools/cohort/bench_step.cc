@@ -207,6 +207,27 @@ class StepBench {
             {"mfu", cost.flops / seconds / (f_.peak_tflops * 1e12 * f_.gpus)}};
   }
 
+  // Sequence b's block table: consecutive blocks of pool b % num_pools (one pool per GPU), so the
+  // sequences spread over the GPUs as the worker's block manager spreads them. Blocks are reused
+  // from sequence to sequence when they run out (the values in the cache do not matter here).
+  std::vector<std::vector<int32_t>> Tables(int64_t sequences, int64_t blocks_per_seq) const {
+    const KvCacheGeometry& kv = engine_.kv_geometry();
+    const int64_t pool_blocks = kv.num_blocks / kv.num_pools;
+    std::vector<std::vector<int32_t>> tables(sequences);
+    for (int64_t b = 0; b < sequences; ++b) {
+      const int64_t pool = b % kv.num_pools, first = (b / kv.num_pools) * blocks_per_seq;
+      for (int64_t i = 0; i < blocks_per_seq; ++i) {
+        tables[b].push_back(static_cast<int32_t>(pool * pool_blocks + (first + i) % pool_blocks));
+      }
+    }
+    return tables;
+  }
+  // Whether `sequences` sequences of blocks_per_seq blocks fit the cache without sharing blocks.
+  bool Fits(int64_t sequences, int64_t blocks_per_seq) const {
+    const KvCacheGeometry& kv = engine_.kv_geometry();
+    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq <= kv.num_blocks / kv.num_pools;
+  }
+
   // Times a decode step for each context and batch size that the KV cache holds; prints a line
   // for each when `print`. The rows carry context and batch.
   absl::StatusOr<nlohmann::json> Decode(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batch_sizes,
@@ -218,16 +239,11 @@ class StepBench {
     const int64_t max_batch = *std::max_element(batch_sizes.begin(), batch_sizes.end());
     for (int64_t context : contexts) {
       const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
-      std::vector<std::vector<int32_t>> tables(max_batch);
-      for (int64_t b = 0; b < max_batch; ++b) {
-        for (int64_t i = 0; i < blocks_per_seq; ++i) {
-          tables[b].push_back(static_cast<int32_t>((b * blocks_per_seq + i) % kv.num_blocks));
-        }
-      }
+      std::vector<std::vector<int32_t>> tables = Tables(max_batch, blocks_per_seq);
       std::vector<int32_t> token_ids(max_batch);
       for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
       for (int64_t batch_size : batch_sizes) {
-        if (batch_size * blocks_per_seq > kv.num_blocks) {
+        if (!Fits(batch_size, blocks_per_seq)) {
           if (print) {
             std::printf("%8ld %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", static_cast<long>(context),
                         static_cast<long>(batch_size), static_cast<long>(batch_size * blocks_per_seq),
@@ -311,8 +327,8 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   std::printf("measured copy bandwidth %.0f GB/s (read + write); peak %.0f TFLOP/s\n", copy_bandwidth / 1e9,
               f.peak_tflops);
   if (f.gpus > 1) {
-    std::printf("%d GPUs, experts split between them: the roofline and MFU are of all %d together, and the bytes\n"
-                "read on every GPU (attention, dense layers, KV cache) are counted once\n",
+    std::printf("%d GPUs, experts split between them, sequences too: the roofline and MFU are of all %d together,\n"
+                "and the weights every GPU reads (attention, dense layers) are counted once\n",
                 f.gpus, f.gpus);
   }
   std::printf("\n");
@@ -333,14 +349,14 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   if (!prefill.empty()) std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
   for (const auto& [n, len] : prefill) {
     const int64_t blocks_per_seq = (len + kv.block_size_tokens - 1) / kv.block_size_tokens;
-    if (n * blocks_per_seq > kv.num_blocks) {
+    if (!bench.Fits(n, blocks_per_seq)) {
       std::printf("%4ldx%-5ld  skipped: the KV cache is too small\n", static_cast<long>(n), static_cast<long>(len));
       continue;
     }
-    std::vector<std::vector<int32_t>> tables(n), prompts(n);
+    const std::vector<std::vector<int32_t>> tables = bench.Tables(n, blocks_per_seq);
+    std::vector<std::vector<int32_t>> prompts(n);
     std::vector<SequenceStep> batch;
     for (int64_t s = 0; s < n; ++s) {
-      for (int64_t i = 0; i < blocks_per_seq; ++i) tables[s].push_back(static_cast<int32_t>(s * blocks_per_seq + i));
       for (int64_t i = 0; i < len; ++i) prompts[s].push_back(static_cast<int32_t>((s * 104729 + i * 7919) % c.vocab_size));
       batch.push_back({prompts[s], 0, tables[s], true});
     }
@@ -353,14 +369,16 @@ absl::Status BenchStep(const BenchStepFlags& f) {
     results["prefill"].push_back(std::move(row));
   }
   if (f.gpus > 1) {
-    // The same decode steps on an engine whose GPUs skip the all-reduce: compute alone.
+    // The same decode steps on an engine whose GPUs skip the collectives: compute alone.
     engine.reset();
     options.skip_collectives = true;
     COHORT_ASSIGN_OR_RETURN(engine, CreateEngine(options));
     StepBench alone(f, *engine, copy_bandwidth);
     COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute, alone.Decode(contexts, batch_sizes, /*print=*/false));
-    std::printf("\nthe same decode steps without the all-reduces (wrong logits; compute alone):\n");
-    std::printf("%8s %6s %9s %11s %9s %7s\n", "context", "batch", "step ms", "compute ms", "comm ms", "comm %");
+    std::printf("\nthe same decode steps without collectives (each GPU's rows stand in for every GPU's: wrong\n"
+                "logits, compute alone; the experts column says whether the same experts were read):\n");
+    std::printf("%8s %6s %9s %11s %9s %7s %8s %8s\n", "context", "batch", "step ms", "compute ms", "comm ms", "comm %",
+                "experts", "alone");
     for (nlohmann::json& row : results["decode"]) {
       const auto same = std::find_if(compute.begin(), compute.end(), [&](const nlohmann::json& r) {
         return r["context"] == row["context"] && r["batch"] == row["batch"];
@@ -369,9 +387,10 @@ absl::Status BenchStep(const BenchStepFlags& f) {
       const double step_ms = row["step_ms"].get<double>(), compute_ms = (*same)["step_ms"].get<double>();
       row["compute_ms"] = compute_ms;
       row["communication_ms"] = step_ms - compute_ms;
-      std::printf("%8ld %6ld %9.3f %11.3f %9.3f %6.1f%%\n", static_cast<long>(row["context"].get<int64_t>()),
+      std::printf("%8ld %6ld %9.3f %11.3f %9.3f %6.1f%% %8ld %8ld\n", static_cast<long>(row["context"].get<int64_t>()),
                   static_cast<long>(row["batch"].get<int64_t>()), step_ms, compute_ms, step_ms - compute_ms,
-                  100 * (step_ms - compute_ms) / step_ms);
+                  100 * (step_ms - compute_ms) / step_ms, static_cast<long>(row["routed_expert_reads"].get<int64_t>()),
+                  static_cast<long>((*same)["routed_expert_reads"].get<int64_t>()));
     }
   }
   if (!f.output.empty()) {

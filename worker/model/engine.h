@@ -114,8 +114,9 @@ struct EngineOptions {
   // GPUs the model is spread over (cuda only): the experts split between them, the rest of the
   // model on each (worker/model/cuda/cuda_engine.h's ShardEngine).
   int num_gpus = 1;
-  // Benchmarks only (cohort bench step): the GPUs skip the all-reduce of their MoE outputs, so the
-  // logits are wrong; timing steps with and without it splits compute from communication.
+  // Benchmarks only (cohort bench step): the GPUs skip their collectives (each GPU's rows stand in
+  // for every GPU's), so the logits are wrong; timing steps with and without them splits compute
+  // from communication.
   bool skip_collectives = false;
 };
 

@@ -63,6 +63,9 @@ constexpr int32_t kSharedApartTopK = 1;
 constexpr int64_t kMergeValuesMaxTokens = 2;
 constexpr int64_t kReserveBytes = int64_t{512} << 20;   // CUDA graphs, cuBLAS and driver state
 constexpr uint64_t kSyntheticSeed = 0x5eed;
+// What ValidateBatch is told of the logits buffer for one GPU's part of a step: GPU 0 returns every
+// GPU's logits, and the engine that split the batch checked the buffer for them.
+constexpr size_t kLogitsChecked = std::numeric_limits<size_t>::max();
 
 // Batch sizes decode graphs are captured for; a decode step of n sequences replays the smallest
 // bucket >= n with padding rows.
@@ -107,7 +110,10 @@ struct StepLayout {
   int bucket = 0;           // the decode graph's batch size; 0 for an eager step
   int num_tokens = 0;       // rows of every activation (padded to the bucket under a graph)
   int absorbed_tokens = 0;  // tokens [0, absorbed_tokens)
-  int rows = 0;             // logits rows
+  int rows = 0;             // this GPU's logits rows
+  // Rows of the LM head: `rows` on one GPU; on GPU 0 of several, every GPU's logits rows (the others
+  // compute none).
+  int lm_rows = 0;
   int splits = 1;           // context splits of the absorbed attention
   std::vector<ExpandedChunk> expanded;
 };
@@ -126,7 +132,10 @@ class CudaEngine final : public ShardEngine {
   // Everything but the NCCL group and the graphs (ShardEngine::Prepare).
   absl::Status Initialize();
   absl::Status Start(const NcclApi* nccl, const ncclUniqueId* id) override;
-  absl::Status Follow(std::span<const SequenceStep> batch) override;
+  absl::Status ForwardShard(std::span<const SequenceStep> batch, const ShardStep& step,
+                            std::span<float> logits) override;
+  absl::Status ForwardAndSampleShard(std::span<const SequenceStep> batch, const ShardStep& step,
+                                     std::span<Sampler* const> samplers, std::span<SampledToken> tokens) override;
   void Abort() override;
 
   const ModelConfig& config() const override { return config_; }
@@ -134,22 +143,31 @@ class CudaEngine final : public ShardEngine {
   StepStats last_step_stats() const override { return stats_; }
   int64_t weight_value_bytes() const override { return sizeof(bf16); }
 
-  absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) override;
+  absl::Status Forward(std::span<const SequenceStep> batch, std::span<float> logits) override {
+    return ForwardOn(batch, nullptr, logits);
+  }
   absl::Status ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
-                                std::span<SampledToken> tokens) override;
+                                std::span<SampledToken> tokens) override {
+    return SampleOn(batch, nullptr, samplers, tokens);
+  }
 
  private:
   // Device buffers for one step at the largest size the engine accepts.
   struct Workspace {
     // Step inputs, uploaded in one copy from `staging_` (same layout, int32).
     int32_t* inputs = nullptr;
-    int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *block_tables;
+    int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *gathered_logits_rows,
+        *block_tables;
     float* residual;
     bf16 *x, *delta, *q, *q_a_normed, *q_latent, *o_latent, *attn;
     float *projected, *split_partials, *router_logits, *topk_weights;
     int32_t* topk_ids;
     bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
-    float* moe_sum;  // [T, H]: with several GPUs, this GPU's share of the combine, then (all-reduced) the sum
+    // With several GPUs: every GPU's rows gathered [world * T, H], this GPU's share of their combine
+    // (fp32, the same rows), and the sum of the shares for this GPU's rows [T, H].
+    bf16* x_all;
+    float *moe_all, *moe_sum;
+    bf16* final_all;  // every GPU's final rows [world * T, H], which GPU 0 turns into logits
     void* moe_workspace;
     // The shared experts apart (SharedExpertsApart): their routing, made from kSharedApartTopK routed
     // ids per token that are all -1, their activations and their S output matrices [S][T, H].
@@ -163,20 +181,25 @@ class CudaEngine final : public ShardEngine {
   };
 
   void PlaceWorkspace(DeviceArena& arena, Workspace& ws) const;
-  // `graph` pads a decode step to a captured graph's batch size and uses its context splits.
-  absl::StatusOr<StepLayout> Plan(std::span<const SequenceStep> batch, const GraphKey* graph);
+  // `graph` pads a decode step to a captured graph's batch size and uses its context splits; `shard`
+  // (several GPUs) pads an eager step to the rows every GPU brings.
+  absl::StatusOr<StepLayout> Plan(std::span<const SequenceStep> batch, const GraphKey* graph,
+                                  const ShardStep* shard = nullptr);
   absl::Status Upload(int64_t used_table_entries);
   absl::Status RecordForward(const StepLayout& layout);
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
   absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
   // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_); with
-  // several GPUs it combines this GPU's experts and sums the GPUs' combines (AllReduceMoe).
+  // several GPUs it runs this GPU's experts on every GPU's rows (GatherRows), combines them, and
+  // sums the GPUs' combines for this GPU's rows (ReduceScatterMoe).
   absl::Status FeedForward(const DeviceLayer& layer, const StepLayout& s);
-  absl::Status AllReduceMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t num_tokens);
-  // Launches a small step's shared experts on shared_stream_, which forks from stream_ here (after the
-  // post-attention norm) and joins it again in FeedForward before the combine; they leave their S
-  // outputs in ws_.shared_rows.
-  absl::Status SharedExpertsApart(const DeviceLayer& layer, int64_t num_tokens);
+  // all [world * T, H] = every GPU's rows [T, H], one GPU after another.
+  absl::Status GatherRows(const bf16* rows, bf16* all, int64_t T);
+  absl::Status ReduceScatterMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t rows);
+  // Launches a small step's shared experts on the rows x on shared_stream_, which forks from stream_
+  // here (after the post-attention norm, and the gather of every GPU's rows) and joins it again in
+  // FeedForward before the combine; they leave their S outputs in ws_.shared_rows.
+  absl::Status SharedExpertsApart(const DeviceLayer& layer, const bf16* x, int64_t num_tokens);
   // residual += the last block's output (ws_.delta, or the pending MoE combine; nothing before the
   // first layer), then x = RMSNorm(residual) * weight.
   absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first);
@@ -187,7 +210,11 @@ class CudaEngine final : public ShardEngine {
                        const GemmOutput& y, int batch = 1);
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
-  absl::Status RunStep(std::span<const SequenceStep> batch);
+  absl::Status RunStep(std::span<const SequenceStep> batch, const ShardStep* shard);
+  // Forward and ForwardAndSample, on one GPU (shard null) or as one GPU's part of a step.
+  absl::Status ForwardOn(std::span<const SequenceStep> batch, const ShardStep* shard, std::span<float> logits);
+  absl::Status SampleOn(std::span<const SequenceStep> batch, const ShardStep* shard,
+                        std::span<Sampler* const> samplers, std::span<SampledToken> tokens);
   // Makes this engine's GPU the calling thread's current device: the thread that steps the engine
   // need not be the one that created it.
   absl::Status UseDevice() const { return CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); }
@@ -216,6 +243,7 @@ class CudaEngine final : public ShardEngine {
   int num_sms_ = 0;
   int64_t mla_resident_blocks_ = 0;  // attention blocks the GPU holds at once
   int64_t max_tokens_ = 0;     // per step
+  int64_t moe_tokens_ = 0;     // rows of an MoE layer: max_tokens_ of every GPU
   int64_t max_sequences_ = 0;  // per step
   int64_t table_capacity_ = 0; // block-table entries per step
   int64_t expanded_context_ = 0;  // longest context the expanded prefill path takes
@@ -275,9 +303,10 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.positions = ws.tokens + T;
   ws.token_sequence = ws.positions + T;
   ws.table_offsets = ws.token_sequence + T;
-  ws.logits_rows = ws.table_offsets + S;
+  ws.logits_rows = ws.table_offsets + S + 1;  // + the padding rows' sequence
   ws.num_valid = ws.logits_rows + S;
-  ws.block_tables = ws.num_valid + 1;
+  ws.gathered_logits_rows = ws.num_valid + world_;  // several GPUs: ShardStep::logits_rows, padded
+  ws.block_tables = ws.gathered_logits_rows + (world_ > 1 ? S : 0);
   if (a.dry_run()) ws = Workspace{};
 
   ws.residual = a.Take<float>(T * H);
@@ -293,21 +322,25 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.split_partials = a.Take<float>(kSplitPairs * heads * (rank + 1));
 
   // The dense layers' MLP, and the shared experts of steps too large to fold them into the grouped products.
-  const int64_t shared = shard_.num_shared();
-  const int64_t dense_inter = std::max(c.intermediate_size, c.moe_intermediate_size * shared);
-  ws.mlp_gate_up = a.Take<bf16>(T * 2 * dense_inter);
-  ws.mlp_act = a.Take<bf16>(T * dense_inter);
+  const int64_t shared = shard_.num_shared(), M = moe_tokens_;
+  const int64_t mlp_values = std::max(T * c.intermediate_size, M * c.moe_intermediate_size * shared);
+  ws.mlp_gate_up = a.Take<bf16>(2 * mlp_values);
+  ws.mlp_act = a.Take<bf16>(mlp_values);
   if (c.n_routed_experts > 0) {
     // One row per (token, routed slot) and per (token, shared expert): the grouped GEMMs run both.
-    const int64_t pairs = T * c.num_experts_per_tok, inter = c.moe_intermediate_size;
-    const int64_t rows = T * (c.num_experts_per_tok + shared);
-    ws.router_logits = a.Take<float>(T * c.n_routed_experts);
+    const int64_t pairs = M * c.num_experts_per_tok, inter = c.moe_intermediate_size;
+    const int64_t rows = M * (c.num_experts_per_tok + shared);
+    ws.router_logits = a.Take<float>(M * c.n_routed_experts);
     ws.topk_ids = a.Take<int32_t>(pairs);
     ws.topk_weights = a.Take<float>(pairs);
     ws.routed_act = a.Take<bf16>(rows * inter);
     ws.routed_out = a.Take<bf16>(rows * H);
-    if (shared > 0) ws.shared_out = a.Take<bf16>(T * H);
-    if (world_ > 1) ws.moe_sum = a.Take<float>(T * H);
+    if (shared > 0) ws.shared_out = a.Take<bf16>(M * H);
+    if (world_ > 1) {
+      ws.x_all = a.Take<bf16>(M * H);
+      ws.moe_all = a.Take<float>(M * H);
+      ws.moe_sum = a.Take<float>(T * H);
+    }
     ws.moe_workspace = a.Take<char>(moe_workspace_bytes_);
     if (shared_apart_tokens_ > 0) {
       const int64_t apart = shared_apart_tokens_;
@@ -317,8 +350,10 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
       ws.shared_rows = a.Take<bf16>(apart * shared * H);
     }
   }
-  ws.final_rows = a.Take<bf16>(S * H);
-  if (rank_ == 0) ws.logits = a.Take<float>(S * c.vocab_size);
+  // With several GPUs every GPU sends GPU 0 as many final rows as the MoE rows it brings.
+  ws.final_rows = a.Take<bf16>((world_ > 1 ? T : S) * H);
+  if (world_ > 1) ws.final_all = a.Take<bf16>(world_ * T * H);
+  ws.logits = a.Take<float>(S * c.vocab_size);
   ws.gathered = a.Take<bf16>(expanded_context_ * width);
   ws.expanded_kv = a.Take<bf16>(expanded_context_ * heads * (c.qk_nope_head_dim + c.v_head_dim));
   ws.scores = a.Take<float>(kPrefillScoresBytes / 6);
@@ -366,7 +401,9 @@ absl::Status CudaEngine::Initialize() {
   max_tokens_ = std::max(options_.max_batch_tokens, max_sequences_);
   const int64_t max_blocks_per_sequence = CeilDiv(c.max_position_embeddings, options_.kv_block_size);
   table_capacity_ = std::min(max_sequences_ * max_blocks_per_sequence, max_tokens_ * max_blocks_per_sequence) + 1;
-  staging_header_ = 3 * max_tokens_ + 2 * max_sequences_ + 1;
+  moe_tokens_ = world_ * max_tokens_;
+  // As PlaceWorkspace lays it out.
+  staging_header_ = 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
   expanded_context_ = std::min<int64_t>(
       c.max_position_embeddings, kExpandedKvBytes / (2 * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)));
   // The expanded prefill must fit one query row of every head in the scores workspace.
@@ -384,9 +421,9 @@ absl::Status CudaEngine::Initialize() {
           " and ", c.n_shared_experts, ": use --device cpu"));
     }
     gate_params_ = MoeGateParamsFor(c);
-    moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(max_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
+    moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(moe_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                     shard_.num_routed, shard_.num_shared());
-    shared_apart_tokens_ = shard_.num_shared() > 0 ? std::min(max_tokens_, kSharedApartMaxTokens) : 0;
+    shared_apart_tokens_ = shard_.num_shared() > 0 ? std::min(moe_tokens_, kSharedApartMaxTokens) : 0;
     shared_routing_bytes_ =
         MoeRoutingWorkspaceBytes(shared_apart_tokens_, kSharedApartTopK, shard_.num_routed, shard_.num_shared());
   }
@@ -427,9 +464,9 @@ absl::Status CudaEngine::Initialize() {
                gib(weight_plan.bytes()), gib(workspace_plan.bytes()), gib(cache_bytes), geometry_.num_blocks,
                geometry_.block_size_tokens);
   if (world_ > 1) {
-    spdlog::info("cuda: GPU {} of {} (device {}) holds routed experts [{}, {}) and {} of {} shared experts", rank_,
-                 world_, device_, shard_.first_routed, shard_.first_routed + shard_.num_routed, shard_.num_shared(),
-                 c.n_shared_experts);
+    spdlog::info("cuda: GPU {} of {} (device {}) holds routed experts [{}, {}), {} of {} shared experts and KV pool {}",
+                 rank_, world_, device_, shard_.first_routed, shard_.first_routed + shard_.num_routed,
+                 shard_.num_shared(), c.n_shared_experts, rank_);
   }
 
   COHORT_ASSIGN_OR_RETURN(weight_arena_, DeviceArena::Allocate(weight_plan.bytes() + rope_bytes, "the weights"));
@@ -461,9 +498,7 @@ absl::Status CudaEngine::Initialize() {
                                       "cublasSetWorkspace"));
   COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
   COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
-  if (rank_ == 0) {  // the GPU that samples
-    COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
-  }
+  COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
   if (ws_.no_routed_ids != nullptr) {  // SharedExpertsApart's stream, fork, join and ids
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
@@ -505,7 +540,8 @@ int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
 }
 
 // Orders the step's tokens (absorbed first), fills the staging buffer and returns the layout.
-absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch, const GraphKey* graph) {
+absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch, const GraphKey* graph,
+                                             const ShardStep* shard) {
   const int bucket = graph != nullptr ? graph->bucket : 0;
   StepLayout s;
   s.bucket = bucket;
@@ -513,9 +549,10 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
   int32_t* positions = tokens + max_tokens_;
   int32_t* token_sequence = positions + max_tokens_;
   int32_t* table_offsets = token_sequence + max_tokens_;
-  int32_t* logits_rows = table_offsets + max_sequences_;
+  int32_t* logits_rows = table_offsets + max_sequences_ + 1;
   int32_t* num_valid = logits_rows + max_sequences_;
-  int32_t* tables = num_valid + 1;
+  int32_t* gathered_logits_rows = num_valid + world_;
+  int32_t* tables = gathered_logits_rows + (world_ > 1 ? max_sequences_ : 0);
 
   int64_t total_tokens = 0, table_entries = 0;
   for (const SequenceStep& seq : batch) {
@@ -566,10 +603,27 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
   for (size_t i = 0; i < batch.size(); ++i) {
     if (batch[i].compute_logits) logits_rows[s.rows++] = last_token[i];
   }
-  num_valid[0] = token;
+  // Each GPU's tokens, which the MoE layers tell from padding rows (on one GPU, this step's); and
+  // on GPU 0 of several, where every GPU's logits rows are among their gathered final rows.
+  if (world_ == 1) {
+    num_valid[0] = token;
+  } else {
+    for (int g = 0; g < world_; ++g) num_valid[g] = shard != nullptr ? shard->tokens[g] : 0;  // 0: capture
+    const int64_t lm_rows = shard != nullptr ? static_cast<int64_t>(shard->logits_rows.size()) : 0;
+    // A graph's LM head takes as many rows as every GPU's bucket could want, up to the batch limit.
+    s.lm_rows = static_cast<int>(bucket > 0 ? std::min<int64_t>(world_ * bucket, max_sequences_) : lm_rows);
+    if (rank_ != 0) s.lm_rows = 0;
+    // ShardStep counts `rows` per GPU; a graph gathers its bucket's rows from each.
+    const int per_gpu = bucket > 0 ? bucket : (shard != nullptr ? shard->rows : 0);
+    for (int64_t r = 0; r < s.lm_rows; ++r) {
+      const int32_t at = r < lm_rows ? shard->logits_rows[r] : 0;
+      gathered_logits_rows[r] = r < lm_rows ? at / shard->rows * per_gpu + at % shard->rows : 0;
+    }
+  }
   s.num_tokens = token;
+  // Padding rows are token 0 at position 0 of a sequence whose only block is the scratch block.
   if (bucket > 0) {
-    // Padding rows: token 0 at position 0 of a sequence whose only block is the scratch block.
+    // As many as the graph's batch size; each is a decode row of its own sequence.
     tables[used] = static_cast<int32_t>(geometry_.num_blocks);
     for (int r = token; r < bucket; ++r) {
       tokens[r] = 0;
@@ -582,8 +636,22 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
     s.num_tokens = s.absorbed_tokens = s.rows = bucket;
     s.splits = SplitsFor(bucket, graph->max_context);
   } else {
+    if (shard != nullptr && shard->rows > token) {
+      // Up to the rows every GPU brings, after the expanded chunks: they attend over nothing (their
+      // attention rows are zeroed in RunStep) and share one sequence past the batch's.
+      const int padding_sequence = static_cast<int>(batch.size());
+      table_offsets[padding_sequence] = static_cast<int32_t>(used);
+      tables[used++] = static_cast<int32_t>(geometry_.num_blocks);
+      for (int r = token; r < shard->rows; ++r) {
+        tokens[r] = 0;
+        positions[r] = 0;
+        token_sequence[r] = padding_sequence;
+      }
+      s.num_tokens = shard->rows;
+    }
     s.splits = SplitsFor(s.absorbed_tokens, max_context);
   }
+  if (world_ == 1) s.lm_rows = s.rows;
   COHORT_RETURN_IF_ERROR(Upload(used));
   return s;
 }
@@ -723,34 +791,43 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     return Linear(l.mlp_down, ws_.mlp_act, T, ws_.delta);
   }
 
+  // With several GPUs the MoE runs on every GPU's rows (world_ groups of T, each GPU's tokens then
+  // its padding), E and S count this GPU's experts (shard_), and the router scores all experts.
+  const bf16* x = ws_.x;
+  int64_t rows = T;
+  if (world_ > 1) {
+    COHORT_RETURN_IF_ERROR(GatherRows(ws_.x, ws_.x_all, T));
+    x = ws_.x_all;
+    rows = world_ * T;
+  }
   // The shared experts are experts E..E+S-1 of the weight arrays. They need no routing: steps of up
-  // to kSharedApartMaxTokens tokens run them beside it on a second stream, so that their weight reads
-  // fill the routing's latency-bound launches. Up to kFoldSharedMaxTokens tokens they join the routed
+  // to kSharedApartMaxTokens rows run them beside it on a second stream, so that their weight reads
+  // fill the routing's latency-bound launches. Up to kFoldSharedMaxTokens rows they join the routed
   // ones in the grouped products (one row per token, weight 1 in the combine): no extra launches,
   // and they stream like any expert. Prefill-sized steps run them on cuBLAS.
-  // With several GPUs, E and S count this GPU's experts (shard_); the router still scores all of them.
   const int32_t E = shard_.num_routed, k = static_cast<int32_t>(c.num_experts_per_tok);
   const int32_t shared = shard_.num_shared();
-  const bool apart = shared > 0 && T <= kSharedApartMaxTokens;
-  const int32_t folded = !apart && T <= kFoldSharedMaxTokens ? shared : 0;
+  const bool apart = shared > 0 && rows <= kSharedApartMaxTokens;
+  const int32_t folded = !apart && rows <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size;
   MoeCombineAdd add;
   if (apart) {
-    COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, T));
+    COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, x, rows));
     add = {ws_.shared_rows, shared};
   }
   const int64_t all_experts = c.n_routed_experts;
-  COHORT_RETURN_IF_ERROR(Product(T, all_experts, H, {ws_.x, H}, {l.router.data, H},
+  COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
                                  {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
   MoeRouting routing;
-  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, T, k, E, folded,
-                                              MoeDefaultTileRows(T, k, E, folded), &routing));
+  COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, rows, k, E, folded,
+                                              MoeDefaultTileRows(rows, k, E, folded), &routing));
   routing.first_expert = shard_.first_routed;
-  // A graph's padding rows (past num_valid) choose no expert.
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_,
-                                             s.bucket > 0 ? ws_.num_valid : nullptr, ws_.topk_ids, ws_.topk_weights,
-                                             routing, ws_.experts_used, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
+  // Padding rows (past a graph's batch, or past a GPU's tokens) choose no expert.
+  const int32_t* num_valid = world_ > 1 || s.bucket > 0 ? ws_.num_valid : nullptr;
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_, num_valid, ws_.topk_ids,
+                                             ws_.topk_weights, routing, ws_.experts_used, stream_,
+                                             /*valid_group_rows=*/world_ > 1 ? T : 0));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   // The route (or the align) is two launches back: the down product may read the routing, and request
   // its first weights, before it waits for the gate_up product.
@@ -760,38 +837,56 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   if (apart) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, shared_join_, 0));
   } else if (folded < shared) {
-    // [S][T, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
+    // [S][rows, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
     const bf16* gate_up = l.experts_gate_up + E * 2 * inter * H;
     const bf16* down = l.experts_down + E * H * inter;
-    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, 2 * inter, H, {ws_.x, H, 0}, {gate_up, H, 2 * inter * H}, true,
-                                {ws_.mlp_gate_up, 2 * inter, T * 2 * inter}, shared));
-    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, shared * T, inter, nullptr, ws_.mlp_act, stream_));
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, 2 * inter, H, {x, H, 0}, {gate_up, H, 2 * inter * H},
+                                true, {ws_.mlp_gate_up, 2 * inter, rows * 2 * inter}, shared));
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeSiluMul(ws_.mlp_gate_up, shared * rows, inter, nullptr, ws_.mlp_act, stream_));
     for (int32_t e = 0; e < shared; ++e) {
-      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, T, H, inter, {ws_.mlp_act + e * T * inter, inter},
-                                  {down + e * H * inter, inter}, true, {ws_.shared_out, H}, 1, 1.0f, e == 0 ? 0.0f : 1.0f));
+      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, H, inter, {ws_.mlp_act + e * rows * inter, inter},
+                                  {down + e * H * inter, inter}, true, {ws_.shared_out, H}, 1, 1.0f,
+                                  e == 0 ? 0.0f : 1.0f));
     }
     add = {ws_.shared_out, 1};
   }
-  if (world_ > 1) return AllReduceMoe(routing, add, T);
+  if (world_ > 1) return ReduceScatterMoe(routing, add, T);
   pending_combine_ = PendingCombine{routing, add};
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::AllReduceMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t T) {
+absl::Status CudaEngine::GatherRows(const bf16* rows, bf16* all, int64_t T) {
+  const int64_t H = config_.hidden_size;
+  if (aborted_) return absl::UnavailableError("the GPUs' NCCL group was revoked");
+  if (options_.skip_collectives) {
+    // Benchmarks of compute alone: this GPU's rows stand in for every GPU's.
+    for (int g = 0; g < world_; ++g) {
+      COHORT_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(all + g * T * H, rows, T * H * sizeof(bf16), cudaMemcpyDeviceToDevice, stream_));
+    }
+    return absl::OkStatus();
+  }
+  return NcclStatus(*nccl_, nccl_->all_gather(rows, all, T * H, ncclBfloat16, comm_, stream_), "ncclAllGather");
+}
+
+absl::Status CudaEngine::ReduceScatterMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t T) {
   // In fp32, so that the sum is rounded to bf16 once, as one GPU's combine is.
   const int64_t H = config_.hidden_size;
   if (aborted_) return absl::UnavailableError("the GPUs' NCCL group was revoked");
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, add, H, ws_.moe_sum, stream_));
-  if (!options_.skip_collectives) {
-    COHORT_RETURN_IF_ERROR(NcclStatus(*nccl_, nccl_->all_reduce(ws_.moe_sum, ws_.moe_sum, T * H, ncclFloat32, ncclSum,
-                                                                  comm_, stream_),
-                                      "ncclAllReduce"));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeCombine(ws_.routed_out, ws_.topk_weights, routing, add, H, ws_.moe_all, stream_));
+  if (options_.skip_collectives) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws_.moe_sum, ws_.moe_all + rank_ * T * H, T * H * sizeof(float),
+                                                cudaMemcpyDeviceToDevice, stream_));
+  } else {
+    COHORT_RETURN_IF_ERROR(NcclStatus(
+        *nccl_, nccl_->reduce_scatter(ws_.moe_all, ws_.moe_sum, T * H, ncclFloat32, ncclSum, comm_, stream_),
+        "ncclReduceScatter"));
   }
   pending_combine_ = PendingCombine{routing, add, /*summed=*/true};
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
+absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, const bf16* x, int64_t T) {
   const ModelConfig& c = config_;
   const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
   const int32_t E = shard_.num_routed, k = kSharedApartTopK;
@@ -808,7 +903,7 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, int64_t T) {
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.shared_routing, shared_routing_bytes_, T, k, E, shared,
                                               MoeDefaultTileRows(T, k, E, shared), &routing));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.no_routed_ids, routing, nullptr, shared_stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.x, /*gather_a=*/true, l.experts_gate_up, inter, H,
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.shared_act, /*silu_mul=*/true}, routing, shared_stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.shared_act, /*gather_a=*/false, l.experts_down, H, inter,
                                                     ws_.shared_rows, /*silu_mul=*/false, /*routing_ready=*/true},
@@ -878,12 +973,20 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
     COHORT_RETURN_IF_ERROR(NormalizeResidual(l.post_attention_norm, T, /*first=*/false));
     COHORT_RETURN_IF_ERROR(FeedForward(l, s));
   }
-  if (rank_ != 0) return absl::OkStatus();  // GPU 0 computes the logits
   COHORT_RETURN_IF_ERROR(NormalizeResidual(weights_.norm, T, /*first=*/false));
   COHORT_CUDA_RETURN_IF_ERROR(
       kernels::LaunchGatherRows(ws_.x, ws_.logits_rows, s.rows, static_cast<int>(H), ws_.final_rows, stream_));
-  return Product(s.rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H},
-              {ws_.logits, c.vocab_size, 0, CUDA_R_32F});
+  if (world_ > 1) {
+    // GPU 0 computes and samples every GPU's logits, so that only it needs the samplers: the GPUs'
+    // final rows (T each: as many as any of them wants) go to it.
+    COHORT_RETURN_IF_ERROR(GatherRows(ws_.final_rows, ws_.final_all, T));
+    if (rank_ != 0) return absl::OkStatus();
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherRows(ws_.final_all, ws_.gathered_logits_rows, s.lm_rows,
+                                                          static_cast<int>(H), ws_.final_rows, stream_));
+  }
+  if (s.lm_rows == 0) return absl::OkStatus();  // every sequence continues its prompt
+  return Product(s.lm_rows, c.vocab_size, H, {ws_.final_rows, H}, {weights_.lm_head.data, H},
+                 {ws_.logits, c.vocab_size, 0, CUDA_R_32F});
 }
 
 // Captures the decode graph of `key` over padding-only inputs (every row a padding row of the
@@ -925,16 +1028,20 @@ absl::Status CudaEngine::CaptureGraphs() {
 }
 
 // Enqueues one step: inputs, the forward pass (a graph replay for decode-only steps), up to logits.
-absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
-  const bool decode_only = std::all_of(batch.begin(), batch.end(), [](const SequenceStep& s) {
-    return s.tokens.size() == 1 && s.compute_logits;
-  });
+absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const ShardStep* shard) {
+  // A decode-only step replays a graph; under several GPUs, all of them do or none does, for the
+  // rows they agreed on.
+  const bool decode_only =
+      shard != nullptr ? shard->decode_graph : std::all_of(batch.begin(), batch.end(), [](const SequenceStep& s) {
+        return s.tokens.size() == 1 && s.compute_logits;
+      });
+  const int sequences = shard != nullptr ? shard->rows : static_cast<int>(batch.size());
   cudaGraphExec_t graph = nullptr;
   GraphKey key{0, 0};
   if (decode_only) {
     int64_t max_context = 0;
     for (const SequenceStep& s : batch) max_context = std::max(max_context, s.start_position + 1);
-    auto bucket = std::lower_bound(buckets_.begin(), buckets_.end(), static_cast<int>(batch.size()));
+    auto bucket = std::lower_bound(buckets_.begin(), buckets_.end(), sequences);
     for (int64_t limit : kGraphContexts) {
       if (bucket == buckets_.end() || (limit != 0 && max_context > limit)) continue;
       key = {*bucket, limit};
@@ -942,10 +1049,18 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
       break;
     }
   }
-  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, graph != nullptr ? &key : nullptr));
+  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, graph != nullptr ? &key : nullptr, shard));
   if (graph != nullptr) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
   } else {
+    // Padding rows attend over nothing: their attention rows stay zero through every layer.
+    int64_t real = 0;
+    for (const SequenceStep& s : batch) real += static_cast<int64_t>(s.tokens.size());
+    if (layout.num_tokens > real) {
+      const int64_t width = config_.num_heads * config_.v_head_dim;
+      COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws_.attn + real * width, 0,
+                                                  (layout.num_tokens - real) * width * sizeof(bf16), stream_));
+    }
     COHORT_RETURN_IF_ERROR(RecordForward(layout));
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(experts_used_host_.data(), ws_.experts_used, sizeof(int32_t),
@@ -953,40 +1068,50 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch) {
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
+absl::Status CudaEngine::ForwardOn(std::span<const SequenceStep> batch, const ShardStep* shard,
+                                   std::span<float> logits) {
   COHORT_RETURN_IF_ERROR(UseDevice());
-  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
-  COHORT_RETURN_IF_ERROR(RunStep(batch));
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, shard != nullptr ? kLogitsChecked : logits.size()));
+  COHORT_RETURN_IF_ERROR(RunStep(batch, shard));
   int64_t rows = 0;
   for (const SequenceStep& s : batch) rows += s.compute_logits ? 1 : 0;
-  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
-                                              cudaMemcpyDeviceToHost, stream_));
+  if (shard != nullptr) rows = rank_ == 0 ? static_cast<int64_t>(shard->logits_rows.size()) : 0;
+  if (rows > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
+                                                cudaMemcpyDeviceToHost, stream_));
+  }
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   stats_.routed_expert_reads = experts_used_host_[0];
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::ForwardAndSample(std::span<const SequenceStep> batch, std::span<Sampler* const> samplers,
-                                          std::span<SampledToken> tokens) {
+absl::Status CudaEngine::SampleOn(std::span<const SequenceStep> batch, const ShardStep* shard,
+                                  std::span<Sampler* const> samplers, std::span<SampledToken> tokens) {
   COHORT_CHECK(samplers.size() == tokens.size(), samplers.size(), " samplers for ", tokens.size(), " tokens");
   COHORT_RETURN_IF_ERROR(UseDevice());
-  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, samplers.size() * config_.vocab_size));
-  COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
-  COHORT_RETURN_IF_ERROR(RunStep(batch));
-  COHORT_RETURN_IF_ERROR(sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
+  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch,
+                                       shard != nullptr ? kLogitsChecked : samplers.size() * config_.vocab_size));
+  // GPU 0 of several samples every GPU's sequences; the others sample none.
+  if (!samplers.empty()) {
+    COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
+  }
+  COHORT_RETURN_IF_ERROR(RunStep(batch, shard));
+  if (!samplers.empty()) {
+    COHORT_RETURN_IF_ERROR(sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
+  }
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   stats_.routed_expert_reads = experts_used_host_[0];
-  return sampler_->Finish(samplers, tokens);
+  return samplers.empty() ? absl::OkStatus() : sampler_->Finish(samplers, tokens);
 }
 
-absl::Status CudaEngine::Follow(std::span<const SequenceStep> batch) {
-  COHORT_RETURN_IF_ERROR(UseDevice());
-  // No logits here: GPU 0 returns them.
-  COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, std::numeric_limits<size_t>::max()));
-  COHORT_RETURN_IF_ERROR(RunStep(batch));
-  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  stats_.routed_expert_reads = experts_used_host_[0];
-  return absl::OkStatus();
+absl::Status CudaEngine::ForwardShard(std::span<const SequenceStep> batch, const ShardStep& step,
+                                      std::span<float> logits) {
+  return ForwardOn(batch, &step, logits);
+}
+
+absl::Status CudaEngine::ForwardAndSampleShard(std::span<const SequenceStep> batch, const ShardStep& step,
+                                               std::span<Sampler* const> samplers, std::span<SampledToken> tokens) {
+  return SampleOn(batch, &step, samplers, tokens);
 }
 
 }  // namespace

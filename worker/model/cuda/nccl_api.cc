@@ -23,7 +23,8 @@ absl::StatusOr<NcclApi> Open() {
   library.Bind(api.comm_init_rank, "ncclCommInitRank");
   library.Bind(api.comm_destroy, "ncclCommDestroy");
   library.Bind(api.comm_abort, "ncclCommAbort");
-  library.Bind(api.all_reduce, "ncclAllReduce");
+  library.Bind(api.all_gather, "ncclAllGather");
+  library.Bind(api.reduce_scatter, "ncclReduceScatter");
   library.Bind(api.error_string, "ncclGetErrorString");
   library.Bind(api.get_version, "ncclGetVersion");
   library.BindOptional(api.comm_revoke, "ncclCommRevoke");
