@@ -20,6 +20,7 @@
 #include "spdlog/spdlog.h"
 #include "worker/model/cuda/cuda_engine.h"
 #include "worker/model/cuda/nccl_api.h"
+#include "worker/model/pool_split.h"
 
 namespace cohort::cuda {
 namespace {
@@ -142,14 +143,11 @@ class ExpertParallelEngine final : public Engine {
                                 std::span<SampledToken> tokens) override;
 
  private:
-  // One GPU's part of a step: the sequences whose blocks are in its pool.
-  struct Part {
-    std::vector<std::vector<int32_t>> tables;  // their block tables, counted from the pool's first block
-    std::vector<SequenceStep> batch;
-  };
-
-  // Splits a valid batch into parts_ and returns what every GPU must agree on.
-  ShardStep Split(std::span<const SequenceStep> batch);
+  // Splits a valid batch by pool (one per GPU) and returns what every GPU must agree on.
+  ShardStep Split(std::span<const SequenceStep> batch) {
+    split_.Split(batch, geometry_);
+    return {split_.rows(), split_.decode_only(), split_.tokens(), split_.logits_rows()};
+  }
 
   // Runs work(gpu) for every GPU on its thread and waits for all of them. When one fails or does
   // not finish within `timeout`, the others may be waiting for it in a collective: the NCCL group
@@ -158,9 +156,7 @@ class ExpertParallelEngine final : public Engine {
 
   ModelConfig config_;
   KvCacheGeometry geometry_;  // every GPU's pool of blocks, one after another
-  std::vector<Part> parts_;   // kept across steps, like their buffers
-  std::vector<int32_t> part_tokens_;
-  std::vector<int32_t> logits_rows_;
+  PoolSplit split_{1};  // kept across steps, like its buffers
   std::vector<std::unique_ptr<GpuThread>> threads_;
   std::vector<std::unique_ptr<ShardEngine>> gpus_;  // gpus_[g] is used on threads_[g] only
   bool started_ = false;  // Initialize has succeeded
@@ -173,45 +169,11 @@ ExpertParallelEngine::~ExpertParallelEngine() {
   threads_.clear();  // each thread finishes its jobs, then stops
 }
 
-ShardStep ExpertParallelEngine::Split(std::span<const SequenceStep> batch) {
-  const int64_t pool_blocks = geometry_.num_blocks / geometry_.num_pools;
-  for (Part& part : parts_) {
-    part.tables.clear();
-    part.batch.clear();
-  }
-  bool decode_only = true;
-  for (const SequenceStep& seq : batch) {
-    const int64_t pool = geometry_.pool_of(seq.block_table[0]);
-    std::vector<int32_t>& table = parts_[pool].tables.emplace_back(seq.block_table.begin(), seq.block_table.end());
-    for (int32_t& block : table) block -= static_cast<int32_t>(pool * pool_blocks);
-    decode_only = decode_only && seq.tokens.size() == 1 && seq.compute_logits;
-  }
-  // Every table is in place, so the parts' steps may point into them. Each GPU's logits rows come
-  // in its own batch order, which is the step's.
-  std::fill(part_tokens_.begin(), part_tokens_.end(), 0);
-  std::vector<int32_t> logits_in_part(parts_.size(), 0);
-  std::vector<std::pair<int64_t, int32_t>> logits_at;  // (GPU, its logits row), in batch order
-  for (const SequenceStep& seq : batch) {
-    const int64_t pool = geometry_.pool_of(seq.block_table[0]);
-    Part& part = parts_[pool];
-    part.batch.push_back({seq.tokens, seq.start_position, part.tables[part.batch.size()], seq.compute_logits});
-    part_tokens_[pool] += static_cast<int32_t>(seq.tokens.size());
-    if (seq.compute_logits) logits_at.emplace_back(pool, logits_in_part[pool]++);
-  }
-  int rows = 0;
-  for (size_t g = 0; g < parts_.size(); ++g) {
-    rows = std::max(rows, decode_only ? static_cast<int>(parts_[g].batch.size()) : part_tokens_[g]);
-  }
-  logits_rows_.clear();
-  for (const auto& [gpu, row] : logits_at) logits_rows_.push_back(static_cast<int32_t>(gpu * rows + row));
-  return {rows, decode_only, part_tokens_, logits_rows_};
-}
-
 absl::Status ExpertParallelEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
   const ShardStep step = Split(batch);
   return OnEveryGpu(
-      [&](int g) { return gpus_[g]->ForwardShard(parts_[g].batch, step, g == 0 ? logits : std::span<float>()); },
+      [&](int g) { return gpus_[g]->ForwardShard(split_.part(g), step, g == 0 ? logits : std::span<float>()); },
       kStepTimeout);
 }
 
@@ -222,8 +184,8 @@ absl::Status ExpertParallelEngine::ForwardAndSample(std::span<const SequenceStep
   const ShardStep step = Split(batch);
   return OnEveryGpu(
       [&](int g) {
-        return g == 0 ? gpus_[0]->ForwardAndSampleShard(parts_[0].batch, step, samplers, tokens)
-                      : gpus_[g]->ForwardAndSampleShard(parts_[g].batch, step, {}, {});
+        return g == 0 ? gpus_[0]->ForwardAndSampleShard(split_.part(0), step, samplers, tokens)
+                      : gpus_[g]->ForwardAndSampleShard(split_.part(g), step, {}, {});
       },
       kStepTimeout);
 }
@@ -295,8 +257,7 @@ absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
   for (const auto& gpu : gpus_) geometry_.num_blocks = std::min(geometry_.num_blocks, gpu->kv_geometry().num_blocks);
   geometry_.num_blocks *= world;
   geometry_.num_pools = world;
-  parts_.resize(world);
-  part_tokens_.resize(world);
+  split_ = PoolSplit(world);
   COHORT_RETURN_IF_ERROR(OnEveryGpu([&](int g) { return gpus_[g]->Start(nccl, &id); }, kStartTimeout));
   started_ = true;
   return absl::OkStatus();
