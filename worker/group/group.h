@@ -1,0 +1,65 @@
+// A worker whose GPUs span processes or nodes (proto/cohort/worker/v1/group.proto): rank 0's side
+// (GroupLeader) and a follower rank's side (RunFollower). Rank 0 serves WorkerGroup on a port of
+// its own; each follower joins it, is given the world size and the NCCL id, and then runs the
+// commands rank 0 sends it (load the weights, join the NCCL group, each step its part of the batch)
+// and says how each ended.
+//
+//   // rank 0
+//   COHORT_ASSIGN_OR_RETURN(auto leader, GroupLeader::Start("0.0.0.0", 50070, world, model, nccl_id));
+//   COHORT_RETURN_IF_ERROR(leader->AwaitRanks(absl::Minutes(10)));
+//   COHORT_ASSIGN_OR_RETURN(CommandDone done, leader->Run(1, command, absl::Seconds(60)));
+//
+//   // rank 1's process
+//   RunFollower("rank0.example:50070", 1, model, [&](const Welcome& w, const Command& c) { ... });
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "cohort/worker/v1/group.pb.h"
+
+namespace cohort {
+
+using cohort::worker::v1::Command;
+using cohort::worker::v1::CommandDone;
+using cohort::worker::v1::Welcome;
+
+class GroupLeader {
+ public:
+  // Serves WorkerGroup on host:port (0: a free port) for the world_size - 1 other ranks, which must
+  // serve `model`. Unavailable when the port cannot be bound.
+  static absl::StatusOr<std::unique_ptr<GroupLeader>> Start(const std::string& host, int port, int world_size,
+                                                            const std::string& model, const std::string& nccl_id);
+  ~GroupLeader();
+
+  int port() const;
+  // Until every rank has joined, at most `timeout`: DeadlineExceeded naming the ranks still missing.
+  absl::Status AwaitRanks(absl::Duration timeout);
+  // Sends `command` to follower `rank` and waits for its end: Unavailable when the rank's stream
+  // ended first (its process went away), DeadlineExceeded after `timeout`. Commands to one rank
+  // must come one at a time; to different ranks, from any threads at once.
+  absl::StatusOr<CommandDone> Run(int rank, const Command& command, absl::Duration timeout);
+
+  class Service;  // the WorkerGroup service
+
+ private:
+  GroupLeader() = default;
+  std::unique_ptr<Service> service_;
+  struct Server;
+  std::unique_ptr<Server> server_;
+};
+
+// Joins rank 0 at `leader` as `rank` serving `model`, then runs every command it is sent with `run`
+// (which answers with how the command ended, or nullopt to leave the group, as a process that dies
+// would) until rank 0 ends the stream: OK then. FailedPrecondition when rank 0 refuses the rank
+// (wrong model, a rank that is taken or outside the group), Unavailable when rank 0 cannot be
+// reached within `connect_timeout` or goes away.
+absl::Status RunFollower(const std::string& leader, int rank, const std::string& model,
+                         absl::FunctionRef<std::optional<CommandDone>(const Welcome&, const Command&)> run,
+                         absl::Duration connect_timeout = absl::Seconds(60));
+
+}  // namespace cohort
