@@ -20,11 +20,17 @@
 #include "spdlog/spdlog.h"
 #include "worker/model/cpu/measure_peaks.h"
 #include "worker/model/engine.h"
+#include "worker/group/group.h"
 #include "worker/model/synthetic.h"
 #include "worker/server/engine_loop.h"
 #include "worker/server/load_publisher.h"
 #include "worker/server/metrics.h"
 #include "worker/server/worker_service.h"
+
+#ifdef COHORT_HAVE_CUDA
+#include "worker/model/cuda/cuda_engine.h"
+#include "worker/model/cuda/nccl_api.h"
+#endif
 
 namespace cohort {
 namespace {
@@ -43,6 +49,11 @@ struct WorkerFlags {
   double gpu_memory_fraction = 0.90;
   int gpu = 0;
   int gpus = 1;
+  // A worker whose GPUs span processes: rank 0 serves the group; the other ranks join it.
+  int world_size = 1;
+  int group_port = 50070;
+  std::string group_leader;
+  int rank = 0;
   int64_t num_layers = 0;
   int max_batch_tokens = 2048;
   int max_running = 256;
@@ -88,6 +99,86 @@ DevicePeaks ResolvePeaks(const WorkerFlags& f) {
   return peaks;
 }
 
+EngineOptions EngineOptionsFrom(const WorkerFlags& f) {
+  EngineOptions engine_options;
+  engine_options.model_dir = f.model;
+  engine_options.device = f.device;
+  engine_options.kv_block_size = f.kv_block_size;
+  // On a GPU the cache takes what --gpu-memory-fraction leaves unless its size was given.
+  engine_options.kv_cache_bytes = f.device == "cuda" && !f.kv_cache_bytes_given ? 0 : f.kv_cache_bytes;
+  engine_options.num_threads = f.threads;
+  engine_options.gpu_memory_fraction = f.gpu_memory_fraction;
+  engine_options.device_id = f.gpu;
+  engine_options.num_gpus = f.gpus;
+  engine_options.num_layers = f.num_layers;
+  engine_options.max_batch_tokens = f.max_batch_tokens;
+  engine_options.max_sequences = f.max_running;
+  return engine_options;
+}
+
+std::string ModelName(const WorkerFlags& f) {
+  if (!f.model_name.empty()) return f.model_name;
+  return IsSyntheticModel(f.model) ? f.model.substr(kSyntheticPrefix.size())
+                                   : std::filesystem::path(f.model).lexically_normal().filename().string();
+}
+
+// A follower rank (--group-leader): joins rank 0 and runs, with this process's GPU, the commands it
+// sends until rank 0 ends the group. It serves no clients.
+absl::Status Follow(const WorkerFlags& f) {
+#ifdef COHORT_HAVE_CUDA
+  const EngineOptions options = EngineOptionsFrom(f);
+  COHORT_ASSIGN_OR_RETURN(const ModelConfig config, cuda::CudaModelConfig(options));
+  COHORT_ASSIGN_OR_RETURN(const cuda::NcclApi* nccl, cuda::NcclApi::Load());
+  std::unique_ptr<cuda::ShardEngine> engine;
+  spdlog::info("group: rank {} joining rank 0 at {}", f.rank, f.group_leader);
+  auto run = [&](const Welcome& welcome, const Command& command) -> std::optional<CommandDone> {
+    CommandDone done;
+    absl::Status status;
+    if (command.has_prepare()) {
+      auto prepared = cuda::ShardEngine::Prepare(config, options, f.rank, static_cast<int>(welcome.world_size()), f.gpu);
+      status = prepared.status();
+      if (prepared.ok()) {
+        engine = std::move(prepared).value();
+        done.set_kv_blocks(engine->kv_geometry().num_blocks);
+      }
+    } else if (engine == nullptr) {
+      status = absl::FailedPreconditionError("rank 0 sent a command before the weights were loaded");
+    } else if (command.has_start()) {
+      ncclUniqueId id;
+      if (welcome.nccl_unique_id().size() != sizeof(id.internal)) {
+        status = absl::InvalidArgumentError("rank 0 sent an NCCL id of the wrong size");
+      } else {
+        std::copy_n(welcome.nccl_unique_id().data(), sizeof(id.internal), id.internal);
+        status = engine->Start(nccl, &id);
+      }
+    } else if (command.has_step()) {
+      const auto& step = command.step();
+      std::vector<SequenceStep> part;
+      for (const auto& seq : step.sequences()) {
+        part.push_back({{seq.tokens().data(), static_cast<size_t>(seq.tokens_size())},
+                        seq.start_position(),
+                        {seq.block_table().data(), static_cast<size_t>(seq.block_table_size())},
+                        seq.compute_logits()});
+      }
+      const cuda::ShardStep shard{static_cast<int>(step.rows()), step.decode_graph(),
+                                  {step.tokens_per_rank().data(), static_cast<size_t>(step.tokens_per_rank_size())},
+                                  {}};
+      status = engine->ForwardAndSampleShard(part, shard, {}, {});
+      done.set_routed_expert_reads(engine->last_step_stats().routed_expert_reads);
+    }
+    if (!status.ok()) spdlog::error("group: rank {}: {}", f.rank, std::string(status.message()));
+    done.set_code(static_cast<int32_t>(status.code()));
+    done.set_message(std::string(status.message()));
+    return done;
+  };
+  COHORT_RETURN_IF_ERROR(RunFollower(f.group_leader, f.rank, ModelName(f), run));
+  spdlog::info("group: rank 0 ended the group; exiting");
+  return absl::OkStatus();
+#else
+  return absl::InvalidArgumentError("--group-leader needs the CUDA backend, and this build has none");
+#endif
+}
+
 absl::Status Serve(const WorkerFlags& f) {
   if (f.max_batch_tokens <= 0 || f.max_running <= 0 || f.max_queue < 0) {
     return absl::InvalidArgumentError("--max-batch-tokens and --max-running must be positive, --max-queue >= 0");
@@ -103,27 +194,40 @@ absl::Status Serve(const WorkerFlags& f) {
     return absl::InvalidArgumentError(
         absl::StrCat("--scheduler: '", f.scheduler, "' is neither continuous nor static"));
   }
-  EngineOptions engine_options;
-  engine_options.model_dir = f.model;
-  engine_options.device = f.device;
-  engine_options.kv_block_size = f.kv_block_size;
-  // On a GPU the cache takes what --gpu-memory-fraction leaves unless its size was given.
-  engine_options.kv_cache_bytes = f.device == "cuda" && !f.kv_cache_bytes_given ? 0 : f.kv_cache_bytes;
-  engine_options.num_threads = f.threads;
-  engine_options.gpu_memory_fraction = f.gpu_memory_fraction;
-  engine_options.device_id = f.gpu;
-  engine_options.num_gpus = f.gpus;
-  engine_options.num_layers = f.num_layers;
-  engine_options.max_batch_tokens = f.max_batch_tokens;
-  engine_options.max_sequences = f.max_running;
+  if (f.world_size < 1 || (f.world_size > 1 && (f.device != "cuda" || f.gpus != 1))) {
+    return absl::InvalidArgumentError(absl::StrCat("--world-size ", f.world_size,
+                                                   ": give at least 1, and more than 1 only with --device cuda and "
+                                                   "one GPU per process (--gpus 1)"));
+  }
+  if (!f.group_leader.empty()) {
+    if (f.rank < 1 || f.device != "cuda" || f.gpus != 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--group-leader: a follower has --rank 1 or more (got ", f.rank,
+                                                     "), --device cuda and one GPU (--gpu)"));
+    }
+    return Follow(f);
+  }
+  EngineOptions engine_options = EngineOptionsFrom(f);
+  const std::string model_name = ModelName(f);
+  // With --world-size, the other ranks join this process before the engine starts: it drives
+  // them through the group (declared before the engine, which uses it, so it outlives it).
+  std::unique_ptr<GroupLeader> group;
+  std::unique_ptr<LeaderRanks> ranks;
+  if (f.world_size > 1) {
+#ifdef COHORT_HAVE_CUDA
+    COHORT_ASSIGN_OR_RETURN(const std::string nccl_id, cuda::NewNcclId());
+    COHORT_ASSIGN_OR_RETURN(group, GroupLeader::Start(f.host, f.group_port, f.world_size, model_name, nccl_id));
+    spdlog::info("group: waiting on port {} for ranks 1..{} (cohort-worker --group-leader HOST:{} --rank R)",
+                 group->port(), f.world_size - 1, group->port());
+    COHORT_RETURN_IF_ERROR(group->AwaitRanks(absl::Minutes(10)));
+    ranks = std::make_unique<LeaderRanks>(*group, f.world_size, nccl_id);
+    engine_options.remote_ranks = ranks.get();
+#else
+    return absl::InvalidArgumentError("--world-size needs the CUDA backend, and this build has none");
+#endif
+  }
   COHORT_ASSIGN_OR_RETURN(auto engine, CreateEngine(engine_options));
   const ModelConfig config = engine->config();
   const KvCacheGeometry kv = engine->kv_geometry();
-  std::string model_name = f.model_name;
-  if (model_name.empty()) {
-    model_name = IsSyntheticModel(f.model) ? f.model.substr(kSyntheticPrefix.size())
-                                           : std::filesystem::path(f.model).lexically_normal().filename().string();
-  }
   spdlog::info("loaded {} '{}' from {}: {} layers, {} routed experts; KV cache {} blocks of {} tokens", 
                config.architecture_name, model_name, f.model, config.num_layers, config.n_routed_experts,
                kv.num_blocks, kv.block_size_tokens);
@@ -155,9 +259,10 @@ absl::Status Serve(const WorkerFlags& f) {
   loop_options.model_name = model_name;
   loop_options.tokenizer = tokenizer.get();
   // The worker's steps use all its GPUs at once: their bandwidth, FLOPs and cost add up.
-  loop_options.peaks = {.memory_bandwidth_bytes_per_s = peaks.memory_bandwidth_bytes_per_s * f.gpus,
-                        .flops_per_s = peaks.flops_per_s * f.gpus};
-  loop_options.device_cost_dollars_per_hour = f.gpu_hour_cost * f.gpus;
+  const int devices = f.gpus * f.world_size;
+  loop_options.peaks = {.memory_bandwidth_bytes_per_s = peaks.memory_bandwidth_bytes_per_s * devices,
+                        .flops_per_s = peaks.flops_per_s * devices};
+  loop_options.device_cost_dollars_per_hour = f.gpu_hour_cost * devices;
   EngineLoop loop(std::move(engine), loop_options, publisher, metrics.get());
   COHORT_RETURN_IF_ERROR(loop.WarmUp());
 
@@ -225,6 +330,14 @@ int main(int argc, char** argv) {
   flags.Add("gpus", &f.gpus,
             "cuda: GPUs to spread the model over, from --gpu on: each holds a share of the experts and the rest "
             "of the model whole, and they step together over NCCL (docs/expert_parallel.md)");
+  flags.Add("world-size", &f.world_size,
+            "cuda: GPUs of a group that spans processes or nodes, one per process: this process is rank 0, "
+            "serves the group on --group-port and waits for the others to join");
+  flags.Add("group-port", &f.group_port, "rank 0's port for the other ranks of its group (--world-size)");
+  flags.Add("group-leader", &f.group_leader,
+            "HOST:PORT of rank 0: this process is a follower rank of its group (give --rank, --gpu and the same "
+            "model flags as rank 0); it serves no clients and exits when rank 0 ends the group");
+  flags.Add("rank", &f.rank, "this follower's rank, 1 .. --world-size - 1 (with --group-leader)");
   flags.Add("gpu-memory-fraction", &f.gpu_memory_fraction,
             "cuda: share of the GPU's memory for weights, workspaces and the KV cache, planned at start-up");
   flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");

@@ -379,5 +379,22 @@ TEST(WorkerTest, GpusAboveOneWithoutCudaIsOneClearLine) {
       << r.err;
 }
 
+// A group that spans processes is GPU work too, and a follower needs a rank: each mistake is one
+// line at start-up.
+TEST(WorkerTest, GroupFlagsWithoutCudaOrARankAreOneClearLine) {
+  const std::string model = testing::SourcePath("tests/fixtures/models/v3_plain");
+  const testing::ProcessResult leader = testing::RunProcess(
+      {testing::BinaryPath("cohort-worker"), "--model", model, "--world-size", "2", "--port", "0"});
+  EXPECT_NE(leader.exit_code, 0);
+  EXPECT_NE(leader.err.find("--world-size 2: give at least 1, and more than 1 only with --device cuda"),
+            std::string::npos)
+      << leader.err;
+  const testing::ProcessResult follower = testing::RunProcess(
+      {testing::BinaryPath("cohort-worker"), "--model", model, "--group-leader", "127.0.0.1:1", "--port", "0"});
+  EXPECT_NE(follower.exit_code, 0);
+  EXPECT_NE(follower.err.find("--group-leader: a follower has --rank 1 or more (got 0)"), std::string::npos)
+      << follower.err;
+}
+
 }  // namespace
 }  // namespace cohort

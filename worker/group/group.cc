@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "cohort/worker/v1/group.grpc.pb.h"
+#include "common/status.h"
 #include "spdlog/spdlog.h"
 
 namespace cohort {
@@ -172,6 +173,46 @@ absl::Status GroupLeader::AwaitRanks(absl::Duration timeout) { return service_->
 
 absl::StatusOr<CommandDone> GroupLeader::Run(int rank, const Command& command, absl::Duration timeout) {
   return service_->Run(rank, command, timeout);
+}
+
+absl::StatusOr<CommandDone> LeaderRanks::Run(int rank, Command command, absl::Duration timeout) {
+  command.set_id(next_id_[rank]++);
+  COHORT_ASSIGN_OR_RETURN(CommandDone done, leader_.Run(rank, command, timeout));
+  if (done.code() != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(done.code()), absl::StrCat("rank ", rank, ": ", done.message()));
+  }
+  return done;
+}
+
+absl::StatusOr<int64_t> LeaderRanks::Prepare(int rank, absl::Duration timeout) {
+  Command command;
+  command.mutable_prepare();
+  COHORT_ASSIGN_OR_RETURN(const CommandDone done, Run(rank, std::move(command), timeout));
+  return done.kv_blocks();
+}
+
+absl::Status LeaderRanks::Start(int rank, absl::Duration timeout) {
+  Command command;
+  command.mutable_start();
+  return Run(rank, std::move(command), timeout).status();
+}
+
+absl::StatusOr<int64_t> LeaderRanks::Step(int rank, std::span<const SequenceStep> part, int rows, bool decode_graph,
+                                          std::span<const int32_t> tokens_per_rank, absl::Duration timeout) {
+  Command command;
+  auto* step = command.mutable_step();
+  step->set_rows(static_cast<uint32_t>(rows));
+  step->set_decode_graph(decode_graph);
+  step->mutable_tokens_per_rank()->Add(tokens_per_rank.begin(), tokens_per_rank.end());
+  for (const SequenceStep& seq : part) {
+    auto* s = step->add_sequences();
+    s->mutable_tokens()->Add(seq.tokens.begin(), seq.tokens.end());
+    s->set_start_position(seq.start_position);
+    s->mutable_block_table()->Add(seq.block_table.begin(), seq.block_table.end());
+    s->set_compute_logits(seq.compute_logits);
+  }
+  COHORT_ASSIGN_OR_RETURN(const CommandDone done, Run(rank, std::move(command), timeout));
+  return done.routed_expert_reads();
 }
 
 absl::Status RunFollower(const std::string& leader, int rank, const std::string& model,

@@ -16,11 +16,13 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "cohort/worker/v1/group.pb.h"
+#include "worker/model/remote_ranks.h"
 
 namespace cohort {
 
@@ -51,6 +53,31 @@ class GroupLeader {
   std::unique_ptr<Service> service_;
   struct Server;
   std::unique_ptr<Server> server_;
+};
+
+// A GroupLeader's followers as the expert-parallel engine drives them (EngineOptions::remote_ranks).
+// An error a rank reports comes back with its code, its message prefixed with the rank.
+class LeaderRanks final : public RemoteRanks {
+ public:
+  // `leader` outlives this; every rank has joined it (AwaitRanks).
+  LeaderRanks(GroupLeader& leader, int world_size, std::string nccl_id)
+      : leader_(leader), world_size_(world_size), nccl_id_(std::move(nccl_id)), next_id_(world_size, 1) {}
+
+  int world_size() const override { return world_size_; }
+  const std::string& nccl_id() const override { return nccl_id_; }
+  absl::StatusOr<int64_t> Prepare(int rank, absl::Duration timeout) override;
+  absl::Status Start(int rank, absl::Duration timeout) override;
+  absl::StatusOr<int64_t> Step(int rank, std::span<const SequenceStep> part, int rows, bool decode_graph,
+                               std::span<const int32_t> tokens_per_rank, absl::Duration timeout) override;
+
+ private:
+  // Runs `command` on `rank` under the rank's next id; the answer, or the error the rank reported.
+  absl::StatusOr<CommandDone> Run(int rank, Command command, absl::Duration timeout);
+
+  GroupLeader& leader_;
+  const int world_size_;
+  const std::string nccl_id_;
+  std::vector<uint64_t> next_id_;  // per rank, used by that rank's one caller at a time
 };
 
 // Joins rank 0 at `leader` as `rank` serving `model`, then runs every command it is sent with `run`

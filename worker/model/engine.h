@@ -90,6 +90,8 @@ class Engine {
   std::vector<float> host_logits_;  // the default ForwardAndSample's, reused across steps
 };
 
+class RemoteRanks;  // remote_ranks.h
+
 struct EngineOptions {
   // A checkpoint folder, or (cuda only) "synthetic:deepseek-v2-lite" / "synthetic:deepseek-v3":
   // random weights of the published shapes, made on the device (performance work without files).
@@ -118,6 +120,10 @@ struct EngineOptions {
   // for every GPU's), so the logits are wrong; timing steps with and without them splits compute
   // from communication.
   bool skip_collectives = false;
+  // A worker whose GPUs span processes (cuda only): this process is rank 0 of
+  // remote_ranks->world_size() ranks, one GPU each (--gpu), and drives the others through
+  // remote_ranks (worker/model/remote_ranks.h), which outlives the engine.
+  RemoteRanks* remote_ranks = nullptr;
 };
 
 // Loads the checkpoint and builds the engine for `options.device`. Errors name the file and

@@ -128,6 +128,61 @@ TEST(GroupTest, RankZeroRefusesAnotherModelAndWaitsForTheRanksThatAreMissing) {
   rank2.join();
 }
 
+// The engine's view (RemoteRanks): a prepare gives the rank's KV blocks, a step's sequences reach
+// the rank whole, and an error the rank reports comes back with its code, naming the rank.
+TEST(GroupTest, LeaderRanksCarryTheEnginesCallsAndTheRanksErrors) {
+  auto leader = GroupLeader::Start("127.0.0.1", 0, /*world_size=*/2, kModel, kNcclId);
+  ASSERT_TRUE(leader.ok()) << leader.status();
+  cohort::worker::v1::Step seen;  // the last step rank 1 was sent
+  std::thread rank1([&] {
+    (void)RunFollower(absl::StrCat("127.0.0.1:", (*leader)->port()), 1, kModel,
+                      [&](const Welcome&, const Command& c) -> std::optional<CommandDone> {
+                        CommandDone done;
+                        if (c.has_prepare()) done.set_kv_blocks(77);
+                        if (c.has_step()) {
+                          seen = c.step();
+                          if (c.step().sequences_size() == 0) {
+                            done.set_code(static_cast<int32_t>(absl::StatusCode::kInternal));
+                            done.set_message("an illegal memory access");
+                          }
+                          done.set_routed_expert_reads(c.step().sequences_size());
+                        }
+                        return done;
+                      });
+  });
+  ASSERT_TRUE((*leader)->AwaitRanks(absl::Seconds(10)).ok());
+  LeaderRanks ranks(**leader, 2, kNcclId);
+  EXPECT_EQ(ranks.world_size(), 2);
+  absl::StatusOr<int64_t> blocks = ranks.Prepare(1, absl::Seconds(10));
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  EXPECT_EQ(*blocks, 77);
+  EXPECT_TRUE(ranks.Start(1, absl::Seconds(10)).ok());
+
+  const std::vector<int32_t> tokens = {4, 5, 6}, table = {0, 2};
+  const std::vector<int32_t> tokens_per_rank = {1, 3};
+  const SequenceStep part[] = {{tokens, 9, table, false}};
+  absl::StatusOr<int64_t> reads = ranks.Step(1, part, /*rows=*/3, /*decode_graph=*/false, tokens_per_rank,
+                                             absl::Seconds(10));
+  ASSERT_TRUE(reads.ok()) << reads.status();
+  EXPECT_EQ(*reads, 1);
+  EXPECT_EQ(seen.rows(), 3u);
+  EXPECT_FALSE(seen.decode_graph());
+  ASSERT_EQ(seen.tokens_per_rank_size(), 2);
+  EXPECT_EQ(seen.tokens_per_rank(1), 3);
+  ASSERT_EQ(seen.sequences_size(), 1);
+  EXPECT_EQ(std::vector<int32_t>(seen.sequences(0).tokens().begin(), seen.sequences(0).tokens().end()), tokens);
+  EXPECT_EQ(std::vector<int32_t>(seen.sequences(0).block_table().begin(), seen.sequences(0).block_table().end()),
+            table);
+  EXPECT_EQ(seen.sequences(0).start_position(), 9);
+  EXPECT_FALSE(seen.sequences(0).compute_logits());
+
+  reads = ranks.Step(1, {}, 1, true, tokens_per_rank, absl::Seconds(10));
+  EXPECT_TRUE(absl::IsInternal(reads.status())) << reads.status();
+  EXPECT_EQ(reads.status().message(), "rank 1: an illegal memory access");
+  leader->reset();
+  rank1.join();
+}
+
 TEST(GroupTest, AFollowerThatCannotReachRankZeroSaysWhere) {
   const absl::Status unreachable = RunFollower(
       "127.0.0.1:1", 1, kModel, [](const Welcome&, const Command&) { return std::optional<CommandDone>(); },

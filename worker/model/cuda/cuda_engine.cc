@@ -120,13 +120,14 @@ struct StepLayout {
 
 class CudaEngine final : public ShardEngine {
  public:
-  CudaEngine(ModelConfig config, const EngineOptions& options, int rank, int world)
+  CudaEngine(ModelConfig config, const EngineOptions& options, int rank, int world, int device)
       : config_(std::move(config)),
         options_(options),
         rope_(config_),
         rank_(rank),
         world_(world),
-        shard_(ExpertShard::Of(config_, rank, world)) {}
+        shard_(ExpertShard::Of(config_, rank, world)),
+        device_(device >= 0 ? device : options.device_id + rank) {}
   ~CudaEngine() override;
 
   // Everything but the NCCL group and the graphs (ShardEngine::Prepare).
@@ -233,7 +234,7 @@ class CudaEngine final : public ShardEngine {
   const int rank_;   // of the GPUs the experts are split over (0 on one GPU)
   const int world_;  // how many there are
   const ExpertShard shard_;
-  int device_ = 0;   // options_.device_id + rank_
+  const int device_;  // this GPU
   const NcclApi* nccl_ = nullptr;  // with world_ > 1
   ncclComm_t comm_ = nullptr;
   std::atomic<bool> aborted_{false};    // Abort() was called: no more NCCL calls
@@ -372,8 +373,7 @@ absl::Status CudaEngine::Initialize() {
     (void)cudaGetLastError();
     return absl::FailedPreconditionError("--device cuda: no CUDA device is visible on this machine");
   }
-  device_ = options_.device_id + rank_;
-  if (options_.device_id < 0 || device_ >= devices) {
+  if (device_ < 0 || device_ >= devices) {
     return absl::InvalidArgumentError(absl::StrCat("GPU ", device_, " does not exist; this machine has ", devices));
   }
   COHORT_RETURN_IF_ERROR(UseDevice());
@@ -1117,20 +1117,29 @@ absl::Status CudaEngine::ForwardAndSampleShard(std::span<const SequenceStep> bat
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ShardEngine>> ShardEngine::Prepare(ModelConfig config, const EngineOptions& options,
-                                                                  int rank, int world) {
-  auto engine = std::make_unique<CudaEngine>(std::move(config), options, rank, world);
+                                                                  int rank, int world, int device) {
+  auto engine = std::make_unique<CudaEngine>(std::move(config), options, rank, world, device);
   COHORT_RETURN_IF_ERROR(engine->Initialize());
   return engine;
 }
 
+absl::StatusOr<ModelConfig> CudaModelConfig(const EngineOptions& options) {
+  if (IsSyntheticModel(options.model_dir)) return SyntheticModelConfig(options.model_dir, options.num_layers);
+  return LoadModelConfig(options.model_dir);
+}
+
+absl::StatusOr<std::string> NewNcclId() {
+  COHORT_ASSIGN_OR_RETURN(const NcclApi* nccl, NcclApi::Load());
+  ncclUniqueId id;
+  COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_unique_id(&id), "ncclGetUniqueId"));
+  return std::string(id.internal, sizeof(id.internal));
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options) {
-  ModelConfig config;
-  if (IsSyntheticModel(options.model_dir)) {
-    COHORT_ASSIGN_OR_RETURN(config, SyntheticModelConfig(options.model_dir, options.num_layers));
-  } else {
-    COHORT_ASSIGN_OR_RETURN(config, LoadModelConfig(options.model_dir));
+  COHORT_ASSIGN_OR_RETURN(ModelConfig config, CudaModelConfig(options));
+  if (options.num_gpus != 1 || options.remote_ranks != nullptr) {
+    return CreateExpertParallelEngine(std::move(config), options);
   }
-  if (options.num_gpus != 1) return CreateExpertParallelEngine(std::move(config), options);
   COHORT_ASSIGN_OR_RETURN(std::unique_ptr<ShardEngine> engine, ShardEngine::Prepare(std::move(config), options, 0, 1));
   COHORT_RETURN_IF_ERROR(engine->Start(nullptr, nullptr));
   return engine;

@@ -37,6 +37,14 @@ struct NcclApi;
 // without routed experts or with fewer of them than GPUs, and GPUs that do not exist.
 absl::StatusOr<std::unique_ptr<Engine>> CreateCudaEngine(const EngineOptions& options);
 
+// The model's config for `options.model_dir` (a checkpoint folder or synthetic:<preset>), as
+// CreateCudaEngine reads it.
+absl::StatusOr<ModelConfig> CudaModelConfig(const EngineOptions& options);
+
+// A new NCCL unique id (ncclUniqueId's bytes), for the ranks of a group that spans processes.
+// FailedPrecondition when NCCL cannot be loaded.
+absl::StatusOr<std::string> NewNcclId();
+
 // What the GPUs of one expert-parallel step agree on (expert_parallel.h makes it).
 struct ShardStep {
   // Rows each GPU brings to the MoE layers: its tokens, then padding rows. With decode_graph, every
@@ -61,9 +69,10 @@ struct ShardStep {
 class ShardEngine : public Engine {
  public:
   // Plans memory and loads this GPU's weights; nothing collective yet, so a GPU that fails here
-  // leaves no other waiting.
+  // leaves no other waiting. The GPU is `device`, or options.device_id + rank when it is -1 (the
+  // GPUs of one process).
   static absl::StatusOr<std::unique_ptr<ShardEngine>> Prepare(ModelConfig config, const EngineOptions& options,
-                                                              int rank, int world);
+                                                              int rank, int world, int device = -1);
   // Joins the NCCL group (world > 1; every GPU at once) and captures the decode graphs, which
   // contain the collectives, so all GPUs capture together.
   virtual absl::Status Start(const NcclApi* nccl, const ncclUniqueId* id) = 0;

@@ -21,6 +21,7 @@
 #include "worker/model/cuda/cuda_engine.h"
 #include "worker/model/cuda/nccl_api.h"
 #include "worker/model/pool_split.h"
+#include "worker/model/remote_ranks.h"
 
 namespace cohort::cuda {
 namespace {
@@ -30,8 +31,8 @@ constexpr absl::Duration kStepTimeout = absl::Seconds(60);
 // Start-up on every GPU: the weights, then the NCCL group and the decode graphs.
 constexpr absl::Duration kStartTimeout = absl::Minutes(20);
 
-// A thread that drives one GPU: it makes the GPU its current device, then runs the jobs posted to
-// it one after another.
+// A thread that drives one GPU: it makes the GPU its current device (device >= 0; a rank in
+// another process has none here), then runs the jobs posted to it one after another.
 class GpuThread {
  public:
   explicit GpuThread(int device) : device_(device), thread_([this] { Loop(); }) {}
@@ -52,7 +53,7 @@ class GpuThread {
   bool Ready() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_ || !jobs_.empty(); }
 
   void Loop() {
-    const cudaError_t set = cudaSetDevice(device_);
+    const cudaError_t set = device_ >= 0 ? cudaSetDevice(device_) : cudaSuccess;
     if (set != cudaSuccess) spdlog::error("cuda: cannot make GPU {} current: {}", device_, cudaGetErrorString(set));
     for (;;) {
       std::function<void()> job;
@@ -134,7 +135,9 @@ class ExpertParallelEngine final : public Engine {
   int64_t weight_value_bytes() const override { return gpus_[0]->weight_value_bytes(); }
   StepStats last_step_stats() const override {
     StepStats sum;  // each GPU counts the reads of its own experts
-    for (const auto& gpu : gpus_) sum.routed_expert_reads += gpu->last_step_stats().routed_expert_reads;
+    for (size_t g = 0; g < gpus_.size(); ++g) {
+      sum.routed_expert_reads += remote(g) ? remote_reads_[g] : gpus_[g]->last_step_stats().routed_expert_reads;
+    }
     return sum;
   }
 
@@ -143,6 +146,12 @@ class ExpertParallelEngine final : public Engine {
                                 std::span<SampledToken> tokens) override;
 
  private:
+  // Whether GPU g is a rank in another process, driven through remote_.
+  bool remote(size_t g) const { return remote_ != nullptr && g > 0; }
+  // Runs GPU g's part of a step that Split made: its logits or samples (GPU 0), through remote_
+  // for a rank in another process.
+  absl::Status StepOn(int g, const ShardStep& step, std::span<float> logits, std::span<Sampler* const> samplers,
+                      std::span<SampledToken> tokens);
   // Splits a valid batch by pool (one per GPU) and returns what every GPU must agree on.
   ShardStep Split(std::span<const SequenceStep> batch) {
     split_.Split(batch, geometry_);
@@ -158,7 +167,9 @@ class ExpertParallelEngine final : public Engine {
   KvCacheGeometry geometry_;  // every GPU's pool of blocks, one after another
   PoolSplit split_{1};  // kept across steps, like its buffers
   std::vector<std::unique_ptr<GpuThread>> threads_;
-  std::vector<std::unique_ptr<ShardEngine>> gpus_;  // gpus_[g] is used on threads_[g] only
+  std::vector<std::unique_ptr<ShardEngine>> gpus_;  // gpus_[g] is used on threads_[g] only; null if remote
+  RemoteRanks* remote_ = nullptr;  // the ranks in other processes, if any
+  std::vector<int64_t> remote_reads_;  // their expert reads in the last step
   bool started_ = false;  // Initialize has succeeded
   absl::Status broken_;  // why the engine takes no more steps
 };
@@ -169,12 +180,23 @@ ExpertParallelEngine::~ExpertParallelEngine() {
   threads_.clear();  // each thread finishes its jobs, then stops
 }
 
+absl::Status ExpertParallelEngine::StepOn(int g, const ShardStep& step, std::span<float> logits,
+                                          std::span<Sampler* const> samplers, std::span<SampledToken> tokens) {
+  if (remote(g)) {
+    COHORT_ASSIGN_OR_RETURN(remote_reads_[g],
+                            remote_->Step(g, split_.part(g), step.rows, step.decode_graph, step.tokens, kStepTimeout));
+    return absl::OkStatus();
+  }
+  if (!logits.empty()) return gpus_[g]->ForwardShard(split_.part(g), step, logits);
+  return gpus_[g]->ForwardAndSampleShard(split_.part(g), step, samplers, tokens);
+}
+
 absl::Status ExpertParallelEngine::Forward(std::span<const SequenceStep> batch, std::span<float> logits) {
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, logits.size()));
   const ShardStep step = Split(batch);
-  return OnEveryGpu(
-      [&](int g) { return gpus_[g]->ForwardShard(split_.part(g), step, g == 0 ? logits : std::span<float>()); },
-      kStepTimeout);
+  // GPU 0 returns the logits; the others get none.
+  return OnEveryGpu([&](int g) { return StepOn(g, step, g == 0 ? logits : std::span<float>(), {}, {}); },
+                    kStepTimeout);
 }
 
 absl::Status ExpertParallelEngine::ForwardAndSample(std::span<const SequenceStep> batch,
@@ -182,10 +204,10 @@ absl::Status ExpertParallelEngine::ForwardAndSample(std::span<const SequenceStep
                                                     std::span<SampledToken> tokens) {
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, samplers.size() * config_.vocab_size));
   const ShardStep step = Split(batch);
+  // GPU 0 samples every sequence; the others none.
   return OnEveryGpu(
       [&](int g) {
-        return g == 0 ? gpus_[0]->ForwardAndSampleShard(split_.part(0), step, samplers, tokens)
-                      : gpus_[g]->ForwardAndSampleShard(split_.part(g), step, {}, {});
+        return g == 0 ? StepOn(0, step, {}, samplers, tokens) : StepOn(g, step, {}, {}, {});
       },
       kStepTimeout);
 }
@@ -219,8 +241,11 @@ absl::Status ExpertParallelEngine::OnEveryGpu(absl::FunctionRef<absl::Status(int
 }
 
 absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
-  const int world = options.num_gpus;
-  if (world < 1) return absl::InvalidArgumentError(absl::StrCat("--gpus must be at least 1, got ", world));
+  // This process's GPUs, and the ranks in other processes, one GPU each.
+  remote_ = options.remote_ranks;
+  const int local = remote_ != nullptr ? 1 : options.num_gpus;
+  const int world = remote_ != nullptr ? remote_->world_size() : local;
+  if (local < 1) return absl::InvalidArgumentError(absl::StrCat("--gpus must be at least 1, got ", local));
   if (config_.n_routed_experts < world) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--gpus ", world, " splits the model's routed experts between GPUs, and this model has ",
@@ -231,34 +256,52 @@ absl::Status ExpertParallelEngine::Initialize(const EngineOptions& options) {
     (void)cudaGetLastError();
     return absl::FailedPreconditionError("--device cuda: no CUDA device is visible on this machine");
   }
-  if (options.device_id < 0 || options.device_id + world > devices) {
-    return absl::InvalidArgumentError(absl::StrCat("--gpus ", world, " from GPU ", options.device_id,
+  if (options.device_id < 0 || options.device_id + local > devices) {
+    return absl::InvalidArgumentError(absl::StrCat("--gpus ", local, " from GPU ", options.device_id,
                                                    " needs GPUs ", options.device_id, "..",
-                                                   options.device_id + world - 1, "; this machine has ", devices));
+                                                   options.device_id + local - 1, "; this machine has ", devices));
   }
   COHORT_ASSIGN_OR_RETURN(const NcclApi* nccl, NcclApi::Load());
   int version = 0;
   COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_version(&version), "ncclGetVersion"));
   ncclUniqueId id;
-  COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_unique_id(&id), "ncclGetUniqueId"));
-  spdlog::info("cuda: spreading the experts over {} GPUs from GPU {} (NCCL {})", world, options.device_id, version);
+  if (remote_ != nullptr) {
+    if (remote_->nccl_id().size() != sizeof(id.internal)) {
+      return absl::InvalidArgumentError(absl::StrCat("an NCCL id of ", remote_->nccl_id().size(), " bytes"));
+    }
+    std::copy_n(remote_->nccl_id().data(), sizeof(id.internal), id.internal);
+  } else {
+    COHORT_RETURN_IF_ERROR(NcclStatus(*nccl, nccl->get_unique_id(&id), "ncclGetUniqueId"));
+  }
+  spdlog::info("cuda: spreading the experts over {} GPUs, {} of them here from GPU {} (NCCL {})", world, local,
+               options.device_id, version);
 
   gpus_.resize(world);
-  for (int g = 0; g < world; ++g) threads_.push_back(std::make_unique<GpuThread>(options.device_id + g));
+  remote_reads_.assign(world, 0);
+  for (int g = 0; g < world; ++g) {
+    threads_.push_back(std::make_unique<GpuThread>(remote(g) ? -1 : options.device_id + g));
+  }
   // Every GPU loads its weights first; only when all have can they wait for each other.
+  std::vector<int64_t> blocks(world, 0);
   COHORT_RETURN_IF_ERROR(OnEveryGpu(
       [&](int g) -> absl::Status {
+        if (remote(g)) {
+          COHORT_ASSIGN_OR_RETURN(blocks[g], remote_->Prepare(g, kStartTimeout));
+          return absl::OkStatus();
+        }
         COHORT_ASSIGN_OR_RETURN(gpus_[g], ShardEngine::Prepare(config_, options, g, world));
+        blocks[g] = gpus_[g]->kv_geometry().num_blocks;
         return absl::OkStatus();
       },
       kStartTimeout));
   // One pool of blocks per GPU, each as large as the smallest GPU's cache.
   geometry_ = gpus_[0]->kv_geometry();
-  for (const auto& gpu : gpus_) geometry_.num_blocks = std::min(geometry_.num_blocks, gpu->kv_geometry().num_blocks);
-  geometry_.num_blocks *= world;
+  geometry_.num_blocks = *std::min_element(blocks.begin(), blocks.end()) * world;
   geometry_.num_pools = world;
   split_ = PoolSplit(world);
-  COHORT_RETURN_IF_ERROR(OnEveryGpu([&](int g) { return gpus_[g]->Start(nccl, &id); }, kStartTimeout));
+  COHORT_RETURN_IF_ERROR(OnEveryGpu(
+      [&](int g) { return remote(g) ? remote_->Start(g, kStartTimeout) : gpus_[g]->Start(nccl, &id); },
+      kStartTimeout));
   started_ = true;
   return absl::OkStatus();
 }
