@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-GPU_TESTS=(kernels_test cuda_engine_test)
+GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
 GPU_TOOLS=(moe_bench sampling_bench skinny_gemm_bench memory_latency_bench cohort cohort-worker cohort-router)
 
 case "${1:-}" in
