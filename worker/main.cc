@@ -126,8 +126,7 @@ std::string ModelName(const WorkerFlags& f) {
 // sends until rank 0 ends the group. It serves no clients.
 absl::Status Follow(const WorkerFlags& f) {
 #ifdef COHORT_HAVE_CUDA
-  const EngineOptions options = EngineOptionsFrom(f);
-  COHORT_ASSIGN_OR_RETURN(const ModelConfig config, cuda::CudaModelConfig(options));
+  EngineOptions options = EngineOptionsFrom(f);
   COHORT_ASSIGN_OR_RETURN(const cuda::NcclApi* nccl, cuda::NcclApi::Load());
   std::unique_ptr<cuda::ShardEngine> engine;
   spdlog::info("group: rank {} joining rank 0 at {}", f.rank, f.group_leader);
@@ -135,11 +134,18 @@ absl::Status Follow(const WorkerFlags& f) {
     CommandDone done;
     absl::Status status;
     if (command.has_prepare()) {
-      auto prepared = cuda::ShardEngine::Prepare(config, options, f.rank, static_cast<int>(welcome.world_size()), f.gpu);
-      status = prepared.status();
-      if (prepared.ok()) {
-        engine = std::move(prepared).value();
-        done.set_kv_blocks(engine->kv_geometry().num_blocks);
+      // Rank 0's settings, so that every rank sizes its buffers and graphs alike.
+      ApplySettings(welcome.settings(), options);
+      absl::StatusOr<ModelConfig> config = cuda::CudaModelConfig(options);
+      status = config.status();
+      if (config.ok()) {
+        auto prepared =
+            cuda::ShardEngine::Prepare(*config, options, f.rank, static_cast<int>(welcome.world_size()), f.gpu);
+        status = prepared.status();
+        if (prepared.ok()) {
+          engine = std::move(prepared).value();
+          done.set_kv_blocks(engine->kv_geometry().num_blocks);
+        }
       }
     } else if (engine == nullptr) {
       status = absl::FailedPreconditionError("rank 0 sent a command before the weights were loaded");
@@ -215,7 +221,8 @@ absl::Status Serve(const WorkerFlags& f) {
   if (f.world_size > 1) {
 #ifdef COHORT_HAVE_CUDA
     COHORT_ASSIGN_OR_RETURN(const std::string nccl_id, cuda::NewNcclId());
-    COHORT_ASSIGN_OR_RETURN(group, GroupLeader::Start(f.host, f.group_port, f.world_size, model_name, nccl_id));
+    COHORT_ASSIGN_OR_RETURN(group, GroupLeader::Start(f.host, f.group_port, f.world_size, model_name, nccl_id,
+                                                      SettingsOf(engine_options)));
     spdlog::info("group: waiting on port {} for ranks 1..{} (cohort-worker --group-leader HOST:{} --rank R)",
                  group->port(), f.world_size - 1, group->port());
     COHORT_RETURN_IF_ERROR(group->AwaitRanks(absl::Minutes(10)));
@@ -335,8 +342,8 @@ int main(int argc, char** argv) {
             "serves the group on --group-port and waits for the others to join");
   flags.Add("group-port", &f.group_port, "rank 0's port for the other ranks of its group (--world-size)");
   flags.Add("group-leader", &f.group_leader,
-            "HOST:PORT of rank 0: this process is a follower rank of its group (give --rank, --gpu and the same "
-            "model flags as rank 0); it serves no clients and exits when rank 0 ends the group");
+            "HOST:PORT of rank 0: this process is a follower rank of its group (give --rank, --gpu and --model; "
+            "the engine settings come from rank 0); it serves no clients and exits when rank 0 ends the group");
   flags.Add("rank", &f.rank, "this follower's rank, 1 .. --world-size - 1 (with --group-leader)");
   flags.Add("gpu-memory-fraction", &f.gpu_memory_fraction,
             "cuda: share of the GPU's memory for weights, workspaces and the KV cache, planned at start-up");

@@ -24,8 +24,12 @@ using Stream = grpc::ServerReaderWriter<ToFollower, FromFollower>;
 // thread; the handler does not return (which ends the stream) while a write is under way.
 class GroupLeader::Service final : public WorkerGroup::Service {
  public:
-  Service(int world_size, std::string model, std::string nccl_id)
-      : world_size_(world_size), model_(std::move(model)), nccl_id_(std::move(nccl_id)), ranks_(world_size) {}
+  Service(int world_size, std::string model, std::string nccl_id, EngineSettings settings)
+      : world_size_(world_size),
+        model_(std::move(model)),
+        nccl_id_(std::move(nccl_id)),
+        settings_(std::move(settings)),
+        ranks_(world_size) {}
 
   grpc::Status Join(grpc::ServerContext*, Stream* stream) override {
     FromFollower first;
@@ -55,6 +59,7 @@ class GroupLeader::Service final : public WorkerGroup::Service {
     ToFollower welcome;
     welcome.mutable_welcome()->set_world_size(world_size_);
     welcome.mutable_welcome()->set_nccl_unique_id(nccl_id_);
+    *welcome.mutable_welcome()->mutable_settings() = settings_;
     const bool welcomed = stream->Write(welcome);
     {
       absl::MutexLock lock(&mu_);
@@ -136,6 +141,7 @@ class GroupLeader::Service final : public WorkerGroup::Service {
   const int world_size_;
   const std::string model_;
   const std::string nccl_id_;
+  const EngineSettings settings_;
   absl::Mutex mu_;
   std::vector<Rank> ranks_ ABSL_GUARDED_BY(mu_);  // [0] unused: rank 0 is this process
 };
@@ -146,10 +152,10 @@ struct GroupLeader::Server {
 };
 
 absl::StatusOr<std::unique_ptr<GroupLeader>> GroupLeader::Start(const std::string& host, int port, int world_size,
-                                                                const std::string& model,
-                                                                const std::string& nccl_id) {
+                                                                const std::string& model, const std::string& nccl_id,
+                                                                const EngineSettings& settings) {
   std::unique_ptr<GroupLeader> leader(new GroupLeader());
-  leader->service_ = std::make_unique<Service>(world_size, model, nccl_id);
+  leader->service_ = std::make_unique<Service>(world_size, model, nccl_id, settings);
   leader->server_ = std::make_unique<Server>();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(absl::StrCat(host, ":", port), grpc::InsecureServerCredentials(), &leader->server_->port);
@@ -173,6 +179,28 @@ absl::Status GroupLeader::AwaitRanks(absl::Duration timeout) { return service_->
 
 absl::StatusOr<CommandDone> GroupLeader::Run(int rank, const Command& command, absl::Duration timeout) {
   return service_->Run(rank, command, timeout);
+}
+
+EngineSettings SettingsOf(const EngineOptions& options) {
+  EngineSettings settings;
+  settings.set_kv_block_size(options.kv_block_size);
+  settings.set_max_batch_tokens(options.max_batch_tokens);
+  settings.set_max_sequences(options.max_sequences);
+  settings.set_num_layers(options.num_layers);
+  settings.set_gpu_memory_fraction(options.gpu_memory_fraction);
+  settings.set_kv_cache_bytes(options.kv_cache_bytes);
+  settings.set_expanded_prefill_max_context(options.expanded_prefill_max_context);
+  return settings;
+}
+
+void ApplySettings(const EngineSettings& settings, EngineOptions& options) {
+  options.kv_block_size = settings.kv_block_size();
+  options.max_batch_tokens = settings.max_batch_tokens();
+  options.max_sequences = settings.max_sequences();
+  options.num_layers = settings.num_layers();
+  options.gpu_memory_fraction = settings.gpu_memory_fraction();
+  options.kv_cache_bytes = settings.kv_cache_bytes();
+  options.expanded_prefill_max_context = settings.expanded_prefill_max_context();
 }
 
 absl::StatusOr<CommandDone> LeaderRanks::Run(int rank, Command command, absl::Duration timeout) {

@@ -22,20 +22,24 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "cohort/worker/v1/group.pb.h"
+#include "worker/model/engine.h"
 #include "worker/model/remote_ranks.h"
 
 namespace cohort {
 
 using cohort::worker::v1::Command;
 using cohort::worker::v1::CommandDone;
+using cohort::worker::v1::EngineSettings;
 using cohort::worker::v1::Welcome;
 
 class GroupLeader {
  public:
   // Serves WorkerGroup on host:port (0: a free port) for the world_size - 1 other ranks, which must
-  // serve `model`. Unavailable when the port cannot be bound.
+  // serve `model` and are welcomed with the NCCL id and `settings`. Unavailable when the port cannot
+  // be bound.
   static absl::StatusOr<std::unique_ptr<GroupLeader>> Start(const std::string& host, int port, int world_size,
-                                                            const std::string& model, const std::string& nccl_id);
+                                                            const std::string& model, const std::string& nccl_id,
+                                                            const EngineSettings& settings = {});
   ~GroupLeader();
 
   int port() const;
@@ -79,6 +83,10 @@ class LeaderRanks final : public RemoteRanks {
   const std::string nccl_id_;
   std::vector<uint64_t> next_id_;  // per rank, used by that rank's one caller at a time
 };
+
+// Rank 0's settings for its followers, and a follower's options with them applied.
+EngineSettings SettingsOf(const EngineOptions& options);
+void ApplySettings(const EngineSettings& settings, EngineOptions& options);
 
 // Joins rank 0 at `leader` as `rank` serving `model`, then runs every command it is sent with `run`
 // (which answers with how the command ended, or nullopt to leave the group, as a process that dies

@@ -62,7 +62,15 @@ Command StepCommand(uint64_t id, std::vector<std::vector<int32_t>> sequences) {
 }
 
 TEST(GroupTest, AFollowerJoinsTakesTheNcclIdAndRunsEachCommandInTurn) {
-  auto leader = GroupLeader::Start("127.0.0.1", 0, /*world_size=*/2, kModel, kNcclId);
+  EngineOptions rank0;
+  rank0.kv_block_size = 32;
+  rank0.max_batch_tokens = 4096;
+  rank0.max_sequences = 96;
+  rank0.num_layers = 5;
+  rank0.gpu_memory_fraction = 0.8;
+  rank0.kv_cache_bytes = 0;
+  rank0.expanded_prefill_max_context = 1000;
+  auto leader = GroupLeader::Start("127.0.0.1", 0, /*world_size=*/2, kModel, kNcclId, SettingsOf(rank0));
   ASSERT_TRUE(leader.ok()) << leader.status();
   Follower follower;
   absl::Status ended;
@@ -81,6 +89,17 @@ TEST(GroupTest, AFollowerJoinsTakesTheNcclIdAndRunsEachCommandInTurn) {
   EXPECT_EQ(done->code(), 0);
   EXPECT_EQ(follower.welcome().world_size(), 2u);
   EXPECT_EQ(follower.welcome().nccl_unique_id(), kNcclId);
+  // The follower takes rank 0's engine settings over its own.
+  EngineOptions mine;
+  mine.max_batch_tokens = 64;
+  ApplySettings(follower.welcome().settings(), mine);
+  EXPECT_EQ(mine.kv_block_size, 32);
+  EXPECT_EQ(mine.max_batch_tokens, 4096);
+  EXPECT_EQ(mine.max_sequences, 96);
+  EXPECT_EQ(mine.num_layers, 5);
+  EXPECT_EQ(mine.gpu_memory_fraction, 0.8);
+  EXPECT_EQ(mine.kv_cache_bytes, 0);
+  EXPECT_EQ(mine.expanded_prefill_max_context, 1000);
 
   done = (*leader)->Run(1, StepCommand(2, {{5, 6, 7}, {8}}), absl::Seconds(10));
   ASSERT_TRUE(done.ok()) << done.status();
