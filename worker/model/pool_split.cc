@@ -1,11 +1,10 @@
 #include "worker/model/pool_split.h"
 
 #include <algorithm>
-#include <utility>
 
 namespace cohort {
 
-PoolSplit::PoolSplit(int64_t num_pools) : parts_(num_pools), tokens_(num_pools, 0) {}
+PoolSplit::PoolSplit(int64_t num_pools) : parts_(num_pools), tokens_(num_pools, 0), logits_in_pool_(num_pools, 0) {}
 
 void PoolSplit::Split(std::span<const SequenceStep> batch, const KvCacheGeometry& geometry) {
   const int64_t pool_blocks = geometry.num_blocks / geometry.num_pools;
@@ -22,21 +21,23 @@ void PoolSplit::Split(std::span<const SequenceStep> batch, const KvCacheGeometry
   }
   // Every table is in place, so the parts may point into them now.
   std::fill(tokens_.begin(), tokens_.end(), 0);
-  std::vector<int32_t> logits_in_pool(parts_.size(), 0);
-  std::vector<std::pair<int64_t, int32_t>> logits_at;  // (pool, index among its logits rows), batch order
+  // logits_rows_ first holds (pool, index among the pool's logits rows) as pool * batch size +
+  // index; once rows_ is known it becomes pool * rows_ + index. No allocation per step.
+  const int32_t stride = static_cast<int32_t>(batch.size());
+  std::fill(logits_in_pool_.begin(), logits_in_pool_.end(), 0);
+  logits_rows_.clear();
   for (const SequenceStep& seq : batch) {
     const int64_t pool = geometry.pool_of(seq.block_table[0]);
     Part& part = parts_[pool];
     part.batch.push_back({seq.tokens, seq.start_position, part.tables[part.batch.size()], seq.compute_logits});
     tokens_[pool] += static_cast<int32_t>(seq.tokens.size());
-    if (seq.compute_logits) logits_at.emplace_back(pool, logits_in_pool[pool]++);
+    if (seq.compute_logits) logits_rows_.push_back(static_cast<int32_t>(pool) * stride + logits_in_pool_[pool]++);
   }
   rows_ = 0;
   for (size_t p = 0; p < parts_.size(); ++p) {
     rows_ = std::max(rows_, decode_only_ ? static_cast<int>(parts_[p].batch.size()) : tokens_[p]);
   }
-  logits_rows_.clear();
-  for (const auto& [pool, index] : logits_at) logits_rows_.push_back(static_cast<int32_t>(pool * rows_ + index));
+  for (int32_t& row : logits_rows_) row = row / stride * rows_ + row % stride;
 }
 
 }  // namespace cohort

@@ -44,6 +44,7 @@ class PoolSplit {
   std::vector<Part> parts_;
   std::vector<int32_t> tokens_;
   std::vector<int32_t> logits_rows_;
+  std::vector<int32_t> logits_in_pool_;  // Split's count per pool
   bool decode_only_ = true;
   int rows_ = 0;
 };
