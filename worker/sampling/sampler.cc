@@ -56,6 +56,20 @@ Sampler::Sampler(const SamplingConfig& config, uint64_t fallback_seed, std::span
     : config_(config), rng_(config.seed.value_or(fallback_seed)), history_tokens_(prompt.begin(), prompt.end()) {
   std::sort(history_tokens_.begin(), history_tokens_.end());
   history_tokens_.erase(std::unique(history_tokens_.begin(), history_tokens_.end()), history_tokens_.end());
+  history_counts_.assign(history_tokens_.size(), 0);
+  prompt_distinct_ = history_tokens_.size();
+}
+
+size_t Sampler::HistoryIndex(int32_t token) const {
+  const auto prompt_end = history_tokens_.begin() + static_cast<std::ptrdiff_t>(prompt_distinct_);
+  const auto in_prompt = std::lower_bound(history_tokens_.begin(), prompt_end, token);
+  if (in_prompt != prompt_end && *in_prompt == token) return static_cast<size_t>(in_prompt - history_tokens_.begin());
+  return generated_index_.at(token);
+}
+
+int32_t Sampler::generated_count(int32_t token) const {
+  if (token < 0 || token >= vocab_ || !in_history_[token]) return 0;
+  return history_counts_[HistoryIndex(token)];
 }
 
 void Sampler::SizeForVocab(int64_t vocab) {
@@ -66,22 +80,25 @@ void Sampler::SizeForVocab(int64_t vocab) {
   COHORT_CHECK(vocab > 0, "empty logits row");
   vocab_ = vocab;
   in_history_.assign(vocab, false);
-  generated_count_.assign(vocab, 0);
   for (int32_t t : history_tokens_) {
     COHORT_CHECK(t >= 0 && t < vocab, "prompt token ", t, " outside the vocabulary of ", vocab);
     in_history_[t] = true;
   }
-  work_.resize(vocab);
-  weights_.resize(vocab);
-  candidates_.reserve(vocab);
+}
+
+void Sampler::SizeScratch() {
+  if (!work_.empty()) return;
+  work_.resize(vocab_);
+  weights_.resize(vocab_);
+  candidates_.reserve(vocab_);
 }
 
 void Sampler::ApplyPenalties() {
   const float repetition = config_.repetition_penalty;
-  for (int32_t t : history_tokens_) {
-    float& logit = work_[t];
+  for (size_t i = 0; i < history_tokens_.size(); ++i) {
+    float& logit = work_[history_tokens_[i]];
     if (repetition != 1.0f) logit = logit > 0.0f ? logit / repetition : logit * repetition;
-    const int32_t count = generated_count_[t];
+    const int32_t count = history_counts_[i];
     if (count > 0) logit -= config_.presence_penalty + config_.frequency_penalty * static_cast<float>(count);
   }
 }
@@ -163,15 +180,19 @@ double Sampler::BeginDeviceSample(int64_t vocab) {
 }
 
 void Sampler::Record(int32_t token) {
-  ++generated_count_[token];
   if (!in_history_[token]) {
     in_history_[token] = true;
+    generated_index_.emplace(token, history_tokens_.size());
     history_tokens_.push_back(token);
+    history_counts_.push_back(1);
+    return;
   }
+  ++history_counts_[HistoryIndex(token)];
 }
 
 SampledToken Sampler::Sample(std::span<const float> logits) {
   SizeForVocab(static_cast<int64_t>(logits.size()));
+  SizeScratch();
   std::copy(logits.begin(), logits.end(), work_.begin());
   ApplyPenalties();
 

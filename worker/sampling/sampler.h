@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 
 namespace cohort {
@@ -72,27 +73,38 @@ class Sampler {
   void EndDeviceSample(int32_t token) { Record(token); }
 
   const SamplingConfig& config() const { return config_; }
-  // Penalty inputs: the distinct ids of the prompt and the generated tokens, and how often each
-  // was generated (valid after the first Sample or BeginDeviceSample).
+  // Penalty inputs: the distinct ids of the prompt and the generated tokens, and beside each how
+  // often it was generated (0 for a prompt token that never was).
   std::span<const int32_t> history_tokens() const { return history_tokens_; }
-  int32_t generated_count(int32_t token) const { return generated_count_[token]; }
+  std::span<const int32_t> history_counts() const { return history_counts_; }
+  // The same count for one token (0 outside the history).
+  int32_t generated_count(int32_t token) const;
 
  private:
+  // Fixes the vocabulary on the first call. Sample() also sizes its scratch (SizeScratch); device
+  // sampling needs none, so a request's first token costs the host no vocabulary-sized buffers.
   void SizeForVocab(int64_t vocab);
+  void SizeScratch();
   void ApplyPenalties();
   int32_t Argmax() const;
   void KeepTopP();
   int32_t Draw();
   void Record(int32_t token);
+  // Where `token`, which is in the history, sits in history_tokens_.
+  size_t HistoryIndex(int32_t token) const;
 
   SamplingConfig config_;
   std::mt19937_64 rng_;
-  int64_t vocab_ = 0;                     // fixed by the first Sample()
-  std::vector<int32_t> history_tokens_;   // distinct ids of the prompt and generated tokens
-  std::vector<bool> in_history_;          // per vocab id
-  std::vector<int32_t> generated_count_;  // per vocab id
+  int64_t vocab_ = 0;  // fixed by the first Sample() or BeginDeviceSample()
+  // Distinct ids: the prompt's in ascending order (the first prompt_distinct_), then each generated
+  // token not seen before, in generation order (its index in generated_index_).
+  std::vector<int32_t> history_tokens_;
+  std::vector<int32_t> history_counts_;  // beside history_tokens_: times generated
+  size_t prompt_distinct_ = 0;
+  absl::flat_hash_map<int32_t, size_t> generated_index_;
+  std::vector<bool> in_history_;  // per vocab id (a bit each)
 
-  // Scratch, vocab-sized from the first Sample() on, so later calls do not allocate.
+  // Sample()'s scratch, vocab-sized from its first call on, so later calls do not allocate.
   std::vector<float> work_;          // penalised logits
   std::vector<float> weights_;       // per vocab id: unnormalised probability of a candidate
   std::vector<int32_t> candidates_;  // token ids still in the running

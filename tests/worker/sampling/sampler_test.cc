@@ -1,5 +1,6 @@
 #include "worker/sampling/sampler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -97,6 +98,48 @@ TEST(SamplerTest, FrequencyPenaltyGrowsWithTheCount) {
   const std::vector<float> logits = {1.0f, 0.5f};
   // Scores before each pick: (1.0, 0.5) (0.7, 0.5) (0.4, 0.5) (0.4, 0.2) (0.1, 0.2)
   EXPECT_EQ(Tokens(sampler, logits, 5), (std::vector<int32_t>{0, 0, 1, 0, 1}));
+}
+
+// The CUDA backend's path: BeginDeviceSample / EndDeviceSample keep the penalty inputs and the
+// random stream exactly as Sample() does, so a request continues the same wherever it was sampled.
+TEST(SamplerTest, DeviceSamplingKeepsThePenaltyInputsAndTheRandomStreamOfSample) {
+  SamplingConfig c = Seeded(11);
+  c.temperature = 0.9f;
+  c.repetition_penalty = 1.3f;
+  c.presence_penalty = 0.4f;
+  c.frequency_penalty = 0.2f;
+  const std::vector<int32_t> prompt = {7, 3, 3, 90};
+  std::vector<float> logits(100);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = std::sin(static_cast<float>(i) * 0.7f) * 3.0f;
+  Sampler on_host(c, 0, prompt), on_device(c, 0, prompt);
+  std::vector<int32_t> generated;
+  for (int step = 0; step < 40; ++step) {
+    const int32_t token = on_host.Sample(logits).token;
+    (void)on_device.BeginDeviceSample(static_cast<int64_t>(logits.size()));
+    on_device.EndDeviceSample(token);  // the device chose what the host did
+    generated.push_back(token);
+  }
+  std::vector<int32_t> history(on_device.history_tokens().begin(), on_device.history_tokens().end());
+  ASSERT_EQ(on_device.history_counts().size(), history.size());
+  for (size_t i = 0; i < history.size(); ++i) {
+    EXPECT_EQ(on_device.history_counts()[i], std::ranges::count(generated, history[i])) << "token " << history[i];
+  }
+  std::ranges::sort(history);
+  std::vector<int32_t> want = prompt;
+  want.insert(want.end(), generated.begin(), generated.end());
+  std::ranges::sort(want);
+  want.erase(std::unique(want.begin(), want.end()), want.end());
+  EXPECT_EQ(history, want);
+  for (int32_t t = 0; t < static_cast<int32_t>(logits.size()); ++t) {
+    // Prompt tokens count only when generated (the presence and frequency penalties).
+    EXPECT_EQ(on_device.generated_count(t), std::ranges::count(generated, t)) << "token " << t;
+  }
+  // Both continue alike on the host: same penalties, same next uniform number.
+  for (int step = 0; step < 10; ++step) {
+    const SampledToken a = on_host.Sample(logits), b = on_device.Sample(logits);
+    EXPECT_EQ(a.token, b.token) << "step " << step;
+    EXPECT_EQ(a.logprob, b.logprob) << "step " << step;
+  }
 }
 
 TEST(SamplerTest, TopKOfOneAlwaysGivesTheArgmaxAtAnyTemperature) {

@@ -117,8 +117,9 @@ absl::Status DeviceSampler::Prepare(std::span<Sampler* const> samplers) {
     if (UsesPenalties(c)) {
       // Without a repetition penalty only generated tokens change.
       const bool all = c.repetition_penalty != 1.0f;
-      for (int32_t t : sampler.history_tokens()) {
-        const int32_t count = sampler.generated_count(t);
+      const std::span<const int32_t> tokens = sampler.history_tokens(), counts = sampler.history_counts();
+      for (size_t j = 0; j < tokens.size(); ++j) {
+        const int32_t t = tokens[j], count = counts[j];
         if (all || count > 0) host_penalty_tokens_[penalty_count_++] = SamplingPenaltyToken{t, count, 1};
       }
     }
