@@ -8,14 +8,18 @@
 // its epilogue. A product whose routing is complete when it starts (MoeGemmArgs::routing_ready) looks
 // up its first tile and requests its first stages' weights before its PDL wait. The grid is capped by
 // a bound on the items from the batch shape (TilesBound), so no block is launched that can have no
-// work. All threads load and all warps compute (mma.sync m16n8k16, operands via ldmatrix from an
-// XOR-swizzled layout: 16-byte chunk c of row r lives at chunk c ^ (r % 8)).
+// work. All threads load and all warps compute from an XOR-swizzled layout (16-byte chunk c of row r
+// lives at chunk c ^ (r % 8)): decode and mid-size tiles with mma.sync m16n8k16, operands via
+// ldmatrix; prefill tiles (BK = 64, so the layout is wgmma's 128-byte swizzle) with wgmma
+// m64n128k16, operands read by the tensor cores from shared memory, one k-step's products running
+// while the stage before is refilled.
 //
 // With silu_mul an item covers BN / 2 act columns j0 .. j0 + BN/2 - 1 and its BN weight rows interleave
 // the gate and up rows in groups of 16: tile row r holds the gate (r / 8 % 2 == 0) or up row of act
 // column j0 + 8 (r / 16) + r % 8. A warp's n8 fragments 2f and 2f + 1 are then the gate and the up of
 // the same 8 columns, each accumulator of one sits in the same thread and register as its partner in
-// the other, and the epilogue writes silu(gate) * up with no exchange between threads.
+// the other, and the epilogue writes silu(gate) * up with no exchange between threads. wgmma's
+// accumulators sit per warp as 16 such n8 fragments, so the same epilogue serves both.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -35,8 +39,13 @@ using kernels::LaunchPdl;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
 
-template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS>
+// WGMMA: the block's warpgroups multiply with wgmma (sm_90a) from the swizzled stages, warpgroup g
+// taking rows [64 g, 64 g + 64) and every column (WARPS_M = BM / 16, WARPS_N = 1: a warp's
+// accumulators are then laid out as mma.sync's for its 16 rows, and the epilogue is the same);
+// otherwise each warp runs ldmatrix and mma.sync on its own tile.
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS, bool WGMMA = false>
 struct TileConfig {
+  static constexpr bool kWgmma = WGMMA;
   static constexpr int kBM = BM;
   static constexpr int kBN = BN;
   static constexpr int kBK = BK;
@@ -66,6 +75,8 @@ struct TileConfig {
   static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0, "a thread keeps one swizzle phase");
   static_assert(BM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "loads divide evenly over threads");
   static_assert(kRowsPerPass % 16 == 0 || kRowsPerPass == 8, "a thread's B rows keep one gate/up pattern");
+  static_assert(!WGMMA || (BM % 64 == 0 && BN == 128 && BK == 64 && WARPS_N == 1 && kWarpM == 16),
+                "wgmma: m64n128k16 per warpgroup from 128-byte swizzled rows");
 };
 
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
@@ -83,8 +94,12 @@ template <class C>
 constexpr bool kStreamWeights = C::kBM == DecodeTiles::kBM;
 // Tens of rows per expert: 64 x 128 tiles, 8 warps of 32 x 32; 96 KB of smem, two blocks per SM.
 using MidTiles = TileConfig<64, 128, 64, 2, 4, 4, 2>;
-// Prefill: 128 x 128 tiles, 8 warps of 64 x 32 (64 fp32 accumulators each), 3 stages, two blocks per SM.
-using PrefillTiles = TileConfig<128, 128, 64, 2, 4, 3, 2>;
+// Prefill: 128 x 128 tiles on wgmma, two warpgroups of 64 x 128 (64 fp32 accumulators a thread), 4
+// stages, one block per SM: with two, ptxas serialised the wgmma for want of registers (128 a thread).
+// moe_bench on an H200 against the same tiles on mma.sync (8 warps of 64 x 32, 3 stages, two blocks
+// per SM): 1776-1786 against 2086 us a layer at 4096 tokens, 500-512 against 608 at 1024; 6 stages
+// measured the same as 4.
+using PrefillTiles = TileConfig<128, 128, 64, 8, 1, 4, 1, true>;
 
 struct GemmParams {
   const __nv_bfloat16* a;
@@ -144,6 +159,59 @@ __device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ------------------------------------------------------------------------------------- wgmma (sm_90a)
+
+// Makes the writes this thread's cp.async copies made to shared memory visible to wgmma's reads
+// (the async proxy); then a barrier makes everyone's visible.
+__device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed wgmma groups are still running.
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Descriptor of a K-major bf16 operand in shared memory whose rows are 128 bytes (64 values) with
+// the 128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r % 8), groups of 8 rows 1024 bytes
+// apart, the tile 1024-byte aligned. Exactly SwizzledOffset<64>'s layout. Advancing `address` by
+// 32 bytes moves to the next 16 values of K.
+__device__ __forceinline__ uint64_t SwizzledDescriptor(uint32_t address) {
+  return static_cast<uint64_t>((address & 0x3ffff) >> 4) | uint64_t{1} << 16 | uint64_t{1024 >> 4} << 32 |
+         uint64_t{1} << 62;
+}
+
+// d[64 x 128] += A[64 x 16] . B[128 x 16]^T over one warpgroup; d laid out per warp as 16 mma.sync
+// m16n8 accumulators (rows 16 w + lane / 4 and + 8, columns 8 n + 2 (lane % 4) and + 1).
+// accumulate 0: d = A . B^T (d's old values ignored).
+__device__ __forceinline__ void WgmmaBf16(float (&d)[16][4], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
 // Byte offset of element (row, 8 * chunk) in a swizzled tile of BK columns.
 template <int BK>
 __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
@@ -157,7 +225,8 @@ __device__ __forceinline__ float SiluMul(float gate, float up) { return gate / (
 // lookups and its first stages' weights come before the wait, only the activations after it.
 template <class C, bool kGather, bool kSiluMul, bool kEarly>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKernel(const GemmParams p) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  // 1024-byte aligned: wgmma reads the stages as 128-byte swizzled tiles (SwizzledDescriptor).
+  extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t smem_base = SmemAddress(smem);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -326,81 +395,118 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
       for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
 
   int read_stage = 0;
-  int read_kstep = 0;
-  int read_item = 0;
-  for (int step = 0; step < total_steps; ++step) {
-    CpAsyncWait<C::kStages - 2>();
-    __syncthreads();  // stage `step` landed for all threads; stage `step - 1` is free
-    load_next();
 
-    const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
-    const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
+  // The outputs of local item `local_item` from the accumulators.
+  auto store_item = [&](int local_item) {
+    const int item = static_cast<int>(blockIdx.x) + local_item * static_cast<int>(gridDim.x);
+    const int tile = item % num_tiles;
+    const int first = p.tile_row[tile];
+    const int rows = min(C::kBM, p.expert_offsets[p.tile_expert[tile] + 1] - first);
+    // This thread's first output column; with silu_mul fragment pair f covers the 8 act columns
+    // from warp_col / 2 + 8 f of the item's.
+    const int col0 = kSiluMul ? (item / num_tiles) * C::kActCols + warp_col / 2 + (lane & 3) * 2
+                              : (item / num_tiles) * C::kBN + warp_col + (lane & 3) * 2;
 #pragma unroll
-    for (int kk = 0; kk < C::kBK / 16; ++kk) {
-      uint32_t a_frag[C::kFragsM][4];
-      uint32_t b_frag[C::kFragsN / 2][4];
+    for (int m = 0; m < C::kFragsM; ++m) {
 #pragma unroll
-      for (int m = 0; m < C::kFragsM; ++m) {
-        const int row = warp_row + m * 16 + (lane & 15);
-        LdMatrixX4(a_frag[m], stage_a + SwizzledOffset<C::kBK>(row, kk * 2 + (lane >> 4)));
-      }
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_row + m * 16 + (lane >> 2) + half * 8;
+        if (r >= rows) continue;
+        __nv_bfloat16* out = p.y + static_cast<int64_t>(first + r) * p.n;
+        if constexpr (kSiluMul) {
 #pragma unroll
-      for (int n = 0; n < C::kFragsN / 2; ++n) {
-        const int row = warp_col + n * 16 + (lane & 7) + ((lane >> 4) << 3);
-        LdMatrixX4(b_frag[n], stage_b + SwizzledOffset<C::kBK>(row, kk * 2 + ((lane >> 3) & 1)));
-      }
-#pragma unroll
-      for (int m = 0; m < C::kFragsM; ++m)
-#pragma unroll
-        for (int n = 0; n < C::kFragsN; ++n)
-          MmaBf16(acc[m][n], a_frag[m], b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]);
-    }
-    read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
-
-    if (++read_kstep == p.k_steps) {
-      read_kstep = 0;
-      const int item = static_cast<int>(blockIdx.x) + read_item * static_cast<int>(gridDim.x);
-      ++read_item;
-      const int tile = item % num_tiles;
-      const int first = p.tile_row[tile];
-      const int rows = min(C::kBM, p.expert_offsets[p.tile_expert[tile] + 1] - first);
-      // This thread's first output column; with silu_mul fragment pair f covers the 8 act columns
-      // from warp_col / 2 + 8 f of the item's.
-      const int col0 = kSiluMul ? (item / num_tiles) * C::kActCols + warp_col / 2 + (lane & 3) * 2
-                                : (item / num_tiles) * C::kBN + warp_col + (lane & 3) * 2;
-#pragma unroll
-      for (int m = 0; m < C::kFragsM; ++m) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = warp_row + m * 16 + (lane >> 2) + half * 8;
-          if (r >= rows) continue;
-          __nv_bfloat16* out = p.y + static_cast<int64_t>(first + r) * p.n;
-          if constexpr (kSiluMul) {
-#pragma unroll
-            for (int f = 0; f < C::kFragsN / 2; ++f) {
-              const int col = col0 + f * 8;
-              if (col < p.n) {
-                const float(&gate)[4] = acc[m][2 * f];
-                const float(&up)[4] = acc[m][2 * f + 1];
-                *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(
-                    SiluMul(gate[half * 2], up[half * 2]), SiluMul(gate[half * 2 + 1], up[half * 2 + 1]));
-              }
+          for (int f = 0; f < C::kFragsN / 2; ++f) {
+            const int col = col0 + f * 8;
+            if (col < p.n) {
+              const float(&gate)[4] = acc[m][2 * f];
+              const float(&up)[4] = acc[m][2 * f + 1];
+              *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(
+                  SiluMul(gate[half * 2], up[half * 2]), SiluMul(gate[half * 2 + 1], up[half * 2 + 1]));
             }
-          } else {
+          }
+        } else {
 #pragma unroll
-            for (int n = 0; n < C::kFragsN; ++n) {
-              const int col = col0 + n * 8;
-              if (col < p.n) {
-                *reinterpret_cast<__nv_bfloat162*>(out + col) =
-                    __floats2bfloat162_rn(acc[m][n][half * 2], acc[m][n][half * 2 + 1]);
-              }
+          for (int n = 0; n < C::kFragsN; ++n) {
+            const int col = col0 + n * 8;
+            if (col < p.n) {
+              *reinterpret_cast<__nv_bfloat162*>(out + col) =
+                  __floats2bfloat162_rn(acc[m][n][half * 2], acc[m][n][half * 2 + 1]);
             }
           }
         }
+      }
+    }
+  };
+
+  if constexpr (C::kWgmma) {
+    // Item by item: the accumulators are touched only by wgmma between an item's first k-step
+    // (which overwrites them) and its stores.
+    const uint32_t a_rows = (warp / 4) * 64 * C::kBK * 2;  // this warpgroup's 64 rows of A
+    for (int local_item = 0; local_item < my_items; ++local_item) {
+      for (int kstep = 0; kstep < p.k_steps; ++kstep) {
+        CpAsyncWait<C::kStages - 2>();
+        FenceProxyAsync();
+        __syncthreads();  // stage `kstep` landed for all threads
+        const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
+        const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
+        WgmmaFence();
 #pragma unroll
-        for (int n = 0; n < C::kFragsN; ++n)
+        for (int kk = 0; kk < C::kBK / 16; ++kk) {
+          WgmmaBf16(acc[0], SwizzledDescriptor(stage_a + a_rows + 32 * kk), SwizzledDescriptor(stage_b + 32 * kk),
+                    kstep > 0 || kk > 0);
+        }
+        WgmmaCommit();
+        // This step's products run while the stage before it is released and refilled: once every
+        // warpgroup's products of that stage are done, the ring loads into its slot.
+        WgmmaWait<1>();
+        __syncthreads();
+        load_next();
+        read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
+      }
+      WgmmaWait<0>();
+      store_item(local_item);
+    }
+  } else {
+    int read_kstep = 0;
+    int read_item = 0;
+    for (int step = 0; step < total_steps; ++step) {
+      CpAsyncWait<C::kStages - 2>();
+      __syncthreads();  // stage `step` landed for all threads; stage `step - 1` is free
+      load_next();
+
+      const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
+      const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+      for (int kk = 0; kk < C::kBK / 16; ++kk) {
+        uint32_t a_frag[C::kFragsM][4];
+        uint32_t b_frag[C::kFragsN / 2][4];
+#pragma unroll
+        for (int m = 0; m < C::kFragsM; ++m) {
+          const int row = warp_row + m * 16 + (lane & 15);
+          LdMatrixX4(a_frag[m], stage_a + SwizzledOffset<C::kBK>(row, kk * 2 + (lane >> 4)));
+        }
+#pragma unroll
+        for (int n = 0; n < C::kFragsN / 2; ++n) {
+          const int row = warp_col + n * 16 + (lane & 7) + ((lane >> 4) << 3);
+          LdMatrixX4(b_frag[n], stage_b + SwizzledOffset<C::kBK>(row, kk * 2 + ((lane >> 3) & 1)));
+        }
+#pragma unroll
+        for (int m = 0; m < C::kFragsM; ++m)
+#pragma unroll
+          for (int n = 0; n < C::kFragsN; ++n)
+            MmaBf16(acc[m][n], a_frag[m], b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]);
+      }
+      read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
+
+      if (++read_kstep == p.k_steps) {
+        read_kstep = 0;
+        store_item(read_item++);
+#pragma unroll
+        for (int m = 0; m < C::kFragsM; ++m)
+#pragma unroll
+          for (int n = 0; n < C::kFragsN; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
       }
     }
   }
