@@ -154,7 +154,7 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
 // out_features and in_features are multiples of 8 (any such size; partial tiles are masked).
 // y [T*(k+S), out_features]: rows >= offsets[E + S] are left untouched.
 //
-// Tensor cores (mma.sync m16n8k16 bf16; wgmma m64n128k16 for prefill-size tiles of 128 rows), a
+// Tensor cores (mma.sync m16n8k16 bf16; wgmma for tiles of 64 and 128 rows), a
 // cp.async multi-stage shared-memory pipeline of 16-byte loads, and a persistent grid (SMs x resident
 // blocks) that walks (tile, column block) items and keeps the pipeline full across item boundaries,
 // so a decode step streams each used expert's weights from HBM once per M-tile at close to copy
