@@ -289,8 +289,11 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   }
   if (f.gpus < 1) return absl::InvalidArgumentError(absl::StrCat("--gpus must be at least 1, got ", f.gpus));
   const int64_t max_batch = batch_sizes.empty() ? 1 : *std::max_element(batch_sizes.begin(), batch_sizes.end());
-  int64_t max_tokens = max_batch;
-  for (const auto& [n, len] : prefill) max_tokens = std::max(max_tokens, n * len);
+  int64_t max_tokens = max_batch, max_sequences = max_batch;
+  for (const auto& [n, len] : prefill) {
+    max_tokens = std::max(max_tokens, n * len);
+    max_sequences = std::max(max_sequences, n);  // a prefill step samples a token for each sequence
+  }
 
   double copy_bandwidth = f.copy_bandwidth_gbs * 1e9;
   if (copy_bandwidth <= 0) {
@@ -310,7 +313,7 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   options.kv_cache_bytes = f.device == "cuda" ? 0 : options.kv_cache_bytes;
   options.gpu_memory_fraction = f.gpu_memory_fraction;
   options.max_batch_tokens = max_tokens;
-  options.max_sequences = max_batch;
+  options.max_sequences = max_sequences;
   options.num_threads = f.threads;
   options.num_gpus = f.gpus;
   COHORT_ASSIGN_OR_RETURN(std::unique_ptr<Engine> engine, CreateEngine(options));
