@@ -99,13 +99,13 @@ template <class C>
 constexpr bool kStreamWeights = C::kBM == DecodeTiles::kBM;
 // Tens of rows per expert: 64 x 128 tiles on wgmma, two warpgroups of 64 x 64 (32 fp32 accumulators
 // a thread); 96 KB of smem, two blocks per SM. moe_bench on an H200 against the same tiles on
-// mma.sync (8 warps of 32 x 32): 341 against 408 us a layer at 512 tokens, 304 against 322 at 256.
+// mma.sync (8 warps of 32 x 32): 341 against 403-409 us a layer at 512 tokens, 304 against 322 at 256.
 using MidTiles = TileConfig<64, 128, 64, 4, 2, 4, 2, true>;
 // Prefill: 128 x 128 tiles on wgmma, two warpgroups of 64 x 128 (64 fp32 accumulators a thread), 4
 // stages, one block per SM: with two, ptxas serialised the wgmma for want of registers (128 a thread).
 // moe_bench on an H200 against the same tiles on mma.sync (8 warps of 64 x 32, 3 stages, two blocks
-// per SM): 1776-1786 against 2086 us a layer at 4096 tokens, 500-512 against 608 at 1024; 6 stages
-// measured the same as 4.
+// per SM): 1786-1788 against 2086-2095 us a layer at 4096 tokens, 500-512 against 608-620 at 1024;
+// 6 stages measured about the same as 4.
 using PrefillTiles = TileConfig<128, 128, 64, 8, 1, 4, 1, true>;
 
 struct GemmParams {
