@@ -77,7 +77,7 @@ struct TileConfig {
   static_assert(kRowsPerPass % 16 == 0 || kRowsPerPass == 8, "a thread's B rows keep one gate/up pattern");
   // wgmma: two warpgroups, along M for 128-row tiles and along N for 64-row ones, each 64 rows x
   // kWarpN columns; a warp's accumulators are those of its 16 rows.
-  static constexpr int kWgRowGroups = BM / 64;
+  static constexpr int kWgRowGroups = BM >= 64 ? BM / 64 : 1;
   static_assert(!WGMMA || (kThreads == 256 && BK == 64 && kWarpM == 16 &&
                            ((BM == 128 && WARPS_N == 1) || (BM == 64 && WARPS_N == 2)) &&
                            (kWarpN == 64 || kWarpN == 128)),
