@@ -38,10 +38,12 @@ class PoolSplit {
 
  private:
   struct Part {
-    std::vector<std::vector<int32_t>> tables;
+    std::vector<std::vector<int32_t>> tables;  // the first tables_used are this step's; the rest kept
+    size_t tables_used = 0;
     std::vector<SequenceStep> batch;
   };
   std::vector<Part> parts_;
+  std::vector<int64_t> pool_of_;  // Split's pool of each sequence of the batch
   std::vector<int32_t> tokens_;
   std::vector<int32_t> logits_rows_;
   std::vector<int32_t> logits_in_pool_;  // Split's count per pool

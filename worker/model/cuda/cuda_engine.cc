@@ -109,6 +109,7 @@ struct ExpandedChunk {
 struct StepLayout {
   int bucket = 0;           // the decode graph's batch size; 0 for an eager step
   int num_tokens = 0;       // rows of every activation (padded to the bucket under a graph)
+  int batch_tokens = 0;     // the batch's own tokens: rows [batch_tokens, num_tokens) are padding
   int absorbed_tokens = 0;  // tokens [0, absorbed_tokens)
   int rows = 0;             // this GPU's logits rows
   // Rows of the LM head: `rows` on one GPU; on GPU 0 of several, every GPU's logits rows (the others
@@ -620,7 +621,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       gathered_logits_rows[r] = r < lm_rows ? at / shard->rows * per_gpu + at % shard->rows : 0;
     }
   }
-  s.num_tokens = token;
+  s.num_tokens = s.batch_tokens = token;
   // Padding rows are token 0 at position 0 of a sequence whose only block is the scratch block.
   if (bucket > 0) {
     // As many as the graph's batch size; each is a decode row of its own sequence.
@@ -1054,8 +1055,7 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const Shar
     COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
   } else {
     // Padding rows attend over nothing: their attention rows stay zero through every layer.
-    int64_t real = 0;
-    for (const SequenceStep& s : batch) real += static_cast<int64_t>(s.tokens.size());
+    const int64_t real = layout.batch_tokens;
     if (layout.num_tokens > real) {
       const int64_t width = config_.num_heads * config_.v_head_dim;
       COHORT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws_.attn + real * width, 0,
@@ -1073,9 +1073,10 @@ absl::Status CudaEngine::ForwardOn(std::span<const SequenceStep> batch, const Sh
   COHORT_RETURN_IF_ERROR(UseDevice());
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, shard != nullptr ? kLogitsChecked : logits.size()));
   COHORT_RETURN_IF_ERROR(RunStep(batch, shard));
-  int64_t rows = 0;
-  for (const SequenceStep& s : batch) rows += s.compute_logits ? 1 : 0;
-  if (shard != nullptr) rows = rank_ == 0 ? static_cast<int64_t>(shard->logits_rows.size()) : 0;
+  // Several GPUs: GPU 0 returns every GPU's logits rows, the others none.
+  const int64_t rows = shard != nullptr ? (rank_ == 0 ? static_cast<int64_t>(shard->logits_rows.size()) : 0)
+                                        : std::count_if(batch.begin(), batch.end(),
+                                                        [](const SequenceStep& s) { return s.compute_logits; });
   if (rows > 0) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
                                                 cudaMemcpyDeviceToHost, stream_));
