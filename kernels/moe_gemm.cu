@@ -80,8 +80,8 @@ struct TileConfig {
   static constexpr int kWgRowGroups = BM >= 64 ? BM / 64 : 1;
   static_assert(!WGMMA || (kThreads == 256 && BK == 64 && kWarpM == 16 &&
                            ((BM == 128 && WARPS_N == 1) || (BM == 64 && WARPS_N == 2)) &&
-                           (kWarpN == 64 || kWarpN == 128)),
-                "wgmma: two warpgroups of m64n64k16 or m64n128k16 from 128-byte swizzled rows");
+                           (kWarpN == 64 || kWarpN == 128 || kWarpN == 256)),
+                "wgmma: two warpgroups of m64n64k16, m64n128k16 or m64n256k16 from 128-byte swizzled rows");
 };
 
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
@@ -101,12 +101,14 @@ constexpr bool kStreamWeights = C::kBM == DecodeTiles::kBM;
 // a thread); 96 KB of smem, two blocks per SM. moe_bench on an H200 against the same tiles on
 // mma.sync (8 warps of 32 x 32): 341 against 403-409 us a layer at 512 tokens, 304 against 322 at 256.
 using MidTiles = TileConfig<64, 128, 64, 4, 2, 4, 2, true>;
-// Prefill: 128 x 128 tiles on wgmma, two warpgroups of 64 x 128 (64 fp32 accumulators a thread), 4
-// stages, one block per SM: with two, ptxas serialised the wgmma for want of registers (128 a thread).
-// moe_bench on an H200 against the same tiles on mma.sync (8 warps of 64 x 32, 3 stages, two blocks
-// per SM): 1786-1788 against 2086-2095 us a layer at 4096 tokens, 500-512 against 608-620 at 1024;
-// 6 stages measured about the same as 4.
-using PrefillTiles = TileConfig<128, 128, 64, 8, 1, 4, 1, true>;
+// Prefill: 128 x 256 tiles on wgmma, two warpgroups of m64n256k16 (128 fp32 accumulators a thread,
+// 186-188 registers, no spills), 4 stages of 48 KB, one block per SM: every k-step of A serves twice
+// the columns of a 128 x 128 tile. H200, 2026-11-29: cohort bench step's prefill against 128 x 128
+// tiles (scripts/gpu_tests.sh ab, alternating, three runs each) 1 x 4096 99.7-100.1 -> 91.9 ms,
+// 16 x 1024 252.7-254.4 -> 220.8-221.4 ms; moe_bench 1428 us a layer at 4096 tokens, 419 at 1024
+// (1786-1788 and 500-512 with 128 x 128 tiles in an earlier call, which had beaten mma.sync tiles by
+// 14-18%; there 6 stages measured the same as 4).
+using PrefillTiles = TileConfig<128, 256, 64, 8, 1, 4, 1, true>;
 
 struct GemmParams {
   const __nv_bfloat16* a;
@@ -193,6 +195,54 @@ __device__ __forceinline__ uint64_t SwizzledDescriptor(uint32_t address) {
 // accumulate 0: d = A . B^T (d's old values ignored).
 template <int N>
 __device__ void WgmmaBf16(float (&d)[N / 8][4], uint64_t a, uint64_t b, int accumulate);
+template <>
+__device__ __forceinline__ void WgmmaBf16<256>(float (&d)[32][4], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+        "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+        "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+        "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
+        "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]),
+        "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
+        "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]),
+        "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
+        "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]),
+        "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
+        "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]),
+        "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
+        "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]),
+        "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]),
+        "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]),
+        "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
+        "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]),
+        "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
+        "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
+        "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
 template <>
 __device__ __forceinline__ void WgmmaBf16<128>(float (&d)[16][4], uint64_t a, uint64_t b, int accumulate) {
   asm volatile(
