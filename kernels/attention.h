@@ -1,6 +1,6 @@
 // The prefill half of MLA: a chunk of a sequence's new tokens attends over its whole context with
-// keys and values expanded from the latent cache through kv_b_proj (cuBLAS does the products; these
-// kernels do what lies between them). Decode uses the absorbed form instead (mla_decode.h).
+// keys and values expanded from the latent cache through kv_b_proj (cuBLAS expands them; these
+// kernels gather the cache and attend). Decode uses the absorbed form instead (mla_decode.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,10 +15,34 @@ namespace cohort::kernels {
 cudaError_t LaunchGatherCache(const __nv_bfloat16* layer_cache, const int32_t* block_table, int block_size,
                               int width, int length, __nv_bfloat16* out, cudaStream_t stream);
 
-// Causal softmax of scores [heads, rows, keys] fp32 (row r of each head is the query at position
-// first_position + r, which sees keys 0..first_position + r) times `scale`, written as bf16 with the
-// same shape; masked keys get probability 0.
-cudaError_t LaunchCausalSoftmax(const float* scores, int heads, int rows, int keys, int first_position, float scale,
-                                __nv_bfloat16* probs, cudaStream_t stream);
+// Causal attention of a prefill chunk over keys and values expanded from the latent, in one launch:
+// scores, online softmax and the value product stay on chip (flash attention on mma.sync; no scores
+// in memory). Query r of the chunk is at position first_position + r and sees keys
+// 0..first_position + r. A query's head h is [nope | rope] at q + r * q_row_stride +
+// h * q_head_stride; key j of head h is kv + j * kv_row_stride + h * kv_head_stride (nope values)
+// followed by the rope key shared by all heads at k_rope + j * k_rope_row_stride (rope values); its
+// value is the v_dim values at kv + j * kv_row_stride + h * kv_head_stride + nope.
+struct FlashPrefillParams {
+  const __nv_bfloat16* q = nullptr;
+  int64_t q_row_stride = 0, q_head_stride = 0;
+  const __nv_bfloat16* kv = nullptr;
+  int64_t kv_row_stride = 0, kv_head_stride = 0;
+  const __nv_bfloat16* k_rope = nullptr;
+  int64_t k_rope_row_stride = 0;
+  __nv_bfloat16* out = nullptr;  // [queries, heads, v_dim] at out + r * out_row_stride + h * out_head_stride
+  int64_t out_row_stride = 0, out_head_stride = 0;
+  int queries = 0, keys = 0, first_position = 0, heads = 0;
+  int nope = 0, rope = 0, v_dim = 0;
+  float softmax_scale = 0.0f;
+};
+
+// Whether LaunchFlashPrefill takes these head sizes: nope, rope and v_dim multiples of 8 with
+// nope + rope <= 192 and v_dim <= 128 (DeepSeek-V2/V3: 128 + 64 and 128). Heads of up to 32 and 16
+// (the test fixtures) run on a smaller instance of the kernel.
+bool FlashPrefillSupports(int nope, int rope, int v_dim);
+
+// Keys past `keys` (the context's length) are masked too. cudaErrorInvalidValue for unsupported head
+// sizes, or strides and pointers that are not whole 16-byte chunks.
+cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream);
 
 }  // namespace cohort::kernels

@@ -1,8 +1,8 @@
 // The MLA attention kernels against float64 CPU references on fresh random inputs: the absorbed
 // decode kernel (every supported latent shape, head counts that do and do not fill a 16-head
 // group, contexts from 1 token to several thousand, one split and many, scattered block tables,
-// the value weights applied in the merge of the splits), and the prefill helpers (cache gather,
-// causal softmax).
+// the value weights applied in the merge of the splits), and the prefill kernels (cache gather,
+// flash attention over the expanded keys and values).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -211,28 +211,112 @@ TEST(PrefillAttentionTest, GatherCacheFollowsTheBlockTable) {
   }
 }
 
-TEST(PrefillAttentionTest, CausalSoftmaxMasksFutureKeys) {
-  COHORT_SKIP_WITHOUT_GPU();
+struct FlashCase {
+  int heads, nope, rope, v, queries, first_position;
+  int extra_keys = 0;  // keys past the chunk's last position (masked by causality)
+};
+
+// One chunk against a float64 reference, with the engine's layouts: queries [queries, heads, nope +
+// rope] with a gap after each row, expanded keys and values [keys, heads, nope + v], rope keys at
+// column `rank` of the gathered [keys, rank + rope] latent rows. The output has a gap after each
+// head, which must keep its poison.
+void RunFlashCase(const FlashCase& c) {
   std::mt19937 rng = testing::FreshRng();
-  std::normal_distribution<float> n(0.0f, 3.0f);
-  const int heads = 3, rows = 37, keys = 300, first = keys - rows;  // a chunk at the end of its context
-  const float scale = 0.3f;
-  std::vector<float> scores(static_cast<size_t>(heads) * rows * keys);
-  for (float& s : scores) s = n(rng);
-  DeviceVector<float> d_scores(scores);
-  DeviceVector<uint16_t> d_probs(scores.size());
-  ASSERT_CUDA_OK(kernels::LaunchCausalSoftmax(d_scores.get(), heads, rows, keys, first, scale, Bf16(d_probs), nullptr));
-  const std::vector<uint16_t> probs = d_probs.ToHost();
-  for (int r = 0; r < heads * rows; ++r) {
-    const int visible = first + r % rows + 1;
-    double max = -INFINITY, sum = 0;
-    for (int k = 0; k < visible; ++k) max = std::max(max, static_cast<double>(scores[r * keys + k]) * scale);
-    for (int k = 0; k < visible; ++k) sum += std::exp(scores[r * keys + k] * scale - max);
-    for (int k = 0; k < keys; ++k) {
-      const double want = k < visible ? std::exp(scores[r * keys + k] * scale - max) / sum : 0.0;
-      ASSERT_NEAR(BF16ToFloat(probs[r * keys + k]), want, 4e-3 * want + 1e-6) << "row " << r << " key " << k;
+  const int qk = c.nope + c.rope, keys = c.first_position + c.queries + c.extra_keys, rank = 32;
+  const int64_t q_row = c.heads * qk + 8, kv_row = c.heads * (c.nope + c.v), width = rank + c.rope;
+  const int64_t out_head = c.v + 8, out_row = c.heads * out_head;
+  const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(c.queries) * q_row, rng);
+  const std::vector<uint16_t> kv = RandomBf16(static_cast<size_t>(keys) * kv_row, rng);
+  const std::vector<uint16_t> latent = RandomBf16(static_cast<size_t>(keys) * width, rng);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(qk)) * 2.0f;  // peaked enough that masking matters
+  DeviceVector<uint16_t> d_q(q), d_kv(kv), d_latent(latent), d_out(static_cast<size_t>(c.queries) * out_row);
+
+  kernels::FlashPrefillParams p;
+  p.q = Bf16(d_q);
+  p.q_row_stride = q_row;
+  p.q_head_stride = qk;
+  p.kv = Bf16(d_kv);
+  p.kv_row_stride = kv_row;
+  p.kv_head_stride = c.nope + c.v;
+  p.k_rope = Bf16(d_latent) + rank;
+  p.k_rope_row_stride = width;
+  p.out = Bf16(d_out);
+  p.out_row_stride = out_row;
+  p.out_head_stride = out_head;
+  p.queries = c.queries;
+  p.keys = keys;
+  p.first_position = c.first_position;
+  p.heads = c.heads;
+  p.nope = c.nope;
+  p.rope = c.rope;
+  p.v_dim = c.v;
+  p.softmax_scale = scale;
+  ASSERT_TRUE(kernels::FlashPrefillSupports(c.nope, c.rope, c.v));
+  ASSERT_CUDA_OK(kernels::LaunchFlashPrefill(p, nullptr));
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<uint16_t> out = d_out.ToHost();
+
+  auto value = [](const std::vector<uint16_t>& v, size_t i) { return static_cast<double>(BF16ToFloat(v[i])); };
+  for (int r = 0; r < c.queries; ++r) {
+    const int visible = c.first_position + r + 1;
+    std::vector<double> ref;
+    std::vector<float> got;
+    for (int h = 0; h < c.heads; ++h) {
+      std::vector<double> w(visible);
+      double max = -INFINITY, sum = 0;
+      for (int j = 0; j < visible; ++j) {
+        double s = 0;
+        for (int i = 0; i < c.nope; ++i) s += value(q, r * q_row + h * qk + i) * value(kv, j * kv_row + h * (c.nope + c.v) + i);
+        for (int i = 0; i < c.rope; ++i) s += value(q, r * q_row + h * qk + c.nope + i) * value(latent, j * width + rank + i);
+        w[j] = s * scale;
+        max = std::max(max, w[j]);
+      }
+      for (double& x : w) sum += (x = std::exp(x - max));
+      for (int i = 0; i < c.v; ++i) {
+        double o = 0;
+        for (int j = 0; j < visible; ++j) o += w[j] / sum * value(kv, j * kv_row + h * (c.nope + c.v) + c.nope + i);
+        ref.push_back(o);
+        got.push_back(BF16ToFloat(out[r * out_row + h * out_head + i]));
+      }
+      for (int i = c.v; i < out_head; ++i) {
+        ASSERT_EQ(out[r * out_row + h * out_head + i], 0xffff) << "the gap after head " << h << " was written";
+      }
     }
+    ASSERT_LT(RelativeError(ref, got), 1e-2) << "heads " << c.heads << " nope " << c.nope << " rope " << c.rope
+                                             << " v " << c.v << ": query " << r << " at position "
+                                             << c.first_position + r;
   }
+}
+
+TEST(PrefillAttentionTest, FlashMatchesCpuOnDeepseekHeads) {
+  COHORT_SKIP_WITHOUT_GPU();
+  RunFlashCase({3, 128, 64, 128, 100, 0});    // a first chunk: the diagonal tiles
+  RunFlashCase({2, 128, 64, 128, 70, 200});   // a chunk at the end of a longer context
+  RunFlashCase({2, 128, 64, 128, 1, 517});    // one query
+  RunFlashCase({2, 128, 64, 128, 129, 63, 40});  // keys past the chunk, tiles that straddle it
+}
+
+TEST(PrefillAttentionTest, FlashMatchesCpuOnSmallAndPaddedHeads) {
+  COHORT_SKIP_WITHOUT_GPU();
+  RunFlashCase({4, 16, 8, 16, 37, 5});   // the test fixtures' heads: the small kernel
+  RunFlashCase({4, 16, 8, 16, 200, 0});
+  RunFlashCase({3, 32, 16, 32, 65, 10});  // padded to the large kernel's 192 + 128
+  RunFlashCase({2, 120, 0, 8, 64, 64});   // no rope part, the narrowest values
+}
+
+TEST(PrefillAttentionTest, FlashRefusesHeadsItCannotTake) {
+  COHORT_SKIP_WITHOUT_GPU();
+  EXPECT_FALSE(kernels::FlashPrefillSupports(12, 8, 16));   // not whole 16-byte chunks
+  EXPECT_FALSE(kernels::FlashPrefillSupports(192, 64, 128));  // more than 192 query values a head
+  EXPECT_FALSE(kernels::FlashPrefillSupports(128, 64, 136));
+  kernels::FlashPrefillParams p;
+  p.queries = 1;
+  p.keys = 1;
+  p.heads = 1;
+  p.nope = 12;
+  p.rope = 8;
+  p.v_dim = 16;
+  EXPECT_EQ(kernels::LaunchFlashPrefill(p, nullptr), cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -38,7 +38,6 @@ namespace {
 constexpr float kLatentNormEps = 1e-6f;
 constexpr int kMaxSplits = 64;                          // context splits of one absorbed query
 constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs the split workspace holds
-constexpr int64_t kPrefillScoresBytes = int64_t{512} << 20;  // scores + probabilities of expanded prefill
 constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 // Products of up to this many rows use the skinny kernel (kernels/skinny_gemm.h): on the H200 it
@@ -176,8 +175,8 @@ class CudaEngine final : public ShardEngine {
     void* shared_routing;
     int32_t* no_routed_ids;
     bf16 *shared_act, *shared_rows;
-    bf16 *final_rows, *gathered, *expanded_kv, *probs;
-    float *scores, *logits;
+    bf16 *final_rows, *gathered, *expanded_kv;
+    float* logits;
     int32_t* experts_used;
     void* cublas_workspace;
   };
@@ -358,8 +357,6 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.logits = a.Take<float>(S * c.vocab_size);
   ws.gathered = a.Take<bf16>(expanded_context_ * width);
   ws.expanded_kv = a.Take<bf16>(expanded_context_ * heads * (c.qk_nope_head_dim + c.v_head_dim));
-  ws.scores = a.Take<float>(kPrefillScoresBytes / 6);
-  ws.probs = a.Take<bf16>(kPrefillScoresBytes / 6);
   ws.experts_used = a.Take<int32_t>(1);
   ws.cublas_workspace = a.Take<char>(kCublasWorkspaceBytes);
 }
@@ -407,8 +404,11 @@ absl::Status CudaEngine::Initialize() {
   staging_header_ = 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
   expanded_context_ = std::min<int64_t>(
       c.max_position_embeddings, kExpandedKvBytes / (2 * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)));
-  // The expanded prefill must fit one query row of every head in the scores workspace.
-  expanded_context_ = std::min<int64_t>(expanded_context_, kPrefillScoresBytes / 6);
+  // Head sizes the flash kernel lacks take the absorbed path for prefill too.
+  if (!kernels::FlashPrefillSupports(static_cast<int>(c.qk_nope_head_dim), static_cast<int>(c.qk_rope_head_dim),
+                                     static_cast<int>(c.v_head_dim))) {
+    expanded_context_ = 0;
+  }
   if (options_.expanded_prefill_max_context > 0) {
     expanded_context_ = std::min(expanded_context_, options_.expanded_prefill_max_context);
   }
@@ -744,8 +744,8 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   return Linear(l.o_proj, ws_.attn, T, ws_.delta);
 }
 
-// One prefill chunk: keys and values of its whole context expanded from the latent, scores and
-// probabilities for a slice of heads and query rows at a time within the scores workspace.
+// One prefill chunk: keys and values of its whole context expanded from the latent, then one flash
+// attention launch over them (scores never leave the chip).
 absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& l, bf16* cache) {
   const ModelConfig& c = config_;
   const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
@@ -757,29 +757,27 @@ absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const Dev
                                                          ws_.gathered, stream_));
   COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, context, kv_row, rank, {ws_.gathered, width}, {l.kv_b_proj.data, rank}, true,
                               {ws_.expanded_kv, kv_row}));
-  const int64_t row_budget = std::max<int64_t>(1, (kPrefillScoresBytes / 6) / context);  // (head, query) rows
-  const int64_t head_chunk = std::clamp<int64_t>(row_budget / n, 1, heads);
-  const int64_t row_chunk = head_chunk > 1 ? n : std::min(n, row_budget);
-  for (int64_t h0 = 0; h0 < heads; h0 += head_chunk) {
-    const int hc = static_cast<int>(std::min(head_chunk, heads - h0));
-    for (int64_t r0 = 0; r0 < n; r0 += row_chunk) {
-      const int64_t rows = std::min(row_chunk, n - r0);
-      const bf16* q = ws_.q + (chunk.first_token + r0) * heads * qk + h0 * qk;
-      const GemmOutput scores{ws_.scores, context, rows * context, CUDA_R_32F};
-      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, context, nope, {q, heads * qk, qk},
-                                  {ws_.expanded_kv + h0 * (nope + v), kv_row, nope + v}, true, scores, hc));
-      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, context, c.qk_rope_head_dim, {q + nope, heads * qk, qk},
-                                  {ws_.gathered + rank, width, 0}, true, scores, hc, 1.0f, 1.0f));
-      COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchCausalSoftmax(ws_.scores, hc, static_cast<int>(rows),
-                                                               static_cast<int>(context),
-                                                               static_cast<int>(chunk.start_position + r0),
-                                                               rope_.softmax_scale(), ws_.probs, stream_));
-      COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, rows, v, context, {ws_.probs, context, rows * context},
-                                  {ws_.expanded_kv + h0 * (nope + v) + nope, kv_row, nope + v}, false,
-                                  {ws_.attn + (chunk.first_token + r0) * heads * v + h0 * v, heads * v, v}, hc));
-    }
-  }
-  return absl::OkStatus();
+  kernels::FlashPrefillParams p;
+  p.q = ws_.q + chunk.first_token * heads * qk;
+  p.q_row_stride = heads * qk;
+  p.q_head_stride = qk;
+  p.kv = ws_.expanded_kv;
+  p.kv_row_stride = kv_row;
+  p.kv_head_stride = nope + v;
+  p.k_rope = ws_.gathered + rank;
+  p.k_rope_row_stride = width;
+  p.out = ws_.attn + chunk.first_token * heads * v;
+  p.out_row_stride = heads * v;
+  p.out_head_stride = v;
+  p.queries = static_cast<int>(n);
+  p.keys = static_cast<int>(context);
+  p.first_position = static_cast<int>(chunk.start_position);
+  p.heads = static_cast<int>(heads);
+  p.nope = static_cast<int>(nope);
+  p.rope = static_cast<int>(c.qk_rope_head_dim);
+  p.v_dim = static_cast<int>(v);
+  p.softmax_scale = rope_.softmax_scale();
+  return CudaStatus(kernels::LaunchFlashPrefill(p, stream_), "LaunchFlashPrefill");
 }
 
 absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) {
