@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
-GPU_TOOLS=(moe_bench sampling_bench skinny_gemm_bench memory_latency_bench cohort cohort-worker cohort-router)
+GPU_TOOLS=(moe_bench attention_bench sampling_bench skinny_gemm_bench memory_latency_bench cohort cohort-worker cohort-router)
 
 case "${1:-}" in
   bundle)
@@ -78,6 +78,7 @@ case "${1:-}" in
     done
     if [ "${2:-}" = "--bench" ]; then
       echo "== moe_bench";      .gpu/bin/moe_bench      >"$out/moe_bench.txt" 2>&1 || status=1; tail -30 "$out/moe_bench.txt"
+      echo "== attention_bench"; .gpu/bin/attention_bench >"$out/attention_bench.txt" 2>&1 || status=1; tail -8 "$out/attention_bench.txt"
       echo "== sampling_bench"; .gpu/bin/sampling_bench >"$out/sampling_bench.txt" 2>&1 || status=1; tail -20 "$out/sampling_bench.txt"
       echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$out/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$out/skinny_gemm_bench.txt"
       echo "== memory_latency_bench"
