@@ -2,6 +2,7 @@
 
 #include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
+#include "kernels/wgmma.cuh"
 
 namespace cohort::kernels {
 namespace {
@@ -16,131 +17,117 @@ __global__ void GatherCacheKernel(const __nv_bfloat16* cache, const int32_t* tab
   for (int i = threadIdx.x; i < width / 8; i += blockDim.x) dst[i] = src[i];
 }
 
-// Flash attention for a prefill chunk: a block takes 128 queries of one head (16 a warp, in
-// registers as mma A fragments), walks the key tiles of 64 its queries can see with the next tile's
-// keys and values copied in (cp.async) while this one's are used, and keeps the scores in
-// registers: S = Q K^T, the online softmax, then O += P V with P's accumulators reused as the A
-// fragments. Head sizes are padded with zeros to QK (nope + rope) and V.
-//
-// attention_bench on an H200 (V2-Lite heads, causal TFLOP/s), 8 warps against 4 (64 queries a
-// block, two blocks an SM): 4096 tokens 154 against 132, 16384 tokens 208 against 170, a 1024-token
-// chunk after 3072 165 against 139. Warps of two m16 tiles (each key fragment read once for both,
-// the queries then read from shared memory for want of registers), in another call: 238 at 16384
-// tokens, but 151 at 4096 and 58 at 1024 (this kernel 84).
-template <int QK, int V>
+// Flash attention for a prefill chunk on wgmma: a block takes 128 queries of one head, 64 to each
+// of its two warpgroups, and walks the key tiles of 64 its queries can see, the next tile's keys
+// and values copied in (cp.async) while this one's are used. Per tile, a warpgroup forms its 64 x 64
+// scores with wgmma reading the queries and keys from shared memory, runs the online softmax on the
+// accumulators, and adds P V with wgmma taking P from registers (the accumulators' layout is the A
+// fragments') and the transposed values from shared memory. Every operand is stored as blocks of 64
+// values a row with the 128-byte swizzle (wgmma.cuh); query and key values past nope + rope, and
+// value dimensions past v_dim, are zeros.
+template <int QK_BLOCKS>  // 64-value blocks of nope + rope: 1 (heads of up to 64) or 3 (up to 192)
 struct FlashTiles {
-  static constexpr int kWarps = 8;
-  static constexpr int kRows = 16 * kWarps;  // queries a block
-  static constexpr int kKeys = 64;           // keys a tile
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kQkChunks = QK / 8, kVChunks = V / 8;  // 16-byte chunks a row
-  static constexpr int kSmemBytes = (kRows * QK + 2 * kKeys * (QK + V)) * 2;
-  static_assert(QK % 16 == 0 && V % 16 == 0, "whole k16 / 2 x n8 mma steps");
-  static_assert((kQkChunks % 8 == 0 || 8 % kQkChunks == 0) && (kVChunks % 8 == 0 || 8 % kVChunks == 0),
-                "the swizzle permutes chunks within groups of up to 8");
+  static constexpr int kRows = 128;      // queries a block, 64 a warpgroup
+  static constexpr int kKeys = 64;       // keys a tile
+  static constexpr int kValueDims = 128;  // v_dim padded
+  static constexpr int kThreads = 256;
+  static constexpr int kChunks = QK_BLOCKS * 8;  // 16-byte chunks of a query or key row
+  static constexpr int kQBytes = QK_BLOCKS * kRows * 128;
+  static constexpr int kKBytes = QK_BLOCKS * kKeys * 128;
+  static constexpr int kVBytes = kValueDims * kKeys * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
 };
 
-// Element offset of 16-byte chunk `chunk` of row `row` in a tile of kChunks chunks a row: chunk c
-// of row r sits at c ^ (r % 8) within its group of 8, so the eight rows an ldmatrix reads at one
-// chunk fall in different banks.
-template <int kChunks>
-__device__ __forceinline__ int SwizzledChunk(int row, int chunk) {
-  constexpr int kMask = (kChunks < 8 ? kChunks : 8) - 1;
-  return (row * kChunks + (chunk ^ (row & kMask))) * 8;
+// 16 bytes global -> shared of which the first src_bytes (0 to 16) are read and the rest zeroed.
+__device__ __forceinline__ void CpAsyncPartial(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
-// Keys and values [key0, key0 + 64) of `head` into one stage, zero past the context and the head sizes.
+// Keys [key0, key0 + 64) of `head` (nope then rope values) and their values (transposed) into one
+// stage; zeros past the context and the head sizes.
 template <class T>
-__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int head, int key0, __nv_bfloat16* keys,
-                                            __nv_bfloat16* values) {
-  for (int i = threadIdx.x; i < T::kKeys * T::kQkChunks; i += T::kThreads) {
-    const int row = i / T::kQkChunks, d = i % T::kQkChunks * 8, key = key0 + row;
-    const __nv_bfloat16* src = p.kv;  // any valid address where the chunk is zero-filled
-    bool valid = false;
+__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int head, int key0, uint32_t keys,
+                                            uint32_t values) {
+  for (int i = threadIdx.x; i < T::kKeys * T::kChunks; i += T::kThreads) {
+    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8, key = key0 + row;
+    const __nv_bfloat16* src = p.k;  // any valid address where nothing is read
+    int bytes = 0;
     if (key < p.keys && d < p.nope) {
-      src = p.kv + key * p.kv_row_stride + head * p.kv_head_stride + d;
-      valid = true;
+      src = p.k + key * p.k_row_stride + head * p.k_head_stride + d;
+      bytes = 16;
     } else if (key < p.keys && d < p.nope + p.rope) {
       src = p.k_rope + key * p.k_rope_row_stride + (d - p.nope);
-      valid = true;
+      bytes = 16;
     }
-    CpAsync16(keys + SwizzledChunk<T::kQkChunks>(row, d / 8), src, valid);
+    CpAsyncPartial(keys + (chunk / 8) * T::kKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
   }
-  for (int i = threadIdx.x; i < T::kKeys * T::kVChunks; i += T::kThreads) {
-    const int row = i / T::kVChunks, d = i % T::kVChunks * 8, key = key0 + row;
-    const bool valid = key < p.keys && d < p.v_dim;
-    const __nv_bfloat16* src = valid ? p.kv + key * p.kv_row_stride + head * p.kv_head_stride + p.nope + d : p.kv;
-    CpAsync16(values + SwizzledChunk<T::kVChunks>(row, d / 8), src, valid);
+  for (int i = threadIdx.x; i < T::kValueDims * 8; i += T::kThreads) {
+    const int dim = i / 8, chunk = i % 8, key = key0 + chunk * 8;
+    const int bytes = dim < p.v_dim && key < p.keys ? 2 * min(8, p.keys - key) : 0;
+    const __nv_bfloat16* src = bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + key : p.v_t;
+    CpAsyncPartial(values + SwizzledOffset<64>(dim, chunk), src, bytes);
   }
 }
 
-template <int QK, int V>
-__global__ void __launch_bounds__(FlashTiles<QK, V>::kThreads) FlashPrefillKernel(FlashPrefillParams p) {
-  using T = FlashTiles<QK, V>;
-  extern __shared__ __align__(128) unsigned char flash_smem[];
-  __nv_bfloat16* const queries = reinterpret_cast<__nv_bfloat16*>(flash_smem);
-  __nv_bfloat16* const keys = queries + T::kRows * QK;     // two stages of [kKeys, QK]
-  __nv_bfloat16* const values = keys + 2 * T::kKeys * QK;  // two stages of [kKeys, V]
+template <int QK_BLOCKS>
+__global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) {
+  using T = FlashTiles<QK_BLOCKS>;
+  extern __shared__ __align__(1024) unsigned char flash_smem[];
+  const uint32_t queries = static_cast<uint32_t>(__cvta_generic_to_shared(flash_smem));
+  const uint32_t stages = queries + T::kQBytes;  // two of [keys | values]
   // The last query tiles see the most keys: they start first, so the short ones fill the tail.
   const int q0 = (gridDim.x - 1 - blockIdx.x) * T::kRows, head = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
   const int last_query = min(p.queries, q0 + T::kRows) - 1;
   const int visible = min(p.keys, p.first_position + last_query + 1);
   const int tiles = (visible + T::kKeys - 1) / T::kKeys;
 
-  for (int i = threadIdx.x; i < T::kRows * T::kQkChunks; i += T::kThreads) {
-    const int row = i / T::kQkChunks, d = i % T::kQkChunks * 8;
+  for (int i = threadIdx.x; i < T::kRows * T::kChunks; i += T::kThreads) {
+    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
     const bool valid = q0 + row < p.queries && d < p.nope + p.rope;
     const __nv_bfloat16* src = valid ? p.q + (q0 + row) * p.q_row_stride + head * p.q_head_stride + d : p.q;
-    CpAsync16(queries + SwizzledChunk<T::kQkChunks>(row, d / 8), src, valid);
+    CpAsyncPartial(queries + (chunk / 8) * T::kRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
   }
-  LoadKeyTile<T>(p, head, 0, keys, values);
+  LoadKeyTile<T>(p, head, 0, stages, stages + T::kKBytes);
   CpAsyncCommit();
 
-  // ldmatrix x4 addressing: lane l gives row l % 8 of matrix l / 8.
-  const int matrix = lane / 8, matrix_row = lane % 8;
-  uint32_t q_frag[QK / 16][4];
-  float out[V / 8][4] = {};
+  float out[16][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int first_row_position = p.first_position + q0 + warp * 16;  // of the warp's row 0
+  const int group_position = p.first_position + q0 + warpgroup * 64;  // of the warpgroup's first row
+  const int first_row_position = group_position + warp * 16;          // of the warp's first row
+  const uint32_t group_queries = queries + warpgroup * 64 * 128;
 
   for (int tile = 0; tile < tiles; ++tile) {
-    const int stage = tile & 1, key0 = tile * T::kKeys;
+    const uint32_t stage = stages + (tile & 1) * T::kStageBytes;
+    const int key0 = tile * T::kKeys;
     if (tile + 1 < tiles) {
-      LoadKeyTile<T>(p, head, key0 + T::kKeys, keys + (stage ^ 1) * T::kKeys * QK, values + (stage ^ 1) * T::kKeys * V);
+      const uint32_t next = stages + ((tile + 1) & 1) * T::kStageBytes;
+      LoadKeyTile<T>(p, head, key0 + T::kKeys, next, next + T::kKBytes);
     }
     CpAsyncCommit();
     CpAsyncWait<1>();
+    FenceProxyAsync();
     __syncthreads();
-    if (tile == 0) {
-      for (int kk = 0; kk < QK / 16; ++kk) {
-        const int row = warp * 16 + (matrix % 2) * 8 + matrix_row;
-        LdMatrixX4(q_frag[kk], queries + SwizzledChunk<T::kQkChunks>(row, 2 * kk + matrix / 2));
-      }
-    }
-    // A warp whose queries all precede the tile has nothing to add (the diagonal's last tile).
-    if (key0 <= first_row_position + 15) {
-      const __nv_bfloat16* k_tile = keys + stage * T::kKeys * QK;
-      const __nv_bfloat16* v_tile = values + stage * T::kKeys * V;
-
-      // S = Q K^T: 16 queries x 64 keys a warp, as 8 n8 fragments.
-      float s[T::kKeys / 8][4] = {};
+    // A warpgroup whose queries all precede the tile has nothing to add (the diagonal's last tile).
+    if (key0 <= group_position + 63) {
+      // S = Q K^T, 64 x 64 a warpgroup.
+      float s[8][4];
+      WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < QK / 16; ++kk) {
-#pragma unroll
-        for (int pair = 0; pair < T::kKeys / 16; ++pair) {
-          uint32_t b[4];
-          const int row = pair * 16 + (matrix / 2) * 8 + matrix_row;
-          LdMatrixX4(b, k_tile + SwizzledChunk<T::kQkChunks>(row, 2 * kk + matrix % 2));
-          MmaBf16(s[2 * pair], q_frag[kk], {b[0], b[1]});
-          MmaBf16(s[2 * pair + 1], q_frag[kk], {b[2], b[3]});
-        }
+      for (int kk = 0; kk < QK_BLOCKS * 4; ++kk) {
+        const uint32_t offset = 32 * (kk % 4);  // the k-step within its block of 64 values
+        WgmmaBf16<64>(s, SwizzledDescriptor(group_queries + (kk / 4) * T::kRows * 128 + offset),
+                      SwizzledDescriptor(stage + (kk / 4) * T::kKeys * 128 + offset), kk > 0);
       }
+      WgmmaCommit();
+      WgmmaWait<0>();
       // Keys past a row's position (the tiles on the diagonal) or past the context.
       if (key0 + T::kKeys - 1 > first_row_position || key0 + T::kKeys > p.keys) {
 #pragma unroll
-        for (int n = 0; n < T::kKeys / 8; ++n) {
+        for (int n = 0; n < 8; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int key = key0 + n * 8 + 2 * t + (e & 1), position = first_row_position + g + (e / 2) * 8;
@@ -153,7 +140,7 @@ __global__ void __launch_bounds__(FlashTiles<QK, V>::kThreads) FlashPrefillKerne
       for (int r = 0; r < 2; ++r) {
         float tile_max = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < T::kKeys / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        for (int n = 0; n < 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float new_max = fmaxf(row_max[r], tile_max * scale_log2);
@@ -162,35 +149,33 @@ __global__ void __launch_bounds__(FlashTiles<QK, V>::kThreads) FlashPrefillKerne
         row_max[r] = new_max;
         row_sum[r] *= rescale;
 #pragma unroll
-        for (int n = 0; n < V / 8; ++n) {
+        for (int n = 0; n < 16; ++n) {
           out[n][2 * r] *= rescale;
           out[n][2 * r + 1] *= rescale;
         }
 #pragma unroll
-        for (int n = 0; n < T::kKeys / 8; ++n) {
+        for (int n = 0; n < 8; ++n) {
           s[n][2 * r] = exp2f(s[n][2 * r] * scale_log2 - base);
           s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] * scale_log2 - base);
           row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
         }
       }
       // O += P V: the accumulators of key fragments 2j and 2j + 1 are the A fragment of k-step j.
+      uint32_t a[4][4];
 #pragma unroll
-      for (int j = 0; j < T::kKeys / 16; ++j) {
-        const uint32_t a[4] = {PackBf16(__float2bfloat16(s[2 * j][0]), __float2bfloat16(s[2 * j][1])),
-                               PackBf16(__float2bfloat16(s[2 * j][2]), __float2bfloat16(s[2 * j][3])),
-                               PackBf16(__float2bfloat16(s[2 * j + 1][0]), __float2bfloat16(s[2 * j + 1][1])),
-                               PackBf16(__float2bfloat16(s[2 * j + 1][2]), __float2bfloat16(s[2 * j + 1][3]))};
-#pragma unroll
-        for (int pair = 0; pair < V / 16; ++pair) {
-          uint32_t b[4];
-          const int row = j * 16 + (matrix % 2) * 8 + matrix_row;
-          LdMatrixX4Trans(b, v_tile + SwizzledChunk<T::kVChunks>(row, 2 * pair + matrix / 2));
-          MmaBf16(out[2 * pair], a, {b[0], b[1]});
-          MmaBf16(out[2 * pair + 1], a, {b[2], b[3]});
-        }
+      for (int j = 0; j < 4; ++j) {
+        a[j][0] = PackBf16(__float2bfloat16(s[2 * j][0]), __float2bfloat16(s[2 * j][1]));
+        a[j][1] = PackBf16(__float2bfloat16(s[2 * j][2]), __float2bfloat16(s[2 * j][3]));
+        a[j][2] = PackBf16(__float2bfloat16(s[2 * j + 1][0]), __float2bfloat16(s[2 * j + 1][1]));
+        a[j][3] = PackBf16(__float2bfloat16(s[2 * j + 1][2]), __float2bfloat16(s[2 * j + 1][3]));
       }
+      WgmmaFence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) WgmmaBf16RegA128(out, a[j], SwizzledDescriptor(stage + T::kKBytes + 32 * j), 1);
+      WgmmaCommit();
+      WgmmaWait<0>();
     }
-    __syncthreads();  // every warp is done with this stage before the next tile's copy refills it
+    __syncthreads();  // every warpgroup is done with this stage before the next tile's copy refills it
   }
 
 #pragma unroll
@@ -199,11 +184,11 @@ __global__ void __launch_bounds__(FlashTiles<QK, V>::kThreads) FlashPrefillKerne
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int query = q0 + warp * 16 + g + r * 8;
+    const int query = q0 + warpgroup * 64 + warp * 16 + g + r * 8;
     if (query >= p.queries) continue;
     __nv_bfloat16* row = p.out + query * p.out_row_stride + head * p.out_head_stride;
 #pragma unroll
-    for (int n = 0; n < V / 8; ++n) {
+    for (int n = 0; n < 16; ++n) {
       const int d = n * 8 + 2 * t;
       if (d < p.v_dim) {
         *reinterpret_cast<__nv_bfloat162*>(row + d) = __floats2bfloat162_rn(out[n][2 * r] * inv, out[n][2 * r + 1] * inv);
@@ -229,10 +214,10 @@ bool FlashPrefillSupports(int nope, int rope, int v_dim) {
 
 namespace {
 
-template <int QK, int V>
+template <int QK_BLOCKS>
 cudaError_t LaunchFlash(const FlashPrefillParams& p, cudaStream_t stream) {
-  using T = FlashTiles<QK, V>;
-  auto kernel = FlashPrefillKernel<QK, V>;
+  using T = FlashTiles<QK_BLOCKS>;
+  auto kernel = FlashPrefillKernel<QK_BLOCKS>;
   static LaunchSetUp setup;
   LaunchInfo info;
   if (const cudaError_t e = setup.Get(kernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
@@ -250,13 +235,13 @@ bool Chunked(const void* pointer, int64_t stride) {
 cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream) {
   if (p.queries == 0 || p.heads == 0) return cudaSuccess;
   if (!FlashPrefillSupports(p.nope, p.rope, p.v_dim) || p.queries < 0 || p.heads < 0 || p.keys <= 0 ||
-      !Chunked(p.q, p.q_row_stride) || p.q_head_stride % 8 != 0 || !Chunked(p.kv, p.kv_row_stride) ||
-      p.kv_head_stride % 8 != 0 || !Chunked(p.k_rope, p.k_rope_row_stride) || p.out_row_stride % 2 != 0 ||
-      p.out_head_stride % 2 != 0 || reinterpret_cast<uintptr_t>(p.out) % 4 != 0) {
+      !Chunked(p.q, p.q_row_stride) || p.q_head_stride % 8 != 0 || !Chunked(p.k, p.k_row_stride) ||
+      p.k_head_stride % 8 != 0 || !Chunked(p.k_rope, p.k_rope_row_stride) || !Chunked(p.v_t, p.v_t_row_stride) ||
+      p.v_t_head_stride % 8 != 0 || p.out_row_stride % 2 != 0 || p.out_head_stride % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(p.out) % 4 != 0) {
     return cudaErrorInvalidValue;
   }
-  if (p.nope + p.rope <= 32 && p.v_dim <= 16) return LaunchFlash<32, 16>(p, stream);
-  return LaunchFlash<192, 128>(p, stream);
+  return p.nope + p.rope <= 64 ? LaunchFlash<1>(p, stream) : LaunchFlash<3>(p, stream);
 }
 
 }  // namespace cohort::kernels

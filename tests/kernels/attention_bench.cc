@@ -39,13 +39,17 @@ int Run(double peak_tflops) {
   }
   const int qk = kNope + kRope, width = kRank + kRope;
   __nv_bfloat16* q = DeviceAlloc<__nv_bfloat16>(int64_t{max_queries} * kHeads * qk);
-  __nv_bfloat16* kv = DeviceAlloc<__nv_bfloat16>(int64_t{max_keys} * kHeads * (kNope + kV));
+  const int64_t ld = (max_keys + 7) / 8 * 8;  // keys a row of the transposed values
+  __nv_bfloat16* k = DeviceAlloc<__nv_bfloat16>(int64_t{max_keys} * kHeads * kNope);
+  __nv_bfloat16* v_t = DeviceAlloc<__nv_bfloat16>(int64_t{kHeads} * kV * ld);
   __nv_bfloat16* latent = DeviceAlloc<__nv_bfloat16>(int64_t{max_keys} * width);
   __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(int64_t{max_queries} * kHeads * kV);
   // Small random-looking values (a ramp of bf16 bit patterns), never zeros: zeros can run faster.
-  std::vector<uint16_t> fill(int64_t{max_keys} * kHeads * (kNope + kV));
+  std::vector<uint16_t> fill(std::max({int64_t{kHeads} * kV * ld, int64_t{max_keys} * kHeads * kNope,
+                                       int64_t{max_queries} * kHeads * qk, int64_t{max_keys} * width}));
   for (size_t i = 0; i < fill.size(); ++i) fill[i] = static_cast<uint16_t>(0x3c00 + (i * 2654435761u >> 20) % 0x200);
-  BENCH_CHECK(cudaMemcpy(kv, fill.data(), fill.size() * 2, cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(v_t, fill.data(), int64_t{kHeads} * kV * ld * 2, cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(k, fill.data(), int64_t{max_keys} * kHeads * kNope * 2, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(q, fill.data(), int64_t{max_queries} * kHeads * qk * 2, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(latent, fill.data(), int64_t{max_keys} * width * 2, cudaMemcpyHostToDevice));
 
@@ -60,9 +64,12 @@ int Run(double peak_tflops) {
     p.q = q;
     p.q_row_stride = kHeads * qk;
     p.q_head_stride = qk;
-    p.kv = kv;
-    p.kv_row_stride = kHeads * (kNope + kV);
-    p.kv_head_stride = kNope + kV;
+    p.k = k;
+    p.k_row_stride = kHeads * kNope;
+    p.k_head_stride = kNope;
+    p.v_t = v_t;
+    p.v_t_head_stride = kV * ld;
+    p.v_t_row_stride = ld;
     p.k_rope = latent + kRank;
     p.k_rope_row_stride = width;
     p.out = out;

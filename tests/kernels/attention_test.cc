@@ -217,29 +217,38 @@ struct FlashCase {
 };
 
 // One chunk against a float64 reference, with the engine's layouts: queries [queries, heads, nope +
-// rope] with a gap after each row, expanded keys and values [keys, heads, nope + v], rope keys at
-// column `rank` of the gathered [keys, rank + rope] latent rows. The output has a gap after each
+// rope] with a gap after each row, expanded keys [keys, heads, nope], rope keys at column `rank` of
+// the gathered [keys, rank + rope] latent rows, values transposed [heads, v, ld] with NaN in each
+// row's columns past the context (the kernel must not read them). The output has a gap after each
 // head, which must keep its poison.
 void RunFlashCase(const FlashCase& c) {
   std::mt19937 rng = testing::FreshRng();
   const int qk = c.nope + c.rope, keys = c.first_position + c.queries + c.extra_keys, rank = 32;
-  const int64_t q_row = c.heads * qk + 8, kv_row = c.heads * (c.nope + c.v), width = rank + c.rope;
-  const int64_t out_head = c.v + 8, out_row = c.heads * out_head;
+  const int64_t q_row = c.heads * qk + 8, k_row = c.heads * c.nope, width = rank + c.rope;
+  const int64_t ld = (keys + 7) / 8 * 8 + 8, out_head = c.v + 8, out_row = c.heads * out_head;
   const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(c.queries) * q_row, rng);
-  const std::vector<uint16_t> kv = RandomBf16(static_cast<size_t>(keys) * kv_row, rng);
+  const std::vector<uint16_t> k = RandomBf16(static_cast<size_t>(keys) * k_row, rng);
   const std::vector<uint16_t> latent = RandomBf16(static_cast<size_t>(keys) * width, rng);
+  std::vector<uint16_t> v_t = RandomBf16(static_cast<size_t>(c.heads) * c.v * ld, rng);
+  for (size_t row = 0; row < static_cast<size_t>(c.heads) * c.v; ++row) {
+    std::fill(v_t.begin() + row * ld + keys, v_t.begin() + (row + 1) * ld, uint16_t{0x7fc0});  // NaN
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk)) * 2.0f;  // peaked enough that masking matters
-  DeviceVector<uint16_t> d_q(q), d_kv(kv), d_latent(latent), d_out(static_cast<size_t>(c.queries) * out_row);
+  DeviceVector<uint16_t> d_q(q), d_k(k), d_latent(latent), d_v_t(v_t);
+  DeviceVector<uint16_t> d_out(static_cast<size_t>(c.queries) * out_row);
 
   kernels::FlashPrefillParams p;
   p.q = Bf16(d_q);
   p.q_row_stride = q_row;
   p.q_head_stride = qk;
-  p.kv = Bf16(d_kv);
-  p.kv_row_stride = kv_row;
-  p.kv_head_stride = c.nope + c.v;
+  p.k = Bf16(d_k);
+  p.k_row_stride = k_row;
+  p.k_head_stride = c.nope;
   p.k_rope = Bf16(d_latent) + rank;
   p.k_rope_row_stride = width;
+  p.v_t = Bf16(d_v_t);
+  p.v_t_head_stride = c.v * ld;
+  p.v_t_row_stride = ld;
   p.out = Bf16(d_out);
   p.out_row_stride = out_row;
   p.out_head_stride = out_head;
@@ -266,7 +275,7 @@ void RunFlashCase(const FlashCase& c) {
       double max = -INFINITY, sum = 0;
       for (int j = 0; j < visible; ++j) {
         double s = 0;
-        for (int i = 0; i < c.nope; ++i) s += value(q, r * q_row + h * qk + i) * value(kv, j * kv_row + h * (c.nope + c.v) + i);
+        for (int i = 0; i < c.nope; ++i) s += value(q, r * q_row + h * qk + i) * value(k, j * k_row + h * c.nope + i);
         for (int i = 0; i < c.rope; ++i) s += value(q, r * q_row + h * qk + c.nope + i) * value(latent, j * width + rank + i);
         w[j] = s * scale;
         max = std::max(max, w[j]);
@@ -274,7 +283,7 @@ void RunFlashCase(const FlashCase& c) {
       for (double& x : w) sum += (x = std::exp(x - max));
       for (int i = 0; i < c.v; ++i) {
         double o = 0;
-        for (int j = 0; j < visible; ++j) o += w[j] / sum * value(kv, j * kv_row + h * (c.nope + c.v) + c.nope + i);
+        for (int j = 0; j < visible; ++j) o += w[j] / sum * value(v_t, (static_cast<int64_t>(h) * c.v + i) * ld + j);
         ref.push_back(o);
         got.push_back(BF16ToFloat(out[r * out_row + h * out_head + i]));
       }
@@ -298,9 +307,10 @@ TEST(PrefillAttentionTest, FlashMatchesCpuOnDeepseekHeads) {
 
 TEST(PrefillAttentionTest, FlashMatchesCpuOnSmallAndPaddedHeads) {
   COHORT_SKIP_WITHOUT_GPU();
-  RunFlashCase({4, 16, 8, 16, 37, 5});   // the test fixtures' heads: the small kernel
+  RunFlashCase({4, 16, 8, 16, 37, 5});    // the test fixtures' heads: one block of 64 query values
   RunFlashCase({4, 16, 8, 16, 200, 0});
-  RunFlashCase({3, 32, 16, 32, 65, 10});  // padded to the large kernel's 192 + 128
+  RunFlashCase({3, 32, 16, 32, 65, 10});  // 48 query values padded to 64
+  RunFlashCase({2, 64, 16, 64, 130, 7});  // 80 query values padded to 192
   RunFlashCase({2, 120, 0, 8, 64, 64});   // no rope part, the narrowest values
 }
 

@@ -175,7 +175,7 @@ class CudaEngine final : public ShardEngine {
     void* shared_routing;
     int32_t* no_routed_ids;
     bf16 *shared_act, *shared_rows;
-    bf16 *final_rows, *gathered, *expanded_kv;
+    bf16 *final_rows, *gathered, *expanded_keys, *expanded_values_t;
     float* logits;
     int32_t* experts_used;
     void* cublas_workspace;
@@ -248,6 +248,7 @@ class CudaEngine final : public ShardEngine {
   int64_t max_sequences_ = 0;  // per step
   int64_t table_capacity_ = 0; // block-table entries per step
   int64_t expanded_context_ = 0;  // longest context the expanded prefill path takes
+  int64_t expanded_values_ld_ = 0;  // keys a row of the transposed expanded values holds
   int64_t layer_cache_elements_ = 0;
 
   DeviceArena weight_arena_, workspace_arena_, cache_arena_;
@@ -356,7 +357,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   if (world_ > 1) ws.final_all = a.Take<bf16>(world_ * T * H);
   ws.logits = a.Take<float>(S * c.vocab_size);
   ws.gathered = a.Take<bf16>(expanded_context_ * width);
-  ws.expanded_kv = a.Take<bf16>(expanded_context_ * heads * (c.qk_nope_head_dim + c.v_head_dim));
+  ws.expanded_keys = a.Take<bf16>(expanded_context_ * heads * c.qk_nope_head_dim);
+  ws.expanded_values_t = a.Take<bf16>(heads * c.v_head_dim * expanded_values_ld_);
   ws.experts_used = a.Take<int32_t>(1);
   ws.cublas_workspace = a.Take<char>(kCublasWorkspaceBytes);
 }
@@ -412,6 +414,7 @@ absl::Status CudaEngine::Initialize() {
   if (options_.expanded_prefill_max_context > 0) {
     expanded_context_ = std::min(expanded_context_, options_.expanded_prefill_max_context);
   }
+  expanded_values_ld_ = CeilDiv(expanded_context_, 8) * 8;  // rows of whole 16-byte chunks
 
   if (c.n_routed_experts > 0) {
     if (c.n_routed_experts > kMoeMaxExperts || c.num_experts_per_tok > kMoeMaxTopK ||
@@ -745,27 +748,37 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
 }
 
 // One prefill chunk: keys and values of its whole context expanded from the latent, then one flash
-// attention launch over them (scores never leave the chip).
+// attention launch over them (scores never leave the chip). The values are expanded transposed
+// ([head][value dim][key]), the layout the attention's P . V product reads.
 absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& l, bf16* cache) {
   const ModelConfig& c = config_;
   const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
-  const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_row = heads * (nope + v);
-  const int64_t n = chunk.num_tokens, context = chunk.start_position + n;
+  const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_b_head = (nope + v) * rank;
+  const int64_t n = chunk.num_tokens, context = chunk.start_position + n, values_ld = expanded_values_ld_;
   const int32_t* table = ws_.block_tables + chunk.table_offset;
   COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(cache, table, static_cast<int>(geometry_.block_size_tokens),
                                                          static_cast<int>(width), static_cast<int>(context),
                                                          ws_.gathered, stream_));
-  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, context, kv_row, rank, {ws_.gathered, width}, {l.kv_b_proj.data, rank}, true,
-                              {ws_.expanded_kv, kv_row}));
+  // keys[j, h] = latent[j] . W_uk[h]^T and values_t[h] = W_uv[h] . latent^T, W_uk[h] and W_uv[h] the
+  // key and value rows of head h in kv_b_proj: one strided-batched product a head each.
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, context, nope, rank, {ws_.gathered, width, 0},
+                              {l.kv_b_proj.data, rank, kv_b_head}, true, {ws_.expanded_keys, heads * nope, nope},
+                              static_cast<int>(heads)));
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, v, context, rank, {l.kv_b_proj.data + nope * rank, rank, kv_b_head},
+                              {ws_.gathered, width, 0}, true, {ws_.expanded_values_t, values_ld, v * values_ld},
+                              static_cast<int>(heads)));
   kernels::FlashPrefillParams p;
   p.q = ws_.q + chunk.first_token * heads * qk;
   p.q_row_stride = heads * qk;
   p.q_head_stride = qk;
-  p.kv = ws_.expanded_kv;
-  p.kv_row_stride = kv_row;
-  p.kv_head_stride = nope + v;
+  p.k = ws_.expanded_keys;
+  p.k_row_stride = heads * nope;
+  p.k_head_stride = nope;
   p.k_rope = ws_.gathered + rank;
   p.k_rope_row_stride = width;
+  p.v_t = ws_.expanded_values_t;
+  p.v_t_head_stride = v * values_ld;
+  p.v_t_row_stride = values_ld;
   p.out = ws_.attn + chunk.first_token * heads * v;
   p.out_row_stride = heads * v;
   p.out_head_stride = v;
