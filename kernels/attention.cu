@@ -36,7 +36,8 @@ struct FlashTiles {
   static constexpr int kKBytes = QK_BLOCKS * kKeys * 128;
   static constexpr int kVBytes = kValueDims * kKeys * 2;
   static constexpr int kStageBytes = kKBytes + kVBytes;
-  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
+  static constexpr int kStages = 3;  // tile t's values and t + 1's keys in use while t + 2 is copied in
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
 };
 
 // 16 bytes global -> shared of which the first src_bytes (0 to 16) are read and the rest zeroed.
@@ -75,7 +76,8 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
   using T = FlashTiles<QK_BLOCKS>;
   extern __shared__ __align__(1024) unsigned char flash_smem[];
   const uint32_t queries = static_cast<uint32_t>(__cvta_generic_to_shared(flash_smem));
-  const uint32_t stages = queries + T::kQBytes;  // two of [keys | values]
+  const uint32_t stages = queries + T::kQBytes;  // kStages of [keys | values]
+  const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
   // The last query tiles see the most keys: they start first, so the short ones fill the tail.
   const int q0 = (gridDim.x - 1 - blockIdx.x) * T::kRows, head = blockIdx.y;
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
@@ -83,6 +85,9 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
   const int last_query = min(p.queries, q0 + T::kRows) - 1;
   const int visible = min(p.keys, p.first_position + last_query + 1);
   const int tiles = (visible + T::kKeys - 1) / T::kKeys;
+  const int group_position = p.first_position + q0 + warpgroup * 64;  // of the warpgroup's first row
+  const int first_row_position = group_position + warp * 16;          // of the warp's first row
+  const uint32_t group_queries = queries + warpgroup * 64 * 128;
 
   for (int i = threadIdx.x; i < T::kRows * T::kChunks; i += T::kThreads) {
     const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
@@ -90,93 +95,123 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
     const __nv_bfloat16* src = valid ? p.q + (q0 + row) * p.q_row_stride + head * p.q_head_stride + d : p.q;
     CpAsyncPartial(queries + (chunk / 8) * T::kRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
   }
-  LoadKeyTile<T>(p, head, 0, stages, stages + T::kKBytes);
-  CpAsyncCommit();
+  for (int tile = 0; tile < T::kStages - 1; ++tile) {  // one group a tile, empty past the last
+    if (tile < tiles) LoadKeyTile<T>(p, head, tile * T::kKeys, stage_of(tile), stage_of(tile) + T::kKBytes);
+    CpAsyncCommit();
+  }
 
+  float s[8][4];                 // a tile's scores, then its probabilities
+  uint32_t probs[4][4];          // the probabilities as bf16 A fragments of P V's four k-steps
   float out[16][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
+  float rescale[2];              // of out, once the product in flight is done
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int group_position = p.first_position + q0 + warpgroup * 64;  // of the warpgroup's first row
-  const int first_row_position = group_position + warp * 16;          // of the warp's first row
-  const uint32_t group_queries = queries + warpgroup * 64 * 128;
 
-  for (int tile = 0; tile < tiles; ++tile) {
-    const uint32_t stage = stages + (tile & 1) * T::kStageBytes;
-    const int key0 = tile * T::kKeys;
-    if (tile + 1 < tiles) {
-      const uint32_t next = stages + ((tile + 1) & 1) * T::kStageBytes;
-      LoadKeyTile<T>(p, head, key0 + T::kKeys, next, next + T::kKBytes);
+  // S = Q K^T for `tile`, 64 x 64 a warpgroup, issued and committed (not waited for).
+  const auto issue_scores = [&](int tile) {
+    const uint32_t keys = stage_of(tile);
+#pragma unroll
+    for (int kk = 0; kk < QK_BLOCKS * 4; ++kk) {
+      const uint32_t offset = 32 * (kk % 4);  // the k-step within its block of 64 values
+      WgmmaBf16<64>(s, SwizzledDescriptor(group_queries + (kk / 4) * T::kRows * 128 + offset),
+                    SwizzledDescriptor(keys + (kk / 4) * T::kKeys * 128 + offset), kk > 0);
     }
+    WgmmaCommit();
+  };
+  // The online softmax of `tile`'s scores (base 2; each row's values lie in the quad of lanes
+  // 4g..4g+3): s becomes the probabilities, row_sum their sums, and rescale what out needs.
+  const auto softmax = [&](int tile) {
+    const int key0 = tile * T::kKeys;
+    if (key0 + T::kKeys - 1 > first_row_position || key0 + T::kKeys > p.keys) {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1), position = first_row_position + g + (e / 2) * 8;
+          if (key > position || key >= p.keys) s[n][e] = -INFINITY;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+      const float new_max = fmaxf(row_max[r], tile_max * scale_log2);
+      const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row that has seen no key yet
+      rescale[r] = exp2f(row_max[r] - base);
+      row_max[r] = new_max;
+      row_sum[r] *= rescale[r];
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] * scale_log2 - base);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] * scale_log2 - base);
+        row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
+      }
+    }
+  };
+  // out *= rescale, and the probabilities into A fragments: the accumulators of key fragments 2j
+  // and 2j + 1 are the A fragment of k-step j.
+  const auto take_probabilities = [&]() {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      out[n][0] *= rescale[0];
+      out[n][1] *= rescale[0];
+      out[n][2] *= rescale[1];
+      out[n][3] *= rescale[1];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      probs[j][0] = PackBf16(__float2bfloat16(s[2 * j][0]), __float2bfloat16(s[2 * j][1]));
+      probs[j][1] = PackBf16(__float2bfloat16(s[2 * j][2]), __float2bfloat16(s[2 * j][3]));
+      probs[j][2] = PackBf16(__float2bfloat16(s[2 * j + 1][0]), __float2bfloat16(s[2 * j + 1][1]));
+      probs[j][3] = PackBf16(__float2bfloat16(s[2 * j + 1][2]), __float2bfloat16(s[2 * j + 1][3]));
+    }
+  };
+
+  // O += P V for `tile`, issued and committed.
+  const auto issue_values = [&](int tile) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      WgmmaBf16RegA128(out, probs[j], SwizzledDescriptor(stage_of(tile) + T::kKBytes + 32 * j), 1);
+    }
+    WgmmaCommit();
+  };
+
+  // Tile 0's scores and probabilities first; then each round issues the next tile's scores and this
+  // tile's P V together, and runs the next tile's softmax while P V is still on the tensor cores.
+  // Every warpgroup multiplies every tile (no branch around wgmma, which would serialise it): on the
+  // diagonal's last tile a warpgroup whose queries all precede it gets probabilities of 0.
+  CpAsyncWait<T::kStages - 2>();
+  FenceProxyAsync();
+  __syncthreads();
+  WgmmaFence();
+  issue_scores(0);
+  WgmmaWait<0>();
+  softmax(0);
+  take_probabilities();
+  for (int tile = 0; tile + 1 < tiles; ++tile) {
+    // Every warpgroup is done with tile - 1's stage: it takes tile + kStages - 1.
+    __syncthreads();
+    const int refill = tile + T::kStages - 1;
+    if (refill < tiles) LoadKeyTile<T>(p, head, refill * T::kKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
     CpAsyncCommit();
-    CpAsyncWait<1>();
+    CpAsyncWait<T::kStages - 2>();  // tile + 1 landed
     FenceProxyAsync();
     __syncthreads();
-    // A warpgroup whose queries all precede the tile has nothing to add (the diagonal's last tile).
-    if (key0 <= group_position + 63) {
-      // S = Q K^T, 64 x 64 a warpgroup.
-      float s[8][4];
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < QK_BLOCKS * 4; ++kk) {
-        const uint32_t offset = 32 * (kk % 4);  // the k-step within its block of 64 values
-        WgmmaBf16<64>(s, SwizzledDescriptor(group_queries + (kk / 4) * T::kRows * 128 + offset),
-                      SwizzledDescriptor(stage + (kk / 4) * T::kKeys * 128 + offset), kk > 0);
-      }
-      WgmmaCommit();
-      WgmmaWait<0>();
-      // Keys past a row's position (the tiles on the diagonal) or past the context.
-      if (key0 + T::kKeys - 1 > first_row_position || key0 + T::kKeys > p.keys) {
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = key0 + n * 8 + 2 * t + (e & 1), position = first_row_position + g + (e / 2) * 8;
-            if (key > position || key >= p.keys) s[n][e] = -INFINITY;
-          }
-        }
-      }
-      // Online softmax in base 2; each row's values lie in the quad of lanes 4g..4g+3.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(row_max[r], tile_max * scale_log2);
-        const float base = new_max == -INFINITY ? 0.0f : new_max;  // a row that has seen no key yet
-        const float rescale = exp2f(row_max[r] - base);
-        row_max[r] = new_max;
-        row_sum[r] *= rescale;
-#pragma unroll
-        for (int n = 0; n < 16; ++n) {
-          out[n][2 * r] *= rescale;
-          out[n][2 * r + 1] *= rescale;
-        }
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          s[n][2 * r] = exp2f(s[n][2 * r] * scale_log2 - base);
-          s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] * scale_log2 - base);
-          row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
-        }
-      }
-      // O += P V: the accumulators of key fragments 2j and 2j + 1 are the A fragment of k-step j.
-      uint32_t a[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        a[j][0] = PackBf16(__float2bfloat16(s[2 * j][0]), __float2bfloat16(s[2 * j][1]));
-        a[j][1] = PackBf16(__float2bfloat16(s[2 * j][2]), __float2bfloat16(s[2 * j][3]));
-        a[j][2] = PackBf16(__float2bfloat16(s[2 * j + 1][0]), __float2bfloat16(s[2 * j + 1][1]));
-        a[j][3] = PackBf16(__float2bfloat16(s[2 * j + 1][2]), __float2bfloat16(s[2 * j + 1][3]));
-      }
-      WgmmaFence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) WgmmaBf16RegA128(out, a[j], SwizzledDescriptor(stage + T::kKBytes + 32 * j), 1);
-      WgmmaCommit();
-      WgmmaWait<0>();
-    }
-    __syncthreads();  // every warpgroup is done with this stage before the next tile's copy refills it
+    WgmmaFence();
+    issue_scores(tile + 1);
+    issue_values(tile);
+    WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
+    softmax(tile + 1);
+    WgmmaWait<0>();
+    take_probabilities();
   }
+  WgmmaFence();
+  issue_values(tiles - 1);
+  WgmmaWait<0>();
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
