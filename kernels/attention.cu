@@ -18,8 +18,8 @@ __global__ void GatherCacheKernel(const __nv_bfloat16* cache, const int32_t* tab
 }
 
 // Flash attention for a prefill chunk on wgmma: a block takes 128 queries of one head, 64 to each
-// of its two warpgroups, and walks the key tiles of 64 its queries can see, the next tile's keys
-// and values copied in (cp.async) while this one's are used. Per tile, a warpgroup forms its 64 x 64
+// of its two warpgroups, and walks the key tiles of 64 its queries can see, the tiles after it
+// copied in (cp.async, three stages) while this one's are used. Per tile, a warpgroup forms its 64 x 64
 // scores with wgmma reading the queries and keys from shared memory, runs the online softmax on the
 // accumulators, and adds P V with wgmma taking P from registers (the accumulators' layout is the A
 // fragments') and the transposed values from shared memory. Every operand is stored as blocks of 64
