@@ -226,7 +226,8 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
     for (int n = 0; n < 16; ++n) {
       const int d = n * 8 + 2 * t;
       if (d < p.v_dim) {
-        *reinterpret_cast<__nv_bfloat162*>(row + d) = __floats2bfloat162_rn(out[n][2 * r] * inv, out[n][2 * r + 1] * inv);
+        *reinterpret_cast<__nv_bfloat162*>(row + d) =
+            __floats2bfloat162_rn(out[n][2 * r] * inv, out[n][2 * r + 1] * inv);
       }
     }
   }
@@ -243,8 +244,8 @@ cudaError_t LaunchGatherCache(const __nv_bfloat16* layer_cache, const int32_t* b
 }
 
 bool FlashPrefillSupports(int nope, int rope, int v_dim) {
-  if (nope <= 0 || rope < 0 || v_dim <= 0 || nope % 8 != 0 || rope % 8 != 0 || v_dim % 8 != 0) return false;
-  return (nope + rope <= 192 && v_dim <= 128);
+  return nope > 0 && rope >= 0 && v_dim > 0 && nope % 8 == 0 && rope % 8 == 0 && v_dim % 8 == 0 &&
+         nope + rope <= 192 && v_dim <= 128;
 }
 
 namespace {

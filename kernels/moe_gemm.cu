@@ -48,10 +48,10 @@ using kernels::LaunchPdl;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
 
-// WGMMA: the block's warpgroups multiply with wgmma (sm_90a) from the swizzled stages, warpgroup g
-// taking rows [64 g, 64 g + 64) and every column (WARPS_M = BM / 16, WARPS_N = 1: a warp's
-// accumulators are then laid out as mma.sync's for its 16 rows, and the epilogue is the same);
-// otherwise each warp runs ldmatrix and mma.sync on its own tile.
+// WGMMA: the block's two warpgroups multiply with wgmma (sm_90a) from the swizzled stages, each 64
+// rows by kWarpN columns (128-row tiles: split along M, WARPS_N = 1; 64-row tiles: along N,
+// WARPS_N = 2); a warp's accumulators are then laid out as mma.sync's for its 16 rows, and the
+// epilogue is the same. Otherwise each warp runs ldmatrix and mma.sync on its own tile.
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS, bool WGMMA = false>
 struct TileConfig {
   static constexpr bool kWgmma = WGMMA;

@@ -56,9 +56,6 @@ int Run(double peak_tflops) {
   std::printf("flash prefill attention, %d heads of %d + %d query values and %d values; peak %.0f TFLOP/s\n\n",
               kHeads, kNope, kRope, kV, peak_tflops);
   std::printf(" queries  context        us   TFLOP/s   %% peak\n");
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
   for (const Shape& s : shapes) {
     kernels::FlashPrefillParams p;
     p.q = q;
@@ -83,17 +80,8 @@ int Run(double peak_tflops) {
     p.rope = kRope;
     p.v_dim = kV;
     p.softmax_scale = 0.0722f;
-    for (int i = 0; i < 3; ++i) BENCH_CHECK(kernels::LaunchFlashPrefill(p, bench.stream));
-    std::vector<float> ms(kReps);
-    for (float& m : ms) {
-      BENCH_CHECK(cudaEventRecord(start, bench.stream));
-      BENCH_CHECK(kernels::LaunchFlashPrefill(p, bench.stream));
-      BENCH_CHECK(cudaEventRecord(stop, bench.stream));
-      BENCH_CHECK(cudaEventSynchronize(stop));
-      BENCH_CHECK(cudaEventElapsedTime(&m, start, stop));
-    }
-    std::nth_element(ms.begin(), ms.begin() + kReps / 2, ms.end());
-    const double us = ms[kReps / 2] * 1e3;
+    const double us = testing::MedianMicros(bench.stream, 3, kReps,
+                                            [&] { BENCH_CHECK(kernels::LaunchFlashPrefill(p, bench.stream)); });
     // Visible (query, key) pairs: query r sees first_position + r + 1 keys.
     const double n = s.queries, pairs = n * s.first_position + n * (n + 1) / 2;
     const double tflops = 2.0 * kHeads * pairs * (qk + kV) / (us * 1e-6) / 1e12;

@@ -276,7 +276,9 @@ void RunFlashCase(const FlashCase& c) {
       for (int j = 0; j < visible; ++j) {
         double s = 0;
         for (int i = 0; i < c.nope; ++i) s += value(q, r * q_row + h * qk + i) * value(k, j * k_row + h * c.nope + i);
-        for (int i = 0; i < c.rope; ++i) s += value(q, r * q_row + h * qk + c.nope + i) * value(latent, j * width + rank + i);
+        for (int i = 0; i < c.rope; ++i) {
+          s += value(q, r * q_row + h * qk + c.nope + i) * value(latent, j * width + rank + i);
+        }
         w[j] = s * scale;
         max = std::max(max, w[j]);
       }

@@ -66,26 +66,6 @@ void FillRandomBf16(__nv_bfloat16* device, int64_t count, std::mt19937& rng) {
   }
 }
 
-// Median over `reps` runs of `work` on `stream`, in microseconds, each run between two events.
-double MedianUs(cudaStream_t stream, int reps, const std::function<void()>& work) {
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) work();  // warm-up
-  std::vector<float> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    work();
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    BENCH_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
-  }
-  BENCH_CHECK(cudaEventDestroy(start));
-  BENCH_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return 1e3 * ms[reps / 2];
-}
-
 int Run() {
   const testing::BenchDevice bench = testing::OpenBenchDevice("moe_bench");
   const cudaStream_t stream = bench.stream;
@@ -171,7 +151,8 @@ int Run() {
           }
         });
         const double us =
-            MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(experts_graph, stream)); }) / kLayers;
+            testing::MedianMicros(stream, 3, reps, [&] { BENCH_CHECK(cudaGraphLaunch(experts_graph, stream)); }) /
+            kLayers;
         BENCH_CHECK(cudaGraphExecDestroy(experts_graph));
         return us;
       };
@@ -187,7 +168,8 @@ int Run() {
             BENCH_CHECK(LaunchMoeCombine(y2, topk_weights, routing, {}, kHidden, out, stream));
           }
         });
-        route_us = MedianUs(stream, reps, [&] { BENCH_CHECK(cudaGraphLaunch(route_graph, stream)); }) / kLayers;
+        route_us = testing::MedianMicros(stream, 3, reps, [&] { BENCH_CHECK(cudaGraphLaunch(route_graph, stream)); }) /
+                   kLayers;
         BENCH_CHECK(cudaGraphExecDestroy(route_graph));
       }
 

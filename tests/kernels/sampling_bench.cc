@@ -46,29 +46,6 @@ void Upload(T* device, const std::vector<T>& host) {
   BENCH_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
 
-// Median time in microseconds of `launch` on `stream`.
-template <class Launch>
-double MedianMicros(cudaStream_t stream, Launch&& launch) {
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < kWarmUp; ++i) launch();
-  std::vector<double> micros;
-  for (int i = 0; i < kIterations; ++i) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    launch();
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    BENCH_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    micros.push_back(1000.0 * ms);
-  }
-  BENCH_CHECK(cudaEventDestroy(start));
-  BENCH_CHECK(cudaEventDestroy(stop));
-  std::nth_element(micros.begin(), micros.begin() + micros.size() / 2, micros.end());
-  return micros[micros.size() / 2];
-}
-
 struct Case {
   const char* name;
   float temperature;
@@ -166,7 +143,8 @@ int Main() {
         args.penalty_tokens = d_history;
         args.results = d_results;
         args.top = d_top;
-        const double us = MedianMicros(stream, [&] { BENCH_CHECK(LaunchSampling(args, stream)); });
+        const double us = testing::MedianMicros(stream, kWarmUp, kIterations,
+                                                [&] { BENCH_CHECK(LaunchSampling(args, stream)); });
         const double gbps = static_cast<double>(rows) * kVocab * sizeof(float) / us / 1e3;
         std::printf("%-30s %-7s %5d %10.1f %12.0f %6.0f%%\n", c.name,
                     c.temperature == 0.0f ? "-" : (flat_logits ? "flat" : "peaked"), rows, us, gbps,

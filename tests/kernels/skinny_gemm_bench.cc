@@ -95,32 +95,13 @@ void FillRandomBf16(__nv_bfloat16* device, int64_t count, std::mt19937& rng) {
   }
 }
 
-// Median over kReps replays of `exec`, in microseconds.
-double MedianUs(cudaStream_t stream, cudaGraphExec_t exec) {
-  cudaEvent_t start, stop;
-  BENCH_CHECK(cudaEventCreate(&start));
-  BENCH_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) BENCH_CHECK(cudaGraphLaunch(exec, stream));  // warm-up
-  std::vector<float> ms(kReps);
-  for (int i = 0; i < kReps; ++i) {
-    BENCH_CHECK(cudaEventRecord(start, stream));
-    BENCH_CHECK(cudaGraphLaunch(exec, stream));
-    BENCH_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CHECK(cudaEventSynchronize(stop));
-    BENCH_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
-  }
-  BENCH_CHECK(cudaEventDestroy(start));
-  BENCH_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return 1e3 * ms[kReps / 2];
-}
-
 // `launch(l)` for l < launches, captured on `stream`, then timed; microseconds per launch.
 double TimeLaunches(cudaStream_t stream, int launches, const std::function<void(int)>& launch) {
   const cudaGraphExec_t exec = testing::CaptureGraph(stream, [&] {
     for (int l = 0; l < launches; ++l) launch(l);
   });
-  const double us = MedianUs(stream, exec) / launches;
+  const double us =
+      testing::MedianMicros(stream, 2, kReps, [&] { BENCH_CHECK(cudaGraphLaunch(exec, stream)); }) / launches;
   BENCH_CHECK(cudaGraphExecDestroy(exec));
   return us;
 }

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "worker/model/cuda/device_peaks.h"
 
@@ -56,6 +57,27 @@ inline BenchDevice OpenBenchDevice(const char* program) {
   d.copy_gbs = *copy / 1e9;
   std::printf("device-to-device copy (1 GiB, read + write): %.0f GB/s\n", d.copy_gbs);
   return d;
+}
+
+// Median over `reps` runs of `work` on `stream` (after `warmups` untimed ones), in microseconds,
+// each run between two events.
+inline double MedianMicros(cudaStream_t stream, int warmups, int reps, const std::function<void()>& work) {
+  cudaEvent_t start, stop;
+  BENCH_CHECK(cudaEventCreate(&start));
+  BENCH_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < warmups; ++i) work();
+  std::vector<float> ms(reps);
+  for (float& m : ms) {
+    BENCH_CHECK(cudaEventRecord(start, stream));
+    work();
+    BENCH_CHECK(cudaEventRecord(stop, stream));
+    BENCH_CHECK(cudaEventSynchronize(stop));
+    BENCH_CHECK(cudaEventElapsedTime(&m, start, stop));
+  }
+  BENCH_CHECK(cudaEventDestroy(start));
+  BENCH_CHECK(cudaEventDestroy(stop));
+  std::nth_element(ms.begin(), ms.begin() + reps / 2, ms.end());
+  return 1e3 * ms[reps / 2];
 }
 
 // Captures what `record` enqueues on `stream` into an executable graph.

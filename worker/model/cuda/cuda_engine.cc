@@ -219,6 +219,8 @@ class CudaEngine final : public ShardEngine {
   // Makes this engine's GPU the calling thread's current device: the thread that steps the engine
   // need not be the one that created it.
   absl::Status UseDevice() const { return CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); }
+  // Keys a row of the transposed expanded values holds: the longest expanded context in whole 16-byte chunks.
+  int64_t ExpandedValuesLd() const { return CeilDiv(expanded_context_, 8) * 8; }
   absl::Status CaptureGraphs();
   absl::Status CaptureGraph(const GraphKey& key, bool warm_up);
   int SplitsFor(int queries, int64_t max_context) const;
@@ -248,7 +250,6 @@ class CudaEngine final : public ShardEngine {
   int64_t max_sequences_ = 0;  // per step
   int64_t table_capacity_ = 0; // block-table entries per step
   int64_t expanded_context_ = 0;  // longest context the expanded prefill path takes
-  int64_t expanded_values_ld_ = 0;  // keys a row of the transposed expanded values holds
   int64_t layer_cache_elements_ = 0;
 
   DeviceArena weight_arena_, workspace_arena_, cache_arena_;
@@ -358,7 +359,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.logits = a.Take<float>(S * c.vocab_size);
   ws.gathered = a.Take<bf16>(expanded_context_ * width);
   ws.expanded_keys = a.Take<bf16>(expanded_context_ * heads * c.qk_nope_head_dim);
-  ws.expanded_values_t = a.Take<bf16>(heads * c.v_head_dim * expanded_values_ld_);
+  ws.expanded_values_t = a.Take<bf16>(heads * c.v_head_dim * ExpandedValuesLd());
   ws.experts_used = a.Take<int32_t>(1);
   ws.cublas_workspace = a.Take<char>(kCublasWorkspaceBytes);
 }
@@ -414,7 +415,6 @@ absl::Status CudaEngine::Initialize() {
   if (options_.expanded_prefill_max_context > 0) {
     expanded_context_ = std::min(expanded_context_, options_.expanded_prefill_max_context);
   }
-  expanded_values_ld_ = CeilDiv(expanded_context_, 8) * 8;  // rows of whole 16-byte chunks
 
   if (c.n_routed_experts > 0) {
     if (c.n_routed_experts > kMoeMaxExperts || c.num_experts_per_tok > kMoeMaxTopK ||
@@ -754,7 +754,7 @@ absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const Dev
   const ModelConfig& c = config_;
   const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
   const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_b_head = (nope + v) * rank;
-  const int64_t n = chunk.num_tokens, context = chunk.start_position + n, values_ld = expanded_values_ld_;
+  const int64_t n = chunk.num_tokens, context = chunk.start_position + n, values_ld = ExpandedValuesLd();
   const int32_t* table = ws_.block_tables + chunk.table_offset;
   COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(cache, table, static_cast<int>(geometry_.block_size_tokens),
                                                          static_cast<int>(width), static_cast<int>(context),
