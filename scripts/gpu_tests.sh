@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
-GPU_TOOLS=(moe_bench attention_bench sampling_bench skinny_gemm_bench memory_latency_bench cohort cohort-worker cohort-router)
+GPU_TOOLS=(moe_bench attention_bench sampling_bench skinny_gemm_bench memory_latency_bench handoff_bench cohort cohort-worker cohort-router)
 
 case "${1:-}" in
   bundle)
@@ -83,6 +83,7 @@ case "${1:-}" in
       echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$out/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$out/skinny_gemm_bench.txt"
       echo "== memory_latency_bench"
       .gpu/bin/memory_latency_bench >"$out/memory_latency_bench.txt" 2>&1 || status=1; tail -12 "$out/memory_latency_bench.txt"
+      echo "== handoff_bench"; .gpu/bin/handoff_bench >"$out/handoff_bench.txt" 2>&1 || status=1; tail -6 "$out/handoff_bench.txt"
       echo "== transformers baseline"
       baseline=()
       if python3 scripts/bench_transformers_baseline.py --out "$out/transformers_baseline.json" >"$out/baseline.txt" 2>&1; then

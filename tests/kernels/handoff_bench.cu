@@ -1,0 +1,223 @@
+// What handing a small result from every block to every block costs, as a kernel boundary and as a
+// barrier inside one persistent kernel: the question behind replacing a decode step's short launches
+// (docs/cuda_backend.md, "what comes next") with one launch whose blocks wait on flags in global memory.
+//
+// A stage: every block reads the whole 2048-float vector the previous stage wrote (L2 hits, after the
+// handoff), sums it, and writes its 16 floats of the next vector. 64 stages run as
+//   - 64 launches in a CUDA graph, plain or as programmatic dependents (kernels/pdl.cuh), and
+//   - one launch of as many blocks as SMs with a grid barrier between stages, of three kinds (below).
+// Printed: us per stage for each; every form must leave the same vector (checked).
+//
+//   build/bin/handoff_bench
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/pdl.cuh"
+#include "tests/testing/gpu_bench.h"
+
+namespace cohort {
+namespace {
+
+using testing::DeviceAlloc;
+
+constexpr int kThreads = 256;
+constexpr int kWidth = 2048;    // floats handed on a stage
+constexpr int kPerBlock = 16;   // floats a block writes
+constexpr int kStages = 64;
+
+__device__ __forceinline__ float BlockSum(float v) {
+  __shared__ float partial[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float sum = 0.0f;
+  for (int w = 0; w < kThreads / 32; ++w) sum += partial[w];
+  __syncthreads();
+  return sum;
+}
+
+// One stage's work for this block: next[b * 16 + i] = f(sum of prev, b, i), within kWidth.
+__device__ __forceinline__ void Stage(const float* prev, float* next, int stage) {
+  float v = 0.0f;
+  for (int i = threadIdx.x; i < kWidth; i += kThreads) v += __ldcg(prev + i);
+  const float sum = BlockSum(v);
+  const int i = static_cast<int>(blockIdx.x) * kPerBlock + static_cast<int>(threadIdx.x);
+  if (threadIdx.x < kPerBlock && i < kWidth) next[i] = sum * 1e-3f + static_cast<float>(i % 7 + stage);
+}
+
+__global__ void __launch_bounds__(kThreads) StageKernel(const float* prev, float* next, int stage, bool pdl) {
+  if (pdl) {
+    kernels::PdlWait();
+    kernels::PdlLaunchDependents();
+  }
+  Stage(prev, next, stage);
+}
+
+// Three grid barriers (every block must be resident at once). Each starts with the block's threads
+// meeting, so that the arrival published by one of them covers the whole block's writes.
+enum class Barrier { kCounter, kFlags, kClusterCounter };
+
+__device__ __forceinline__ void Arrive(unsigned* counter) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
+
+__device__ __forceinline__ void SpinUntil(const unsigned* word, unsigned target) {
+  unsigned seen = 0;
+  do {
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(word) : "memory");
+  } while (seen < target);
+}
+
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ unsigned ClusterRank() {
+  unsigned rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+__device__ __forceinline__ unsigned ClusterBlocks() {
+  unsigned n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+  return n;
+}
+
+// kCounter: thread 0 of every block adds one to a counter and waits for it to reach the stage's
+// count. kFlags: thread 0 stores the stage into its block's own word; thread i waits for block i's
+// (no atomics, every waiter on a different word). kClusterCounter: the cluster meets first
+// (hardware barrier), one block of it adds to the counter and waits, then the cluster meets again.
+template <Barrier kBarrier>
+__device__ __forceinline__ void GridBarrier(unsigned* words, unsigned stage) {
+  if constexpr (kBarrier == Barrier::kCounter) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      Arrive(words);
+      SpinUntil(words, stage * gridDim.x);
+    }
+    __syncthreads();
+  } else if constexpr (kBarrier == Barrier::kFlags) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(words + blockIdx.x), "r"(stage) : "memory");
+    }
+    if (threadIdx.x < gridDim.x) SpinUntil(words + threadIdx.x, stage);
+    __syncthreads();
+  } else {
+    ClusterSync();
+    if (ClusterRank() == 0 && threadIdx.x == 0) {
+      Arrive(words);
+      SpinUntil(words, stage * (gridDim.x / ClusterBlocks()));
+    }
+    ClusterSync();
+  }
+}
+
+template <Barrier kBarrier>
+__global__ void __launch_bounds__(kThreads) PersistentKernel(float* buffers, unsigned* words) {
+  for (int s = 0; s < kStages; ++s) {
+    Stage(buffers + (s % 2) * kWidth, buffers + ((s + 1) % 2) * kWidth, s);
+    GridBarrier<kBarrier>(words, s + 1);
+  }
+}
+
+std::vector<float> Result(const float* buffers) {
+  std::vector<float> host(kWidth);
+  BENCH_CHECK(cudaMemcpy(host.data(), buffers + (kStages % 2) * kWidth, kWidth * sizeof(float),
+                         cudaMemcpyDeviceToHost));
+  return host;
+}
+
+int Main() {
+  const testing::BenchDevice d = testing::OpenBenchDevice("handoff_bench");
+  const int blocks = d.prop.multiProcessorCount;
+  if (blocks * kPerBlock < kWidth) {
+    std::fprintf(stderr, "handoff_bench: %d SMs cannot write %d floats\n", blocks, kWidth);
+    return 1;
+  }
+  float* buffers = DeviceAlloc<float>(2 * kWidth);
+  unsigned* words = DeviceAlloc<unsigned>(blocks);
+  const auto reset = [&] {
+    BENCH_CHECK(cudaMemsetAsync(buffers, 0, 2 * kWidth * sizeof(float), d.stream));
+    BENCH_CHECK(cudaMemsetAsync(words, 0, blocks * sizeof(unsigned), d.stream));
+  };
+  std::vector<std::pair<std::string, cudaGraphExec_t>> forms;
+  for (const bool pdl : {false, true}) {
+    forms.emplace_back(pdl ? "launches with PDL" : "launches", testing::CaptureGraph(d.stream, [&] {
+      reset();
+      for (int s = 0; s < kStages; ++s) {
+        const float* prev = buffers + (s % 2) * kWidth;
+        float* next = buffers + ((s + 1) % 2) * kWidth;
+        if (pdl) {
+          BENCH_CHECK(kernels::LaunchPdl(StageKernel, dim3(blocks), dim3(kThreads), 0, d.stream, prev, next, s, true));
+        } else {
+          StageKernel<<<blocks, kThreads, 0, d.stream>>>(prev, next, s, false);
+          BENCH_CHECK(cudaGetLastError());
+        }
+      }
+    }));
+  }
+  forms.emplace_back("one launch, counter", testing::CaptureGraph(d.stream, [&] {
+    reset();
+    PersistentKernel<Barrier::kCounter><<<blocks, kThreads, 0, d.stream>>>(buffers, words);
+    BENCH_CHECK(cudaGetLastError());
+  }));
+  forms.emplace_back("one launch, a flag a block", testing::CaptureGraph(d.stream, [&] {
+    reset();
+    PersistentKernel<Barrier::kFlags><<<blocks, kThreads, 0, d.stream>>>(buffers, words);
+    BENCH_CHECK(cudaGetLastError());
+  }));
+  // Clusters of two, where every one of them fits on the device at once.
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim = {2, 1, 1};
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(kThreads);
+  config.stream = d.stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  BENCH_CHECK(cudaOccupancyMaxActiveClusters(&clusters, PersistentKernel<Barrier::kClusterCounter>, &config));
+  if (blocks % 2 == 0 && clusters >= blocks / 2) {
+    forms.emplace_back("one launch, clusters of 2", testing::CaptureGraph(d.stream, [&] {
+      reset();
+      BENCH_CHECK(cudaLaunchKernelEx(&config, PersistentKernel<Barrier::kClusterCounter>, buffers, words));
+    }));
+  } else {
+    std::printf("(clusters of 2: %d fit at once, %d needed; not run)\n", clusters, blocks / 2);
+  }
+  // The two memsets alone, to take out of every form.
+  const cudaGraphExec_t empty = testing::CaptureGraph(d.stream, reset);
+
+  std::printf("\n%d stages; a stage: %d blocks each read %d floats and write %d (graph replays, median of 200)\n\n",
+              kStages, blocks, kWidth, kPerBlock);
+  const double base = testing::MedianMicros(d.stream, 20, 200, [&] { BENCH_CHECK(cudaGraphLaunch(empty, d.stream)); });
+  std::vector<float> reference;
+  bool same = true;
+  for (const auto& [name, graph] : forms) {
+    const cudaGraphExec_t exec = graph;
+    const double us = testing::MedianMicros(d.stream, 20, 200, [&] { BENCH_CHECK(cudaGraphLaunch(exec, d.stream)); });
+    BENCH_CHECK(cudaStreamSynchronize(d.stream));
+    const std::vector<float> result = Result(buffers);
+    if (reference.empty()) reference = result;
+    same = same && result == reference;
+    std::printf("%-28s %8.2f us a stage\n", name.c_str(), (us - base) / kStages);
+  }
+  if (!same) {
+    std::fprintf(stderr, "handoff_bench: the forms left different vectors\n");
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace cohort
+
+int main() { return cohort::Main(); }
