@@ -4,7 +4,9 @@
 //
 // A stage: every block reads the whole 2048-float vector the previous stage wrote (L2 hits, after the
 // handoff), sums it, and writes its 16 floats of the next vector. 64 stages run as
-//   - 64 launches in a CUDA graph, plain or as programmatic dependents (kernels/pdl.cuh), and
+//   - 64 launches in a CUDA graph, plain or as programmatic dependents (kernels/pdl.cuh), the latter
+//     also with every other launch a thread-block cluster or asking for 100 KB of shared memory
+//     (as a decode step's kernels differ from one to the next), and
 //   - one launch of as many blocks as SMs with a grid barrier between stages, of three kinds (below).
 // Printed: us per stage for each; every form must leave the same vector (checked).
 //
@@ -163,6 +165,34 @@ int Main() {
       }
     }));
   }
+  // PDL launches that differ from one stage to the next the way a decode step's kernels do: every
+  // other one a cluster launch, or asking for a large shared-memory carveout (unused).
+  constexpr size_t kLargeSmem = 100 << 10;
+  BENCH_CHECK(cudaFuncSetAttribute(StageKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+  const auto mixed = [&](int cluster_size, size_t odd_smem) {
+    return testing::CaptureGraph(d.stream, [&] {
+      reset();
+      for (int s = 0; s < kStages; ++s) {
+        const float* prev = buffers + (s % 2) * kWidth;
+        float* next = buffers + ((s + 1) % 2) * kWidth;
+        cudaLaunchAttribute attributes[2] = {};
+        attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attributes[0].val.programmaticStreamSerializationAllowed = 1;
+        attributes[1].id = cudaLaunchAttributeClusterDimension;
+        attributes[1].val.clusterDim = {static_cast<unsigned>(s % 2 == 1 ? cluster_size : 1), 1, 1};
+        cudaLaunchConfig_t config{};
+        config.gridDim = dim3(blocks);
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = s % 2 == 1 ? odd_smem : 0;
+        config.stream = d.stream;
+        config.attrs = attributes;
+        config.numAttrs = 2;
+        BENCH_CHECK(cudaLaunchKernelEx(&config, StageKernel, prev, next, s, true));
+      }
+    });
+  };
+  if (blocks % 4 == 0) forms.emplace_back("PDL, every other a cluster of 4", mixed(4, 0));
+  forms.emplace_back("PDL, every other 100 KB smem", mixed(1, kLargeSmem));
   forms.emplace_back("one launch, counter", testing::CaptureGraph(d.stream, [&] {
     reset();
     PersistentKernel<Barrier::kCounter><<<blocks, kThreads, 0, d.stream>>>(buffers, words);
