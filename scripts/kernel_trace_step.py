@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""One decode step's kernels from a kernel_trace CSV (tools/kernel_trace): when each started after
+the step's first kernel, how long it ran, and the gap since the latest end of any kernel before it
+(negative: it overlapped them), with its grid, cluster and shared-memory carveout.
+
+    scripts/kernel_trace_step.py trace.csv [--step -2] [--first-kernels 40]
+
+Steps are told apart by the embedding kernel that starts each forward pass; --step picks one
+(default: the one before the last, whole even if the run stopped mid-step).
+"""
+import argparse
+import csv
+import re
+import sys
+
+
+def short_name(mangled):
+    """The kernel's own name out of an Itanium-mangled one (the last name ending in Kernel)."""
+    names = []
+    i = 0
+    while i < len(mangled):
+        m = re.match(r"(\d+)", mangled[i:])
+        if m:
+            length = int(m.group(1))
+            start = i + len(m.group(1))
+            names.append(mangled[start:start + length])
+            i = start + length
+        else:
+            i += 1
+    kernels = [n for n in names if n.endswith("Kernel")]
+    return kernels[-1] if kernels else mangled[:60]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trace")
+    parser.add_argument("--step", type=int, default=-2)
+    parser.add_argument("--first-kernels", type=int, default=0, help="print only this many kernels (0: all)")
+    args = parser.parse_args()
+
+    rows = []
+    with open(args.trace) as f:
+        for r in csv.reader(f):
+            if len(r) < 9:
+                continue
+            rows.append({"start": int(r[0]), "end": int(r[1]), "stream": int(r[2]), "grid": int(r[3]),
+                         "cluster": int(r[5]), "smem": int(r[7]), "name": short_name(",".join(r[8:]))})
+    rows.sort(key=lambda r: r["start"])
+    starts = [i for i, r in enumerate(rows) if r["name"] == "EmbeddingKernel"]
+    if len(starts) < 2:
+        sys.exit("kernel_trace_step: fewer than two forward passes in the trace")
+    index = args.step % len(starts)
+    begin = starts[index]
+    end = starts[index + 1] if index + 1 < len(starts) else len(rows)
+    step = rows[begin:end]
+    t0 = step[0]["start"]
+    latest_end = t0
+    print(f"{'start us':>9} {'us':>7} {'gap us':>7} {'stream':>6} {'grid':>5} {'clu':>3} {'smem KB':>7}  kernel")
+    for n, r in enumerate(step):
+        if args.first_kernels and n >= args.first_kernels:
+            break
+        gap = (r["start"] - latest_end) / 1e3
+        print(f"{(r['start'] - t0) / 1e3:9.2f} {(r['end'] - r['start']) / 1e3:7.2f} {gap:7.2f} {r['stream']:6d} "
+              f"{r['grid']:5d} {r['cluster']:3d} {r['smem'] / 1024:7.0f}  {r['name']}")
+        latest_end = max(latest_end, r["end"])
+    print(f"step: {(max(r['end'] for r in step) - t0) / 1e3:.2f} us, {len(step)} kernels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+// A kernel timeline for machines without Nsight Systems: a CUPTI injection library that records
+// every kernel's start and end on the GPU (graph nodes included) and writes them out when the
+// process exits. Where a decode step's fused kernels lose time against the launches they replace,
+// the gaps between kernels and their overlap show it (docs/cuda_backend.md, twelfth round).
+//
+//   CUDA_INJECTION64_PATH=build/lib/libcohort_kernel_trace.so COHORT_KERNEL_TRACE=trace.csv
+//     build/bin/cohort bench step --batch-sizes 1 ...
+//   scripts/kernel_trace_step.py trace.csv
+//
+// One CSV line a kernel: start_ns,end_ns,stream,grid,block,cluster,dynamic_smem,smem_executed,name
+// (the shared-memory carveout the SM ran it with, in bytes, then the mangled name).
+#include <cupti.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+
+namespace {
+
+constexpr size_t kBufferBytes = 16 << 20;
+
+std::FILE* out = nullptr;
+std::mutex out_mutex;
+
+void CUPTIAPI BufferRequested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBufferBytes));
+  *size = *buffer != nullptr ? kBufferBytes : 0;
+  *max_records = 0;
+}
+
+void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+  std::lock_guard<std::mutex> lock(out_mutex);
+  CUpti_Activity* record = nullptr;
+  while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
+    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
+    const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+    std::fprintf(out, "%llu,%llu,%u,%d,%d,%u,%d,%u,%s\n", static_cast<unsigned long long>(k->start),
+                 static_cast<unsigned long long>(k->end), k->streamId, k->gridX * k->gridY * k->gridZ,
+                 k->blockX * k->blockY * k->blockZ, k->clusterX * k->clusterY * k->clusterZ, k->dynamicSharedMemory,
+                 k->sharedMemoryExecuted, k->name);
+  }
+  std::free(buffer);
+}
+
+void Flush() {
+  cuptiActivityFlushAll(1);
+  std::lock_guard<std::mutex> lock(out_mutex);
+  if (out != stderr) std::fclose(out);
+}
+
+}  // namespace
+
+// Called by the CUDA driver when CUDA_INJECTION64_PATH names this library.
+extern "C" int InitializeInjection() {
+  const char* path = std::getenv("COHORT_KERNEL_TRACE");
+  out = path != nullptr ? std::fopen(path, "w") : stderr;
+  if (out == nullptr) {
+    std::fprintf(stderr, "kernel_trace: cannot write %s\n", path);
+    return 0;
+  }
+  if (cuptiActivityRegisterCallbacks(BufferRequested, BufferCompleted) != CUPTI_SUCCESS ||
+      cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
+    std::fprintf(stderr, "kernel_trace: CUPTI would not record kernels\n");
+    return 0;
+  }
+  std::atexit(Flush);
+  return 1;
+}
