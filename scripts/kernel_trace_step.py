@@ -44,7 +44,7 @@ def main():
             if len(r) < 9:
                 continue
             rows.append({"start": int(r[0]), "end": int(r[1]), "stream": int(r[2]), "grid": int(r[3]),
-                         "cluster": int(r[5]), "smem": int(r[7]), "name": short_name(",".join(r[8:]))})
+                         "cluster": max(1, int(r[5])), "smem": int(r[7]), "name": short_name(",".join(r[8:]))})
     rows.sort(key=lambda r: r["start"])
     starts = [i for i, r in enumerate(rows) if r["name"] == "EmbeddingKernel"]
     if len(starts) < 2:
