@@ -5,8 +5,8 @@
 // A stage: every block reads the whole 2048-float vector the previous stage wrote (L2 hits, after the
 // handoff), sums it, and writes its 16 floats of the next vector. 64 stages run as
 //   - 64 launches in a CUDA graph, plain or as programmatic dependents (kernels/pdl.cuh), the latter
-//     also with every other launch a thread-block cluster or asking for 100 KB of shared memory
-//     (as a decode step's kernels differ from one to the next), and
+//     also as cluster launches of 1 and 4 blocks by turns, or of 1 block asking for 0 and 100 KB
+//     of shared memory by turns (as a decode step's kernels differ from one to the next), and
 //   - one launch of as many blocks as SMs with a grid barrier between stages, of three kinds (below).
 // Printed: us per stage for each; every form must leave the same vector (checked).
 //
@@ -165,8 +165,9 @@ int Main() {
       }
     }));
   }
-  // PDL launches that differ from one stage to the next the way a decode step's kernels do: every
-  // other one a cluster launch, or asking for a large shared-memory carveout (unused).
+  // PDL launches that differ from one stage to the next the way a decode step's kernels do. Every
+  // launch of these two chains carries the cluster attribute: clusters of 1 and `cluster_size`
+  // blocks by turns, the odd stages asking for `odd_smem` of shared memory (unused).
   constexpr size_t kLargeSmem = 100 << 10;
   BENCH_CHECK(cudaFuncSetAttribute(StageKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
   const auto mixed = [&](int cluster_size, size_t odd_smem) {
@@ -191,8 +192,8 @@ int Main() {
       }
     });
   };
-  if (blocks % 4 == 0) forms.emplace_back("PDL, every other a cluster of 4", mixed(4, 0));
-  forms.emplace_back("PDL, every other 100 KB smem", mixed(1, kLargeSmem));
+  if (blocks % 4 == 0) forms.emplace_back("PDL clusters of 1 and 4 blocks", mixed(4, 0));
+  forms.emplace_back("PDL clusters, 0 and 100 KB smem", mixed(1, kLargeSmem));
   forms.emplace_back("one launch, counter", testing::CaptureGraph(d.stream, [&] {
     reset();
     PersistentKernel<Barrier::kCounter><<<blocks, kThreads, 0, d.stream>>>(buffers, words);
@@ -238,7 +239,7 @@ int Main() {
     const std::vector<float> result = Result(buffers);
     if (reference.empty()) reference = result;
     same = same && result == reference;
-    std::printf("%-28s %8.2f us a stage\n", name.c_str(), (us - base) / kStages);
+    std::printf("%-32s %8.2f us a stage\n", name.c_str(), (us - base) / kStages);
   }
   if (!same) {
     std::fprintf(stderr, "handoff_bench: the forms left different vectors\n");
