@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_tests.sh bundle [--base REV]
 #       here: build, then copy the GPU test and benchmark binaries with the libraries they need into
-#       .gpu/ (gpu-bundle); with --base, also REV's `cohort` and kernels library, built in
+#       .gpu/ (gpu-bundle), and the kernel timeline library (tools/kernel_trace/kernel_trace.cc says
+#       how to use it); with --base, also REV's `cohort` and kernels library, built in
 #       build-base/, into .gpu/base/ (xz: the tree that travels is capped at 64 MiB)
 #   scripts/gpu_tests.sh run [--bench]
 #       there (carry .gpu): every GPU test, then with --bench the kernel benchmarks, the transformers
@@ -33,6 +34,8 @@ case "${1:-}" in
     for bin in "${GPU_TESTS[@]/#/build/tests/}" "${GPU_TOOLS[@]/#/build/bin/}"; do
       ../shared/tools/gpu-bundle "$bin" >/dev/null || cp -L "$bin" .gpu/bin/
     done
+    # The kernel timeline library (tools/kernel_trace), where CUPTI was found to build it.
+    [ -f build/lib/libcohort_kernel_trace.so ] && cp -L build/lib/libcohort_kernel_trace.so .gpu/lib/
     strip --strip-unneeded .gpu/bin/* .gpu/lib/* 2>/dev/null || true  # the tree that travels is capped at 64 MiB
     # What was built, for the logs there (the checkout that travels need not carry its history).
     revision=$(git rev-parse HEAD)

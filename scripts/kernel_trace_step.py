@@ -34,7 +34,8 @@ def short_name(mangled):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace")
-    parser.add_argument("--step", type=int, default=-2)
+    parser.add_argument("--step", type=int, default=-2,
+                        help="which forward pass, counted like a Python index (default: the one before the last)")
     parser.add_argument("--first-kernels", type=int, default=0, help="print only this many kernels (0: all)")
     args = parser.parse_args()
 

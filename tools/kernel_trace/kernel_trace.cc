@@ -7,10 +7,16 @@
 //     build/bin/cohort bench step --batch-sizes 1 ...
 //   scripts/kernel_trace_step.py trace.csv
 //
+// On the GPU machine, after `scripts/gpu_tests.sh bundle`: CUDA_INJECTION64_PATH=$PWD/.gpu/lib/
+// libcohort_kernel_trace.so, with CUPTI's folder of that machine's CUDA (libcupti.so) on
+// LD_LIBRARY_PATH where the loader does not find it. Tracing slows a decode step by about a quarter;
+// compare traces with traces.
+//
 // One CSV line a kernel: start_ns,end_ns,stream,grid,block,cluster,dynamic_smem,smem_executed,name
 // (the shared-memory carveout the SM ran it with, in bytes, then the mangled name).
 #include <cupti.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
