@@ -40,11 +40,6 @@ struct FlashTiles {
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
 };
 
-// 16 bytes global -> shared of which the first src_bytes (0 to 16) are read and the rest zeroed.
-__device__ __forceinline__ void CpAsyncPartial(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
 // Keys [key0, key0 + 64) of `head` (nope then rope values) and their values (transposed) into one
 // stage; zeros past the context and the head sizes.
 template <class T>
@@ -61,13 +56,13 @@ __device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int hea
       src = p.k_rope + key * p.k_rope_row_stride + (d - p.nope);
       bytes = 16;
     }
-    CpAsyncPartial(keys + (chunk / 8) * T::kKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
+    CpAsyncBytes(keys + (chunk / 8) * T::kKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
   }
   for (int i = threadIdx.x; i < T::kValueDims * 8; i += T::kThreads) {
     const int dim = i / 8, chunk = i % 8, key = key0 + chunk * 8;
     const int bytes = dim < p.v_dim && key < p.keys ? 2 * min(8, p.keys - key) : 0;
     const __nv_bfloat16* src = bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + key : p.v_t;
-    CpAsyncPartial(values + SwizzledOffset<64>(dim, chunk), src, bytes);
+    CpAsyncBytes(values + SwizzledOffset<64>(dim, chunk), src, bytes);
   }
 }
 
@@ -93,7 +88,7 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
     const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
     const bool valid = q0 + row < p.queries && d < p.nope + p.rope;
     const __nv_bfloat16* src = valid ? p.q + (q0 + row) * p.q_row_stride + head * p.q_head_stride + d : p.q;
-    CpAsyncPartial(queries + (chunk / 8) * T::kRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
+    CpAsyncBytes(queries + (chunk / 8) * T::kRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
   }
   for (int tile = 0; tile < T::kStages - 1; ++tile) {  // one group a tile, empty past the last
     if (tile < tiles) LoadKeyTile<T>(p, head, tile * T::kKeys, stage_of(tile), stage_of(tile) + T::kKBytes);

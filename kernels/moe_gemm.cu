@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     // Item by item: the accumulators are touched only by wgmma between an item's first k-step
     // (which overwrites them) and its stores.
     // This warpgroup's 64 rows of A and kWarpN rows of B (128 bytes each).
-    const uint32_t a_rows = (warp_row - (warp % 4) * 16) * C::kBK * 2;
+    const uint32_t a_rows = (warpgroup % C::kWgRowGroups) * 64 * C::kBK * 2;
     const uint32_t b_rows = warp_col * C::kBK * 2;
     for (int local_item = 0; local_item < my_items; ++local_item) {
       for (int kstep = 0; kstep < p.k_steps; ++kstep) {
