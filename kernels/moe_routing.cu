@@ -30,6 +30,13 @@ __device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
   return a > b || (a == b && ia < ib);
 }
 
+// A float's bits as an unsigned that orders like the float (not NaN; -0 counts as +0, equal as they
+// compare).
+__device__ __forceinline__ unsigned OrderedBits(float v) {
+  const unsigned bits = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+}
+
 // Whether `token` is a padding row: at or past its group's count in num_valid (one count for all
 // tokens when group_rows is 0, else one per group of group_rows consecutive tokens).
 __device__ __forceinline__ bool IsPadding(int64_t token, const int32_t* __restrict__ num_valid, int64_t group_rows) {
@@ -41,8 +48,9 @@ __device__ __forceinline__ bool IsPadding(int64_t token, const int32_t* __restri
 
 // Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
 // kMoeMaxExperts floats. A padding token (IsPadding) gets ids -1 and weights 0: ids outside
-// [0, E) get no row in the align, so padding rows of a captured graph read no expert.
-__device__ void GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
+// [0, E) get no row in the align, so padding rows of a captured graph read no expert. Returns, to
+// lane r < top_k, the id written for slot r.
+__device__ int GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
                           const int32_t* __restrict__ num_valid, int64_t group_rows, const MoeGateParams& p,
                           float* choice_smem, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
   const int lane = threadIdx.x & 31;
@@ -52,7 +60,7 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
       topk_ids[token * p.top_k + lane] = -1;
       topk_weights[token * p.top_k + lane] = 0.0f;
     }
-    return;
+    return -1;
   }
   const float* x = logits + token * num_experts;
 
@@ -130,7 +138,9 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
     }
   }
 
-  // k rounds of a warp arg-max; `taken` marks this lane's experts already chosen (or absent).
+  // k rounds of a warp arg-max; `taken` marks this lane's experts already chosen (or absent). Each
+  // round takes two warp reductions (redux.sync) instead of three shuffles at each of five levels:
+  // the largest value as ordered bits, then the lowest expert index among the lanes holding it.
   unsigned taken = 0;
 #pragma unroll
   for (int i = 0; i < kGatePerLane; ++i) {
@@ -143,6 +153,7 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
     chosen[r] = 0;
     weight[r] = 0.0f;
     if (r >= p.top_k) continue;
+    // This lane's best untaken expert in the CPU's order (its experts come in increasing index).
     float best_value = -INFINITY;
     int best_expert = INT_MAX;
     float best_score = 0.0f;
@@ -155,23 +166,18 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
         best_score = score[i];
       }
     }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float other_value = __shfl_xor_sync(kFullMask, best_value, offset);
-      const int other_expert = __shfl_xor_sync(kFullMask, best_expert, offset);
-      const float other_score = __shfl_xor_sync(kFullMask, best_score, offset);
-      if (Precedes(other_value, other_expert, best_value, best_expert)) {
-        best_value = other_value;
-        best_expert = other_expert;
-        best_score = other_score;
-      }
-    }
-    if ((best_expert & 31) == lane) taken |= 1u << (best_expert >> 5);
-    chosen[r] = best_expert;
+    // A lane with no expert left (key 0) loses to any lane with one, even one at -inf.
+    const unsigned key = best_expert == INT_MAX ? 0u : OrderedBits(best_value);
+    const unsigned best_key = __reduce_max_sync(kFullMask, key);
+    const int expert = __reduce_min_sync(kFullMask, key == best_key ? best_expert : INT_MAX);
+    best_score = __shfl_sync(kFullMask, best_score, expert & 31);  // that lane's own best
+    if ((expert & 31) == lane) taken |= 1u << (expert >> 5);
+    chosen[r] = expert;
     weight[r] = best_score;
   }
 
   // Same order of operations as the CPU: sequential sum, normalise, scale.
+  int mine = -1;
   float sum = 0.0f;
 #pragma unroll
   for (int r = 0; r < kMoeMaxTopK; ++r) {
@@ -185,8 +191,10 @@ __device__ void GateToken(const float* __restrict__ logits, const float* __restr
     if (r < p.top_k && lane == r) {
       topk_ids[token * p.top_k + r] = chosen[r];
       topk_weights[token * p.top_k + r] = w;
+      mine = chosen[r];
     }
   }
+  return mine;
 }
 
 struct GateArgs {
@@ -387,6 +395,91 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
   }
   __syncthreads();  // topk_ids (global) visible to the block, the scratch free
   AlignBlock(p, smem.align);
+}
+
+// Gate and align of 1..kMoeWarpRouteTokens tokens (the decode steps of one to a few sequences, where
+// the route sits on the critical path between the router product and the expert products): warp t
+// gates token t, then warp 0 alone aligns the at most 32 (token, slot) pairs, one a lane, with warp
+// votes and shuffles: no block barrier past the one that hands it the ids, no counts in shared
+// memory and no read of the ids back from global memory. Every expert that gets rows gets fewer than
+// tile_rows (T <= 4 < 16), so one tile. Writes exactly what AlignBlock writes.
+static_assert(kMoeWarpRouteTokens * kMoeMaxTopK <= 32, "one lane a (token, slot) pair");
+static_assert(kMoeWarpRouteTokens <= 16, "an expert's rows fit one tile of the smallest tile_rows");
+
+__global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
+  __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
+  __shared__ float choice[kMoeWarpRouteTokens][kMoeMaxExperts];
+  PdlWait();  // the router logits come from the previous kernel
+  PdlLaunchDependents();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int num_tokens = p.num_tokens;
+  const int top_k = p.top_k;
+  if (warp < num_tokens) {
+    const int chosen = GateToken(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, choice[warp],
+                                 g.topk_ids, g.topk_weights);
+    if (lane < top_k) pair_ids[warp * top_k + lane] = chosen;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+
+  const int num_experts = p.num_experts;
+  const int num_pairs = p.num_pairs;
+  const int id = lane < num_pairs ? pair_ids[lane] - p.first_expert : -1;
+  const bool valid = lane < num_pairs && id >= 0 && id < num_experts;
+  const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
+  const unsigned lanes_before = (1u << lane) - 1u;
+  const bool first_of_expert = valid && (peers & lanes_before) == 0;
+  const unsigned valid_lanes = __ballot_sync(kFullMask, valid);
+  const unsigned first_lanes = __ballot_sync(kFullMask, first_of_expert);
+  const int routed_rows = __popc(valid_lanes);
+  const int routed_tiles = __popc(first_lanes);  // = routed experts that get rows
+
+  // Rows of the experts below this pair's, and tiles (= experts with rows) below it; and for each of
+  // this lane's experts e = lane + 32 i, the rows of the experts below e (expert_offsets).
+  const int key = valid ? id : INT_MAX;
+  int rows_below = 0;
+  int tiles_below = 0;
+  int offsets[kGatePerLane] = {};
+  for (int q = 0; q < num_pairs; ++q) {
+    const int other = __shfl_sync(kFullMask, key, q);
+    rows_below += other < key;
+    tiles_below += ((first_lanes >> q) & 1u) != 0 && other < key;
+#pragma unroll
+    for (int i = 0; i < kGatePerLane; ++i) offsets[i] += other < lane + 32 * i;  // INT_MAX: never below
+  }
+#pragma unroll
+  for (int i = 0; i < kGatePerLane; ++i) {
+    if (lane + 32 * i < num_experts) p.expert_offsets[lane + 32 * i] = offsets[i];
+  }
+  if (first_of_expert) {
+    p.tile_expert[tiles_below] = id;
+    p.tile_row[tiles_below] = rows_below;
+  }
+  if (valid) {
+    const int row = rows_below + __popc(peers & lanes_before);
+    p.row_token[row] = lane / top_k;
+    p.slot_row[lane] = row;
+  } else if (lane < num_pairs) {
+    p.slot_row[lane] = -1;
+  }
+
+  // Shared expert s: rows [routed_rows + s*T, + T), one tile (T <= tile_rows) after the routed ones.
+  const int all_tiles = routed_tiles + p.num_shared;
+  if (lane <= p.num_shared) p.expert_offsets[num_experts + lane] = routed_rows + lane * num_tokens;
+  if (lane < p.num_shared) {
+    p.tile_expert[routed_tiles + lane] = num_experts + lane;
+    p.tile_row[routed_tiles + lane] = routed_rows + lane * num_tokens;
+  }
+  for (int i = lane; i < p.num_shared * num_tokens; i += 32) p.row_token[routed_rows + i] = i % num_tokens;
+  if (lane == 0) {
+    *p.num_tiles = all_tiles;
+    if (p.experts_used != nullptr) atomicAdd(p.experts_used, routed_tiles);
+  }
+  for (int t = all_tiles + lane; t < p.max_tiles; t += 32) {
+    p.tile_expert[t] = -1;
+    p.tile_row[t] = 0;
+  }
 }
 
 // ---------------------------------------------------------------------------------------- combine
@@ -731,6 +824,9 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
   const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, valid_group_rows, gate, topk_ids,
                    topk_weights};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
+  if (num_tokens >= 1 && num_tokens <= kMoeWarpRouteTokens) {
+    return LaunchPdl(MoeRouteWarpKernel, dim3(1), dim3(kMoeWarpRouteTokens * 32), 0, stream, g, a);
+  }
   if (num_tokens <= kMoeFusedRouteTokens) {
     return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
   }

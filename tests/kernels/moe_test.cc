@@ -647,8 +647,10 @@ TEST(MoeRouteTest, EqualsGateThenAlignWithAndWithoutPadding) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  // Both sides of kMoeFusedRouteTokens, with padding tokens from num_valid on, and V2-Lite / V3 routers.
-  for (int64_t tokens : {int64_t{1}, int64_t{4}, kMoeFusedRouteTokens, kMoeFusedRouteTokens + 1, int64_t{200}}) {
+  // Both sides of kMoeWarpRouteTokens and kMoeFusedRouteTokens (three kernels), with padding tokens
+  // from num_valid on, and V2-Lite / V3 routers.
+  for (int64_t tokens : {int64_t{1}, int64_t{2}, kMoeWarpRouteTokens, kMoeWarpRouteTokens + 1, kMoeFusedRouteTokens,
+                         kMoeFusedRouteTokens + 1, int64_t{200}}) {
     for (int64_t valid : {tokens, std::max<int64_t>(1, tokens - 3), int64_t{0}}) {
       ExpectRouteEqualsGateThenAlign(V2LiteRouter(), tokens, 2, valid, rng);
       ExpectRouteEqualsGateThenAlign(V3Router(), tokens, 1, valid, rng);
