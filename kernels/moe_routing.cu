@@ -405,6 +405,7 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
 // tile_rows (T <= 4 < 16), so one tile. Writes exactly what AlignBlock writes.
 static_assert(kMoeWarpRouteTokens * kMoeMaxTopK <= 32, "one lane a (token, slot) pair");
 static_assert(kMoeWarpRouteTokens <= 16, "an expert's rows fit one tile of the smallest tile_rows");
+static_assert(kMoeMaxShared < 32, "one lane a shared expert (and one for the offset past them)");
 
 __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
   __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
