@@ -35,6 +35,9 @@ namespace cohort {
 namespace {
 
 using kernels::FenceProxyAsync;
+using kernels::LaunchPdl;
+using kernels::PdlLaunchDependents;
+using kernels::PdlWait;
 using kernels::SwizzledDescriptor;
 using kernels::SwizzledOffset;
 using kernels::WgmmaBf16;
@@ -43,10 +46,6 @@ using kernels::WgmmaFence;
 using kernels::WgmmaWait;
 
 constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-using kernels::LaunchPdl;
-using kernels::PdlLaunchDependents;
-using kernels::PdlWait;
 
 // WGMMA: the block's two warpgroups multiply with wgmma (sm_90a) from the swizzled stages, each 64
 // rows by kWarpN columns (128-row tiles: split along M, WARPS_N = 1; 64-row tiles: along N,

@@ -15,10 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <span>
 #include <vector>
 
@@ -48,14 +46,7 @@ class Rng {
   uint64_t state_;
 };
 
-// A new seed every run (each test traces it); COHORT_TEST_SEED=<seed> replays a failing run's.
-uint64_t FreshSeed() {
-  if (const char* replay = std::getenv("COHORT_TEST_SEED"); replay != nullptr && *replay != '\0') {
-    return std::strtoull(replay, nullptr, 10);
-  }
-  std::random_device device;
-  return (static_cast<uint64_t>(device()) << 32) ^ device();
-}
+using testing::FreshSeed;  // each test traces its seed
 
 uint16_t FloatToBf16(float f) {
   uint32_t u;

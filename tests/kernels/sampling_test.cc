@@ -393,8 +393,9 @@ int64_t StrideFor(int vocab, std::mt19937_64& rng) {
   return vocab + static_cast<int64_t>(rng() % 2 == 0 ? 0 : 1 + 2 * (rng() % 4));
 }
 
+// testing::FreshSeed (COHORT_TEST_SEED replays), printed.
 uint64_t FreshSeed() {
-  const uint64_t seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
+  const uint64_t seed = testing::FreshSeed();
   std::printf("random seed %llu\n", static_cast<unsigned long long>(seed));
   return seed;
 }

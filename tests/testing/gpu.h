@@ -31,6 +31,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -70,6 +71,16 @@ class DeviceVector {
 
 // Fresh random inputs for every run: the seed comes from the test's random device.
 inline std::mt19937 FreshRng() { return std::mt19937(std::random_device{}()); }
+
+// A new 64-bit seed every run, for tests that report theirs; COHORT_TEST_SEED=<seed> replays a
+// failing run's.
+inline uint64_t FreshSeed() {
+  if (const char* replay = std::getenv("COHORT_TEST_SEED"); replay != nullptr && *replay != '\0') {
+    return std::strtoull(replay, nullptr, 10);
+  }
+  std::random_device device;
+  return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
 
 // `n` values uniform in [-scale, scale), as bf16 bits (host side of a bf16 device buffer).
 inline std::vector<uint16_t> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
