@@ -7,8 +7,11 @@
 //   - 64 launches in a CUDA graph, plain or as programmatic dependents (kernels/pdl.cuh), the latter
 //     also as cluster launches of 1 and 4 blocks by turns, or of 1 block asking for 0 and 100 KB
 //     of shared memory by turns (as a decode step's kernels differ from one to the next), and
-//   - one launch of as many blocks as SMs with a grid barrier between stages, of three kinds (below).
-// Printed: us per stage for each; every form must leave the same vector (checked).
+//   - one launch of as many blocks as SMs with a grid barrier between stages, of three kinds (below),
+//     the counter kind also beside a weight stream from the same SMs at several paces (a second
+//     question of the same plan: can such a launch stream weights while its stages hand on?).
+// Printed: us per stage for each, and the stream's read rate; every form must leave the same vector
+// (checked).
 //
 //   build/bin/handoff_bench
 #include <cuda_runtime_api.h>
@@ -32,14 +35,18 @@ constexpr int kWidth = 2048;    // floats handed on a stage
 constexpr int kPerBlock = 16;   // floats a block writes
 constexpr int kStages = 64;
 
+// The stage threads' block barrier: a named barrier of kThreads threads, so that a block may carry
+// one more warp (the streamer below) that never joins it. Same as __syncthreads() otherwise.
+__device__ __forceinline__ void StageSync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory"); }
+
 __device__ __forceinline__ float BlockSum(float v) {
   __shared__ float partial[kThreads / 32];
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-  __syncthreads();
+  StageSync();
   float sum = 0.0f;
   for (int w = 0; w < kThreads / 32; ++w) sum += partial[w];
-  __syncthreads();
+  StageSync();
   return sum;
 }
 
@@ -98,19 +105,19 @@ __device__ __forceinline__ unsigned ClusterBlocks() {
 template <Barrier kBarrier>
 __device__ __forceinline__ void GridBarrier(unsigned* words, unsigned stage) {
   if constexpr (kBarrier == Barrier::kCounter) {
-    __syncthreads();
+    StageSync();
     if (threadIdx.x == 0) {
       Arrive(words);
       SpinUntil(words, stage * gridDim.x);
     }
-    __syncthreads();
+    StageSync();
   } else if constexpr (kBarrier == Barrier::kFlags) {
-    __syncthreads();
+    StageSync();
     if (threadIdx.x == 0) {
       asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(words + blockIdx.x), "r"(stage) : "memory");
     }
     if (threadIdx.x < gridDim.x) SpinUntil(words + threadIdx.x, stage);
-    __syncthreads();
+    StageSync();
   } else {
     ClusterSync();
     if (ClusterRank() == 0 && threadIdx.x == 0) {
@@ -127,6 +134,84 @@ __global__ void __launch_bounds__(kThreads) PersistentKernel(float* buffers, uns
     Stage(buffers + (s % 2) * kWidth, buffers + ((s + 1) % 2) * kWidth, s);
     GridBarrier<kBarrier>(words, s + 1);
   }
+}
+
+// The counter form with one more warp a block, whose first lane streams the block's slice of a
+// buffer far larger than L2 into a ring of `depth` shared-memory slots of kChunk bytes through the
+// bulk-copy unit (cp.async.bulk, completion on an mbarrier a slot), keeping `depth` copies in
+// flight until the chain's last stage: the weight stream a persistent decode layer would run on the
+// same SMs as its latency-bound stages. `depth` paces it; 0 leaves the warp idle. The bytes that
+// landed go into `streamed`.
+constexpr int kChunk = 16 << 10;
+constexpr int kMaxDepth = 12;
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void BulkLoad(void* to, const void* from, uint64_t* landed) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(landed)), "n"(kChunk)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   SharedAddress(to)),
+               "l"(from), "n"(kChunk), "r"(SharedAddress(landed))
+               : "memory");
+}
+
+__device__ __forceinline__ void WaitLanded(uint64_t* landed, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT%=;\n"
+      "}\n" ::"r"(SharedAddress(landed)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ void StreamUntil(const volatile int* chain_done, const char* slice, int64_t chunks, int depth,
+                            unsigned long long* streamed) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(8) uint64_t landed[kMaxDepth];
+  for (int s = 0; s < depth; ++s) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(SharedAddress(&landed[s])) : "memory");
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  int64_t issued = 0;
+  int64_t arrived = 0;
+  for (; issued < depth; ++issued) BulkLoad(ring + issued * kChunk, slice + (issued % chunks) * kChunk, &landed[issued]);
+  for (;;) {
+    const int slot = static_cast<int>(arrived % depth);
+    WaitLanded(&landed[slot], static_cast<uint32_t>((arrived / depth) & 1));
+    ++arrived;
+    if (*chain_done) break;
+    BulkLoad(ring + slot * kChunk, slice + (issued % chunks) * kChunk, &landed[slot]);
+    ++issued;
+  }
+  for (; arrived < issued; ++arrived) {
+    WaitLanded(&landed[arrived % depth], static_cast<uint32_t>((arrived / depth) & 1));
+  }
+  atomicAdd(streamed, static_cast<unsigned long long>(arrived) * kChunk);
+}
+
+__global__ void __launch_bounds__(kThreads + 32)
+    PersistentStreamKernel(float* buffers, unsigned* words, const char* stream, int64_t slice_chunks, int depth,
+                           unsigned long long* streamed) {
+  __shared__ volatile int chain_done;
+  if (threadIdx.x == 0) chain_done = 0;
+  __syncthreads();
+  if (threadIdx.x >= kThreads) {
+    if (threadIdx.x == kThreads && depth > 0) {
+      StreamUntil(&chain_done, stream + blockIdx.x * slice_chunks * kChunk, slice_chunks, depth, streamed);
+    }
+    return;
+  }
+  for (int s = 0; s < kStages; ++s) {
+    Stage(buffers + (s % 2) * kWidth, buffers + ((s + 1) % 2) * kWidth, s);
+    GridBarrier<Barrier::kCounter>(words, s + 1);
+  }
+  if (threadIdx.x == 0) chain_done = 1;
 }
 
 std::vector<float> Result(const float* buffers) {
@@ -224,6 +309,26 @@ int Main() {
   } else {
     std::printf("(clusters of 2: %d fit at once, %d needed; not run)\n", clusters, blocks / 2);
   }
+  // The counter form beside a weight stream from the same SMs, paced by the copies in flight.
+  constexpr int64_t kStreamBytes = int64_t{2} << 30;
+  const int64_t slice_chunks = kStreamBytes / blocks / kChunk;
+  const char* stream = DeviceAlloc<char>(kStreamBytes);
+  unsigned long long* streamed = DeviceAlloc<unsigned long long>(1);
+  BENCH_CHECK(cudaFuncSetAttribute(PersistentStreamKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   kMaxDepth * kChunk));
+  const std::vector<int> depths = {0, 1, 2, 3, 4, 6, 8, 12};
+  const size_t stream_forms = forms.size();
+  for (const int depth : depths) {
+    forms.emplace_back("one launch, counter, stream " + std::to_string(depth * kChunk >> 10) + " KB/SM",
+                       testing::CaptureGraph(d.stream, [&] {
+                         reset();
+                         BENCH_CHECK(cudaMemsetAsync(streamed, 0, sizeof(unsigned long long), d.stream));
+                         PersistentStreamKernel<<<blocks, kThreads + 32, depth * kChunk, d.stream>>>(
+                             buffers, words, stream, slice_chunks, depth, streamed);
+                         BENCH_CHECK(cudaGetLastError());
+                       }));
+  }
+
   // The two memsets alone, to take out of every form.
   const cudaGraphExec_t empty = testing::CaptureGraph(d.stream, reset);
 
@@ -232,14 +337,22 @@ int Main() {
   const double base = testing::MedianMicros(d.stream, 20, 200, [&] { BENCH_CHECK(cudaGraphLaunch(empty, d.stream)); });
   std::vector<float> reference;
   bool same = true;
-  for (const auto& [name, graph] : forms) {
-    const cudaGraphExec_t exec = graph;
+  for (size_t f = 0; f < forms.size(); ++f) {
+    const cudaGraphExec_t exec = forms[f].second;
     const double us = testing::MedianMicros(d.stream, 20, 200, [&] { BENCH_CHECK(cudaGraphLaunch(exec, d.stream)); });
     BENCH_CHECK(cudaStreamSynchronize(d.stream));
     const std::vector<float> result = Result(buffers);
     if (reference.empty()) reference = result;
     same = same && result == reference;
-    std::printf("%-32s %8.2f us a stage\n", name.c_str(), (us - base) / kStages);
+    std::printf("%-40s %8.2f us a stage", forms[f].first.c_str(), (us - base) / kStages);
+    if (f >= stream_forms) {
+      // The last replay's bytes over the median replay's time: the stream's rate beside the chain.
+      unsigned long long bytes = 0;
+      BENCH_CHECK(cudaMemcpy(&bytes, streamed, sizeof(bytes), cudaMemcpyDeviceToHost));
+      const double gbs = bytes / ((us - base) * 1e3);
+      std::printf(", stream %6.0f GB/s (%3.0f%% of copy)", gbs, 100.0 * gbs / d.copy_gbs);
+    }
+    std::printf("\n");
   }
   if (!same) {
     std::fprintf(stderr, "handoff_bench: the forms left different vectors\n");
