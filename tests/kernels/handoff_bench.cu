@@ -196,14 +196,14 @@ __device__ void StreamUntil(const volatile int* chain_done, const char* slice, i
 }
 
 __global__ void __launch_bounds__(kThreads + 32)
-    PersistentStreamKernel(float* buffers, unsigned* words, const char* stream, int64_t slice_chunks, int depth,
+    PersistentStreamKernel(float* buffers, unsigned* words, const char* weights, int64_t slice_chunks, int depth,
                            unsigned long long* streamed) {
   __shared__ volatile int chain_done;
   if (threadIdx.x == 0) chain_done = 0;
   __syncthreads();
   if (threadIdx.x >= kThreads) {
     if (threadIdx.x == kThreads && depth > 0) {
-      StreamUntil(&chain_done, stream + blockIdx.x * slice_chunks * kChunk, slice_chunks, depth, streamed);
+      StreamUntil(&chain_done, weights + blockIdx.x * slice_chunks * kChunk, slice_chunks, depth, streamed);
     }
     return;
   }
@@ -312,7 +312,7 @@ int Main() {
   // The counter form beside a weight stream from the same SMs, paced by the copies in flight.
   constexpr int64_t kStreamBytes = int64_t{2} << 30;
   const int64_t slice_chunks = kStreamBytes / blocks / kChunk;
-  const char* stream = DeviceAlloc<char>(kStreamBytes);
+  const char* weights = DeviceAlloc<char>(kStreamBytes);  // what the stream reads (never written)
   unsigned long long* streamed = DeviceAlloc<unsigned long long>(1);
   BENCH_CHECK(cudaFuncSetAttribute(PersistentStreamKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    kMaxDepth * kChunk));
@@ -324,7 +324,7 @@ int Main() {
                          reset();
                          BENCH_CHECK(cudaMemsetAsync(streamed, 0, sizeof(unsigned long long), d.stream));
                          PersistentStreamKernel<<<blocks, kThreads + 32, depth * kChunk, d.stream>>>(
-                             buffers, words, stream, slice_chunks, depth, streamed);
+                             buffers, words, weights, slice_chunks, depth, streamed);
                          BENCH_CHECK(cudaGetLastError());
                        }));
   }
