@@ -70,7 +70,7 @@ template <int QK_BLOCKS>
 __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) {
   using T = FlashTiles<QK_BLOCKS>;
   extern __shared__ __align__(1024) unsigned char flash_smem[];
-  const uint32_t queries = static_cast<uint32_t>(__cvta_generic_to_shared(flash_smem));
+  const uint32_t queries = SmemAddress(flash_smem);
   const uint32_t stages = queries + T::kQBytes;  // kStages of [keys | values]
   const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
   // The last query tiles see the most keys: they start first, so the short ones fill the tail.

@@ -9,6 +9,12 @@
 
 namespace cohort::kernels {
 
+// The shared-memory address of a generic pointer into shared memory, as the PTX instructions below
+// (and cp.async.bulk, mbarrier) take it.
+__device__ __forceinline__ uint32_t SmemAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // D = A (16x16 bf16, row) x B (16x8 bf16, col) + D, fp32 accumulators. Fragment layout for lane
 // (g = lane / 4, t = lane % 4): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..],
 // a[3] = A[g+8][2t+8..]; b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; d[0..1] = D[g][2t..2t+1],
@@ -33,21 +39,21 @@ __device__ __forceinline__ uint32_t LoadPair(const __nv_bfloat16* p) { return *r
 // 2 (l % 4) and 2 (l % 4) + 1) of matrix i, or with .trans the elements (rows 2 (l % 4) and
 // 2 (l % 4) + 1, column l / 4): an mma B fragment of a matrix stored k-major.
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  const uint32_t address = SmemAddress(smem_row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
 }
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  const uint32_t address = SmemAddress(smem_row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
 }
 
 __device__ __forceinline__ void LdMatrixX2Trans(uint32_t (&r)[2], const void* smem_row) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  const uint32_t address = SmemAddress(smem_row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])
                : "r"(address));
@@ -55,7 +61,7 @@ __device__ __forceinline__ void LdMatrixX2Trans(uint32_t (&r)[2], const void* sm
 
 // 16-byte global -> shared copy; with `valid` false the destination is zero-filled instead.
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t dst = SmemAddress(smem);
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
 }

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "kernels/launch_setup.h"
+#include "kernels/mma.cuh"
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
 #include "kernels/wgmma.cuh"
@@ -38,6 +39,7 @@ using kernels::FenceProxyAsync;
 using kernels::LaunchPdl;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
+using kernels::SmemAddress;
 using kernels::SwizzledDescriptor;
 using kernels::SwizzledOffset;
 using kernels::WgmmaBf16;
@@ -132,10 +134,6 @@ struct GemmParams {
   int32_t n_blocks;
   int32_t k_steps;
 };
-
-__device__ __forceinline__ uint32_t SmemAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16 bytes global -> shared, bypassing L1; src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {

@@ -22,12 +22,14 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/mma.cuh"
 #include "kernels/pdl.cuh"
 #include "tests/testing/gpu_bench.h"
 
 namespace cohort {
 namespace {
 
+using kernels::SmemAddress;
 using testing::DeviceAlloc;
 
 constexpr int kThreads = 256;
@@ -145,16 +147,12 @@ __global__ void __launch_bounds__(kThreads) PersistentKernel(float* buffers, uns
 constexpr int kChunk = 16 << 10;
 constexpr int kMaxDepth = 12;
 
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ void BulkLoad(void* to, const void* from, uint64_t* landed) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddress(landed)), "n"(kChunk)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddress(landed)), "n"(kChunk)
                : "memory");
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   SharedAddress(to)),
-               "l"(from), "n"(kChunk), "r"(SharedAddress(landed))
+                   SmemAddress(to)),
+               "l"(from), "n"(kChunk), "r"(SmemAddress(landed))
                : "memory");
 }
 
@@ -165,7 +163,7 @@ __device__ __forceinline__ void WaitLanded(uint64_t* landed, uint32_t parity) {
       "WAIT%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT%=;\n"
-      "}\n" ::"r"(SharedAddress(landed)),
+      "}\n" ::"r"(SmemAddress(landed)),
       "r"(parity)
       : "memory");
 }
@@ -175,7 +173,7 @@ __device__ void StreamUntil(const volatile int* chain_done, const char* slice, i
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) uint64_t landed[kMaxDepth];
   for (int s = 0; s < depth; ++s) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(SharedAddress(&landed[s])) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(SmemAddress(&landed[s])) : "memory");
   }
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   int64_t issued = 0;
