@@ -11,6 +11,13 @@
 // Printed: the stream's bandwidth during the chase and the chase's time per load, for 0 to 4
 // blocks per SM of background.
 //
+// A second table asks the same of instruction fetch. A decode step is a chain of short kernels, and
+// each one's block usually lands on an SM whose instruction cache holds other kernels' code, so it
+// fetches its own from L2 (or HBM) as it runs. One warp runs straight-line code of a given size
+// twice, right after every SM ran 256 KB of other code: the first pass fetches it, the second finds
+// it cached. Printed: both passes, with the code in L2 or only in HBM (L2 flushed), idle or beside
+// the stream at saturation.
+//
 //   build/bin/memory_latency_bench
 #include <cuda_runtime_api.h>
 
@@ -83,23 +90,31 @@ __global__ void __launch_bounds__(kStreamThreads) StreamKernel(const uint4* buff
   if (blockIdx.x == 0 && threadIdx.x == 0) atomicMax(&flags->stream_ns, GlobalNs() - start);
 }
 
-// One thread: waits for the stream (when there is one) and its ramp, then follows the chain from
-// entry `first` for kChaseSteps loads; ns_per_load gets the mean time of one (-1: the stream never
-// started).
-__global__ void ChaseKernel(const uint32_t* chain, uint32_t first, bool with_stream, Flags* flags,
-                            double* ns_per_load) {
+// Waits for the stream (when there is one) and its ramp. False: the stream never started (the
+// stream is then told to stop).
+__device__ bool AwaitStream(bool with_stream, Flags* flags) {
   if (with_stream) {
     const uint64_t give_up = GlobalNs() + kGiveUpNs;
     while (LoadFlag(&flags->stream_started) == 0) {
       if (GlobalNs() > give_up) {
-        *ns_per_load = -1;
         atomicExch(&flags->chase_done, 1);
-        return;
+        return false;
       }
     }
   }
   const uint64_t settle = GlobalNs() + kSettleNs;
   while (GlobalNs() < settle) {
+  }
+  return true;
+}
+
+// One thread: waits for the stream, then follows the chain from entry `first` for kChaseSteps loads;
+// ns_per_load gets the mean time of one (-1: the stream never started).
+__global__ void ChaseKernel(const uint32_t* chain, uint32_t first, bool with_stream, Flags* flags,
+                            double* ns_per_load) {
+  if (!AwaitStream(with_stream, flags)) {
+    *ns_per_load = -1;
+    return;
   }
   uint32_t next = first;
   const uint64_t begin = GlobalNs();
@@ -110,6 +125,65 @@ __global__ void ChaseKernel(const uint32_t* chain, uint32_t first, bool with_str
   __threadfence();
   atomicExch(&flags->chase_done, 1);
 }
+
+// ---------------------------------------------------------------------------- instruction fetch
+
+// kInstructions fused multiply-adds in a row (16 bytes of SASS each) over eight independent
+// accumulators, so that a warp whose code is cached issues about one a cycle.
+template <int kInstructions>
+__device__ __forceinline__ void StraightLine(float (&acc)[8], float x, float y) {
+#pragma unroll
+  for (int i = 0; i < kInstructions; ++i) asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(acc[i % 8]) : "f"(x), "f"(y));
+}
+
+// One warp: waits for the stream, then runs the same straight-line code twice (the pass loop is not
+// unrolled, so the code exists once); pass_ns[0..1] get each pass's time.
+template <int kInstructions>
+__global__ void CodeKernel(const float* in, bool with_stream, Flags* flags, uint64_t* pass_ns) {
+  if (!AwaitStream(with_stream, flags)) {
+    pass_ns[0] = pass_ns[1] = 0;
+    return;
+  }
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = in[i];
+  const float x = in[8];
+  const float y = in[9];
+#pragma unroll 1
+  for (int pass = 0; pass < 2; ++pass) {
+    const uint64_t begin = GlobalNs();
+    StraightLine<kInstructions>(acc, x, y);
+    const uint64_t end = GlobalNs();
+    if (threadIdx.x == 0) pass_ns[pass] = end - begin;
+  }
+  float sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum += acc[i];
+  if (sum == 1234.5f) atomicAdd(&flags->sink, 1ull);  // keeps the code
+  __threadfence();
+  atomicExch(&flags->chase_done, 1);
+}
+
+// Other code, run on every SM before a measurement: 256 KB, more than an SM's instruction caches.
+constexpr int kEvictInstructions = 16384;
+
+// Reads `bytes` with ordinary loads, evicting (among the rest) every kernel's code from L2.
+__global__ void FlushL2Kernel(const uint4* buffer, int64_t pieces, Flags* flags) {
+  uint32_t acc = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pieces;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4 v = buffer[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) atomicAdd(&flags->sink, 1ull);
+}
+
+struct CodePoint {
+  double cold_us = 0;  // the first pass, medians over kCodeRepeats
+  double warm_us = 0;
+};
+
+constexpr int kCodeRepeats = 5;
 
 // A chain through `bytes`: entry i (one per 128-byte line, as a uint32 index) holds the next entry's
 // index, in a random cycle over every line.
@@ -153,6 +227,53 @@ Point Measure(const uint32_t* chain, uint32_t first, const uint4* buffer, int st
   return p;
 }
 
+// One code size under one condition: kCodeRepeats times, every SM runs the eviction code, L2 is
+// flushed (in_l2 false) or the code kernel's code fetched into it by a run of its own, and the code
+// kernel then runs beside `stream_blocks` streaming blocks.
+template <int kInstructions>
+CodePoint MeasureCode(bool in_l2, int stream_blocks, int sms, const float* in, const uint4* buffer,
+                      cudaStream_t code_stream, cudaStream_t background_stream, Flags* flags, uint64_t* pass_ns) {
+  std::vector<double> cold, warm;
+  for (int r = 0; r < kCodeRepeats; ++r) {
+    if (in_l2) CodeKernel<kInstructions><<<1, 32, 0, code_stream>>>(in, false, flags, pass_ns);
+    CodeKernel<kEvictInstructions><<<4 * sms, 32, 0, code_stream>>>(in, false, flags, pass_ns + 2);
+    if (!in_l2) FlushL2Kernel<<<4 * sms, 256, 0, code_stream>>>(buffer, (int64_t{512} << 20) / 16, flags);
+    BENCH_CHECK(cudaGetLastError());
+    BENCH_CHECK(cudaDeviceSynchronize());
+    BENCH_CHECK(cudaMemset(flags, 0, sizeof(Flags)));
+    CodeKernel<kInstructions><<<1, 32, 0, code_stream>>>(in, stream_blocks > 0, flags, pass_ns);
+    BENCH_CHECK(cudaGetLastError());
+    if (stream_blocks > 0) {
+      StreamKernel<<<stream_blocks, kStreamThreads, 0, background_stream>>>(buffer, kStreamBytes / 16, flags);
+      BENCH_CHECK(cudaGetLastError());
+    }
+    BENCH_CHECK(cudaDeviceSynchronize());
+    uint64_t ns[2];
+    BENCH_CHECK(cudaMemcpy(ns, pass_ns, sizeof(ns), cudaMemcpyDeviceToHost));
+    cold.push_back(ns[0] / 1e3);
+    warm.push_back(ns[1] / 1e3);
+  }
+  std::sort(cold.begin(), cold.end());
+  std::sort(warm.begin(), warm.end());
+  return {cold[kCodeRepeats / 2], warm[kCodeRepeats / 2]};
+}
+
+template <int kInstructions>
+void PrintCodeRow(int sms, const float* in, const uint4* buffer, cudaStream_t code_stream,
+                  cudaStream_t background_stream, Flags* flags, uint64_t* pass_ns) {
+  const int saturating = 4 * sms;  // the chase table's last row
+  std::printf("%8d KB", kInstructions * 16 / 1024);
+  for (const bool in_l2 : {true, false}) {
+    for (const int blocks : {0, saturating}) {
+      const CodePoint p =
+          MeasureCode<kInstructions>(in_l2, blocks, sms, in, buffer, code_stream, background_stream, flags, pass_ns);
+      std::printf("   %6.2f / %5.2f", p.cold_us, p.warm_us);
+    }
+  }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
 int Main() {
   const testing::BenchDevice d = testing::OpenBenchDevice("memory_latency_bench");
   std::mt19937_64 rng(7);
@@ -194,6 +315,20 @@ int Main() {
                 hbm.ns_per_load);
     std::fflush(stdout);
   }
+
+  float* in = DeviceAlloc<float>(10);
+  const std::vector<float> host_in = {0.5f, 0.25f, 0.125f, 1.0f, 2.0f, -1.0f, 0.75f, 0.0625f, 0.999f, 1e-3f};
+  BENCH_CHECK(cudaMemcpy(in, host_in.data(), host_in.size() * sizeof(float), cudaMemcpyHostToDevice));
+  uint64_t* pass_ns = DeviceAlloc<uint64_t>(4);
+  std::printf("\none warp running straight-line code (fused multiply-adds, 16 bytes each) twice, right after\n"
+              "every SM ran %d KB of other code; us of the first pass / the second (cached), medians of %d;\n"
+              "the code in L2, or only in HBM (L2 flushed); idle, or beside StreamKernel on %d blocks:\n\n",
+              kEvictInstructions * 16 / 1024, kCodeRepeats, 4 * sms);
+  std::printf("%11s %16s %16s %16s %16s\n", "code", "L2, idle", "L2, stream", "HBM, idle", "HBM, stream");
+  PrintCodeRow<256>(sms, in, buffer, chase_stream, background_stream, flags, pass_ns);
+  PrintCodeRow<1024>(sms, in, buffer, chase_stream, background_stream, flags, pass_ns);
+  PrintCodeRow<2048>(sms, in, buffer, chase_stream, background_stream, flags, pass_ns);
+  PrintCodeRow<4096>(sms, in, buffer, chase_stream, background_stream, flags, pass_ns);
   return 0;
 }
 
