@@ -4,6 +4,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/bf16.cuh"
 #include "kernels/moe.h"
@@ -23,7 +24,22 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // ------------------------------------------------------------------------------------------- gate
 
 constexpr int kGateWarps = 4;
+
+// A gate's warp holds the logits of experts lane, lane + 32, ...: kPerLane of them a lane. The route of
+// a few tokens (MoeRouteWarpKernel) is compiled for two sizes, so that a model of up to 64 experts
+// (DeepSeek-V2-Lite) does not run the per-lane loops of one of 256 (V3), predicated off: 33 KB of
+// code instead of 51. It sits on the decode step's critical path, and its one block usually starts on
+// an SM whose instruction cache holds other kernels' code (docs/cuda_backend.md, fifteenth round).
+constexpr int kGateSmallPerLane = 2;
 constexpr int kGatePerLane = kMoeMaxExperts / 32;
+static_assert(kGateSmallPerLane <= kGatePerLane);
+
+// Calls f with std::integral_constant<int, kPerLane>: the smaller size that holds num_experts.
+template <class F>
+decltype(auto) WithGateWidth(int32_t num_experts, F&& f) {
+  if (num_experts <= 32 * kGateSmallPerLane) return f(std::integral_constant<int, kGateSmallPerLane>{});
+  return f(std::integral_constant<int, kGatePerLane>{});
+}
 
 // The CPU's order: larger value first, then lower expert index.
 __device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
@@ -49,7 +65,8 @@ __device__ __forceinline__ bool IsPadding(int64_t token, const int32_t* __restri
 // Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
 // kMoeMaxExperts floats. A padding token (IsPadding) gets ids -1 and weights 0: ids outside
 // [0, E) get no row in the align, so padding rows of a captured graph read no expert. Returns, to
-// lane r < top_k, the id written for slot r.
+// lane r < top_k, the id written for slot r. Needs num_experts <= 32 * kPerLane.
+template <int kPerLane>
 __device__ int GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
                           const int32_t* __restrict__ num_valid, int64_t group_rows, const MoeGateParams& p,
                           float* choice_smem, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
@@ -64,25 +81,25 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
   }
   const float* x = logits + token * num_experts;
 
-  float score[kGatePerLane];
-  float choice[kGatePerLane];
-  float logit[kGatePerLane];
+  float score[kPerLane];
+  float choice[kPerLane];
+  float logit[kPerLane];
 #pragma unroll
-  for (int i = 0; i < kGatePerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     const int e = lane + 32 * i;
     logit[i] = e < num_experts ? x[e] : -INFINITY;
   }
   if (p.scoring == MoeScoring::kSigmoid) {
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) score[i] = 1.0f / (1.0f + expf(-logit[i]));
+    for (int i = 0; i < kPerLane; ++i) score[i] = 1.0f / (1.0f + expf(-logit[i]));
   } else {
     float max = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) max = fmaxf(max, logit[i]);
+    for (int i = 0; i < kPerLane; ++i) max = fmaxf(max, logit[i]);
     max = kernels::WarpMax(max);
     float sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) {
+    for (int i = 0; i < kPerLane; ++i) {
       score[i] = lane + 32 * i < num_experts ? expf(logit[i] - max) : 0.0f;
       sum += score[i];
     }
@@ -91,10 +108,10 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
     // spill): the scores keep the order of their exponentials, and differ from the CPU's by an ulp.
     const float inverse_sum = __frcp_rn(sum);
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) score[i] *= inverse_sum;
+    for (int i = 0; i < kPerLane; ++i) score[i] *= inverse_sum;
   }
 #pragma unroll
-  for (int i = 0; i < kGatePerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     const int e = lane + 32 * i;
     choice[i] = (bias != nullptr && e < num_experts) ? score[i] + bias[e] : score[i];
   }
@@ -102,7 +119,7 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
   if (p.method != MoeTopkMethod::kGreedy && p.topk_group < p.n_group) {
     const int per_group = num_experts / p.n_group;
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) {
+    for (int i = 0; i < kPerLane; ++i) {
       const int e = lane + 32 * i;
       if (e < num_experts) choice_smem[e] = choice[i];
     }
@@ -132,7 +149,7 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
     }
     const unsigned kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) {
+    for (int i = 0; i < kPerLane; ++i) {
       const int e = lane + 32 * i;
       if (e < num_experts && !((kept >> (e / per_group)) & 1u)) choice[i] = -INFINITY;
     }
@@ -143,7 +160,7 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
   // the largest value as ordered bits, then the lowest expert index among the lanes holding it.
   unsigned taken = 0;
 #pragma unroll
-  for (int i = 0; i < kGatePerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     if (lane + 32 * i >= num_experts) taken |= 1u << i;
   }
   int chosen[kMoeMaxTopK];
@@ -158,7 +175,7 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
     int best_expert = INT_MAX;
     float best_score = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) {
+    for (int i = 0; i < kPerLane; ++i) {
       const int e = lane + 32 * i;
       if (!((taken >> i) & 1u) && Precedes(choice[i], e, best_value, best_expert)) {
         best_value = choice[i];
@@ -176,24 +193,24 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
     weight[r] = best_score;
   }
 
-  // Same order of operations as the CPU: sequential sum, normalise, scale.
-  int mine = -1;
+  // Same order of operations as the CPU: sequential sum, normalise, scale. Lane r < top_k does slot r:
+  // one division a lane, not one per slot.
   float sum = 0.0f;
+  float w = 0.0f;
+  int mine = -1;
 #pragma unroll
   for (int r = 0; r < kMoeMaxTopK; ++r) {
     if (r < p.top_k) sum += weight[r];
-  }
-#pragma unroll
-  for (int r = 0; r < kMoeMaxTopK; ++r) {
-    float w = weight[r];
-    if (p.norm_topk_prob) w /= sum + 1e-20f;
-    w *= p.routed_scaling_factor;
-    if (r < p.top_k && lane == r) {
-      topk_ids[token * p.top_k + r] = chosen[r];
-      topk_weights[token * p.top_k + r] = w;
+    if (r == lane) {
+      w = weight[r];
       mine = chosen[r];
     }
   }
+  if (lane >= p.top_k) return -1;
+  if (p.norm_topk_prob) w /= sum + 1e-20f;
+  w *= p.routed_scaling_factor;
+  topk_ids[token * p.top_k + lane] = mine;
+  topk_weights[token * p.top_k + lane] = w;
   return mine;
 }
 
@@ -216,8 +233,8 @@ __global__ void __launch_bounds__(kGateWarps * 32) MoeGateKernel(const GateArgs 
   const int warp = threadIdx.x >> 5;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
   if (token >= a.num_tokens) return;  // whole warps only; no block barrier in GateToken
-  GateToken(a.logits, a.bias, token, a.num_valid, a.valid_group_rows, a.params, choice_smem[warp], a.topk_ids,
-            a.topk_weights);
+  GateToken<kGatePerLane>(a.logits, a.bias, token, a.num_valid, a.valid_group_rows, a.params, choice_smem[warp],
+                          a.topk_ids, a.topk_weights);
 }
 
 // ------------------------------------------------------------------------------------------ align
@@ -390,8 +407,8 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
   PdlLaunchDependents();
   const int warp = threadIdx.x >> 5;
   if (warp < g.num_tokens) {
-    GateToken(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, smem.choice[warp], g.topk_ids,
-              g.topk_weights);
+    GateToken<kGatePerLane>(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, smem.choice[warp],
+                            g.topk_ids, g.topk_weights);
   }
   __syncthreads();  // topk_ids (global) visible to the block, the scratch free
   AlignBlock(p, smem.align);
@@ -407,6 +424,7 @@ static_assert(kMoeWarpRouteTokens * kMoeMaxTopK <= 32, "one lane a (token, slot)
 static_assert(kMoeWarpRouteTokens <= 16, "an expert's rows fit one tile of the smallest tile_rows");
 static_assert(kMoeMaxShared < 32, "one lane a shared expert (and one for the offset past them)");
 
+template <int kPerLane>
 __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
   __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
   __shared__ float choice[kMoeWarpRouteTokens][kMoeMaxExperts];
@@ -417,8 +435,8 @@ __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(c
   const int num_tokens = p.num_tokens;
   const int top_k = p.top_k;
   if (warp < num_tokens) {
-    const int chosen = GateToken(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, choice[warp],
-                                 g.topk_ids, g.topk_weights);
+    const int chosen = GateToken<kPerLane>(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params,
+                                           choice[warp], g.topk_ids, g.topk_weights);
     if (lane < top_k) pair_ids[warp * top_k + lane] = chosen;
   }
   __syncthreads();
@@ -441,16 +459,16 @@ __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(c
   const int key = valid ? id : INT_MAX;
   int rows_below = 0;
   int tiles_below = 0;
-  int offsets[kGatePerLane] = {};
+  int offsets[kPerLane] = {};
   for (int q = 0; q < num_pairs; ++q) {
     const int other = __shfl_sync(kFullMask, key, q);
     rows_below += other < key;
     tiles_below += ((first_lanes >> q) & 1u) != 0 && other < key;
 #pragma unroll
-    for (int i = 0; i < kGatePerLane; ++i) offsets[i] += other < lane + 32 * i;  // INT_MAX: never below
+    for (int i = 0; i < kPerLane; ++i) offsets[i] += other < lane + 32 * i;  // INT_MAX: never below
   }
 #pragma unroll
-  for (int i = 0; i < kGatePerLane; ++i) {
+  for (int i = 0; i < kPerLane; ++i) {
     if (lane + 32 * i < num_experts) p.expert_offsets[lane + 32 * i] = offsets[i];
   }
   if (first_of_expert) {
@@ -826,7 +844,10 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
                    topk_weights};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
   if (num_tokens >= 1 && num_tokens <= kMoeWarpRouteTokens) {
-    return LaunchPdl(MoeRouteWarpKernel, dim3(1), dim3(kMoeWarpRouteTokens * 32), 0, stream, g, a);
+    return WithGateWidth(gate.num_experts, [&](auto per_lane) {
+      constexpr int kPerLane = decltype(per_lane)::value;
+      return LaunchPdl(MoeRouteWarpKernel<kPerLane>, dim3(1), dim3(kMoeWarpRouteTokens * 32), 0, stream, g, a);
+    });
   }
   if (num_tokens <= kMoeFusedRouteTokens) {
     return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
