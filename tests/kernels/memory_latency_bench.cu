@@ -133,7 +133,9 @@ __global__ void ChaseKernel(const uint32_t* chain, uint32_t first, bool with_str
 template <int kInstructions>
 __device__ __forceinline__ void StraightLine(float (&acc)[8], float x, float y) {
 #pragma unroll
-  for (int i = 0; i < kInstructions; ++i) asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(acc[i % 8]) : "f"(x), "f"(y));
+  for (int i = 0; i < kInstructions; ++i) {
+    asm volatile("fma.rn.f32 %0, %0, %1, %2;" : "+f"(acc[i % 8]) : "f"(x), "f"(y));
+  }
 }
 
 // One warp: waits for the stream, then runs the same straight-line code twice (the pass loop is not
@@ -164,10 +166,12 @@ __global__ void CodeKernel(const float* in, bool with_stream, Flags* flags, uint
   atomicExch(&flags->chase_done, 1);
 }
 
-// Other code, run on every SM before a measurement: 256 KB, more than an SM's instruction caches.
+// Other code, run before a measurement in 4 one-warp blocks an SM, which the block scheduler spreads
+// over every SM: 256 KB, more than an SM's instruction caches hold.
 constexpr int kEvictInstructions = 16384;
 
-// Reads `bytes` with ordinary loads, evicting (among the rest) every kernel's code from L2.
+// Reads `pieces` 16-byte pieces of `buffer` with ordinary loads, evicting (among the rest) every
+// kernel's code from L2.
 __global__ void FlushL2Kernel(const uint4* buffer, int64_t pieces, Flags* flags) {
   uint32_t acc = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pieces;
@@ -227,9 +231,9 @@ Point Measure(const uint32_t* chain, uint32_t first, const uint4* buffer, int st
   return p;
 }
 
-// One code size under one condition: kCodeRepeats times, every SM runs the eviction code, L2 is
-// flushed (in_l2 false) or the code kernel's code fetched into it by a run of its own, and the code
-// kernel then runs beside `stream_blocks` streaming blocks.
+// One code size under one condition, kCodeRepeats times: the code kernel's code is fetched into L2 by
+// a run of its own (in_l2) or L2 is flushed after the eviction code ran, and the code kernel then runs
+// beside `stream_blocks` streaming blocks (none: idle).
 template <int kInstructions>
 CodePoint MeasureCode(bool in_l2, int stream_blocks, int sms, const float* in, const uint4* buffer,
                       cudaStream_t code_stream, cudaStream_t background_stream, Flags* flags, uint64_t* pass_ns) {
