@@ -4,7 +4,6 @@
 
 #include <climits>
 #include <cstdint>
-#include <type_traits>
 
 #include "kernels/bf16.cuh"
 #include "kernels/moe.h"
@@ -33,13 +32,6 @@ constexpr int kGateWarps = 4;
 constexpr int kGateSmallPerLane = 2;
 constexpr int kGatePerLane = kMoeMaxExperts / 32;
 static_assert(kGateSmallPerLane <= kGatePerLane);
-
-// Calls f with std::integral_constant<int, kPerLane>: the smaller size that holds num_experts.
-template <class F>
-decltype(auto) WithGateWidth(int32_t num_experts, F&& f) {
-  if (num_experts <= 32 * kGateSmallPerLane) return f(std::integral_constant<int, kGateSmallPerLane>{});
-  return f(std::integral_constant<int, kGatePerLane>{});
-}
 
 // The CPU's order: larger value first, then lower expert index.
 __device__ __forceinline__ bool Precedes(float a, int ia, float b, int ib) {
@@ -844,10 +836,9 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
                    topk_weights};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
   if (num_tokens >= 1 && num_tokens <= kMoeWarpRouteTokens) {
-    return WithGateWidth(gate.num_experts, [&](auto per_lane) {
-      constexpr int kPerLane = decltype(per_lane)::value;
-      return LaunchPdl(MoeRouteWarpKernel<kPerLane>, dim3(1), dim3(kMoeWarpRouteTokens * 32), 0, stream, g, a);
-    });
+    const auto kernel = gate.num_experts <= 32 * kGateSmallPerLane ? MoeRouteWarpKernel<kGateSmallPerLane>
+                                                                   : MoeRouteWarpKernel<kGatePerLane>;
+    return LaunchPdl(kernel, dim3(1), dim3(kMoeWarpRouteTokens * 32), 0, stream, g, a);
   }
   if (num_tokens <= kMoeFusedRouteTokens) {
     return LaunchPdl(MoeRouteKernel, dim3(1), dim3(kAlignThreads), 0, stream, g, a);
