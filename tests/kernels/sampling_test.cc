@@ -17,6 +17,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -80,12 +81,31 @@ float RandomLogit(Logits kind, std::mt19937_64& rng) {
   return 0.0f;
 }
 
+// Calls row(r) for every r in [0, rows), spread over the machine's cores. The CPU's share of these tests
+// (drawing rows of 100k random logits, the CPU Sampler's and the reference's draws over them) takes
+// milliseconds a row and was most of their time; the GPU machines have many cores.
+template <class F>
+void ForEachRowOnAllCores(int rows, const F& row) {
+  const int threads = std::min<int>(rows, std::max(1u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> pool;
+  for (int i = 0; i < threads; ++i) {
+    pool.emplace_back([&, i] {
+      for (int r = i; r < rows; r += threads) row(r);
+    });
+  }
+  for (std::thread& t : pool) t.join();
+}
+
 // rows x stride floats; the padding after each row's vocab values is NaN, which must never be read.
+// Each row from a generator of its own, seeded from `rng`.
 std::vector<float> RandomLogits(int rows, int64_t stride, int vocab, Logits kind, std::mt19937_64& rng) {
   std::vector<float> logits(static_cast<size_t>(rows) * stride, std::numeric_limits<float>::quiet_NaN());
-  for (int r = 0; r < rows; ++r) {
-    for (int t = 0; t < vocab; ++t) logits[static_cast<size_t>(r) * stride + t] = RandomLogit(kind, rng);
-  }
+  std::vector<uint64_t> seeds(rows);
+  for (uint64_t& seed : seeds) seed = rng();
+  ForEachRowOnAllCores(rows, [&](int r) {
+    std::mt19937_64 row_rng(seeds[r]);
+    for (int t = 0; t < vocab; ++t) logits[static_cast<size_t>(r) * stride + t] = RandomLogit(kind, row_rng);
+  });
   return logits;
 }
 
@@ -197,13 +217,12 @@ Reference ReferenceDraw(const std::vector<float>& work, const SamplingConfig& c,
   return ref;
 }
 
-std::vector<double> LogSoftmax(std::span<const float> logits) {
+// log softmax(logits)[token], in double.
+double LogProb(std::span<const float> logits, int32_t token) {
   const double max = *std::max_element(logits.begin(), logits.end());
   double sum = 0.0;
   for (float l : logits) sum += std::exp(l - max);
-  std::vector<double> out;
-  for (float l : logits) out.push_back(l - max - std::log(sum));
-  return out;
+  return logits[token] - max - std::log(sum);
 }
 
 // Each row's device result against the CPU Sampler, which samples the same row with the same seed.
@@ -213,22 +232,42 @@ struct Tally {
   int near_tie_mismatches = 0;
 };
 
-// The device's result for one row against `cpu`, which is in the state the device's Sampler was in
-// before its BeginDeviceSample, and samples the row now. Returns false for an allowed near-tie
-// mismatch.
-bool ExpectSameAsCpu(Sampler& cpu, std::span<const float> logits, int32_t token, float logprob,
-                     std::span<const SamplingTopLogprob> top, Tally& tally, const std::string& what) {
-  const SamplingConfig c = cpu.config();
+// What the CPU makes of one row, worked out apart from the checks so that the rows of a launch can be
+// worked out on all cores.
+struct CpuRow {
+  SamplingConfig config;
+  SampledToken want;     // the CPU Sampler's token, logprob and top logprobs
+  double uniform = 0;    // the number its draw used
+  Reference reference;   // sampled rows: the test's own draw, and how close it came to a tie
+  double logprob = NAN;  // log softmax of the device's token, when it is in the vocabulary
+};
+
+// `cpu` is in the state the device's Sampler was in before its BeginDeviceSample, and samples the row
+// now; `token` is the device's.
+CpuRow WorkOutCpuRow(Sampler& cpu, std::span<const float> logits, int32_t token) {
+  CpuRow row;
+  row.config = cpu.config();
   Sampler probe = cpu;  // draws the same uniform as the device's Sampler did, and sizes the counts
-  const double uniform = probe.BeginDeviceSample(static_cast<int64_t>(logits.size()));
-  const std::vector<float> work = Penalised(logits, probe);
-  const SampledToken want = cpu.Sample(logits);
+  row.uniform = probe.BeginDeviceSample(static_cast<int64_t>(logits.size()));
+  row.want = cpu.Sample(logits);
+  if (row.config.temperature != 0.0f) {
+    row.reference = ReferenceDraw(Penalised(logits, probe), row.config, row.uniform);
+  }
+  if (token >= 0 && token < static_cast<int32_t>(logits.size())) row.logprob = LogProb(logits, token);
+  return row;
+}
+
+// The device's result for one row against the CPU's. Returns false for an allowed near-tie mismatch.
+bool ExpectSameAsCpu(const CpuRow& cpu, int vocab, int32_t token, float logprob,
+                     std::span<const SamplingTopLogprob> top, Tally& tally, const std::string& what) {
+  const SamplingConfig& c = cpu.config;
+  const SampledToken& want = cpu.want;
   bool same = true;
   if (c.temperature == 0.0f) {
     EXPECT_EQ(token, want.token) << what << ": greedy";
   } else {
     ++tally.sampled;
-    const Reference ref = ReferenceDraw(work, c, uniform);
+    const Reference& ref = cpu.reference;
     EXPECT_EQ(ref.token, want.token) << what << ": the test's reference disagrees with Sampler";
     if (token != want.token) {
       same = false;
@@ -237,12 +276,12 @@ bool ExpectSameAsCpu(Sampler& cpu, std::span<const float> logits, int32_t token,
       } else {
         ADD_FAILURE() << what << ": device token " << token << ", CPU " << want.token << " (closest decision "
                       << ref.closest << " relative, T " << c.temperature << " top_k " << c.top_k << " top_p "
-                      << c.top_p << " min_p " << c.min_p << " uniform " << uniform << ")";
+                      << c.top_p << " min_p " << c.min_p << " uniform " << cpu.uniform << ")";
       }
     }
   }
-  if (token >= 0 && token < static_cast<int32_t>(logits.size())) {
-    EXPECT_NEAR(logprob, LogSoftmax(logits)[token], kLogprobTolerance) << what << ": logprob of " << token;
+  if (token >= 0 && token < vocab) {
+    EXPECT_NEAR(logprob, cpu.logprob, kLogprobTolerance) << what << ": logprob of " << token;
   } else {
     ADD_FAILURE() << what << ": token " << token << " outside the vocabulary";
   }
@@ -274,19 +313,22 @@ struct RowSet {
   int32_t top_total = 0;
 };
 
-// Adds a row after `warm_up_steps` generated tokens (recorded by both Samplers: presence and
-// frequency penalties apply to them).
+// Adds a row after `warm_up_steps` generated tokens, random ones recorded by both Samplers (presence
+// and frequency penalties apply to them): BeginDeviceSample then EndDeviceSample moves a Sampler as
+// Sample() would (tests/worker/sampling/sampler_test.cc), without a vocabulary of logits to draw and
+// sample each step.
 void AddRow(RowSet& set, const SamplingConfig& c, std::span<const int32_t> prompt, int warm_up_steps,
             std::mt19937_64& rng) {
   set.cpu.push_back(std::make_unique<Sampler>(c, 0, prompt));
   set.twin.push_back(std::make_unique<Sampler>(c, 0, prompt));
   Sampler& cpu = *set.cpu.back();
   Sampler& twin = *set.twin.back();
-  std::vector<float> warm(set.vocab);
   for (int step = 0; step < warm_up_steps; ++step) {
-    for (float& x : warm) x = RandomLogit(Logits::kNormal4, rng);
-    twin.BeginDeviceSample(set.vocab);
-    twin.EndDeviceSample(cpu.Sample(warm).token);
+    const auto token = static_cast<int32_t>(rng() % static_cast<uint64_t>(set.vocab));
+    for (Sampler* s : {&cpu, &twin}) {
+      s->BeginDeviceSample(set.vocab);
+      s->EndDeviceSample(token);
+    }
   }
   SamplingRowParams p = cuda::RowParams(c, twin.BeginDeviceSample(set.vocab));
   p.top_offset = set.top_total;
@@ -326,11 +368,15 @@ void LaunchAndCheck(RowSet& set, const std::vector<float>& logits, int64_t strid
   const std::vector<SamplingRowResult> got = results.ToHost();
   const std::vector<SamplingTopLogprob> got_top = top.ToHost();
 
-  for (int r = 0; r < rows; ++r) {
+  std::vector<CpuRow> cpu_rows(rows);
+  ForEachRowOnAllCores(rows, [&](int r) {
     const std::span<const float> row(logits.data() + static_cast<size_t>(r) * stride, set.vocab);
+    cpu_rows[r] = WorkOutCpuRow(*set.cpu[r], row, got[r].token);
+  });
+  for (int r = 0; r < rows; ++r) {
     const std::span<const SamplingTopLogprob> row_top(got_top.data() + set.params[r].top_offset,
                                                       std::min(set.params[r].top_logprobs, set.vocab));
-    ExpectSameAsCpu(*set.cpu[r], row, got[r].token, got[r].logprob, row_top, tally, absl::StrCat("row ", r));
+    ExpectSameAsCpu(cpu_rows[r], set.vocab, got[r].token, got[r].logprob, row_top, tally, absl::StrCat("row ", r));
   }
   for (int32_t i = set.top_total; i < top_slots; ++i) {
     EXPECT_EQ(got_top[i].token, -1) << "top slot " << i << " past every row's entries was written";
@@ -850,7 +896,9 @@ TEST(DeviceSamplerTest, StepsMatchCpuSamplersWithMixedConfigs) {
         }
         std::vector<SamplingTopLogprob> top;
         for (const auto& [t, lp] : out[i].top) top.push_back({t, lp});
-        if (!ExpectSameAsCpu(*cpu[r], row, out[i].token, out[i].logprob, top, tally, absl::StrCat("request ", r))) {
+        const CpuRow cpu_row = WorkOutCpuRow(*cpu[r], row, out[i].token);
+        if (!ExpectSameAsCpu(cpu_row, shape.vocab, out[i].token, out[i].logprob, top, tally,
+                             absl::StrCat("request ", r))) {
           diverged[r] = true;
         }
       }
