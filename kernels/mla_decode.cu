@@ -87,21 +87,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   const int ld_row = lane % 8 + 8 * ((lane / 8) % 2), ld_col = 8 * (lane / 16);
 
   // Positions and block tables are step inputs, copied up before the step's first kernel, so the
-  // chain of lookups up to this thread's first cache row runs before the wait; the queries and the
-  // cache rows (the newest written by the kernel before) after it.
+  // chain of lookups up to this thread's first cache row runs before the wait, and so does the copy
+  // of that row when an earlier step wrote it (or it lies past the context: zeros). The queries and
+  // this step's cache rows (written by the kernel before) are copied after the wait.
   const int kv_len = p.query_position[query] + 1;
   const int32_t* table = p.block_tables + p.table_offsets[p.query_sequence[query]];
   const int tiles = (kv_len + kTileTokens - 1) / kTileTokens;
   const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles, tile_begin + tiles_per_split);
-  const __nv_bfloat16* first_row =
-      tile_begin < tile_end ? TileRowSource<kRank, kRope>(tile_begin, p, table, kv_len) : nullptr;
+  const bool has_tiles = tile_begin < tile_end;
+  const __nv_bfloat16* first_row = has_tiles ? TileRowSource<kRank, kRope>(tile_begin, p, table, kv_len) : nullptr;
+  const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
+  const int first_token = tile_begin * kTileTokens + static_cast<int>(threadIdx.x) / kThreadsPerRow;
+  const bool first_row_early = has_tiles && (first_row == nullptr || first_token < earlier_rows);
+  if (first_row_early) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
   PdlWait();
   PdlLaunchDependents();
 
-  // Queries (16 heads x (latent | rope)) and the first cache tile arrive in one async group: every
-  // load is in flight at once. Heads past p.heads are zero rows.
+  // Queries (16 heads x (latent | rope)) and the rest of the first cache tile join the same async
+  // group: every load is in flight at once. Heads past p.heads are zero rows.
   constexpr int kRankChunks = kRank / 8, kRowChunks = (kRank + kRope) / 8;
   for (int i = threadIdx.x; i < kHeadsPerBlock * kRowChunks; i += kThreads) {
     const int h = i / kRowChunks, c = i % kRowChunks, head = head0 + h;
@@ -114,8 +119,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
     }
     CpAsync16(&s.q[h][c * 8], src, valid);
   }
-  if (tile_begin < tile_end) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
-  CpAsyncCommit();
+  if (has_tiles && !first_row_early) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
+  CpAsyncCommit();  // one group with the rows copied before the wait
 
   // Padding columns of the queries and cache tiles are never copied into: zero them once.
   if constexpr (S::kWidthPadded > S::kWidth) {
@@ -439,7 +444,8 @@ int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_l
 
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
   if (p.num_queries == 0) return cudaSuccess;
-  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.num_queries > 65535 || p.block_size <= 0) {
+  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.num_queries > 65535 || p.block_size <= 0 ||
+      p.step_tokens_bound < 0) {
     return cudaErrorInvalidValue;
   }
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;

@@ -43,6 +43,11 @@ struct MlaDecodeParams {
   int rope_dim = 0;
   float softmax_scale = 1.0f;
   int num_splits = 1;  // 1..64
+  // At least the most tokens any one sequence has in this step (1 in a decode step), or 0. A query's
+  // cache rows below query_position + 1 - step_tokens_bound were written by earlier steps, so those
+  // of its first tile are copied before the wait for the kernel that writes this step's rows (the
+  // copy overlaps that kernel); 0: every row is copied after the wait.
+  int step_tokens_bound = 0;
   __nv_bfloat16* out = nullptr;  // [queries, heads, kv_lora_rank]
   // Workspace when num_splits > 1 (sizes from MlaSplitWorkspaceFloats).
   float* partial_out = nullptr;  // [queries, num_splits, heads, kv_lora_rank]

@@ -5,8 +5,9 @@
 //
 // The contract, for every kernel launched with LaunchPdl:
 //   - before PdlWait(): read only what no kernel of the step writes (weights, shapes, the step's
-//     inputs copied up before its first kernel), and write nothing; prefetching weights into L2 or
-//     registers, and looking up positions and block tables, is the point;
+//     inputs copied up before its first kernel, KV cache rows of earlier steps), and write nothing
+//     to global memory; prefetching weights into L2 or registers, and looking up positions and
+//     block tables, is the point;
 //   - PdlWait() returns once every earlier kernel of the stream has completed and its writes are
 //     visible (it is a no-op for a kernel launched without the attribute);
 //   - PdlLaunchDependents() lets the next kernel start; call it after PdlWait() (at most two kernels

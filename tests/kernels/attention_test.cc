@@ -10,7 +10,9 @@
 #include "common/dtype.h"
 #include "gtest/gtest.h"
 #include "kernels/attention.h"
+#include "kernels/elementwise.h"
 #include "kernels/mla_decode.h"
+#include "kernels/skinny_gemm.h"
 #include "tests/testing/gpu.h"
 
 namespace cohort {
@@ -34,6 +36,11 @@ struct MlaCase {
   int rank, rope, heads, block_size, splits;
   std::vector<int> positions;  // one query each, of its own sequence
   int v_head_dim = 0;          // > 0: a second launch applies value weights in the merge
+  // > 0: the last step_tokens positions of each query's context are this step's rows, and the
+  // attention is told so (MlaDecodeParams::step_tokens_bound): it copies older rows of its first
+  // tile before it waits for the kernel before it, which writes query 0's newest rows (those in its
+  // last block) as the engine's cache write does. They hold NaN until then.
+  int step_tokens = 0;
 };
 
 void RunMlaCase(const MlaCase& c) {
@@ -50,7 +57,15 @@ void RunMlaCase(const MlaCase& c) {
     offsets.push_back(static_cast<int32_t>(tables.size()));
     for (int b = 0; b <= pos / c.block_size; ++b) tables.push_back(pool[tables.size()]);
   }
-  const std::vector<uint16_t> cache = RandomBf16(static_cast<size_t>(total_blocks) * c.block_size * width, rng);
+  std::vector<uint16_t> cache = RandomBf16(static_cast<size_t>(total_blocks) * c.block_size * width, rng);
+  // Query 0's rows of this step in its last block: slots [first_step_slot, + step_slots), NaN before
+  // the writer runs.
+  const int last = c.positions[0];
+  const int step_slots = std::min(c.step_tokens, last % c.block_size + 1);
+  const int64_t first_step_slot =
+      static_cast<int64_t>(tables[offsets[0] + last / c.block_size]) * c.block_size + last % c.block_size + 1 - step_slots;
+  std::vector<uint16_t> cache_before = cache;
+  std::fill_n(cache_before.begin() + first_step_slot * width, static_cast<int64_t>(step_slots) * width, uint16_t{0x7fc1});
   const std::vector<uint16_t> q_latent = RandomBf16(static_cast<size_t>(queries) * c.heads * c.rank, rng, 0.2f);
   const int q_row = c.heads * (16 + c.rope);  // q rope parts interleaved with other values, as in the engine
   const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(queries) * q_row, rng, 0.2f);
@@ -58,7 +73,7 @@ void RunMlaCase(const MlaCase& c) {
   std::iota(sequence.begin(), sequence.end(), 0);
   const float scale = 1.0f / std::sqrt(192.0f);
 
-  DeviceVector<uint16_t> d_cache(cache), d_q_latent(q_latent), d_q(q);
+  DeviceVector<uint16_t> d_cache(cache_before), d_q_latent(q_latent), d_q(q);
   DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_position(position);
   DeviceVector<uint16_t> d_out(static_cast<size_t>(queries) * c.heads * c.rank);
   DeviceVector<float> d_work(std::max<int64_t>(1, kernels::MlaSplitWorkspaceFloats(queries, c.splits, c.heads, c.rank)));
@@ -83,8 +98,41 @@ void RunMlaCase(const MlaCase& c) {
   p.partial_out = d_work.get();
   p.partial_lse = d_work.get() + static_cast<int64_t>(queries) * c.splits * c.heads * c.rank;
   ASSERT_CUDA_OK(cudaMemset(d_out.get(), 0xff, static_cast<size_t>(queries) * c.heads * c.rank * sizeof(uint16_t)));
-  ASSERT_CUDA_OK(kernels::LaunchMlaDecode(p, nullptr));  // NaN poison: an unwritten output fails
-  ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  if (c.step_tokens > 0) {
+    // The writer: a product of k = 2^16 into those rows, on few enough blocks (one a 16 columns)
+    // to leave most SMs to the attention, which starts as soon as the product's blocks have. It runs
+    // for microseconds after that, so an attention that copied these rows early would read NaN. A
+    // test double for the engine's cache write (whose inputs need the whole layer); the reference
+    // below reads whatever it wrote.
+    constexpr int kWriterK = 1 << 16;
+    DeviceVector<uint16_t> d_x(static_cast<size_t>(step_slots) * kWriterK), d_w(static_cast<size_t>(width) * kWriterK);
+    ASSERT_CUDA_OK(kernels::LaunchFillRandom(Bf16(d_x), static_cast<int64_t>(step_slots) * kWriterK, testing::FreshSeed(),
+                                             0.01f, nullptr));
+    ASSERT_CUDA_OK(kernels::LaunchFillRandom(Bf16(d_w), static_cast<int64_t>(width) * kWriterK, testing::FreshSeed(),
+                                             1.0f, nullptr));
+    kernels::SkinnyGemmParams writer;
+    writer.x = Bf16(d_x);
+    writer.x_row_stride = kWriterK;
+    writer.w = Bf16(d_w);
+    writer.w_row_stride = kWriterK;
+    writer.y = Bf16(d_cache) + first_step_slot * width;
+    writer.y_row_stride = width;
+    writer.rows = step_slots;
+    writer.n_out = width;
+    writer.k = kWriterK;
+    writer.k_splits = 1;
+    cudaStream_t stream;  // a blocking stream: ordered after the fills and the poisoning memset
+    ASSERT_CUDA_OK(cudaStreamCreate(&stream));
+    p.step_tokens_bound = c.step_tokens;
+    ASSERT_CUDA_OK(kernels::LaunchSkinnyGemm(writer, stream));
+    ASSERT_CUDA_OK(kernels::LaunchMlaDecode(p, stream));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
+    ASSERT_CUDA_OK(cudaStreamDestroy(stream));
+    cache = d_cache.ToHost();
+  } else {
+    ASSERT_CUDA_OK(kernels::LaunchMlaDecode(p, nullptr));  // NaN poison: an unwritten output fails
+    ASSERT_CUDA_OK(cudaDeviceSynchronize());
+  }
   const std::vector<uint16_t> out = d_out.ToHost();
 
   // The same attention with the value weights applied in the merge: W_uv[h] is [v, rank] with a
@@ -176,6 +224,18 @@ TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
   RunMlaCase({64, 16, 4, 5, 4, {1, 77, 300}, 16});
   RunMlaCase({64, 16, 4, 5, 16, {1, 77, 300}, 16});
   RunMlaCase({32, 8, 4, 3, 3, {0, 2, 95}, 8});
+}
+
+// The engine's order: the cache write, then the attention, which copies the rows of earlier steps
+// before it waits for the write. One token a sequence (decode steps) and several (a chunk of a
+// prompt attended in the absorbed form), with one split and many.
+TEST(MlaDecodeTest, RowsOfThisStepAreCopiedAfterTheKernelThatWritesThem) {
+  COHORT_SKIP_WITHOUT_GPU();
+  // Query 0's newest rows are in the first tile (32 tokens) of a split, the one copied early.
+  RunMlaCase({512, 64, 16, 64, 1, {20, 1024, 0}, 0, /*step_tokens=*/1});
+  RunMlaCase({512, 64, 16, 64, 32, {1024, 4095, 63, 0}, 128, /*step_tokens=*/1});
+  RunMlaCase({512, 64, 16, 16, 64, {2052, 4095, 40, 3}, 0, /*step_tokens=*/5});
+  RunMlaCase({64, 16, 4, 5, 4, {77, 1, 300}, 16, /*step_tokens=*/3});
 }
 
 TEST(MlaDecodeTest, SmallTestShapesWithOddBlocks) {

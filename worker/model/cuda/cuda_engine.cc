@@ -115,6 +115,7 @@ struct StepLayout {
   // compute none).
   int lm_rows = 0;
   int splits = 1;           // context splits of the absorbed attention
+  int absorbed_run = 0;     // the most absorbed tokens of one sequence (MlaDecodeParams::step_tokens_bound)
   std::vector<ExpandedChunk> expanded;
 };
 
@@ -592,6 +593,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
     std::copy_n(seq.block_table.begin(), blocks, tables + used);
     if (absorbed(seq)) {
       s.absorbed_tokens += n;
+      s.absorbed_run = std::max(s.absorbed_run, n);
       max_context = std::max(max_context, context);
     } else {
       s.expanded.push_back({token, n, seq.start_position, static_cast<int>(used)});
@@ -638,6 +640,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
     }
     ++used;
     s.num_tokens = s.absorbed_tokens = s.rows = bucket;
+    s.absorbed_run = 1;
     s.splits = SplitsFor(bucket, graph->max_context);
   } else {
     if (shard != nullptr && shard->rows > token) {
@@ -724,6 +727,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     p.rope_dim = static_cast<int>(c.qk_rope_head_dim);
     p.softmax_scale = rope_.softmax_scale();
     p.num_splits = s.splits;
+    p.step_tokens_bound = s.absorbed_run;
     p.out = ws_.o_latent;
     p.partial_out = ws_.split_partials;
     p.partial_lse = ws_.split_partials + kSplitPairs * heads * rank;
