@@ -1,8 +1,9 @@
 // The MLA attention kernels against float64 CPU references on fresh random inputs: the absorbed
 // decode kernel (every supported latent shape, head counts that do and do not fill a 16-head
 // group, contexts from 1 token to several thousand, one split and many, scattered block tables,
-// the value weights applied in the merge of the splits), and the prefill kernels (cache gather,
-// flash attention over the expanded keys and values).
+// the value weights applied in the merge of the splits, this step's cache rows written by the kernel
+// just before), and the prefill kernels (cache gather, flash attention over the expanded keys and
+// values).
 #include <algorithm>
 #include <cmath>
 #include <numeric>
