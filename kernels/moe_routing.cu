@@ -28,7 +28,7 @@ constexpr int kGateWarps = 4;
 // a few tokens (MoeRouteWarpKernel) is compiled for two sizes, so that a model of up to 64 experts
 // (DeepSeek-V2-Lite) does not run the per-lane loops of one of 256 (V3), predicated off: 33 KB of
 // code instead of 51. It sits on the decode step's critical path, and its one block usually starts on
-// an SM whose instruction cache holds other kernels' code (docs/cuda_backend.md, fifteenth round).
+// an SM whose instruction cache holds other kernels' code (docs/cuda_backend_rounds.md, fifteenth round).
 constexpr int kGateSmallPerLane = 2;
 constexpr int kGatePerLane = kMoeMaxExperts / 32;
 static_assert(kGateSmallPerLane <= kGatePerLane);

@@ -1,7 +1,7 @@
 // A kernel timeline for machines without Nsight Systems: a CUPTI injection library that records
 // every kernel's start and end on the GPU (graph nodes included) and writes them out when the
 // process exits. Where a decode step's fused kernels lose time against the launches they replace,
-// the gaps between kernels and their overlap show it (docs/cuda_backend.md, twelfth round).
+// the gaps between kernels and their overlap show it (docs/cuda_backend_rounds.md, twelfth round).
 //
 //   CUDA_INJECTION64_PATH=build/lib/libcohort_kernel_trace.so COHORT_KERNEL_TRACE=trace.csv
 //     build/bin/cohort bench step --batch-sizes 1 ...
