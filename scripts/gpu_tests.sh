@@ -9,14 +9,15 @@
 #   scripts/gpu_tests.sh run [--bench]
 #       there (carry .gpu): every GPU test, then with --bench the kernel benchmarks, the transformers
 #       baseline and `cohort bench step --baseline` (Cohort's speed-up over it at the same shapes);
-#       logs and JSON under $OUT
+#       under $OUT the test summary, the step table and its JSON, and logs.tar.gz with every log
 #   scripts/gpu_tests.sh ab [ROUNDS] [--variant 'NAME VAR=VALUE...']... [BENCH FLAGS...]
 #       there: `cohort bench step` ROUNDS times (3) for REV's build and this one in turn, then each
 #       shape's change (scripts/compare_steps.py); machines differ by a few per cent, so a change is
 #       measured against its base on one machine. Each --variant runs this build once more a round
 #       with VAR=VALUE... in its environment (the switches of an experiment, read with getenv in the
 #       build under test and removed before it is committed) and is compared with the base as well:
-#       many settings in one device call. JSON and logs under $OUT/ab
+#       many settings in one device call. Under $OUT/ab: compare.txt, and runs.tar.gz with every
+#       run's JSON and log
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail
@@ -69,35 +70,45 @@ case "${1:-}" in
   run)
     out="${OUT:-/tmp/cohort-gpu}"
     mkdir -p "$out"
+    # Every log and result goes to $work; $out gets the results of record and one archive of the rest
+    # (the GPU machine sends back at most eight files).
+    work=$(mktemp -d)
     export COHORT_SOURCE_DIR="$PWD" COHORT_BINARY_DIR="$PWD/.gpu/bin"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-    echo "build $(cat .gpu/REVISION)" | tee -a "$out/gpu.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$work/gpu.txt"
+    echo "build $(cat .gpu/REVISION)" | tee -a "$work/gpu.txt"
     status=0
     for t in "${GPU_TESTS[@]}"; do
       echo "== $t"
-      if ! ".gpu/bin/$t" --gtest_brief=1 >"$out/$t.log" 2>&1; then status=1; fi
-      grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" "$out/$t.log" | head -40 || true
-      if grep -q "SKIPPED" "$out/$t.log"; then echo "$t: tests skipped on a GPU machine"; status=1; fi
+      if ! ".gpu/bin/$t" --gtest_brief=1 >"$work/$t.log" 2>&1; then status=1; fi
+      summary=$(grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure|error" "$work/$t.log" | head -40 || true)
+      echo "$summary"
+      printf '== %s\n%s\n' "$t" "$summary" >>"$work/tests.txt"
+      if grep -q "SKIPPED" "$work/$t.log"; then echo "$t: tests skipped on a GPU machine"; status=1; fi
     done
     if [ "${2:-}" = "--bench" ]; then
-      echo "== moe_bench";      .gpu/bin/moe_bench      >"$out/moe_bench.txt" 2>&1 || status=1; tail -30 "$out/moe_bench.txt"
-      echo "== attention_bench"; .gpu/bin/attention_bench >"$out/attention_bench.txt" 2>&1 || status=1; tail -8 "$out/attention_bench.txt"
-      echo "== sampling_bench"; .gpu/bin/sampling_bench >"$out/sampling_bench.txt" 2>&1 || status=1; tail -20 "$out/sampling_bench.txt"
-      echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$out/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$out/skinny_gemm_bench.txt"
+      echo "== moe_bench";      .gpu/bin/moe_bench      >"$work/moe_bench.txt" 2>&1 || status=1; tail -30 "$work/moe_bench.txt"
+      echo "== attention_bench"; .gpu/bin/attention_bench >"$work/attention_bench.txt" 2>&1 || status=1; tail -8 "$work/attention_bench.txt"
+      echo "== sampling_bench"; .gpu/bin/sampling_bench >"$work/sampling_bench.txt" 2>&1 || status=1; tail -20 "$work/sampling_bench.txt"
+      echo "== skinny_gemm_bench"; .gpu/bin/skinny_gemm_bench >"$work/skinny_gemm_bench.txt" 2>&1 || status=1; tail -140 "$work/skinny_gemm_bench.txt"
       echo "== memory_latency_bench"
-      .gpu/bin/memory_latency_bench >"$out/memory_latency_bench.txt" 2>&1 || status=1; tail -12 "$out/memory_latency_bench.txt"
-      echo "== handoff_bench"; .gpu/bin/handoff_bench >"$out/handoff_bench.txt" 2>&1 || status=1; tail -6 "$out/handoff_bench.txt"
+      .gpu/bin/memory_latency_bench >"$work/memory_latency_bench.txt" 2>&1 || status=1; tail -12 "$work/memory_latency_bench.txt"
+      echo "== handoff_bench"; .gpu/bin/handoff_bench >"$work/handoff_bench.txt" 2>&1 || status=1; tail -6 "$work/handoff_bench.txt"
       echo "== transformers baseline"
       baseline=()
-      if python3 scripts/bench_transformers_baseline.py --out "$out/transformers_baseline.json" >"$out/baseline.txt" 2>&1; then
-        baseline=(--baseline "$out/transformers_baseline.json")
+      if python3 scripts/bench_transformers_baseline.py --out "$work/transformers_baseline.json" >"$work/baseline.txt" 2>&1; then
+        baseline=(--baseline "$work/transformers_baseline.json")
       else
-        status=1; tail -5 "$out/baseline.txt"
+        status=1; tail -5 "$work/baseline.txt"
       fi
       echo "== cohort bench step"
-      .gpu/bin/cohort bench step "${baseline[@]}" --output "$out/step_v2_lite.json" >"$out/bench_step.txt" 2>&1 || status=1
-      tail -40 "$out/bench_step.txt"
+      .gpu/bin/cohort bench step "${baseline[@]}" --output "$work/step_v2_lite.json" >"$work/bench_step.txt" 2>&1 || status=1
+      tail -40 "$work/bench_step.txt"
     fi
+    for file in gpu.txt tests.txt bench_step.txt step_v2_lite.json transformers_baseline.json; do
+      if [ -f "$work/$file" ]; then cp "$work/$file" "$out/"; fi
+    done
+    tar -czf "$out/logs.tar.gz" -C "$work" .
+    echo "results in $out: $(ls "$out" | tr '\n' ' ')"
     exit $status
     ;;
   ab)
@@ -136,14 +147,18 @@ case "${1:-}" in
     fi
     out="${OUT:-/tmp/cohort-gpu}/ab"
     rm -rf "$out"
-    mkdir -p "$out/base"
+    mkdir -p "$out"
+    # The base build and every run's JSON and log go to $work; $out gets the comparison and one
+    # archive of the runs (the GPU machine sends back at most eight files).
+    work=$(mktemp -d)
+    mkdir -p "$work/base"
     # xz may be missing there; python has lzma.
     python3 -c 'import lzma, os, shutil, sys
 for name in ("cohort", "libcohort_kernels.so"):
     target = os.path.join(sys.argv[1], name)
     with lzma.open(f".gpu/base/{name}.xz") as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    os.chmod(target, 0o755)' "$out/base"
+    os.chmod(target, 0o755)' "$work/base"
     echo "base $(cat .gpu/base/REVISION), this build $(cat .gpu/REVISION)"
     echo "$rounds rounds of: cohort bench step $*"
     for round in $(seq "$rounds"); do
@@ -151,23 +166,24 @@ for name in ("cohort", "libcohort_kernels.so"):
         bin=.gpu/bin/cohort
         library_path=${LD_LIBRARY_PATH:-}
         if [ "$build" = base ]; then
-          bin=$out/base/cohort
-          library_path=$out/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+          bin=$work/base/cohort
+          library_path=$work/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
         fi
         # NAME.ROUND: names hold no dot, so no build's files match another's pattern.
         read -r -a environment <<<"${variant_env[$build]:-}"
         if ! env "${environment[@]}" LD_LIBRARY_PATH="$library_path" "$bin" bench step "$@" \
-            --output "$out/$build.$round.json" >"$out/$build.$round.txt" 2>&1; then
-          tail -5 "$out/$build.$round.txt"
+            --output "$work/$build.$round.json" >"$work/$build.$round.txt" 2>&1; then
+          tail -5 "$work/$build.$round.txt"
           exit 1
         fi
       done
     done
     for build in "${builds[@]:1}"; do
       [ "$build" = this ] || echo "== variant $build: ${variant_env[$build]}" | tee -a "$out/compare.txt"
-      python3 scripts/compare_steps.py --base "$out"/base.[0-9]*.json --new "$out/$build".[0-9]*.json |
+      python3 scripts/compare_steps.py --base "$work"/base.[0-9]*.json --new "$work/$build".[0-9]*.json |
         tee -a "$out/compare.txt"
     done
+    tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
     ;;
   *)
     sed -n '2,/^# A skipped test/p' "$0" >&2
