@@ -38,11 +38,14 @@ __device__ __forceinline__ uint32_t LoadPair(const __nv_bfloat16* p) { return *r
 // row l % 8 of matrix l / 8 (16-byte aligned), and receives in r[i] the elements (row l / 4, columns
 // 2 (l % 4) and 2 (l % 4) + 1) of matrix i, or with .trans the elements (rows 2 (l % 4) and
 // 2 (l % 4) + 1, column l / 4): an mma B fragment of a matrix stored k-major.
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t address = SmemAddress(smem_row);
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
+  LdMatrixX4(r, SmemAddress(smem_row));
 }
 
 __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_row) {
@@ -59,11 +62,30 @@ __device__ __forceinline__ void LdMatrixX2Trans(uint32_t (&r)[2], const void* sm
                : "r"(address));
 }
 
-// 16-byte global -> shared copy; with `valid` false the destination is zero-filled instead.
+// 16 bytes global -> shared, bypassing L1, into a shared-memory address (swizzled tiles compute it
+// as one); src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// The same to a shared-memory pointer; with `valid` false the destination is zero-filled instead.
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = SmemAddress(smem);
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+  CpAsync16(SmemAddress(smem), gmem, valid ? 16u : 0u);
+}
+
+// An L2 policy under which the lines a load brings in are the first to be evicted.
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// CpAsync16 with an L2 cache policy for the lines it brings in.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes), "l"(policy)
+               : "memory");
 }
 
 // The same into a shared-memory address (swizzled tiles compute it as one), of which the first
@@ -72,11 +94,13 @@ __device__ __forceinline__ void CpAsyncBytes(uint32_t dst, const void* src, int 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+// The copies issued since the last commit as one group; waiting until at most kPending groups are
+// in flight. Both are compiler memory barriers, so no shared-memory access moves across them.
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int kPending>
 __device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 }  // namespace cohort::kernels

@@ -35,8 +35,14 @@
 namespace cohort {
 namespace {
 
+using kernels::CpAsync16;
+using kernels::CpAsyncCommit;
+using kernels::CpAsyncWait;
+using kernels::EvictFirstPolicy;
 using kernels::FenceProxyAsync;
 using kernels::LaunchPdl;
+using kernels::LdMatrixX4;
+using kernels::MmaBf16;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
 using kernels::SmemAddress;
@@ -134,45 +140,6 @@ struct GemmParams {
   int32_t n_blocks;
   int32_t k_steps;
 };
-
-// 16 bytes global -> shared, bypassing L1; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-
-// An L2 policy under which the lines a load brings in are the first to be evicted.
-__device__ __forceinline__ uint64_t EvictFirstPolicy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// CpAsync16 with an L2 cache policy for the lines it brings in.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes), "l"(policy)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // The SiLU-and-mul of MoeSiluMulKernel and the fused epilogue: one formula for both.
 __device__ __forceinline__ float SiluMul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
@@ -455,7 +422,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
         for (int m = 0; m < C::kFragsM; ++m)
 #pragma unroll
           for (int n = 0; n < C::kFragsN; ++n)
-            MmaBf16(acc[m][n], a_frag[m], b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]);
+            MmaBf16(acc[m][n], a_frag[m], {b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]});
       }
       read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
 
