@@ -222,16 +222,29 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
     AbsorbQueries(queries, absorb, queries.qk_dim - rope.rope_dim, blockIdx.x, i / parts, i % parts);
     return;
   }
-  PdlWait();
-  PdlLaunchDependents();
+  // The position, the chain of lookups to the row's cache slot and the norm weights are step inputs
+  // and weights: read before the wait, so that after it only the projected row is.
   const int row = blockIdx.x;
   const int position = where.positions[row];
   if (blockIdx.y > 0) {
+    PdlWait();
+    PdlLaunchDependents();
     const int first_head = (blockIdx.y - 1) * kQueryHeadsPerBlock;
     WriteQueries(queries, row, first_head, min(kQueryHeadsPerBlock, queries.heads - first_head), position, rope);
     return;
   }
   const int width = rank + rope.rope_dim;
+  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
+  const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
+                       position % where.block_size;
+  float norm[kMaxLatentPerThread];
+#pragma unroll
+  for (int j = 0; j < kMaxLatentPerThread; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    norm[j] = i < rank ? __bfloat162float(latent_norm[i]) : 0.0f;
+  }
+  PdlWait();
+  PdlLaunchDependents();
   const float* src = kv + row * kv_row_stride;
   float v[kMaxLatentPerThread];
   float sum_sq = 0.0f;
@@ -241,15 +254,12 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
     v[j] = i < rank ? src[i] : 0.0f;
     sum_sq += v[j] * v[j];
   }
-  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
-  const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
-                       position % where.block_size;
   __nv_bfloat16* dst = cache + slot * width;
   const float inv_rms = rsqrtf(BlockSum(sum_sq, scratch) / rank + eps);
 #pragma unroll
   for (int j = 0; j < kMaxLatentPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
-    if (i < rank) dst[i] = __float2bfloat16(v[j] * inv_rms * __bfloat162float(latent_norm[i]));
+    if (i < rank) dst[i] = __float2bfloat16(v[j] * inv_rms * norm[j]);
   }
   if (threadIdx.x < rope.rope_dim / 2) RotatePair(src + rank, dst + rank, threadIdx.x, position, rope);
 }
