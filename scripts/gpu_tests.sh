@@ -174,6 +174,7 @@ for name in ("cohort", "libcohort_kernels.so"):
         if ! env "${environment[@]}" LD_LIBRARY_PATH="$library_path" "$bin" bench step "$@" \
             --output "$work/$build.$round.json" >"$work/$build.$round.txt" 2>&1; then
           tail -5 "$work/$build.$round.txt"
+          tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
           exit 1
         fi
       done
