@@ -26,8 +26,8 @@ constexpr int kGateWarps = 4;
 
 // A gate's warp holds the logits of experts lane, lane + 32, ...: kPerLane of them a lane. The route of
 // a few tokens (MoeRouteWarpKernel) is compiled for two sizes, so that a model of up to 64 experts
-// (DeepSeek-V2-Lite) does not run the per-lane loops of one of 256 (V3), predicated off: 33 KB of
-// code instead of 51. It sits on the decode step's critical path, and its one block usually starts on
+// (DeepSeek-V2-Lite) does not run the per-lane loops of one of 256 (V3), predicated off: 30 KB of
+// code instead of 47. It sits on the decode step's critical path, and its one block usually starts on
 // an SM whose instruction cache holds other kernels' code (docs/cuda_backend_rounds.md, fifteenth round).
 constexpr int kGateSmallPerLane = 2;
 constexpr int kGatePerLane = kMoeMaxExperts / 32;
