@@ -18,6 +18,11 @@
 #       build under test and removed before it is committed) and is compared with the base as well:
 #       many settings in one device call. Under $OUT/ab: compare.txt, and runs.tar.gz with every
 #       run's JSON and log
+#   scripts/gpu_tests.sh trace CONTEXTxBATCH... [BENCH FLAGS...]
+#       there: one `cohort bench step` a shape (e.g. 1024x512) under the kernel timeline library, and
+#       its last whole step summed by kernel (scripts/kernel_trace_step.py --by-kernel) and as a
+#       timeline; under $OUT/trace: summary.txt, and traces.tar.gz with every CSV and log. The
+#       tracer slows a step (about a quarter at batch 1): compare traces with traces
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail
@@ -185,6 +190,50 @@ for name in ("cohort", "libcohort_kernels.so"):
         tee -a "$out/compare.txt"
     done
     tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
+    ;;
+  trace)
+    shift
+    shapes=()
+    while [[ "${1:-}" =~ ^[0-9]+x[0-9]+$ ]]; do
+      shapes+=("$1")
+      shift
+    done
+    if [ ${#shapes[@]} -eq 0 ]; then
+      echo "gpu_tests: trace needs at least one CONTEXTxBATCH shape, e.g. 1024x512" >&2
+      exit 2
+    fi
+    if [ ! -f .gpu/lib/libcohort_kernel_trace.so ]; then
+      echo "gpu_tests: no kernel timeline library in .gpu/lib (was CUPTI found where it was bundled?)" >&2
+      exit 2
+    fi
+    cupti=$(find / -name 'libcupti.so*' -path '*lib*' 2>/dev/null | head -1 || true)
+    if [ -z "$cupti" ]; then
+      echo "gpu_tests: no libcupti.so on this machine" >&2
+      exit 2
+    fi
+    out="${OUT:-/tmp/cohort-gpu}/trace"
+    rm -rf "$out"
+    mkdir -p "$out"
+    work=$(mktemp -d)
+    echo "build $(cat .gpu/REVISION), CUPTI $cupti" | tee "$out/summary.txt"
+    status=0
+    for shape in "${shapes[@]}"; do
+      context=${shape%x*} batch=${shape#*x}
+      echo "== context $context, batch $batch" | tee -a "$out/summary.txt"
+      if LD_LIBRARY_PATH="$(dirname "$cupti")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+          CUDA_INJECTION64_PATH="$PWD/.gpu/lib/libcohort_kernel_trace.so" COHORT_KERNEL_TRACE="$work/$shape.csv" \
+          .gpu/bin/cohort bench step --contexts "$context" --batch-sizes "$batch" --prefill '' "$@" \
+          >"$work/$shape.log" 2>&1; then
+        grep -E "^ +$context +$batch " "$work/$shape.log" | tee -a "$out/summary.txt" || true
+        { python3 scripts/kernel_trace_step.py "$work/$shape.csv" --by-kernel &&
+          python3 scripts/kernel_trace_step.py "$work/$shape.csv"; } >>"$out/summary.txt" 2>&1 || status=1
+      else
+        status=1
+        tail -5 "$work/$shape.log" | tee -a "$out/summary.txt"
+      fi
+    done
+    tar -czf "$out/traces.tar.gz" -C "$work" .
+    exit $status
     ;;
   *)
     sed -n '2,/^# A skipped test/p' "$0" >&2

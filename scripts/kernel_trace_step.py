@@ -3,10 +3,12 @@
 the step's first kernel, how long it ran, and the gap since the latest end of any kernel before it
 (negative: it overlapped them), with its grid, cluster and shared-memory carveout.
 
-    scripts/kernel_trace_step.py trace.csv [--step -2] [--first-kernels 40]
+    scripts/kernel_trace_step.py trace.csv [--step -2] [--first-kernels 40] [--by-kernel]
 
 Steps are told apart by the embedding kernel that starts each forward pass; --step picks one
-(default: the one before the last, whole even if the run stopped mid-step).
+(default: the one before the last, whole even if the run stopped mid-step). --by-kernel sums the
+step by kernel name instead: launches, time run (overlapping neighbours counted in both) and its
+share of the step, longest first.
 """
 import argparse
 import csv
@@ -37,6 +39,7 @@ def main():
     parser.add_argument("--step", type=int, default=-2,
                         help="which forward pass, counted like a Python index (default: the one before the last)")
     parser.add_argument("--first-kernels", type=int, default=0, help="print only this many kernels (0: all)")
+    parser.add_argument("--by-kernel", action="store_true", help="one line a kernel name, summed over the step")
     args = parser.parse_args()
 
     rows = []
@@ -55,6 +58,10 @@ def main():
     end = starts[index + 1] if index + 1 < len(starts) else len(rows)
     step = rows[begin:end]
     t0 = step[0]["start"]
+    step_us = (max(r["end"] for r in step) - t0) / 1e3
+    if args.by_kernel:
+        print_by_kernel(step, step_us)
+        return
     latest_end = t0
     print(f"{'start us':>9} {'us':>7} {'gap us':>7} {'stream':>6} {'grid':>5} {'clu':>3} {'smem KB':>7}  kernel")
     for n, r in enumerate(step):
@@ -64,7 +71,19 @@ def main():
         print(f"{(r['start'] - t0) / 1e3:9.2f} {(r['end'] - r['start']) / 1e3:7.2f} {gap:7.2f} {r['stream']:6d} "
               f"{r['grid']:5d} {r['cluster']:3d} {r['smem'] / 1024:7.0f}  {r['name']}")
         latest_end = max(latest_end, r["end"])
-    print(f"step: {(max(r['end'] for r in step) - t0) / 1e3:.2f} us, {len(step)} kernels")
+    print(f"step: {step_us:.2f} us, {len(step)} kernels")
+
+
+def print_by_kernel(step, step_us):
+    totals = {}
+    for r in step:
+        count, us = totals.get(r["name"], (0, 0.0))
+        totals[r["name"]] = (count + 1, us + (r["end"] - r["start"]) / 1e3)
+    print(f"{'launches':>8} {'us':>9} {'us each':>8} {'% step':>6}  kernel")
+    for name, (count, us) in sorted(totals.items(), key=lambda item: -item[1][1]):
+        print(f"{count:8d} {us:9.1f} {us / count:8.2f} {100 * us / step_us:6.1f}  {name}")
+    print(f"step: {step_us:.2f} us, {len(step)} kernels (overlapping kernels count in full, so the shares "
+          f"may sum past 100%)")
 
 
 if __name__ == "__main__":
