@@ -76,4 +76,9 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, cudaStream_t stream);
 // groups of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this.
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm);
 
+// num_splits for `queries` queries of `heads` heads whose longest context is `max_context` tokens
+// (0: not known), on a GPU that holds `resident_blocks` attention blocks at once (SMs x
+// MlaDecodeResidentBlocks), with split workspace for `max_pairs` (query, split) pairs.
+int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t resident_blocks, int64_t max_pairs);
+
 }  // namespace cohort::kernels

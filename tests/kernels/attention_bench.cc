@@ -1,10 +1,17 @@
-// Times the prefill attention (kernels/attention.h, LaunchFlashPrefill) on DeepSeek-V2/V3 heads (128
-// nope + 64 rope query values, 128 values, 16 heads as in V2-Lite) for the chunk shapes a prefill
-// step runs: whole prompts of 1024 to 16384 tokens, and chunks at the end of longer contexts (chunked
-// prefill). FLOPs count the causal work only (2 (nope + rope + v) per visible (query, key) pair and
-// head); "% peak" is against the dense bf16 peak (--peak-tflops, 989 for an H200).
+// Times the attention kernels on DeepSeek-V2/V3 heads (16 heads as in V2-Lite):
+// - the prefill attention (kernels/attention.h, LaunchFlashPrefill; 128 nope + 64 rope query values,
+//   128 values) for the chunk shapes a prefill step runs: whole prompts of 1024 to 16384 tokens, and
+//   chunks at the end of longer contexts (chunked prefill). FLOPs count the causal work only
+//   (2 (nope + rope + v) per visible (query, key) pair and head); "% peak" is against the dense bf16
+//   peak (--peak-tflops, 989 for an H200);
+// - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
+//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, with the engine's
+//   context splits and 64-token cache blocks scattered at random. It is a read of the cache, so
+//   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
+//   shape runs as the step does, once a layer over as many layers' caches (a graph of launches) as
+//   keep a layer's cache from still being in L2 when it is read again.
 //
-//   build/bin/attention_bench [--peak-tflops N]
+//   build/bin/attention_bench [--peak-tflops N] [--decode-only]
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -12,9 +19,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "kernels/attention.h"
+#include "kernels/mla_decode.h"
 #include "tests/testing/gpu_bench.h"
 
 namespace cohort {
@@ -29,8 +39,14 @@ struct Shape {
   int queries, first_position;
 };
 
-int Run(double peak_tflops) {
-  const testing::BenchDevice bench = testing::OpenBenchDevice("attention_bench");
+// Small random-looking values (a ramp of bf16 bit patterns), never zeros: zeros can run faster.
+std::vector<uint16_t> Ramp(int64_t count) {
+  std::vector<uint16_t> fill(count);
+  for (size_t i = 0; i < fill.size(); ++i) fill[i] = static_cast<uint16_t>(0x3c00 + (i * 2654435761u >> 20) % 0x200);
+  return fill;
+}
+
+void RunPrefill(const testing::BenchDevice& bench, double peak_tflops) {
   const Shape shapes[] = {{1024, 0}, {4096, 0}, {16384, 0}, {1024, 3072}, {512, 7680}, {2048, 14336}};
   int max_keys = 0, max_queries = 0;
   for (const Shape& s : shapes) {
@@ -44,10 +60,8 @@ int Run(double peak_tflops) {
   __nv_bfloat16* v_t = DeviceAlloc<__nv_bfloat16>(int64_t{kHeads} * kV * ld);
   __nv_bfloat16* latent = DeviceAlloc<__nv_bfloat16>(int64_t{max_keys} * width);
   __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(int64_t{max_queries} * kHeads * kV);
-  // Small random-looking values (a ramp of bf16 bit patterns), never zeros: zeros can run faster.
-  std::vector<uint16_t> fill(std::max({int64_t{kHeads} * kV * ld, int64_t{max_keys} * kHeads * kNope,
-                                       int64_t{max_queries} * kHeads * qk, int64_t{max_keys} * width}));
-  for (size_t i = 0; i < fill.size(); ++i) fill[i] = static_cast<uint16_t>(0x3c00 + (i * 2654435761u >> 20) % 0x200);
+  const std::vector<uint16_t> fill = Ramp(std::max({int64_t{kHeads} * kV * ld, int64_t{max_keys} * kHeads * kNope,
+                                                    int64_t{max_queries} * kHeads * qk, int64_t{max_keys} * width}));
   BENCH_CHECK(cudaMemcpy(v_t, fill.data(), int64_t{kHeads} * kV * ld * 2, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(k, fill.data(), int64_t{max_keys} * kHeads * kNope * 2, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(q, fill.data(), int64_t{max_queries} * kHeads * qk * 2, cudaMemcpyHostToDevice));
@@ -88,6 +102,113 @@ int Run(double peak_tflops) {
     std::printf("%8d %8d %9.1f %9.1f %7.1f%%\n", s.queries, s.first_position + s.queries, us, tflops,
                 100.0 * tflops / peak_tflops);
   }
+  BENCH_CHECK(cudaFree(q));
+  BENCH_CHECK(cudaFree(k));
+  BENCH_CHECK(cudaFree(v_t));
+  BENCH_CHECK(cudaFree(latent));
+  BENCH_CHECK(cudaFree(out));
+}
+
+void RunDecode(const testing::BenchDevice& bench) {
+  constexpr int kBlockTokens = 64;
+  constexpr int64_t kSplitPairs = 1024;      // the engine's split workspace (worker/model/cuda/cuda_engine.cc)
+  constexpr int64_t kLayersBytes = 512 << 20;  // cache read between two reads of one layer's: well past L2
+  const int batches[] = {1, 4, 16, 64, 128, 256, 512};
+  const int contexts[] = {1024, 4096};
+  const int width = kRank + kRope;
+  const int64_t row_bytes = int64_t{width} * 2;
+  int blocks_per_sm = 0;
+  BENCH_CHECK(kernels::MlaDecodeResidentBlocks(kRank, kRope, &blocks_per_sm));
+  const int64_t resident = int64_t{bench.prop.multiProcessorCount} * blocks_per_sm;
+
+  // One pool of cache blocks serves every shape: each shape's layers are consecutive runs of it.
+  int64_t pool_blocks = 0, max_queries = 0;
+  for (const int context : contexts) {
+    for (const int batch : batches) {
+      const int64_t blocks = int64_t{batch} * ((context + kBlockTokens - 1) / kBlockTokens);
+      const int64_t layers = std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes));
+      pool_blocks = std::max(pool_blocks, blocks * layers);
+      max_queries = std::max<int64_t>(max_queries, batch);
+    }
+  }
+  __nv_bfloat16* cache = DeviceAlloc<__nv_bfloat16>(pool_blocks * kBlockTokens * width);
+  const std::vector<uint16_t> fill = Ramp(int64_t{64} << 20);
+  for (int64_t done = 0, total = pool_blocks * kBlockTokens * width; done < total;) {
+    const int64_t n = std::min<int64_t>(fill.size(), total - done);
+    BENCH_CHECK(cudaMemcpy(cache + done, fill.data(), n * 2, cudaMemcpyHostToDevice));
+    done += n;
+  }
+  __nv_bfloat16* q_latent = DeviceAlloc<__nv_bfloat16>(max_queries * kHeads * kRank);
+  __nv_bfloat16* q_rope = DeviceAlloc<__nv_bfloat16>(max_queries * kHeads * kRope);
+  BENCH_CHECK(cudaMemcpy(q_latent, fill.data(), max_queries * kHeads * kRank * 2, cudaMemcpyHostToDevice));
+  BENCH_CHECK(cudaMemcpy(q_rope, fill.data(), max_queries * kHeads * kRope * 2, cudaMemcpyHostToDevice));
+  __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(max_queries * kHeads * kRank);
+  // Splits are capped at kSplitPairs (query, split) pairs, as one query of that many splits.
+  float* workspace = DeviceAlloc<float>(kernels::MlaSplitWorkspaceFloats(1, kSplitPairs, kHeads, kRank));
+  int32_t* inputs = DeviceAlloc<int32_t>(3 * max_queries + pool_blocks);
+
+  std::printf("\nMLA decode attention (latent %d + rope %d, %d heads), %d-token cache blocks at random; "
+              "copy bandwidth %.0f GB/s\n\n", kRank, kRope, kHeads, kBlockTokens, bench.copy_gbs);
+  std::printf(" context  batch  splits  layers    us/layer   cache MB      GB/s   %% copy\n");
+  std::mt19937 random(1234);
+  for (const int context : contexts) {
+    for (const int batch : batches) {
+      const int blocks_per_sequence = (context + kBlockTokens - 1) / kBlockTokens;
+      const int64_t blocks = int64_t{batch} * blocks_per_sequence;
+      const int layers = static_cast<int>(std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes)));
+      // inputs: sequence of each query, its position, its table's offset, then the tables.
+      std::vector<int32_t> host(3 * batch + blocks);
+      for (int q = 0; q < batch; ++q) {
+        host[q] = q;
+        host[batch + q] = context - 1;
+        host[2 * batch + q] = q * blocks_per_sequence;
+      }
+      std::iota(host.begin() + 3 * batch, host.end(), 0);
+      std::shuffle(host.begin() + 3 * batch, host.end(), random);
+      BENCH_CHECK(cudaMemcpy(inputs, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+
+      kernels::MlaDecodeParams p;
+      p.q_latent = q_latent;
+      p.q_rope = q_rope;
+      p.q_rope_row_stride = kHeads * kRope;
+      p.q_rope_head_stride = kRope;
+      p.block_tables = inputs + 3 * batch;
+      p.table_offsets = inputs + 2 * batch;
+      p.block_size = kBlockTokens;
+      p.query_sequence = inputs;
+      p.query_position = inputs + batch;
+      p.num_queries = batch;
+      p.heads = kHeads;
+      p.kv_lora_rank = kRank;
+      p.rope_dim = kRope;
+      p.softmax_scale = 0.0722f;
+      p.num_splits = kernels::MlaDecodeSplits(batch, kHeads, context, resident, kSplitPairs);
+      p.step_tokens_bound = 1;
+      p.out = out;
+      p.partial_out = workspace;
+      p.partial_lse = workspace + int64_t{batch} * p.num_splits * kHeads * kRank;
+      const cudaGraphExec_t graph = testing::CaptureGraph(bench.stream, [&] {
+        for (int layer = 0; layer < layers; ++layer) {
+          p.cache = cache + layer * blocks * kBlockTokens * width;
+          BENCH_CHECK(kernels::LaunchMlaDecode(p, bench.stream));
+        }
+      });
+      const double us = testing::MedianMicros(bench.stream, 2, 10, [&] {
+        BENCH_CHECK(cudaGraphLaunch(graph, bench.stream));
+      }) / layers;
+      BENCH_CHECK(cudaGraphExecDestroy(graph));
+      const double bytes = double(batch) * context * row_bytes;
+      const double gbs = bytes / (us * 1e3);
+      std::printf("%8d %6d %7d %7d %11.2f %10.1f %9.0f %7.1f%%\n", context, batch, p.num_splits, layers, us,
+                  bytes / 1e6, gbs, 100.0 * gbs / bench.copy_gbs);
+    }
+  }
+}
+
+int Run(double peak_tflops, bool decode_only) {
+  const testing::BenchDevice bench = testing::OpenBenchDevice("attention_bench");
+  if (!decode_only) RunPrefill(bench, peak_tflops);
+  RunDecode(bench);
   return 0;
 }
 
@@ -96,11 +217,14 @@ int Run(double peak_tflops) {
 
 int main(int argc, char** argv) {
   double peak = 989.0;
+  bool decode_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--peak-tflops") == 0 && i + 1 < argc) {
       peak = std::atof(argv[++i]);
+    } else if (std::strcmp(argv[i], "--decode-only") == 0) {
+      decode_only = true;
     } else {
-      std::fprintf(stderr, "usage: attention_bench [--peak-tflops N]\n");
+      std::fprintf(stderr, "usage: attention_bench [--peak-tflops N] [--decode-only]\n");
       return 2;
     }
   }
@@ -108,5 +232,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "attention_bench: --peak-tflops must be positive\n");
     return 2;
   }
-  return cohort::Run(peak);
+  return cohort::Run(peak, decode_only);
 }

@@ -36,7 +36,6 @@ namespace {
 
 // q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps (as DeepSeek's code does).
 constexpr float kLatentNormEps = 1e-6f;
-constexpr int kMaxSplits = 64;                          // context splits of one absorbed query
 constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs the split workspace holds
 constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
@@ -535,19 +534,8 @@ void CudaEngine::Abort() {
 }
 
 int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
-  // As many splits as keep every (head group, split, query) block resident in one wave: a second,
-  // partial wave would cost as much time as the first. A split takes at least one 32-token tile up
-  // to 16 splits, and at least two past that, where a merge of more partials costs more than a
-  // tile (decode graphs, H200: 16 one-tile splits 1.4-2.1% faster than 8 of two at contexts of
-  // 400, and 64 one-tile splits 1.6-3.1% slower than 32 of two at 1024-1800).
-  const int64_t head_groups = CeilDiv(config_.num_heads, 16);
-  int64_t splits = mla_resident_blocks_ / std::max<int64_t>(1, queries * head_groups);
-  if (max_context > 0) {
-    const int64_t tiles = CeilDiv(max_context, 32);
-    splits = std::min({splits, tiles, std::max<int64_t>(16, tiles / 2)});
-  }
-  splits = std::min<int64_t>({splits, kMaxSplits, kSplitPairs / std::max(queries, 1)});
-  return static_cast<int>(std::max<int64_t>(splits, 1));
+  return kernels::MlaDecodeSplits(queries, static_cast<int>(config_.num_heads), max_context, mla_resident_blocks_,
+                                  kSplitPairs);
 }
 
 // Orders the step's tokens (absorbed first), fills the staging buffer and returns the layout.
