@@ -12,17 +12,32 @@ namespace {
 
 constexpr int kHeadsPerBlock = 16;  // the mma M dimension
 constexpr int kTileTokens = 32;     // tokens per shared-memory tile
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kMinBlocksPerSm = 2;  // two blocks' tiles in flight per SM
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
 // summed in shared memory by the softmax; then P . V (16 heads x kv_lora_rank, k = 32 tokens) with
 // the output columns split over the warps. Operands come from shared memory through ldmatrix (the
 // values side transposed), so a tile costs a few dozen shared-memory instructions per warp.
-template <int kRank, int kRope>
+//
+// Two forms of the block, by how many blocks the grid has:
+// - More than one an SM (the GPU full): four warps and two cache tiles, two blocks an SM, so that
+//   while one block waits at a barrier the other computes. The next tile is copied while this one
+//   is multiplied.
+// - At most one an SM (few queries): eight warps, each with half the k slice and half the columns,
+//   so a tile takes about half as long where nothing else runs beside it, and a ring of five tiles
+//   (the queries in its last slot until the first tile's scores are computed), so a split's first
+//   four tiles are all requested at once. One barrier a tile fewer: a slot is refilled only after
+//   the barrier that follows the scores, by when every warp is done with the tile before.
+// H200, cohort bench step against four-warp blocks alone: with eight-warp blocks for small grids,
+// 3.7% faster at batch 1 x 4096 and 0.6-1.5% at batch 1-2 otherwise (1.3% at 1 x 4096 without the
+// ring); eight-warp blocks with the ring as the only form were 4.5-11% slower at batch 256-512.
+template <int kRank, int kRope, int kWarpsPerBlock>
 struct Shape {
+  static constexpr int kWarps = kWarpsPerBlock;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMinBlocks = kWarps == 4 ? 2 : 1;
+  static constexpr int kStages = kWarps == 4 ? 2 : 5;  // cache tiles in shared memory
+  static constexpr bool kRing = kStages > 2;
   static constexpr int kWidth = kRank + kRope;                  // cached values per token
   static constexpr int kWidthPadded = (kWidth + 15) / 16 * 16;  // mma k granularity
   static constexpr int kStride = kWidthPadded + 8;              // smem row stride: +16 bytes, conflict-free ldmatrix
@@ -32,54 +47,66 @@ struct Shape {
   static constexpr int kColTiles = kColsPerWarp / 8;
   static constexpr int kPStride = kTileTokens + 8;
   static constexpr int kScoreStride = kTileTokens + 8;          // conflict-free float2 stores
-  static_assert(kColsPerWarp % 8 == 0, "kv_lora_rank must be a multiple of 32");
+  // Cache rows are copied by kThreadsPerRow threads each: one block-table lookup per thread and tile
+  // (TileRowSource), then the row's 16-byte chunks (CopyTileRow).
+  static constexpr int kThreadsPerRow = kThreads / kTileTokens;
+  // The softmax: kSoftmaxLanes consecutive threads per head row, kSoftmaxTokens scores each.
+  static constexpr int kSoftmaxLanes = kThreads / kHeadsPerBlock;
+  static constexpr int kSoftmaxTokens = kTileTokens / kSoftmaxLanes;
+  static_assert(kColsPerWarp % 8 == 0, "kv_lora_rank must be a multiple of 8 a warp");
+  static_assert(kThreads % kTileTokens == 0, "whole threads per cache row");
+  static_assert(kSoftmaxLanes <= 32 && 32 % kSoftmaxLanes == 0, "a head row's softmax lanes lie in one warp");
   static_assert(kWidth % 8 == 0, "a cache row must be whole 16-byte chunks");
   static_assert(kTileTokens % 16 == 0, "tiles are whole k16 steps of P . V");
 
   struct Smem {
-    __align__(16) __nv_bfloat16 q[kHeadsPerBlock][kStride];
-    __align__(16) __nv_bfloat16 kv[2][kTileTokens][kStride];
+    __align__(16) __nv_bfloat16 q[kRing ? 1 : kHeadsPerBlock][kStride];  // in the ring's last slot with a ring
+    __align__(16) __nv_bfloat16 kv[kStages][kTileTokens][kStride];
     __align__(16) float scores[kWarps][kHeadsPerBlock][kScoreStride];  // each warp's partial sums
     __align__(16) __nv_bfloat16 p[kHeadsPerBlock][kPStride];
     float row_max[kHeadsPerBlock];
     float row_sum[kHeadsPerBlock];
     float row_scale[kHeadsPerBlock];
   };
+  static_assert(kHeadsPerBlock <= kTileTokens, "the queries fit in a tile's slot");
+
+  // The queries' rows.
+  static __device__ __forceinline__ __nv_bfloat16 (*QueryRows(Smem& s))[kStride] {
+    if constexpr (kRing) return s.kv[kStages - 1];
+    return s.q;
+  }
 };
 
-// Four threads per token row: one block-table lookup per thread and tile (TileRowSource), then the
-// row's 16-byte chunks (CopyTileRow; each instruction of a warp moves 8 rows x 64 contiguous bytes).
-constexpr int kThreadsPerRow = kThreads / kTileTokens;
-static_assert(kThreads % kTileTokens == 0, "whole threads per row");
-
 // This thread's cache row of `tile`, or nullptr past the context.
-template <int kRank, int kRope>
+template <class S>
 __device__ __forceinline__ const __nv_bfloat16* TileRowSource(int tile, const MlaDecodeParams& p, const int32_t* table,
                                                              int kv_len) {
-  const int token = tile * kTileTokens + static_cast<int>(threadIdx.x) / kThreadsPerRow;
+  const int token = tile * kTileTokens + static_cast<int>(threadIdx.x) / S::kThreadsPerRow;
   if (token >= kv_len) return nullptr;
   const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
-  return p.cache + slot * Shape<kRank, kRope>::kWidth;
+  return p.cache + slot * S::kWidth;
 }
 
-template <int kRank, int kRope>
-__device__ __forceinline__ void CopyTileRow(typename Shape<kRank, kRope>::Smem& s, int buffer, const __nv_bfloat16* src,
+template <class S>
+__device__ __forceinline__ void CopyTileRow(typename S::Smem& s, int buffer, const __nv_bfloat16* src,
                                             const MlaDecodeParams& p) {
-  using S = Shape<kRank, kRope>;
   constexpr int kChunks = S::kWidth / 8;  // 16-byte chunks per token
-  const int row = threadIdx.x / kThreadsPerRow, first_chunk = threadIdx.x % kThreadsPerRow;
+  const int row = threadIdx.x / S::kThreadsPerRow, first_chunk = threadIdx.x % S::kThreadsPerRow;
   const bool valid = src != nullptr;
 #pragma unroll
-  for (int chunk = first_chunk; chunk < kChunks; chunk += kThreadsPerRow) {
+  for (int chunk = first_chunk; chunk < kChunks; chunk += S::kThreadsPerRow) {
     CpAsync16(&s.kv[buffer][row][chunk * 8], valid ? src + chunk * 8 : p.cache, valid);
   }
 }
 
-template <int kRank, int kRope>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(MlaDecodeParams p) {
-  using S = Shape<kRank, kRope>;
+template <int kRank, int kRope, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMinBlocks)
+    MlaDecodeKernel(MlaDecodeParams p) {
+  using S = Shape<kRank, kRope, kWarps>;
+  constexpr int kThreads = S::kThreads, kStages = S::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& s = *reinterpret_cast<typename S::Smem*>(smem_raw);
+  __nv_bfloat16(*q_rows)[S::kStride] = S::QueryRows(s);
 
   // Head groups fastest: the blocks that read the same cache tiles for different heads run together
   // and share them through L2.
@@ -99,11 +126,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles, tile_begin + tiles_per_split);
   const bool has_tiles = tile_begin < tile_end;
-  const __nv_bfloat16* first_row = has_tiles ? TileRowSource<kRank, kRope>(tile_begin, p, table, kv_len) : nullptr;
+  const __nv_bfloat16* first_row = has_tiles ? TileRowSource<S>(tile_begin, p, table, kv_len) : nullptr;
   const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
-  const int first_token = tile_begin * kTileTokens + static_cast<int>(threadIdx.x) / kThreadsPerRow;
+  const int first_token = tile_begin * kTileTokens + static_cast<int>(threadIdx.x) / S::kThreadsPerRow;
   const bool first_row_early = has_tiles && (first_row == nullptr || first_token < earlier_rows);
-  if (first_row_early) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
+  if (first_row_early) CopyTileRow<S>(s, 0, first_row, p);
   PdlWait();
   PdlLaunchDependents();
 
@@ -119,18 +146,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
     } else if (valid) {
       src = p.q_rope + query * p.q_rope_row_stride + head * p.q_rope_head_stride + (c - kRankChunks) * 8;
     }
-    CpAsync16(&s.q[h][c * 8], src, valid);
+    CpAsync16(&q_rows[h][c * 8], src, valid);
   }
-  if (has_tiles && !first_row_early) CopyTileRow<kRank, kRope>(s, 0, first_row, p);
+  if (has_tiles && !first_row_early) CopyTileRow<S>(s, 0, first_row, p);
   CpAsyncCommit();  // one group with the rows copied before the wait
+  if constexpr (S::kRing) {
+    // The next kStages - 2 tiles, a group each (empty past the split): tile i has landed once all
+    // but the kStages - 2 newest groups have.
+#pragma unroll
+    for (int d = 1; d < kStages - 1; ++d) {
+      if (tile_begin + d < tile_end) CopyTileRow<S>(s, d, TileRowSource<S>(tile_begin + d, p, table, kv_len), p);
+      CpAsyncCommit();
+    }
+  }
 
   // Padding columns of the queries and cache tiles are never copied into: zero them once.
   if constexpr (S::kWidthPadded > S::kWidth) {
     constexpr int kPad = S::kWidthPadded - S::kWidth;
     for (int i = threadIdx.x; i < kHeadsPerBlock * kPad; i += kThreads) {
-      s.q[i / kPad][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
+      q_rows[i / kPad][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
     }
-    for (int i = threadIdx.x; i < 2 * kTileTokens * kPad; i += kThreads) {
+    for (int i = threadIdx.x; i < kStages * kTileTokens * kPad; i += kThreads) {
       s.kv[i / (kTileTokens * kPad)][(i / kPad) % kTileTokens][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
     }
   }
@@ -142,9 +178,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
   uint32_t q_frag[S::kStepsPerWarp][4];  // this warp's k slice of the queries, as mma A fragments
   float acc[S::kColTiles][4] = {};
   for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int buffer = (tile - tile_begin) % 2;
-    if (tile + 1 < tile_end) {
-      CopyTileRow<kRank, kRope>(s, buffer ^ 1, TileRowSource<kRank, kRope>(tile + 1, p, table, kv_len), p);
+    const int buffer = (tile - tile_begin) % kStages;
+    if constexpr (S::kRing) {
+      CpAsyncWait<kStages - 2>();
+    } else if (tile + 1 < tile_end) {
+      CopyTileRow<S>(s, buffer ^ 1, TileRowSource<S>(tile + 1, p, table, kv_len), p);
       CpAsyncCommit();
       CpAsyncWait<1>();
     } else {
@@ -155,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
 #pragma unroll
       for (int i = 0; i < S::kStepsPerWarp; ++i) {
         const int step = warp * S::kStepsPerWarp + i;
-        if (step < S::kSteps) LdMatrixX4(q_frag[i], &s.q[ld_row][step * 16 + ld_col]);
+        if (step < S::kSteps) LdMatrixX4(q_frag[i], &q_rows[ld_row][step * 16 + ld_col]);
       }
     }
 
@@ -181,40 +219,45 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
       *reinterpret_cast<float2*>(&s.scores[warp][g + 8][8 * j + 2 * t]) = make_float2(score[j][2], score[j][3]);
     }
     __syncthreads();
-
-    // Online softmax: 8 consecutive lanes per head row, 4 scores each, summed over the warps' parts.
-    {
-      const int row = threadIdx.x / 8, part = threadIdx.x % 8;
-      float4 sum4 = *reinterpret_cast<const float4*>(&s.scores[0][row][part * 4]);
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) {
-        const float4 v4 = *reinterpret_cast<const float4*>(&s.scores[w][row][part * 4]);
-        sum4.x += v4.x;
-        sum4.y += v4.y;
-        sum4.z += v4.z;
-        sum4.w += v4.w;
+    if constexpr (S::kRing) {
+      // Every warp is done with the tile before (and, at the first tile, with the queries): the tile
+      // kStages - 1 on takes its slot.
+      if (tile + kStages - 1 < tile_end) {
+        CopyTileRow<S>(s, (buffer + kStages - 1) % kStages, TileRowSource<S>(tile + kStages - 1, p, table, kv_len), p);
       }
-      const float raw[4] = {sum4.x, sum4.y, sum4.z, sum4.w};
-      float v[4], tile_max = -INFINITY;
+      CpAsyncCommit();
+    }
+
+    // Online softmax: kLanes consecutive lanes per head row, kTokens scores each, summed over the
+    // warps' parts.
+    {
+      constexpr int kLanes = S::kSoftmaxLanes, kTokens = S::kSoftmaxTokens;
+      const int row = threadIdx.x / kLanes, part = threadIdx.x % kLanes;
+      float v[kTokens], tile_max = -INFINITY;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int token = tile * kTileTokens + part * 4 + i;
-        v[i] = token < kv_len ? raw[i] * p.softmax_scale : -INFINITY;
+      for (int i = 0; i < kTokens; ++i) {
+        float raw = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) raw += s.scores[w][row][part * kTokens + i];
+        const int token = tile * kTileTokens + part * kTokens + i;
+        v[i] = token < kv_len ? raw * p.softmax_scale : -INFINITY;
         tile_max = fmaxf(tile_max, v[i]);
       }
 #pragma unroll
-      for (int offset = 4; offset > 0; offset >>= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      }
       const float old_max = s.row_max[row];
       const float new_max = fmaxf(old_max, tile_max);  // finite: every tile holds a valid token
       float sum = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < kTokens; ++i) {
         const float e = __expf(v[i] - new_max);
         sum += e;
-        s.p[row][part * 4 + i] = __float2bfloat16(e);
+        s.p[row][part * kTokens + i] = __float2bfloat16(e);
       }
 #pragma unroll
-      for (int offset = 4; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      for (int offset = kLanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
       __syncwarp();
       if (part == 0) {
         const float rescale = __expf(old_max - new_max);  // 0 on the first tile (old_max = -inf)
@@ -253,7 +296,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) MlaDecodeKernel(Mla
         MmaBf16(acc[S::kColTiles - 1], a, b);
       }
     }
-    __syncthreads();  // the next iteration's copy reuses this buffer
+    // The next iteration's copy reuses this buffer. With a ring, the next writes of P, the rescales and
+    // the scores follow barriers that every warp reaches only after this P . V.
+    if constexpr (!S::kRing) __syncthreads();
+  }
+  if (!has_tiles) {
+    CpAsyncWait<0>();  // the queries' copy outlives no block
+    __syncthreads();   // the row sums' initial values, read below
   }
 
   // Rows g and g + 8 of this lane: normalise and store.
@@ -398,10 +447,11 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
 }
 
 // The kernel's shared-memory limit raised on the current device, and its occupancy there.
-template <int kRank, int kRope>
+template <int kRank, int kRope, int kWarps>
 cudaError_t SetUp(LaunchInfo* info) {
   static LaunchSetUp setup;
-  return setup.Get(MlaDecodeKernel<kRank, kRope>, kThreads, sizeof(typename Shape<kRank, kRope>::Smem), info);
+  using S = Shape<kRank, kRope, kWarps>;
+  return setup.Get(MlaDecodeKernel<kRank, kRope, kWarps>, S::kThreads, sizeof(typename S::Smem), info);
 }
 
 // The merge of the splits, with or without the value weights.
@@ -414,13 +464,29 @@ cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
   return LaunchPdl(MlaCombineKernel<false, kSplits>, dim3(p.num_queries, p.heads), dim3(kCombineThreads), 0, stream, p);
 }
 
+// The attention kernel with kWarps warps a block.
+template <int kRank, int kRope, int kWarps>
+cudaError_t LaunchKernel(const MlaDecodeParams& p, const dim3& grid, cudaStream_t stream) {
+  using S = Shape<kRank, kRope, kWarps>;
+  LaunchInfo info;
+  if (const cudaError_t error = SetUp<kRank, kRope, kWarps>(&info); error != cudaSuccess) return error;
+  return LaunchPdl(MlaDecodeKernel<kRank, kRope, kWarps>, grid, dim3(S::kThreads), sizeof(typename S::Smem), stream,
+                   p);
+}
+
 template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   LaunchInfo info;
-  if (const cudaError_t error = SetUp<kRank, kRope>(&info); error != cudaSuccess) return error;
+  if (const cudaError_t error = SetUp<kRank, kRope, 4>(&info); error != cudaSuccess) return error;
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
-  cudaError_t error = LaunchPdl(MlaDecodeKernel<kRank, kRope>, grid, dim3(kThreads),
-                                sizeof(typename Shape<kRank, kRope>::Smem), stream, p);
+  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  cudaError_t error;
+  if constexpr (kRank >= 64) {  // eight warps hold 8k latent columns each
+    error = blocks <= info.sms ? LaunchKernel<kRank, kRope, 8>(p, grid, stream)
+                               : LaunchKernel<kRank, kRope, 4>(p, grid, stream);
+  } else {
+    error = LaunchKernel<kRank, kRope, 4>(p, grid, stream);
+  }
   if (error != cudaSuccess || (p.num_splits == 1 && p.value_weights == nullptr)) return error;
   if (p.num_splits <= 8) return LaunchCombine<8>(p, stream);
   if (p.num_splits <= 16) return LaunchCombine<16>(p, stream);
@@ -428,10 +494,11 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   return LaunchCombine<kMaxSplits>(p, stream);
 }
 
+// Of the four-warp kernel, which the splits are chosen for.
 template <int kRank, int kRope>
 cudaError_t ResidentBlocks(int* blocks_per_sm) {
   LaunchInfo info;
-  if (const cudaError_t error = SetUp<kRank, kRope>(&info); error != cudaSuccess) return error;
+  if (const cudaError_t error = SetUp<kRank, kRope, 4>(&info); error != cudaSuccess) return error;
   *blocks_per_sm = info.blocks_per_sm;
   return cudaSuccess;
 }

@@ -73,7 +73,8 @@ int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_l
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, cudaStream_t stream);
 
 // Blocks of the attention kernel one SM holds at once, for choosing num_splits: (queries x head
-// groups of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this.
+// groups of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this. (A grid
+// of at most one block an SM runs in larger blocks, one an SM; this counts the smaller ones.)
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm);
 
 // num_splits for `queries` queries of `heads` heads whose longest context is `max_context` tokens

@@ -204,9 +204,14 @@ void RunMlaCase(const MlaCase& c) {
   }
 }
 
+// The kernel runs in blocks of eight warps when the grid has at most one block an SM, of four warps
+// otherwise (kernels/mla_decode.cu); the cases below take both on an H200 (132 SMs).
 TEST(MlaDecodeTest, DeepseekShapesOneSplit) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({512, 64, 16, 16, 1, {0, 1, 31, 32, 33, 100, 517}});
+  std::vector<int> many;  // 200 queries, 200 blocks
+  for (int i = 0; i < 200; ++i) many.push_back(i * 37 % 700);
+  RunMlaCase({512, 64, 16, 16, 1, many});
 }
 
 TEST(MlaDecodeTest, DeepseekShapesManySplitsAndPartialHeadGroups) {
@@ -243,6 +248,7 @@ TEST(MlaDecodeTest, SmallTestShapesWithOddBlocks) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({32, 8, 4, 3, 1, {0, 2, 3, 40, 95}});
   RunMlaCase({64, 16, 4, 5, 4, {1, 77, 300}});
+  RunMlaCase({64, 16, 4, 5, 64, {1, 77, 300}});  // 192 blocks
 }
 
 TEST(MlaDecodeTest, UnsupportedShapeIsRefused) {
