@@ -6,7 +6,8 @@
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
 //   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, with the engine's
-//   context splits and 64-token cache blocks scattered at random. It is a read of the cache, so
+//   context splits and 64-token cache blocks scattered at random (as a long-running server's block
+//   tables are), and again with each sequence's blocks in order. It is a read of the cache, so
 //   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
 //   shape runs as the step does, once a layer over as many layers' caches (a graph of launches) as
 //   keep a layer's cache from still being in L2 when it is read again.
@@ -149,7 +150,8 @@ void RunDecode(const testing::BenchDevice& bench) {
 
   std::printf("\nMLA decode attention (latent %d + rope %d, %d heads), %d-token cache blocks at random; "
               "copy bandwidth %.0f GB/s\n\n", kRank, kRope, kHeads, kBlockTokens, bench.copy_gbs);
-  std::printf(" context  batch  splits  layers    us/layer   cache MB      GB/s   %% copy\n");
+  std::printf("                                      scattered blocks      blocks in order\n");
+  std::printf(" context  batch  splits  layers   cache MB    us/layer  %% copy    us/layer  %% copy\n");
   std::mt19937 random(1234);
   for (const int context : contexts) {
     for (const int batch : batches) {
@@ -164,8 +166,6 @@ void RunDecode(const testing::BenchDevice& bench) {
         host[2 * batch + q] = q * blocks_per_sequence;
       }
       std::iota(host.begin() + 3 * batch, host.end(), 0);
-      std::shuffle(host.begin() + 3 * batch, host.end(), random);
-      BENCH_CHECK(cudaMemcpy(inputs, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
 
       kernels::MlaDecodeParams p;
       p.q_latent = q_latent;
@@ -193,14 +193,19 @@ void RunDecode(const testing::BenchDevice& bench) {
           BENCH_CHECK(kernels::LaunchMlaDecode(p, bench.stream));
         }
       });
-      const double us = testing::MedianMicros(bench.stream, 2, 10, [&] {
-        BENCH_CHECK(cudaGraphLaunch(graph, bench.stream));
-      }) / layers;
+      const auto time_layer = [&] {
+        BENCH_CHECK(cudaMemcpy(inputs, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+        return testing::MedianMicros(bench.stream, 2, 10, [&] { BENCH_CHECK(cudaGraphLaunch(graph, bench.stream)); }) /
+               layers;
+      };
+      const double in_order = time_layer();
+      std::shuffle(host.begin() + 3 * batch, host.end(), random);
+      const double scattered = time_layer();
       BENCH_CHECK(cudaGraphExecDestroy(graph));
       const double bytes = double(batch) * context * row_bytes;
-      const double gbs = bytes / (us * 1e3);
-      std::printf("%8d %6d %7d %7d %11.2f %10.1f %9.0f %7.1f%%\n", context, batch, p.num_splits, layers, us,
-                  bytes / 1e6, gbs, 100.0 * gbs / bench.copy_gbs);
+      const auto percent = [&](double us) { return 100.0 * bytes / (us * 1e3) / bench.copy_gbs; };
+      std::printf("%8d %6d %7d %7d %10.1f %11.2f %6.1f%% %11.2f %6.1f%%\n", context, batch, p.num_splits, layers,
+                  bytes / 1e6, scattered, percent(scattered), in_order, percent(in_order));
     }
   }
 }
