@@ -47,14 +47,17 @@ struct Shape {
   static constexpr int kColTiles = kColsPerWarp / 8;
   static constexpr int kPStride = kTileTokens + 8;
   static constexpr int kScoreStride = kTileTokens + 8;          // conflict-free float2 stores
-  // Cache rows are copied by kThreadsPerRow threads each: one block-table lookup per thread and tile
-  // (TileRowSource), then the row's 16-byte chunks (CopyTileRow).
-  static constexpr int kThreadsPerRow = kThreads / kTileTokens;
+  // A cache tile is copied by kThreadsPerRow threads a row, so that each copy instruction of a warp
+  // moves 4 rows x 128 contiguous bytes, whole L2 lines; a thread copies kRowsPerThread rows
+  // kRowStride apart, after a block-table lookup for each (TileRowSource, CopyTileRow).
+  static constexpr int kThreadsPerRow = 8;
+  static constexpr int kRowStride = kThreads / kThreadsPerRow;
+  static constexpr int kRowsPerThread = kTileTokens / kRowStride;
   // The softmax: kSoftmaxLanes consecutive threads per head row, kSoftmaxTokens scores each.
   static constexpr int kSoftmaxLanes = kThreads / kHeadsPerBlock;
   static constexpr int kSoftmaxTokens = kTileTokens / kSoftmaxLanes;
   static_assert(kColsPerWarp % 8 == 0, "kv_lora_rank must be a multiple of 8 a warp");
-  static_assert(kThreads % kTileTokens == 0, "whole threads per cache row");
+  static_assert(kTileTokens % kRowStride == 0, "whole rows a thread");
   static_assert(kSoftmaxLanes <= 32 && 32 % kSoftmaxLanes == 0, "a head row's softmax lanes lie in one warp");
   static_assert(kWidth % 8 == 0, "a cache row must be whole 16-byte chunks");
   static_assert(kTileTokens % 16 == 0, "tiles are whole k16 steps of P . V");
@@ -77,26 +80,40 @@ struct Shape {
   }
 };
 
-// This thread's cache row of `tile`, or nullptr past the context.
+// The token of this thread's row r of `tile`.
 template <class S>
-__device__ __forceinline__ const __nv_bfloat16* TileRowSource(int tile, const MlaDecodeParams& p, const int32_t* table,
-                                                             int kv_len) {
-  const int token = tile * kTileTokens + static_cast<int>(threadIdx.x) / S::kThreadsPerRow;
+__device__ __forceinline__ int RowToken(int tile, int r) {
+  return tile * kTileTokens + static_cast<int>(threadIdx.x) / S::kThreadsPerRow + r * S::kRowStride;
+}
+
+// This thread's cache row r of `tile`, or nullptr past the context.
+template <class S>
+__device__ __forceinline__ const __nv_bfloat16* TileRowSource(int tile, int r, const MlaDecodeParams& p,
+                                                             const int32_t* table, int kv_len) {
+  const int token = RowToken<S>(tile, r);
   if (token >= kv_len) return nullptr;
   const int64_t slot = static_cast<int64_t>(table[token / p.block_size]) * p.block_size + token % p.block_size;
   return p.cache + slot * S::kWidth;
 }
 
 template <class S>
-__device__ __forceinline__ void CopyTileRow(typename S::Smem& s, int buffer, const __nv_bfloat16* src,
+__device__ __forceinline__ void CopyTileRow(typename S::Smem& s, int buffer, int r, const __nv_bfloat16* src,
                                             const MlaDecodeParams& p) {
   constexpr int kChunks = S::kWidth / 8;  // 16-byte chunks per token
-  const int row = threadIdx.x / S::kThreadsPerRow, first_chunk = threadIdx.x % S::kThreadsPerRow;
+  const int row = threadIdx.x / S::kThreadsPerRow + r * S::kRowStride, first_chunk = threadIdx.x % S::kThreadsPerRow;
   const bool valid = src != nullptr;
 #pragma unroll
   for (int chunk = first_chunk; chunk < kChunks; chunk += S::kThreadsPerRow) {
     CpAsync16(&s.kv[buffer][row][chunk * 8], valid ? src + chunk * 8 : p.cache, valid);
   }
+}
+
+// This thread's rows of `tile` into `buffer`.
+template <class S>
+__device__ __forceinline__ void CopyTile(typename S::Smem& s, int buffer, int tile, const MlaDecodeParams& p,
+                                         const int32_t* table, int kv_len) {
+#pragma unroll
+  for (int r = 0; r < S::kRowsPerThread; ++r) CopyTileRow<S>(s, buffer, r, TileRowSource<S>(tile, r, p, table, kv_len), p);
 }
 
 template <int kRank, int kRope, int kWarps>
@@ -126,11 +143,15 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
   const int tile_begin = split * tiles_per_split;
   const int tile_end = min(tiles, tile_begin + tiles_per_split);
   const bool has_tiles = tile_begin < tile_end;
-  const __nv_bfloat16* first_row = has_tiles ? TileRowSource<S>(tile_begin, p, table, kv_len) : nullptr;
   const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
-  const int first_token = tile_begin * kTileTokens + static_cast<int>(threadIdx.x) / S::kThreadsPerRow;
-  const bool first_row_early = has_tiles && (first_row == nullptr || first_token < earlier_rows);
-  if (first_row_early) CopyTileRow<S>(s, 0, first_row, p);
+  const __nv_bfloat16* first_rows[S::kRowsPerThread];
+  bool early[S::kRowsPerThread];
+#pragma unroll
+  for (int r = 0; r < S::kRowsPerThread; ++r) {
+    first_rows[r] = has_tiles ? TileRowSource<S>(tile_begin, r, p, table, kv_len) : nullptr;
+    early[r] = has_tiles && (first_rows[r] == nullptr || RowToken<S>(tile_begin, r) < earlier_rows);
+    if (early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
+  }
   PdlWait();
   PdlLaunchDependents();
 
@@ -148,14 +169,17 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
     }
     CpAsync16(&q_rows[h][c * 8], src, valid);
   }
-  if (has_tiles && !first_row_early) CopyTileRow<S>(s, 0, first_row, p);
+#pragma unroll
+  for (int r = 0; r < S::kRowsPerThread; ++r) {
+    if (has_tiles && !early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
+  }
   CpAsyncCommit();  // one group with the rows copied before the wait
   if constexpr (S::kRing) {
     // The next kStages - 2 tiles, a group each (empty past the split): tile i has landed once all
     // but the kStages - 2 newest groups have.
 #pragma unroll
     for (int d = 1; d < kStages - 1; ++d) {
-      if (tile_begin + d < tile_end) CopyTileRow<S>(s, d, TileRowSource<S>(tile_begin + d, p, table, kv_len), p);
+      if (tile_begin + d < tile_end) CopyTile<S>(s, d, tile_begin + d, p, table, kv_len);
       CpAsyncCommit();
     }
   }
@@ -182,7 +206,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
     if constexpr (S::kRing) {
       CpAsyncWait<kStages - 2>();
     } else if (tile + 1 < tile_end) {
-      CopyTileRow<S>(s, buffer ^ 1, TileRowSource<S>(tile + 1, p, table, kv_len), p);
+      CopyTile<S>(s, buffer ^ 1, tile + 1, p, table, kv_len);
       CpAsyncCommit();
       CpAsyncWait<1>();
     } else {
@@ -223,7 +247,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
       // Every warp is done with the tile before (and, at the first tile, with the queries): the tile
       // kStages - 1 on takes its slot.
       if (tile + kStages - 1 < tile_end) {
-        CopyTileRow<S>(s, (buffer + kStages - 1) % kStages, TileRowSource<S>(tile + kStages - 1, p, table, kv_len), p);
+        CopyTile<S>(s, (buffer + kStages - 1) % kStages, tile + kStages - 1, p, table, kv_len);
       }
       CpAsyncCommit();
     }
