@@ -28,6 +28,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A usage error: one line, exit 2.
+usage_error() {
+  echo "gpu_tests: $*" >&2
+  exit 2
+}
+
+# out = $OUT/NAME (/tmp/cohort-gpu/NAME without $OUT), emptied; work = a scratch folder for the logs.
+# The GPU machine sends back at most eight files, so out gets the results and one archive of work.
+fresh_out() {
+  out="${OUT:-/tmp/cohort-gpu}/$1"
+  rm -rf "$out"
+  mkdir -p "$out"
+  work=$(mktemp -d)
+}
+
 GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
 GPU_TOOLS=(moe_bench attention_bench sampling_bench skinny_gemm_bench memory_latency_bench handoff_bench cohort cohort-worker cohort-router)
 
@@ -126,36 +141,25 @@ case "${1:-}" in
     builds=(base this)
     declare -A variant_env=()
     while [ "${1:-}" = "--variant" ]; do
-      if [ $# -lt 2 ]; then
-        echo "gpu_tests: --variant needs 'NAME VAR=VALUE...'" >&2
-        exit 2
-      fi
+      [ $# -ge 2 ] || usage_error "--variant needs 'NAME VAR=VALUE...'"
       read -r -a words <<<"$2"
       name=${words[0]:-}
       if [[ ! "$name" =~ ^[A-Za-z][A-Za-z0-9_-]*$ || "$name" = base || "$name" = this || -n "${variant_env[$name]+x}" ]]; then
-        echo "gpu_tests: a variant needs a new name of letters, digits, _ and - (not base or this): '$name'" >&2
-        exit 2
+        usage_error "a variant needs a new name of letters, digits, _ and - (not base or this): '$name'"
       fi
       for word in "${words[@]:1}"; do
         if [[ ! "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
-          echo "gpu_tests: variant $name: '$word' is not VAR=VALUE" >&2
-          exit 2
+          usage_error "variant $name: '$word' is not VAR=VALUE"
         fi
       done
       variant_env[$name]="${words[*]:1}"
       builds+=("$name")
       shift 2
     done
-    if [ ! -f .gpu/base/cohort.xz ]; then
-      echo "gpu_tests: no base build in .gpu/base (scripts/gpu_tests.sh bundle --base REV)" >&2
-      exit 2
-    fi
-    out="${OUT:-/tmp/cohort-gpu}/ab"
-    rm -rf "$out"
-    mkdir -p "$out"
+    [ -f .gpu/base/cohort.xz ] || usage_error "no base build in .gpu/base (scripts/gpu_tests.sh bundle --base REV)"
     # The base build and every run's JSON and log go to $work; $out gets the comparison and one
-    # archive of the runs (the GPU machine sends back at most eight files).
-    work=$(mktemp -d)
+    # archive of the runs.
+    fresh_out ab
     mkdir -p "$work/base"
     # xz may be missing there; python has lzma.
     python3 -c 'import lzma, os, shutil, sys
@@ -198,23 +202,12 @@ for name in ("cohort", "libcohort_kernels.so"):
       shapes+=("$1")
       shift
     done
-    if [ ${#shapes[@]} -eq 0 ]; then
-      echo "gpu_tests: trace needs at least one CONTEXTxBATCH shape, e.g. 1024x512" >&2
-      exit 2
-    fi
-    if [ ! -f .gpu/lib/libcohort_kernel_trace.so ]; then
-      echo "gpu_tests: no kernel timeline library in .gpu/lib (was CUPTI found where it was bundled?)" >&2
-      exit 2
-    fi
+    [ ${#shapes[@]} -gt 0 ] || usage_error "trace needs at least one CONTEXTxBATCH shape, e.g. 1024x512"
+    [ -f .gpu/lib/libcohort_kernel_trace.so ] ||
+      usage_error "no kernel timeline library in .gpu/lib (was CUPTI found where it was bundled?)"
     cupti=$(find / -name 'libcupti.so*' -path '*lib*' 2>/dev/null | head -1 || true)
-    if [ -z "$cupti" ]; then
-      echo "gpu_tests: no libcupti.so on this machine" >&2
-      exit 2
-    fi
-    out="${OUT:-/tmp/cohort-gpu}/trace"
-    rm -rf "$out"
-    mkdir -p "$out"
-    work=$(mktemp -d)
+    [ -n "$cupti" ] || usage_error "no libcupti.so on this machine"
+    fresh_out trace
     echo "build $(cat .gpu/REVISION), CUPTI $cupti" | tee "$out/summary.txt"
     status=0
     for shape in "${shapes[@]}"; do
