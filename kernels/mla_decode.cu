@@ -63,7 +63,7 @@ struct Shape {
   static_assert(kTileTokens % 16 == 0, "tiles are whole k16 steps of P . V");
 
   struct Smem {
-    __align__(16) __nv_bfloat16 q[kRing ? 1 : kHeadsPerBlock][kStride];  // in the ring's last slot with a ring
+    __align__(16) __nv_bfloat16 q[kRing ? 1 : kHeadsPerBlock][kStride];  // unused with a ring (QueryRows)
     __align__(16) __nv_bfloat16 kv[kStages][kTileTokens][kStride];
     __align__(16) float scores[kWarps][kHeadsPerBlock][kScoreStride];  // each warp's partial sums
     __align__(16) __nv_bfloat16 p[kHeadsPerBlock][kPStride];
@@ -113,7 +113,9 @@ template <class S>
 __device__ __forceinline__ void CopyTile(typename S::Smem& s, int buffer, int tile, const MlaDecodeParams& p,
                                          const int32_t* table, int kv_len) {
 #pragma unroll
-  for (int r = 0; r < S::kRowsPerThread; ++r) CopyTileRow<S>(s, buffer, r, TileRowSource<S>(tile, r, p, table, kv_len), p);
+  for (int r = 0; r < S::kRowsPerThread; ++r) {
+    CopyTileRow<S>(s, buffer, r, TileRowSource<S>(tile, r, p, table, kv_len), p);
+  }
 }
 
 template <int kRank, int kRope, int kWarps>
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
     if constexpr (!S::kRing) __syncthreads();
   }
   if (!has_tiles) {
-    CpAsyncWait<0>();  // the queries' copy outlives no block
+    CpAsyncWait<0>();  // the queries' copy, so that none is in flight when the block exits
     __syncthreads();   // the row sums' initial values, read below
   }
 
