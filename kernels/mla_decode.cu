@@ -502,14 +502,14 @@ cudaError_t LaunchKernel(const MlaDecodeParams& p, const dim3& grid, cudaStream_
 
 template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
-  LaunchInfo info;
-  if (const cudaError_t error = SetUp<kRank, kRope, 4>(&info); error != cudaSuccess) return error;
+  int sms = 0;
+  if (const cudaError_t error = CurrentDeviceSms(&sms); error != cudaSuccess) return error;
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
   const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
   cudaError_t error;
   if constexpr (kRank >= 64) {  // eight warps hold 8k latent columns each
-    error = blocks <= info.sms ? LaunchKernel<kRank, kRope, 8>(p, grid, stream)
-                               : LaunchKernel<kRank, kRope, 4>(p, grid, stream);
+    error = blocks <= sms ? LaunchKernel<kRank, kRope, 8>(p, grid, stream)
+                          : LaunchKernel<kRank, kRope, 4>(p, grid, stream);
   } else {
     error = LaunchKernel<kRank, kRope, 4>(p, grid, stream);
   }
