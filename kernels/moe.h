@@ -157,11 +157,11 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
 // out_features and in_features are multiples of 8 (any such size; partial tiles are masked).
 // y [T*(k+S), out_features]: rows >= offsets[E + S] are left untouched.
 //
-// Tensor cores (mma.sync m16n8k16 bf16; wgmma for tiles of 64 and 128 rows), a
-// cp.async multi-stage shared-memory pipeline of 16-byte loads, and a persistent grid (SMs x resident
-// blocks) that walks (tile, column block) items and keeps the pipeline full across item boundaries,
-// so a decode step streams each used expert's weights from HBM once per M-tile at close to copy
-// bandwidth.
+// Tensor cores and a persistent grid (SMs x resident blocks) that walks (tile, column block) items
+// and keeps a multi-stage shared-memory pipeline full across item boundaries, so a decode step
+// streams each used expert's weights from HBM once per M-tile at close to copy bandwidth. Tiles of
+// 16 rows: mma.sync m16n8k16 fed by cp.async; of 64 and 128 rows: wgmma in two warpgroups fed by a
+// third through TMA (the weights, and activations in row order) and cp.async (gathered rows).
 //
 // With silu_mul, each expert's weights are its gate and up projections stacked, [2 * out, in] (rows
 // [0, out) gate, [out, 2 * out) up), and the product ends in SiLU-and-mul:

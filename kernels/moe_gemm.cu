@@ -1,25 +1,26 @@
 // Grouped expert GEMM and SiLU-and-mul of the MoE path. Contracts in moe.h.
 //
-// The GEMM is a persistent kernel: gridDim = SMs x resident blocks, and block b takes the work items
-// b, b + gridDim, ... of the (tile, column block) list, tile fastest, so the M-tiles of one expert run
-// side by side and share its weight columns through L2. Each item streams a BN x K weight slice and a
-// BM x K activation slice (rows gathered through row_token) through a STAGES-deep cp.async ring; the
-// ring runs across item boundaries, so the next item's first loads overlap this item's last MMAs and
-// its epilogue. A product whose routing is complete when it starts (MoeGemmArgs::routing_ready) looks
-// up its first tile and requests its first stages' weights before its PDL wait. The grid is capped by
-// a bound on the items from the batch shape (TilesBound), so no block is launched that can have no
-// work. All threads load and all warps compute from an XOR-swizzled layout (16-byte chunk c of row r
-// lives at chunk c ^ (r % 8)): decode tiles with mma.sync m16n8k16, operands via ldmatrix; tiles of
-// 64 and 128 rows (BK = 64, so the layout is wgmma's 128-byte swizzle) with wgmma, operands read by
-// the tensor cores from shared memory, one k-step's products running while the stage before is
-// refilled.
+// Both GEMM kernels are persistent: gridDim = SMs x resident blocks, block b takes the work items
+// b, b + gridDim, ... of the (tile, column block) list, and each item streams a BN x K weight slice
+// and a BM x K activation slice (rows gathered through row_token) through a ring of shared-memory
+// stages that runs across item boundaries, so the next item's first loads overlap this item's last
+// products and its stores. Stages are XOR-swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)).
+// A down product whose routing is complete when it starts (MoeGemmArgs::routing_ready) looks up its
+// first tile and requests its first stages' weights before its PDL wait. The grid is capped by a bound
+// on the items from the batch shape (TilesBound), so no block is launched that can have no work.
 //
-// With silu_mul an item covers BN / 2 act columns j0 .. j0 + BN/2 - 1 and its BN weight rows interleave
-// the gate and up rows in groups of 16: tile row r holds the gate (r / 8 % 2 == 0) or up row of act
-// column j0 + 8 (r / 16) + r % 8. A warp's n8 fragments 2f and 2f + 1 are then the gate and the up of
-// the same 8 columns, each accumulator of one sits in the same thread and register as its partner in
-// the other, and the epilogue writes silu(gate) * up with no exchange between threads. wgmma's
-// accumulators sit per warp as 16 such n8 fragments, so the same epilogue serves both.
+// - Decode tiles (16 rows; few rows an expert, so the weights are the traffic): every thread loads
+//   through a cp.async ring and every warp multiplies with mma.sync m16n8k16 from ldmatrix operands.
+//   Items are tile fastest, so the M-tiles of one expert run side by side and share its weight
+//   columns through L2.
+// - Tiles of 64 and 128 rows (wgmma): warp-specialised, a producer warpgroup feeding two tensor-core
+//   warpgroups through TMA and mbarriers; see "wgmma tiles" below.
+//
+// With silu_mul (the gate_up product) an item covers BN / 2 act columns and the epilogue writes
+// silu(gate) * up from accumulators that sit in the same thread and register, so no thread exchanges
+// anything. In the decode tiles its BN weight rows interleave the gate and up rows in groups of 16:
+// tile row r holds the gate (r / 8 % 2 == 0) or up row of act column j0 + 8 (r / 16) + r % 8, so a
+// warp's n8 fragments 2f and 2f + 1 are the gate and the up of the same 8 columns.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -30,24 +31,36 @@
 #include "kernels/mma.cuh"
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
+#include "kernels/tma.cuh"
 #include "kernels/wgmma.cuh"
 
 namespace cohort {
 namespace {
 
+using kernels::ClaimRegisters;
 using kernels::CpAsync16;
+using kernels::CpAsyncArriveNoInc;
 using kernels::CpAsyncCommit;
 using kernels::CpAsyncWait;
 using kernels::EvictFirstPolicy;
+using kernels::FenceBarrierInit;
 using kernels::FenceProxyAsync;
 using kernels::LaunchPdl;
 using kernels::LdMatrixX4;
+using kernels::MbarrierArrive;
+using kernels::MbarrierArriveExpectTx;
+using kernels::MbarrierExpectTx;
+using kernels::MbarrierInit;
+using kernels::MbarrierWait;
 using kernels::MmaBf16;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
+using kernels::PrefetchTensorMap;
+using kernels::ReleaseRegisters;
 using kernels::SmemAddress;
 using kernels::SwizzledDescriptor;
 using kernels::SwizzledOffset;
+using kernels::TmaLoad;
 using kernels::WgmmaBf16;
 using kernels::WgmmaCommit;
 using kernels::WgmmaFence;
@@ -55,13 +68,9 @@ using kernels::WgmmaWait;
 
 constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// WGMMA: the block's two warpgroups multiply with wgmma (sm_90a) from the swizzled stages, each 64
-// rows by kWarpN columns (128-row tiles: split along M, WARPS_N = 1; 64-row tiles: along N,
-// WARPS_N = 2); a warp's accumulators are then laid out as mma.sync's for its 16 rows, and the
-// epilogue is the same. Otherwise each warp runs ldmatrix and mma.sync on its own tile.
-template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS, bool WGMMA = false>
+// Decode tiles: each warp runs ldmatrix and mma.sync on its own kWarpM x kWarpN part of the tile.
+template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MIN_BLOCKS>
 struct TileConfig {
-  static constexpr bool kWgmma = WGMMA;
   static constexpr int kBM = BM;
   static constexpr int kBN = BN;
   static constexpr int kBK = BK;
@@ -91,13 +100,6 @@ struct TileConfig {
   static_assert(kThreads % kChunksPerRow == 0 && kRowsPerPass % 8 == 0, "a thread keeps one swizzle phase");
   static_assert(BM % kRowsPerPass == 0 && BN % kRowsPerPass == 0, "loads divide evenly over threads");
   static_assert(kRowsPerPass % 16 == 0 || kRowsPerPass == 8, "a thread's B rows keep one gate/up pattern");
-  // wgmma: two warpgroups, along M for 128-row tiles and along N for 64-row ones, each 64 rows x
-  // kWarpN columns; a warp's accumulators are those of its 16 rows.
-  static constexpr int kWgRowGroups = BM >= 64 ? BM / 64 : 1;
-  static_assert(!WGMMA || (kThreads == 256 && BK == 64 && kWarpM == 16 &&
-                           ((BM == 128 && WARPS_N == 1) || (BM == 64 && WARPS_N == 2)) &&
-                           (kWarpN == 64 || kWarpN == 256)),
-                "wgmma: two warpgroups of m64n64k16 or m64n256k16 from 128-byte swizzled rows");
 };
 
 // Decode: few rows per expert, so the weights are the traffic. 64 columns per item gives enough items
@@ -107,24 +109,6 @@ using DecodeTiles = TileConfig<16, 64, 128, 1, 4, 3, 3>;
 // SM (one V2-Lite token: 6 experts x 32 items on 132 SMs): 4 stages, two blocks per SM, so three
 // stages of weights are in flight before the gate_up product ends.
 using DecodePairTiles = TileConfig<16, 64, 128, 1, 4, 4, 2>;
-// Whether the weights stream through L2 as evict-first lines. At decode sizes each expert's weights
-// are read once a step (a second row tile of an expert reads them at the same time), and letting them
-// push out nothing else — activations, routing tables, the KV cache — measured 1-3% faster decode
-// steps (batch 1-128, cohort bench step). Prefill tiles re-read weights across row tiles: left as is.
-template <class C>
-constexpr bool kStreamWeights = C::kBM == DecodeTiles::kBM;
-// Tens of rows per expert: 64 x 128 tiles on wgmma, two warpgroups of 64 x 64 (32 fp32 accumulators
-// a thread); 96 KB of smem, two blocks per SM. moe_bench on an H200 against the same tiles on
-// mma.sync (8 warps of 32 x 32): 341 against 403-409 us a layer at 512 tokens, 304 against 322 at 256.
-using MidTiles = TileConfig<64, 128, 64, 4, 2, 4, 2, true>;
-// Prefill: 128 x 256 tiles on wgmma, two warpgroups of m64n256k16 (128 fp32 accumulators a thread,
-// 186-188 registers, no spills), 4 stages of 48 KB, one block per SM: every k-step of A serves twice
-// the columns of a 128 x 128 tile. H200, 2026-11-29: cohort bench step's prefill against 128 x 128
-// tiles (scripts/gpu_tests.sh ab, alternating, three runs each) 1 x 4096 99.7-100.1 -> 91.9 ms,
-// 16 x 1024 252.7-254.4 -> 220.8-221.4 ms; moe_bench 1428 us a layer at 4096 tokens, 419 at 1024
-// (1786-1788 and 500-512 with 128 x 128 tiles in an earlier call, which had beaten mma.sync tiles by
-// 14-18%; there 6 stages measured the same as 4).
-using PrefillTiles = TileConfig<128, 256, 64, 8, 1, 4, 1, true>;
 
 struct GemmParams {
   const __nv_bfloat16* a;
@@ -148,18 +132,18 @@ __device__ __forceinline__ float SiluMul(float gate, float up) { return gate / (
 // lookups and its first stages' weights come before the wait, only the activations after it.
 template <class C, bool kGather, bool kSiluMul, bool kEarly>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKernel(const GemmParams p) {
-  // 1024-byte aligned: wgmma reads the stages as 128-byte swizzled tiles (SwizzledDescriptor).
   extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t smem_base = SmemAddress(smem);
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  // wgmma: warp w of warpgroup g holds rows 16 w of the group's 64, all of its columns.
-  const int warpgroup = warp / 4;
-  const int warp_row = C::kWgmma ? (warpgroup % C::kWgRowGroups) * 64 + (warp % 4) * 16
-                                 : (warp / C::kWarpsN) * C::kWarpM;
-  const int warp_col = C::kWgmma ? (warpgroup / C::kWgRowGroups) * C::kWarpN : (warp % C::kWarpsN) * C::kWarpN;
-  const uint64_t weight_policy = kStreamWeights<C> ? EvictFirstPolicy() : 0;
+  const int warp_row = (warp / C::kWarpsN) * C::kWarpM;
+  const int warp_col = (warp % C::kWarpsN) * C::kWarpN;
+  // The weights stream through L2 as evict-first lines. At decode sizes each expert's weights are read
+  // once a step (a second row tile of an expert reads them at the same time), and letting them push
+  // out nothing else (activations, routing tables, the KV cache) measured 1-3% faster decode steps
+  // (batch 1-128, cohort bench step).
+  const uint64_t weight_policy = EvictFirstPolicy();
 
   if constexpr (!kEarly) {
     PdlWait();  // the routing buffers and the activations come from earlier kernels
@@ -257,11 +241,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     for (int i = 0; i < C::kBChunks; ++i) {
       const bool ok = k_ok && ((b_ok >> i) & 1u);
       const void* src = ok ? b_src + b_chunk_offset(i) + k0 : p.w;
-      if constexpr (kStreamWeights<C>) {
-        CpAsync16(stage + ld_smem_b + i * kPassBytes, src, ok ? 16u : 0u, weight_policy);
-      } else {
-        CpAsync16(stage + ld_smem_b + i * kPassBytes, src, ok ? 16u : 0u);
-      }
+      CpAsync16(stage + ld_smem_b + i * kPassBytes, src, ok ? 16u : 0u, weight_policy);
     }
   };
 
@@ -364,78 +344,46 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     }
   };
 
-  if constexpr (C::kWgmma) {
-    // Item by item: the accumulators are touched only by wgmma between an item's first k-step
-    // (which overwrites them) and its stores.
-    // This warpgroup's 64 rows of A and kWarpN rows of B (128 bytes each).
-    const uint32_t a_rows = (warpgroup % C::kWgRowGroups) * 64 * C::kBK * 2;
-    const uint32_t b_rows = warp_col * C::kBK * 2;
-    for (int local_item = 0; local_item < my_items; ++local_item) {
-      for (int kstep = 0; kstep < p.k_steps; ++kstep) {
-        CpAsyncWait<C::kStages - 2>();
-        FenceProxyAsync();
-        __syncthreads();  // stage `kstep` landed for all threads
-        const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
-        const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
-        WgmmaFence();
+  int read_kstep = 0;
+  int read_item = 0;
+  for (int step = 0; step < total_steps; ++step) {
+    CpAsyncWait<C::kStages - 2>();
+    __syncthreads();  // stage `step` landed for all threads; stage `step - 1` is free
+    load_next();
+
+    const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
+    const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
 #pragma unroll
-        for (int kk = 0; kk < C::kBK / 16; ++kk) {
-          WgmmaBf16<C::kWarpN>(acc[0], SwizzledDescriptor(stage_a + a_rows + 32 * kk),
-                               SwizzledDescriptor(stage_b + b_rows + 32 * kk), kstep > 0 || kk > 0);
-        }
-        WgmmaCommit();
-        // This step's products run while the stage before it is released and refilled: once every
-        // warpgroup's products of that stage are done, the ring loads into its slot.
-        WgmmaWait<1>();
-        __syncthreads();
-        load_next();
-        read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
+    for (int kk = 0; kk < C::kBK / 16; ++kk) {
+      uint32_t a_frag[C::kFragsM][4];
+      uint32_t b_frag[C::kFragsN / 2][4];
+#pragma unroll
+      for (int m = 0; m < C::kFragsM; ++m) {
+        const int row = warp_row + m * 16 + (lane & 15);
+        LdMatrixX4(a_frag[m], stage_a + SwizzledOffset<C::kBK>(row, kk * 2 + (lane >> 4)));
       }
-      WgmmaWait<0>();
-      store_item(local_item);
+#pragma unroll
+      for (int n = 0; n < C::kFragsN / 2; ++n) {
+        const int row = warp_col + n * 16 + (lane & 7) + ((lane >> 4) << 3);
+        LdMatrixX4(b_frag[n], stage_b + SwizzledOffset<C::kBK>(row, kk * 2 + ((lane >> 3) & 1)));
+      }
+#pragma unroll
+      for (int m = 0; m < C::kFragsM; ++m)
+#pragma unroll
+        for (int n = 0; n < C::kFragsN; ++n)
+          MmaBf16(acc[m][n], a_frag[m], {b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]});
     }
-  } else {
-    int read_kstep = 0;
-    int read_item = 0;
-    for (int step = 0; step < total_steps; ++step) {
-      CpAsyncWait<C::kStages - 2>();
-      __syncthreads();  // stage `step` landed for all threads; stage `step - 1` is free
-      load_next();
+    read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
 
-      const uint32_t stage_a = smem_base + read_stage * C::kStageBytes;
-      const uint32_t stage_b = stage_a + C::kBM * C::kBK * 2;
+    if (++read_kstep == p.k_steps) {
+      read_kstep = 0;
+      store_item(read_item++);
 #pragma unroll
-      for (int kk = 0; kk < C::kBK / 16; ++kk) {
-        uint32_t a_frag[C::kFragsM][4];
-        uint32_t b_frag[C::kFragsN / 2][4];
+      for (int m = 0; m < C::kFragsM; ++m)
 #pragma unroll
-        for (int m = 0; m < C::kFragsM; ++m) {
-          const int row = warp_row + m * 16 + (lane & 15);
-          LdMatrixX4(a_frag[m], stage_a + SwizzledOffset<C::kBK>(row, kk * 2 + (lane >> 4)));
-        }
+        for (int n = 0; n < C::kFragsN; ++n)
 #pragma unroll
-        for (int n = 0; n < C::kFragsN / 2; ++n) {
-          const int row = warp_col + n * 16 + (lane & 7) + ((lane >> 4) << 3);
-          LdMatrixX4(b_frag[n], stage_b + SwizzledOffset<C::kBK>(row, kk * 2 + ((lane >> 3) & 1)));
-        }
-#pragma unroll
-        for (int m = 0; m < C::kFragsM; ++m)
-#pragma unroll
-          for (int n = 0; n < C::kFragsN; ++n)
-            MmaBf16(acc[m][n], a_frag[m], {b_frag[n / 2][(n & 1) * 2], b_frag[n / 2][(n & 1) * 2 + 1]});
-      }
-      read_stage = read_stage + 1 == C::kStages ? 0 : read_stage + 1;
-
-      if (++read_kstep == p.k_steps) {
-        read_kstep = 0;
-        store_item(read_item++);
-#pragma unroll
-        for (int m = 0; m < C::kFragsM; ++m)
-#pragma unroll
-          for (int n = 0; n < C::kFragsN; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
-      }
+          for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
     }
   }
   CpAsyncWait<0>();
@@ -482,6 +430,325 @@ cudaError_t LaunchGemm(const GemmParams& p, const MoeGemmArgs& args, int64_t max
   }
   return gather ? LaunchTiles<C, true, false>(q, max_tiles, stream)
                 : LaunchTiles<C, false, false>(q, max_tiles, stream);
+}
+
+// ------------------------------------------------------------------ wgmma tiles, warp-specialised
+
+// Tiles of 64 and 128 rows run as one producer warpgroup and two tensor-core (consumer) warpgroups
+// that share nothing but a ring of shared-memory stages and its barriers: no block-wide barrier in
+// the main loop, and the next item's stages load while the consumers store this one's. The
+// producer's thread 0 copies each stage's weights with TMA (and the activations, when they are rows
+// in order); gathered activation rows (gather_a) are copied by the producer's 128 threads with
+// cp.async, eight threads a row so that each copy instruction of a warp moves four whole 128-byte
+// lines. A stage is `full` when its bytes have landed (and, gathering, every producer thread's copies
+// have); `empty` when the 8 consumer warps have finished the products that read it. Consumer
+// warpgroup g multiplies 64 rows by kWgN columns: with 128-row tiles rows 64 g and all BN columns
+// (m64n256k16, 128 fp32 accumulators a thread), with 64-row tiles all rows and columns kWgN g
+// (m64n128k16 for 64 x 256 tiles); one k-step's products stay in flight.
+//
+// Items are (tile, column block) pairs, column block fastest: the blocks running at once cover a few
+// tiles and all their columns, so each activation tile is read from HBM about once and its weights
+// by the expert's tiles together. (Tile fastest, as the cp.async kernel walks them, measured
+// 1216 -> 1315 us a layer at 4096 tokens in moe_bench: the down product's activations, 92 MB, were
+// read again for each of the eight column blocks.)
+//
+// With silu_mul a consumer warpgroup's kWgN weight rows are kWgN / 2 gate rows then the up rows of
+// the same act columns (two TMA boxes), so the gate and the up of an act column are accumulator
+// columns c and c + kWgN / 2: the same thread and register, fragments f and f + kWgN / 16.
+template <int BM, int BN, int STAGES, int BLOCKS_PER_SM>
+struct WsTiles {
+  static constexpr int kBM = BM;
+  static constexpr int kBN = BN;
+  static constexpr int kBK = 64;  // one 128-byte swizzled row
+  static constexpr int kStages = STAGES;
+  static constexpr int kBlocksPerSm = BLOCKS_PER_SM;
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kRowGroups = BM / 64;        // consumer warpgroups along M: 2 or 1
+  static constexpr int kWgN = BN * kRowGroups / 2;  // columns of a consumer warpgroup
+  static constexpr int kActCols = BN / 2;           // act columns of an item with silu_mul
+  static constexpr int kSiluBox = kWgN / 2;         // gate (or up) rows of a consumer warpgroup
+  static constexpr int kABytes = BM * kBK * 2;
+  static constexpr int kBBytes = BN * kBK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kBarrierOffset = kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kGatherRowsPerThread = BM * (kBK / 8) / 128;  // 16-byte chunks, eight threads a row
+  // One block of 384 threads an SM gets 168 registers a thread (65536 / 384, in steps of 8), too few
+  // for 128 accumulators; the producer gives back what the consumers claim.
+  static constexpr bool kReallocate = kWgN == 256;
+  static constexpr int kProducerRegisters = 64;
+  static constexpr int kConsumerRegisters = 216;
+  static_assert(BM == 64 || BM == 128, "one or two consumer warpgroups along M");
+  static_assert(kWgN == 64 || kWgN == 128 || kWgN == 256, "an m64nNk16 wgmma");
+  static_assert(kSiluBox <= 256 && BN <= 256, "a TMA box has at most 256 rows");
+  static_assert(!kReallocate || (BLOCKS_PER_SM == 1 &&
+                                 kProducerRegisters * 128 + kConsumerRegisters * 256 <= 168 * kThreads),
+                "the consumers claim only registers the producer gave back");
+  static_assert(BLOCKS_PER_SM * (kSmemBytes + 1024) <= 228 * 1024, "shared memory of one SM");
+};
+
+// Tens of rows per expert (V2-Lite: decode or prefill of 170-520 tokens): 64 x 256 tiles, 5
+// stages of 40 KB, one block per SM. moe_bench (H200, one call): 335 us a layer at 512 tokens, 299 at
+// 192, against 348-351 and 306-307 for 64 x 128 tiles on the cp.async kernel (two blocks per SM), and
+// 347-349 / 302-306 for 64 x 128 tiles here (4 stages, two blocks per SM) or 357 / 302 (8 stages, one).
+using MidTiles = WsTiles<64, 256, 5, 1>;
+// Hundreds of rows per expert (prefill): 128 x 256 tiles, 4 stages of 48 KB, one block per SM.
+// moe_bench (H200, one call): 1216-1221 us a layer at 4096 tokens, 701-705 at 2048, 405-407 at 1024,
+// against 1438-1441, 854-861 and 431-437 for the same tiles on the cp.async kernel (which had beaten
+// 128 x 128 tiles there: 1428 against 1786 us).
+using PrefillTiles = WsTiles<128, 256, 4, 1>;
+
+template <class C, bool kGather, bool kSiluMul, bool kEarly>
+__global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
+    MoeGroupedGemmWsKernel(const GemmParams p, const __grid_constant__ CUtensorMap a_map,
+                           const __grid_constant__ CUtensorMap b_map) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t smem_base = SmemAddress(smem);
+  const uint32_t full = smem_base + C::kBarrierOffset;  // kStages barriers, then kStages `empty` ones
+  const uint32_t empty = full + 8 * C::kStages;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  if (tid == 0) {
+    for (int s = 0; s < C::kStages; ++s) {
+      MbarrierInit(full + 8 * s, kGather ? 128 : 1);
+      MbarrierInit(empty + 8 * s, C::kConsumerWarps);
+    }
+    FenceBarrierInit();
+    PrefetchTensorMap(&b_map);
+    if constexpr (!kGather) PrefetchTensorMap(&a_map);
+  }
+  __syncthreads();
+  if constexpr (!kEarly) {
+    PdlWait();  // the routing and the activations come from earlier kernels
+    PdlLaunchDependents();
+  }
+  const int num_tiles = *p.num_tiles;
+  const int num_items = num_tiles * p.n_blocks;
+  const int block = static_cast<int>(blockIdx.x);
+  const int grid = static_cast<int>(gridDim.x);
+  const int my_items = block < num_items ? (num_items - 1 - block) / grid + 1 : 0;
+
+  if (warp < 4) {
+    // Producer.
+    if constexpr (C::kReallocate) ReleaseRegisters<C::kProducerRegisters>();
+    if (!kGather && tid != 0) {
+      if constexpr (kEarly) PdlWait();  // exits only after the kernel before it: PDL's ordering holds
+      return;                           // thread 0 issues every copy
+    }
+    // kEarly: the routing was complete when the kernel started, so the first item's first stages of
+    // weights are requested before the wait (with the stage's whole byte count), its activations
+    // after it.
+    int early_steps = 0;
+    if constexpr (kEarly) {
+      if (my_items > 0) {
+        const int tile = block / p.n_blocks;
+        early_steps = min(C::kStages, p.k_steps);
+        for (int s = 0; s < early_steps; ++s) {
+          MbarrierArriveExpectTx(full + 8 * s, C::kABytes + C::kBBytes);
+          TmaLoad(smem_base + s * C::kStageBytes + C::kABytes, &b_map, full + 8 * s, s * C::kBK,
+                  (block % p.n_blocks) * C::kBN, p.tile_expert[tile]);
+        }
+      }
+      PdlWait();
+      PdlLaunchDependents();
+    }
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int local_item = 0; local_item < my_items; ++local_item) {
+      const int item = block + local_item * grid;
+      const int tile = item / p.n_blocks;
+      const int n_block = item % p.n_blocks;
+      const int expert = p.tile_expert[tile];
+      const int first = p.tile_row[tile];
+      // Gathering, thread t copies chunk t % 8 of rows t / 8 + 16 i.
+      int source_row[kGather ? C::kGatherRowsPerThread : 1];
+      if constexpr (kGather) {
+        const int rows = p.expert_offsets[expert + 1] - first;
+#pragma unroll
+        for (int i = 0; i < C::kGatherRowsPerThread; ++i) {
+          const int r = tid / 8 + 16 * i;
+          source_row[i] = r < rows ? p.row_token[first + r] : -1;
+        }
+      }
+      for (int kstep = 0; kstep < p.k_steps; ++kstep) {
+        MbarrierWait(empty + 8 * stage, phase ^ 1);  // a fresh barrier passes parity 1 at once
+        const uint32_t bar = full + 8 * stage;
+        const uint32_t stage_a = smem_base + stage * C::kStageBytes;
+        const uint32_t stage_b = stage_a + C::kABytes;
+        const int k0 = kstep * C::kBK;
+        if (tid == 0) {
+          if constexpr (kGather) {
+            MbarrierExpectTx(bar, C::kBBytes);
+          } else {
+            if (local_item > 0 || kstep >= early_steps) MbarrierArriveExpectTx(bar, C::kABytes + C::kBBytes);
+            TmaLoad(stage_a, &a_map, bar, k0, first);
+          }
+          if (local_item > 0 || kstep >= early_steps) {
+            if constexpr (kSiluMul) {
+#pragma unroll
+              for (int g = 0; g < 2 / C::kRowGroups; ++g) {
+                const int column = n_block * C::kActCols + g * C::kSiluBox;
+                const uint32_t rows = stage_b + g * C::kWgN * C::kBK * 2;
+                TmaLoad(rows, &b_map, bar, k0, column, 2 * expert);
+                TmaLoad(rows + C::kSiluBox * C::kBK * 2, &b_map, bar, k0, column, 2 * expert + 1);
+              }
+            } else {
+              TmaLoad(stage_b, &b_map, bar, k0, n_block * C::kBN, expert);
+            }
+          }
+        }
+        if constexpr (kGather) {
+          const int k = k0 + 8 * (tid % 8);
+#pragma unroll
+          for (int i = 0; i < C::kGatherRowsPerThread; ++i) {
+            const bool ok = source_row[i] >= 0 && k < p.k;
+            CpAsync16(stage_a + SwizzledOffset<C::kBK>(tid / 8 + 16 * i, tid % 8),
+                      ok ? p.a + static_cast<int64_t>(source_row[i]) * p.k + k : p.a, ok ? 16u : 0u);
+          }
+          CpAsyncArriveNoInc(bar);  // arrives once this thread's copies have landed
+        }
+        if (++stage == C::kStages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    if constexpr (kGather) CpAsyncWait<0>();
+    return;
+  }
+
+  // Consumers.
+  if constexpr (C::kReallocate) ClaimRegisters<C::kConsumerRegisters>();
+  if constexpr (kEarly) {
+    PdlWait();  // what they store must follow the kernel before
+    PdlLaunchDependents();
+  }
+  const int group = (warp - 4) / 4;
+  const int row_group = group % C::kRowGroups;
+  const int column_group = group / C::kRowGroups;
+  const int warp_row = row_group * 64 + (warp % 4) * 16;
+  const uint32_t a_rows = row_group * 64 * C::kBK * 2;
+  const uint32_t b_rows = column_group * C::kWgN * C::kBK * 2;
+  int stage = 0;
+  uint32_t phase = 0;
+  float acc[C::kWgN / 8][4] = {};
+  for (int local_item = 0; local_item < my_items; ++local_item) {
+    int previous = 0;
+    for (int kstep = 0; kstep < p.k_steps; ++kstep) {
+      MbarrierWait(full + 8 * stage, phase);
+      // Rows copied with cp.async were written through the generic proxy; wgmma reads through the
+      // async one.
+      if constexpr (kGather) FenceProxyAsync();
+      const uint32_t stage_a = smem_base + stage * C::kStageBytes;
+      const uint32_t stage_b = stage_a + C::kABytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < C::kBK / 16; ++kk) {
+        WgmmaBf16<C::kWgN>(acc, SwizzledDescriptor(stage_a + a_rows + 32 * kk),
+                           SwizzledDescriptor(stage_b + b_rows + 32 * kk), kstep > 0 || kk > 0);
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // the previous k-step's products are done: its stage may be refilled
+      if (kstep > 0 && lane == 0) MbarrierArrive(empty + 8 * previous);
+      previous = stage;
+      if (++stage == C::kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+    WgmmaWait<0>();
+    if (lane == 0) MbarrierArrive(empty + 8 * previous);
+
+    const int item = block + local_item * grid;
+    const int tile = item / p.n_blocks;
+    const int n_block = item % p.n_blocks;
+    const int first = p.tile_row[tile];
+    const int rows = min(C::kBM, p.expert_offsets[p.tile_expert[tile] + 1] - first);
+    const int col0 = kSiluMul ? n_block * C::kActCols + column_group * C::kSiluBox + (lane & 3) * 2
+                              : n_block * C::kBN + column_group * C::kWgN + (lane & 3) * 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = warp_row + (lane >> 2) + half * 8;
+      if (r >= rows) continue;
+      __nv_bfloat16* out = p.y + static_cast<int64_t>(first + r) * p.n;
+      if constexpr (kSiluMul) {
+#pragma unroll
+        for (int f = 0; f < C::kWgN / 16; ++f) {
+          const int col = col0 + f * 8;
+          if (col < p.n) {
+            const float(&gate)[4] = acc[f];
+            const float(&up)[4] = acc[f + C::kWgN / 16];
+            *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(
+                SiluMul(gate[half * 2], up[half * 2]), SiluMul(gate[half * 2 + 1], up[half * 2 + 1]));
+          }
+        }
+      } else {
+#pragma unroll
+        for (int f = 0; f < C::kWgN / 8; ++f) {
+          const int col = col0 + f * 8;
+          if (col < p.n) {
+            *reinterpret_cast<__nv_bfloat162*>(out + col) =
+                __floats2bfloat162_rn(acc[f][half * 2], acc[f][half * 2 + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The tensor maps of a warp-specialised launch: the weights [E + S, n (x 2 with silu_mul), k] as
+// boxes of BN rows (with silu_mul, boxes of kSiluBox gate or up rows), the activations in row order
+// [rows, k] as boxes of BM rows (with gather_a the rows are copied without one).
+template <class C, bool kGather, bool kSiluMul, bool kEarly>
+cudaError_t LaunchWs(const GemmParams& p, int64_t experts, int64_t rows, int64_t max_tiles, cudaStream_t stream) {
+  CUtensorMap a_map{};
+  CUtensorMap b_map{};
+  const uint64_t k = static_cast<uint64_t>(p.k), n = static_cast<uint64_t>(p.n);
+  {
+    // Dim 2 counts gate and up halves with silu_mul ([expert][half][n][k]), whole experts without.
+    const uint64_t dims[3] = {k, n, static_cast<uint64_t>(experts) * (kSiluMul ? 2 : 1)};
+    const uint64_t strides[2] = {k * 2, n * k * 2};
+    const uint32_t box[3] = {C::kBK, static_cast<uint32_t>(kSiluMul ? C::kSiluBox : C::kBN), 1};
+    if (const cudaError_t e = kernels::EncodeBf16TensorMap(&b_map, p.w, 3, dims, strides, box); e != cudaSuccess) {
+      return e;
+    }
+  }
+  if constexpr (!kGather) {
+    const uint64_t dims[2] = {k, static_cast<uint64_t>(rows)};
+    const uint64_t strides[1] = {k * 2};
+    const uint32_t box[2] = {C::kBK, C::kBM};
+    if (const cudaError_t e = kernels::EncodeBf16TensorMap(&a_map, p.a, 2, dims, strides, box); e != cudaSuccess) {
+      return e;
+    }
+  }
+  auto kernel = MoeGroupedGemmWsKernel<C, kGather, kSiluMul, kEarly>;
+  static kernels::LaunchSetUp setup;
+  kernels::LaunchInfo info;
+  if (const cudaError_t e = setup.Get(kernel, C::kThreads, C::kSmemBytes, &info); e != cudaSuccess) return e;
+  const int64_t grid =
+      std::min<int64_t>(int64_t{info.sms} * (info.blocks_per_sm > 0 ? info.blocks_per_sm : 1), max_tiles * p.n_blocks);
+  return LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(C::kThreads), C::kSmemBytes, stream, p, a_map,
+                   b_map);
+}
+
+template <class C>
+cudaError_t LaunchWsGemm(const GemmParams& p, const MoeGemmArgs& args, const MoeRouting& r, int64_t max_tiles,
+                         cudaStream_t stream) {
+  GemmParams q = p;
+  q.n_blocks = static_cast<int32_t>(CeilDiv(p.n, args.silu_mul ? C::kActCols : C::kBN));
+  q.k_steps = static_cast<int32_t>(CeilDiv(p.k, C::kBK));
+  if (max_tiles * q.n_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  const int64_t experts = int64_t{r.num_experts} + r.num_shared;
+  const int64_t rows = r.num_rows();
+  if (args.silu_mul) {
+    return args.gather_a ? LaunchWs<C, true, true, false>(q, experts, rows, max_tiles, stream)
+                         : LaunchWs<C, false, true, false>(q, experts, rows, max_tiles, stream);
+  }
+  if (args.gather_a) return LaunchWs<C, true, false, false>(q, experts, rows, max_tiles, stream);
+  return args.routing_ready ? LaunchWs<C, false, false, true>(q, experts, rows, max_tiles, stream)
+                            : LaunchWs<C, false, false, false>(q, experts, rows, max_tiles, stream);
 }
 
 // ---------------------------------------------------------------------------------------- silu-mul
@@ -568,9 +835,9 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
       return LaunchGemm<DecodeTiles>(p, args, max_tiles, stream);
     }
     case MidTiles::kBM:
-      return LaunchGemm<MidTiles>(p, args, max_tiles, stream);
+      return LaunchWsGemm<MidTiles>(p, args, r, max_tiles, stream);
     case PrefillTiles::kBM:
-      return LaunchGemm<PrefillTiles>(p, args, max_tiles, stream);
+      return LaunchWsGemm<PrefillTiles>(p, args, r, max_tiles, stream);
     default:
       return cudaErrorInvalidValue;
   }
