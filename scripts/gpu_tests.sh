@@ -18,6 +18,11 @@
 #       build under test and removed before it is committed) and is compared with the base as well:
 #       many settings in one device call. Under $OUT/ab: compare.txt, and runs.tar.gz with every
 #       run's JSON and log
+#   scripts/gpu_tests.sh sanitize GTEST_FILTER [TOOL...]
+#       there: the kernel tests the filter names under compute-sanitizer, once a tool (memcheck,
+#       synccheck, racecheck unless named): out-of-bounds and misaligned accesses, barriers that
+#       not all threads reach, shared-memory races. Slow (racecheck runs a kernel many times over),
+#       so name a few tests; under $OUT/sanitize: summary.txt and the logs
 #   scripts/gpu_tests.sh trace CONTEXTxBATCH... [BENCH FLAGS...]
 #       there: one `cohort bench step` a shape (e.g. 1024x512) under the kernel timeline library, and
 #       its last whole step summed by kernel (scripts/kernel_trace_step.py --by-kernel) and as a
@@ -194,6 +199,31 @@ for name in ("cohort", "libcohort_kernels.so"):
         tee -a "$out/compare.txt"
     done
     tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
+    ;;
+  sanitize)
+    filter=${2:-}
+    [ -n "$filter" ] || usage_error "sanitize needs a gtest filter, e.g. 'MoeGroupedGemmTest.*OnlyMultiplesOfEight'"
+    shift 2
+    tools=("$@")
+    [ ${#tools[@]} -gt 0 ] || tools=(memcheck synccheck racecheck)
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
+    [ -n "$sanitizer" ] || usage_error "no compute-sanitizer on this machine"
+    fresh_out sanitize
+    echo "build $(cat .gpu/REVISION), $sanitizer, tests $filter" | tee "$out/summary.txt"
+    status=0
+    for tool in "${tools[@]}"; do
+      if "$sanitizer" --tool "$tool" --error-exitcode 3 .gpu/bin/kernels_test --gtest_filter="$filter" \
+          >"$work/$tool.log" 2>&1; then
+        result=passed
+      else
+        result="FAILED (exit $?)"
+        status=1
+      fi
+      echo "== $tool: $result; $(grep -E '^\[  (PASSED|FAILED) ' "$work/$tool.log" | tr '\n' ' ')" | tee -a "$out/summary.txt"
+      grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$work/$tool.log" | tee -a "$out/summary.txt" || true
+    done
+    tar -czf "$out/logs.tar.gz" -C "$work" .
+    exit $status
     ;;
   trace)
     shift
