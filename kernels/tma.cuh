@@ -18,9 +18,10 @@ namespace cohort::kernels {
 // ------------------------------------------------------------------------------------------- host
 
 // `map` <- the bf16 tensor at `base` of `rank` (1..5) dimensions, innermost first: dims[i] elements,
-// dim i + 1 strides[i] bytes apart (multiples of 16), read in boxes of box[i] elements, box[0] = 64
-// (one 128-byte swizzled row). Elements outside the tensor read as zeros and still count as bytes
-// copied. cudaErrorInvalidValue when the driver rejects the description or lacks TMA.
+// dim i + 1 strides[i] bytes apart (multiples of 16), read in boxes of box[i] elements (each at most
+// 256; box[0] at most 64, one 128-byte swizzled row). Elements outside the tensor, even a box wholly
+// outside it, read as zeros and still count as bytes copied. cudaErrorInvalidValue when the driver
+// rejects the description or lacks TMA.
 inline cudaError_t EncodeBf16TensorMap(CUtensorMap* map, const void* base, int rank, const uint64_t* dims,
                                        const uint64_t* strides, const uint32_t* box) {
   using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

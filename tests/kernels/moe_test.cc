@@ -1046,9 +1046,11 @@ TEST(MoeGroupedGemmTest, FusedSiluMulMatchesCpuOnSizesThatAreOnlyMultiplesOfEigh
   // An item covers 32 act columns (16-row tiles) or 128 (64- and 128-row tiles; with 64 rows each
   // consumer warpgroup takes 64 of them). I = 200 leaves one group of 8 columns in the last item of 32,
   // nine of sixteen in the last of 128 (one of eight in its second half); I = 1400 three of four,
-  // fifteen of sixteen (seven of eight). Hidden 136 and 264 are no whole number of k-steps.
+  // fifteen of sixteen (seven of eight); I = 136 one of sixteen, and nothing in the second half, whose
+  // weight rows lie wholly past the matrix. Hidden 136 and 264 are no whole number of k-steps.
   for (const ExpertShapes& shapes : {ExpertShapes{"I = 200", 5, 2, 136, 200, /*shared=*/2},
-                                     ExpertShapes{"I = 1400", 8, 2, 264, 1400, /*shared=*/2}}) {
+                                     ExpertShapes{"I = 1400", 8, 2, 264, 1400, /*shared=*/2},
+                                     ExpertShapes{"I = 136", 5, 2, 136, 136, /*shared=*/2}}) {
     const Experts experts(shapes, rng);
     ASSERT_CUDA_OK(experts.d_gate_up.error());
     for (int shared : {0, 2}) {
