@@ -403,7 +403,7 @@ cudaError_t LaunchTiles(const GemmParams& p, int64_t max_tiles, cudaStream_t str
   return LaunchPdl(kernel, dim3(static_cast<unsigned>(grid)), dim3(C::kThreads), C::kSmemBytes, stream, p);
 }
 
-// p with the column blocks and k-steps of tiles C.
+// p with the column blocks and k-steps of tiles C (TileConfig or WsTiles).
 template <class C>
 GemmParams Shaped(const GemmParams& p, bool silu_mul) {
   GemmParams q = p;
@@ -736,9 +736,7 @@ cudaError_t LaunchWs(const GemmParams& p, int64_t experts, int64_t rows, int64_t
 template <class C>
 cudaError_t LaunchWsGemm(const GemmParams& p, const MoeGemmArgs& args, const MoeRouting& r, int64_t max_tiles,
                          cudaStream_t stream) {
-  GemmParams q = p;
-  q.n_blocks = static_cast<int32_t>(CeilDiv(p.n, args.silu_mul ? C::kActCols : C::kBN));
-  q.k_steps = static_cast<int32_t>(CeilDiv(p.k, C::kBK));
+  const GemmParams q = Shaped<C>(p, args.silu_mul);
   if (max_tiles * q.n_blocks > INT32_MAX) return cudaErrorInvalidValue;
   const int64_t experts = int64_t{r.num_experts} + r.num_shared;
   const int64_t rows = r.num_rows();
