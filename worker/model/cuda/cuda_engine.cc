@@ -45,7 +45,7 @@ constexpr int64_t kSkinnyRows = 8;
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
 // (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows. (With the
 // warp-specialised grouped products, folding them in at every size measured V2-Lite prefill steps
-// of 1 x 4096 and 16 x 1024 1.3-2% slower on an H200, 1 x 1024 0.7% faster.)
+// of 1 x 4096 and 16 x 1024 1.4-2.1% slower on an H200, 1 x 1024 0.6% faster.)
 constexpr int64_t kFoldSharedMaxTokens = 512;
 // Steps of up to this many tokens run the shared experts on a second stream, beside the routing
 // (SharedExpertsApart). cohort bench step, V2-Lite on an H200, same device call: batch 1 and 2 steps
