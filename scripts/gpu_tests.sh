@@ -215,6 +215,10 @@ for name in ("cohort", "libcohort_kernels.so"):
       if "$sanitizer" --tool "$tool" --error-exitcode 3 .gpu/bin/kernels_test --gtest_filter="$filter" \
           >"$work/$tool.log" 2>&1; then
         result=passed
+        if grep -q '^\[  PASSED  \] 0 tests' "$work/$tool.log"; then
+          result="FAILED (the filter names no test)"
+          status=1
+        fi
       else
         result="FAILED (exit $?)"
         status=1
