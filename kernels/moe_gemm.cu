@@ -473,7 +473,8 @@ struct WsTiles {
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
-  static constexpr int kGatherRowsPerThread = BM * (kBK / 8) / 128;  // 16-byte chunks, eight threads a row
+  static constexpr int kGatherRowStride = 128 / (kBK / 8);  // rows a pass of the producer, eight threads a row
+  static constexpr int kGatherRowsPerThread = BM / kGatherRowStride;
   // One block of 384 threads an SM gets 168 registers a thread (65536 / 384, in steps of 8), too few
   // for 128 accumulators; the producer gives back what the consumers claim.
   static constexpr bool kReallocate = kWgN == 256;
@@ -537,6 +538,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       if constexpr (kEarly) PdlWait();  // exits only after the kernel before it: PDL's ordering holds
       return;                           // thread 0 issues every copy
     }
+    // One stage's weights: BN rows of the column block, or with silu_mul each consumer warpgroup's
+    // gate rows and then its up rows.
+    auto load_weights = [&](uint32_t stage_b, uint32_t bar, int k0, int n_block, int expert) {
+      if constexpr (kSiluMul) {
+#pragma unroll
+        for (int g = 0; g < 2 / C::kRowGroups; ++g) {
+          const int column = n_block * C::kActCols + g * C::kSiluBox;
+          const uint32_t rows = stage_b + g * C::kWgN * C::kBK * 2;
+          TmaLoad(rows, &b_map, bar, k0, column, 2 * expert);
+          TmaLoad(rows + C::kSiluBox * C::kBK * 2, &b_map, bar, k0, column, 2 * expert + 1);
+        }
+      } else {
+        TmaLoad(stage_b, &b_map, bar, k0, n_block * C::kBN, expert);
+      }
+    };
     // kEarly: the routing was complete when the kernel started, so the first item's first stages of
     // weights are requested before the wait (with the stage's whole byte count), its activations
     // after it.
@@ -547,8 +563,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         early_steps = min(C::kStages, p.k_steps);
         for (int s = 0; s < early_steps; ++s) {
           MbarrierArriveExpectTx(full + 8 * s, C::kABytes + C::kBBytes);
-          TmaLoad(smem_base + s * C::kStageBytes + C::kABytes, &b_map, full + 8 * s, s * C::kBK,
-                  (block % p.n_blocks) * C::kBN, p.tile_expert[tile]);
+          load_weights(smem_base + s * C::kStageBytes + C::kABytes, full + 8 * s, s * C::kBK, block % p.n_blocks,
+                       p.tile_expert[tile]);
         }
       }
       PdlWait();
@@ -562,13 +578,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       const int n_block = item % p.n_blocks;
       const int expert = p.tile_expert[tile];
       const int first = p.tile_row[tile];
-      // Gathering, thread t copies chunk t % 8 of rows t / 8 + 16 i.
+      // Gathering, thread t copies chunk t % 8 of rows t / 8 + kGatherRowStride i.
       int source_row[kGather ? C::kGatherRowsPerThread : 1];
       if constexpr (kGather) {
         const int rows = p.expert_offsets[expert + 1] - first;
 #pragma unroll
         for (int i = 0; i < C::kGatherRowsPerThread; ++i) {
-          const int r = tid / 8 + 16 * i;
+          const int r = tid / 8 + C::kGatherRowStride * i;
           source_row[i] = r < rows ? p.row_token[first + r] : -1;
         }
       }
@@ -579,32 +595,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         const uint32_t stage_b = stage_a + C::kABytes;
         const int k0 = kstep * C::kBK;
         if (tid == 0) {
+          const bool weights_requested = local_item == 0 && kstep < early_steps;  // before the wait
           if constexpr (kGather) {
             MbarrierExpectTx(bar, C::kBBytes);
           } else {
-            if (local_item > 0 || kstep >= early_steps) MbarrierArriveExpectTx(bar, C::kABytes + C::kBBytes);
+            if (!weights_requested) MbarrierArriveExpectTx(bar, C::kABytes + C::kBBytes);
             TmaLoad(stage_a, &a_map, bar, k0, first);
           }
-          if (local_item > 0 || kstep >= early_steps) {
-            if constexpr (kSiluMul) {
-#pragma unroll
-              for (int g = 0; g < 2 / C::kRowGroups; ++g) {
-                const int column = n_block * C::kActCols + g * C::kSiluBox;
-                const uint32_t rows = stage_b + g * C::kWgN * C::kBK * 2;
-                TmaLoad(rows, &b_map, bar, k0, column, 2 * expert);
-                TmaLoad(rows + C::kSiluBox * C::kBK * 2, &b_map, bar, k0, column, 2 * expert + 1);
-              }
-            } else {
-              TmaLoad(stage_b, &b_map, bar, k0, n_block * C::kBN, expert);
-            }
-          }
+          if (!weights_requested) load_weights(stage_b, bar, k0, n_block, expert);
         }
         if constexpr (kGather) {
           const int k = k0 + 8 * (tid % 8);
 #pragma unroll
           for (int i = 0; i < C::kGatherRowsPerThread; ++i) {
             const bool ok = source_row[i] >= 0 && k < p.k;
-            CpAsync16(stage_a + SwizzledOffset<C::kBK>(tid / 8 + 16 * i, tid % 8),
+            CpAsync16(stage_a + SwizzledOffset<C::kBK>(tid / 8 + C::kGatherRowStride * i, tid % 8),
                       ok ? p.a + static_cast<int64_t>(source_row[i]) * p.k + k : p.a, ok ? 16u : 0u);
           }
           CpAsyncArriveNoInc(bar);  // arrives once this thread's copies have landed
