@@ -2,6 +2,7 @@
 
 #include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
+#include "kernels/tma.cuh"
 #include "kernels/wgmma.cuh"
 
 namespace cohort::kernels {
@@ -17,107 +18,52 @@ __global__ void GatherCacheKernel(const __nv_bfloat16* cache, const int32_t* tab
   for (int i = threadIdx.x; i < width / 8; i += blockDim.x) dst[i] = src[i];
 }
 
-// Flash attention for a prefill chunk on wgmma: a block takes 128 queries of one head, 64 to each
-// of its two warpgroups, and walks the key tiles of 64 its queries can see, the tiles after it
-// copied in (cp.async, three stages) while this one's are used. Per tile, a warpgroup forms its 64 x 64
-// scores with wgmma reading the queries and keys from shared memory, runs the online softmax on the
-// accumulators, and adds P V with wgmma taking P from registers (the accumulators' layout is the A
-// fragments') and the transposed values from shared memory. Every operand is stored as blocks of 64
-// values a row with the 128-byte swizzle (wgmma.cuh); query and key values past nope + rope, and
-// value dimensions past v_dim, are zeros.
-template <int QK_BLOCKS>  // 64-value blocks of nope + rope: 1 (heads of up to 64) or 3 (up to 192)
-struct FlashTiles {
-  static constexpr int kRows = 128;      // queries a block, 64 a warpgroup
-  static constexpr int kKeys = 64;       // keys a tile
-  static constexpr int kValueDims = 128;  // v_dim padded
-  static constexpr int kThreads = 256;
-  static constexpr int kChunks = QK_BLOCKS * 8;  // 16-byte chunks of a query or key row
-  static constexpr int kQBytes = QK_BLOCKS * kRows * 128;
-  static constexpr int kKBytes = QK_BLOCKS * kKeys * 128;
-  static constexpr int kVBytes = kValueDims * kKeys * 2;
-  static constexpr int kStageBytes = kKBytes + kVBytes;
-  static constexpr int kStages = 3;  // tile t's values and t + 1's keys in use while t + 2 is copied in
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
-};
+// Flash attention for a prefill chunk on wgmma. A block takes 128 queries of one head, 64 to each of
+// two warpgroups, and walks the key tiles of 64 its queries can see. Per tile, a warpgroup forms its
+// 64 x 64 scores with wgmma reading the queries and keys from shared memory, runs the online softmax
+// on the accumulators, and adds P V with wgmma taking P from registers (the accumulators' layout is
+// the A fragments') and the transposed values from shared memory. Every operand is stored as blocks
+// of 64 values a row with the 128-byte swizzle (wgmma.cuh); query and key values past nope + rope,
+// and value dimensions past v_dim, are zeros. Two kernels share that arithmetic (FlashRows) and
+// differ in how the tiles reach shared memory:
+// - FlashPrefillWsKernel, DeepSeek's heads (nope and rope whole blocks of 64, 192 values in all):
+//   a producer warp copies the queries and every tile with TMA into a ring of stages, and the two
+//   warpgroups take the tiles as they land, with no block barrier in the loop;
+// - FlashPrefillKernel, any other head: every thread copies with cp.async, two block barriers a tile.
+constexpr int kFlashRows = 128;      // queries a block, 64 a warpgroup
+constexpr int kFlashKeys = 64;       // keys a tile
+constexpr int kFlashValueDims = 128;  // v_dim padded
 
-// Keys [key0, key0 + 64) of `head` (nope then rope values) and their values (transposed) into one
-// stage; zeros past the context and the head sizes.
-template <class T>
-__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int head, int key0, uint32_t keys,
-                                            uint32_t values) {
-  for (int i = threadIdx.x; i < T::kKeys * T::kChunks; i += T::kThreads) {
-    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8, key = key0 + row;
-    const __nv_bfloat16* src = p.k;  // any valid address where nothing is read
-    int bytes = 0;
-    if (key < p.keys && d < p.nope) {
-      src = p.k + key * p.k_row_stride + head * p.k_head_stride + d;
-      bytes = 16;
-    } else if (key < p.keys && d < p.nope + p.rope) {
-      src = p.k_rope + key * p.k_rope_row_stride + (d - p.nope);
-      bytes = 16;
-    }
-    CpAsyncBytes(keys + (chunk / 8) * T::kKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
-  }
-  for (int i = threadIdx.x; i < T::kValueDims * 8; i += T::kThreads) {
-    const int dim = i / 8, chunk = i % 8, key = key0 + chunk * 8;
-    const int bytes = dim < p.v_dim && key < p.keys ? 2 * min(8, p.keys - key) : 0;
-    const __nv_bfloat16* src = bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + key : p.v_t;
-    CpAsyncBytes(values + SwizzledOffset<64>(dim, chunk), src, bytes);
-  }
-}
-
-template <int QK_BLOCKS>
-__global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) {
-  using T = FlashTiles<QK_BLOCKS>;
-  extern __shared__ __align__(1024) unsigned char flash_smem[];
-  const uint32_t queries = SmemAddress(flash_smem);
-  const uint32_t stages = queries + T::kQBytes;  // kStages of [keys | values]
-  const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
-  // The last query tiles see the most keys: they start first, so the short ones fill the tail.
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * T::kRows, head = blockIdx.y;
-  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int last_query = min(p.queries, q0 + T::kRows) - 1;
-  const int visible = min(p.keys, p.first_position + last_query + 1);
-  const int tiles = (visible + T::kKeys - 1) / T::kKeys;
-  const int group_position = p.first_position + q0 + warpgroup * 64;  // of the warpgroup's first row
-  const int first_row_position = group_position + warp * 16;          // of the warp's first row
-  const uint32_t group_queries = queries + warpgroup * 64 * 128;
-
-  for (int i = threadIdx.x; i < T::kRows * T::kChunks; i += T::kThreads) {
-    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
-    const bool valid = q0 + row < p.queries && d < p.nope + p.rope;
-    const __nv_bfloat16* src = valid ? p.q + (q0 + row) * p.q_row_stride + head * p.q_head_stride + d : p.q;
-    CpAsyncBytes(queries + (chunk / 8) * T::kRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
-  }
-  for (int tile = 0; tile < T::kStages - 1; ++tile) {  // one group a tile, empty past the last
-    if (tile < tiles) LoadKeyTile<T>(p, head, tile * T::kKeys, stage_of(tile), stage_of(tile) + T::kKBytes);
-    CpAsyncCommit();
-  }
-
-  float s[8][4];                 // a tile's scores, then its probabilities
-  uint32_t probs[4][4];          // the probabilities as bf16 A fragments of P V's four k-steps
+// One warpgroup's 64 query rows through the key tiles: a tile's scores, then its probabilities, the
+// output accumulators and the online softmax's state of each of the thread's two rows (g and g + 8
+// of its warp's 16).
+template <int QK_BLOCKS>  // 64-value blocks of nope + rope
+struct FlashRows {
+  float s[8][4];         // a tile's scores, then its probabilities
+  uint32_t probs[4][4];  // the probabilities as bf16 A fragments of P V's four k-steps
   float out[16][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
-  float rescale[2];              // of out, once the product in flight is done
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  float rescale[2];  // of out, once the product in flight is done
 
-  // S = Q K^T for `tile`, 64 x 64 a warpgroup, issued and committed (not waited for).
-  const auto issue_scores = [&](int tile) {
-    const uint32_t keys = stage_of(tile);
+  // S = Q K^T, 64 x 64, issued and committed (not waited for). `queries`: the warpgroup's first row
+  // in the block's queries (blocks of 64 values, kFlashRows rows each); `keys`: the tile's.
+  __device__ __forceinline__ void IssueScores(uint32_t queries, uint32_t keys) {
 #pragma unroll
     for (int kk = 0; kk < QK_BLOCKS * 4; ++kk) {
       const uint32_t offset = 32 * (kk % 4);  // the k-step within its block of 64 values
-      WgmmaBf16<64>(s, SwizzledDescriptor(group_queries + (kk / 4) * T::kRows * 128 + offset),
-                    SwizzledDescriptor(keys + (kk / 4) * T::kKeys * 128 + offset), kk > 0);
+      WgmmaBf16<64>(s, SwizzledDescriptor(queries + (kk / 4) * kFlashRows * 128 + offset),
+                    SwizzledDescriptor(keys + (kk / 4) * kFlashKeys * 128 + offset), kk > 0);
     }
     WgmmaCommit();
-  };
-  // The online softmax of `tile`'s scores (base 2; each row's values lie in the quad of lanes
-  // 4g..4g+3): s becomes the probabilities, row_sum their sums, and rescale what out needs.
-  const auto softmax = [&](int tile) {
-    const int key0 = tile * T::kKeys;
-    if (key0 + T::kKeys - 1 > first_row_position || key0 + T::kKeys > p.keys) {
+  }
+
+  // The online softmax (base 2; each row's values lie in the quad of lanes 4g..4g+3) of the tile of
+  // keys from key0, for a warp whose first row is at first_row_position: s becomes the
+  // probabilities, row_sum their sums, and rescale what out needs.
+  __device__ __forceinline__ void Softmax(const FlashPrefillParams& p, int key0, int first_row_position,
+                                          float scale_log2) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    if (key0 + kFlashKeys - 1 > first_row_position || key0 + kFlashKeys > p.keys) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
 #pragma unroll
@@ -146,10 +92,11 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
         row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];
       }
     }
-  };
+  }
+
   // out *= rescale, and the probabilities into A fragments: the accumulators of key fragments 2j
   // and 2j + 1 are the A fragment of k-step j.
-  const auto take_probabilities = [&]() {
+  __device__ __forceinline__ void TakeProbabilities() {
 #pragma unroll
     for (int n = 0; n < 16; ++n) {
       out[n][0] *= rescale[0];
@@ -164,17 +111,223 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
       probs[j][2] = PackBf16(__float2bfloat16(s[2 * j + 1][0]), __float2bfloat16(s[2 * j + 1][1]));
       probs[j][3] = PackBf16(__float2bfloat16(s[2 * j + 1][2]), __float2bfloat16(s[2 * j + 1][3]));
     }
-  };
+  }
 
-  // O += P V for `tile`, issued and committed.
-  const auto issue_values = [&](int tile) {
+  // O += P V for the tile whose transposed values are at `values`, issued and committed.
+  __device__ __forceinline__ void IssueValues(uint32_t values) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      WgmmaBf16RegA128(out, probs[j], SwizzledDescriptor(stage_of(tile) + T::kKBytes + 32 * j), 1);
-    }
+    for (int j = 0; j < 4; ++j) WgmmaBf16RegA128(out, probs[j], SwizzledDescriptor(values + 32 * j), 1);
     WgmmaCommit();
-  };
+  }
 
+  // out / row sum -> the output rows of `head`, for a warpgroup whose first row is query `query0`.
+  __device__ __forceinline__ void Store(const FlashPrefillParams& p, int query0, int head) {
+    const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = row_sum[r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const int query = query0 + warp * 16 + g + r * 8;
+      if (query >= p.queries) continue;
+      __nv_bfloat16* row = p.out + query * p.out_row_stride + head * p.out_head_stride;
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        const int d = n * 8 + 2 * t;
+        if (d < p.v_dim) {
+          *reinterpret_cast<__nv_bfloat162*>(row + d) =
+              __floats2bfloat162_rn(out[n][2 * r] * inv, out[n][2 * r + 1] * inv);
+        }
+      }
+    }
+  }
+};
+
+// The block's place in the chunk: the last query tiles see the most keys, so they start first and
+// the short ones fill the tail.
+struct FlashBlock {
+  int q0, head, tiles;
+  __device__ FlashBlock(const FlashPrefillParams& p) {
+    q0 = (gridDim.x - 1 - blockIdx.x) * kFlashRows;
+    head = blockIdx.y;
+    const int last_query = min(p.queries, q0 + kFlashRows) - 1;
+    const int visible = min(p.keys, p.first_position + last_query + 1);
+    tiles = (visible + kFlashKeys - 1) / kFlashKeys;
+  }
+};
+
+// ---------------------------------------------------------------- DeepSeek heads: producer warp, TMA
+
+struct FlashWsTiles {
+  static constexpr int kQkBlocks = 3;  // nope + rope = 192
+  static constexpr int kThreads = 384;  // a producer warpgroup, then two consumer warpgroups
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kQBytes = kQkBlocks * kFlashRows * 128;
+  static constexpr int kKBytes = kQkBlocks * kFlashKeys * 128;
+  static constexpr int kVBytes = kFlashValueDims * kFlashKeys * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;  // keys, then values transposed
+  static constexpr int kStages = 4;
+  static constexpr int kBarrierOffset = kQBytes + kStages * kStageBytes;  // full[], empty[], queries
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 * kStages + 1);
+  // Registers a thread: the producer's 128 threads give theirs to the consumers' accumulators.
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+};
+
+// The maps (tma.cuh), all of 128-byte rows: queries [queries][heads][nope + rope] in boxes of 64
+// values x kFlashRows queries; keys [keys][heads][nope] and rope keys [keys][rope] in boxes of 64
+// values x kFlashKeys keys; values [heads][v_dim][keys] in boxes of kFlashKeys keys x 128 dims.
+// Rows past the chunk, the context and v_dim arrive as zeros.
+__global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
+    FlashPrefillWsKernel(const FlashPrefillParams p, const __grid_constant__ CUtensorMap q_map,
+                         const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap rope_map,
+                         const __grid_constant__ CUtensorMap v_map) {
+  using T = FlashWsTiles;
+  extern __shared__ __align__(1024) unsigned char flash_smem[];
+  const uint32_t queries = SmemAddress(flash_smem);
+  const uint32_t stages = queries + T::kQBytes;
+  const uint32_t full = queries + T::kBarrierOffset;
+  const uint32_t empty = full + 8 * T::kStages;
+  const uint32_t queries_full = empty + 8 * T::kStages;
+  const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
+  const FlashBlock b(p);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < T::kStages; ++s) {
+      MbarrierInit(full + 8 * s, 1);
+      MbarrierInit(empty + 8 * s, T::kConsumerWarps);
+    }
+    MbarrierInit(queries_full, 1);
+    FenceBarrierInit();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < 128) {
+    ReleaseRegisters<T::kProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    MbarrierArriveExpectTx(queries_full, T::kQBytes);
+    for (int k = 0; k < T::kQkBlocks; ++k) {
+      TmaLoad(queries + k * kFlashRows * 128, &q_map, queries_full, 64 * k, b.head, b.q0);
+    }
+    const int nope_blocks = p.nope / 64;
+    for (int tile = 0; tile < b.tiles; ++tile) {
+      MbarrierWait(empty + 8 * (tile % T::kStages), (tile / T::kStages & 1) ^ 1);  // its last tile used
+      const uint32_t keys = stage_of(tile), bar = full + 8 * (tile % T::kStages);
+      const int key0 = tile * kFlashKeys;
+      MbarrierArriveExpectTx(bar, T::kStageBytes);
+      for (int k = 0; k < T::kQkBlocks; ++k) {
+        if (k < nope_blocks) {
+          TmaLoad(keys + k * kFlashKeys * 128, &k_map, bar, 64 * k, b.head, key0);
+        } else {
+          TmaLoad(keys + k * kFlashKeys * 128, &rope_map, bar, 64 * (k - nope_blocks), key0);
+        }
+      }
+      TmaLoad(keys + T::kKBytes, &v_map, bar, key0, 0, b.head);
+    }
+    return;
+  }
+
+  ClaimRegisters<T::kConsumerRegisters>();
+  const int group = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4;
+  const int first_row_position = p.first_position + b.q0 + group * 64 + warp * 16;
+  const uint32_t group_queries = queries + group * 64 * 128;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const auto wait_for = [&](int tile) { MbarrierWait(full + 8 * (tile % T::kStages), tile / T::kStages & 1); };
+  FlashRows<T::kQkBlocks> rows;
+
+  // As in FlashPrefillKernel below: each round issues the next tile's scores and this tile's P V
+  // together, and runs the next tile's softmax while P V is still on the tensor cores; a stage is
+  // handed back once its values are multiplied.
+  MbarrierWait(queries_full, 0);
+  wait_for(0);
+  WgmmaFence();
+  rows.IssueScores(group_queries, stage_of(0));
+  WgmmaWait<0>();
+  rows.Softmax(p, 0, first_row_position, scale_log2);
+  rows.TakeProbabilities();
+  for (int tile = 0; tile + 1 < b.tiles; ++tile) {
+    wait_for(tile + 1);
+    WgmmaFence();
+    rows.IssueScores(group_queries, stage_of(tile + 1));
+    rows.IssueValues(stage_of(tile) + T::kKBytes);
+    WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
+    rows.Softmax(p, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
+    WgmmaWait<0>();
+    if (threadIdx.x % 32 == 0) MbarrierArrive(empty + 8 * (tile % T::kStages));
+    rows.TakeProbabilities();
+  }
+  WgmmaFence();
+  rows.IssueValues(stage_of(b.tiles - 1) + T::kKBytes);
+  WgmmaWait<0>();
+  rows.Store(p, b.q0 + group * 64, b.head);
+}
+
+// ------------------------------------------------------------------ any other head: cp.async copies
+
+template <int QK_BLOCKS>  // 64-value blocks of nope + rope: 1 (heads of up to 64) or 3 (up to 192)
+struct FlashTiles {
+  static constexpr int kThreads = 256;
+  static constexpr int kChunks = QK_BLOCKS * 8;  // 16-byte chunks of a query or key row
+  static constexpr int kQBytes = QK_BLOCKS * kFlashRows * 128;
+  static constexpr int kKBytes = QK_BLOCKS * kFlashKeys * 128;
+  static constexpr int kVBytes = kFlashValueDims * kFlashKeys * 2;
+  static constexpr int kStageBytes = kKBytes + kVBytes;
+  static constexpr int kStages = 3;  // tile t's values and t + 1's keys in use while t + 2 is copied in
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
+};
+
+// Keys [key0, key0 + 64) of `head` (nope then rope values) and their values (transposed) into one
+// stage; zeros past the context and the head sizes.
+template <class T>
+__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int head, int key0, uint32_t keys,
+                                            uint32_t values) {
+  for (int i = threadIdx.x; i < kFlashKeys * T::kChunks; i += T::kThreads) {
+    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8, key = key0 + row;
+    const __nv_bfloat16* src = p.k;  // any valid address where nothing is read
+    int bytes = 0;
+    if (key < p.keys && d < p.nope) {
+      src = p.k + key * p.k_row_stride + head * p.k_head_stride + d;
+      bytes = 16;
+    } else if (key < p.keys && d < p.nope + p.rope) {
+      src = p.k_rope + key * p.k_rope_row_stride + (d - p.nope);
+      bytes = 16;
+    }
+    CpAsyncBytes(keys + (chunk / 8) * kFlashKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
+  }
+  for (int i = threadIdx.x; i < kFlashValueDims * 8; i += T::kThreads) {
+    const int dim = i / 8, chunk = i % 8, key = key0 + chunk * 8;
+    const int bytes = dim < p.v_dim && key < p.keys ? 2 * min(8, p.keys - key) : 0;
+    const __nv_bfloat16* src = bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + key : p.v_t;
+    CpAsyncBytes(values + SwizzledOffset<64>(dim, chunk), src, bytes);
+  }
+}
+
+// The block's threads copy tile t + 2 (cp.async, three stages) while tile t's values and t + 1's
+// keys are in use.
+template <int QK_BLOCKS>
+__global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) {
+  using T = FlashTiles<QK_BLOCKS>;
+  extern __shared__ __align__(1024) unsigned char flash_smem[];
+  const uint32_t queries = SmemAddress(flash_smem);
+  const uint32_t stages = queries + T::kQBytes;  // kStages of [keys | values]
+  const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
+  const FlashBlock b(p);
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4;
+  const int first_row_position = p.first_position + b.q0 + warpgroup * 64 + warp * 16;
+  const uint32_t group_queries = queries + warpgroup * 64 * 128;
+
+  for (int i = threadIdx.x; i < kFlashRows * T::kChunks; i += T::kThreads) {
+    const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
+    const bool valid = b.q0 + row < p.queries && d < p.nope + p.rope;
+    const __nv_bfloat16* src = valid ? p.q + (b.q0 + row) * p.q_row_stride + b.head * p.q_head_stride + d : p.q;
+    CpAsyncBytes(queries + (chunk / 8) * kFlashRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
+  }
+  for (int tile = 0; tile < T::kStages - 1; ++tile) {  // one group a tile, empty past the last
+    if (tile < b.tiles) LoadKeyTile<T>(p, b.head, tile * kFlashKeys, stage_of(tile), stage_of(tile) + T::kKBytes);
+    CpAsyncCommit();
+  }
+
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  FlashRows<QK_BLOCKS> rows;
   // Tile 0's scores and probabilities first; then each round issues the next tile's scores and this
   // tile's P V together, and runs the next tile's softmax while P V is still on the tensor cores.
   // Every warpgroup multiplies every tile (no branch around wgmma, which would serialise it): on the
@@ -183,49 +336,33 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
   FenceProxyAsync();
   __syncthreads();
   WgmmaFence();
-  issue_scores(0);
+  rows.IssueScores(group_queries, stage_of(0));
   WgmmaWait<0>();
-  softmax(0);
-  take_probabilities();
-  for (int tile = 0; tile + 1 < tiles; ++tile) {
+  rows.Softmax(p, 0, first_row_position, scale_log2);
+  rows.TakeProbabilities();
+  for (int tile = 0; tile + 1 < b.tiles; ++tile) {
     // Every warpgroup is done with tile - 1's stage: it takes tile + kStages - 1.
     __syncthreads();
     const int refill = tile + T::kStages - 1;
-    if (refill < tiles) LoadKeyTile<T>(p, head, refill * T::kKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
+    if (refill < b.tiles) {
+      LoadKeyTile<T>(p, b.head, refill * kFlashKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
+    }
     CpAsyncCommit();
     CpAsyncWait<T::kStages - 2>();  // tile + 1 landed
     FenceProxyAsync();
     __syncthreads();
     WgmmaFence();
-    issue_scores(tile + 1);
-    issue_values(tile);
+    rows.IssueScores(group_queries, stage_of(tile + 1));
+    rows.IssueValues(stage_of(tile) + T::kKBytes);
     WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
-    softmax(tile + 1);
+    rows.Softmax(p, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
     WgmmaWait<0>();
-    take_probabilities();
+    rows.TakeProbabilities();
   }
   WgmmaFence();
-  issue_values(tiles - 1);
+  rows.IssueValues(stage_of(b.tiles - 1) + T::kKBytes);
   WgmmaWait<0>();
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int query = q0 + warpgroup * 64 + warp * 16 + g + r * 8;
-    if (query >= p.queries) continue;
-    __nv_bfloat16* row = p.out + query * p.out_row_stride + head * p.out_head_stride;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      const int d = n * 8 + 2 * t;
-      if (d < p.v_dim) {
-        *reinterpret_cast<__nv_bfloat162*>(row + d) =
-            __floats2bfloat162_rn(out[n][2 * r] * inv, out[n][2 * r + 1] * inv);
-      }
-    }
-  }
+  rows.Store(p, b.q0 + warpgroup * 64, b.head);
 }
 
 }  // namespace
@@ -252,8 +389,45 @@ cudaError_t LaunchFlash(const FlashPrefillParams& p, cudaStream_t stream) {
   static LaunchSetUp setup;
   LaunchInfo info;
   if (const cudaError_t e = setup.Get(kernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
-  const dim3 grid((p.queries + T::kRows - 1) / T::kRows, p.heads);
+  const dim3 grid((p.queries + kFlashRows - 1) / kFlashRows, p.heads);
   kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Whether FlashPrefillWsKernel takes these heads: its tiles are whole 64-value blocks of nope, then
+// of rope, 192 values in all.
+bool WsHeads(const FlashPrefillParams& p) {
+  return p.nope % 64 == 0 && p.rope % 64 == 0 && p.nope + p.rope == 64 * FlashWsTiles::kQkBlocks;
+}
+
+cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
+  using T = FlashWsTiles;
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  CUtensorMap q_map{}, k_map{}, rope_map{}, v_map{};
+  const uint64_t q_dims[3] = {u(p.nope + p.rope), u(p.heads), u(p.queries)};
+  const uint64_t q_strides[2] = {u(p.q_head_stride * 2), u(p.q_row_stride * 2)};
+  const uint32_t q_box[3] = {64, 1, kFlashRows};
+  const uint64_t k_dims[3] = {u(p.nope), u(p.heads), u(p.keys)};
+  const uint64_t k_strides[2] = {u(p.k_head_stride * 2), u(p.k_row_stride * 2)};
+  const uint32_t k_box[3] = {64, 1, kFlashKeys};
+  const uint64_t v_dims[3] = {u(p.keys), u(p.v_dim), u(p.heads)};
+  const uint64_t v_strides[2] = {u(p.v_t_row_stride * 2), u(p.v_t_head_stride * 2)};
+  const uint32_t v_box[3] = {kFlashKeys, kFlashValueDims, 1};
+  cudaError_t e = EncodeBf16TensorMap(&q_map, p.q, 3, q_dims, q_strides, q_box);
+  if (e == cudaSuccess) e = EncodeBf16TensorMap(&k_map, p.k, 3, k_dims, k_strides, k_box);
+  if (e == cudaSuccess) e = EncodeBf16TensorMap(&v_map, p.v_t, 3, v_dims, v_strides, v_box);
+  if (e == cudaSuccess && p.rope > 0) {  // without a rope part the kernel never reads its map
+    const uint64_t rope_dims[2] = {u(p.rope), u(p.keys)};
+    const uint64_t rope_strides[1] = {u(p.k_rope_row_stride * 2)};
+    const uint32_t rope_box[2] = {64, kFlashKeys};
+    e = EncodeBf16TensorMap(&rope_map, p.k_rope, 2, rope_dims, rope_strides, rope_box);
+  }
+  if (e != cudaSuccess) return e;
+  static LaunchSetUp setup;
+  LaunchInfo info;
+  if (e = setup.Get(FlashPrefillWsKernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
+  const dim3 grid((p.queries + kFlashRows - 1) / kFlashRows, p.heads);
+  FlashPrefillWsKernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(p, q_map, k_map, rope_map, v_map);
   return cudaGetLastError();
 }
 
@@ -272,6 +446,7 @@ cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream)
       reinterpret_cast<uintptr_t>(p.out) % 4 != 0) {
     return cudaErrorInvalidValue;
   }
+  if (WsHeads(p)) return LaunchFlashWs(p, stream);
   return p.nope + p.rope <= 64 ? LaunchFlash<1>(p, stream) : LaunchFlash<3>(p, stream);
 }
 

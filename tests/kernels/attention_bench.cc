@@ -12,7 +12,7 @@
 //   shape runs as the step does, once a layer over as many layers' caches (a graph of launches) as
 //   keep a layer's cache from still being in L2 when it is read again.
 //
-//   build/bin/attention_bench [--peak-tflops N] [--decode-only]
+//   build/bin/attention_bench [--peak-tflops N] [--decode-only | --prefill-only]
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -210,10 +210,10 @@ void RunDecode(const testing::BenchDevice& bench) {
   }
 }
 
-int Run(double peak_tflops, bool decode_only) {
+int Run(double peak_tflops, bool prefill, bool decode) {
   const testing::BenchDevice bench = testing::OpenBenchDevice("attention_bench");
-  if (!decode_only) RunPrefill(bench, peak_tflops);
-  RunDecode(bench);
+  if (prefill) RunPrefill(bench, peak_tflops);
+  if (decode) RunDecode(bench);
   return 0;
 }
 
@@ -222,20 +222,26 @@ int Run(double peak_tflops, bool decode_only) {
 
 int main(int argc, char** argv) {
   double peak = 989.0;
-  bool decode_only = false;
+  bool prefill = true, decode = true;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--peak-tflops") == 0 && i + 1 < argc) {
       peak = std::atof(argv[++i]);
     } else if (std::strcmp(argv[i], "--decode-only") == 0) {
-      decode_only = true;
+      prefill = false;
+    } else if (std::strcmp(argv[i], "--prefill-only") == 0) {
+      decode = false;
     } else {
-      std::fprintf(stderr, "usage: attention_bench [--peak-tflops N] [--decode-only]\n");
+      std::fprintf(stderr, "usage: attention_bench [--peak-tflops N] [--decode-only | --prefill-only]\n");
       return 2;
     }
+  }
+  if (!prefill && !decode) {
+    std::fprintf(stderr, "attention_bench: --decode-only and --prefill-only leave nothing to time\n");
+    return 2;
   }
   if (!(peak > 0)) {
     std::fprintf(stderr, "attention_bench: --peak-tflops must be positive\n");
     return 2;
   }
-  return cohort::Run(peak, decode_only);
+  return cohort::Run(peak, prefill, decode);
 }

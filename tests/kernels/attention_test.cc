@@ -366,14 +366,20 @@ void RunFlashCase(const FlashCase& c) {
   }
 }
 
+// Heads of 192 query values in whole blocks of 64 (DeepSeek's): the producer-warp kernel, whose
+// copies (TMA) fill what lies past the chunk, the context and v_dim with zeros.
 TEST(PrefillAttentionTest, FlashMatchesCpuOnDeepseekHeads) {
   COHORT_SKIP_WITHOUT_GPU();
   RunFlashCase({3, 128, 64, 128, 100, 0});    // a first chunk: the diagonal tiles
   RunFlashCase({2, 128, 64, 128, 70, 200});   // a chunk at the end of a longer context
   RunFlashCase({2, 128, 64, 128, 1, 517});    // one query
   RunFlashCase({2, 128, 64, 128, 129, 63, 40});  // keys past the chunk, tiles that straddle it
+  RunFlashCase({2, 128, 64, 128, 300, 900});  // 19 key tiles: the ring of stages wraps four times
+  RunFlashCase({2, 192, 0, 128, 70, 10});     // no rope part
+  RunFlashCase({2, 128, 64, 72, 90, 30});     // values narrower than 128
 }
 
+// Any other head: the kernel that copies with cp.async.
 TEST(PrefillAttentionTest, FlashMatchesCpuOnSmallAndPaddedHeads) {
   COHORT_SKIP_WITHOUT_GPU();
   RunFlashCase({4, 16, 8, 16, 37, 5});    // the test fixtures' heads: one block of 64 query values
