@@ -144,13 +144,15 @@ struct FlashRows {
   }
 };
 
-// The block's place in the chunk: the last query tiles see the most keys, so they start first and
-// the short ones fill the tail.
+// The block's place in the chunk. The last query tiles see the most keys, so they start first, every
+// head's before any head's next, and the short ones fill the tail (the device starts blocks about in
+// the order of blockIdx.x + blockIdx.y * gridDim.x).
 struct FlashBlock {
   int q0, head, tiles;
-  __device__ FlashBlock(const FlashPrefillParams& p) {
-    q0 = (gridDim.x - 1 - blockIdx.x) * kFlashRows;
-    head = blockIdx.y;
+  __device__ explicit FlashBlock(const FlashPrefillParams& p) {
+    const int linear = blockIdx.x + blockIdx.y * gridDim.x;
+    q0 = (gridDim.x - 1 - linear / gridDim.y) * kFlashRows;
+    head = linear % gridDim.y;
     const int last_query = min(p.queries, q0 + kFlashRows) - 1;
     const int visible = min(p.keys, p.first_position + last_query + 1);
     tiles = (visible + kFlashKeys - 1) / kFlashKeys;
