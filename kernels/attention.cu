@@ -1,5 +1,9 @@
 #include "kernels/attention.h"
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
 #include "kernels/tma.cuh"
@@ -58,18 +62,17 @@ struct FlashRows {
   }
 
   // The online softmax (base 2; each row's values lie in the quad of lanes 4g..4g+3) of the tile of
-  // keys from key0, for a warp whose first row is at first_row_position: s becomes the
-  // probabilities, row_sum their sums, and rescale what out needs.
-  __device__ __forceinline__ void Softmax(const FlashPrefillParams& p, int key0, int first_row_position,
-                                          float scale_log2) {
+  // keys from key0 of a chunk of `keys`, for a warp whose first row is at first_row_position: s
+  // becomes the probabilities, row_sum their sums, and rescale what out needs.
+  __device__ __forceinline__ void Softmax(int keys, int key0, int first_row_position, float scale_log2) {
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    if (key0 + kFlashKeys - 1 > first_row_position || key0 + kFlashKeys > p.keys) {
+    if (key0 + kFlashKeys - 1 > first_row_position || key0 + kFlashKeys > keys) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * t + (e & 1), position = first_row_position + g + (e / 2) * 8;
-          if (key > position || key >= p.keys) s[n][e] = -INFINITY;
+          if (key > position || key >= keys) s[n][e] = -INFINITY;
         }
       }
     }
@@ -120,8 +123,9 @@ struct FlashRows {
     WgmmaCommit();
   }
 
-  // out / row sum -> the output rows of `head`, for a warpgroup whose first row is query `query0`.
-  __device__ __forceinline__ void Store(const FlashPrefillParams& p, int query0, int head) {
+  // out / row sum -> the output rows of `head` of chunk c, for a warpgroup whose first row is the
+  // chunk's query `query0`.
+  __device__ __forceinline__ void Store(const FlashPrefillParams& p, const FlashChunk& c, int query0, int head) {
     const int warp = threadIdx.x / 32 % 4, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -130,8 +134,8 @@ struct FlashRows {
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       const int query = query0 + warp * 16 + g + r * 8;
-      if (query >= p.queries) continue;
-      __nv_bfloat16* row = p.out + query * p.out_row_stride + head * p.out_head_stride;
+      if (query >= c.queries) continue;
+      __nv_bfloat16* row = p.out + (c.first_query + query) * p.out_row_stride + head * p.out_head_stride;
 #pragma unroll
       for (int n = 0; n < 16; ++n) {
         const int d = n * 8 + 2 * t;
@@ -144,20 +148,12 @@ struct FlashRows {
   }
 };
 
-// The block's place in the chunk. The last query tiles see the most keys, so they start first, every
-// head's before any head's next, and the short ones fill the tail (the device starts blocks about in
-// the order of blockIdx.x + blockIdx.y * gridDim.x).
-struct FlashBlock {
-  int q0, head, tiles;
-  __device__ explicit FlashBlock(const FlashPrefillParams& p) {
-    const int linear = blockIdx.x + blockIdx.y * gridDim.x;
-    q0 = (gridDim.x - 1 - linear / gridDim.y) * kFlashRows;
-    head = linear % gridDim.y;
-    const int last_query = min(p.queries, q0 + kFlashRows) - 1;
-    const int visible = min(p.keys, p.first_position + last_query + 1);
-    tiles = (visible + kFlashKeys - 1) / kFlashKeys;
-  }
-};
+// Key tiles the queries [q0, q0 + kFlashRows) of chunk c see.
+__device__ __forceinline__ int VisibleTiles(const FlashChunk& c, int q0) {
+  const int last_query = min(c.queries, q0 + kFlashRows) - 1;
+  const int visible = min(c.keys, c.first_position + last_query + 1);
+  return (visible + kFlashKeys - 1) / kFlashKeys;
+}
 
 // ---------------------------------------------------------------- DeepSeek heads: producer warp, TMA
 
@@ -176,14 +172,25 @@ struct FlashWsTiles {
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 };
 
-// The maps (tma.cuh), all of 128-byte rows: queries [queries][heads][nope + rope] in boxes of 64
-// values x kFlashRows queries; keys [keys][heads][nope] and rope keys [keys][rope] in boxes of 64
-// values x kFlashKeys keys; values [heads][v_dim][keys] in boxes of kFlashKeys keys x 128 dims.
-// Rows past the chunk, the context and v_dim arrive as zeros.
+// A launch's chunks and its blocks' work, in kernel parameters: item i (chunk << 16 | query tile) is
+// blocks [i * heads, (i + 1) * heads), one a head. The launcher orders the items by the key tiles
+// they see, most first, so the short ones fill the tail (the device starts blocks about in the
+// order of their index).
+constexpr int kFlashMaxChunks = 32;  // a launch's; the launcher makes more launches for more
+constexpr int kFlashMaxItems = 512;
+struct FlashWork {
+  FlashChunk chunks[kFlashMaxChunks];
+  uint32_t items[kFlashMaxItems];
+};
+
+// The maps (tma.cuh), all of 128-byte rows: queries [rows][heads][nope + rope] in boxes of 64 values
+// x kFlashRows queries; keys [rows][heads][nope] and rope keys [rows][rope] in boxes of 64 values x
+// kFlashKeys keys; values [heads][v_dim][columns] in boxes of kFlashKeys keys x 128 dims. Rows past
+// the furthest chunk's and dimensions past v_dim arrive as zeros.
 __global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
-    FlashPrefillWsKernel(const FlashPrefillParams p, const __grid_constant__ CUtensorMap q_map,
-                         const __grid_constant__ CUtensorMap k_map, const __grid_constant__ CUtensorMap rope_map,
-                         const __grid_constant__ CUtensorMap v_map) {
+    FlashPrefillWsKernel(const FlashPrefillParams p, const __grid_constant__ FlashWork work,
+                         const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
+                         const __grid_constant__ CUtensorMap rope_map, const __grid_constant__ CUtensorMap v_map) {
   using T = FlashWsTiles;
   extern __shared__ __align__(1024) unsigned char flash_smem[];
   const uint32_t queries = SmemAddress(flash_smem);
@@ -192,7 +199,10 @@ __global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
   const uint32_t empty = full + 8 * T::kStages;
   const uint32_t queries_full = empty + 8 * T::kStages;
   const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
-  const FlashBlock b(p);
+  const uint32_t item = work.items[blockIdx.x / p.heads];
+  const FlashChunk& c = work.chunks[item >> 16];
+  const int q0 = static_cast<int>(item & 0xffffu) * kFlashRows, head = blockIdx.x % p.heads;
+  const int tiles = VisibleTiles(c, q0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < T::kStages; ++s) {
       MbarrierInit(full + 8 * s, 1);
@@ -208,29 +218,29 @@ __global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
     if (threadIdx.x != 0) return;
     MbarrierArriveExpectTx(queries_full, T::kQBytes);
     for (int k = 0; k < T::kQkBlocks; ++k) {
-      TmaLoad(queries + k * kFlashRows * 128, &q_map, queries_full, 64 * k, b.head, b.q0);
+      TmaLoad(queries + k * kFlashRows * 128, &q_map, queries_full, 64 * k, head, c.first_query + q0);
     }
     const int nope_blocks = p.nope / 64;
-    for (int tile = 0; tile < b.tiles; ++tile) {
+    for (int tile = 0; tile < tiles; ++tile) {
       MbarrierWait(empty + 8 * (tile % T::kStages), (tile / T::kStages & 1) ^ 1);  // its last tile used
       const uint32_t keys = stage_of(tile), bar = full + 8 * (tile % T::kStages);
-      const int key0 = tile * kFlashKeys;
+      const int key0 = c.first_key + tile * kFlashKeys;
       MbarrierArriveExpectTx(bar, T::kStageBytes);
       for (int k = 0; k < T::kQkBlocks; ++k) {
         if (k < nope_blocks) {
-          TmaLoad(keys + k * kFlashKeys * 128, &k_map, bar, 64 * k, b.head, key0);
+          TmaLoad(keys + k * kFlashKeys * 128, &k_map, bar, 64 * k, head, key0);
         } else {
           TmaLoad(keys + k * kFlashKeys * 128, &rope_map, bar, 64 * (k - nope_blocks), key0);
         }
       }
-      TmaLoad(keys + T::kKBytes, &v_map, bar, key0, 0, b.head);
+      TmaLoad(keys + T::kKBytes, &v_map, bar, key0, 0, head);
     }
     return;
   }
 
   ClaimRegisters<T::kConsumerRegisters>();
   const int group = threadIdx.x / 128 - 1, warp = threadIdx.x / 32 % 4;
-  const int first_row_position = p.first_position + b.q0 + group * 64 + warp * 16;
+  const int first_row_position = c.first_position + q0 + group * 64 + warp * 16;
   const uint32_t group_queries = queries + group * 64 * 128;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   const auto wait_for = [&](int tile) { MbarrierWait(full + 8 * (tile % T::kStages), tile / T::kStages & 1); };
@@ -244,23 +254,23 @@ __global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
   WgmmaFence();
   rows.IssueScores(group_queries, stage_of(0));
   WgmmaWait<0>();
-  rows.Softmax(p, 0, first_row_position, scale_log2);
+  rows.Softmax(c.keys, 0, first_row_position, scale_log2);
   rows.TakeProbabilities();
-  for (int tile = 0; tile + 1 < b.tiles; ++tile) {
+  for (int tile = 0; tile + 1 < tiles; ++tile) {
     wait_for(tile + 1);
     WgmmaFence();
     rows.IssueScores(group_queries, stage_of(tile + 1));
     rows.IssueValues(stage_of(tile) + T::kKBytes);
     WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
-    rows.Softmax(p, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
+    rows.Softmax(c.keys, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
     WgmmaWait<0>();
     if (threadIdx.x % 32 == 0) MbarrierArrive(empty + 8 * (tile % T::kStages));
     rows.TakeProbabilities();
   }
   WgmmaFence();
-  rows.IssueValues(stage_of(b.tiles - 1) + T::kKBytes);
+  rows.IssueValues(stage_of(tiles - 1) + T::kKBytes);
   WgmmaWait<0>();
-  rows.Store(p, b.q0 + group * 64, b.head);
+  rows.Store(p, c, q0 + group * 64, head);
 }
 
 // ------------------------------------------------------------------ any other head: cp.async copies
@@ -277,54 +287,60 @@ struct FlashTiles {
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
 };
 
-// Keys [key0, key0 + 64) of `head` (nope then rope values) and their values (transposed) into one
-// stage; zeros past the context and the head sizes.
+// Keys [key0, key0 + 64) of chunk c's `head` (nope then rope values) and their values (transposed)
+// into one stage; zeros past the chunk's keys and the head sizes.
 template <class T>
-__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, int head, int key0, uint32_t keys,
-                                            uint32_t values) {
+__device__ __forceinline__ void LoadKeyTile(const FlashPrefillParams& p, const FlashChunk& c, int head, int key0,
+                                            uint32_t keys, uint32_t values) {
   for (int i = threadIdx.x; i < kFlashKeys * T::kChunks; i += T::kThreads) {
     const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8, key = key0 + row;
+    const int64_t at = c.first_key + key;
     const __nv_bfloat16* src = p.k;  // any valid address where nothing is read
     int bytes = 0;
-    if (key < p.keys && d < p.nope) {
-      src = p.k + key * p.k_row_stride + head * p.k_head_stride + d;
+    if (key < c.keys && d < p.nope) {
+      src = p.k + at * p.k_row_stride + head * p.k_head_stride + d;
       bytes = 16;
-    } else if (key < p.keys && d < p.nope + p.rope) {
-      src = p.k_rope + key * p.k_rope_row_stride + (d - p.nope);
+    } else if (key < c.keys && d < p.nope + p.rope) {
+      src = p.k_rope + at * p.k_rope_row_stride + (d - p.nope);
       bytes = 16;
     }
     CpAsyncBytes(keys + (chunk / 8) * kFlashKeys * 128 + SwizzledOffset<64>(row, chunk % 8), src, bytes);
   }
   for (int i = threadIdx.x; i < kFlashValueDims * 8; i += T::kThreads) {
     const int dim = i / 8, chunk = i % 8, key = key0 + chunk * 8;
-    const int bytes = dim < p.v_dim && key < p.keys ? 2 * min(8, p.keys - key) : 0;
-    const __nv_bfloat16* src = bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + key : p.v_t;
+    const int bytes = dim < p.v_dim && key < c.keys ? 2 * min(8, c.keys - key) : 0;
+    const __nv_bfloat16* src =
+        bytes > 0 ? p.v_t + head * p.v_t_head_stride + dim * p.v_t_row_stride + c.first_key + key : p.v_t;
     CpAsyncBytes(values + SwizzledOffset<64>(dim, chunk), src, bytes);
   }
 }
 
-// The block's threads copy tile t + 2 (cp.async, three stages) while tile t's values and t + 1's
-// keys are in use.
+// One launch a chunk, grid (query tiles, heads); every head's longest query tiles start first. The
+// block's threads copy tile t + 2 (cp.async, three stages) while tile t's values and t + 1's keys
+// are in use.
 template <int QK_BLOCKS>
-__global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) {
+__global__ void __launch_bounds__(256) FlashPrefillKernel(const FlashPrefillParams p, const FlashChunk c) {
   using T = FlashTiles<QK_BLOCKS>;
   extern __shared__ __align__(1024) unsigned char flash_smem[];
   const uint32_t queries = SmemAddress(flash_smem);
   const uint32_t stages = queries + T::kQBytes;  // kStages of [keys | values]
   const auto stage_of = [&](int tile) { return stages + (tile % T::kStages) * T::kStageBytes; };
-  const FlashBlock b(p);
+  const int linear = blockIdx.x + blockIdx.y * gridDim.x;
+  const int q0 = (gridDim.x - 1 - linear / gridDim.y) * kFlashRows, head = linear % gridDim.y;
+  const int tiles = VisibleTiles(c, q0);
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4;
-  const int first_row_position = p.first_position + b.q0 + warpgroup * 64 + warp * 16;
+  const int first_row_position = c.first_position + q0 + warpgroup * 64 + warp * 16;
   const uint32_t group_queries = queries + warpgroup * 64 * 128;
 
   for (int i = threadIdx.x; i < kFlashRows * T::kChunks; i += T::kThreads) {
     const int row = i / T::kChunks, chunk = i % T::kChunks, d = chunk * 8;
-    const bool valid = b.q0 + row < p.queries && d < p.nope + p.rope;
-    const __nv_bfloat16* src = valid ? p.q + (b.q0 + row) * p.q_row_stride + b.head * p.q_head_stride + d : p.q;
+    const bool valid = q0 + row < c.queries && d < p.nope + p.rope;
+    const int64_t at = c.first_query + q0 + row;
+    const __nv_bfloat16* src = valid ? p.q + at * p.q_row_stride + head * p.q_head_stride + d : p.q;
     CpAsyncBytes(queries + (chunk / 8) * kFlashRows * 128 + SwizzledOffset<64>(row, chunk % 8), src, valid ? 16 : 0);
   }
   for (int tile = 0; tile < T::kStages - 1; ++tile) {  // one group a tile, empty past the last
-    if (tile < b.tiles) LoadKeyTile<T>(p, b.head, tile * kFlashKeys, stage_of(tile), stage_of(tile) + T::kKBytes);
+    if (tile < tiles) LoadKeyTile<T>(p, c, head, tile * kFlashKeys, stage_of(tile), stage_of(tile) + T::kKBytes);
     CpAsyncCommit();
   }
 
@@ -340,14 +356,14 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
   WgmmaFence();
   rows.IssueScores(group_queries, stage_of(0));
   WgmmaWait<0>();
-  rows.Softmax(p, 0, first_row_position, scale_log2);
+  rows.Softmax(c.keys, 0, first_row_position, scale_log2);
   rows.TakeProbabilities();
-  for (int tile = 0; tile + 1 < b.tiles; ++tile) {
+  for (int tile = 0; tile + 1 < tiles; ++tile) {
     // Every warpgroup is done with tile - 1's stage: it takes tile + kStages - 1.
     __syncthreads();
     const int refill = tile + T::kStages - 1;
-    if (refill < b.tiles) {
-      LoadKeyTile<T>(p, b.head, refill * kFlashKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
+    if (refill < tiles) {
+      LoadKeyTile<T>(p, c, head, refill * kFlashKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
     }
     CpAsyncCommit();
     CpAsyncWait<T::kStages - 2>();  // tile + 1 landed
@@ -357,14 +373,14 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(FlashPrefillParams p) 
     rows.IssueScores(group_queries, stage_of(tile + 1));
     rows.IssueValues(stage_of(tile) + T::kKBytes);
     WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
-    rows.Softmax(p, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
+    rows.Softmax(c.keys, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
     WgmmaWait<0>();
     rows.TakeProbabilities();
   }
   WgmmaFence();
-  rows.IssueValues(stage_of(b.tiles - 1) + T::kKBytes);
+  rows.IssueValues(stage_of(tiles - 1) + T::kKBytes);
   WgmmaWait<0>();
-  rows.Store(p, b.q0 + warpgroup * 64, b.head);
+  rows.Store(p, c, q0 + warpgroup * 64, head);
 }
 
 }  // namespace
@@ -391,9 +407,13 @@ cudaError_t LaunchFlash(const FlashPrefillParams& p, cudaStream_t stream) {
   static LaunchSetUp setup;
   LaunchInfo info;
   if (const cudaError_t e = setup.Get(kernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
-  const dim3 grid((p.queries + kFlashRows - 1) / kFlashRows, p.heads);
-  kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  for (int i = 0; i < p.num_chunks; ++i) {
+    const FlashChunk& c = p.chunks[i];
+    if (c.queries == 0) continue;
+    kernel<<<dim3((c.queries + kFlashRows - 1) / kFlashRows, p.heads), T::kThreads, T::kSmemBytes, stream>>>(p, c);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 // Whether FlashPrefillWsKernel takes these heads: its tiles are whole 64-value blocks of nope, then
@@ -402,24 +422,34 @@ bool WsHeads(const FlashPrefillParams& p) {
   return p.nope % 64 == 0 && p.rope % 64 == 0 && p.nope + p.rope == 64 * FlashWsTiles::kQkBlocks;
 }
 
+// One launch for up to kFlashMaxChunks chunks and kFlashMaxItems query tiles (more take further
+// launches), its items ordered by the key tiles they see.
 cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
   using T = FlashWsTiles;
+  static_assert(sizeof(FlashPrefillParams) + sizeof(FlashWork) + 4 * sizeof(CUtensorMap) <= 4096,
+                "kernel parameters are at most 4 KB");
+  int64_t query_rows = 0, key_rows = 0;
+  for (int i = 0; i < p.num_chunks; ++i) {
+    query_rows = std::max<int64_t>(query_rows, int64_t{p.chunks[i].first_query} + p.chunks[i].queries);
+    key_rows = std::max<int64_t>(key_rows, int64_t{p.chunks[i].first_key} + p.chunks[i].keys);
+  }
+  if (query_rows == 0) return cudaSuccess;  // no chunk has a query (and a map needs rows)
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
   CUtensorMap q_map{}, k_map{}, rope_map{}, v_map{};
-  const uint64_t q_dims[3] = {u(p.nope + p.rope), u(p.heads), u(p.queries)};
+  const uint64_t q_dims[3] = {u(p.nope + p.rope), u(p.heads), u(query_rows)};
   const uint64_t q_strides[2] = {u(p.q_head_stride * 2), u(p.q_row_stride * 2)};
   const uint32_t q_box[3] = {64, 1, kFlashRows};
-  const uint64_t k_dims[3] = {u(p.nope), u(p.heads), u(p.keys)};
+  const uint64_t k_dims[3] = {u(p.nope), u(p.heads), u(key_rows)};
   const uint64_t k_strides[2] = {u(p.k_head_stride * 2), u(p.k_row_stride * 2)};
   const uint32_t k_box[3] = {64, 1, kFlashKeys};
-  const uint64_t v_dims[3] = {u(p.keys), u(p.v_dim), u(p.heads)};
+  const uint64_t v_dims[3] = {u(key_rows), u(p.v_dim), u(p.heads)};
   const uint64_t v_strides[2] = {u(p.v_t_row_stride * 2), u(p.v_t_head_stride * 2)};
   const uint32_t v_box[3] = {kFlashKeys, kFlashValueDims, 1};
   cudaError_t e = EncodeBf16TensorMap(&q_map, p.q, 3, q_dims, q_strides, q_box);
   if (e == cudaSuccess) e = EncodeBf16TensorMap(&k_map, p.k, 3, k_dims, k_strides, k_box);
   if (e == cudaSuccess) e = EncodeBf16TensorMap(&v_map, p.v_t, 3, v_dims, v_strides, v_box);
   if (e == cudaSuccess && p.rope > 0) {  // without a rope part the kernel never reads its map
-    const uint64_t rope_dims[2] = {u(p.rope), u(p.keys)};
+    const uint64_t rope_dims[2] = {u(p.rope), u(key_rows)};
     const uint64_t rope_strides[1] = {u(p.k_rope_row_stride * 2)};
     const uint32_t rope_box[2] = {64, kFlashKeys};
     e = EncodeBf16TensorMap(&rope_map, p.k_rope, 2, rope_dims, rope_strides, rope_box);
@@ -428,24 +458,50 @@ cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
   static LaunchSetUp setup;
   LaunchInfo info;
   if (e = setup.Get(FlashPrefillWsKernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
-  const dim3 grid((p.queries + kFlashRows - 1) / kFlashRows, p.heads);
-  FlashPrefillWsKernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(p, q_map, k_map, rope_map, v_map);
-  return cudaGetLastError();
+
+  FlashWork work;
+  std::vector<std::pair<int, uint32_t>> items;  // (key tiles seen, item)
+  for (int first = 0; first < p.num_chunks; first += kFlashMaxChunks) {
+    const int chunks = std::min(kFlashMaxChunks, p.num_chunks - first);
+    items.clear();
+    for (int i = 0; i < chunks; ++i) {
+      const FlashChunk& c = work.chunks[i] = p.chunks[first + i];
+      for (int tile = 0; tile * kFlashRows < c.queries; ++tile) {
+        if (tile > 0xffff) return cudaErrorInvalidValue;  // an item's 16 bits
+        const int last_query = std::min(c.queries, (tile + 1) * kFlashRows) - 1;
+        items.emplace_back(std::min(c.keys, c.first_position + last_query + 1), static_cast<uint32_t>(i) << 16 | tile);
+      }
+    }
+    std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (size_t begin = 0; begin < items.size(); begin += kFlashMaxItems) {
+      const size_t count = std::min<size_t>(kFlashMaxItems, items.size() - begin);
+      for (size_t i = 0; i < count; ++i) work.items[i] = items[begin + i].second;
+      FlashPrefillWsKernel<<<static_cast<unsigned>(count * p.heads), T::kThreads, T::kSmemBytes, stream>>>(
+          p, work, q_map, k_map, rope_map, v_map);
+      if (e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
+  }
+  return cudaSuccess;
 }
 
 bool Chunked(const void* pointer, int64_t stride) {
   return reinterpret_cast<uintptr_t>(pointer) % 16 == 0 && stride % 8 == 0;
 }
 
+bool ValidChunk(const FlashChunk& c) {
+  return c.first_query >= 0 && c.queries >= 0 && c.first_position >= 0 && c.first_key >= 0 && c.first_key % 8 == 0 &&
+         c.keys >= 0 && (c.queries == 0 || c.keys > 0);
+}
+
 }  // namespace
 
 cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream) {
-  if (p.queries == 0 || p.heads == 0) return cudaSuccess;
-  if (!FlashPrefillSupports(p.nope, p.rope, p.v_dim) || p.queries < 0 || p.heads < 0 || p.keys <= 0 ||
-      !Chunked(p.q, p.q_row_stride) || p.q_head_stride % 8 != 0 || !Chunked(p.k, p.k_row_stride) ||
-      p.k_head_stride % 8 != 0 || !Chunked(p.k_rope, p.k_rope_row_stride) || !Chunked(p.v_t, p.v_t_row_stride) ||
-      p.v_t_head_stride % 8 != 0 || p.out_row_stride % 2 != 0 || p.out_head_stride % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(p.out) % 4 != 0) {
+  if (p.num_chunks == 0 || p.heads == 0) return cudaSuccess;
+  if (!FlashPrefillSupports(p.nope, p.rope, p.v_dim) || p.num_chunks < 0 || p.chunks == nullptr || p.heads < 0 ||
+      !std::all_of(p.chunks, p.chunks + p.num_chunks, ValidChunk) || !Chunked(p.q, p.q_row_stride) ||
+      p.q_head_stride % 8 != 0 || !Chunked(p.k, p.k_row_stride) || p.k_head_stride % 8 != 0 ||
+      !Chunked(p.k_rope, p.k_rope_row_stride) || !Chunked(p.v_t, p.v_t_row_stride) || p.v_t_head_stride % 8 != 0 ||
+      p.out_row_stride % 2 != 0 || p.out_head_stride % 2 != 0 || reinterpret_cast<uintptr_t>(p.out) % 4 != 0) {
     return cudaErrorInvalidValue;
   }
   if (WsHeads(p)) return LaunchFlashWs(p, stream);

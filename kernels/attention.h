@@ -15,16 +15,23 @@ namespace cohort::kernels {
 cudaError_t LaunchGatherCache(const __nv_bfloat16* layer_cache, const int32_t* block_table, int block_size,
                               int width, int length, __nv_bfloat16* out, cudaStream_t stream);
 
-// Causal attention of a prefill chunk over keys and values expanded from the latent, in one launch:
+// Causal attention of prefill chunks over keys and values expanded from the latent, in one launch:
 // scores, online softmax and the value product stay on chip (flash attention on wgmma; no scores in
-// memory). Query r of the chunk is at position first_position + r and sees keys
-// 0..first_position + r. For head h:
-//   query r     [nope | rope] at q + r * q_row_stride + h * q_head_stride;
-//   key j       nope values at k + j * k_row_stride + h * k_head_stride, then the rope key shared by
-//               all heads at k_rope + j * k_rope_row_stride;
-//   value j     transposed: value d of key j at v_t + h * v_t_head_stride + d * v_t_row_stride + j
-//               (each value dimension's keys contiguous, as the product reads them);
-//   output r    v_dim values at out + r * out_row_stride + h * out_head_stride.
+// memory). The buffers hold rows for every chunk of the launch; chunk c's query r is row
+// c.first_query + r of q and out, at position c.first_position + r, and sees the chunk's keys 0..
+// c.first_position + r (and < c.keys), key j being row c.first_key + j of k and k_rope and column
+// c.first_key + j of v_t. For head h:
+//   query row i [nope | rope] at q + i * q_row_stride + h * q_head_stride;
+//   key row i   nope values at k + i * k_row_stride + h * k_head_stride, then the rope key shared by
+//               all heads at k_rope + i * k_rope_row_stride;
+//   value col i transposed: value d at v_t + h * v_t_head_stride + d * v_t_row_stride + i (each value
+//               dimension's keys contiguous, as the product reads them);
+//   output row i v_dim values at out + i * out_row_stride + h * out_head_stride.
+struct FlashChunk {
+  int first_query = 0, queries = 0;  // rows of q and out
+  int first_position = 0;            // of the first query
+  int first_key = 0, keys = 0;       // rows of k and k_rope, columns of v_t (a multiple of 8): its context
+};
 struct FlashPrefillParams {
   const __nv_bfloat16* q = nullptr;
   int64_t q_row_stride = 0, q_head_stride = 0;
@@ -36,8 +43,9 @@ struct FlashPrefillParams {
   int64_t v_t_head_stride = 0, v_t_row_stride = 0;
   __nv_bfloat16* out = nullptr;
   int64_t out_row_stride = 0, out_head_stride = 0;
-  int queries = 0, keys = 0, first_position = 0, heads = 0;
-  int nope = 0, rope = 0, v_dim = 0;
+  const FlashChunk* chunks = nullptr;  // host memory, read while the launch is made
+  int num_chunks = 0;
+  int heads = 0, nope = 0, rope = 0, v_dim = 0;
   float softmax_scale = 0.0f;
 };
 
@@ -46,8 +54,13 @@ struct FlashPrefillParams {
 // with zeros, to 64 query values where they fit).
 bool FlashPrefillSupports(int nope, int rope, int v_dim);
 
-// Keys past `keys` (the context's length) are masked, and never read. cudaErrorInvalidValue for
-// unsupported head sizes, or strides and pointers that are not whole 16-byte chunks.
+// Keys past a chunk's `keys` are masked. Their values are still multiplied (by probabilities of
+// zero) up to the end of the 64-key tile that holds the chunk's last key, so the rows and columns
+// between one chunk's keys and the next's must hold finite numbers (the engine's hold zeros or
+// rows of earlier contexts); past the furthest chunk's keys (the largest first_key + keys) nothing is
+// read. cudaErrorInvalidValue for unsupported head sizes, strides and pointers that are not whole
+// 16-byte chunks, or a chunk with a negative field, with queries but no key or a first_key that is
+// not a multiple of 8.
 cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream);
 
 }  // namespace cohort::kernels

@@ -1,7 +1,8 @@
 // Times the attention kernels on DeepSeek-V2/V3 heads (16 heads as in V2-Lite):
 // - the prefill attention (kernels/attention.h, LaunchFlashPrefill; 128 nope + 64 rope query values,
-//   128 values) for the chunk shapes a prefill step runs: whole prompts of 1024 to 16384 tokens, and
-//   chunks at the end of longer contexts (chunked prefill). FLOPs count the causal work only
+//   128 values) for the chunk shapes a prefill step runs: whole prompts of 1024 to 16384 tokens,
+//   chunks at the end of longer contexts (chunked prefill), and several sequences' chunks in one
+//   launch (timed also as one launch a chunk). FLOPs count the causal work only
 //   (2 (nope + rope + v) per visible (query, key) pair and head); "% peak" is against the dense bf16
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
@@ -37,7 +38,7 @@ constexpr int kHeads = 16, kNope = 128, kRope = 64, kV = 128, kRank = 512;
 constexpr int kReps = 20;
 
 struct Shape {
-  int queries, first_position;
+  int chunks, queries, first_position;  // chunks of queries at first_position, in one launch
 };
 
 // Small random-looking values (a ramp of bf16 bit patterns), never zeros: zeros can run faster.
@@ -48,11 +49,12 @@ std::vector<uint16_t> Ramp(int64_t count) {
 }
 
 void RunPrefill(const testing::BenchDevice& bench, double peak_tflops) {
-  const Shape shapes[] = {{1024, 0}, {4096, 0}, {16384, 0}, {1024, 3072}, {512, 7680}, {2048, 14336}};
+  const Shape shapes[] = {{1, 1024, 0},    {1, 4096, 0},     {1, 16384, 0},   {1, 1024, 3072},
+                          {1, 512, 7680},   {1, 2048, 14336}, {16, 1024, 0},   {8, 512, 1536}};
   int max_keys = 0, max_queries = 0;
   for (const Shape& s : shapes) {
-    max_keys = std::max(max_keys, s.first_position + s.queries);
-    max_queries = std::max(max_queries, s.queries);
+    max_keys = std::max(max_keys, s.chunks * (s.first_position + s.queries));
+    max_queries = std::max(max_queries, s.chunks * s.queries);
   }
   const int qk = kNope + kRope, width = kRank + kRope;
   __nv_bfloat16* q = DeviceAlloc<__nv_bfloat16>(int64_t{max_queries} * kHeads * qk);
@@ -70,8 +72,13 @@ void RunPrefill(const testing::BenchDevice& bench, double peak_tflops) {
 
   std::printf("flash prefill attention, %d heads of %d + %d query values and %d values; peak %.0f TFLOP/s\n\n",
               kHeads, kNope, kRope, kV, peak_tflops);
-  std::printf(" queries  context        us   TFLOP/s   %% peak\n");
+  std::printf("  chunks  queries  context        us   TFLOP/s   %% peak\n");
   for (const Shape& s : shapes) {
+    std::vector<kernels::FlashChunk> chunks;
+    for (int c = 0; c < s.chunks; ++c) {
+      const int context = s.first_position + s.queries;
+      chunks.push_back({c * s.queries, s.queries, s.first_position, c * context, context});
+    }
     kernels::FlashPrefillParams p;
     p.q = q;
     p.q_row_stride = kHeads * qk;
@@ -87,21 +94,32 @@ void RunPrefill(const testing::BenchDevice& bench, double peak_tflops) {
     p.out = out;
     p.out_row_stride = kHeads * kV;
     p.out_head_stride = kV;
-    p.queries = s.queries;
-    p.keys = s.first_position + s.queries;
-    p.first_position = s.first_position;
+    p.chunks = chunks.data();
+    p.num_chunks = s.chunks;
     p.heads = kHeads;
     p.nope = kNope;
     p.rope = kRope;
     p.v_dim = kV;
     p.softmax_scale = 0.0722f;
-    const double us = testing::MedianMicros(bench.stream, 3, kReps,
-                                            [&] { BENCH_CHECK(kernels::LaunchFlashPrefill(p, bench.stream)); });
     // Visible (query, key) pairs: query r sees first_position + r + 1 keys.
-    const double n = s.queries, pairs = n * s.first_position + n * (n + 1) / 2;
-    const double tflops = 2.0 * kHeads * pairs * (qk + kV) / (us * 1e-6) / 1e12;
-    std::printf("%8d %8d %9.1f %9.1f %7.1f%%\n", s.queries, s.first_position + s.queries, us, tflops,
-                100.0 * tflops / peak_tflops);
+    const double n = s.queries, pairs = s.chunks * (n * s.first_position + n * (n + 1) / 2);
+    const auto report = [&](const char* how, double us) {
+      const double tflops = 2.0 * kHeads * pairs * (qk + kV) / (us * 1e-6) / 1e12;
+      std::printf("%8d %8d %8d %9.1f %9.1f %7.1f%%%s\n", s.chunks, s.queries, s.first_position + s.queries, us, tflops,
+                  100.0 * tflops / peak_tflops, how);
+    };
+    report("", testing::MedianMicros(bench.stream, 3, kReps,
+                                     [&] { BENCH_CHECK(kernels::LaunchFlashPrefill(p, bench.stream)); }));
+    if (s.chunks > 1) {  // as the engine ran several chunks before they shared a launch
+      report("  (a launch a chunk)", testing::MedianMicros(bench.stream, 3, kReps, [&] {
+               for (const kernels::FlashChunk& chunk : chunks) {
+                 kernels::FlashPrefillParams one = p;
+                 one.chunks = &chunk;
+                 one.num_chunks = 1;
+                 BENCH_CHECK(kernels::LaunchFlashPrefill(one, bench.stream));
+               }
+             }));
+    }
   }
   BENCH_CHECK(cudaFree(q));
   BENCH_CHECK(cudaFree(k));

@@ -278,22 +278,38 @@ TEST(PrefillAttentionTest, GatherCacheFollowsTheBlockTable) {
   }
 }
 
-struct FlashCase {
-  int heads, nope, rope, v, queries, first_position;
+struct FlashChunkShape {
+  int queries, first_position;
   int extra_keys = 0;  // keys past the chunk's last position (masked by causality)
 };
 
-// One chunk against a float64 reference, with the engine's layouts: queries [queries, heads, nope +
-// rope] with a gap after each row, expanded keys [keys, heads, nope], rope keys at column `rank` of
-// the gathered [keys, rank + rope] latent rows, values transposed [heads, v, ld] with NaN in each
-// row's columns past the context (the kernel must not read them). The output has a gap after each
-// head, which must keep its poison.
+struct FlashCase {
+  int heads, nope, rope, v;
+  std::vector<FlashChunkShape> chunks;  // in one launch
+  int check_every = 1;                  // query rows compared with the reference (each chunk's first)
+};
+
+// The chunks of one launch against a float64 reference, with the engine's layouts: queries [rows,
+// heads, nope + rope] with a gap after each row, every chunk's rows after the last one's; expanded
+// keys [keys, heads, nope] and rope keys at column `rank` of the gathered [keys, rank + rope] latent
+// rows, every chunk's context from the first multiple of 8 rows after the last one's; values transposed [heads, v, ld] with NaN in
+// each row's columns past the last chunk's keys (the kernel must not read them). The output has a
+// gap after each head, which must keep its poison.
 void RunFlashCase(const FlashCase& c) {
   std::mt19937 rng = testing::FreshRng();
-  const int qk = c.nope + c.rope, keys = c.first_position + c.queries + c.extra_keys, rank = 32;
+  std::vector<kernels::FlashChunk> chunks;
+  int rows = 0, keys = 0;
+  for (const FlashChunkShape& s : c.chunks) {
+    const int context = s.first_position + s.queries + s.extra_keys;
+    keys = (keys + 7) / 8 * 8;  // each chunk's keys from a multiple of 8 rows
+    chunks.push_back({rows, s.queries, s.first_position, keys, context});
+    rows += s.queries;
+    keys += context;
+  }
+  const int qk = c.nope + c.rope, rank = 32;
   const int64_t q_row = c.heads * qk + 8, k_row = c.heads * c.nope, width = rank + c.rope;
   const int64_t ld = (keys + 7) / 8 * 8 + 8, out_head = c.v + 8, out_row = c.heads * out_head;
-  const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(c.queries) * q_row, rng);
+  const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * q_row, rng);
   const std::vector<uint16_t> k = RandomBf16(static_cast<size_t>(keys) * k_row, rng);
   const std::vector<uint16_t> latent = RandomBf16(static_cast<size_t>(keys) * width, rng);
   std::vector<uint16_t> v_t = RandomBf16(static_cast<size_t>(c.heads) * c.v * ld, rng);
@@ -302,7 +318,7 @@ void RunFlashCase(const FlashCase& c) {
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(qk)) * 2.0f;  // peaked enough that masking matters
   DeviceVector<uint16_t> d_q(q), d_k(k), d_latent(latent), d_v_t(v_t);
-  DeviceVector<uint16_t> d_out(static_cast<size_t>(c.queries) * out_row);
+  DeviceVector<uint16_t> d_out(static_cast<size_t>(rows) * out_row);
 
   kernels::FlashPrefillParams p;
   p.q = Bf16(d_q);
@@ -319,9 +335,8 @@ void RunFlashCase(const FlashCase& c) {
   p.out = Bf16(d_out);
   p.out_row_stride = out_row;
   p.out_head_stride = out_head;
-  p.queries = c.queries;
-  p.keys = keys;
-  p.first_position = c.first_position;
+  p.chunks = chunks.data();
+  p.num_chunks = static_cast<int>(chunks.size());
   p.heads = c.heads;
   p.nope = c.nope;
   p.rope = c.rope;
@@ -333,60 +348,81 @@ void RunFlashCase(const FlashCase& c) {
   const std::vector<uint16_t> out = d_out.ToHost();
 
   auto value = [](const std::vector<uint16_t>& v, size_t i) { return static_cast<double>(BF16ToFloat(v[i])); };
-  for (int r = 0; r < c.queries; ++r) {
-    const int visible = c.first_position + r + 1;
-    std::vector<double> ref;
-    std::vector<float> got;
-    for (int h = 0; h < c.heads; ++h) {
-      std::vector<double> w(visible);
-      double max = -INFINITY, sum = 0;
-      for (int j = 0; j < visible; ++j) {
-        double s = 0;
-        for (int i = 0; i < c.nope; ++i) s += value(q, r * q_row + h * qk + i) * value(k, j * k_row + h * c.nope + i);
-        for (int i = 0; i < c.rope; ++i) {
-          s += value(q, r * q_row + h * qk + c.nope + i) * value(latent, j * width + rank + i);
+  for (const kernels::FlashChunk& chunk : chunks) {
+    for (int r = 0; r < chunk.queries; r += c.check_every) {
+      const int64_t row = chunk.first_query + r;
+      const int visible = std::min(chunk.keys, chunk.first_position + r + 1);
+      std::vector<double> ref;
+      std::vector<float> got;
+      for (int h = 0; h < c.heads; ++h) {
+        std::vector<double> w(visible);
+        double max = -INFINITY, sum = 0;
+        for (int j = 0; j < visible; ++j) {
+          const int64_t key = chunk.first_key + j;
+          double s = 0;
+          for (int i = 0; i < c.nope; ++i) {
+            s += value(q, row * q_row + h * qk + i) * value(k, key * k_row + h * c.nope + i);
+          }
+          for (int i = 0; i < c.rope; ++i) {
+            s += value(q, row * q_row + h * qk + c.nope + i) * value(latent, key * width + rank + i);
+          }
+          w[j] = s * scale;
+          max = std::max(max, w[j]);
         }
-        w[j] = s * scale;
-        max = std::max(max, w[j]);
+        for (double& x : w) sum += (x = std::exp(x - max));
+        for (int i = 0; i < c.v; ++i) {
+          double o = 0;
+          for (int j = 0; j < visible; ++j) {
+            o += w[j] / sum * value(v_t, (static_cast<int64_t>(h) * c.v + i) * ld + chunk.first_key + j);
+          }
+          ref.push_back(o);
+          got.push_back(BF16ToFloat(out[row * out_row + h * out_head + i]));
+        }
+        for (int i = c.v; i < out_head; ++i) {
+          ASSERT_EQ(out[row * out_row + h * out_head + i], 0xffff) << "the gap after head " << h << " was written";
+        }
       }
-      for (double& x : w) sum += (x = std::exp(x - max));
-      for (int i = 0; i < c.v; ++i) {
-        double o = 0;
-        for (int j = 0; j < visible; ++j) o += w[j] / sum * value(v_t, (static_cast<int64_t>(h) * c.v + i) * ld + j);
-        ref.push_back(o);
-        got.push_back(BF16ToFloat(out[r * out_row + h * out_head + i]));
-      }
-      for (int i = c.v; i < out_head; ++i) {
-        ASSERT_EQ(out[r * out_row + h * out_head + i], 0xffff) << "the gap after head " << h << " was written";
-      }
+      ASSERT_LT(RelativeError(ref, got), 1e-2) << "heads " << c.heads << " nope " << c.nope << " rope " << c.rope
+                                               << " v " << c.v << ": query " << r << " at position "
+                                               << chunk.first_position + r << " of the chunk at row "
+                                               << chunk.first_query;
     }
-    ASSERT_LT(RelativeError(ref, got), 1e-2) << "heads " << c.heads << " nope " << c.nope << " rope " << c.rope
-                                             << " v " << c.v << ": query " << r << " at position "
-                                             << c.first_position + r;
   }
 }
 
 // Heads of 192 query values in whole blocks of 64 (DeepSeek's): the producer-warp kernel, whose
-// copies (TMA) fill what lies past the chunk, the context and v_dim with zeros.
+// copies (TMA) fill what lies past the last chunk's keys and v_dim with zeros.
 TEST(PrefillAttentionTest, FlashMatchesCpuOnDeepseekHeads) {
   COHORT_SKIP_WITHOUT_GPU();
-  RunFlashCase({3, 128, 64, 128, 100, 0});    // a first chunk: the diagonal tiles
-  RunFlashCase({2, 128, 64, 128, 70, 200});   // a chunk at the end of a longer context
-  RunFlashCase({2, 128, 64, 128, 1, 517});    // one query
-  RunFlashCase({2, 128, 64, 128, 129, 63, 40});  // keys past the chunk, tiles that straddle it
-  RunFlashCase({2, 128, 64, 128, 300, 900});  // 19 key tiles: the ring of stages wraps four times
-  RunFlashCase({2, 192, 0, 128, 70, 10});     // no rope part
-  RunFlashCase({2, 128, 64, 72, 90, 30});     // values narrower than 128
+  RunFlashCase({3, 128, 64, 128, {{100, 0}}});    // a first chunk: the diagonal tiles
+  RunFlashCase({2, 128, 64, 128, {{70, 200}}});   // a chunk at the end of a longer context
+  RunFlashCase({2, 128, 64, 128, {{1, 517}}});    // one query
+  RunFlashCase({2, 128, 64, 128, {{129, 63, 40}}});  // keys past the chunk, tiles that straddle it
+  RunFlashCase({2, 128, 64, 128, {{300, 900}}});  // 19 key tiles: the ring of stages wraps four times
+  RunFlashCase({2, 192, 0, 128, {{70, 10}}});     // no rope part
+  RunFlashCase({2, 128, 64, 72, {{90, 30}}});     // values narrower than 128
 }
 
-// Any other head: the kernel that copies with cp.async.
+// Several chunks in one launch, as a prefill step of several sequences runs them: each attends only
+// to its own keys, though its last key tile reaches into the next chunk's.
+TEST(PrefillAttentionTest, FlashTakesSeveralChunksInOneLaunch) {
+  COHORT_SKIP_WITHOUT_GPU();
+  RunFlashCase({2, 128, 64, 128, {{100, 0}, {70, 200}, {1, 517}, {129, 63, 40}, {0, 5}, {64, 0}}});
+  FlashCase many{2, 128, 64, 128, {}};  // more chunks than one launch takes
+  for (int i = 0; i < 40; ++i) many.chunks.push_back({1 + 7 * i % 150, 11 * i % 90});
+  RunFlashCase(many);
+  // More query tiles than one launch takes (every 257th row checked): the longest first in each.
+  RunFlashCase({1, 128, 64, 128, {{30000, 0}, {20000, 4000}, {16000, 100}}, 257});
+}
+
+// Any other head: the kernel that copies with cp.async, one launch a chunk.
 TEST(PrefillAttentionTest, FlashMatchesCpuOnSmallAndPaddedHeads) {
   COHORT_SKIP_WITHOUT_GPU();
-  RunFlashCase({4, 16, 8, 16, 37, 5});    // the test fixtures' heads: one block of 64 query values
-  RunFlashCase({4, 16, 8, 16, 200, 0});
-  RunFlashCase({3, 32, 16, 32, 65, 10});  // 48 query values padded to 64
-  RunFlashCase({2, 64, 16, 64, 130, 7});  // 80 query values padded to 192
-  RunFlashCase({2, 120, 0, 8, 64, 64});   // no rope part, the narrowest values
+  RunFlashCase({4, 16, 8, 16, {{37, 5}}});    // the test fixtures' heads: one block of 64 query values
+  RunFlashCase({4, 16, 8, 16, {{200, 0}}});
+  RunFlashCase({3, 32, 16, 32, {{65, 10}}});  // 48 query values padded to 64
+  RunFlashCase({2, 64, 16, 64, {{130, 7}, {20, 40, 3}}});  // 80 query values padded to 192; two chunks
+  RunFlashCase({2, 120, 0, 8, {{64, 64}}});   // no rope part, the narrowest values
 }
 
 TEST(PrefillAttentionTest, FlashRefusesHeadsItCannotTake) {
@@ -394,9 +430,10 @@ TEST(PrefillAttentionTest, FlashRefusesHeadsItCannotTake) {
   EXPECT_FALSE(kernels::FlashPrefillSupports(12, 8, 16));   // not whole 16-byte chunks
   EXPECT_FALSE(kernels::FlashPrefillSupports(192, 64, 128));  // more than 192 query values a head
   EXPECT_FALSE(kernels::FlashPrefillSupports(128, 64, 136));
+  kernels::FlashChunk chunk{0, 1, 0, 0, 1};
   kernels::FlashPrefillParams p;
-  p.queries = 1;
-  p.keys = 1;
+  p.chunks = &chunk;
+  p.num_chunks = 1;
   p.heads = 1;
   p.nope = 12;
   p.rope = 8;

@@ -96,12 +96,13 @@ struct GraphKey {
   auto operator<=>(const GraphKey&) const = default;
 };
 
-// A prefill chunk attended in the expanded form.
-struct ExpandedChunk {
-  int first_token = 0;  // in the engine's token order
-  int num_tokens = 0;
-  int64_t start_position = 0;
-  int table_offset = 0;
+// Consecutive prefill chunks attended in the expanded form whose contexts fit the expanded
+// workspace together: their contexts are gathered one after another (each from a multiple of 8
+// rows, as the flash launch asks), expanded by one pair of products and attended in one launch.
+struct ExpandedGroup {
+  std::vector<kernels::FlashChunk> chunks;  // query rows in token order, key rows of the workspace
+  std::vector<int> table_offsets;           // of each chunk's block table in the step's tables
+  int64_t keys = 0;                         // the workspace rows up to the last chunk's last key
 };
 
 // How a step is laid out on the device. Tokens are reordered so those attending in the absorbed
@@ -117,7 +118,7 @@ struct StepLayout {
   int lm_rows = 0;
   int splits = 1;           // context splits of the absorbed attention
   int absorbed_run = 0;     // the most absorbed tokens of one sequence (MlaDecodeParams::step_tokens_bound)
-  std::vector<ExpandedChunk> expanded;
+  std::vector<ExpandedGroup> expanded;
 };
 
 class CudaEngine final : public ShardEngine {
@@ -191,7 +192,7 @@ class CudaEngine final : public ShardEngine {
   absl::Status Upload(int64_t used_table_entries);
   absl::Status RecordForward(const StepLayout& layout);
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
-  absl::Status ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& layer, bf16* layer_cache);
+  absl::Status ExpandedAttention(const ExpandedGroup& group, const DeviceLayer& layer, bf16* layer_cache);
   // The MoE path leaves its weighted combine to the next NormalizeResidual (pending_combine_); with
   // several GPUs it runs this GPU's experts on every GPU's rows (GatherRows), combines them, and
   // sums the GPUs' combines for this GPU's rows (ReduceScatterMoe).
@@ -512,6 +513,12 @@ absl::Status CudaEngine::Initialize() {
     const int64_t ids = shared_apart_tokens_ * kSharedApartTopK;  // as PlaceWorkspace sized them
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
   }
+  // The rows between two chunks' contexts in the expanded workspace (up to 7) are expanded too, and
+  // their values multiplied by probabilities of zero (kernels/attention.h), so they must be finite:
+  // zeros from here on, or rows of earlier steps' contexts.
+  if (expanded_context_ > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.gathered, 0, expanded_context_ * c.kv_cache_width() * sizeof(bf16)));
+  }
   return absl::OkStatus();
 }
 
@@ -592,7 +599,17 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       s.absorbed_run = std::max(s.absorbed_run, n);
       max_context = std::max(max_context, context);
     } else {
-      s.expanded.push_back({token, n, seq.start_position, static_cast<int>(used)});
+      // A new group when the chunk's context would overflow the expanded workspace.
+      int64_t first_key = s.expanded.empty() ? 0 : CeilDiv(s.expanded.back().keys, 8) * 8;
+      if (s.expanded.empty() || first_key + context > expanded_context_) {
+        s.expanded.emplace_back();
+        first_key = 0;
+      }
+      ExpandedGroup& group = s.expanded.back();
+      group.chunks.push_back({token, n, static_cast<int>(seq.start_position), static_cast<int>(first_key),
+                              static_cast<int>(context)});
+      group.table_offsets.push_back(static_cast<int>(used));
+      group.keys = first_key + context;
     }
     used += blocks;
     for (int i = 0; i < n; ++i, ++token) {
@@ -743,32 +760,34 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
                                      static_cast<int>(heads)));
     }
   }
-  for (const ExpandedChunk& chunk : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(chunk, l, cache));
+  for (const ExpandedGroup& group : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(group, l, cache));
   return Linear(l.o_proj, ws_.attn, T, ws_.delta);
 }
 
-// One prefill chunk: keys and values of its whole context expanded from the latent, then one flash
-// attention launch over them (scores never leave the chip). The values are expanded transposed
-// ([head][value dim][key]), the layout the attention's P . V product reads.
-absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const DeviceLayer& l, bf16* cache) {
+// A group of prefill chunks: the keys and values of their whole contexts expanded from the latent,
+// one context after another, then one flash attention launch over them (scores never leave the chip). The values
+// are expanded transposed ([head][value dim][key]), the layout the attention's P . V product reads.
+absl::Status CudaEngine::ExpandedAttention(const ExpandedGroup& group, const DeviceLayer& l, bf16* cache) {
   const ModelConfig& c = config_;
   const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
   const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_b_head = (nope + v) * rank;
-  const int64_t n = chunk.num_tokens, context = chunk.start_position + n, values_ld = ExpandedValuesLd();
-  const int32_t* table = ws_.block_tables + chunk.table_offset;
-  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(cache, table, static_cast<int>(geometry_.block_size_tokens),
-                                                         static_cast<int>(width), static_cast<int>(context),
-                                                         ws_.gathered, stream_));
+  const int64_t keys = group.keys, values_ld = ExpandedValuesLd();
+  for (size_t i = 0; i < group.chunks.size(); ++i) {
+    const kernels::FlashChunk& chunk = group.chunks[i];
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(
+        cache, ws_.block_tables + group.table_offsets[i], static_cast<int>(geometry_.block_size_tokens),
+        static_cast<int>(width), chunk.keys, ws_.gathered + int64_t{chunk.first_key} * width, stream_));
+  }
   // keys[j, h] = latent[j] . W_uk[h]^T and values_t[h] = W_uv[h] . latent^T, W_uk[h] and W_uv[h] the
   // key and value rows of head h in kv_b_proj: one strided-batched product a head each.
-  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, context, nope, rank, {ws_.gathered, width, 0},
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, keys, nope, rank, {ws_.gathered, width, 0},
                               {l.kv_b_proj.data, rank, kv_b_head}, true, {ws_.expanded_keys, heads * nope, nope},
                               static_cast<int>(heads)));
-  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, v, context, rank, {l.kv_b_proj.data + nope * rank, rank, kv_b_head},
+  COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, cublas_, v, keys, rank, {l.kv_b_proj.data + nope * rank, rank, kv_b_head},
                               {ws_.gathered, width, 0}, true, {ws_.expanded_values_t, values_ld, v * values_ld},
                               static_cast<int>(heads)));
   kernels::FlashPrefillParams p;
-  p.q = ws_.q + chunk.first_token * heads * qk;
+  p.q = ws_.q;
   p.q_row_stride = heads * qk;
   p.q_head_stride = qk;
   p.k = ws_.expanded_keys;
@@ -779,12 +798,11 @@ absl::Status CudaEngine::ExpandedAttention(const ExpandedChunk& chunk, const Dev
   p.v_t = ws_.expanded_values_t;
   p.v_t_head_stride = v * values_ld;
   p.v_t_row_stride = values_ld;
-  p.out = ws_.attn + chunk.first_token * heads * v;
+  p.out = ws_.attn;
   p.out_row_stride = heads * v;
   p.out_head_stride = v;
-  p.queries = static_cast<int>(n);
-  p.keys = static_cast<int>(context);
-  p.first_position = static_cast<int>(chunk.start_position);
+  p.chunks = group.chunks.data();
+  p.num_chunks = static_cast<int>(group.chunks.size());
   p.heads = static_cast<int>(heads);
   p.nope = static_cast<int>(nope);
   p.rope = static_cast<int>(c.qk_rope_head_dim);

@@ -150,6 +150,15 @@ TEST_P(CudaEngineFixtureTest, AbsorbedPrefillMatchesTransformers) {
   ExpectMatchesTransformers(*engine, /*chunk=*/5, /*join=*/{0, 1, 1});
 }
 
+// A workspace that holds the contexts of only a few chunks at a time: the expanded chunks of a step
+// split into several groups, each gathered, expanded and attended on its own (three 4-token chunks
+// share one group, then 8-token contexts take one each, then contexts past 12 go absorbed).
+TEST_P(CudaEngineFixtureTest, ExpandedChunksInSeveralGroupsMatchTransformers) {
+  auto engine = MakeEngine(fixture_.model_dir, 3, /*expanded_max=*/12);
+  ASSERT_NE(engine, nullptr);
+  ExpectMatchesTransformers(*engine, /*chunk=*/4, /*join=*/{0, 0, 0});
+}
+
 // Greedy sampling on the device picks each row's argmax, as Forward's host logits show it.
 void ExpectDeviceSamplingFollowsLogits(Engine* engine, const Fixture& f) {
   ASSERT_NE(engine, nullptr);
@@ -318,6 +327,39 @@ void ExpectSyntheticPrefillAndDecode(int gpus, int64_t layers) {
 TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
   COHORT_SKIP_WITHOUT_GPU();
   ExpectSyntheticPrefillAndDecode(/*gpus=*/1, /*layers=*/2);
+}
+
+// Prompts of a synthetic V2-Lite (DeepSeek's heads: the producer-warp flash kernel) prefilled
+// together, their chunks attended in one launch, each get the logits they get alone.
+TEST(CudaEngineTest, SyntheticPrefillOfSeveralSequencesMatchesEachAlone) {
+  COHORT_SKIP_WITHOUT_GPU();
+  EngineOptions options;
+  options.model_dir = "synthetic:deepseek-v2-lite";
+  options.device = "cuda";
+  options.num_layers = 2;
+  options.kv_block_size = 64;
+  options.kv_cache_bytes = int64_t{1} << 30;
+  options.max_batch_tokens = 512;
+  options.max_sequences = 4;
+  auto engine = CreateEngine(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int64_t vocab = (*engine)->config().vocab_size;
+  const int lengths[] = {300, 130, 77};
+  std::vector<std::vector<int32_t>> prompts, tables;
+  std::vector<SequenceStep> together;
+  for (int q = 0; q < 3; ++q) {
+    prompts.emplace_back(lengths[q]);
+    for (int i = 0; i < lengths[q]; ++i) prompts[q][i] = static_cast<int32_t>((i * 7919 + 31 * q) % vocab);
+    tables.emplace_back();
+    for (int32_t b = 0; b < 5; ++b) tables[q].push_back(q * 5 + b);  // 64-token blocks
+  }
+  for (int q = 0; q < 3; ++q) together.push_back({prompts[q], 0, tables[q], true});
+  std::vector<float> batched(3 * vocab), alone(vocab);
+  ASSERT_TRUE((*engine)->Forward(together, batched).ok());
+  for (int q = 0; q < 3; ++q) {
+    ASSERT_TRUE((*engine)->Forward({&together[q], 1}, alone).ok());
+    EXPECT_LE(RelativeError(batched.data() + q * vocab, alone.data(), vocab), kRelativeTolerance) << "sequence " << q;
+  }
 }
 
 TEST(CudaEngineTest, TwoGpusCountTheExpertsBothRead) {
