@@ -123,6 +123,38 @@ struct FlashRows {
     WgmmaCommit();
   }
 
+  // The walk over a chunk's key tiles, the same in both kernels: tile 0's scores and probabilities
+  // first; then each round issues the next tile's scores and this tile's P V together, and runs the
+  // next tile's softmax while P V is still on the tensor cores. landed(t) returns once tile t is in
+  // shared memory (its keys at stage_of(t), its values values_offset bytes after them); released(t)
+  // is told when this warpgroup has multiplied tile t's values. Every warpgroup multiplies every tile
+  // (no branch around wgmma, which would serialise it): on the diagonal's last tile a warpgroup whose
+  // queries all precede it gets probabilities of 0.
+  template <class StageOf, class Landed, class Released>
+  __device__ __forceinline__ void Walk(int tiles, int keys, int first_row_position, float scale_log2, uint32_t queries,
+                                       StageOf stage_of, uint32_t values_offset, Landed landed, Released released) {
+    landed(0);
+    WgmmaFence();
+    IssueScores(queries, stage_of(0));
+    WgmmaWait<0>();
+    Softmax(keys, 0, first_row_position, scale_log2);
+    TakeProbabilities();
+    for (int tile = 0; tile + 1 < tiles; ++tile) {
+      landed(tile + 1);
+      WgmmaFence();
+      IssueScores(queries, stage_of(tile + 1));
+      IssueValues(stage_of(tile) + values_offset);
+      WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
+      Softmax(keys, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
+      WgmmaWait<0>();
+      released(tile);
+      TakeProbabilities();
+    }
+    WgmmaFence();
+    IssueValues(stage_of(tiles - 1) + values_offset);
+    WgmmaWait<0>();
+  }
+
   // out / row sum -> the output rows of `head` of chunk c, for a warpgroup whose first row is the
   // chunk's query `query0`.
   __device__ __forceinline__ void Store(const FlashPrefillParams& p, const FlashChunk& c, int query0, int head) {
@@ -243,33 +275,14 @@ __global__ void __launch_bounds__(FlashWsTiles::kThreads, 1)
   const int first_row_position = c.first_position + q0 + group * 64 + warp * 16;
   const uint32_t group_queries = queries + group * 64 * 128;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const auto wait_for = [&](int tile) { MbarrierWait(full + 8 * (tile % T::kStages), tile / T::kStages & 1); };
   FlashRows<T::kQkBlocks> rows;
-
-  // As in FlashPrefillKernel below: each round issues the next tile's scores and this tile's P V
-  // together, and runs the next tile's softmax while P V is still on the tensor cores; a stage is
-  // handed back once its values are multiplied.
   MbarrierWait(queries_full, 0);
-  wait_for(0);
-  WgmmaFence();
-  rows.IssueScores(group_queries, stage_of(0));
-  WgmmaWait<0>();
-  rows.Softmax(c.keys, 0, first_row_position, scale_log2);
-  rows.TakeProbabilities();
-  for (int tile = 0; tile + 1 < tiles; ++tile) {
-    wait_for(tile + 1);
-    WgmmaFence();
-    rows.IssueScores(group_queries, stage_of(tile + 1));
-    rows.IssueValues(stage_of(tile) + T::kKBytes);
-    WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
-    rows.Softmax(c.keys, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
-    WgmmaWait<0>();
-    if (threadIdx.x % 32 == 0) MbarrierArrive(empty + 8 * (tile % T::kStages));
-    rows.TakeProbabilities();
-  }
-  WgmmaFence();
-  rows.IssueValues(stage_of(tiles - 1) + T::kKBytes);
-  WgmmaWait<0>();
+  rows.Walk(
+      tiles, c.keys, first_row_position, scale_log2, group_queries, stage_of, T::kKBytes,
+      [&](int tile) { MbarrierWait(full + 8 * (tile % T::kStages), tile / T::kStages & 1); },
+      [&](int tile) {  // each consumer warp hands the stage back
+        if (threadIdx.x % 32 == 0) MbarrierArrive(empty + 8 * (tile % T::kStages));
+      });
   rows.Store(p, c, q0 + group * 64, head);
 }
 
@@ -346,40 +359,21 @@ __global__ void __launch_bounds__(256) FlashPrefillKernel(const FlashPrefillPara
 
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   FlashRows<QK_BLOCKS> rows;
-  // Tile 0's scores and probabilities first; then each round issues the next tile's scores and this
-  // tile's P V together, and runs the next tile's softmax while P V is still on the tensor cores.
-  // Every warpgroup multiplies every tile (no branch around wgmma, which would serialise it): on the
-  // diagonal's last tile a warpgroup whose queries all precede it gets probabilities of 0.
-  CpAsyncWait<T::kStages - 2>();
-  FenceProxyAsync();
-  __syncthreads();
-  WgmmaFence();
-  rows.IssueScores(group_queries, stage_of(0));
-  WgmmaWait<0>();
-  rows.Softmax(c.keys, 0, first_row_position, scale_log2);
-  rows.TakeProbabilities();
-  for (int tile = 0; tile + 1 < tiles; ++tile) {
-    // Every warpgroup is done with tile - 1's stage: it takes tile + kStages - 1.
-    __syncthreads();
-    const int refill = tile + T::kStages - 1;
-    if (refill < tiles) {
-      LoadKeyTile<T>(p, c, head, refill * kFlashKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
+  const auto landed = [&](int tile) {
+    if (tile > 0) {
+      // Every warpgroup is done with tile - 2's stage: it takes tile + kStages - 2.
+      __syncthreads();
+      const int refill = tile + T::kStages - 2;
+      if (refill < tiles) {
+        LoadKeyTile<T>(p, c, head, refill * kFlashKeys, stage_of(refill), stage_of(refill) + T::kKBytes);
+      }
+      CpAsyncCommit();
     }
-    CpAsyncCommit();
-    CpAsyncWait<T::kStages - 2>();  // tile + 1 landed
+    CpAsyncWait<T::kStages - 2>();  // tile landed
     FenceProxyAsync();
     __syncthreads();
-    WgmmaFence();
-    rows.IssueScores(group_queries, stage_of(tile + 1));
-    rows.IssueValues(stage_of(tile) + T::kKBytes);
-    WgmmaWait<1>();  // the scores (committed first) are done; P V may still run
-    rows.Softmax(c.keys, (tile + 1) * kFlashKeys, first_row_position, scale_log2);
-    WgmmaWait<0>();
-    rows.TakeProbabilities();
-  }
-  WgmmaFence();
-  rows.IssueValues(stage_of(tiles - 1) + T::kKBytes);
-  WgmmaWait<0>();
+  };
+  rows.Walk(tiles, c.keys, first_row_position, scale_log2, group_queries, stage_of, T::kKBytes, landed, [](int) {});
   rows.Store(p, c, q0 + warpgroup * 64, head);
 }
 
