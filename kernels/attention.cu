@@ -22,7 +22,7 @@ __global__ void GatherCacheKernel(const __nv_bfloat16* cache, const int32_t* tab
   for (int i = threadIdx.x; i < width / 8; i += blockDim.x) dst[i] = src[i];
 }
 
-// Flash attention for a prefill chunk on wgmma. A block takes 128 queries of one head, 64 to each of
+// Flash attention for prefill chunks on wgmma. A block takes 128 queries of one head, 64 to each of
 // two warpgroups, and walks the key tiles of 64 its queries can see. Per tile, a warpgroup forms its
 // 64 x 64 scores with wgmma reading the queries and keys from shared memory, runs the online softmax
 // on the accumulators, and adds P V with wgmma taking P from registers (the accumulators' layout is
@@ -205,8 +205,8 @@ struct FlashWsTiles {
 };
 
 // A launch's chunks and its blocks' work, in kernel parameters: item i (chunk << 16 | query tile) is
-// blocks [i * heads, (i + 1) * heads), one a head. The launcher orders the items by the key tiles
-// they see, most first, so the short ones fill the tail (the device starts blocks about in the
+// blocks [i * heads, (i + 1) * heads), one a head. The launcher orders the items by the keys they
+// see, most first, so the short ones fill the tail (the device starts blocks about in the
 // order of their index).
 constexpr int kFlashMaxChunks = 32;  // a launch's; the launcher makes more launches for more
 constexpr int kFlashMaxItems = 512;
@@ -417,15 +417,18 @@ bool WsHeads(const FlashPrefillParams& p) {
 }
 
 // One launch for up to kFlashMaxChunks chunks and kFlashMaxItems query tiles (more take further
-// launches), its items ordered by the key tiles they see.
+// launches), its items ordered by the keys they see.
 cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
   using T = FlashWsTiles;
   static_assert(sizeof(FlashPrefillParams) + sizeof(FlashWork) + 4 * sizeof(CUtensorMap) <= 4096,
                 "kernel parameters are at most 4 KB");
   int64_t query_rows = 0, key_rows = 0;
   for (int i = 0; i < p.num_chunks; ++i) {
-    query_rows = std::max<int64_t>(query_rows, int64_t{p.chunks[i].first_query} + p.chunks[i].queries);
-    key_rows = std::max<int64_t>(key_rows, int64_t{p.chunks[i].first_key} + p.chunks[i].keys);
+    const FlashChunk& c = p.chunks[i];
+    // An item holds a query tile in 16 bits.
+    if ((int64_t{c.queries} + kFlashRows - 1) / kFlashRows > 0x10000) return cudaErrorInvalidValue;
+    query_rows = std::max<int64_t>(query_rows, int64_t{c.first_query} + c.queries);
+    key_rows = std::max<int64_t>(key_rows, int64_t{c.first_key} + c.keys);
   }
   if (query_rows == 0) return cudaSuccess;  // no chunk has a query (and a map needs rows)
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
@@ -454,14 +457,13 @@ cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
   if (e = setup.Get(FlashPrefillWsKernel, T::kThreads, T::kSmemBytes, &info); e != cudaSuccess) return e;
 
   FlashWork work;
-  std::vector<std::pair<int, uint32_t>> items;  // (key tiles seen, item)
+  std::vector<std::pair<int, uint32_t>> items;  // (keys seen, item)
   for (int first = 0; first < p.num_chunks; first += kFlashMaxChunks) {
     const int chunks = std::min(kFlashMaxChunks, p.num_chunks - first);
     items.clear();
     for (int i = 0; i < chunks; ++i) {
       const FlashChunk& c = work.chunks[i] = p.chunks[first + i];
       for (int tile = 0; tile * kFlashRows < c.queries; ++tile) {
-        if (tile > 0xffff) return cudaErrorInvalidValue;  // an item's 16 bits
         const int last_query = std::min(c.queries, (tile + 1) * kFlashRows) - 1;
         items.emplace_back(std::min(c.keys, c.first_position + last_query + 1), static_cast<uint32_t>(i) << 16 | tile);
       }

@@ -59,8 +59,8 @@ bool FlashPrefillSupports(int nope, int rope, int v_dim);
 // between one chunk's keys and the next's must hold finite numbers (the engine's hold zeros or
 // rows of earlier contexts); past the furthest chunk's keys (the largest first_key + keys) nothing is
 // read. cudaErrorInvalidValue for unsupported head sizes, strides and pointers that are not whole
-// 16-byte chunks, or a chunk with a negative field, with queries but no key or a first_key that is
-// not a multiple of 8.
+// 16-byte chunks, or a chunk with a negative field, with queries but no key, with a first_key that is
+// not a multiple of 8 or (on DeepSeek's heads) with more than 2^23 queries.
 cudaError_t LaunchFlashPrefill(const FlashPrefillParams& p, cudaStream_t stream);
 
 }  // namespace cohort::kernels
