@@ -88,8 +88,8 @@ __device__ __forceinline__ void PrefetchTensorMap(const CUtensorMap* map) {
 }
 
 // One box of `map` at element coordinates (c0, c1[, c2]) -> shared memory at `dst` (1024-byte
-// aligned for the swizzle); its bytes complete on `bar`. c0 must be a whole number of 16-byte
-// chunks (8 bf16 values): flash prefill boxes at other key columns failed their test. `map` must be a __grid_constant__ kernel
+// aligned for the swizzle); its bytes complete on `bar`. Keep c0 a whole number of 16-byte chunks
+// (8 bf16 values): flash prefill boxes starting at other key columns failed their test. `map` must be a __grid_constant__ kernel
 // parameter (or in global memory).
 __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
   asm volatile(
