@@ -292,9 +292,9 @@ struct FlashCase {
 // The chunks of one launch against a float64 reference, with the engine's layouts: queries [rows,
 // heads, nope + rope] with a gap after each row, every chunk's rows after the last one's; expanded
 // keys [keys, heads, nope] and rope keys at column `rank` of the gathered [keys, rank + rope] latent
-// rows, every chunk's context from the first multiple of 8 rows after the last one's; values transposed [heads, v, ld] with NaN in
-// each row's columns past the last chunk's keys (the kernel must not read them). The output has a
-// gap after each head, which must keep its poison.
+// rows, every chunk's context from the first multiple of 8 rows after the last one's; values
+// transposed [heads, v, ld] with NaN in each row's columns past the last chunk's keys (the kernel
+// must not read them). The output has a gap after each head, which must keep its poison.
 void RunFlashCase(const FlashCase& c) {
   std::mt19937 rng = testing::FreshRng();
   std::vector<kernels::FlashChunk> chunks;
