@@ -180,11 +180,14 @@ struct FlashRows {
   }
 };
 
-// Key tiles the queries [q0, q0 + kFlashRows) of chunk c see.
+// Keys the queries [q0, q0 + kFlashRows) of chunk c see (the launcher orders blocks by them), and
+// the key tiles that hold them.
+__host__ __device__ __forceinline__ int VisibleKeys(const FlashChunk& c, int q0) {
+  const int last_query = std::min(c.queries, q0 + kFlashRows) - 1;
+  return std::min(c.keys, c.first_position + last_query + 1);
+}
 __device__ __forceinline__ int VisibleTiles(const FlashChunk& c, int q0) {
-  const int last_query = min(c.queries, q0 + kFlashRows) - 1;
-  const int visible = min(c.keys, c.first_position + last_query + 1);
-  return (visible + kFlashKeys - 1) / kFlashKeys;
+  return (VisibleKeys(c, q0) + kFlashKeys - 1) / kFlashKeys;
 }
 
 // ---------------------------------------------------------------- DeepSeek heads: producer warp, TMA
@@ -464,8 +467,7 @@ cudaError_t LaunchFlashWs(const FlashPrefillParams& p, cudaStream_t stream) {
     for (int i = 0; i < chunks; ++i) {
       const FlashChunk& c = work.chunks[i] = p.chunks[first + i];
       for (int tile = 0; tile * kFlashRows < c.queries; ++tile) {
-        const int last_query = std::min(c.queries, (tile + 1) * kFlashRows) - 1;
-        items.emplace_back(std::min(c.keys, c.first_position + last_query + 1), static_cast<uint32_t>(i) << 16 | tile);
+        items.emplace_back(VisibleKeys(c, tile * kFlashRows), static_cast<uint32_t>(i) << 16 | tile);
       }
     }
     std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first > b.first; });

@@ -291,10 +291,9 @@ TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
   }
 }
 
-// A synthetic V2-Lite of `layers` layers (the first dense) on `gpus` GPUs prefills 300 tokens and
-// decodes one, with finite logits. One decode token reads six experts in each MoE layer; with
-// several GPUs each counts its own experts' reads and the engine reports their sum.
-void ExpectSyntheticPrefillAndDecode(int gpus, int64_t layers) {
+// A synthetic V2-Lite of `layers` layers (the first dense) on `gpus` GPUs: 1 GiB of KV cache, steps
+// of up to 512 tokens and 16 sequences.
+EngineOptions SyntheticV2Lite(int gpus, int64_t layers) {
   EngineOptions options;
   options.model_dir = "synthetic:deepseek-v2-lite";
   options.device = "cuda";
@@ -303,7 +302,14 @@ void ExpectSyntheticPrefillAndDecode(int gpus, int64_t layers) {
   options.kv_cache_bytes = int64_t{1} << 30;
   options.max_batch_tokens = 512;
   options.max_sequences = 16;
-  auto engine = CreateEngine(options);
+  return options;
+}
+
+// A synthetic V2-Lite prefills 300 tokens and decodes one, with finite logits. One decode token
+// reads six experts in each MoE layer; with several GPUs each counts its own experts' reads and the
+// engine reports their sum.
+void ExpectSyntheticPrefillAndDecode(int gpus, int64_t layers) {
+  auto engine = CreateEngine(SyntheticV2Lite(gpus, layers));
   ASSERT_TRUE(engine.ok()) << engine.status();
   const int64_t vocab = (*engine)->config().vocab_size;
   EXPECT_EQ(vocab, 102400);
@@ -333,14 +339,8 @@ TEST(CudaEngineTest, SyntheticModelRunsPrefillAndDecode) {
 // together, their chunks attended in one launch, each get the logits they get alone.
 TEST(CudaEngineTest, SyntheticPrefillOfSeveralSequencesMatchesEachAlone) {
   COHORT_SKIP_WITHOUT_GPU();
-  EngineOptions options;
-  options.model_dir = "synthetic:deepseek-v2-lite";
-  options.device = "cuda";
-  options.num_layers = 2;
+  EngineOptions options = SyntheticV2Lite(/*gpus=*/1, /*layers=*/2);
   options.kv_block_size = 64;
-  options.kv_cache_bytes = int64_t{1} << 30;
-  options.max_batch_tokens = 512;
-  options.max_sequences = 4;
   auto engine = CreateEngine(options);
   ASSERT_TRUE(engine.ok()) << engine.status();
   const int64_t vocab = (*engine)->config().vocab_size;
