@@ -85,13 +85,17 @@ __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162fl
 
 // Rotates pair `i` of one head's rope part: `from` and `to` point at the rope part (the last
 // rope_dim values of qk_dim) of the head's source and destination, which may be the same.
+// Stores the pair (a, b) rotated by `p` into a head's rope part `to`.
+__device__ __forceinline__ void StoreRotated(const RopePair& p, float a, float b, __nv_bfloat16* to) {
+  to[p.a] = __float2bfloat16(a * p.cos - b * p.sin);
+  to[p.b] = __float2bfloat16(b * p.cos + a * p.sin);
+}
+
 template <class T>
 __device__ __forceinline__ void RotatePair(const T* from, __nv_bfloat16* to, int i, int position,
                                            const RopeParams& rope) {
   const RopePair p = PairAt(rope, i, position);
-  const float a = ToFloat(from[p.a]), b = ToFloat(from[p.b]);
-  to[p.a] = __float2bfloat16(a * p.cos - b * p.sin);
-  to[p.b] = __float2bfloat16(b * p.cos + a * p.sin);
+  StoreRotated(p, ToFloat(from[p.a]), ToFloat(from[p.b]), to);
 }
 
 // Rotates pair `i` of the rope part of q[row, head] in place.
@@ -264,6 +268,88 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
   if (threadIdx.x < rope.rope_dim / 2) RotatePair(src + rank, dst + rank, threadIdx.x, position, rope);
 }
 
+// Launches of many rows (prefill, large decode batches), without absorbed queries: a warp for each
+// piece of a row's work, the latent with its rope key (piece 0) or one head's queries (piece 1 + h),
+// eight pieces a block. WriteKvCacheKernel's spread of a row over five blocks suits a few rows; for
+// thousands its short blocks, each a chain of dependent loads, took 69 us a layer at 4096 tokens for
+// 21 us of bytes (docs/cuda_backend_rounds.md, nineteenth round).
+constexpr int kPiecesPerBlock = kRowThreads / 32;
+// The shapes it takes (DeepSeek's, and smaller); others go to WriteKvCacheKernel.
+constexpr int kMaxLatentPerLane = 16;  // kv_lora_rank <= 512
+constexpr int kMaxNopePerLane = 4;     // qk_nope_head_dim <= 128
+// and qk_rope_head_dim <= 64: a rotated pair a lane
+
+// One head's queries of one row, by one warp: lane l holds nope values l + 32 j and rope pair l, all
+// loaded before any is stored, so that the warp waits for its loads once.
+__device__ __forceinline__ void WriteHeadQueries(const QueryRopeParams& queries, int row, int head, int position,
+                                                 const RopeParams& rope) {
+  const int lane = threadIdx.x % 32;
+  const int qk_dim = queries.qk_dim, nope = qk_dim - rope.rope_dim;
+  const bool rotates = lane < rope.rope_dim / 2;
+  __nv_bfloat16* __restrict__ to = queries.q + (static_cast<int64_t>(row) * queries.heads + head) * qk_dim;
+  if (queries.source == nullptr) {
+    if (rotates) RotatePair(to + nope, to + nope, lane, position, rope);
+    return;
+  }
+  const float* __restrict__ from = queries.source + row * queries.source_row_stride + head * qk_dim;
+  float v[kMaxNopePerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxNopePerLane; ++j) {
+    const int i = lane + 32 * j;
+    v[j] = i < nope ? from[i] : 0.0f;
+  }
+  const RopePair pair = PairAt(rope, rotates ? lane : 0, position);
+  const float a = rotates ? from[nope + pair.a] : 0.0f, b = rotates ? from[nope + pair.b] : 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxNopePerLane; ++j) {
+    const int i = lane + 32 * j;
+    if (i < nope) to[i] = __float2bfloat16(v[j]);
+  }
+  if (rotates) StoreRotated(pair, a, b, to + nope);
+}
+
+__global__ void __launch_bounds__(kRowThreads)
+    WriteKvCacheRowsKernel(const float* __restrict__ kv, int64_t kv_row_stride, int rank,
+                           const __nv_bfloat16* __restrict__ latent_norm, float eps, RopeParams rope,
+                           CacheWriteParams where, __nv_bfloat16* __restrict__ cache, QueryRopeParams queries,
+                           int pieces_per_row, int rows) {
+  const int64_t piece = static_cast<int64_t>(blockIdx.x) * kPiecesPerBlock + threadIdx.x / 32;
+  const int row = static_cast<int>(piece / pieces_per_row), part = static_cast<int>(piece % pieces_per_row);
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  // As in WriteKvCacheKernel: positions and block tables are step inputs, read before the wait.
+  const int position = where.positions[row];
+  if (part > 0) {
+    PdlWait();
+    PdlLaunchDependents();
+    WriteHeadQueries(queries, row, part - 1, position, rope);
+    return;
+  }
+  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
+  const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
+                       position % where.block_size;
+  PdlWait();
+  PdlLaunchDependents();
+  const float* src = kv + row * kv_row_stride;
+  float v[kMaxLatentPerLane];
+  float sum_sq = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMaxLatentPerLane; ++j) {
+    const int i = lane + 32 * j;
+    v[j] = i < rank ? src[i] : 0.0f;
+    sum_sq += v[j] * v[j];
+  }
+  const int width = rank + rope.rope_dim;
+  __nv_bfloat16* dst = cache + slot * width;
+  const float inv_rms = rsqrtf(WarpSum(sum_sq) / rank + eps);
+#pragma unroll
+  for (int j = 0; j < kMaxLatentPerLane; ++j) {
+    const int i = lane + 32 * j;
+    if (i < rank) dst[i] = __float2bfloat16(v[j] * inv_rms * __bfloat162float(latent_norm[i]));
+  }
+  if (lane < rope.rope_dim / 2) RotatePair(src + rank, dst + rank, lane, position, rope);
+}
+
 __global__ void GatherRowsKernel(const __nv_bfloat16* in, const int32_t* rows, int dim, __nv_bfloat16* out) {
   PdlWait();
   PdlLaunchDependents();
@@ -394,6 +480,15 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
   if (absorb.absorbed_keys != nullptr) {
     if (absorb.rows > rows || !CanAbsorbQueries(queries, rope.rope_dim, absorb)) return cudaErrorInvalidValue;
     absorb_blocks = queries.heads * ((absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs);
+  }
+  const bool row_pieces_fit = kv_lora_rank <= 32 * kMaxLatentPerLane && rope.rope_dim / 2 <= 32 &&
+                              (queries.q == nullptr || queries.qk_dim - rope.rope_dim <= 32 * kMaxNopePerLane);
+  if (absorb_blocks == 0 && rows > kMaxAbsorbRows && row_pieces_fit) {
+    const int pieces_per_row = 1 + (queries.q != nullptr ? queries.heads : 0);
+    const int64_t blocks = (static_cast<int64_t>(rows) * pieces_per_row + kPiecesPerBlock - 1) / kPiecesPerBlock;
+    return LaunchPdl(WriteKvCacheRowsKernel, dim3(static_cast<unsigned>(blocks)), dim3(kRowThreads), 0, stream, kv,
+                     kv_row_stride, kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries,
+                     pieces_per_row, rows);
   }
   return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks + absorb_blocks), dim3(kRowThreads), 0, stream,
                    kv, kv_row_stride, kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries, absorb,

@@ -2,6 +2,7 @@
 // inputs: embedding gather, fused residual add + RMSNorm, query rope (the CPU engine's Rope, YaRN
 // and both layouts), the normalise-rotate-write of new latents into the paged cache (with the
 // queries rotated and absorbed into the latent space in the same launch).
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <tuple>
@@ -137,6 +138,34 @@ TEST(ElementwiseTest, RopeQueriesMatchTheCpuRope) {
   }
 }
 
+// One row of a cache write against the CPU: `kv` (fp32 latent, then rope key) normalised with `norm`
+// into the row's cache slot and its key rotated; the row's queries (`want`, fp32, heads * qk values
+// before the write; empty for none) rounded to bf16 in `rotated`, their rope part rotated.
+void ExpectRowWritten(const Rope& rope, int rank, int rope_dim, const std::vector<uint16_t>& norm, const float* kv,
+                      int position, const uint16_t* slot, int qk, const std::vector<float>& want,
+                      const uint16_t* rotated) {
+  double sum_sq = 0;
+  for (int i = 0; i < rank; ++i) sum_sq += static_cast<double>(kv[i]) * kv[i];
+  const double inv = 1.0 / std::sqrt(sum_sq / rank + 1e-6);
+  for (int i = 0; i < rank; ++i) ExpectBf16Near(slot[i], kv[i] * inv * BF16ToFloat(norm[i]), "latent");
+  std::vector<float> key(kv + rank, kv + rank + rope_dim);
+  rope.Apply(key, position);
+  for (int i = 0; i < rope_dim; ++i) ExpectBf16Near(slot[rank + i], key[i], "rope key");
+  const int nope = qk - rope_dim;
+  for (size_t base = 0; base < want.size(); base += qk) {
+    for (int i = 0; i < nope; ++i) {
+      ASSERT_EQ(BF16ToFloat(rotated[base + i]), BF16ToFloat(FloatToBF16(want[base + i])))
+          << "the nope part is not rotated (head " << base / qk << ")";
+    }
+    std::vector<float> rope_part(want.begin() + base + nope, want.begin() + base + qk);
+    rope.Apply(rope_part, position);
+    for (int i = 0; i < rope_dim; ++i) {
+      ASSERT_NEAR(BF16ToFloat(rotated[base + nope + i]), rope_part[i], 8e-3 * std::abs(rope_part[i]) + 2e-3)
+          << "query rope (head " << base / qk << ")";
+    }
+  }
+}
+
 // The cache write with the queries of the same rows: rotated in place (bf16 queries), or written
 // from fp32 queries that share their rows with the latent (one product's output: [q | kv] per row).
 TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
@@ -175,32 +204,18 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
                                                rope_params, where, Bf16(d_cache), nullptr, queries, absorb));
     const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost(), q_latent = d_q_latent.ToHost();
     for (int r = 0; r < rows; ++r) {
+      SCOPED_TRACE("row " + std::to_string(r));
       const float* kv = projected.data() + static_cast<size_t>(r) * stride + q_width;
       const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
       const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
-      double sum_sq = 0;
-      for (int i = 0; i < rank; ++i) sum_sq += static_cast<double>(kv[i]) * kv[i];
-      const double inv = 1.0 / std::sqrt(sum_sq / rank + 1e-6);
-      for (int i = 0; i < rank; ++i) ExpectBf16Near(cache[slot + i], kv[i] * inv * BF16ToFloat(norm[i]), "latent");
-      std::vector<float> key(kv + rank, kv + width);
-      rope.Apply(key, positions[r]);
-      for (int i = 0; i < 64; ++i) ExpectBf16Near(cache[slot + rank + i], key[i], "rope key");
+      const size_t row_queries = static_cast<size_t>(r) * heads * qk;
+      std::vector<float> want(heads * qk);
+      for (int i = 0; i < heads * qk; ++i) {
+        want[i] = from_source ? projected[static_cast<size_t>(r) * stride + i] : BF16ToFloat(q[row_queries + i]);
+      }
+      ASSERT_NO_FATAL_FAILURE(
+          ExpectRowWritten(rope, rank, 64, norm, kv, positions[r], &cache[slot], qk, want, &rotated[row_queries]));
       for (int h = 0; h < heads; ++h) {
-        const size_t base = (static_cast<size_t>(r) * heads + h) * qk;
-        std::vector<float> want(qk);
-        for (int i = 0; i < qk; ++i) {
-          want[i] = from_source ? projected[static_cast<size_t>(r) * stride + h * qk + i] : BF16ToFloat(q[base + i]);
-        }
-        for (int i = 0; i < 128; ++i) {
-          ASSERT_EQ(BF16ToFloat(rotated[base + i]), BF16ToFloat(FloatToBF16(want[i])))
-              << "the nope part is not rotated";
-        }
-        std::vector<float> rope_part(want.begin() + 128, want.end());
-        rope.Apply(rope_part, positions[r]);
-        for (int i = 0; i < 64; ++i) {
-          ASSERT_NEAR(BF16ToFloat(rotated[base + 128 + i]), rope_part[i], 8e-3 * std::abs(rope_part[i]) + 2e-3)
-              << "query rope";
-        }
         // Absorbed queries: bf16(q_nope) . absorbed_keys[h, j] in float64, against an fp32 sum
         // rounded to bf16.
         const size_t latent = (static_cast<size_t>(r) * heads + h) * rank;
@@ -211,7 +226,7 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
           }
           double sum = 0, scale = 0;
           for (int d = 0; d < nope; ++d) {
-            const double term = static_cast<double>(BF16ToFloat(FloatToBF16(want[d]))) *
+            const double term = static_cast<double>(BF16ToFloat(FloatToBF16(want[h * qk + d]))) *
                                 BF16ToFloat(absorbed_keys[(static_cast<size_t>(h) * rank + j) * nope + d]);
             sum += term;
             scale += term * term;
@@ -219,6 +234,93 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
           ASSERT_NEAR(BF16ToFloat(q_latent[latent + j]), sum, 8e-3 * std::abs(sum) + 1e-5 * std::sqrt(scale) + 1e-6)
               << "absorbed query row " << r << " head " << h << " value " << j;
         }
+      }
+    }
+  }
+}
+
+// Launches of more rows than the absorbed queries take (prefill chunks, large decode batches) go to
+// a kernel of a warp per piece of a row: the same results, for DeepSeek's shapes and the fixtures'
+// small ones, several sequences' rows in one launch, queries from fp32 rows, rotated in place, or none.
+// A shape too large for a warp's piece (latent 1024, nope 256) goes to the kernel of a few rows.
+TEST(ElementwiseTest, WriteKvCacheOfManyRows) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  struct Shape {
+    int rank, rope_dim, heads, qk;
+  };
+  for (const Shape& shape :
+       {Shape{512, 64, 16, 192}, Shape{32, 8, 4, 24}, Shape{40, 8, 3, 12}, Shape{1024, 64, 2, 320}}) {
+    for (bool interleave : {false, true}) {
+      ModelConfig config = RopeConfig(true, interleave);
+      config.qk_rope_head_dim = shape.rope_dim;
+      config.qk_nope_head_dim = shape.qk - shape.rope_dim;
+      const Rope rope(config);
+      const int rank = shape.rank, rope_dim = shape.rope_dim, heads = shape.heads, qk = shape.qk;
+      const int width = rank + rope_dim, block_size = 16;
+      // Three sequences of 70, 1 and 229 tokens at the end of contexts of 70, 5000 and 260 tokens,
+      // each sequence's blocks a shuffled range of the cache.
+      const std::vector<int> lengths = {70, 1, 229}, contexts = {70, 5000, 260};
+      std::vector<int32_t> tables, offsets, sequence, positions;
+      for (size_t s = 0; s < lengths.size(); ++s) {
+        offsets.push_back(static_cast<int32_t>(tables.size()));
+        const int blocks = (contexts[s] + block_size - 1) / block_size;
+        std::vector<int32_t> table(blocks);
+        std::iota(table.begin(), table.end(), static_cast<int32_t>(tables.size()));
+        std::shuffle(table.begin(), table.end(), rng);
+        tables.insert(tables.end(), table.begin(), table.end());
+        for (int t = contexts[s] - lengths[s]; t < contexts[s]; ++t) {
+          sequence.push_back(static_cast<int32_t>(s));
+          positions.push_back(t);
+        }
+      }
+      const int rows = static_cast<int>(positions.size());
+      ASSERT_GT(rows, kernels::kMaxAbsorbRows);
+      const std::vector<uint16_t> norm = RandomBf16(rank, rng);
+      DeviceVector<float> d_inv_freq(rope.inv_freq());
+      DeviceVector<uint16_t> d_norm(norm);
+      DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_positions(positions);
+      const kernels::RopeParams rope_params{d_inv_freq.get(), rope_dim, rope.attention_factor(), interleave};
+      const kernels::CacheWriteParams where{d_positions.get(), d_sequence.get(), d_tables.get(), d_offsets.get(),
+                                            block_size};
+      enum class Queries { kNone, kInPlace, kFromSource };
+      for (Queries mode : {Queries::kNone, Queries::kInPlace, Queries::kFromSource}) {
+        SCOPED_TRACE("rank " + std::to_string(rank) + " heads " + std::to_string(heads) + " interleave " +
+                     std::to_string(interleave) + " queries " + std::to_string(static_cast<int>(mode)));
+        const int q_width = mode == Queries::kFromSource ? heads * qk : 0, stride = q_width + width + 4;
+        const std::vector<float> projected = RandomFloats(static_cast<size_t>(rows) * stride, rng, 3.0f);
+        const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
+        constexpr uint16_t kPoison = 0x7fc1;  // a NaN no result equals
+        DeviceVector<float> d_projected(projected);
+        DeviceVector<uint16_t> d_q(mode == Queries::kFromSource ? std::vector<uint16_t>(q.size(), kPoison) : q);
+        DeviceVector<uint16_t> d_cache(std::vector<uint16_t>(tables.size() * block_size * width, kPoison));
+        kernels::QueryRopeParams queries;
+        if (mode != Queries::kNone) queries = {Bf16(d_q), heads, qk};
+        if (mode == Queries::kFromSource) queries.source = d_projected.get(), queries.source_row_stride = stride;
+        ASSERT_CUDA_OK(kernels::LaunchWriteKvCache(d_projected.get() + q_width, stride, rows, rank, Bf16(d_norm),
+                                                   1e-6f, rope_params, where, Bf16(d_cache), nullptr, queries));
+        const std::vector<uint16_t> cache = d_cache.ToHost(), rotated = d_q.ToHost();
+        for (int r = 0; r < rows; ++r) {
+          SCOPED_TRACE("row " + std::to_string(r));
+          const int block = tables[offsets[sequence[r]] + positions[r] / block_size];
+          const size_t slot = (static_cast<size_t>(block) * block_size + positions[r] % block_size) * width;
+          const size_t row_queries = static_cast<size_t>(r) * heads * qk;
+          std::vector<float> want;
+          if (mode == Queries::kFromSource) {
+            want.assign(projected.begin() + static_cast<size_t>(r) * stride,
+                        projected.begin() + static_cast<size_t>(r) * stride + heads * qk);
+          } else if (mode == Queries::kInPlace) {
+            for (int i = 0; i < heads * qk; ++i) want.push_back(BF16ToFloat(q[row_queries + i]));
+          }
+          ASSERT_NO_FATAL_FAILURE(ExpectRowWritten(rope, rank, rope_dim, norm,
+                                                   projected.data() + static_cast<size_t>(r) * stride + q_width,
+                                                   positions[r], &cache[slot], qk, want, &rotated[row_queries]));
+        }
+        if (mode == Queries::kNone) EXPECT_EQ(rotated, q) << "no queries were passed";
+        // Slots no row of the launch owns keep their poison.
+        size_t untouched = 0;
+        for (size_t i = 0; i < cache.size(); i += width) untouched += cache[i] == kPoison;
+        EXPECT_EQ(untouched, tables.size() * block_size - rows);
       }
     }
   }
