@@ -268,11 +268,12 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
   if (threadIdx.x < rope.rope_dim / 2) RotatePair(src + rank, dst + rank, threadIdx.x, position, rope);
 }
 
-// Launches of many rows (prefill, large decode batches), without absorbed queries: a warp for each
-// piece of a row's work, the latent with its rope key (piece 0) or one head's queries (piece 1 + h),
-// eight pieces a block. WriteKvCacheKernel's spread of a row over five blocks suits a few rows; for
-// thousands its short blocks, each a chain of dependent loads, took 69 us a layer at 4096 tokens for
-// 21 us of bytes (docs/cuda_backend_rounds.md, nineteenth round).
+// Launches of more than kCacheWriteSpreadMaxRows rows (prefill), without absorbed queries: a warp
+// for each piece of a row's work, the latent with its rope key (piece 0) or one head's queries (piece
+// 1 + h), eight pieces a block. WriteKvCacheKernel's spread of a row over five blocks suits decode
+// batches (from 32 to 512 rows it measured level with this kernel or up to 0.5% faster a step, H200,
+// alternating runs); for thousands of rows its short blocks, each a chain of dependent loads, took 69
+// us a layer at 4096 tokens for 21 us of bytes (docs/cuda_backend_rounds.md, nineteenth round).
 constexpr int kPiecesPerBlock = kRowThreads / 32;
 // The shapes it takes (DeepSeek's, and smaller); others go to WriteKvCacheKernel.
 constexpr int kMaxLatentPerLane = 16;  // kv_lora_rank <= 512
@@ -483,7 +484,7 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
   }
   const bool row_pieces_fit = kv_lora_rank <= 32 * kMaxLatentPerLane && rope.rope_dim / 2 <= 32 &&
                               (queries.q == nullptr || queries.qk_dim - rope.rope_dim <= 32 * kMaxNopePerLane);
-  if (absorb_blocks == 0 && rows > kMaxAbsorbRows && row_pieces_fit) {
+  if (absorb_blocks == 0 && rows > kCacheWriteSpreadMaxRows && row_pieces_fit) {
     const int pieces_per_row = 1 + (queries.q != nullptr ? queries.heads : 0);
     const int64_t blocks = (static_cast<int64_t>(rows) * pieces_per_row + kPiecesPerBlock - 1) / kPiecesPerBlock;
     return LaunchPdl(WriteKvCacheRowsKernel, dim3(static_cast<unsigned>(blocks)), dim3(kRowThreads), 0, stream, kv,

@@ -88,8 +88,9 @@ bool CanAbsorbQueries(const QueryRopeParams& queries, int rope_dim, const QueryA
 // rotated, written as bf16 into layer_cache [num_blocks, block_size, kv_lora_rank + rope_dim] at the
 // row's slot; with `queries`, the row's queries are rotated at the same position, and with `absorb`
 // also multiplied into the latent space (one launch instead of two or three). kv_lora_rank <= 1024.
-// Up to kMaxAbsorbRows rows (or with absorbed queries) each row's work is spread over several blocks;
-// more rows take a warp for each piece of a row's work (its latent, or one head's queries).
+// Up to kCacheWriteSpreadMaxRows rows (decode batches) each row's work is spread over several blocks;
+// more rows (prefill) take a warp for each piece of a row's work (its latent, or one head's queries).
+inline constexpr int kCacheWriteSpreadMaxRows = 512;
 cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
                                const __nv_bfloat16* latent_norm,
                                float latent_eps, const RopeParams& rope, const CacheWriteParams& where,

@@ -239,28 +239,34 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
   }
 }
 
-// Launches of more rows than the absorbed queries take (prefill chunks, large decode batches) go to
-// a kernel of a warp per piece of a row: the same results, for DeepSeek's shapes and the fixtures'
-// small ones, several sequences' rows in one launch, queries from fp32 rows, rotated in place, or none.
-// A shape too large for a warp's piece (latent 1024, nope 256) goes to the kernel of a few rows.
+// Launches of many rows: a decode batch's 300 (each row spread over blocks) and a prefill's 800 (a
+// warp for each piece of a row) give the same results, for DeepSeek's shapes and the fixtures' small
+// ones, several sequences' rows in one launch, queries from fp32 rows, rotated in place, or none. A
+// shape too large for a warp's piece (latent 1024, nope 256) stays on the spread kernel.
 TEST(ElementwiseTest, WriteKvCacheOfManyRows) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();
   struct Shape {
     int rank, rope_dim, heads, qk;
   };
+  // Three sequences of `lengths` tokens at the end of contexts of `contexts` tokens, each sequence's
+  // blocks a shuffled range of the cache.
+  struct Batch {
+    std::vector<int> lengths, contexts;
+  };
+  const Batch decode{{70, 1, 229}, {70, 5000, 260}}, prefill{{270, 1, 529}, {270, 5000, 560}};
   for (const Shape& shape :
        {Shape{512, 64, 16, 192}, Shape{32, 8, 4, 24}, Shape{40, 8, 3, 12}, Shape{1024, 64, 2, 320}}) {
-    for (bool interleave : {false, true}) {
+    for (const auto& [batch, interleave] : {std::pair{&decode, false}, std::pair{&decode, true},
+                                            std::pair{&prefill, false}, std::pair{&prefill, true}}) {
       ModelConfig config = RopeConfig(true, interleave);
       config.qk_rope_head_dim = shape.rope_dim;
       config.qk_nope_head_dim = shape.qk - shape.rope_dim;
       const Rope rope(config);
       const int rank = shape.rank, rope_dim = shape.rope_dim, heads = shape.heads, qk = shape.qk;
       const int width = rank + rope_dim, block_size = 16;
-      // Three sequences of 70, 1 and 229 tokens at the end of contexts of 70, 5000 and 260 tokens,
-      // each sequence's blocks a shuffled range of the cache.
-      const std::vector<int> lengths = {70, 1, 229}, contexts = {70, 5000, 260};
+      const std::vector<int>& lengths = batch->lengths;
+      const std::vector<int>& contexts = batch->contexts;
       std::vector<int32_t> tables, offsets, sequence, positions;
       for (size_t s = 0; s < lengths.size(); ++s) {
         offsets.push_back(static_cast<int32_t>(tables.size()));
@@ -275,7 +281,7 @@ TEST(ElementwiseTest, WriteKvCacheOfManyRows) {
         }
       }
       const int rows = static_cast<int>(positions.size());
-      ASSERT_GT(rows, kernels::kMaxAbsorbRows);
+      ASSERT_EQ(rows > kernels::kCacheWriteSpreadMaxRows, batch == &prefill);
       const std::vector<uint16_t> norm = RandomBf16(rank, rng);
       DeviceVector<float> d_inv_freq(rope.inv_freq());
       DeviceVector<uint16_t> d_norm(norm);
@@ -285,8 +291,9 @@ TEST(ElementwiseTest, WriteKvCacheOfManyRows) {
                                             block_size};
       enum class Queries { kNone, kInPlace, kFromSource };
       for (Queries mode : {Queries::kNone, Queries::kInPlace, Queries::kFromSource}) {
-        SCOPED_TRACE("rank " + std::to_string(rank) + " heads " + std::to_string(heads) + " interleave " +
-                     std::to_string(interleave) + " queries " + std::to_string(static_cast<int>(mode)));
+        SCOPED_TRACE("rows " + std::to_string(rows) + " rank " + std::to_string(rank) + " heads " +
+                     std::to_string(heads) + " interleave " + std::to_string(interleave) + " queries " +
+                     std::to_string(static_cast<int>(mode)));
         const int q_width = mode == Queries::kFromSource ? heads * qk : 0, stride = q_width + width + 4;
         const std::vector<float> projected = RandomFloats(static_cast<size_t>(rows) * stride, rng, 3.0f);
         const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(rows) * heads * qk, rng);
