@@ -99,6 +99,8 @@ struct MoeRouting {
   int32_t* tile_row = nullptr;        // [max_tiles]: first row of tile i (tile i covers
                                       // [tile_row[i], min(tile_row[i] + tile_rows, offsets[e + 1])))
   int32_t* num_tiles = nullptr;       // [1]: tiles in use
+  int32_t* chunk_counts = nullptr;    // the align's scratch where it takes several blocks (more than 2048
+                                      // pairs): each block's rows per routed expert; null otherwise
 
   int64_t num_pairs() const { return num_tokens * top_k; }                 // routed (token, slot) pairs
   int64_t num_rows() const { return num_tokens * (top_k + num_shared); }  // rows of y1, act and y2
@@ -128,7 +130,8 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
 // row, the others are taken as expert id - first_expert) -> every buffer of
 // `routing`, the shared experts' rows included. Adds to *experts_used (nullable, int32) the number of
 // routed experts that received at least one row: the routed weight reads of the step (shared experts
-// are always read and not counted). One block of 1024 threads.
+// are always read and not counted). One block of 1024 threads; more than 2048 pairs take two launches
+// of a block per 2048 pairs (the rows are the same).
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream);
 

@@ -271,6 +271,7 @@ struct AlignArgs {
   int32_t* tile_row;
   int32_t* num_tiles;
   int32_t* experts_used;
+  int32_t* chunk_counts;
 };
 
 // The shared memory of an align block.
@@ -311,79 +312,128 @@ __device__ __forceinline__ void FinishRouting(const AlignArgs& p, int routed_row
   }
 }
 
-// Routed experts: each warp owns a contiguous segment of the (token, slot) pairs. Pass 1 counts per
-// (warp, expert); the scan turns the counts into the first row of each (warp, expert); pass 2 places
-// each pair at that row plus its rank among the warp's equal ids (__match_any_sync), walking the
-// segment in order, so rows within an expert follow the pair order whatever the atomics did.
-// Shared experts need no counting: each takes the next T rows, one per token in token order.
-// Run by a whole block of kAlignThreads threads; `smem` is the block's AlignSmem.
-__device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
-  auto& warp_counts = smem.warp_counts;
-  auto& first_row = smem.first_row;
-  int* warp_sums = smem.warp_sums;
-  int* totals = smem.totals;
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int num_experts = p.num_experts;
+// A warp walks its segment of (token, slot) pairs in rounds of 32, one pair a lane, and loads the ids
+// of kAlignRoundsAtOnce rounds together: a block's 32 warps take at most 2048 pairs (kAlignChunkPairs),
+// 64 a warp, so each pass waits for its ids once.
+constexpr int kAlignRoundsAtOnce = 2;
 
+// The ids, less first_expert, of pairs base + lane + 32 j of a segment ending at `end` (0 past it).
+__device__ __forceinline__ void LoadAlignIds(const AlignArgs& p, int base, int end, int (&ids)[kAlignRoundsAtOnce]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
+    const int i = base + lane + 32 * j;
+    ids[j] = i < end ? p.topk_ids[i] - p.first_expert : 0;
+  }
+}
+
+// This warp's segment of pairs [begin, end): the w-th of kAlignWarps contiguous ones.
+struct Segment {
+  int begin, end;
+};
+__device__ __forceinline__ Segment WarpSegment(int begin, int end) {
+  const int size = (end - begin + kAlignWarps - 1) / kAlignWarps;
+  const int first = begin + static_cast<int>(threadIdx.x >> 5) * size;
+  return {first, min(end, first + size)};
+}
+
+// How the rows of routed experts are placed. Each warp owns a contiguous segment of a block's
+// (token, slot) pairs. Pass 1 (CountPairs) counts per (warp, expert) and turns the counts into each
+// (warp, expert)'s rows in earlier segments; with the rows of the expert before the block's pairs
+// (first_row), pass 2 (PlacePairs) places each pair at that row plus its rank among the warp's equal
+// ids (__match_any_sync), walking the segment in order, so rows within an expert follow the pair order
+// whatever the atomics did. Shared experts need no counting: each takes the next T rows, one per
+// token in token order. Run by whole blocks of kAlignThreads threads; `smem` is the block's AlignSmem.
+
+// Pass 1 over the block's pairs [begin, end); returns, to thread e < E, the block's rows of expert e.
+__device__ int CountPairs(const AlignArgs& p, int begin, int end, AlignSmem& smem) {
+  auto& warp_counts = smem.warp_counts;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int i = tid; i < kAlignWarps * kMoeMaxExperts; i += kAlignThreads) (&warp_counts[0][0])[i] = 0;
   __syncthreads();
-
-  const int segment = (p.num_pairs + kAlignWarps - 1) / kAlignWarps;
-  const int begin = warp * segment;
-  const int end = min(p.num_pairs, begin + segment);
-  for (int base = begin; base < end; base += 32) {
-    const int i = base + lane;
-    const int id = i < end ? p.topk_ids[i] - p.first_expert : -1;
-    if (id >= 0 && id < num_experts) atomicAdd(&warp_counts[warp][id], 1);
+  const Segment segment = WarpSegment(begin, end);
+  for (int base = segment.begin; base < segment.end; base += 32 * kAlignRoundsAtOnce) {
+    int ids[kAlignRoundsAtOnce];
+    LoadAlignIds(p, base, segment.end, ids);
+#pragma unroll
+    for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
+      const bool valid = base + lane + 32 * j < segment.end && ids[j] >= 0 && ids[j] < p.num_experts;
+      if (valid) atomicAdd(&warp_counts[warp][ids[j]], 1);
+    }
   }
   __syncthreads();
-
-  int count = 0;  // rows of expert `tid`
-  if (tid < num_experts) {
+  int count = 0;
+  if (tid < p.num_experts) {
     for (int w = 0; w < kAlignWarps; ++w) {
       const int c = warp_counts[w][tid];
       warp_counts[w][tid] = count;  // now: rows of this expert in earlier segments
       count += c;
     }
   }
-  const int tiles = (count + p.tile_rows - 1) / p.tile_rows;
-  const int rows_before = BlockExclusiveScan(count, warp_sums, &totals[0]);
-  const int tiles_before = BlockExclusiveScan(tiles, warp_sums, &totals[1]);
-  BlockExclusiveScan(count > 0 ? 1 : 0, warp_sums, &totals[2]);  // ends in a barrier: totals visible
+  return count;
+}
 
-  if (tid < num_experts) {
-    first_row[tid] = rows_before;
-    p.expert_offsets[tid] = rows_before;
-    for (int t = 0; t < tiles; ++t) {
-      p.tile_expert[tiles_before + t] = tid;
-      p.tile_row[tiles_before + t] = rows_before + t * p.tile_rows;
-    }
-  }
-
-  const int shared_tiles = (p.num_tokens + p.tile_rows - 1) / p.tile_rows;  // per shared expert
-  FinishRouting(p, totals[0], totals[1], totals[2], shared_tiles, tid, kAlignThreads);
-  __syncthreads();
-
+// Pass 2 over the block's pairs [begin, end), once smem.first_row holds, for each expert, its rows
+// before the block's pairs, and a barrier has passed since CountPairs.
+__device__ void PlacePairs(const AlignArgs& p, int begin, int end, AlignSmem& smem) {
+  auto& warp_counts = smem.warp_counts;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned lanes_before = (1u << lane) - 1u;
-  for (int base = begin; base < end; base += 32) {
-    const int i = base + lane;
-    const bool in_range = i < end;
-    const int id = in_range ? p.topk_ids[i] - p.first_expert : -1;
-    const bool valid = in_range && id >= 0 && id < num_experts;
-    const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
-    if (valid) {
-      const int row = first_row[id] + warp_counts[warp][id] + __popc(peers & lanes_before);
-      p.row_token[row] = i / p.top_k;
-      p.slot_row[i] = row;
-    } else if (in_range) {
-      p.slot_row[i] = -1;
+  const Segment segment = WarpSegment(begin, end);
+  for (int base = segment.begin; base < segment.end; base += 32 * kAlignRoundsAtOnce) {
+    int ids[kAlignRoundsAtOnce];
+    LoadAlignIds(p, base, segment.end, ids);
+#pragma unroll
+    for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
+      if (base + 32 * j >= segment.end) break;  // the same for the whole warp
+      const int i = base + lane + 32 * j, id = ids[j];
+      const bool in_range = i < segment.end;
+      const bool valid = in_range && id >= 0 && id < p.num_experts;
+      const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
+      if (valid) {
+        const int row = smem.first_row[id] + warp_counts[warp][id] + __popc(peers & lanes_before);
+        p.row_token[row] = i / p.top_k;
+        p.slot_row[i] = row;
+      } else if (in_range) {
+        p.slot_row[i] = -1;
+      }
+      __syncwarp();
+      if (valid && (peers >> lane) == 1u) warp_counts[warp][id] += __popc(peers);  // the last peer
+      __syncwarp();
     }
-    __syncwarp();
-    if (valid && (peers >> lane) == 1u) warp_counts[warp][id] += __popc(peers);  // the last peer
-    __syncwarp();
   }
+}
+
+// The experts' rows and tiles from each expert's row count (`count` of thread e < E): the scans, the
+// first rows of the experts in smem.first_row (plus `rows_before_block`, the expert's rows in earlier
+// blocks' pairs), and, with `write`, the offsets, the tile map and FinishRouting. Ends in a barrier.
+__device__ void LayOutExperts(const AlignArgs& p, int count, int rows_before_block, bool write, AlignSmem& smem) {
+  const int tid = threadIdx.x;
+  int* totals = smem.totals;
+  const int tiles = (count + p.tile_rows - 1) / p.tile_rows;
+  const int rows_before = BlockExclusiveScan(count, smem.warp_sums, &totals[0]);
+  const int tiles_before = BlockExclusiveScan(tiles, smem.warp_sums, &totals[1]);
+  BlockExclusiveScan(count > 0 ? 1 : 0, smem.warp_sums, &totals[2]);  // ends in a barrier: totals visible
+  if (tid < p.num_experts) smem.first_row[tid] = rows_before + rows_before_block;
+  if (write) {
+    if (tid < p.num_experts) {
+      p.expert_offsets[tid] = rows_before;
+      for (int t = 0; t < tiles; ++t) {
+        p.tile_expert[tiles_before + t] = tid;
+        p.tile_row[tiles_before + t] = rows_before + t * p.tile_rows;
+      }
+    }
+    const int shared_tiles = (p.num_tokens + p.tile_rows - 1) / p.tile_rows;  // per shared expert
+    FinishRouting(p, totals[0], totals[1], totals[2], shared_tiles, tid, kAlignThreads);
+  }
+  __syncthreads();
+}
+
+// The whole align in one block.
+__device__ void AlignBlock(const AlignArgs& p, AlignSmem& smem) {
+  const int count = CountPairs(p, 0, p.num_pairs, smem);
+  LayOutExperts(p, count, 0, /*write=*/true, smem);
+  PlacePairs(p, 0, p.num_pairs, smem);
 }
 
 __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs p) {
@@ -391,6 +441,46 @@ __global__ void __launch_bounds__(kAlignThreads) MoeAlignKernel(const AlignArgs 
   PdlWait();  // before topk_ids are read and the routing buffers (read by the last layer) written
   PdlLaunchDependents();
   AlignBlock(p, smem);
+}
+
+// More than kAlignChunkPairs pairs (prefill, large decode batches) are aligned by two launches of a
+// block per chunk of that many pairs, so that the stores of row_token, scattered over the rows, leave
+// from many SMs (one block took 38 us a layer at 4096 tokens, H200). The first counts each chunk's
+// rows per expert; the second sums the counts of every chunk and places its chunk's pairs after those
+// of the chunks before it, which gives the rows the one-block align gives.
+constexpr int kAlignChunkPairs = 2048;
+
+int64_t AlignChunks(int64_t num_pairs) { return (num_pairs + kAlignChunkPairs - 1) / kAlignChunkPairs; }
+
+__global__ void __launch_bounds__(kAlignThreads) MoeAlignCountKernel(const AlignArgs p) {
+  __shared__ AlignSmem smem;
+  PdlWait();  // the ids come from the gate
+  PdlLaunchDependents();
+  const int begin = static_cast<int>(blockIdx.x) * kAlignChunkPairs;
+  const int count = CountPairs(p, begin, min(p.num_pairs, begin + kAlignChunkPairs), smem);
+  if (static_cast<int>(threadIdx.x) < p.num_experts) {
+    p.chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_experts + threadIdx.x] = count;
+  }
+}
+
+__global__ void __launch_bounds__(kAlignThreads) MoeAlignPlaceKernel(const AlignArgs p) {
+  __shared__ AlignSmem smem;
+  PdlWait();  // the counts come from MoeAlignCountKernel; the routing buffers were read by the last layer
+  PdlLaunchDependents();
+  const int tid = threadIdx.x, chunk = blockIdx.x;
+  int count = 0, before = 0;  // expert tid's rows in all chunks, and in those before this one
+  if (tid < p.num_experts) {
+    for (int c = 0; c < static_cast<int>(gridDim.x); ++c) {
+      const int rows = p.chunk_counts[static_cast<int64_t>(c) * p.num_experts + tid];
+      count += rows;
+      before += c < chunk ? rows : 0;
+    }
+  }
+  const int begin = chunk * kAlignChunkPairs, end = min(p.num_pairs, begin + kAlignChunkPairs);
+  LayOutExperts(p, count, before, /*write=*/chunk == 0, smem);
+  CountPairs(p, begin, end, smem);
+  __syncthreads();  // the warps' offsets written
+  PlacePairs(p, begin, end, smem);
 }
 
 static_assert(kMoeFusedRouteTokens <= kAlignWarps, "one warp gates one token");
@@ -642,17 +732,18 @@ int64_t Align4(int64_t ints) { return (ints + 3) / 4 * 4; }  // 16-byte boundari
 
 // The ints of a routing layout, in carving order.
 struct RoutingLayout {
-  int64_t offsets, rows, pairs, tiles, count;
+  int64_t offsets, rows, pairs, tiles, count, chunk_counts;
   int64_t total() const {
-    return Align4(offsets) + Align4(rows) + Align4(pairs) + 2 * Align4(tiles) + Align4(count);
+    return Align4(offsets) + Align4(rows) + Align4(pairs) + 2 * Align4(tiles) + Align4(count) + Align4(chunk_counts);
   }
 };
 
 RoutingLayout Layout(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared,
                      int32_t tile_rows) {
-  const int64_t rows = num_tokens * (top_k + num_shared);
-  return {num_experts + num_shared + 1, rows, num_tokens * top_k,
-          MoeMaxTiles(rows, num_experts + num_shared, tile_rows), 1};
+  const int64_t rows = num_tokens * (top_k + num_shared), pairs = num_tokens * top_k;
+  const int64_t chunks = AlignChunks(pairs);
+  return {num_experts + num_shared + 1, rows, pairs, MoeMaxTiles(rows, num_experts + num_shared, tile_rows), 1,
+          chunks > 1 ? chunks * num_experts : 0};
 }
 
 bool ValidRoutingShape(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared) {
@@ -674,7 +765,8 @@ bool ValidGate(const MoeGateParams& p) {
 bool ValidRouting(const MoeRouting& r) {
   return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts, r.num_shared) && ValidTileRows(r.tile_rows) &&
          r.first_expert >= 0 && r.first_expert <= kMoeMaxExperts - r.num_experts && r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
-         r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr;
+         r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr &&
+         (AlignChunks(r.num_pairs()) <= 1 || r.chunk_counts != nullptr);
 }
 
 AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used) {
@@ -695,6 +787,7 @@ AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int3
   args.tile_row = routing.tile_row;
   args.num_tiles = routing.num_tiles;
   args.experts_used = experts_used;
+  args.chunk_counts = routing.chunk_counts;
   return args;
 }
 
@@ -792,6 +885,7 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
   r.tile_expert = take(layout.tiles);
   r.tile_row = take(layout.tiles);
   r.num_tiles = take(layout.count);
+  r.chunk_counts = layout.chunk_counts > 0 ? take(layout.chunk_counts) : nullptr;
   *routing = r;
   return cudaSuccess;
 }
@@ -808,11 +902,20 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
                    GateArgs{router_logits, correction_bias, num_tokens, nullptr, 0, p, topk_ids, topk_weights});
 }
 
+// One block, or two launches of a block per chunk of pairs.
+cudaError_t LaunchAlign(const AlignArgs& a, cudaStream_t stream) {
+  const int64_t chunks = AlignChunks(a.num_pairs);
+  if (chunks <= 1) return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, a);
+  const dim3 grid(static_cast<unsigned>(chunks));
+  const cudaError_t error = LaunchPdl(MoeAlignCountKernel, grid, dim3(kAlignThreads), 0, stream, a);
+  if (error != cudaSuccess) return error;
+  return LaunchPdl(MoeAlignPlaceKernel, grid, dim3(kAlignThreads), 0, stream, a);
+}
+
 cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, int32_t* experts_used,
                            cudaStream_t stream) {
   if (!ValidRouting(routing) || (topk_ids == nullptr && routing.num_pairs() > 0)) return cudaErrorInvalidValue;
-  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream,
-                   MakeAlignArgs(topk_ids, routing, experts_used));
+  return LaunchAlign(MakeAlignArgs(topk_ids, routing, experts_used), stream);
 }
 
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
@@ -840,7 +943,7 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
   const cudaError_t error =
       LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream, g);
   if (error != cudaSuccess) return error;
-  return LaunchPdl(MoeAlignKernel, dim3(1), dim3(kAlignThreads), 0, stream, a);
+  return LaunchAlign(a, stream);
 }
 
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,

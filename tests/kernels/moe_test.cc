@@ -515,7 +515,7 @@ TEST(MoeAlignTest, GroupsRowsByExpertInTokenOrder) {
   Rng rng(seed);
   for (int shared : {0, 1, 2}) {
     for (int tile_rows : {16, 64, 128}) {
-      for (int64_t tokens : {1, 3, 17, 64, 257, 2048, 4096}) {
+      for (int64_t tokens : {1, 3, 17, 64, 257, 342, 2048, 4096, 16384}) {
         ExpectAlignInvariants(RandomTopkIds(rng, tokens, 6, 64), tokens, 6, 64, shared, tile_rows, rng);
         // DeepSeek-V3 with its shared expert: 257 experts in the align.
         ExpectAlignInvariants(RandomTopkIds(rng, tokens, 8, 256), tokens, 8, 256, shared, tile_rows, rng);
@@ -710,6 +710,14 @@ TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
       std::vector<Span> spans = {{r.expert_offsets, shape.experts + shape.shared + 1}, {r.row_token, rows},
                                  {r.slot_row, r.num_pairs()}, {r.tile_expert, r.max_tiles()},
                                  {r.tile_row, r.max_tiles()}, {r.num_tiles, 1}};
+      // More than 2048 pairs are aligned a block per 2048, each block's counts in scratch of its own.
+      const int64_t chunks = (pairs + 2047) / 2048;
+      if (chunks > 1) {
+        ASSERT_NE(r.chunk_counts, nullptr);
+        spans.push_back({r.chunk_counts, chunks * shape.experts});
+      } else {
+        EXPECT_EQ(r.chunk_counts, nullptr);
+      }
       std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
       for (size_t i = 0; i < spans.size(); ++i) {
         EXPECT_EQ(reinterpret_cast<uintptr_t>(spans[i].begin) % 16, 0u) << "buffer " << i;
@@ -732,6 +740,13 @@ TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
   EXPECT_EQ(CarveMoeRouting(workspace, bytes, 4, 8, 256, -1, 16, &r), cudaErrorInvalidValue);
   EXPECT_EQ(CarveMoeRouting(workspace, MoeRoutingWorkspaceBytes(4, 8, 256, 1) - 16, 4, 8, 256, 1, 16, &r),
             cudaErrorInvalidValue);
+  // A routing of more pairs than one align block takes, without the blocks' scratch: refused before
+  // anything runs.
+  ASSERT_EQ(CarveMoeRouting(workspace, bytes, 400, 6, 64, 0, 16, &r), cudaSuccess);
+  ASSERT_NE(r.chunk_counts, nullptr);
+  r.chunk_counts = nullptr;
+  const int32_t* ids = static_cast<const int32_t*>(workspace);
+  EXPECT_EQ(LaunchMoeAlign(ids, r, nullptr, nullptr), cudaErrorInvalidValue);
 }
 
 // Host only: the tile size follows the rows per expert that gets any, shared experts included (the
