@@ -83,14 +83,14 @@ __device__ __forceinline__ RopePair PairAt(const RopeParams& rope, int i, int po
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Rotates pair `i` of one head's rope part: `from` and `to` point at the rope part (the last
-// rope_dim values of qk_dim) of the head's source and destination, which may be the same.
 // Stores the pair (a, b) rotated by `p` into a head's rope part `to`.
 __device__ __forceinline__ void StoreRotated(const RopePair& p, float a, float b, __nv_bfloat16* to) {
   to[p.a] = __float2bfloat16(a * p.cos - b * p.sin);
   to[p.b] = __float2bfloat16(b * p.cos + a * p.sin);
 }
 
+// Rotates pair `i` of one head's rope part: `from` and `to` point at the rope part (the last
+// rope_dim values of qk_dim) of the head's source and destination, which may be the same.
 template <class T>
 __device__ __forceinline__ void RotatePair(const T* from, __nv_bfloat16* to, int i, int position,
                                            const RopeParams& rope) {

@@ -327,14 +327,24 @@ __device__ __forceinline__ void LoadAlignIds(const AlignArgs& p, int base, int e
   }
 }
 
-// This warp's segment of pairs [begin, end): the w-th of kAlignWarps contiguous ones.
-struct Segment {
-  int begin, end;
-};
-__device__ __forceinline__ Segment WarpSegment(int begin, int end) {
+// Calls visit(i, id, in_range) for each pair i of this warp's segment of [begin, end) (the w-th of
+// kAlignWarps contiguous ones), round by round, the whole warp together: lane l takes pair base + l of
+// each round, `id` its id less first_expert, `in_range` false past the segment's end (the last
+// round's tail, or a whole round past it).
+template <class Visit>
+__device__ __forceinline__ void ForEachPairOfSegment(const AlignArgs& p, int begin, int end, Visit&& visit) {
   const int size = (end - begin + kAlignWarps - 1) / kAlignWarps;
-  const int first = begin + static_cast<int>(threadIdx.x >> 5) * size;
-  return {first, min(end, first + size)};
+  const int first = begin + static_cast<int>(threadIdx.x >> 5) * size, last = min(end, first + size);
+  const int lane = threadIdx.x & 31;
+  for (int base = first; base < last; base += 32 * kAlignRoundsAtOnce) {
+    int ids[kAlignRoundsAtOnce];
+    LoadAlignIds(p, base, last, ids);
+#pragma unroll
+    for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
+      const int i = base + lane + 32 * j;
+      visit(i, ids[j], i < last);
+    }
+  }
 }
 
 // How the rows of routed experts are placed. Each warp owns a contiguous segment of a block's
@@ -348,19 +358,12 @@ __device__ __forceinline__ Segment WarpSegment(int begin, int end) {
 // Pass 1 over the block's pairs [begin, end); returns, to thread e < E, the block's rows of expert e.
 __device__ int CountPairs(const AlignArgs& p, int begin, int end, AlignSmem& smem) {
   auto& warp_counts = smem.warp_counts;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
   for (int i = tid; i < kAlignWarps * kMoeMaxExperts; i += kAlignThreads) (&warp_counts[0][0])[i] = 0;
   __syncthreads();
-  const Segment segment = WarpSegment(begin, end);
-  for (int base = segment.begin; base < segment.end; base += 32 * kAlignRoundsAtOnce) {
-    int ids[kAlignRoundsAtOnce];
-    LoadAlignIds(p, base, segment.end, ids);
-#pragma unroll
-    for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
-      const bool valid = base + lane + 32 * j < segment.end && ids[j] >= 0 && ids[j] < p.num_experts;
-      if (valid) atomicAdd(&warp_counts[warp][ids[j]], 1);
-    }
-  }
+  ForEachPairOfSegment(p, begin, end, [&](int, int id, bool in_range) {
+    if (in_range && id >= 0 && id < p.num_experts) atomicAdd(&warp_counts[warp][id], 1);
+  });
   __syncthreads();
   int count = 0;
   if (tid < p.num_experts) {
@@ -379,29 +382,20 @@ __device__ void PlacePairs(const AlignArgs& p, int begin, int end, AlignSmem& sm
   auto& warp_counts = smem.warp_counts;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const unsigned lanes_before = (1u << lane) - 1u;
-  const Segment segment = WarpSegment(begin, end);
-  for (int base = segment.begin; base < segment.end; base += 32 * kAlignRoundsAtOnce) {
-    int ids[kAlignRoundsAtOnce];
-    LoadAlignIds(p, base, segment.end, ids);
-#pragma unroll
-    for (int j = 0; j < kAlignRoundsAtOnce; ++j) {
-      if (base + 32 * j >= segment.end) break;  // the same for the whole warp
-      const int i = base + lane + 32 * j, id = ids[j];
-      const bool in_range = i < segment.end;
-      const bool valid = in_range && id >= 0 && id < p.num_experts;
-      const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
-      if (valid) {
-        const int row = smem.first_row[id] + warp_counts[warp][id] + __popc(peers & lanes_before);
-        p.row_token[row] = i / p.top_k;
-        p.slot_row[i] = row;
-      } else if (in_range) {
-        p.slot_row[i] = -1;
-      }
-      __syncwarp();
-      if (valid && (peers >> lane) == 1u) warp_counts[warp][id] += __popc(peers);  // the last peer
-      __syncwarp();
+  ForEachPairOfSegment(p, begin, end, [&](int i, int id, bool in_range) {
+    const bool valid = in_range && id >= 0 && id < p.num_experts;
+    const unsigned peers = __match_any_sync(kFullMask, valid ? id : -1);
+    if (valid) {
+      const int row = smem.first_row[id] + warp_counts[warp][id] + __popc(peers & lanes_before);
+      p.row_token[row] = i / p.top_k;
+      p.slot_row[i] = row;
+    } else if (in_range) {
+      p.slot_row[i] = -1;
     }
-  }
+    __syncwarp();
+    if (valid && (peers >> lane) == 1u) warp_counts[warp][id] += __popc(peers);  // the last peer
+    __syncwarp();
+  });
 }
 
 // The experts' rows and tiles from each expert's row count (`count` of thread e < E): the scans, the
