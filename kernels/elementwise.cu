@@ -30,6 +30,13 @@ __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __re
                                  const __nv_bfloat16* __restrict__ weight, int dim, float eps,
                                  __nv_bfloat16* __restrict__ out) {
   __shared__ float scratch[32];
+  // The norm's weights before the wait: after the reduction they would be one more dependent load.
+  float w[kNormValuesPerThread];
+#pragma unroll
+  for (int j = 0; j < kNormValuesPerThread; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    w[j] = i < dim ? __bfloat162float(weight[i]) : 0.0f;
+  }
   PdlWait();
   PdlLaunchDependents();
   const int64_t row = blockIdx.x;
@@ -49,7 +56,7 @@ __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __re
     const int i = threadIdx.x + j * blockDim.x;
     if (i >= dim) continue;
     if (delta != nullptr) h[i] = v[j];
-    out[row * dim + i] = __float2bfloat16(v[j] * inv_rms * __bfloat162float(weight[i]));
+    out[row * dim + i] = __float2bfloat16(v[j] * inv_rms * w[j]);
   }
 }
 

@@ -681,7 +681,7 @@ struct NormArgs {
 //
 // The routing and the residual come from kernels at least two launches back (the route or align
 // kernel, then the attention's norm), complete when this one starts (kernels/pdl.cuh), so they are
-// read before the wait; only the expert rows and the added matrices after it.
+// read before the wait, with the norm's weights; only the expert rows and the added matrices after it.
 __global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const CombineArgs<__nv_bfloat16> p,
                                                                    const NormArgs n) {
   __shared__ float scratch[32];
@@ -692,6 +692,7 @@ __global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const Combine
   float* h = n.residual + token * p.hidden + col;
   const float4 h0 = active ? *reinterpret_cast<const float4*>(h) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   const float4 h1 = active ? *reinterpret_cast<const float4*>(h + 4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const uint4 norm_weights = active ? *reinterpret_cast<const uint4*>(n.weight + col) : make_uint4(0, 0, 0, 0);
   PdlWait();  // the expert rows come from the down GEMM
   PdlLaunchDependents();
   float v[8] = {};
@@ -710,7 +711,7 @@ __global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const Combine
   const float inv_rms = rsqrtf(kernels::BlockSum(sum_sq, scratch) / p.hidden + n.eps);
   if (!active) return;
   float w[8];
-  Bf16x8ToFloat(*reinterpret_cast<const uint4*>(n.weight + col), w);
+  Bf16x8ToFloat(norm_weights, w);
   uint4 packed;
   __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
 #pragma unroll
