@@ -45,7 +45,8 @@ constexpr int64_t kSkinnyRows = 8;
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
 // (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows. (With the
 // warp-specialised grouped products, folding them in at every size measured V2-Lite prefill steps
-// of 1 x 4096 and 16 x 1024 1.4-2.1% slower on an H200, 1 x 1024 0.6% faster.)
+// of 1 x 4096 and 16 x 1024 1.4-2.1% slower on an H200, 1 x 1024 0.6% faster; with their fast SiLU,
+// 1 x 2048 and 1 x 4096 0.9-1.4% slower, 1 x 1024 1.5% faster.)
 constexpr int64_t kFoldSharedMaxTokens = 512;
 // Steps of up to this many tokens run the shared experts on a second stream, beside the routing
 // (SharedExpertsApart). cohort bench step, V2-Lite on an H200, same device call: batch 1 and 2 steps
@@ -102,7 +103,8 @@ struct GraphKey {
 struct ExpandedGroup {
   std::vector<kernels::FlashChunk> chunks;  // query rows in token order, key rows of the workspace
   std::vector<int> table_offsets;           // of each chunk's block table in the step's tables
-  int64_t keys = 0;                         // the workspace rows up to the last chunk's last key
+  // The workspace rows up to the last chunk's last key.
+  int64_t keys() const { return int64_t{chunks.back().first_key} + chunks.back().keys; }
 };
 
 // How a step is laid out on the device. Tokens are reordered so those attending in the absorbed
@@ -600,7 +602,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       max_context = std::max(max_context, context);
     } else {
       // A new group when the chunk's context would overflow the expanded workspace.
-      int64_t first_key = s.expanded.empty() ? 0 : CeilDiv(s.expanded.back().keys, 8) * 8;
+      int64_t first_key = s.expanded.empty() ? 0 : CeilDiv(s.expanded.back().keys(), 8) * 8;
       if (s.expanded.empty() || first_key + context > expanded_context_) {
         s.expanded.emplace_back();
         first_key = 0;
@@ -609,7 +611,6 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       group.chunks.push_back({token, n, static_cast<int>(seq.start_position), static_cast<int>(first_key),
                               static_cast<int>(context)});
       group.table_offsets.push_back(static_cast<int>(used));
-      group.keys = first_key + context;
     }
     used += blocks;
     for (int i = 0; i < n; ++i, ++token) {
@@ -771,7 +772,7 @@ absl::Status CudaEngine::ExpandedAttention(const ExpandedGroup& group, const Dev
   const ModelConfig& c = config_;
   const int64_t heads = c.num_heads, qk = c.qk_head_dim(), nope = c.qk_nope_head_dim, v = c.v_head_dim;
   const int64_t rank = c.kv_lora_rank, width = c.kv_cache_width(), kv_b_head = (nope + v) * rank;
-  const int64_t keys = group.keys, values_ld = ExpandedValuesLd();
+  const int64_t keys = group.keys(), values_ld = ExpandedValuesLd();
   for (size_t i = 0; i < group.chunks.size(); ++i) {
     const kernels::FlashChunk& chunk = group.chunks[i];
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchGatherCache(
