@@ -99,6 +99,11 @@ struct MoeRouting {
   int32_t* tile_row = nullptr;        // [max_tiles]: first row of tile i (tile i covers
                                       // [tile_row[i], min(tile_row[i] + tile_rows, offsets[e + 1])))
   int32_t* num_tiles = nullptr;       // [1]: tiles in use
+  int32_t* item_counters = nullptr;   // [2]: the grouped GEMM's work queue for tiles of 64 and 128 rows
+                                      // (the next item, the blocks done). The align zeroes them and each
+                                      // launch leaves them zero, so launches on one routing must not
+                                      // overlap (a stream orders them; a programmatic dependent takes
+                                      // items only after its wait)
   int32_t* chunk_counts = nullptr;    // the align's scratch where it takes several blocks (more than 2048
                                       // pairs): each block's rows per routed expert; null otherwise
 

@@ -1,7 +1,8 @@
 // Grouped expert GEMM and SiLU-and-mul of the MoE path. Contracts in moe.h.
 //
-// Both GEMM kernels are persistent: gridDim = SMs x resident blocks, block b takes the work items
-// b, b + gridDim, ... of the (tile, column block) list, and each item streams a BN x K weight slice
+// Both GEMM kernels are persistent: gridDim = SMs x resident blocks, block b takes the work item b of
+// the (tile, column block) list and then b + gridDim, b + 2 gridDim, ... (decode tiles) or whatever a
+// counter hands out (tiles of 64 and 128 rows, below), and each item streams a BN x K weight slice
 // and a BM x K activation slice (rows gathered through row_token) through a ring of shared-memory
 // stages that runs across item boundaries, so the next item's first loads overlap this item's last
 // products and its stores. Stages are XOR-swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)).
@@ -53,6 +54,7 @@ using kernels::MbarrierExpectTx;
 using kernels::MbarrierInit;
 using kernels::MbarrierWait;
 using kernels::MmaBf16;
+using kernels::NamedBarrierSync;
 using kernels::PdlLaunchDependents;
 using kernels::PdlWait;
 using kernels::PrefetchTensorMap;
@@ -119,6 +121,7 @@ struct GemmParams {
   const int32_t* tile_expert;
   const int32_t* tile_row;
   const int32_t* num_tiles;
+  int32_t* item_counters;  // the warp-specialised kernel's work queue
   int32_t n;  // output columns: I with silu_mul (the weights then have 2n rows per expert)
   int32_t k;
   int32_t n_blocks;
@@ -455,7 +458,10 @@ cudaError_t LaunchGemm(const GemmParams& p, const MoeGemmArgs& args, int64_t max
 // tiles and all their columns, so each activation tile is read from HBM about once and its weights
 // by the expert's tiles together. (Tile fastest, as the cp.async kernel walks them, measured
 // 1216 -> 1315 us a layer at 4096 tokens in moe_bench: the down product's activations, 92 MB, were
-// read again for each of the eight column blocks.)
+// read again for each of the eight column blocks.) Block b takes item b first and each further one
+// from a counter in the routing (MoeRouting::item_counters), so blocks that run slower take fewer
+// items; the producer announces each item's number to the consumers in the stage of its first
+// k-step, and -1 in the stage after its last item.
 //
 // With silu_mul a consumer warpgroup's kWgN weight rows are kWgN / 2 gate rows then the up rows of
 // the same act columns (two TMA boxes), so the gate and the up of an act column are accumulator
@@ -477,7 +483,9 @@ struct WsTiles {
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kBarrierOffset = kStages * kStageBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kItemOffset = kBarrierOffset + 2 * kStages * 8;  // the item each stage starts, ints
+  static constexpr int kNextOffset = kItemOffset + 4 * kStages;         // gathering: the next item, 2 ints
+  static constexpr int kSmemBytes = kNextOffset + 2 * 4;
   static constexpr int kGatherRowStride = 128 / (kBK / 8);  // rows a pass of the producer, eight threads a row
   static constexpr int kGatherRowsPerThread = BM / kGatherRowStride;
   // One block of 384 threads an SM gets 168 registers a thread (65536 / 384, in steps of 8), too few
@@ -513,12 +521,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const uint32_t smem_base = SmemAddress(smem);
   const uint32_t full = smem_base + C::kBarrierOffset;  // kStages barriers, then kStages `empty` ones
   const uint32_t empty = full + 8 * C::kStages;
+  volatile int* stage_item = reinterpret_cast<volatile int*>(smem + C::kItemOffset);
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
+  // A `full` barrier's arrivals: thread 0's (which also announces the weight bytes, and releases
+  // stage_item), and gathering, one a producer thread once its row copies have landed.
+  constexpr uint32_t kFullArrivals = kGather ? 129 : 1;
   if (tid == 0) {
     for (int s = 0; s < C::kStages; ++s) {
-      MbarrierInit(full + 8 * s, kGather ? 128 : 1);
+      MbarrierInit(full + 8 * s, kFullArrivals);
       MbarrierInit(empty + 8 * s, C::kConsumerWarps);
     }
     FenceBarrierInit();
@@ -534,7 +546,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   const int num_items = num_tiles * p.n_blocks;
   const int block = static_cast<int>(blockIdx.x);
   const int grid = static_cast<int>(gridDim.x);
-  const int my_items = block < num_items ? (num_items - 1 - block) / grid + 1 : 0;
 
   if (warp < 4) {
     // Producer.
@@ -563,7 +574,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     // after it.
     int early_steps = 0;
     if constexpr (kEarly) {
-      if (my_items > 0) {
+      if (block < num_items) {
         const int tile = block / p.n_blocks;
         early_steps = min(C::kStages, p.k_steps);
         for (int s = 0; s < early_steps; ++s) {
@@ -575,10 +586,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
       PdlWait();
       PdlLaunchDependents();
     }
+    int* next_item = reinterpret_cast<int*>(smem + C::kNextOffset);
     int stage = 0;
     uint32_t phase = 0;
-    for (int local_item = 0; local_item < my_items; ++local_item) {
-      const int item = block + local_item * grid;
+    int item = block < num_items ? block : -1;
+    for (int n = 0; item >= 0; ++n) {
+      // The item after this one, asked for now so that the answer arrives while this one loads.
+      int fetched = 0;
+      if (tid == 0) fetched = atomicAdd(p.item_counters, 1);
       const int tile = item / p.n_blocks;
       const int n_block = item % p.n_blocks;
       const int expert = p.tile_expert[tile];
@@ -600,9 +615,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         const uint32_t stage_b = stage_a + C::kABytes;
         const int k0 = kstep * C::kBK;
         if (tid == 0) {
-          const bool weights_requested = local_item == 0 && kstep < early_steps;  // before the wait
+          const bool weights_requested = n == 0 && kstep < early_steps;  // before the wait
+          if (kstep == 0 && n > 0) stage_item[stage] = item;  // the consumers know their first
           if constexpr (kGather) {
-            MbarrierExpectTx(bar, C::kBBytes);
+            MbarrierArriveExpectTx(bar, C::kBBytes);
           } else {
             if (!weights_requested) MbarrierArriveExpectTx(bar, C::kABytes + C::kBBytes);
             TmaLoad(stage_a, &a_map, bar, k0, first);
@@ -624,6 +640,24 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
           phase ^= 1;
         }
       }
+      if constexpr (kGather) {  // every producer thread needs the next item's rows
+        if (tid == 0) next_item[n & 1] = fetched;
+        NamedBarrierSync(1, 128);
+        fetched = next_item[n & 1];  // two slots: thread 0 writes this one again only after the next meeting
+      }
+      item = grid + fetched < num_items ? grid + fetched : -1;
+    }
+    if (tid == 0) {
+      // The stage after the last item tells the consumers to stop.
+      MbarrierWait(empty + 8 * stage, phase ^ 1);
+      stage_item[stage] = -1;
+      MbarrierArrive(full + 8 * stage, kFullArrivals);
+      // The last block to finish asking leaves the counters zero for the next launch.
+      __threadfence();
+      if (atomicAdd(p.item_counters + 1, 1) == grid - 1) {
+        atomicExch(p.item_counters, 0);
+        atomicExch(p.item_counters + 1, 0);
+      }
     }
     if constexpr (kGather) CpAsyncWait<0>();
     return;
@@ -644,7 +678,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
   int stage = 0;
   uint32_t phase = 0;
   float acc[C::kWgN / 8][4] = {};
-  for (int local_item = 0; local_item < my_items; ++local_item) {
+  int item = block < num_items ? block : -1;
+  while (item >= 0) {
     int previous = 0;
     for (int kstep = 0; kstep < p.k_steps; ++kstep) {
       MbarrierWait(full + 8 * stage, phase);
@@ -671,7 +706,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
     WgmmaWait<0>();
     if (lane == 0) MbarrierArrive(empty + 8 * previous);
 
-    const int item = block + local_item * grid;
     const int tile = item / p.n_blocks;
     const int n_block = item % p.n_blocks;
     const int first = p.tile_row[tile];
@@ -705,6 +739,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kBlocksPerSm)
         }
       }
     }
+    MbarrierWait(full + 8 * stage, phase);  // the next item's first k-step, or the end
+    item = stage_item[stage];
   }
 }
 
@@ -827,6 +863,7 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
   p.tile_expert = r.tile_expert;
   p.tile_row = r.tile_row;
   p.num_tiles = r.num_tiles;
+  p.item_counters = r.item_counters;
   p.n = static_cast<int32_t>(n);
   p.k = static_cast<int32_t>(k);
   p.n_blocks = 0;

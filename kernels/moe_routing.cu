@@ -270,6 +270,7 @@ struct AlignArgs {
   int32_t* tile_expert;
   int32_t* tile_row;
   int32_t* num_tiles;
+  int32_t* item_counters;
   int32_t* experts_used;
   int32_t* chunk_counts;
 };
@@ -303,6 +304,8 @@ __device__ __forceinline__ void FinishRouting(const AlignArgs& p, int routed_row
   for (int i = tid; i < p.num_shared * num_tokens; i += threads) p.row_token[routed_rows + i] = i % num_tokens;
   if (tid == 0) {
     *p.num_tiles = all_tiles;
+    p.item_counters[0] = 0;
+    p.item_counters[1] = 0;
     if (p.experts_used != nullptr) atomicAdd(p.experts_used, routed_experts);
   }
 #pragma unroll 1
@@ -727,9 +730,10 @@ int64_t Align4(int64_t ints) { return (ints + 3) / 4 * 4; }  // 16-byte boundari
 
 // The ints of a routing layout, in carving order.
 struct RoutingLayout {
-  int64_t offsets, rows, pairs, tiles, count, chunk_counts;
+  int64_t offsets, rows, pairs, tiles, count, item_counters, chunk_counts;
   int64_t total() const {
-    return Align4(offsets) + Align4(rows) + Align4(pairs) + 2 * Align4(tiles) + Align4(count) + Align4(chunk_counts);
+    return Align4(offsets) + Align4(rows) + Align4(pairs) + 2 * Align4(tiles) + Align4(count) + Align4(item_counters) +
+           Align4(chunk_counts);
   }
 };
 
@@ -737,7 +741,7 @@ RoutingLayout Layout(int64_t num_tokens, int32_t top_k, int32_t num_experts, int
                      int32_t tile_rows) {
   const int64_t rows = num_tokens * (top_k + num_shared), pairs = num_tokens * top_k;
   const int64_t chunks = AlignChunks(pairs);
-  return {num_experts + num_shared + 1, rows, pairs, MoeMaxTiles(rows, num_experts + num_shared, tile_rows), 1,
+  return {num_experts + num_shared + 1, rows, pairs, MoeMaxTiles(rows, num_experts + num_shared, tile_rows), 1, 2,
           chunks > 1 ? chunks * num_experts : 0};
 }
 
@@ -760,7 +764,7 @@ bool ValidGate(const MoeGateParams& p) {
 bool ValidRouting(const MoeRouting& r) {
   return ValidRoutingShape(r.num_tokens, r.top_k, r.num_experts, r.num_shared) && ValidTileRows(r.tile_rows) &&
          r.first_expert >= 0 && r.first_expert <= kMoeMaxExperts - r.num_experts && r.expert_offsets != nullptr && r.row_token != nullptr && r.slot_row != nullptr &&
-         r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr &&
+         r.tile_expert != nullptr && r.tile_row != nullptr && r.num_tiles != nullptr && r.item_counters != nullptr &&
          (AlignChunks(r.num_pairs()) <= 1 || r.chunk_counts != nullptr);
 }
 
@@ -781,6 +785,7 @@ AlignArgs MakeAlignArgs(const int32_t* topk_ids, const MoeRouting& routing, int3
   args.tile_expert = routing.tile_expert;
   args.tile_row = routing.tile_row;
   args.num_tiles = routing.num_tiles;
+  args.item_counters = routing.item_counters;
   args.experts_used = experts_used;
   args.chunk_counts = routing.chunk_counts;
   return args;
@@ -880,6 +885,7 @@ cudaError_t CarveMoeRouting(void* workspace, int64_t workspace_bytes, int64_t nu
   r.tile_expert = take(layout.tiles);
   r.tile_row = take(layout.tiles);
   r.num_tiles = take(layout.count);
+  r.item_counters = take(layout.item_counters);
   r.chunk_counts = layout.chunk_counts > 0 ? take(layout.chunk_counts) : nullptr;
   *routing = r;
   return cudaSuccess;

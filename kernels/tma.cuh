@@ -59,6 +59,10 @@ __device__ __forceinline__ void FenceBarrierInit() { asm volatile("fence.mbarrie
 __device__ __forceinline__ void MbarrierArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// `count` arrivals at once.
+__device__ __forceinline__ void MbarrierArrive(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
 // Announces `bytes` more to land in the current phase, without arriving.
 __device__ __forceinline__ void MbarrierExpectTx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -81,6 +85,12 @@ __device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
       "@!done bra waiting;\n}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
+}
+
+// Named barrier `id` (1..15; 0 is __syncthreads') for `threads` threads, a multiple of 32: the warps
+// of one role meeting without the others.
+__device__ __forceinline__ void NamedBarrierSync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void PrefetchTensorMap(const CUtensorMap* map) {

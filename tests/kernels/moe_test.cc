@@ -709,7 +709,7 @@ TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
       };
       std::vector<Span> spans = {{r.expert_offsets, shape.experts + shape.shared + 1}, {r.row_token, rows},
                                  {r.slot_row, r.num_pairs()}, {r.tile_expert, r.max_tiles()},
-                                 {r.tile_row, r.max_tiles()}, {r.num_tiles, 1}};
+                                 {r.tile_row, r.max_tiles()}, {r.num_tiles, 1}, {r.item_counters, 2}};
       // More than 2048 pairs are aligned a block per 2048, each block's counts in scratch of its own.
       const int64_t chunks = (pairs + 2047) / 2048;
       if (chunks > 1) {
@@ -915,6 +915,7 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
   RowList list;
   for (int tile_rows : {16, 64, 128}) {
     SCOPED_TRACE(::testing::Message() << "tile_rows " << tile_rows);
+    ASSERT_CUDA_OK(d.workspace.Poison(0xa5));  // the align must write all the products read
     ASSERT_CUDA_OK(d.Carve(tokens, s.top_k, s.experts, s.shared, tile_rows));
     ASSERT_CUDA_OK(LaunchMoeAlign(d_ids.get(), d.routing, nullptr, nullptr));
     ASSERT_CUDA_OK(d_y1.Poison());
@@ -945,6 +946,9 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     std::vector<uint16_t> y2_waiting;
     ASSERT_CUDA_OK(d_y2.Read(&y2_waiting));
     EXPECT_TRUE(y2_waiting == y2) << "down product with and without routing_ready";
+    // The 64- and 128-row tiles take their items from a queue in the routing: each launch leaves it
+    // as it found it, so the same routing serves the next one (above, and every layer of a graph).
+    EXPECT_EQ(ReadDevice(d.routing.item_counters, 2), (std::vector<int32_t>{0, 0})) << "the item queue";
   }
 }
 
