@@ -851,7 +851,8 @@ cudaError_t LaunchMoeGroupedGemm(const MoeGemmArgs& args, const MoeRouting& r, c
       !Aligned16(args.weights) || !Aligned16(args.y) || r.num_experts < 1 || r.num_experts > kMoeMaxExperts ||
       r.num_shared < 0 || r.num_shared > kMoeMaxShared || r.top_k < 1 || r.top_k > kMoeMaxTopK ||
       r.num_tokens < 0 || r.expert_offsets == nullptr || r.row_token == nullptr ||
-      r.tile_expert == nullptr || r.tile_row == nullptr || r.num_tiles == nullptr) {
+      r.tile_expert == nullptr || r.tile_row == nullptr || r.num_tiles == nullptr ||
+      (r.tile_rows != DecodeTiles::kBM && r.item_counters == nullptr)) {
     return cudaErrorInvalidValue;
   }
   GemmParams p;

@@ -1110,6 +1110,11 @@ TEST(MoeGroupedGemmTest, RejectsSizesThatAreNotMultiplesOfEight) {
   odd_tiles.tile_rows = 32;
   EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 104, Bf16(y)}, odd_tiles, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(d.Carve(4, 2, 8, 0, 32), cudaErrorInvalidValue);
+  // Tiles of 64 rows take their items from the routing's queue: a routing without one is refused.
+  ASSERT_CUDA_OK(d.Carve(4, 2, 8, 0, 64));
+  MoeRouting no_queue = d.routing;
+  no_queue.item_counters = nullptr;
+  EXPECT_EQ(LaunchMoeGroupedGemm({Bf16(a), true, Bf16(w), 64, 104, Bf16(y)}, no_queue, nullptr), cudaErrorInvalidValue);
 }
 
 // ------------------------------------------------------------------------------ silu-mul, combine
