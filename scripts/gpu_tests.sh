@@ -18,6 +18,14 @@
 #       build under test and removed before it is committed) and is compared with the base as well:
 #       many settings in one device call. Under $OUT/ab: compare.txt, and runs.tar.gz with every
 #       run's JSON and log
+#   scripts/gpu_tests.sh cycles KERNEL_REGEX [--launch-count N] [BENCH FLAGS...]
+#       there: Nsight Compute at the locked base clock over `cohort bench step` (by default one
+#       1 x 4096 prefill step), the first N (4) launches whose kernel name matches KERNEL_REGEX, for
+#       REV's build and this one in turn, twice each (this one alone when no base was bundled); per
+#       launch its cycles, the change, and how far apart the SMs end (scripts/compare_cycles.py).
+#       Kernel changes that a step's time cannot show (prefill runs at the GPU's power limit and
+#       moves by several per cent between calls) show here within 1%. Under $OUT/cycles:
+#       compare.txt, and runs.tar.gz with every CSV and log
 #   scripts/gpu_tests.sh sanitize GTEST_FILTER [TOOL...]
 #       there: the kernel tests the filter names under compute-sanitizer, once a tool (memcheck,
 #       synccheck, racecheck unless named): out-of-bounds and misaligned accesses, barriers that
@@ -46,6 +54,17 @@ fresh_out() {
   rm -rf "$out"
   mkdir -p "$out"
   work=$(mktemp -d)
+}
+
+# REV's `cohort` and kernels library from .gpu/base into $1 (xz may be missing there; python has lzma).
+unpack_base() {
+  mkdir -p "$1"
+  python3 -c 'import lzma, os, shutil, sys
+for name in ("cohort", "libcohort_kernels.so"):
+    target = os.path.join(sys.argv[1], name)
+    with lzma.open(f".gpu/base/{name}.xz") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(target, 0o755)' "$1"
 }
 
 GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
@@ -165,14 +184,7 @@ case "${1:-}" in
     # The base build and every run's JSON and log go to $work; $out gets the comparison and one
     # archive of the runs.
     fresh_out ab
-    mkdir -p "$work/base"
-    # xz may be missing there; python has lzma.
-    python3 -c 'import lzma, os, shutil, sys
-for name in ("cohort", "libcohort_kernels.so"):
-    target = os.path.join(sys.argv[1], name)
-    with lzma.open(f".gpu/base/{name}.xz") as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.chmod(target, 0o755)' "$work/base"
+    unpack_base "$work/base"
     echo "base $(cat .gpu/base/REVISION), this build $(cat .gpu/REVISION)"
     echo "$rounds rounds of: cohort bench step $*"
     for round in $(seq "$rounds"); do
@@ -199,6 +211,55 @@ for name in ("cohort", "libcohort_kernels.so"):
         tee -a "$out/compare.txt"
     done
     tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
+    ;;
+  cycles)
+    regex=${2:-}
+    [ -n "$regex" ] || usage_error "cycles needs a kernel name pattern, e.g. 'MoeGroupedGemmWs'"
+    shift 2
+    count=4
+    if [ "${1:-}" = "--launch-count" ]; then
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || usage_error "--launch-count needs a positive number"
+      count=$2
+      shift 2
+    fi
+    [ $# -gt 0 ] || set -- --batch-sizes 1 --contexts 1024 --prefill 1x4096 --iterations 1 --warmup 0
+    ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1 || true)
+    [ -n "$ncu" ] || usage_error "no ncu (Nsight Compute) on this machine"
+    fresh_out cycles
+    builds=(this)
+    if [ -f .gpu/base/cohort.xz ]; then
+      unpack_base "$work/base"
+      builds=(base this)
+      echo "base $(cat .gpu/base/REVISION), this build $(cat .gpu/REVISION)" | tee "$out/compare.txt"
+    else
+      echo "this build $(cat .gpu/REVISION) (no base bundled)" | tee "$out/compare.txt"
+    fi
+    echo "ncu -k regex:$regex --launch-count $count over: cohort bench step $*" | tee -a "$out/compare.txt"
+    for round in 1 2; do
+      for build in "${builds[@]}"; do
+        bin=.gpu/bin/cohort
+        library_path=${LD_LIBRARY_PATH:-}
+        if [ "$build" = base ]; then
+          bin=$work/base/cohort
+          library_path=$work/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        fi
+        if ! LD_LIBRARY_PATH="$library_path" "$ncu" --clock-control base --csv -k "regex:$regex" \
+            --launch-count "$count" \
+            --metrics sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max \
+            "$bin" bench step "$@" >"$work/$build.$round.csv" 2>"$work/$build.$round.log"; then
+          tail -5 "$work/$build.$round.log"
+          tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
+          exit 1
+        fi
+      done
+    done
+    base_args=()
+    [ "${builds[0]}" = base ] && base_args=(--base "$work"/base.[0-9].csv)
+    status=0
+    python3 scripts/compare_cycles.py "${base_args[@]}" --new "$work"/this.[0-9].csv | tee -a "$out/compare.txt" ||
+      status=1
+    tar -czf "$out/runs.tar.gz" -C "$work" --exclude=./base .
+    exit $status
     ;;
   sanitize)
     filter=${2:-}
