@@ -67,6 +67,17 @@ for name in ("cohort", "libcohort_kernels.so"):
     os.chmod(target, 0o755)' "$1"
 }
 
+# The `cohort` of build $1 (base: REV's, unpacked in $work/base; any other: this one) into `bin`, and
+# the library path it runs with into `library_path`.
+select_build() {
+  bin=.gpu/bin/cohort
+  library_path=${LD_LIBRARY_PATH:-}
+  if [ "$1" = base ]; then
+    bin=$work/base/cohort
+    library_path=$work/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+}
+
 GPU_TESTS=(kernels_test cuda_engine_test worker_group_test)
 GPU_TOOLS=(moe_bench attention_bench sampling_bench skinny_gemm_bench memory_latency_bench handoff_bench cohort cohort-worker cohort-router)
 
@@ -189,12 +200,7 @@ case "${1:-}" in
     echo "$rounds rounds of: cohort bench step $*"
     for round in $(seq "$rounds"); do
       for build in "${builds[@]}"; do
-        bin=.gpu/bin/cohort
-        library_path=${LD_LIBRARY_PATH:-}
-        if [ "$build" = base ]; then
-          bin=$work/base/cohort
-          library_path=$work/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-        fi
+        select_build "$build"
         # NAME.ROUND: names hold no dot, so no build's files match another's pattern.
         read -r -a environment <<<"${variant_env[$build]:-}"
         if ! env "${environment[@]}" LD_LIBRARY_PATH="$library_path" "$bin" bench step "$@" \
@@ -237,12 +243,7 @@ case "${1:-}" in
     echo "ncu -k regex:$regex --launch-count $count over: cohort bench step $*" | tee -a "$out/compare.txt"
     for round in 1 2; do
       for build in "${builds[@]}"; do
-        bin=.gpu/bin/cohort
-        library_path=${LD_LIBRARY_PATH:-}
-        if [ "$build" = base ]; then
-          bin=$work/base/cohort
-          library_path=$work/base${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-        fi
+        select_build "$build"
         if ! LD_LIBRARY_PATH="$library_path" "$ncu" --clock-control base --csv -k "regex:$regex" \
             --launch-count "$count" \
             --metrics sm__cycles_elapsed.max,sm__cycles_active.min,sm__cycles_active.avg,sm__cycles_active.max \
