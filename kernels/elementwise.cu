@@ -217,6 +217,13 @@ __device__ void AbsorbQueries(const QueryRopeParams& queries, const QueryAbsorbP
 constexpr int kMaxLatentPerThread = 4;  // kv_lora_rank <= 4 * kRowThreads
 constexpr int kQueryHeadsPerBlock = 4;
 
+// The cache slot (block * block_size + offset) of token `row` at `position`, through its sequence's
+// block table (step inputs, complete before the kernel starts).
+__device__ __forceinline__ int64_t CacheSlot(const CacheWriteParams& where, int row, int position) {
+  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
+  return static_cast<int64_t>(table[position / where.block_size]) * where.block_size + position % where.block_size;
+}
+
 // Block (row, 0) normalises and places the row's latent and rotates its rope key; blocks (row, 1 + j)
 // write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs. With
 // absorbed queries, blocks (row, 1 + query blocks + i) form those of head i / parts, latent values
@@ -245,9 +252,7 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
     return;
   }
   const int width = rank + rope.rope_dim;
-  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
-  const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
-                       position % where.block_size;
+  const int64_t slot = CacheSlot(where, row, position);
   float norm[kMaxLatentPerThread];
 #pragma unroll
   for (int j = 0; j < kMaxLatentPerThread; ++j) {
@@ -333,9 +338,7 @@ __global__ void __launch_bounds__(kRowThreads)
     WriteHeadQueries(queries, row, part - 1, position, rope);
     return;
   }
-  const int32_t* table = where.block_tables + where.table_offsets[where.sequence_of_token[row]];
-  const int64_t slot = static_cast<int64_t>(table[position / where.block_size]) * where.block_size +
-                       position % where.block_size;
+  const int64_t slot = CacheSlot(where, row, position);
   PdlWait();
   PdlLaunchDependents();
   const float* src = kv + row * kv_row_stride;
