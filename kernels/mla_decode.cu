@@ -561,19 +561,49 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
 }
 
 int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t resident_blocks, int64_t max_pairs) {
-  // As many splits as keep every (head group, split, query) block resident in one wave: a second,
-  // partial wave would cost as much time as the first. A split takes at least one tile up to 16
-  // splits, and at least two past that, where a merge of more partials costs more than a tile
-  // (decode graphs, H200: 16 one-tile splits 1.4-2.1% faster than 8 of two at contexts of 400, and
-  // 64 one-tile splits 1.6-3.1% slower than 32 of two at 1024-1800).
   const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  int64_t splits = resident_blocks / std::max<int64_t>(1, int64_t{queries} * head_groups);
-  if (max_context > 0) {
-    const int64_t tiles = (max_context + kTileTokens - 1) / kTileTokens;
-    splits = std::min({splits, tiles, std::max<int64_t>(16, tiles / 2)});
+  const int64_t blocks = std::max<int64_t>(1, int64_t{queries} * head_groups);
+  const int64_t resident = std::max<int64_t>(1, resident_blocks);
+  const int64_t most = std::min<int64_t>(kMaxSplits, max_pairs / std::max(queries, 1));
+  if (blocks <= resident) {
+    // As many splits as keep every (head group, split, query) block resident in one wave: a second,
+    // partial wave would cost as much time as the first. A split takes at least one tile up to 16
+    // splits, and at least two past that, where a merge of more partials costs more than a tile
+    // (decode graphs, H200: 16 one-tile splits 1.4-2.1% faster than 8 of two at contexts of 400, and
+    // 64 one-tile splits 1.6-3.1% slower than 32 of two at 1024-1800).
+    int64_t splits = resident / blocks;
+    if (max_context > 0) {
+      const int64_t tiles = (max_context + kTileTokens - 1) / kTileTokens;
+      splits = std::min({splits, tiles, std::max<int64_t>(16, tiles / 2)});
+    }
+    return static_cast<int>(std::max<int64_t>(std::min(splits, most), 1));
   }
-  splits = std::min<int64_t>({splits, kMaxSplits, max_pairs / std::max(queries, 1)});
-  return static_cast<int>(std::max<int64_t>(splits, 1));
+  // More blocks than one wave holds unsplit. The blocks of the last, partial wave take about as long
+  // as a full wave's (a block streams little faster with its SM to itself: on an H200 the attention
+  // of 300 queries of 1024 tokens took 164 us against 88 us for 264, two waves against one), so
+  // splitting the contexts pays where it makes the last wave fuller: the count of splits s that takes
+  // the fewest tile times, ceil(blocks s / resident) waves of ceil(tiles / s) tiles each, plus the
+  // merge. The merge writes and reads each split's partial row, fp32, about 1.8 times a tile's bytes
+  // of cache (2 x 4 x kv_lora_rank against 32 x (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64),
+  // spread over the whole GPU, and its launch costs about two tile times. Past 2048 tokens (graphs
+  // whose contexts are not bounded) the tiles of 4096 tokens stand for the context. (A single wave
+  // left part empty costs less than a full one: 82 us for 200 queries of 1024 tokens, and split four
+  // ways, 192 queries took longer, 86.5 us; such batches stay unsplit.)
+  constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
+  constexpr int64_t kLongContextTiles = 4096 / kTileTokens;
+  const int64_t tiles = max_context > 0 ? (max_context + kTileTokens - 1) / kTileTokens : kLongContextTiles;
+  auto cost = [&](int64_t splits) {
+    const int64_t waves = (blocks * splits + resident - 1) / resident;
+    const double attention = static_cast<double>(waves * ((tiles + splits - 1) / splits));
+    if (splits == 1) return attention;
+    return attention + kPartialTiles * static_cast<double>(blocks * splits) / static_cast<double>(resident) +
+           kMergeLaunchTiles;
+  };
+  int64_t best = 1;
+  for (int64_t splits = 2; splits <= std::min(most, tiles); ++splits) {
+    if (cost(splits) < cost(best)) best = splits;
+  }
+  return static_cast<int>(best);
 }
 
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm) {

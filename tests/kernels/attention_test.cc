@@ -223,6 +223,36 @@ TEST(MlaDecodeTest, DeepseekShapesManySplitsAndPartialHeadGroups) {
   RunMlaCase({512, 64, 16, 64, 64, {4095, 2100, 40}});
 }
 
+// More queries than one wave of blocks holds, split (as MlaDecodeSplits now splits such batches):
+// several waves of blocks, then a merge of every query.
+TEST(MlaDecodeTest, ManyQueriesSplitOverSeveralWaves) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::vector<int> many;  // 320 queries, 960 blocks
+  for (int i = 0; i < 320; ++i) many.push_back(i * 53 % 1500);
+  RunMlaCase({512, 64, 16, 64, 3, many});
+}
+
+// Host only: one wave of blocks gets as many splits as it holds; past one wave, the splits that make
+// the last wave fuller at the least merge cost (the cases of an H200: 132 SMs of two blocks).
+TEST(MlaDecodeTest, SplitsFillOneWaveOrTheLastOne) {
+  constexpr int64_t kResident = 264, kPairs = 1024;
+  EXPECT_EQ(kernels::MlaDecodeSplits(1, 16, 1024, kResident, kPairs), 16);  // a tile a split up to 16
+  EXPECT_EQ(kernels::MlaDecodeSplits(1, 16, 4096, kResident, kPairs), 64);  // two past that
+  EXPECT_EQ(kernels::MlaDecodeSplits(64, 16, 4096, kResident, kPairs), 4);
+  EXPECT_EQ(kernels::MlaDecodeSplits(256, 16, 1024, kResident, kPairs), 1);
+  EXPECT_EQ(kernels::MlaDecodeSplits(192, 16, 2048, kResident, kPairs), 1);  // one wave, part empty
+  // 320 blocks: two waves unsplit, the second of 56 blocks; three splits make 960 blocks, four
+  // waves of 22 tiles instead of two of 64.
+  EXPECT_EQ(kernels::MlaDecodeSplits(320, 16, 2048, kResident, kPairs), 3);
+  EXPECT_EQ(kernels::MlaDecodeSplits(320, 16, 0, kResident, kPairs), 3);
+  EXPECT_EQ(kernels::MlaDecodeSplits(384, 16, 2048, kResident, kPairs), 2);
+  // 512 blocks are nearly two full waves: a merge would cost more than it saves.
+  EXPECT_EQ(kernels::MlaDecodeSplits(512, 16, 2048, kResident, kPairs), 1);
+  // The workspace caps the splits; V3's 128 heads make eight blocks a query.
+  EXPECT_EQ(kernels::MlaDecodeSplits(320, 16, 2048, kResident, 320), 1);
+  EXPECT_EQ(kernels::MlaDecodeSplits(40, 128, 2048, kResident, kPairs), 4);
+}
+
 TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({512, 64, 16, 64, 32, {1023, 0, 300}, 128});
