@@ -12,6 +12,7 @@ namespace {
 
 constexpr int kHeadsPerBlock = 16;  // the mma M dimension
 constexpr int kTileTokens = 32;     // tokens per shared-memory tile
+constexpr int64_t kLongContext = 2048;  // MlaDecodeSplits: tokens past which a context counts as long
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
@@ -565,7 +566,8 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   const int64_t blocks = std::max<int64_t>(1, int64_t{queries} * head_groups);
   const int64_t resident = std::max<int64_t>(1, resident_blocks);
   const int64_t most = std::min<int64_t>(kMaxSplits, max_pairs / std::max(queries, 1));
-  if (blocks <= resident) {
+  const bool long_context = max_context <= 0 || max_context > kLongContext;
+  if (blocks <= resident / 2 || (blocks <= resident && !long_context)) {
     // As many splits as keep every (head group, split, query) block resident in one wave: a second,
     // partial wave would cost as much time as the first. A split takes at least one tile up to 16
     // splits, and at least two past that, where a merge of more partials costs more than a tile
@@ -578,20 +580,23 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
     }
     return static_cast<int>(std::max<int64_t>(std::min(splits, most), 1));
   }
-  // More blocks than one wave holds unsplit. The blocks of the last, partial wave take about as long
-  // as a full wave's (a block streams little faster with its SM to itself: on an H200 the attention
-  // of 300 queries of 1024 tokens took 164 us against 88 us for 264, two waves against one), so
-  // splitting the contexts pays where it makes the last wave fuller: the count of splits s that takes
-  // the fewest tile times, ceil(blocks s / resident) waves of ceil(tiles / s) tiles each, plus the
-  // merge. The merge writes and reads each split's partial row, fp32, about 1.8 times a tile's bytes
-  // of cache (2 x 4 x kv_lora_rank against 32 x (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64),
-  // spread over the whole GPU, and its launch costs about two tile times. Past 2048 tokens (graphs
-  // whose contexts are not bounded) the tiles of 4096 tokens stand for the context. (A single wave
-  // left part empty costs less than a full one: 82 us for 200 queries of 1024 tokens, and split four
-  // ways, 192 queries took longer, 86.5 us; such batches stay unsplit.)
+  // More blocks than one wave holds unsplit, or than half of one at long contexts. The blocks of the
+  // last, partial wave take about as long as a full wave's (a block streams little faster with its
+  // SM to itself: on an H200 the attention of 300 queries of 1024 tokens took 164 us against 88 us
+  // for 264, two waves against one), so splitting the contexts pays where it makes the last wave
+  // fuller: the count of splits s that takes the fewest tile times, ceil(blocks s / resident) waves
+  // of ceil(tiles / s) tiles each, plus the merge. The merge writes and reads each split's partial
+  // row, fp32, about 1.8 times a tile's bytes of cache (2 x 4 x kv_lora_rank against 32 x
+  // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
+  // costs about two tile times. Past kLongContext tokens (and in graphs whose contexts are not
+  // bounded) the tiles of 4096 tokens stand for the context. A single wave left part empty costs
+  // less than a full one (82 us for 200 queries of 1024 tokens), so it is split at long contexts
+  // only: four ways, 192 queries of 4096 tokens took 258.6 us against about 309 unsplit, of 1024
+  // tokens 86.5 against about 82.
   constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
   constexpr int64_t kLongContextTiles = 4096 / kTileTokens;
-  const int64_t tiles = max_context > 0 ? (max_context + kTileTokens - 1) / kTileTokens : kLongContextTiles;
+  const int64_t tiles = long_context ? std::max(kLongContextTiles, (max_context + kTileTokens - 1) / kTileTokens)
+                                     : (max_context + kTileTokens - 1) / kTileTokens;
   auto cost = [&](int64_t splits) {
     const int64_t waves = (blocks * splits + resident - 1) / resident;
     const double attention = static_cast<double>(waves * ((tiles + splits - 1) / splits));

@@ -240,7 +240,11 @@ TEST(MlaDecodeTest, SplitsFillOneWaveOrTheLastOne) {
   EXPECT_EQ(kernels::MlaDecodeSplits(1, 16, 4096, kResident, kPairs), 64);  // two past that
   EXPECT_EQ(kernels::MlaDecodeSplits(64, 16, 4096, kResident, kPairs), 4);
   EXPECT_EQ(kernels::MlaDecodeSplits(256, 16, 1024, kResident, kPairs), 1);
-  EXPECT_EQ(kernels::MlaDecodeSplits(192, 16, 2048, kResident, kPairs), 1);  // one wave, part empty
+  // 192 blocks leave a quarter of the wave empty: split four ways at long contexts only (three full
+  // waves of a quarter of the tiles), where the tiles outweigh the merge.
+  EXPECT_EQ(kernels::MlaDecodeSplits(192, 16, 2048, kResident, kPairs), 1);
+  EXPECT_EQ(kernels::MlaDecodeSplits(192, 16, 4096, kResident, kPairs), 4);
+  EXPECT_EQ(kernels::MlaDecodeSplits(192, 16, 0, kResident, kPairs), 4);
   // 320 blocks: two waves unsplit, the second of 56 blocks; three splits make 960 blocks, four
   // waves of 22 tiles instead of two of 64.
   EXPECT_EQ(kernels::MlaDecodeSplits(320, 16, 2048, kResident, kPairs), 3);
