@@ -80,8 +80,8 @@ cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_
 // num_splits for `queries` queries of `heads` heads whose longest context is `max_context` tokens
 // (0: not known), on a GPU that holds `resident_blocks` attention blocks at once (SMs x
 // MlaDecodeResidentBlocks), with split workspace for `max_pairs` (query, split) pairs: enough to fill
-// one wave of blocks, or past one wave, the splits that fill the last wave best for the merge they
-// cost.
+// one wave of blocks, or for batches past one wave unsplit (past half of one at contexts over 2048
+// tokens), the splits that fill the last wave best for the merge they cost.
 int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t resident_blocks, int64_t max_pairs);
 
 }  // namespace cohort::kernels

@@ -132,7 +132,8 @@ void RunDecode(const testing::BenchDevice& bench) {
   constexpr int kBlockTokens = 64;
   constexpr int64_t kSplitPairs = 1024;      // the engine's split workspace (worker/model/cuda/cuda_engine.cc)
   constexpr int64_t kLayersBytes = 512 << 20;  // cache read between two reads of one layer's: well past L2
-  const int batches[] = {1, 4, 16, 64, 128, 192, 256, 320, 384, 512};  // 320, 384: past one wave unsplit
+  // 192: a part-empty wave unsplit (split at 4096 tokens); 320 and 384: past one wave unsplit.
+  const int batches[] = {1, 4, 16, 64, 128, 192, 256, 320, 384, 512};
   const int contexts[] = {1024, 4096};
   const int width = kRank + kRope;
   const int64_t row_bytes = int64_t{width} * 2;

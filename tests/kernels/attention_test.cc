@@ -232,8 +232,9 @@ TEST(MlaDecodeTest, ManyQueriesSplitOverSeveralWaves) {
   RunMlaCase({512, 64, 16, 64, 3, many});
 }
 
-// Host only: one wave of blocks gets as many splits as it holds; past one wave, the splits that make
-// the last wave fuller at the least merge cost (the cases of an H200: 132 SMs of two blocks).
+// Host only: one wave of blocks gets as many splits as it holds; past one wave (past half of one at
+// long contexts), the splits that make the last wave fuller at the least merge cost (the cases of
+// an H200: 132 SMs of two blocks).
 TEST(MlaDecodeTest, SplitsFillOneWaveOrTheLastOne) {
   constexpr int64_t kResident = 264, kPairs = 1024;
   EXPECT_EQ(kernels::MlaDecodeSplits(1, 16, 1024, kResident, kPairs), 16);  // a tile a split up to 16
