@@ -567,6 +567,7 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   const int64_t resident = std::max<int64_t>(1, resident_blocks);
   const int64_t most = std::min<int64_t>(kMaxSplits, max_pairs / std::max(queries, 1));
   const bool long_context = max_context <= 0 || max_context > kLongContext;
+  const int64_t context_tiles = max_context > 0 ? (max_context + kTileTokens - 1) / kTileTokens : 0;
   if (blocks <= resident / 2 || (blocks <= resident && !long_context)) {
     // As many splits as keep every (head group, split, query) block resident in one wave: a second,
     // partial wave would cost as much time as the first. A split takes at least one tile up to 16
@@ -574,10 +575,7 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
     // (decode graphs, H200: 16 one-tile splits 1.4-2.1% faster than 8 of two at contexts of 400, and
     // 64 one-tile splits 1.6-3.1% slower than 32 of two at 1024-1800).
     int64_t splits = resident / blocks;
-    if (max_context > 0) {
-      const int64_t tiles = (max_context + kTileTokens - 1) / kTileTokens;
-      splits = std::min({splits, tiles, std::max<int64_t>(16, tiles / 2)});
-    }
+    if (max_context > 0) splits = std::min({splits, context_tiles, std::max<int64_t>(16, context_tiles / 2)});
     return static_cast<int>(std::max<int64_t>(std::min(splits, most), 1));
   }
   // More blocks than one wave holds unsplit, or than half of one at long contexts. The blocks of the
@@ -595,8 +593,7 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   // tokens 86.5 against about 82.
   constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
   constexpr int64_t kLongContextTiles = 4096 / kTileTokens;
-  const int64_t tiles = long_context ? std::max(kLongContextTiles, (max_context + kTileTokens - 1) / kTileTokens)
-                                     : (max_context + kTileTokens - 1) / kTileTokens;
+  const int64_t tiles = long_context ? std::max(kLongContextTiles, context_tiles) : context_tiles;
   auto cost = [&](int64_t splits) {
     const int64_t waves = (blocks * splits + resident - 1) / resident;
     const double attention = static_cast<double>(waves * ((tiles + splits - 1) / splits));

@@ -50,7 +50,6 @@ using kernels::LaunchPdl;
 using kernels::LdMatrixX4;
 using kernels::MbarrierArrive;
 using kernels::MbarrierArriveExpectTx;
-using kernels::MbarrierExpectTx;
 using kernels::MbarrierInit;
 using kernels::MbarrierWait;
 using kernels::MmaBf16;
