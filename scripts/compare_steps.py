@@ -24,7 +24,7 @@ class Unusable(Exception):
 
 def load(path):
     """{shape: step ms} and the copy bandwidth of one bench step JSON; shapes are ('decode', context,
-    batch) and ('prefill', sequences, tokens)."""
+    batch, long context or 0) and ('prefill', sequences, tokens)."""
     try:
         with open(path) as f:
             run = json.load(f)
@@ -33,7 +33,8 @@ def load(path):
     try:
         steps = {}
         for row in run["decode"]:
-            steps[("decode", int(row["context"]), int(row["batch"]))] = float(row["step_ms"])
+            shape = ("decode", int(row["context"]), int(row["batch"]), int(row.get("long_context", 0)))
+            steps[shape] = float(row["step_ms"])
         for row in run.get("prefill", []):
             steps[("prefill", int(row["sequences"]), int(row["tokens_per_sequence"]))] = float(row["step_ms"])
         bandwidth = float(run["copy_bandwidth_gb_per_s"])
@@ -84,7 +85,11 @@ def report(base_paths, new_paths):
         for shape in shapes:
             base = [run[shape] for run in base_runs]
             new = [run[shape] for run in new_runs]
-            label = f"{shape[1]:8d} {shape[2]:6d}" if kind == "decode" else f"{f'{shape[1]}x{shape[2]}':>15}"
+            if kind == "prefill":
+                label = f"{f'{shape[1]}x{shape[2]}':>15}"
+            else:  # "1024", or "1024+32768" with one long sequence (cohort bench step --long-context)
+                context = f"{shape[1]}+{shape[3]}" if shape[3] else str(shape[1])
+                label = f"{context:>8} {shape[2]:6d}"
             mark = " ~" if overlap(base, new) else ""
             lines.append(f"{label} {span(base, 3):>16} {span(new, 3):>16} {change(base, new):+7.1f}%{mark}")
     lines.append(f"copy bandwidth GB/s: base {span(base_bw, 0)}, this {span(new_bw, 0)}")

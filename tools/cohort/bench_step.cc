@@ -43,6 +43,7 @@ struct BenchStepFlags {
   int64_t num_layers = 0;
   std::string batch_sizes = "1,2,4,8,16,32,64,128,256,512";
   std::string contexts = "1024,4096";
+  int64_t long_context = 0;  // > 0: each decode shape again with one sequence this long
   std::string prefill = "1x4096,16x1024";
   int iterations = 20;
   int warmup = 3;
@@ -222,16 +223,19 @@ class StepBench {
     }
     return tables;
   }
-  // Whether `sequences` sequences of blocks_per_seq blocks fit the cache without sharing blocks.
-  bool Fits(int64_t sequences, int64_t blocks_per_seq) const {
+  // Whether `sequences` sequences of blocks_per_seq blocks, and `extra` more blocks in the first
+  // pool, fit the cache without sharing blocks.
+  bool Fits(int64_t sequences, int64_t blocks_per_seq, int64_t extra = 0) const {
     const KvCacheGeometry& kv = engine_.kv_geometry();
-    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq <= kv.num_blocks / kv.num_pools;
+    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq + extra <= kv.num_blocks / kv.num_pools;
   }
 
   // Times a decode step for each context and batch size that the KV cache holds; prints a line
-  // for each when `print`. The rows carry context and batch.
+  // for each when `print`. The rows carry context and batch. With long_context > 0, the first
+  // sequence of each batch attends to that many tokens instead (one long request among short
+  // ones); such rows carry long_context too.
   absl::StatusOr<nlohmann::json> Decode(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batch_sizes,
-                                        bool print) {
+                                        int64_t long_context, bool print) {
     const ModelConfig& c = engine_.config();
     const KvCacheGeometry& kv = engine_.kv_geometry();
     nlohmann::json rows = nlohmann::json::array();
@@ -240,27 +244,41 @@ class StepBench {
     for (int64_t context : contexts) {
       const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
       std::vector<std::vector<int32_t>> tables = Tables(max_batch, blocks_per_seq);
+      const int64_t long_blocks = (long_context + kv.block_size_tokens - 1) / kv.block_size_tokens;
+      if (long_context > 0) {
+        // Blocks of its own, after every short sequence's in the first sequence's pool: no block is
+        // read twice in a step.
+        const int64_t first = (max_batch + kv.num_pools - 1) / kv.num_pools * blocks_per_seq;
+        tables[0].clear();
+        for (int64_t i = 0; i < long_blocks; ++i) tables[0].push_back(static_cast<int32_t>(first + i));
+      }
       std::vector<int32_t> token_ids(max_batch);
       for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
       for (int64_t batch_size : batch_sizes) {
-        if (!Fits(batch_size, blocks_per_seq)) {
+        const int64_t extra_blocks = long_context > 0 ? long_blocks : 0;
+        if (!Fits(batch_size, blocks_per_seq, extra_blocks)) {
           if (print) {
-            std::printf("%8ld %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", static_cast<long>(context),
-                        static_cast<long>(batch_size), static_cast<long>(batch_size * blocks_per_seq),
+            std::printf("%8s %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n",
+                        ContextLabel(context, long_context).c_str(), static_cast<long>(batch_size),
+                        static_cast<long>(batch_size * blocks_per_seq + extra_blocks),
                         static_cast<long>(kv.num_blocks));
           }
           continue;
         }
         std::vector<SequenceStep> batch;
-        for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, context - 1, tables[b], true});
+        for (int64_t b = 0; b < batch_size; ++b) {
+          const int64_t tokens = b == 0 && long_context > 0 ? long_context : context;
+          batch.push_back({{&token_ids[b], 1}, tokens - 1, tables[b], true});
+        }
         COHORT_ASSIGN_OR_RETURN(auto timed, Time(batch));
         nlohmann::json row = Row(batch, timed.first, timed.second, batch_size);
         row["context"] = context;
         row["batch"] = batch_size;
+        if (long_context > 0) row["long_context"] = long_context;
         if (print) {
-          std::printf("%8ld %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n",
-                      static_cast<long>(context), static_cast<long>(batch_size), row["step_ms"].get<double>(),
-                      row["tokens_per_s"].get<double>(), static_cast<long>(timed.second),
+          std::printf("%8s %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n",
+                      ContextLabel(context, long_context).c_str(), static_cast<long>(batch_size),
+                      row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(), static_cast<long>(timed.second),
                       row["weight_bytes"].get<double>() / 1e9, row["kv_bytes"].get<double>() / 1e9,
                       row["roofline_ms"].get<double>(), row["achieved_gb_per_s"].get<double>(),
                       100 * row["roofline_fraction"].get<double>(), 100 * row["mfu"].get<double>());
@@ -270,6 +288,11 @@ class StepBench {
       }
     }
     return rows;
+  }
+
+  // "1024", or "1024+32768" for a batch with one long sequence.
+  static std::string ContextLabel(int64_t context, int64_t long_context) {
+    return long_context > 0 ? absl::StrCat(context, "+", long_context) : absl::StrCat(context);
   }
 
  private:
@@ -283,6 +306,9 @@ absl::Status BenchStep(const BenchStepFlags& f) {
   COHORT_ASSIGN_OR_RETURN(std::vector<int64_t> contexts, ParseList("contexts", f.contexts));
   COHORT_ASSIGN_OR_RETURN(auto prefill, ParseShapes(f.prefill));
   if (f.iterations <= 0 || f.warmup < 0) return absl::InvalidArgumentError("--iterations must be > 0, --warmup >= 0");
+  if (f.long_context < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--long-context must be 0 or positive, got ", f.long_context));
+  }
   std::optional<Baseline> baseline;
   if (!f.baseline.empty()) {
     COHORT_ASSIGN_OR_RETURN(baseline, LoadBaseline(f.baseline));
@@ -346,7 +372,13 @@ absl::Status BenchStep(const BenchStepFlags& f) {
                             {"prefill", nlohmann::json::array()}};
   std::printf("%8s %6s %9s %11s %8s %9s %9s %9s %9s %7s %8s\n", "context", "batch", "step ms", "tokens/s", "experts",
               "weight GB", "KV GB", "roof ms", "GB/s", "% roof", "MFU %");
-  COHORT_ASSIGN_OR_RETURN(results["decode"], bench.Decode(contexts, batch_sizes, /*print=*/true));
+  COHORT_ASSIGN_OR_RETURN(results["decode"], bench.Decode(contexts, batch_sizes, 0, /*print=*/true));
+  if (f.long_context > 0) {
+    std::printf("\nthe first sequence of each batch at %ld tokens of context (one long request among short ones):\n",
+                static_cast<long>(f.long_context));
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json rows, bench.Decode(contexts, batch_sizes, f.long_context, true));
+    for (const nlohmann::json& row : rows) results["decode"].push_back(row);
+  }
   if (baseline.has_value()) results["baseline"] = CompareWithBaseline(*baseline, f.baseline, results["decode"]);
 
   if (!prefill.empty()) std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
@@ -377,7 +409,7 @@ absl::Status BenchStep(const BenchStepFlags& f) {
     options.skip_collectives = true;
     COHORT_ASSIGN_OR_RETURN(engine, CreateEngine(options));
     StepBench alone(f, *engine, copy_bandwidth);
-    COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute, alone.Decode(contexts, batch_sizes, /*print=*/false));
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute, alone.Decode(contexts, batch_sizes, 0, /*print=*/false));
     std::printf("\nthe same decode steps without collectives (each GPU's rows stand in for every GPU's: wrong\n"
                 "logits, compute alone; the experts column says whether the same experts were read):\n");
     std::printf("%8s %6s %9s %11s %9s %7s %8s %8s\n", "context", "batch", "step ms", "compute ms", "comm ms", "comm %",
@@ -419,6 +451,9 @@ int RunBenchStep(int argc, char** argv) {
   flags.Add("num-layers", &f.num_layers, "synthetic models: layers to build (0: the preset's)");
   flags.Add("batch-sizes", &f.batch_sizes, "decode batch sizes, comma-separated");
   flags.Add("contexts", &f.contexts, "cached tokens each decoding sequence attends to, comma-separated");
+  flags.Add("long-context", &f.long_context,
+            "tokens of context: time each decode shape again with its first sequence this long, one long "
+            "request among short ones (0: not)");
   flags.Add("prefill", &f.prefill, "prefill shapes SEQUENCESxTOKENS, comma-separated (empty: none)");
   flags.Add("iterations", &f.iterations, "timed steps per point (the median is reported)");
   flags.Add("warmup", &f.warmup, "untimed steps before each point");

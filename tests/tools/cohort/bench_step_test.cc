@@ -1,8 +1,8 @@
 // `cohort bench step` as a user runs it, on the CPU backend with a fixture checkpoint (the GPU table
 // itself is measured on the GPU machine; docs/cuda_backend.md): the numbers of a decode row agree
-// with each other, --baseline prints the speed-up over another implementation's step at the same
-// shape, and a baseline file that cannot be used stops the run with one line before anything is
-// timed.
+// with each other, --long-context adds rows with one long sequence, --baseline prints the speed-up
+// over another implementation's step at the same shape, and a baseline file that cannot be used
+// stops the run with one line before anything is timed.
 #include <algorithm>
 #include <fstream>
 
@@ -73,6 +73,34 @@ TEST_F(BenchStepTest, DecodeRowsAgreeWithTheirOwnNumbers) {
   EXPECT_GE(results["decode"][1]["routed_expert_reads"], results["decode"][0]["routed_expert_reads"]);
   EXPECT_NE(r.out.find("% roof"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("prefill"), std::string::npos) << "no prefill shapes, no prefill table:\n" << r.out;
+}
+
+// --long-context times each shape again with the batch's first sequence that long: those rows come
+// after the uniform ones, say so, and read the longer sequence's extra cache rows (the same bytes at
+// every batch size, since only the first sequence changed).
+TEST_F(BenchStepTest, LongContextRowsReadOneLongSequence) {
+  json results;
+  const ProcessResult r = Bench({"--batch-sizes", "1,3", "--long-context", "48"}, &results);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(results["decode"].size(), 4u) << results;
+  std::vector<double> extra_kv;
+  for (int i = 0; i < 2; ++i) {
+    const json& uniform = results["decode"][i];
+    const json& mixed = results["decode"][i + 2];
+    EXPECT_FALSE(uniform.contains("long_context")) << uniform;
+    EXPECT_EQ(mixed["long_context"], 48) << mixed;
+    EXPECT_EQ(mixed["context"], 16);
+    EXPECT_EQ(mixed["batch"], uniform["batch"]);
+    extra_kv.push_back(mixed["kv_bytes"].get<double>() - uniform["kv_bytes"].get<double>());
+  }
+  EXPECT_GT(extra_kv[0], 0);
+  EXPECT_DOUBLE_EQ(extra_kv[0], extra_kv[1]);
+  EXPECT_NE(r.out.find("the first sequence of each batch at 48 tokens"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("   16+48      3 "), std::string::npos) << r.out;
+
+  const ProcessResult bad = Bench({"--batch-sizes", "1", "--long-context", "-5"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--long-context must be 0 or positive, got -5"), std::string::npos) << bad.err;
 }
 
 TEST_F(BenchStepTest, BaselineSpeedupIsTheRatioOfStepTimesAtTheSameShape) {
