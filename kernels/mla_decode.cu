@@ -1,6 +1,10 @@
 #include "kernels/mla_decode.h"
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <vector>
 
 #include "kernels/launch_setup.h"
 #include "kernels/mma.cuh"
@@ -10,9 +14,16 @@
 namespace cohort::kernels {
 namespace {
 
-constexpr int kHeadsPerBlock = 16;  // the mma M dimension
-constexpr int kTileTokens = 32;     // tokens per shared-memory tile
-constexpr int64_t kLongContext = 2048;  // MlaDecodeSplits: tokens past which a context counts as long
+constexpr int kHeadsPerBlock = 16;            // the mma M dimension
+constexpr int kTileTokens = kMlaTileTokens;   // tokens per shared-memory tile
+constexpr int64_t kLongContext = 2048;        // MlaDecodeSplits: tokens past which a context counts as long
+// The cost of a plan in tile times (MlaDecodeSplits, PlanMlaDecode): the merge writes and reads each
+// partial row, fp32, about 1.8 times a tile's bytes of cache (2 x 4 x kv_lora_rank against 32 x
+// (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
+// costs about two tile times.
+constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
+// MlaDecodeShapeFor: a launch with room for uneven plans merges this many queries at most.
+constexpr int kUnevenMergeRows = 16;
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
@@ -130,21 +141,21 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
 
   // Head groups fastest: the blocks that read the same cache tiles for different heads run together
   // and share them through L2.
-  const int head0 = blockIdx.x * kHeadsPerBlock, split = blockIdx.y, query = blockIdx.z;
+  const int head0 = blockIdx.x * kHeadsPerBlock;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   // ldmatrix addressing: this lane's row within a 16-row operand and its 8-column half.
   const int ld_row = lane % 8 + 8 * ((lane / 8) % 2), ld_col = 8 * (lane / 16);
 
-  // Positions and block tables are step inputs, copied up before the step's first kernel, so the
-  // chain of lookups up to this thread's first cache row runs before the wait, and so does the copy
-  // of that row when an earlier step wrote it (or it lies past the context: zeros). The queries and
-  // this step's cache rows (written by the kernel before) are copied after the wait.
-  const int kv_len = p.query_position[query] + 1;
-  const int32_t* table = p.block_tables + p.table_offsets[p.query_sequence[query]];
-  const int tiles = (kv_len + kTileTokens - 1) / kTileTokens;
-  const int tiles_per_split = (tiles + p.num_splits - 1) / p.num_splits;
-  const int tile_begin = split * tiles_per_split;
-  const int tile_end = min(tiles, tile_begin + tiles_per_split);
+  // The plan, positions and block tables are step inputs, copied up before the step's first kernel,
+  // so the chain of lookups up to this thread's first cache row runs before the wait, and so does
+  // the copy of that row when an earlier step wrote it (or it lies past the context: zeros). The
+  // queries and this step's cache rows (written by the kernel before) are copied after the wait.
+  const MlaWorkItem item = p.work[blockIdx.y];
+  // A slot with no work leaves at once: the launch still ends after the kernel before it, since every
+  // plan has an item a query and those blocks wait for it.
+  if (item.query < 0) return;
+  const int query = item.query, tile_begin = item.tile_begin, tile_end = item.tile_end, kv_len = item.context;
+  const int32_t* table = p.block_tables + item.table_offset;
   const bool has_tiles = tile_begin < tile_end;
   const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
   const __nv_bfloat16* first_rows[S::kRowsPerThread];
@@ -339,7 +350,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
     if (head >= p.heads) continue;
     const float sum = s.row_sum[row];
     const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    if (p.num_splits == 1) {
+    if (item.partial < 0) {
       __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * kRank;
 #pragma unroll
       for (int n = 0; n < S::kColTiles; ++n) {
@@ -348,7 +359,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
             __floats2bfloat162_rn(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
       }
     } else {
-      const int64_t partial = (static_cast<int64_t>(query) * p.num_splits + split) * p.heads + head;
+      const int64_t partial = static_cast<int64_t>(item.partial) * p.heads + head;
       float* out = p.partial_out + partial * kRank;
 #pragma unroll
       for (int n = 0; n < S::kColTiles; ++n) {
@@ -360,9 +371,10 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
   }
 }
 
-// out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s). Each
-// thread sums 2 columns (kv_lora_rank <= 2 * 256) of every split, up to kSplits of them (the launch
-// picks the smallest of 8, 16, 32 and 64 that holds num_splits). A block is latency-bound: every
+// out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s), for the
+// query of merge row r (block (r, h)). Each thread sums 2 columns (kv_lora_rank <= 2 * 256) of every
+// split, up to kSplits of them (the launch picks the smallest of 8, 16, 32 and 64 that holds
+// shape.max_splits). A block is latency-bound: every
 // partial it needs is in flight at once, loaded before the weights are known; each warp turns the
 // log-sum-exps into weights itself (no block barrier between the loads and the sum).
 //
@@ -384,7 +396,8 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   constexpr int kLanes = kSplits < 32 ? 1 : kSplits / 32;  // log-sum-exps per lane
   __shared__ float weights[kCombineWarps][kSplits];
   __shared__ __align__(16) __nv_bfloat16 merged[kValue ? kMaxCombineRank : 8];
-  const int query = blockIdx.x, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const MlaMergeRow row = p.merges[blockIdx.x];  // a step input, like the plan's work items
+  const int query = row.query, splits = row.splits, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int col = threadIdx.x * 2;
   const bool active = col < p.kv_lora_rank;
   uint4 w[kValue ? 4 : 1][kMaxValuePieces];
@@ -404,13 +417,14 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   }
   PdlWait();
   PdlLaunchDependents();
-  const int64_t first = static_cast<int64_t>(query) * p.num_splits * p.heads + head;
+  if (query < 0) return;  // after the wait, so that this launch still ends after the attention
+  const int64_t first = static_cast<int64_t>(row.first_partial) * p.heads + head;
   const float* partial = p.partial_out + first * p.kv_lora_rank + col;
   const int64_t split_stride = static_cast<int64_t>(p.heads) * p.kv_lora_rank;
   float2 v[kSplits];
 #pragma unroll
   for (int j = 0; j < kSplits; ++j) {
-    v[j] = active && j < p.num_splits ? *reinterpret_cast<const float2*>(partial + j * split_stride)
+    v[j] = active && j < splits ? *reinterpret_cast<const float2*>(partial + j * split_stride)
                                       : make_float2(0.0f, 0.0f);
   }
 
@@ -418,7 +432,7 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
 #pragma unroll
   for (int j = 0; j < kLanes; ++j) {
     const int s = lane + 32 * j;
-    lse[j] = s < p.num_splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
+    lse[j] = s < splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
     max_lse = fmaxf(max_lse, lse[j]);
   }
   max_lse = WarpMax(max_lse);
@@ -438,7 +452,7 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   float2 sum = make_float2(0.0f, 0.0f);
 #pragma unroll
   for (int j = 0; j < kSplits; ++j) {
-    const float weight = weights[warp][j];  // 0 past num_splits
+    const float weight = weights[warp][j];  // 0 past the row's splits
     sum.x += weight * v[j].x;
     sum.y += weight * v[j].y;
   }
@@ -484,11 +498,12 @@ cudaError_t SetUp(LaunchInfo* info) {
 // The merge of the splits, with or without the value weights.
 template <int kSplits>
 cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
+  const int rows = p.shape.merge_rows;
   if (p.value_weights != nullptr) {
-    const dim3 grid(p.num_queries, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
+    const dim3 grid(rows, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
     return LaunchPdl(MlaCombineKernel<true, kSplits>, grid, dim3(kCombineThreads), 0, stream, p);
   }
-  return LaunchPdl(MlaCombineKernel<false, kSplits>, dim3(p.num_queries, p.heads), dim3(kCombineThreads), 0, stream, p);
+  return LaunchPdl(MlaCombineKernel<false, kSplits>, dim3(rows, p.heads), dim3(kCombineThreads), 0, stream, p);
 }
 
 // The attention kernel with kWarps warps a block.
@@ -505,8 +520,8 @@ template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   int sms = 0;
   if (const cudaError_t error = CurrentDeviceSms(&sms); error != cudaSuccess) return error;
-  const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.num_splits, p.num_queries);
-  const int64_t blocks = int64_t{grid.x} * grid.y * grid.z;
+  const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.shape.work_slots);
+  const int64_t blocks = int64_t{grid.x} * grid.y;
   cudaError_t error;
   if constexpr (kRank >= 64) {  // eight warps hold 8k latent columns each
     error = blocks <= sms ? LaunchKernel<kRank, kRope, 8>(p, grid, stream)
@@ -514,10 +529,11 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   } else {
     error = LaunchKernel<kRank, kRope, 4>(p, grid, stream);
   }
-  if (error != cudaSuccess || (p.num_splits == 1 && p.value_weights == nullptr)) return error;
-  if (p.num_splits <= 8) return LaunchCombine<8>(p, stream);
-  if (p.num_splits <= 16) return LaunchCombine<16>(p, stream);
-  if (p.num_splits <= 32) return LaunchCombine<32>(p, stream);
+  const int splits = p.shape.max_splits;
+  if (error != cudaSuccess || (splits == 1 && p.value_weights == nullptr)) return error;
+  if (splits <= 8) return LaunchCombine<8>(p, stream);
+  if (splits <= 16) return LaunchCombine<16>(p, stream);
+  if (splits <= 32) return LaunchCombine<32>(p, stream);
   return LaunchCombine<kMaxSplits>(p, stream);
 }
 
@@ -532,26 +548,29 @@ cudaError_t ResidentBlocks(int* blocks_per_sm) {
 
 }  // namespace
 
-int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_lora_rank) {
-  if (num_splits <= 1) return 0;
-  const int64_t partials = static_cast<int64_t>(queries) * num_splits * heads;
-  return partials * kv_lora_rank + partials;
+int64_t MlaSplitWorkspaceFloats(int64_t partials, int heads, int kv_lora_rank) {
+  return partials * heads * (kv_lora_rank + 1);
 }
 
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
-  if (p.num_queries == 0) return cudaSuccess;
-  if (p.num_splits < 1 || p.num_splits > kMaxSplits || p.num_queries > 65535 || p.block_size <= 0 ||
-      p.step_tokens_bound < 0) {
+  const MlaDecodeShape& shape = p.shape;
+  if (shape.queries == 0) return cudaSuccess;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool merged = shape.max_splits > 1 || p.value_weights != nullptr;
+  if (shape.max_splits < 1 || shape.max_splits > kMaxSplits || shape.queries > 65535 || p.block_size <= 0 ||
+      p.step_tokens_bound < 0 || shape.work_slots < 1 || shape.work_slots > 65535 || p.work == nullptr ||
+      !aligned(p.work)) {
     return cudaErrorInvalidValue;
   }
-  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  if (merged && (shape.merge_rows < 1 || p.merges == nullptr || !aligned(p.merges) || p.partial_out == nullptr ||
+                 p.partial_lse == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.value_weights != nullptr &&
-      (p.num_splits < 2 || p.attn == nullptr || p.v_head_dim < 1 || p.value_head_stride % 8 != 0 ||
-       reinterpret_cast<uintptr_t>(p.value_weights) % 16 != 0)) {
+      (p.attn == nullptr || p.v_head_dim < 1 || p.value_head_stride % 8 != 0 || !aligned(p.value_weights))) {
     return cudaErrorInvalidValue;
   }
   // Queries are copied in 16-byte pieces.
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   if (!aligned(p.q_latent) || !aligned(p.q_rope) || p.q_rope_row_stride % 8 != 0 || p.q_rope_head_stride % 8 != 0) {
     return cudaErrorInvalidValue;
   }
@@ -583,15 +602,11 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   // SM to itself: on an H200 the attention of 300 queries of 1024 tokens took 164 us against 88 us
   // for 264, two waves against one), so splitting the contexts pays where it makes the last wave
   // fuller: the count of splits s that takes the fewest tile times, ceil(blocks s / resident) waves
-  // of ceil(tiles / s) tiles each, plus the merge. The merge writes and reads each split's partial
-  // row, fp32, about 1.8 times a tile's bytes of cache (2 x 4 x kv_lora_rank against 32 x
-  // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
-  // costs about two tile times. Past kLongContext tokens (and in graphs whose contexts are not
+  // of ceil(tiles / s) tiles each, plus the merge (kPartialTiles, kMergeLaunchTiles). Past kLongContext tokens (and in graphs whose contexts are not
   // bounded) the tiles of 4096 tokens stand for the context. A single wave left part empty costs
   // less than a full one (82 us for 200 queries of 1024 tokens), so it is split at long contexts
   // only: four ways, 192 queries of 4096 tokens took 258.6 us against about 309 unsplit, of 1024
   // tokens 86.5 against about 82.
-  constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
   constexpr int64_t kLongContextTiles = 4096 / kTileTokens;
   const int64_t tiles = long_context ? std::max(kLongContextTiles, context_tiles) : context_tiles;
   auto cost = [&](int64_t splits) {
@@ -606,6 +621,153 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
     if (cost(splits) < cost(best)) best = splits;
   }
   return static_cast<int>(best);
+}
+
+MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
+                                 bool uneven) {
+  MlaDecodeShape shape;
+  shape.queries = queries;
+  shape.heads = heads;
+  shape.resident_blocks = std::max<int64_t>(1, resident_blocks);
+  shape.max_partials = max_partials;
+  shape.splits = std::clamp(splits, 1, kMaxSplits);
+  if (!uneven) {
+    // The even plan and nothing more: the launch a batch of equal contexts needs.
+    shape.max_splits = shape.splits;
+    shape.merge_rows = shape.splits > 1 ? queries : 0;
+    shape.work_slots = queries * shape.splits;
+    return shape;
+  }
+  // Room for one more wave of blocks and kUnevenMergeRows queries cut into up to kMaxSplits items
+  // each (16 where that many merge blocks would not fit two waves: the widest merge holds one block
+  // an SM). The merge is wider than the even plan's, or there where the even plan has none, its
+  // blocks waiting out the attention: steps that need no uneven cut run without the room.
+  const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / head_groups);
+  shape.merge_rows = std::min(queries, kUnevenMergeRows);
+  shape.max_splits = int64_t{shape.merge_rows} * heads <= 2 * shape.resident_blocks ? kMaxSplits : 16;
+  shape.work_slots = static_cast<int>(int64_t{queries} * shape.splits + std::min<int64_t>(queries, wave));
+  return shape;
+}
+
+bool PlanMlaDecode(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
+                   bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges) {
+  const int queries = shape.queries, splits = std::max(shape.splits, 1);
+  if (queries == 0) return false;
+  const int64_t head_groups = (shape.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t item_slots = std::max<int64_t>(1, shape.resident_blocks / head_groups);  // items in one wave
+  std::vector<int64_t> tiles(queries);
+  int64_t total = 0, most = 1;
+  for (int q = 0; q < queries; ++q) {
+    tiles[q] = (int64_t{positions[q]} + kTileTokens) / kTileTokens;  // of positions[q] + 1 tokens
+    total += tiles[q];
+    most = std::max(most, tiles[q]);
+  }
+  // Query q's items hold at most ItemTiles(q, chunk) tiles: `chunk` for every query, or (chunk 0,
+  // the even plan) its tiles over `splits`.
+  auto item_tiles = [&](int q, int64_t chunk) { return chunk > 0 ? chunk : (tiles[q] + splits - 1) / splits; };
+  // The even plan in query order; an uneven one longest queries first, so that items past the first
+  // wave are short ones.
+  std::vector<int> even_order(queries), uneven_order;
+  std::iota(even_order.begin(), even_order.end(), 0);
+  auto order_for = [&](int64_t chunk) -> const std::vector<int>& {
+    if (chunk == 0) return even_order;
+    if (uneven_order.empty()) {
+      uneven_order = even_order;
+      std::stable_sort(uneven_order.begin(), uneven_order.end(), [&](int a, int b) { return tiles[a] > tiles[b]; });
+    }
+    return uneven_order;
+  };
+
+  // What a plan asks of the launch.
+  struct Tally {
+    int64_t items = 0, cut = 0, partials = 0;
+  };
+  auto tally = [&](int64_t chunk) {
+    Tally t;
+    for (int q = 0; q < queries; ++q) {
+      const int64_t n = (tiles[q] + item_tiles(q, chunk) - 1) / item_tiles(q, chunk);
+      t.items += n;
+      if (n > 1 || every_query_merged) {
+        t.partials += n;
+        ++t.cut;
+      }
+    }
+    return t;
+  };
+  auto fits = [&](const Tally& t) {
+    return t.items <= shape.work_slots && t.cut <= shape.merge_rows && t.partials <= shape.max_partials;
+  };
+  auto merge_cost = [&](const Tally& t) {
+    return t.partials == 0 ? 0.0
+                           : kPartialTiles * static_cast<double>(t.partials * head_groups) /
+                                     static_cast<double>(shape.resident_blocks) +
+                                 kMergeLaunchTiles;
+  };
+  // Tile times until the last item ends, its items started in order, each on the first block to
+  // come free (item_slots at once). On equal items this is MlaDecodeSplits' waves x tiles an item.
+  std::vector<int64_t> ends;  // a min-heap of the busy blocks' end times
+  auto makespan = [&](int64_t chunk) {
+    int64_t last = 0;
+    ends.clear();
+    for (int q : order_for(chunk)) {
+      const int64_t size = item_tiles(q, chunk);
+      for (int64_t begin = 0; begin < tiles[q]; begin += size) {
+        int64_t start = 0;
+        if (static_cast<int64_t>(ends.size()) == item_slots) {
+          std::pop_heap(ends.begin(), ends.end(), std::greater<>());
+          start = ends.back();
+          ends.pop_back();
+        }
+        ends.push_back(start + std::min(size, tiles[q] - begin));
+        std::push_heap(ends.begin(), ends.end(), std::greater<>());
+        last = std::max(last, ends.back());
+      }
+    }
+    return static_cast<double>(last);
+  };
+
+  // Uneven cuts worth weighing: items shorter than the even plan's longest (which sets its length)
+  // and no shorter than its average (which keeps the items within one more a query), that fit the
+  // launch and beat the even plan's tile times with the merge they cost (MlaDecodeSplits' measure).
+  int64_t even_longest = 1;
+  for (int q = 0; q < queries; ++q) even_longest = std::max(even_longest, item_tiles(q, 0));
+  const int64_t average = (total + int64_t{queries} * splits - 1) / (int64_t{queries} * splits);
+  const Tally even = tally(0);
+  int64_t chunk = 0;
+  double best = -1.0;  // the even plan's, once an uneven one is weighed against it
+  for (int k = 2; k <= shape.max_splits; ++k) {
+    const int64_t c = (most + k - 1) / k;  // the longest query in k items
+    if (c < average) break;
+    if (c >= even_longest) continue;
+    const Tally t = tally(c);
+    if (!fits(t)) continue;
+    if (best < 0.0) best = makespan(0) + merge_cost(even);
+    // No plan ends before its longest item, nor before its tiles have passed through every block.
+    const double bound = std::max<double>(c, static_cast<double>(total) / static_cast<double>(item_slots));
+    if (bound + merge_cost(t) >= best) continue;
+    if (const double time = makespan(c) + merge_cost(t); time < best) {
+      best = time;
+      chunk = c;
+    }
+  }
+  if (chunk == 0 && !fits(even)) return false;
+
+  int slot = 0, row = 0, partial = 0;
+  for (int q : order_for(chunk)) {
+    const int64_t size = item_tiles(q, chunk);
+    const int n = static_cast<int>((tiles[q] + size - 1) / size);
+    const bool merged = n > 1 || every_query_merged;
+    if (merged) merges[row++] = {q, partial, n, 0};
+    for (int i = 0; i < n; ++i) {
+      const int64_t begin = i * size, end = std::min(tiles[q], begin + size);
+      work[slot++] = {q, static_cast<int32_t>(begin), static_cast<int32_t>(end), merged ? partial++ : -1,
+                      positions[q] + 1, table_offsets[q]};
+    }
+  }
+  for (; slot < shape.work_slots; ++slot) work[slot] = MlaWorkItem{};
+  for (; row < shape.merge_rows; ++row) merges[row] = MlaMergeRow{};
+  return chunk > 0;
 }
 
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm) {

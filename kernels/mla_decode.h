@@ -4,11 +4,13 @@
 // so attention reads only the cache: one latent row (kv_lora_rank values) plus one rope key
 // (qk_rope_head_dim values) per token, shared by all heads.
 //
-// Each query attends to positions [0, query_position] of its sequence, read through the sequence's
-// block table; a query may be a decode token or a prefill token (causal by position). Work splits
-// over (group of 16 heads, context split, query); with num_splits > 1 each split writes a partial
-// result and a second kernel of the same launch merges them (flash-decoding), so a small batch
-// still fills the GPU.
+// Each query attends to the first `context` tokens of its sequence, read through the sequence's
+// block table; a query may be a decode token or a prefill token (causal by position). The work is a
+// list of items planned on the host (PlanMlaDecode), one block each per group of 16 heads: a range
+// of a query's context tiles, with what the block needs to find them. A query cut into several
+// items has each write a partial result, and a second kernel of the same launch merges them
+// (flash-decoding), so a small batch still fills the GPU, and one long context among short ones is
+// spread over many blocks instead of holding up the step on one.
 //
 // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension; the
 // scores split the cached width over the block's warps, P . V splits the latent columns; operands
@@ -24,6 +26,44 @@
 
 namespace cohort::kernels {
 
+// Tokens of a cache tile, the unit a work item's range counts in.
+inline constexpr int kMlaTileTokens = 32;
+
+// One block's share of the attention (for each group of 16 heads): tiles [tile_begin, tile_end) of
+// query `query`'s context. partial < 0: the share is the query's whole context and is written to
+// `out`; else it is written to row `partial` of the split workspace for the merge. 32 bytes, two
+// loads side by side: the block's first cache row is two dependent loads from here.
+struct alignas(16) MlaWorkItem {
+  int32_t query = -1;  // -1: a slot with no work
+  int32_t tile_begin = 0;
+  int32_t tile_end = 0;
+  int32_t partial = -1;
+  int32_t context = 0;       // tokens the query attends to: positions [0, context) of its sequence
+  int32_t table_offset = 0;  // where its sequence's block table starts in block_tables
+  int32_t unused[2] = {};
+};
+
+// A query cut into several items: the merge sums its partial rows [first_partial, + splits).
+struct alignas(16) MlaMergeRow {
+  int32_t query = -1;  // -1: a row with nothing to merge
+  int32_t first_partial = 0;
+  int32_t splits = 0;
+  int32_t unused = 0;
+};
+
+// What an attention launch is sized for, fixed when a decode graph is captured; each step's work is
+// planned into it (PlanMlaDecode).
+struct MlaDecodeShape {
+  int queries = 0;  // rows of q_latent, q_rope and out
+  int heads = 0;
+  int splits = 1;      // items a query's context is cut into unless the step is planned otherwise
+  int max_splits = 1;  // the most items a query may be cut into (the merge's width); 1: no merge
+  int work_slots = 0;  // work items the launch has blocks for (per group of 16 heads)
+  int merge_rows = 0;  // queries the merge can take
+  int64_t resident_blocks = 0;  // attention blocks the GPU holds at once
+  int64_t max_partials = 0;     // rows of the split workspace
+};
+
 struct MlaDecodeParams {
   const __nv_bfloat16* q_latent = nullptr;  // [queries, heads, kv_lora_rank]
   // Element (q, h, i) at q_rope[q * q_rope_row_stride + h * q_rope_head_stride + i]. Both query
@@ -31,29 +71,29 @@ struct MlaDecodeParams {
   const __nv_bfloat16* q_rope = nullptr;
   int64_t q_rope_row_stride = 0;
   int q_rope_head_stride = 0;
-  const __nv_bfloat16* cache = nullptr;     // one layer: [blocks, block_size, kv_lora_rank + qk_rope_head_dim]
-  const int32_t* block_tables = nullptr;    // every sequence's block table, concatenated
-  const int32_t* table_offsets = nullptr;   // [sequences]: where each sequence's table starts
+  const __nv_bfloat16* cache = nullptr;   // one layer: [blocks, block_size, kv_lora_rank + qk_rope_head_dim]
+  const int32_t* block_tables = nullptr;  // every sequence's block table, concatenated
   int block_size = 0;
-  const int32_t* query_sequence = nullptr;  // [queries]: the query's sequence
-  const int32_t* query_position = nullptr;  // [queries]: attends to positions 0..query_position
-  int num_queries = 0;
   int heads = 0;
   int kv_lora_rank = 0;
   int rope_dim = 0;
   float softmax_scale = 1.0f;
-  int num_splits = 1;  // 1..64
+  // The step's plan (PlanMlaDecode), read on the device: shape.work_slots items and
+  // shape.merge_rows merge rows (16-byte aligned).
+  MlaDecodeShape shape;
+  const MlaWorkItem* work = nullptr;
+  const MlaMergeRow* merges = nullptr;
   // At least the most tokens any one sequence has in this step (1 in a decode step), or 0. A query's
-  // cache rows below query_position + 1 - step_tokens_bound were written by earlier steps, so those
+  // cache rows below its context - step_tokens_bound were written by earlier steps, so those
   // of its first tile are copied before the wait for the kernel that writes this step's rows (the
   // copy overlaps that kernel); 0: every row is copied after the wait.
   int step_tokens_bound = 0;
   __nv_bfloat16* out = nullptr;  // [queries, heads, kv_lora_rank]
-  // Workspace when num_splits > 1 (sizes from MlaSplitWorkspaceFloats).
-  float* partial_out = nullptr;  // [queries, num_splits, heads, kv_lora_rank]
-  float* partial_lse = nullptr;  // [queries, num_splits, heads]
+  // Workspace when shape.max_splits > 1 (MlaSplitWorkspaceFloats of shape.max_partials rows).
+  float* partial_out = nullptr;  // [partial rows, heads, kv_lora_rank]
+  float* partial_lse = nullptr;  // [partial rows, heads]
 
-  // Optional, with num_splits > 1: the merge of the splits also applies kv_b_proj's value half, and
+  // Optional, with shape.max_splits > 1: the merge also applies kv_b_proj's value half, and
   // writes attn[q, h, i] = sum over j of bf16(o_latent[q, h, j]) * W_uv[h][i, j] (fp32, rounded to
   // bf16) for i < v_head_dim instead of `out` (one launch instead of a product after it; for few
   // queries, since every block of a head merges its row again). W_uv[h] is the [v_head_dim,
@@ -64,24 +104,49 @@ struct MlaDecodeParams {
   __nv_bfloat16* attn = nullptr;  // [queries, heads, v_head_dim]
 };
 
-// Floats of workspace (partial_out and partial_lse together) for `queries` x `num_splits` (0 for
-// one split).
-int64_t MlaSplitWorkspaceFloats(int queries, int num_splits, int heads, int kv_lora_rank);
+// Floats of workspace (partial_out and partial_lse together) for `partials` partial rows.
+int64_t MlaSplitWorkspaceFloats(int64_t partials, int heads, int kv_lora_rank);
 
-// Runs the attention (and the merge of splits when num_splits > 1). Launched as programmatic
-// dependents (kernels/pdl.cuh): they wait for the stream's earlier kernels before reading anything.
+// Runs the attention (and the merge when shape.max_splits > 1 or value weights are set). Launched
+// as programmatic dependents (kernels/pdl.cuh): they wait for the stream's earlier kernels before
+// reading anything but the plan and the step inputs (positions, block tables).
 cudaError_t LaunchMlaDecode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// Blocks of the attention kernel one SM holds at once, for choosing num_splits: (queries x head
-// groups of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this. (A grid
-// of at most one block an SM runs in larger blocks, one an SM; this counts the smaller ones.)
+// Blocks of the attention kernel one SM holds at once, for choosing splits: (queries x head groups
+// of 16 x splits) blocks fill the GPU in one wave when they are at most SMs x this. (A grid of at
+// most one block an SM runs in larger blocks, one an SM; this counts the smaller ones.)
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm);
 
-// num_splits for `queries` queries of `heads` heads whose longest context is `max_context` tokens
-// (0: not known), on a GPU that holds `resident_blocks` attention blocks at once (SMs x
-// MlaDecodeResidentBlocks), with split workspace for `max_pairs` (query, split) pairs: enough to fill
-// one wave of blocks, or for batches past one wave unsplit (past half of one at contexts over 2048
-// tokens), the splits that fill the last wave best for the merge they cost.
+// Items to cut each query's context into (the even plan's), for `queries` queries of `heads` heads
+// whose longest context is `max_context` tokens (0: not known), on a GPU that holds
+// `resident_blocks` attention blocks at once (SMs x MlaDecodeResidentBlocks), with split workspace
+// for `max_pairs` (query, split) pairs: enough to fill one wave of blocks, or for batches past one
+// wave unsplit (past half of one at contexts over 2048 tokens), the splits that fill the last wave
+// best for the merge they cost.
 int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t resident_blocks, int64_t max_pairs);
+
+// The launch for `queries` queries of `heads` heads whose contexts are cut into `splits` items each
+// by default (MlaDecodeSplits), on a GPU that holds `resident_blocks` attention blocks at once, with
+// `max_partials` rows of split workspace: exactly the even plan's (!uneven), or with room for an
+// uneven one (up to 64 items a query, and 16 queries cut where the default is one item a query).
+// The room costs a little in every step (a wider merge, or one where the even plan has none), so a
+// CUDA graph of each is worth having.
+MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
+                                 bool uneven);
+
+// Plans a step into `shape`: query q < shape.queries attends to positions [0, positions[q]] of the
+// sequence whose block table starts at table_offsets[q]. The even plan cuts each query's context
+// into shape.splits items of equal tiles, so a batch of equal contexts runs as MlaDecodeSplits
+// chose. When the contexts differ so much that the longest query's items would hold up the step
+// (one long request in a batch of short ones), an uneven plan cuts every query into items of one
+// common size instead, longest queries first: the size whose items end soonest, block by block,
+// with the merge they cost (MlaDecodeSplits' measure), if that beats the even plan and fits the
+// shape. every_query_merged: each query goes through the merge (value weights applied there), even
+// when it is one item. Returns whether it wrote an uneven plan; otherwise it wrote the even one,
+// or nothing where the shape cannot hold it (a shape with room for uneven plans, which merges fewer
+// queries than the even plan cuts: plan into the shape without room then). Fills all
+// shape.work_slots items and shape.merge_rows rows when it writes.
+bool PlanMlaDecode(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
+                   bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges);
 
 }  // namespace cohort::kernels

@@ -6,8 +6,10 @@
 //   (2 (nope + rope + v) per visible (query, key) pair and head); "% peak" is against the dense bf16
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
-//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, with the engine's
-//   context splits and 64-token cache blocks scattered at random (as a long-running server's block
+//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, and of 1 to 256
+//   at 1024 with the first sequence at 32768 (one long request among short ones; "splits" then
+//   reads "default cut/work items" of PlanMlaDecode's plan), with the engine's context splits and
+//   64-token cache blocks scattered at random (as a long-running server's block
 //   tables are), and again with each sequence's blocks in order. It is a read of the cache, so
 //   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
 //   shape runs as the step does, once a layer over as many layers' caches (a graph of launches) as
@@ -23,6 +25,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/attention.h"
@@ -132,24 +135,34 @@ void RunDecode(const testing::BenchDevice& bench) {
   constexpr int kBlockTokens = 64;
   constexpr int64_t kSplitPairs = 1024;      // the engine's split workspace (worker/model/cuda/cuda_engine.cc)
   constexpr int64_t kLayersBytes = 512 << 20;  // cache read between two reads of one layer's: well past L2
+  struct DecodeShape {
+    int context, batch, long_context;  // long_context > 0: the first sequence's instead
+  };
+  std::vector<DecodeShape> shapes;
   // 192: a part-empty wave unsplit (split at 4096 tokens); 320 and 384: past one wave unsplit.
-  const int batches[] = {1, 4, 16, 64, 128, 192, 256, 320, 384, 512};
-  const int contexts[] = {1024, 4096};
+  for (const int context : {1024, 4096}) {
+    for (const int batch : {1, 4, 16, 64, 128, 192, 256, 320, 384, 512}) shapes.push_back({context, batch, 0});
+  }
+  // One long request among short ones (PlanMlaDecode's uneven cut).
+  for (const int batch : {1, 16, 64, 256}) shapes.push_back({1024, batch, 32768});
   const int width = kRank + kRope;
   const int64_t row_bytes = int64_t{width} * 2;
   int blocks_per_sm = 0;
   BENCH_CHECK(kernels::MlaDecodeResidentBlocks(kRank, kRope, &blocks_per_sm));
   const int64_t resident = int64_t{bench.prop.multiProcessorCount} * blocks_per_sm;
+  const auto blocks_of = [](int tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; };
 
   // One pool of cache blocks serves every shape: each shape's layers are consecutive runs of it.
-  int64_t pool_blocks = 0, max_queries = 0;
-  for (const int context : contexts) {
-    for (const int batch : batches) {
-      const int64_t blocks = int64_t{batch} * ((context + kBlockTokens - 1) / kBlockTokens);
-      const int64_t layers = std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes));
-      pool_blocks = std::max(pool_blocks, blocks * layers);
-      max_queries = std::max<int64_t>(max_queries, batch);
-    }
+  int64_t pool_blocks = 0, max_queries = 0, max_plan_ints = 0;
+  for (const DecodeShape& d : shapes) {
+    const int64_t blocks = int64_t{d.batch} * blocks_of(d.context) +
+                           (d.long_context > 0 ? blocks_of(d.long_context) - blocks_of(d.context) : 0);
+    const int64_t layers = std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes));
+    pool_blocks = std::max(pool_blocks, blocks * layers);
+    max_queries = std::max<int64_t>(max_queries, d.batch);
+    const kernels::MlaDecodeShape shape =
+        kernels::MlaDecodeShapeFor(d.batch, kHeads, 64, resident, kSplitPairs, /*uneven=*/true);
+    max_plan_ints = std::max<int64_t>(max_plan_ints, 8 * int64_t{shape.work_slots} + 4 * shape.merge_rows);
   }
   __nv_bfloat16* cache = DeviceAlloc<__nv_bfloat16>(pool_blocks * kBlockTokens * width);
   const std::vector<uint16_t> fill = Ramp(int64_t{64} << 20);
@@ -163,69 +176,89 @@ void RunDecode(const testing::BenchDevice& bench) {
   BENCH_CHECK(cudaMemcpy(q_latent, fill.data(), max_queries * kHeads * kRank * 2, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(q_rope, fill.data(), max_queries * kHeads * kRope * 2, cudaMemcpyHostToDevice));
   __nv_bfloat16* out = DeviceAlloc<__nv_bfloat16>(max_queries * kHeads * kRank);
-  // Splits are capped at kSplitPairs (query, split) pairs, as one query of that many splits.
-  float* workspace = DeviceAlloc<float>(kernels::MlaSplitWorkspaceFloats(1, kSplitPairs, kHeads, kRank));
-  int32_t* inputs = DeviceAlloc<int32_t>(3 * max_queries + pool_blocks);
+  float* workspace = DeviceAlloc<float>(kernels::MlaSplitWorkspaceFloats(kSplitPairs, kHeads, kRank));
+  // The plan (merge rows, then work items), then the block tables.
+  int32_t* inputs = DeviceAlloc<int32_t>(max_plan_ints + pool_blocks);
 
   std::printf("\nMLA decode attention (latent %d + rope %d, %d heads), %d-token cache blocks at random; "
               "copy bandwidth %.0f GB/s\n\n", kRank, kRope, kHeads, kBlockTokens, bench.copy_gbs);
-  std::printf("                                      scattered blocks      blocks in order\n");
-  std::printf(" context  batch  splits  layers   cache MB    us/layer  %% copy    us/layer  %% copy\n");
+  std::printf("                                         scattered blocks      blocks in order\n");
+  std::printf("    context  batch  splits  layers   cache MB    us/layer  %% copy    us/layer  %% copy\n");
   std::mt19937 random(1234);
-  for (const int context : contexts) {
-    for (const int batch : batches) {
-      const int blocks_per_sequence = (context + kBlockTokens - 1) / kBlockTokens;
-      const int64_t blocks = int64_t{batch} * blocks_per_sequence;
-      const int layers = static_cast<int>(std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes)));
-      // inputs: sequence of each query, its position, its table's offset, then the tables.
-      std::vector<int32_t> host(3 * batch + blocks);
-      for (int q = 0; q < batch; ++q) {
-        host[q] = q;
-        host[batch + q] = context - 1;
-        host[2 * batch + q] = q * blocks_per_sequence;
-      }
-      std::iota(host.begin() + 3 * batch, host.end(), 0);
-
-      kernels::MlaDecodeParams p;
-      p.q_latent = q_latent;
-      p.q_rope = q_rope;
-      p.q_rope_row_stride = kHeads * kRope;
-      p.q_rope_head_stride = kRope;
-      p.block_tables = inputs + 3 * batch;
-      p.table_offsets = inputs + 2 * batch;
-      p.block_size = kBlockTokens;
-      p.query_sequence = inputs;
-      p.query_position = inputs + batch;
-      p.num_queries = batch;
-      p.heads = kHeads;
-      p.kv_lora_rank = kRank;
-      p.rope_dim = kRope;
-      p.softmax_scale = 0.0722f;
-      p.num_splits = kernels::MlaDecodeSplits(batch, kHeads, context, resident, kSplitPairs);
-      p.step_tokens_bound = 1;
-      p.out = out;
-      p.partial_out = workspace;
-      p.partial_lse = workspace + int64_t{batch} * p.num_splits * kHeads * kRank;
-      const cudaGraphExec_t graph = testing::CaptureGraph(bench.stream, [&] {
-        for (int layer = 0; layer < layers; ++layer) {
-          p.cache = cache + layer * blocks * kBlockTokens * width;
-          BENCH_CHECK(kernels::LaunchMlaDecode(p, bench.stream));
-        }
-      });
-      const auto time_layer = [&] {
-        BENCH_CHECK(cudaMemcpy(inputs, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-        return testing::MedianMicros(bench.stream, 2, 10, [&] { BENCH_CHECK(cudaGraphLaunch(graph, bench.stream)); }) /
-               layers;
-      };
-      const double in_order = time_layer();
-      std::shuffle(host.begin() + 3 * batch, host.end(), random);
-      const double scattered = time_layer();
-      BENCH_CHECK(cudaGraphExecDestroy(graph));
-      const double bytes = double(batch) * context * row_bytes;
-      const auto percent = [&](double us) { return 100.0 * bytes / (us * 1e3) / bench.copy_gbs; };
-      std::printf("%8d %6d %7d %7d %10.1f %11.2f %6.1f%% %11.2f %6.1f%%\n", context, batch, p.num_splits, layers,
-                  bytes / 1e6, scattered, percent(scattered), in_order, percent(in_order));
+  for (const DecodeShape& d : shapes) {
+    const int batch = d.batch, blocks_per_sequence = blocks_of(d.context);
+    const int first_blocks = d.long_context > 0 ? blocks_of(d.long_context) : blocks_per_sequence;
+    const int64_t blocks = first_blocks + int64_t{batch - 1} * blocks_per_sequence;
+    const int64_t tokens = (d.long_context > 0 ? d.long_context : d.context) + int64_t{batch - 1} * d.context;
+    const int layers = static_cast<int>(std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes)));
+    const int splits = kernels::MlaDecodeSplits(batch, kHeads, std::max(d.context, d.long_context), resident,
+                                                kSplitPairs);
+    // As the engine plans: with room for uneven cuts, kept only where the plan takes them.
+    std::vector<int32_t> positions(batch), table_offsets(batch);
+    for (int q = 0; q < batch; ++q) {
+      positions[q] = (q == 0 && d.long_context > 0 ? d.long_context : d.context) - 1;
+      table_offsets[q] = q == 0 ? 0 : first_blocks + (q - 1) * blocks_per_sequence;
     }
+    std::vector<int32_t> host;
+    kernels::MlaDecodeShape shape;
+    int items = 0;
+    for (const bool uneven : {true, false}) {
+      shape = kernels::MlaDecodeShapeFor(batch, kHeads, splits, resident, kSplitPairs, uneven);
+      const int64_t plan_ints = 8 * int64_t{shape.work_slots} + 4 * shape.merge_rows;
+      host.assign(plan_ints + blocks, 0);
+      auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(host.data());
+      auto* work = reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows);
+      const bool planned_uneven =
+          kernels::PlanMlaDecode(shape, positions.data(), table_offsets.data(), false, work, merges);
+      for (items = 0; items < shape.work_slots && work[items].query >= 0;) ++items;
+      if (planned_uneven) break;
+    }
+    const int64_t plan_ints = host.size() - blocks;
+    int32_t* tables = host.data() + plan_ints;
+    std::iota(tables, tables + blocks, 0);
+
+    kernels::MlaDecodeParams p;
+    p.q_latent = q_latent;
+    p.q_rope = q_rope;
+    p.q_rope_row_stride = kHeads * kRope;
+    p.q_rope_head_stride = kRope;
+    p.block_tables = inputs + plan_ints;
+    p.block_size = kBlockTokens;
+    p.heads = kHeads;
+    p.kv_lora_rank = kRank;
+    p.rope_dim = kRope;
+    p.softmax_scale = 0.0722f;
+    p.shape = shape;
+    p.merges = reinterpret_cast<const kernels::MlaMergeRow*>(inputs);
+    p.work = reinterpret_cast<const kernels::MlaWorkItem*>(p.merges + shape.merge_rows);
+    p.step_tokens_bound = 1;
+    p.out = out;
+    p.partial_out = workspace;
+    p.partial_lse = workspace + kSplitPairs * kHeads * kRank;
+    const cudaGraphExec_t graph = testing::CaptureGraph(bench.stream, [&] {
+      for (int layer = 0; layer < layers; ++layer) {
+        p.cache = cache + layer * blocks * kBlockTokens * width;
+        BENCH_CHECK(kernels::LaunchMlaDecode(p, bench.stream));
+      }
+    });
+    const auto time_layer = [&] {
+      BENCH_CHECK(cudaMemcpy(inputs, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+      return testing::MedianMicros(bench.stream, 2, 10, [&] { BENCH_CHECK(cudaGraphLaunch(graph, bench.stream)); }) /
+             layers;
+    };
+    const double in_order = time_layer();
+    std::shuffle(tables, tables + blocks, random);
+    const double scattered = time_layer();
+    BENCH_CHECK(cudaGraphExecDestroy(graph));
+    const double bytes = double(tokens) * row_bytes;
+    const auto percent = [&](double us) { return 100.0 * bytes / (us * 1e3) / bench.copy_gbs; };
+    // "64/300": one long sequence's plan, in 300 work items.
+    const std::string context = d.long_context > 0 ? std::to_string(d.context) + "+" + std::to_string(d.long_context)
+                                                   : std::to_string(d.context);
+    const std::string cut = d.long_context > 0 ? std::to_string(splits) + "/" + std::to_string(items)
+                                               : std::to_string(splits);
+    std::printf("%11s %6d %7s %7d %10.1f %11.2f %6.1f%% %11.2f %6.1f%%\n", context.c_str(), batch, cut.c_str(), layers,
+                bytes / 1e6, scattered, percent(scattered), in_order, percent(in_order));
   }
 }
 

@@ -34,7 +34,7 @@ double RelativeError(const std::vector<double>& ref, const std::vector<float>& g
 }
 
 struct MlaCase {
-  int rank, rope, heads, block_size, splits;
+  int rank, rope, heads, block_size, splits;  // splits: the launch's default cut (MlaDecodeShape::splits)
   std::vector<int> positions;  // one query each, of its own sequence
   int v_head_dim = 0;          // > 0: a second launch applies value weights in the merge
   // > 0: the last step_tokens positions of each query's context are this step's rows, and the
@@ -70,14 +70,44 @@ void RunMlaCase(const MlaCase& c) {
   const std::vector<uint16_t> q_latent = RandomBf16(static_cast<size_t>(queries) * c.heads * c.rank, rng, 0.2f);
   const int q_row = c.heads * (16 + c.rope);  // q rope parts interleaved with other values, as in the engine
   const std::vector<uint16_t> q = RandomBf16(static_cast<size_t>(queries) * q_row, rng, 0.2f);
-  std::vector<int32_t> sequence(queries), position(c.positions.begin(), c.positions.end());
-  std::iota(sequence.begin(), sequence.end(), 0);
+  const std::vector<int32_t> position(c.positions.begin(), c.positions.end());
   const float scale = 1.0f / std::sqrt(192.0f);
 
   DeviceVector<uint16_t> d_cache(cache_before), d_q_latent(q_latent), d_q(q);
-  DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_position(position);
+  DeviceVector<int32_t> d_tables(tables);
   DeviceVector<uint16_t> d_out(static_cast<size_t>(queries) * c.heads * c.rank);
-  DeviceVector<float> d_work(std::max<int64_t>(1, kernels::MlaSplitWorkspaceFloats(queries, c.splits, c.heads, c.rank)));
+  // The launch as the engine sizes and plans it on this GPU (with room for uneven cuts, kept where
+  // the plan takes them), uploaded as the engine uploads it with the step inputs; the workspace
+  // holds a partial row per work slot.
+  int sms = 0, blocks_per_sm = 0;
+  ASSERT_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  ASSERT_CUDA_OK(kernels::MlaDecodeResidentBlocks(c.rank, c.rope, &blocks_per_sm));
+  const auto shape_for = [&](bool uneven) {
+    return kernels::MlaDecodeShapeFor(queries, c.heads, c.splits, int64_t{sms} * blocks_per_sm,
+                                      int64_t{queries} * (c.splits + 1), uneven);
+  };
+  DeviceVector<float> d_work(kernels::MlaSplitWorkspaceFloats(shape_for(true).max_partials, c.heads, c.rank));
+  struct DevicePlan {
+    kernels::MlaDecodeShape shape;
+    DeviceVector<kernels::MlaWorkItem> work;
+    DeviceVector<kernels::MlaMergeRow> merges;
+  };
+  auto plan = [&](bool every_query_merged) {
+    kernels::MlaDecodeShape shape;
+    std::vector<kernels::MlaWorkItem> work;
+    std::vector<kernels::MlaMergeRow> merges;
+    for (const bool uneven : {true, false}) {
+      shape = shape_for(uneven);
+      work.assign(shape.work_slots, kernels::MlaWorkItem{});
+      merges.assign(shape.merge_rows, kernels::MlaMergeRow{});
+      if (kernels::PlanMlaDecode(shape, position.data(), offsets.data(), every_query_merged, work.data(),
+                                 merges.data())) {
+        break;
+      }
+    }
+    return DevicePlan{shape, DeviceVector<kernels::MlaWorkItem>(work), DeviceVector<kernels::MlaMergeRow>(merges)};
+  };
+  DevicePlan d_plan = plan(false);
   kernels::MlaDecodeParams p;
   p.q_latent = Bf16(d_q_latent);
   p.q_rope = Bf16(d_q) + 16;
@@ -85,19 +115,17 @@ void RunMlaCase(const MlaCase& c) {
   p.q_rope_head_stride = 16 + c.rope;
   p.cache = Bf16(d_cache);
   p.block_tables = d_tables.get();
-  p.table_offsets = d_offsets.get();
   p.block_size = c.block_size;
-  p.query_sequence = d_sequence.get();
-  p.query_position = d_position.get();
-  p.num_queries = queries;
   p.heads = c.heads;
   p.kv_lora_rank = c.rank;
   p.rope_dim = c.rope;
   p.softmax_scale = scale;
-  p.num_splits = c.splits;
+  p.shape = d_plan.shape;
+  p.work = d_plan.work.get();
+  p.merges = d_plan.merges.get();
   p.out = Bf16(d_out);
   p.partial_out = d_work.get();
-  p.partial_lse = d_work.get() + static_cast<int64_t>(queries) * c.splits * c.heads * c.rank;
+  p.partial_lse = d_work.get() + p.shape.max_partials * c.heads * c.rank;
   ASSERT_CUDA_OK(cudaMemset(d_out.get(), 0xff, static_cast<size_t>(queries) * c.heads * c.rank * sizeof(uint16_t)));
   if (c.step_tokens > 0) {
     // The writer: a product of k = 2^16 into those rows, on few enough blocks (one a 16 columns)
@@ -145,7 +173,11 @@ void RunMlaCase(const MlaCase& c) {
   if (v > 0) {
     DeviceVector<uint16_t> d_values(values), d_attn(static_cast<size_t>(queries) * c.heads * v);
     ASSERT_CUDA_OK(cudaMemset(d_attn.get(), 0xff, static_cast<size_t>(queries) * c.heads * v * sizeof(uint16_t)));
+    DevicePlan d_merged_plan = plan(true);
     kernels::MlaDecodeParams pv = p;
+    pv.shape = d_merged_plan.shape;
+    pv.work = d_merged_plan.work.get();
+    pv.merges = d_merged_plan.merges.get();
     pv.out = nullptr;  // not written when the values are applied
     pv.value_weights = Bf16(d_values);
     pv.value_head_stride = value_head_stride;
@@ -258,6 +290,154 @@ TEST(MlaDecodeTest, SplitsFillOneWaveOrTheLastOne) {
   EXPECT_EQ(kernels::MlaDecodeSplits(40, 128, 2048, kResident, kPairs), 4);
 }
 
+// One long context among short ones: the even plan would leave the long query on one block (or a
+// few) while the rest of the GPU idles, so the plan cuts it into many items of the short ones' size
+// and merges only it (PlanMlaDecode). Head groups of 16, 20 (a partial group) and 128 (eight).
+TEST(MlaDecodeTest, OneLongContextAmongShortOnesIsCutUnevenly) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::vector<int> mixed = {7999};
+  for (int i = 0; i < 40; ++i) mixed.push_back(100 + i * 29 % 200);
+  RunMlaCase({512, 64, 16, 64, 1, mixed});
+  RunMlaCase({512, 64, 20, 16, 1, mixed});
+  RunMlaCase({512, 64, 128, 64, 1, {40, 6000, 90, 3}});
+  // Two queries with the values applied in the merge: 4096 tokens against 18.
+  RunMlaCase({512, 64, 16, 64, 2, {17, 4095}, 128});
+}
+
+// Host only: what PlanMlaDecode hands the blocks. Every plan covers each query's tiles exactly once,
+// in items of consecutive partial rows with one merge row for each query cut into several; equal
+// contexts get the even cut of MlaDecodeSplits; one long context among short ones gets items of
+// about the short ones' size, longest query first; unused slots and rows say so.
+TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextEvenly) {
+  constexpr int64_t kResident = 264;
+  struct Plan {
+    kernels::MlaDecodeShape shape;
+    std::vector<kernels::MlaWorkItem> work;
+    std::vector<kernels::MlaMergeRow> merges;
+    bool uneven = false;
+  };
+  // As the engine plans: into the launch with room for uneven cuts, kept where the plan takes them,
+  // else into the launch without.
+  auto make = [](int heads, int splits, const std::vector<int32_t>& positions, bool merged) {
+    const int queries = static_cast<int>(positions.size());
+    std::vector<int32_t> tables(queries);
+    std::iota(tables.begin(), tables.end(), 1000);
+    Plan plan;
+    for (const bool uneven : {true, false}) {
+      plan.shape = kernels::MlaDecodeShapeFor(queries, heads, splits, kResident, 1024, uneven);
+      plan.work.assign(plan.shape.work_slots, kernels::MlaWorkItem{});
+      plan.merges.assign(plan.shape.merge_rows, kernels::MlaMergeRow{});
+      plan.uneven = kernels::PlanMlaDecode(plan.shape, positions.data(), tables.data(), merged, plan.work.data(),
+                                           plan.merges.data());
+      if (plan.uneven) break;
+    }
+    return plan;
+  };
+  auto check = [](const std::vector<int32_t>& positions, bool merged, const Plan& plan) {
+    const kernels::MlaDecodeShape& shape = plan.shape;
+    const int queries = static_cast<int>(positions.size());
+    std::vector<int> next_tile(queries, 0), items(queries, 0), first_partial(queries, -1);
+    int partials = 0;
+    bool unused = false;
+    for (const kernels::MlaWorkItem& item : plan.work) {
+      if (item.query < 0) {
+        unused = true;
+        continue;
+      }
+      ASSERT_FALSE(unused) << "a work item after an unused slot";
+      ASSERT_LT(item.query, queries);
+      EXPECT_EQ(item.context, positions[item.query] + 1);
+      EXPECT_EQ(item.table_offset, 1000 + item.query);
+      EXPECT_EQ(item.tile_begin, next_tile[item.query]) << "query " << item.query;
+      EXPECT_GT(item.tile_end, item.tile_begin);
+      next_tile[item.query] = item.tile_end;
+      if (item.partial >= 0) {
+        if (first_partial[item.query] < 0) first_partial[item.query] = item.partial;
+        EXPECT_EQ(item.partial, first_partial[item.query] + items[item.query]) << "consecutive partial rows";
+        EXPECT_EQ(item.partial, partials++) << "partial rows in item order";
+      }
+      ++items[item.query];
+    }
+    EXPECT_LE(partials, shape.max_partials);
+    int rows = 0;
+    for (const kernels::MlaMergeRow& row : plan.merges) {
+      if (row.query < 0) continue;
+      ++rows;
+      EXPECT_EQ(row.first_partial, first_partial[row.query]);
+      EXPECT_EQ(row.splits, items[row.query]);
+    }
+    for (int q = 0; q < queries; ++q) {
+      EXPECT_EQ(next_tile[q], positions[q] / 32 + 1) << "query " << q << " covered to its last tile";
+      EXPECT_LE(items[q], shape.max_splits);
+      EXPECT_EQ(first_partial[q] >= 0, items[q] > 1 || merged) << "query " << q;
+    }
+    EXPECT_EQ(rows, std::count_if(first_partial.begin(), first_partial.end(), [](int f) { return f >= 0; }));
+  };
+
+  // Equal contexts: MlaDecodeSplits' cut, in query order, in a launch of exactly its items.
+  for (auto [queries, context] : {std::pair{1, 1024}, {4, 4096}, {64, 4096}, {256, 1024}, {320, 2048}}) {
+    const int splits = kernels::MlaDecodeSplits(queries, 16, context, kResident, 1024);
+    const std::vector<int32_t> positions(queries, context - 1);
+    const Plan plan = make(16, splits, positions, false);
+    check(positions, false, plan);
+    EXPECT_FALSE(plan.uneven);
+    EXPECT_EQ(plan.shape.work_slots, queries * splits);
+    EXPECT_EQ(plan.shape.max_splits, splits);
+    EXPECT_EQ(plan.shape.merge_rows, splits > 1 ? queries : 0);
+    const int tiles = context / 32, chunk = (tiles + splits - 1) / splits;
+    for (int q = 0; q < queries; ++q) {
+      for (int i = 0; i < splits; ++i) {
+        const kernels::MlaWorkItem& item = plan.work[q * splits + i];
+        EXPECT_EQ(item.query, q);
+        EXPECT_EQ(item.tile_begin, i * chunk);
+        EXPECT_EQ(item.partial, splits > 1 ? q * splits + i : -1) << queries << " x " << context;
+      }
+    }
+  }
+
+  // 255 queries of 1024 tokens and one of 32768 (cohort bench step --long-context): the even plan
+  // is one item a query, 1024 tiles on one block. Cut unevenly: the long query in 16 items of 64
+  // tiles, first, the short ones whole. (Smaller items cannot end sooner: the 264 blocks of a wave
+  // take 248 short items beside them, and the last 7 start when the first end.)
+  std::vector<int32_t> positions(256, 1023);
+  positions[200] = 32767;
+  const Plan plan = make(16, 1, positions, false);
+  check(positions, false, plan);
+  ASSERT_TRUE(plan.uneven);
+  EXPECT_EQ(plan.shape.max_splits, 64);
+  EXPECT_EQ(plan.shape.merge_rows, 16);
+  EXPECT_GT(plan.shape.work_slots, 256);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(plan.work[i].query, 200);
+    EXPECT_EQ(plan.work[i].tile_end - plan.work[i].tile_begin, 64);
+  }
+  EXPECT_EQ(plan.work[16].query, 0);
+  EXPECT_EQ(plan.work[16].partial, -1);
+  EXPECT_EQ(plan.merges[0].query, 200);
+  EXPECT_EQ(plan.merges[1].query, -1);
+  EXPECT_EQ(plan.work[256 + 15].query, -1);
+  // V3's 128 heads: 16 merge rows would be 2048 merge blocks, so each query in 16 items at most.
+  const Plan v3 = make(128, 1, positions, false);
+  check(positions, false, v3);
+  EXPECT_TRUE(v3.uneven);
+  EXPECT_EQ(v3.shape.max_splits, 16);
+
+  // Random batches, some with a long context: every plan is whole, with and without every query
+  // merged.
+  std::mt19937 rng = testing::FreshRng();
+  for (int round = 0; round < 200; ++round) {
+    const int queries = std::uniform_int_distribution<int>(1, 300)(rng);
+    const int heads = round % 3 == 0 ? 128 : 16;
+    std::vector<int32_t> positions(queries);
+    for (int32_t& p : positions) p = std::uniform_int_distribution<int>(0, 3000)(rng);
+    if (round % 2 == 0) positions[rng() % queries] = std::uniform_int_distribution<int>(3000, 100000)(rng);
+    const int splits = kernels::MlaDecodeSplits(queries, heads, 0, kResident, 1024);
+    const bool merged = queries <= 2 && splits > 1;
+    SCOPED_TRACE(::testing::Message() << queries << " queries, " << heads << " heads, round " << round);
+    check(positions, merged, make(heads, splits, positions, merged));
+  }
+}
+
 TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
   COHORT_SKIP_WITHOUT_GPU();
   RunMlaCase({512, 64, 16, 64, 32, {1023, 0, 300}, 128});
@@ -289,7 +469,9 @@ TEST(MlaDecodeTest, SmallTestShapesWithOddBlocks) {
 TEST(MlaDecodeTest, UnsupportedShapeIsRefused) {
   COHORT_SKIP_WITHOUT_GPU();
   kernels::MlaDecodeParams p;
-  p.num_queries = 1;
+  p.shape = kernels::MlaDecodeShapeFor(1, 16, 1, 264, 0, /*uneven=*/false);  // no merge: only the latent shape is wrong
+  DeviceVector<kernels::MlaWorkItem> work(std::vector<kernels::MlaWorkItem>(p.shape.work_slots));
+  p.work = work.get();
   p.block_size = 16;
   p.kv_lora_rank = 256;
   p.rope_dim = 64;

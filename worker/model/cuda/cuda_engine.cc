@@ -36,7 +36,7 @@ namespace {
 
 // q_a_layernorm and kv_a_layernorm use the RMSNorm default, not rms_norm_eps (as DeepSeek's code does).
 constexpr float kLatentNormEps = 1e-6f;
-constexpr int64_t kSplitPairs = 1024;                   // (query, split) pairs the split workspace holds
+constexpr int64_t kSplitPairs = 1024;                   // partial rows (query, part) the split workspace holds
 constexpr int64_t kExpandedKvBytes = int64_t{256} << 20;     // keys and values expanded from the latent
 constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 // Products of up to this many rows use the skinny kernel (kernels/skinny_gemm.h): on the H200 it
@@ -90,10 +90,13 @@ int64_t QueryProjectionWidth(const ModelConfig& c) {
 // fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
 constexpr int64_t kGraphContexts[] = {512, 2048, 0};  // 0 last: RunStep takes the first that fits
 
-// A captured decode graph: batch size and context class.
+// A captured decode graph: batch size, context class, and whether its attention has room to cut
+// contexts unevenly (kernels::MlaDecodeShapeFor): a wider merge, or one where the even plan has
+// none, which steps of even contexts do without.
 struct GraphKey {
   int bucket;
   int64_t max_context;
+  bool uneven = false;
   auto operator<=>(const GraphKey&) const = default;
 };
 
@@ -118,7 +121,9 @@ struct StepLayout {
   // Rows of the LM head: `rows` on one GPU; on GPU 0 of several, every GPU's logits rows (the others
   // compute none).
   int lm_rows = 0;
-  int splits = 1;           // context splits of the absorbed attention
+  kernels::MlaDecodeShape attention;  // of the absorbed attention's launch, and its plan's place in the inputs
+  bool uneven_attention = false;      // the launch has room for uneven cuts, which the plan takes (GraphKey::uneven)
+  bool values_in_merge = false;       // the attention's merge applies W_uv
   int absorbed_run = 0;     // the most absorbed tokens of one sequence (MlaDecodeParams::step_tokens_bound)
   std::vector<ExpandedGroup> expanded;
 };
@@ -160,7 +165,9 @@ class CudaEngine final : public ShardEngine {
  private:
   // Device buffers for one step at the largest size the engine accepts.
   struct Workspace {
-    // Step inputs, uploaded in one copy from `staging_` (same layout, int32).
+    // Step inputs, uploaded in one copy from `staging_` (same layout, int32). The attention's plan
+    // (kernels::PlanMlaDecode) comes first, as many rows as the step's launch has, placed to end
+    // where the tokens begin (PlanOffset) so that the copy starts at it.
     int32_t* inputs = nullptr;
     int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *gathered_logits_rows,
         *block_tables;
@@ -191,7 +198,7 @@ class CudaEngine final : public ShardEngine {
   // (several GPUs) pads an eager step to the rows every GPU brings.
   absl::StatusOr<StepLayout> Plan(std::span<const SequenceStep> batch, const GraphKey* graph,
                                   const ShardStep* shard = nullptr);
-  absl::Status Upload(int64_t used_table_entries);
+  absl::Status Upload(int64_t first, int64_t used_table_entries);
   absl::Status RecordForward(const StepLayout& layout);
   absl::Status Attention(const DeviceLayer& layer, int64_t index, const StepLayout& s);
   absl::Status ExpandedAttention(const ExpandedGroup& group, const DeviceLayer& layer, bf16* layer_cache);
@@ -228,7 +235,19 @@ class CudaEngine final : public ShardEngine {
   int64_t ExpandedValuesLd() const { return CeilDiv(expanded_context_, 8) * 8; }
   absl::Status CaptureGraphs();
   absl::Status CaptureGraph(const GraphKey& key, bool warm_up);
-  int SplitsFor(int queries, int64_t max_context) const;
+  // The absorbed attention's launch for `queries` queries whose longest context is `max_context`.
+  kernels::MlaDecodeShape AttentionShape(int queries, int64_t max_context, bool uneven) const;
+  // Plans the absorbed attention of a step laid out in the staging buffer into `s`: with room for
+  // uneven cuts where the plan takes them (kernels::PlanMlaDecode), or always with `uneven` (a
+  // graph's capture, whose padding rows the even plan cuts into one item each: it fits).
+  absl::Status PlanAttention(int queries, int64_t max_context, bool uneven, StepLayout& s);
+  // Where `shape`'s plan lies in the step inputs (as an offset in ints): merge rows, then work items,
+  // ending at the tokens.
+  int64_t PlanOffset(const kernels::MlaDecodeShape& shape) const { return plan_ints_ - PlanInts(shape); }
+  static int64_t PlanInts(const kernels::MlaDecodeShape& shape) {
+    return (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) /
+           sizeof(int32_t);
+  }
   bf16* LayerCache(int64_t layer) const { return kv_cache_ + layer * layer_cache_elements_; }
   kernels::RopeParams RopeArgs() const {
     return {rope_inv_freq_, static_cast<int>(config_.qk_rope_head_dim), rope_.attention_factor(),
@@ -284,11 +303,13 @@ class CudaEngine final : public ShardEngine {
   PinnedBuffer<int32_t> staging_;
   PinnedBuffer<int32_t> experts_used_host_;
   int64_t staging_header_ = 0;  // ints before the block tables
+  int64_t plan_ints_ = 0;       // ints before the tokens, for the attention's plan
   std::vector<int> buckets_;  // batch sizes with decode graphs, ascending
   std::map<GraphKey, cudaGraphExec_t> graphs_;
   // Plan's per-step scratch, kept so a step allocates nothing on the host either.
   std::vector<size_t> order_;
   std::vector<int> last_token_;
+  std::vector<int32_t> query_tables_;  // each absorbed query's table offset
 };
 
 CudaEngine::~CudaEngine() {
@@ -307,7 +328,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   const int64_t T = max_tokens_, S = max_sequences_, H = c.hidden_size, heads = c.num_heads;
   const int64_t width = c.kv_cache_width(), rank = c.kv_lora_rank;
   ws.inputs = a.Take<int32_t>(staging_header_ + table_capacity_);
-  ws.tokens = ws.inputs;
+  ws.tokens = ws.inputs + plan_ints_;
   ws.positions = ws.tokens + T;
   ws.token_sequence = ws.positions + T;
   ws.table_offsets = ws.token_sequence + T;
@@ -326,8 +347,9 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.q_latent = a.Take<bf16>(T * heads * rank);
   ws.o_latent = a.Take<bf16>(T * heads * rank);
   ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
-  // Partial outputs and log-sum-exps of up to kSplitPairs (query, context split) pairs.
-  ws.split_partials = a.Take<float>(kSplitPairs * heads * (rank + 1));
+  // Partial outputs and log-sum-exps of up to kSplitPairs partial rows.
+  ws.split_partials = a.Take<float>(kernels::MlaSplitWorkspaceFloats(kSplitPairs, static_cast<int>(heads),
+                                                                     static_cast<int>(rank)));
 
   // The dense layers' MLP, and the shared experts of steps too large to fold them into the grouped products.
   const int64_t shared = shard_.num_shared(), M = moe_tokens_;
@@ -408,8 +430,14 @@ absl::Status CudaEngine::Initialize() {
   const int64_t max_blocks_per_sequence = CeilDiv(c.max_position_embeddings, options_.kv_block_size);
   table_capacity_ = std::min(max_sequences_ * max_blocks_per_sequence, max_tokens_ * max_blocks_per_sequence) + 1;
   moe_tokens_ = world_ * max_tokens_;
-  // As PlaceWorkspace lays it out.
-  staging_header_ = 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
+  // As PlaceWorkspace lays it out. The attention's plan: a launch has at most a work item for each
+  // of max(queries, kSplitPairs) (query, part) pairs and one wave of blocks more, and merge rows for
+  // each query of a split launch (at most kSplitPairs / 2 queries) or 16 (MlaDecodeShapeFor).
+  kernels::MlaDecodeShape most;
+  most.work_slots = static_cast<int>(std::max(max_tokens_, kSplitPairs) + std::min(max_tokens_, mla_resident_blocks_));
+  most.merge_rows = static_cast<int>(std::min(max_tokens_, std::max<int64_t>(kSplitPairs / 2, 16)));
+  plan_ints_ = PlanInts(most);
+  staging_header_ = plan_ints_ + 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
   expanded_context_ = std::min<int64_t>(
       c.max_position_embeddings, kExpandedKvBytes / (2 * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)));
   // Head sizes the flash kernel lacks take the absorbed path for prefill too.
@@ -544,9 +572,39 @@ void CudaEngine::Abort() {
   }
 }
 
-int CudaEngine::SplitsFor(int queries, int64_t max_context) const {
-  return kernels::MlaDecodeSplits(queries, static_cast<int>(config_.num_heads), max_context, mla_resident_blocks_,
-                                  kSplitPairs);
+kernels::MlaDecodeShape CudaEngine::AttentionShape(int queries, int64_t max_context, bool uneven) const {
+  const int heads = static_cast<int>(config_.num_heads);
+  const int splits = kernels::MlaDecodeSplits(queries, heads, max_context, mla_resident_blocks_, kSplitPairs);
+  return kernels::MlaDecodeShapeFor(queries, heads, splits, mla_resident_blocks_, kSplitPairs, uneven);
+}
+
+absl::Status CudaEngine::PlanAttention(int queries, int64_t max_context, bool uneven, StepLayout& s) {
+  const int32_t* positions = staging_.data() + plan_ints_ + max_tokens_;
+  const int32_t* token_sequence = positions + max_tokens_;
+  const int32_t* table_offsets = token_sequence + max_tokens_;
+  query_tables_.resize(queries);
+  for (int q = 0; q < queries; ++q) query_tables_[q] = table_offsets[token_sequence[q]];
+  // The plan, placed to end where the tokens begin (PlanOffset): with room for uneven cuts first, kept
+  // only where the plan takes them.
+  const auto plan = [&](const kernels::MlaDecodeShape& shape) -> absl::StatusOr<bool> {
+    if (PlanOffset(shape) < 0) {  // the room set aside in Initialize holds every launch's plan
+      return absl::InternalError(absl::StrCat("the attention's plan (", shape.work_slots, " items, ",
+                                              shape.merge_rows, " merge rows) exceeds the room set aside for it"));
+    }
+    auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(staging_.data() + PlanOffset(shape));
+    return kernels::PlanMlaDecode(shape, positions, query_tables_.data(), s.values_in_merge,
+                                  reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows), merges);
+  };
+  s.attention = AttentionShape(queries, max_context, /*uneven=*/true);
+  s.values_in_merge = queries <= kMergeValuesMaxTokens && s.attention.splits > 1;
+  s.uneven_attention = true;
+  COHORT_ASSIGN_OR_RETURN(const bool planned_uneven, plan(s.attention));
+  if (!planned_uneven && !uneven) {
+    s.attention = AttentionShape(queries, max_context, /*uneven=*/false);
+    s.uneven_attention = false;
+    COHORT_RETURN_IF_ERROR(plan(s.attention).status());
+  }
+  return absl::OkStatus();
 }
 
 // Orders the step's tokens (absorbed first), fills the staging buffer and returns the layout.
@@ -555,7 +613,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
   const int bucket = graph != nullptr ? graph->bucket : 0;
   StepLayout s;
   s.bucket = bucket;
-  int32_t* tokens = staging_.data();
+  int32_t* tokens = staging_.data() + plan_ints_;
   int32_t* positions = tokens + max_tokens_;
   int32_t* token_sequence = positions + max_tokens_;
   int32_t* table_offsets = token_sequence + max_tokens_;
@@ -655,7 +713,7 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
     ++used;
     s.num_tokens = s.absorbed_tokens = s.rows = bucket;
     s.absorbed_run = 1;
-    s.splits = SplitsFor(bucket, graph->max_context);
+    COHORT_RETURN_IF_ERROR(PlanAttention(bucket, graph->max_context, graph->uneven, s));
   } else {
     if (shard != nullptr && shard->rows > token) {
       // Up to the rows every GPU brings, after the expanded chunks: they attend over nothing (their
@@ -670,16 +728,16 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       }
       s.num_tokens = shard->rows;
     }
-    s.splits = SplitsFor(s.absorbed_tokens, max_context);
+    COHORT_RETURN_IF_ERROR(PlanAttention(s.absorbed_tokens, max_context, /*uneven=*/false, s));
   }
   if (world_ == 1) s.lm_rows = s.rows;
-  COHORT_RETURN_IF_ERROR(Upload(used));
+  COHORT_RETURN_IF_ERROR(Upload(PlanOffset(s.attention), used));
   return s;
 }
 
-absl::Status CudaEngine::Upload(int64_t used_table_entries) {
-  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws_.inputs, staging_.data(),
-                                              (staging_header_ + used_table_entries) * sizeof(int32_t),
+absl::Status CudaEngine::Upload(int64_t first, int64_t used_table_entries) {
+  COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws_.inputs + first, staging_.data() + first,
+                                              (staging_header_ + used_table_entries - first) * sizeof(int32_t),
                                               cudaMemcpyHostToDevice, stream_));
   return absl::OkStatus();
 }
@@ -731,23 +789,22 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     p.q_rope_head_stride = static_cast<int>(qk);
     p.cache = cache;
     p.block_tables = ws_.block_tables;
-    p.table_offsets = ws_.table_offsets;
     p.block_size = static_cast<int>(geometry_.block_size_tokens);
-    p.query_sequence = ws_.token_sequence;
-    p.query_position = ws_.positions;
-    p.num_queries = static_cast<int>(Q);
     p.heads = static_cast<int>(heads);
     p.kv_lora_rank = static_cast<int>(rank);
     p.rope_dim = static_cast<int>(c.qk_rope_head_dim);
     p.softmax_scale = rope_.softmax_scale();
-    p.num_splits = s.splits;
+    p.shape = s.attention;
+    const int64_t plan = PlanOffset(s.attention);
+    p.merges = reinterpret_cast<const kernels::MlaMergeRow*>(ws_.inputs + plan);
+    p.work = reinterpret_cast<const kernels::MlaWorkItem*>(p.merges + s.attention.merge_rows);
     p.step_tokens_bound = s.absorbed_run;
     p.out = ws_.o_latent;
     p.partial_out = ws_.split_partials;
     p.partial_lse = ws_.split_partials + kSplitPairs * heads * rank;
     // attn[t, h] = o_latent[t, h] . W_uv[h]^T, W_uv[h] = kv_b_proj rows [h (nope + v) + nope, + v):
     // for up to two tokens in the launch's merge of the context splits, else a product after it.
-    const bool merge_values = Q <= kMergeValuesMaxTokens && s.splits > 1;
+    const bool merge_values = s.values_in_merge;
     if (merge_values) {
       p.value_weights = l.kv_b_proj.data + nope * rank;
       p.value_head_stride = kv_b_head;
@@ -1050,11 +1107,15 @@ absl::Status CudaEngine::CaptureGraphs() {
     // every kernel the other classes use (the split merge included).
     for (auto it = std::rbegin(kGraphContexts); it != std::rend(kGraphContexts); ++it) {
       COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it}, /*warm_up=*/it == std::rbegin(kGraphContexts)));
+      // And with room for uneven attention plans, warmed up too: its merge may be the first of its
+      // width.
+      COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it, /*uneven=*/true}, /*warm_up=*/true));
     }
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  spdlog::info("cuda: captured {} decode graphs: {} batch sizes up to {}, {} context classes", graphs_.size(),
-               buckets_.size(), buckets_.back(), std::size(kGraphContexts));
+  spdlog::info("cuda: captured {} decode graphs: {} batch sizes up to {}, {} context classes, with and without "
+               "room for uneven attention plans", graphs_.size(), buckets_.size(), buckets_.back(),
+               std::size(kGraphContexts));
   return absl::OkStatus();
 }
 
@@ -1067,21 +1128,21 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const Shar
         return s.tokens.size() == 1 && s.compute_logits;
       });
   const int sequences = shard != nullptr ? shard->rows : static_cast<int>(batch.size());
-  cudaGraphExec_t graph = nullptr;
-  GraphKey key{0, 0};
+  std::optional<GraphKey> key;
   if (decode_only) {
     int64_t max_context = 0;
     for (const SequenceStep& s : batch) max_context = std::max(max_context, s.start_position + 1);
     auto bucket = std::lower_bound(buckets_.begin(), buckets_.end(), sequences);
     for (int64_t limit : kGraphContexts) {
       if (bucket == buckets_.end() || (limit != 0 && max_context > limit)) continue;
-      key = {*bucket, limit};
-      graph = graphs_.at(key);
+      key = GraphKey{*bucket, limit};
       break;
     }
   }
-  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, graph != nullptr ? &key : nullptr, shard));
-  if (graph != nullptr) {
+  COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, key ? &*key : nullptr, shard));
+  if (key) {
+    // The plan says whether the step needs the graph with room for uneven cuts.
+    const cudaGraphExec_t graph = graphs_.at({key->bucket, key->max_context, layout.uneven_attention});
     COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
   } else {
     // Padding rows attend over nothing: their attention rows stay zero through every layer.

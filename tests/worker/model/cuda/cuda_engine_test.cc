@@ -362,6 +362,36 @@ TEST(CudaEngineTest, SyntheticPrefillOfSeveralSequencesMatchesEachAlone) {
   }
 }
 
+// A decode step of 200 sequences, one of them 20000 tokens long (a 256-row graph: one attention
+// item a query by default, so the plan cuts the long context unevenly, kernels::PlanMlaDecode),
+// gives each sequence the logits it gets alone (a one-row graph, the context in 64 even items).
+TEST(CudaEngineTest, OneLongSequenceAmongShortOnesDecodesAsAlone) {
+  COHORT_SKIP_WITHOUT_GPU();
+  EngineOptions options = SyntheticV2Lite(/*gpus=*/1, /*layers=*/2);
+  options.kv_block_size = 64;
+  options.max_sequences = 256;
+  auto engine = CreateEngine(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int64_t vocab = (*engine)->config().vocab_size;
+  constexpr int kSequences = 200;
+  std::vector<int32_t> tokens(kSequences);
+  std::vector<std::vector<int32_t>> tables(kSequences);
+  std::vector<SequenceStep> step;
+  int32_t next_block = 0;
+  for (int q = 0; q < kSequences; ++q) {
+    const int64_t position = q == 0 ? 20000 : 50 + q * 7 % 900;  // the cache holds random rows before it
+    tokens[q] = static_cast<int32_t>((q * 7919 + 3) % vocab);
+    for (int64_t b = 0; b <= position / 64; ++b) tables[q].push_back(next_block++);
+    step.push_back({{&tokens[q], 1}, position, tables[q], true});
+  }
+  std::vector<float> batched(kSequences * vocab), alone(vocab);
+  ASSERT_TRUE((*engine)->Forward(step, batched).ok());
+  for (int q : {0, 1, 99, 199}) {
+    ASSERT_TRUE((*engine)->Forward({&step[q], 1}, alone).ok());
+    EXPECT_LE(RelativeError(batched.data() + q * vocab, alone.data(), vocab), kRelativeTolerance) << "sequence " << q;
+  }
+}
+
 TEST(CudaEngineTest, TwoGpusCountTheExpertsBothRead) {
   COHORT_SKIP_WITHOUT_GPUS(2);
   ExpectSyntheticPrefillAndDecode(/*gpus=*/2, /*layers=*/3);
