@@ -17,7 +17,7 @@ namespace {
 constexpr int kHeadsPerBlock = 16;            // the mma M dimension
 constexpr int kTileTokens = kMlaTileTokens;   // tokens per shared-memory tile
 constexpr int64_t kLongContext = 2048;        // MlaDecodeSplits: tokens past which a context counts as long
-// The cost of a plan in tile times (MlaDecodeSplits, PlanMlaDecode): the merge writes and reads each
+// The cost of a plan in tile times (MlaDecodeSplits, MlaDecodePlanner): the merge writes and reads each
 // partial row, fp32, about 1.8 times a tile's bytes of cache (2 x 4 x kv_lora_rank against 32 x
 // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
 // costs about two tile times.
@@ -374,9 +374,9 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
 // out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s), for the
 // query of merge row r (block (r, h)). Each thread sums 2 columns (kv_lora_rank <= 2 * 256) of every
 // split, up to kSplits of them (the launch picks the smallest of 8, 16, 32 and 64 that holds
-// shape.max_splits). A block is latency-bound: every
-// partial it needs is in flight at once, loaded before the weights are known; each warp turns the
-// log-sum-exps into weights itself (no block barrier between the loads and the sum).
+// shape.max_splits). A block is latency-bound: every partial it needs is in flight at once, loaded
+// before the weights are known; each warp turns the log-sum-exps into weights itself (no block
+// barrier between the loads and the sum).
 //
 // With value weights (kValue), block (q, h, part) goes on to apply them to the merged row, rounded
 // to bf16 as `out` would hold it: attention outputs [kValueOutputs * part, + kValueOutputs) of the
@@ -397,7 +397,8 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   __shared__ float weights[kCombineWarps][kSplits];
   __shared__ __align__(16) __nv_bfloat16 merged[kValue ? kMaxCombineRank : 8];
   const MlaMergeRow row = p.merges[blockIdx.x];  // a step input, like the plan's work items
-  const int query = row.query, splits = row.splits, head = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int query = row.query, splits = row.splits, head = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int col = threadIdx.x * 2;
   const bool active = col < p.kv_lora_rank;
   uint4 w[kValue ? 4 : 1][kMaxValuePieces];
@@ -602,8 +603,9 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   // SM to itself: on an H200 the attention of 300 queries of 1024 tokens took 164 us against 88 us
   // for 264, two waves against one), so splitting the contexts pays where it makes the last wave
   // fuller: the count of splits s that takes the fewest tile times, ceil(blocks s / resident) waves
-  // of ceil(tiles / s) tiles each, plus the merge (kPartialTiles, kMergeLaunchTiles). Past kLongContext tokens (and in graphs whose contexts are not
-  // bounded) the tiles of 4096 tokens stand for the context. A single wave left part empty costs
+  // of ceil(tiles / s) tiles each, plus the merge (kPartialTiles, kMergeLaunchTiles). Past
+  // kLongContext tokens (and in graphs whose contexts are not bounded) the tiles of 4096 tokens stand
+  // for the context. A single wave left part empty costs
   // less than a full one (82 us for 200 queries of 1024 tokens), so it is split at long contexts
   // only: four ways, 192 queries of 4096 tokens took 258.6 us against about 309 unsplit, of 1024
   // tokens 86.5 against about 82.
@@ -650,34 +652,39 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
   return shape;
 }
 
-bool PlanMlaDecode(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
-                   bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges) {
+bool MlaDecodePlanner::Plan(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
+                            bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges) {
   const int queries = shape.queries, splits = std::max(shape.splits, 1);
   if (queries == 0) return false;
   const int64_t head_groups = (shape.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t item_slots = std::max<int64_t>(1, shape.resident_blocks / head_groups);  // items in one wave
-  std::vector<int64_t> tiles(queries);
+  std::vector<int64_t>& tiles = tiles_;
+  tiles.resize(queries);
   int64_t total = 0, most = 1;
   for (int q = 0; q < queries; ++q) {
     tiles[q] = (int64_t{positions[q]} + kTileTokens) / kTileTokens;  // of positions[q] + 1 tokens
     total += tiles[q];
     most = std::max(most, tiles[q]);
   }
-  // Query q's items hold at most ItemTiles(q, chunk) tiles: `chunk` for every query, or (chunk 0,
+  // Query q's items hold at most item_tiles(q, chunk) tiles: `chunk` for every query, or (chunk 0,
   // the even plan) its tiles over `splits`.
   auto item_tiles = [&](int q, int64_t chunk) { return chunk > 0 ? chunk : (tiles[q] + splits - 1) / splits; };
   // The even plan in query order; an uneven one longest queries first, so that items past the first
   // wave are short ones.
-  std::vector<int> even_order(queries), uneven_order;
-  std::iota(even_order.begin(), even_order.end(), 0);
+  bool sorted = false;
   auto order_for = [&](int64_t chunk) -> const std::vector<int>& {
-    if (chunk == 0) return even_order;
-    if (uneven_order.empty()) {
-      uneven_order = even_order;
-      std::stable_sort(uneven_order.begin(), uneven_order.end(), [&](int a, int b) { return tiles[a] > tiles[b]; });
+    if (chunk > 0 && !sorted) {
+      std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return tiles[a] > tiles[b]; });
+      sorted = true;
     }
-    return uneven_order;
+    if (chunk == 0 && sorted) {
+      std::iota(order_.begin(), order_.end(), 0);
+      sorted = false;
+    }
+    return order_;
   };
+  order_.resize(queries);
+  std::iota(order_.begin(), order_.end(), 0);
 
   // What a plan asks of the launch.
   struct Tally {
@@ -706,7 +713,7 @@ bool PlanMlaDecode(const MlaDecodeShape& shape, const int32_t* positions, const 
   };
   // Tile times until the last item ends, its items started in order, each on the first block to
   // come free (item_slots at once). On equal items this is MlaDecodeSplits' waves x tiles an item.
-  std::vector<int64_t> ends;  // a min-heap of the busy blocks' end times
+  std::vector<int64_t>& ends = ends_;  // a min-heap of the busy blocks' end times
   auto makespan = [&](int64_t chunk) {
     int64_t last = 0;
     ends.clear();

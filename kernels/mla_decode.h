@@ -6,7 +6,7 @@
 //
 // Each query attends to the first `context` tokens of its sequence, read through the sequence's
 // block table; a query may be a decode token or a prefill token (causal by position). The work is a
-// list of items planned on the host (PlanMlaDecode), one block each per group of 16 heads: a range
+// list of items planned on the host (MlaDecodePlanner), one block each per group of 16 heads: a range
 // of a query's context tiles, with what the block needs to find them. A query cut into several
 // items has each write a partial result, and a second kernel of the same launch merges them
 // (flash-decoding), so a small batch still fills the GPU, and one long context among short ones is
@@ -23,6 +23,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace cohort::kernels {
 
@@ -52,7 +53,7 @@ struct alignas(16) MlaMergeRow {
 };
 
 // What an attention launch is sized for, fixed when a decode graph is captured; each step's work is
-// planned into it (PlanMlaDecode).
+// planned into it (MlaDecodePlanner).
 struct MlaDecodeShape {
   int queries = 0;  // rows of q_latent, q_rope and out
   int heads = 0;
@@ -78,7 +79,7 @@ struct MlaDecodeParams {
   int kv_lora_rank = 0;
   int rope_dim = 0;
   float softmax_scale = 1.0f;
-  // The step's plan (PlanMlaDecode), read on the device: shape.work_slots items and
+  // The step's plan (MlaDecodePlanner), read on the device: shape.work_slots items and
   // shape.merge_rows merge rows (16-byte aligned).
   MlaDecodeShape shape;
   const MlaWorkItem* work = nullptr;
@@ -134,19 +135,29 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
 MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
                                  bool uneven);
 
-// Plans a step into `shape`: query q < shape.queries attends to positions [0, positions[q]] of the
-// sequence whose block table starts at table_offsets[q]. The even plan cuts each query's context
-// into shape.splits items of equal tiles, so a batch of equal contexts runs as MlaDecodeSplits
-// chose. When the contexts differ so much that the longest query's items would hold up the step
-// (one long request in a batch of short ones), an uneven plan cuts every query into items of one
-// common size instead, longest queries first: the size whose items end soonest, block by block,
-// with the merge they cost (MlaDecodeSplits' measure), if that beats the even plan and fits the
-// shape. every_query_merged: each query goes through the merge (value weights applied there), even
-// when it is one item. Returns whether it wrote an uneven plan; otherwise it wrote the even one,
-// or nothing where the shape cannot hold it (a shape with room for uneven plans, which merges fewer
-// queries than the even plan cuts: plan into the shape without room then). Fills all
-// shape.work_slots items and shape.merge_rows rows when it writes.
-bool PlanMlaDecode(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
-                   bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges);
+// Plans each step's attention into its launch's shape, on the host; keeps its scratch between
+// steps, so that planning allocates nothing once the largest step has been planned.
+class MlaDecodePlanner {
+ public:
+  // Query q < shape.queries attends to positions [0, positions[q]] of the sequence whose block
+  // table starts at table_offsets[q]. The even plan cuts each query's context into shape.splits
+  // items of equal tiles, so a batch of equal contexts runs as MlaDecodeSplits chose. When the
+  // contexts differ so much that the longest query's items would hold up the step (one long
+  // request in a batch of short ones), an uneven plan cuts every query into items of one common
+  // size instead, longest queries first: the size whose items end soonest, block by block, with
+  // the merge they cost (MlaDecodeSplits' measure), if that beats the even plan and fits the shape.
+  // every_query_merged: each query goes through the merge (value weights applied there), even when
+  // it is one item. Returns whether it wrote an uneven plan; otherwise it wrote the even one, or
+  // nothing where the shape cannot hold it (one with room for uneven plans, which merges fewer
+  // queries than the even plan cuts: plan into the shape without room then). When it writes, it
+  // fills all shape.work_slots items and shape.merge_rows rows.
+  bool Plan(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
+            bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges);
+
+ private:
+  std::vector<int64_t> tiles_;  // of each query
+  std::vector<int64_t> ends_;   // of the blocks busy in a simulated plan
+  std::vector<int> order_;      // of the queries' items
+};
 
 }  // namespace cohort::kernels

@@ -8,7 +8,7 @@
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
 //   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, and of 1 to 256
 //   at 1024 with the first sequence at 32768 (one long request among short ones; "splits" then
-//   reads "default cut/work items" of PlanMlaDecode's plan), with the engine's context splits and
+//   reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's context splits and
 //   64-token cache blocks scattered at random (as a long-running server's block
 //   tables are), and again with each sequence's blocks in order. It is a read of the cache, so
 //   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
@@ -143,7 +143,7 @@ void RunDecode(const testing::BenchDevice& bench) {
   for (const int context : {1024, 4096}) {
     for (const int batch : {1, 4, 16, 64, 128, 192, 256, 320, 384, 512}) shapes.push_back({context, batch, 0});
   }
-  // One long request among short ones (PlanMlaDecode's uneven cut).
+  // One long request among short ones (MlaDecodePlanner's uneven cut).
   for (const int batch : {1, 16, 64, 256}) shapes.push_back({1024, batch, 32768});
   const int width = kRank + kRope;
   const int64_t row_bytes = int64_t{width} * 2;
@@ -162,7 +162,9 @@ void RunDecode(const testing::BenchDevice& bench) {
     max_queries = std::max<int64_t>(max_queries, d.batch);
     const kernels::MlaDecodeShape shape =
         kernels::MlaDecodeShapeFor(d.batch, kHeads, 64, resident, kSplitPairs, /*uneven=*/true);
-    max_plan_ints = std::max<int64_t>(max_plan_ints, 8 * int64_t{shape.work_slots} + 4 * shape.merge_rows);
+    max_plan_ints = std::max<int64_t>(
+        max_plan_ints,
+        (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) / 4);
   }
   __nv_bfloat16* cache = DeviceAlloc<__nv_bfloat16>(pool_blocks * kBlockTokens * width);
   const std::vector<uint16_t> fill = Ramp(int64_t{64} << 20);
@@ -185,6 +187,7 @@ void RunDecode(const testing::BenchDevice& bench) {
   std::printf("                                         scattered blocks      blocks in order\n");
   std::printf("    context  batch  splits  layers   cache MB    us/layer  %% copy    us/layer  %% copy\n");
   std::mt19937 random(1234);
+  kernels::MlaDecodePlanner planner;
   for (const DecodeShape& d : shapes) {
     const int batch = d.batch, blocks_per_sequence = blocks_of(d.context);
     const int first_blocks = d.long_context > 0 ? blocks_of(d.long_context) : blocks_per_sequence;
@@ -204,12 +207,12 @@ void RunDecode(const testing::BenchDevice& bench) {
     int items = 0;
     for (const bool uneven : {true, false}) {
       shape = kernels::MlaDecodeShapeFor(batch, kHeads, splits, resident, kSplitPairs, uneven);
-      const int64_t plan_ints = 8 * int64_t{shape.work_slots} + 4 * shape.merge_rows;
+      const int64_t plan_ints =
+          (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) / 4;
       host.assign(plan_ints + blocks, 0);
       auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(host.data());
       auto* work = reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows);
-      const bool planned_uneven =
-          kernels::PlanMlaDecode(shape, positions.data(), table_offsets.data(), false, work, merges);
+      const bool planned_uneven = planner.Plan(shape, positions.data(), table_offsets.data(), false, work, merges);
       for (items = 0; items < shape.work_slots && work[items].query >= 0;) ++items;
       if (planned_uneven) break;
     }

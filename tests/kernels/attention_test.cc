@@ -92,6 +92,7 @@ void RunMlaCase(const MlaCase& c) {
     DeviceVector<kernels::MlaWorkItem> work;
     DeviceVector<kernels::MlaMergeRow> merges;
   };
+  kernels::MlaDecodePlanner planner;
   auto plan = [&](bool every_query_merged) {
     kernels::MlaDecodeShape shape;
     std::vector<kernels::MlaWorkItem> work;
@@ -100,8 +101,7 @@ void RunMlaCase(const MlaCase& c) {
       shape = shape_for(uneven);
       work.assign(shape.work_slots, kernels::MlaWorkItem{});
       merges.assign(shape.merge_rows, kernels::MlaMergeRow{});
-      if (kernels::PlanMlaDecode(shape, position.data(), offsets.data(), every_query_merged, work.data(),
-                                 merges.data())) {
+      if (planner.Plan(shape, position.data(), offsets.data(), every_query_merged, work.data(), merges.data())) {
         break;
       }
     }
@@ -292,7 +292,7 @@ TEST(MlaDecodeTest, SplitsFillOneWaveOrTheLastOne) {
 
 // One long context among short ones: the even plan would leave the long query on one block (or a
 // few) while the rest of the GPU idles, so the plan cuts it into many items of the short ones' size
-// and merges only it (PlanMlaDecode). Head groups of 16, 20 (a partial group) and 128 (eight).
+// and merges only it (MlaDecodePlanner). Head groups of 16, 20 (a partial group) and 128 (eight).
 TEST(MlaDecodeTest, OneLongContextAmongShortOnesIsCutUnevenly) {
   COHORT_SKIP_WITHOUT_GPU();
   std::vector<int> mixed = {7999};
@@ -304,11 +304,11 @@ TEST(MlaDecodeTest, OneLongContextAmongShortOnesIsCutUnevenly) {
   RunMlaCase({512, 64, 16, 64, 2, {17, 4095}, 128});
 }
 
-// Host only: what PlanMlaDecode hands the blocks. Every plan covers each query's tiles exactly once,
-// in items of consecutive partial rows with one merge row for each query cut into several; equal
-// contexts get the even cut of MlaDecodeSplits; one long context among short ones gets items of
-// about the short ones' size, longest query first; unused slots and rows say so.
-TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextEvenly) {
+// Host only: what MlaDecodePlanner hands the blocks. Every plan covers each query's tiles exactly
+// once, in items of consecutive partial rows with one merge row for each query cut into several;
+// equal contexts get the even cut of MlaDecodeSplits; one long context among short ones gets items
+// of about the short ones' size, longest query first; unused slots and rows say so.
+TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
   constexpr int64_t kResident = 264;
   struct Plan {
     kernels::MlaDecodeShape shape;
@@ -318,7 +318,8 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextEvenly) {
   };
   // As the engine plans: into the launch with room for uneven cuts, kept where the plan takes them,
   // else into the launch without.
-  auto make = [](int heads, int splits, const std::vector<int32_t>& positions, bool merged) {
+  kernels::MlaDecodePlanner planner;  // one for every plan below, as the engine keeps one
+  auto make = [&](int heads, int splits, const std::vector<int32_t>& positions, bool merged) {
     const int queries = static_cast<int>(positions.size());
     std::vector<int32_t> tables(queries);
     std::iota(tables.begin(), tables.end(), 1000);
@@ -327,8 +328,8 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextEvenly) {
       plan.shape = kernels::MlaDecodeShapeFor(queries, heads, splits, kResident, 1024, uneven);
       plan.work.assign(plan.shape.work_slots, kernels::MlaWorkItem{});
       plan.merges.assign(plan.shape.merge_rows, kernels::MlaMergeRow{});
-      plan.uneven = kernels::PlanMlaDecode(plan.shape, positions.data(), tables.data(), merged, plan.work.data(),
-                                           plan.merges.data());
+      plan.uneven = planner.Plan(plan.shape, positions.data(), tables.data(), merged, plan.work.data(),
+                                 plan.merges.data());
       if (plan.uneven) break;
     }
     return plan;

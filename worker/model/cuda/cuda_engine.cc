@@ -166,8 +166,8 @@ class CudaEngine final : public ShardEngine {
   // Device buffers for one step at the largest size the engine accepts.
   struct Workspace {
     // Step inputs, uploaded in one copy from `staging_` (same layout, int32). The attention's plan
-    // (kernels::PlanMlaDecode) comes first, as many rows as the step's launch has, placed to end
-    // where the tokens begin (PlanOffset) so that the copy starts at it.
+    // (kernels::MlaDecodePlanner) comes first, as many rows as the step's launch has, placed to
+    // end where the tokens begin (PlanOffset) so that the copy starts at it.
     int32_t* inputs = nullptr;
     int32_t *tokens, *positions, *token_sequence, *table_offsets, *logits_rows, *num_valid, *gathered_logits_rows,
         *block_tables;
@@ -238,7 +238,7 @@ class CudaEngine final : public ShardEngine {
   // The absorbed attention's launch for `queries` queries whose longest context is `max_context`.
   kernels::MlaDecodeShape AttentionShape(int queries, int64_t max_context, bool uneven) const;
   // Plans the absorbed attention of a step laid out in the staging buffer into `s`: with room for
-  // uneven cuts where the plan takes them (kernels::PlanMlaDecode), or always with `uneven` (a
+  // uneven cuts where the plan takes them (kernels::MlaDecodePlanner), or always with `uneven` (a
   // graph's capture, whose padding rows the even plan cuts into one item each: it fits).
   absl::Status PlanAttention(int queries, int64_t max_context, bool uneven, StepLayout& s);
   // Where `shape`'s plan lies in the step inputs (as an offset in ints): merge rows, then work items,
@@ -310,6 +310,7 @@ class CudaEngine final : public ShardEngine {
   std::vector<size_t> order_;
   std::vector<int> last_token_;
   std::vector<int32_t> query_tables_;  // each absorbed query's table offset
+  kernels::MlaDecodePlanner attention_planner_;
 };
 
 CudaEngine::~CudaEngine() {
@@ -592,8 +593,8 @@ absl::Status CudaEngine::PlanAttention(int queries, int64_t max_context, bool un
                                               shape.merge_rows, " merge rows) exceeds the room set aside for it"));
     }
     auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(staging_.data() + PlanOffset(shape));
-    return kernels::PlanMlaDecode(shape, positions, query_tables_.data(), s.values_in_merge,
-                                  reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows), merges);
+    return attention_planner_.Plan(shape, positions, query_tables_.data(), s.values_in_merge,
+                                   reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows), merges);
   };
   s.attention = AttentionShape(queries, max_context, /*uneven=*/true);
   s.values_in_merge = queries <= kMergeValuesMaxTokens && s.attention.splits > 1;

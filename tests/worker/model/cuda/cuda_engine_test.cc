@@ -363,7 +363,7 @@ TEST(CudaEngineTest, SyntheticPrefillOfSeveralSequencesMatchesEachAlone) {
 }
 
 // A decode step of 200 sequences, one of them 20000 tokens long (a 256-row graph: one attention
-// item a query by default, so the plan cuts the long context unevenly, kernels::PlanMlaDecode),
+// item a query by default, so the plan cuts the long context unevenly, kernels::MlaDecodePlanner),
 // gives each sequence the logits it gets alone (a one-row graph, the context in 64 even items).
 TEST(CudaEngineTest, OneLongSequenceAmongShortOnesDecodesAsAlone) {
   COHORT_SKIP_WITHOUT_GPU();
