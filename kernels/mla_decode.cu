@@ -152,18 +152,17 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
   // queries and this step's cache rows (written by the kernel before) are copied after the wait.
   const MlaWorkItem item = p.work[blockIdx.y];
   // A slot with no work leaves at once: the launch still ends after the kernel before it, since every
-  // plan has an item a query and those blocks wait for it.
+  // plan has an item a query and those blocks wait for it. An item holds at least one tile.
   if (item.query < 0) return;
   const int query = item.query, tile_begin = item.tile_begin, tile_end = item.tile_end, kv_len = item.context;
   const int32_t* table = p.block_tables + item.table_offset;
-  const bool has_tiles = tile_begin < tile_end;
   const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
   const __nv_bfloat16* first_rows[S::kRowsPerThread];
   bool early[S::kRowsPerThread];
 #pragma unroll
   for (int r = 0; r < S::kRowsPerThread; ++r) {
-    first_rows[r] = has_tiles ? TileRowSource<S>(tile_begin, r, p, table, kv_len) : nullptr;
-    early[r] = has_tiles && (first_rows[r] == nullptr || RowToken<S>(tile_begin, r) < earlier_rows);
+    first_rows[r] = TileRowSource<S>(tile_begin, r, p, table, kv_len);
+    early[r] = first_rows[r] == nullptr || RowToken<S>(tile_begin, r) < earlier_rows;
     if (early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
   }
   PdlWait();
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
   }
 #pragma unroll
   for (int r = 0; r < S::kRowsPerThread; ++r) {
-    if (has_tiles && !early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
+    if (!early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
   }
   CpAsyncCommit();  // one group with the rows copied before the wait
   if constexpr (S::kRing) {
@@ -337,10 +336,6 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
     // The next iteration's copy reuses this buffer. With a ring, the next writes of P, the rescales and
     // the scores follow barriers that every warp reaches only after this P . V.
     if constexpr (!S::kRing) __syncthreads();
-  }
-  if (!has_tiles) {
-    CpAsyncWait<0>();  // the queries' copy, so that none is in flight when the block exits
-    __syncthreads();   // the row sums' initial values, read below
   }
 
   // Rows g and g + 8 of this lane: normalise and store.
@@ -652,83 +647,66 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
   return shape;
 }
 
-bool MlaDecodePlanner::Plan(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
-                            bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges) {
-  const int queries = shape.queries, splits = std::max(shape.splits, 1);
+MlaDecodePlanner::Tally MlaDecodePlanner::Count(int64_t chunk) const {
+  Tally t;
+  for (size_t q = 0; q < tiles_.size(); ++q) {
+    const int64_t n = (tiles_[q] + ItemTiles(static_cast<int>(q), chunk) - 1) / ItemTiles(static_cast<int>(q), chunk);
+    t.items += n;
+    if (n > 1 || every_query_merged_) {
+      t.partials += n;
+      ++t.cut;
+    }
+  }
+  return t;
+}
+
+bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positions, bool every_query_merged) {
+  const int queries = shape.queries;
+  splits_ = std::max(shape.splits, 1);
+  every_query_merged_ = every_query_merged;
+  chunk_ = 0;
+  tiles_.resize(queries);
+  int64_t total = 0, most = 1;
+  for (int q = 0; q < queries; ++q) {
+    tiles_[q] = (int64_t{positions[q]} + kTileTokens) / kTileTokens;  // of positions[q] + 1 tokens
+    total += tiles_[q];
+    most = std::max(most, tiles_[q]);
+  }
   if (queries == 0) return false;
   const int64_t head_groups = (shape.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t item_slots = std::max<int64_t>(1, shape.resident_blocks / head_groups);  // items in one wave
-  std::vector<int64_t>& tiles = tiles_;
-  tiles.resize(queries);
-  int64_t total = 0, most = 1;
-  for (int q = 0; q < queries; ++q) {
-    tiles[q] = (int64_t{positions[q]} + kTileTokens) / kTileTokens;  // of positions[q] + 1 tokens
-    total += tiles[q];
-    most = std::max(most, tiles[q]);
-  }
-  // Query q's items hold at most item_tiles(q, chunk) tiles: `chunk` for every query, or (chunk 0,
-  // the even plan) its tiles over `splits`.
-  auto item_tiles = [&](int q, int64_t chunk) { return chunk > 0 ? chunk : (tiles[q] + splits - 1) / splits; };
-  // The even plan in query order; an uneven one longest queries first, so that items past the first
-  // wave are short ones.
-  bool sorted = false;
-  auto order_for = [&](int64_t chunk) -> const std::vector<int>& {
-    if (chunk > 0 && !sorted) {
-      std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return tiles[a] > tiles[b]; });
-      sorted = true;
-    }
-    if (chunk == 0 && sorted) {
-      std::iota(order_.begin(), order_.end(), 0);
-      sorted = false;
-    }
-    return order_;
-  };
-  order_.resize(queries);
-  std::iota(order_.begin(), order_.end(), 0);
-
-  // What a plan asks of the launch.
-  struct Tally {
-    int64_t items = 0, cut = 0, partials = 0;
-  };
-  auto tally = [&](int64_t chunk) {
-    Tally t;
-    for (int q = 0; q < queries; ++q) {
-      const int64_t n = (tiles[q] + item_tiles(q, chunk) - 1) / item_tiles(q, chunk);
-      t.items += n;
-      if (n > 1 || every_query_merged) {
-        t.partials += n;
-        ++t.cut;
-      }
-    }
-    return t;
-  };
-  auto fits = [&](const Tally& t) {
-    return t.items <= shape.work_slots && t.cut <= shape.merge_rows && t.partials <= shape.max_partials;
-  };
   auto merge_cost = [&](const Tally& t) {
     return t.partials == 0 ? 0.0
                            : kPartialTiles * static_cast<double>(t.partials * head_groups) /
                                      static_cast<double>(shape.resident_blocks) +
                                  kMergeLaunchTiles;
   };
-  // Tile times until the last item ends, its items started in order, each on the first block to
-  // come free (item_slots at once). On equal items this is MlaDecodeSplits' waves x tiles an item.
-  std::vector<int64_t>& ends = ends_;  // a min-heap of the busy blocks' end times
+  // Tile times until the last item ends, the even plan's queries in order and an uneven plan's
+  // longest first, each item on the first block to come free (item_slots at once). On equal items
+  // this is MlaDecodeSplits' waves x tiles an item.
+  bool sorted = false;  // order_, which only an uneven plan needs
   auto makespan = [&](int64_t chunk) {
+    if (chunk > 0 && !sorted) {
+      order_.resize(queries);
+      std::iota(order_.begin(), order_.end(), 0);
+      std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return tiles_[a] > tiles_[b]; });
+      sorted = true;
+    }
     int64_t last = 0;
-    ends.clear();
-    for (int q : order_for(chunk)) {
-      const int64_t size = item_tiles(q, chunk);
-      for (int64_t begin = 0; begin < tiles[q]; begin += size) {
+    ends_.clear();  // a min-heap of the busy blocks' end times
+    for (int i = 0; i < queries; ++i) {
+      const int q = chunk > 0 ? order_[i] : i;
+      const int64_t size = ItemTiles(q, chunk);
+      for (int64_t begin = 0; begin < tiles_[q]; begin += size) {
         int64_t start = 0;
-        if (static_cast<int64_t>(ends.size()) == item_slots) {
-          std::pop_heap(ends.begin(), ends.end(), std::greater<>());
-          start = ends.back();
-          ends.pop_back();
+        if (static_cast<int64_t>(ends_.size()) == item_slots) {
+          std::pop_heap(ends_.begin(), ends_.end(), std::greater<>());
+          start = ends_.back();
+          ends_.pop_back();
         }
-        ends.push_back(start + std::min(size, tiles[q] - begin));
-        std::push_heap(ends.begin(), ends.end(), std::greater<>());
-        last = std::max(last, ends.back());
+        ends_.push_back(start + std::min(size, tiles_[q] - begin));
+        std::push_heap(ends_.begin(), ends_.end(), std::greater<>());
+        last = std::max(last, ends_.back());
       }
     }
     return static_cast<double>(last);
@@ -738,43 +716,47 @@ bool MlaDecodePlanner::Plan(const MlaDecodeShape& shape, const int32_t* position
   // and no shorter than its average (which keeps the items within one more a query), that fit the
   // launch and beat the even plan's tile times with the merge they cost (MlaDecodeSplits' measure).
   int64_t even_longest = 1;
-  for (int q = 0; q < queries; ++q) even_longest = std::max(even_longest, item_tiles(q, 0));
-  const int64_t average = (total + int64_t{queries} * splits - 1) / (int64_t{queries} * splits);
-  const Tally even = tally(0);
-  int64_t chunk = 0;
+  for (int q = 0; q < queries; ++q) even_longest = std::max(even_longest, ItemTiles(q, 0));
+  const int64_t average = (total + int64_t{queries} * splits_ - 1) / (int64_t{queries} * splits_);
   double best = -1.0;  // the even plan's, once an uneven one is weighed against it
   for (int k = 2; k <= shape.max_splits; ++k) {
     const int64_t c = (most + k - 1) / k;  // the longest query in k items
     if (c < average) break;
     if (c >= even_longest) continue;
-    const Tally t = tally(c);
-    if (!fits(t)) continue;
-    if (best < 0.0) best = makespan(0) + merge_cost(even);
+    const Tally t = Count(c);
+    if (!Fits(shape, t)) continue;
+    if (best < 0.0) best = makespan(0) + merge_cost(Count(0));
     // No plan ends before its longest item, nor before its tiles have passed through every block.
     const double bound = std::max<double>(c, static_cast<double>(total) / static_cast<double>(item_slots));
     if (bound + merge_cost(t) >= best) continue;
     if (const double time = makespan(c) + merge_cost(t); time < best) {
       best = time;
-      chunk = c;
+      chunk_ = c;
     }
   }
-  if (chunk == 0 && !fits(even)) return false;
+  return chunk_ > 0;
+}
 
+bool MlaDecodePlanner::Write(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
+                             MlaWorkItem* work, MlaMergeRow* merges) const {
+  const int queries = static_cast<int>(tiles_.size());
+  if (shape.queries != queries || !Fits(shape, Count(chunk_))) return false;
   int slot = 0, row = 0, partial = 0;
-  for (int q : order_for(chunk)) {
-    const int64_t size = item_tiles(q, chunk);
-    const int n = static_cast<int>((tiles[q] + size - 1) / size);
-    const bool merged = n > 1 || every_query_merged;
+  for (int i = 0; i < queries; ++i) {
+    const int q = chunk_ > 0 ? order_[i] : i;
+    const int64_t size = ItemTiles(q, chunk_);
+    const int n = static_cast<int>((tiles_[q] + size - 1) / size);
+    const bool merged = n > 1 || every_query_merged_;
     if (merged) merges[row++] = {q, partial, n, 0};
-    for (int i = 0; i < n; ++i) {
-      const int64_t begin = i * size, end = std::min(tiles[q], begin + size);
+    for (int j = 0; j < n; ++j) {
+      const int64_t begin = j * size, end = std::min(tiles_[q], begin + size);
       work[slot++] = {q, static_cast<int32_t>(begin), static_cast<int32_t>(end), merged ? partial++ : -1,
                       positions[q] + 1, table_offsets[q]};
     }
   }
   for (; slot < shape.work_slots; ++slot) work[slot] = MlaWorkItem{};
   for (; row < shape.merge_rows; ++row) merges[row] = MlaMergeRow{};
-  return chunk > 0;
+  return true;
 }
 
 cudaError_t MlaDecodeResidentBlocks(int kv_lora_rank, int rope_dim, int* blocks_per_sm) {

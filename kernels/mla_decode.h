@@ -37,7 +37,7 @@ inline constexpr int kMlaTileTokens = 32;
 struct alignas(16) MlaWorkItem {
   int32_t query = -1;  // -1: a slot with no work
   int32_t tile_begin = 0;
-  int32_t tile_end = 0;
+  int32_t tile_end = 0;  // > tile_begin
   int32_t partial = -1;
   int32_t context = 0;       // tokens the query attends to: positions [0, context) of its sequence
   int32_t table_offset = 0;  // where its sequence's block table starts in block_tables
@@ -105,6 +105,11 @@ struct MlaDecodeParams {
   __nv_bfloat16* attn = nullptr;  // [queries, heads, v_head_dim]
 };
 
+// Bytes of a launch's plan: its merge rows and work items (16-byte aligned each).
+inline int64_t MlaPlanBytes(const MlaDecodeShape& shape) {
+  return int64_t{shape.merge_rows} * sizeof(MlaMergeRow) + int64_t{shape.work_slots} * sizeof(MlaWorkItem);
+}
+
 // Floats of workspace (partial_out and partial_lse together) for `partials` partial rows.
 int64_t MlaSplitWorkspaceFloats(int64_t partials, int heads, int kv_lora_rank);
 
@@ -135,29 +140,47 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
 MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
                                  bool uneven);
 
-// Plans each step's attention into its launch's shape, on the host; keeps its scratch between
-// steps, so that planning allocates nothing once the largest step has been planned.
+// Plans each step's attention on the host: Choose decides the plan, Write lays it out for the
+// launch. Keeps its scratch between steps, so that planning allocates nothing once the largest
+// step has been planned.
 class MlaDecodePlanner {
  public:
-  // Query q < shape.queries attends to positions [0, positions[q]] of the sequence whose block
-  // table starts at table_offsets[q]. The even plan cuts each query's context into shape.splits
-  // items of equal tiles, so a batch of equal contexts runs as MlaDecodeSplits chose. When the
-  // contexts differ so much that the longest query's items would hold up the step (one long
-  // request in a batch of short ones), an uneven plan cuts every query into items of one common
-  // size instead, longest queries first: the size whose items end soonest, block by block, with
-  // the merge they cost (MlaDecodeSplits' measure), if that beats the even plan and fits the shape.
-  // every_query_merged: each query goes through the merge (value weights applied there), even when
-  // it is one item. Returns whether it wrote an uneven plan; otherwise it wrote the even one, or
-  // nothing where the shape cannot hold it (one with room for uneven plans, which merges fewer
-  // queries than the even plan cuts: plan into the shape without room then). When it writes, it
-  // fills all shape.work_slots items and shape.merge_rows rows.
-  bool Plan(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
-            bool every_query_merged, MlaWorkItem* work, MlaMergeRow* merges);
+  // Query q < shape.queries attends to positions [0, positions[q]]. The even plan cuts each query's
+  // context into shape.splits items of equal tiles, so a batch of equal contexts runs as
+  // MlaDecodeSplits chose. When the contexts differ so much that the longest query's items would
+  // hold up the step (one long request in a batch of short ones), an uneven plan cuts every query
+  // into items of one common size instead, longest queries first: the size whose items end
+  // soonest, block by block, with the merge they cost (MlaDecodeSplits' measure), if that beats the
+  // even plan and fits `shape` (a launch with room for uneven plans). every_query_merged: each
+  // query goes through the merge (value weights applied there), even when it is one item. Returns
+  // whether the plan is uneven: then it needs `shape`; an even one runs in the launch without room.
+  bool Choose(const MlaDecodeShape& shape, const int32_t* positions, bool every_query_merged);
+
+  // Writes the chosen plan into `shape`'s work items and merge rows (all shape.work_slots items and
+  // shape.merge_rows rows), the sequence of query q's block table starting at table_offsets[q]
+  // (positions as given to Choose). `shape` has the splits Choose was given. Returns false, writing
+  // nothing, where the plan does not fit it.
+  bool Write(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets, MlaWorkItem* work,
+             MlaMergeRow* merges) const;
 
  private:
+  // What a plan asks of a launch.
+  struct Tally {
+    int64_t items = 0, cut = 0, partials = 0;
+  };
+  // Tiles an item of query q holds at most: `chunk`, or (chunk 0, the even plan) its tiles over splits_.
+  int64_t ItemTiles(int q, int64_t chunk) const { return chunk > 0 ? chunk : (tiles_[q] + splits_ - 1) / splits_; }
+  Tally Count(int64_t chunk) const;
+  static bool Fits(const MlaDecodeShape& shape, const Tally& t) {
+    return t.items <= shape.work_slots && t.cut <= shape.merge_rows && t.partials <= shape.max_partials;
+  }
+
   std::vector<int64_t> tiles_;  // of each query
   std::vector<int64_t> ends_;   // of the blocks busy in a simulated plan
-  std::vector<int> order_;      // of the queries' items
+  std::vector<int> order_;      // of the queries: by tiles, longest first (an uneven plan's order)
+  int splits_ = 1;
+  bool every_query_merged_ = false;
+  int64_t chunk_ = 0;  // the chosen plan's item tiles; 0: the even plan
 };
 
 }  // namespace cohort::kernels

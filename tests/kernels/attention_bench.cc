@@ -162,9 +162,7 @@ void RunDecode(const testing::BenchDevice& bench) {
     max_queries = std::max<int64_t>(max_queries, d.batch);
     const kernels::MlaDecodeShape shape =
         kernels::MlaDecodeShapeFor(d.batch, kHeads, 64, resident, kSplitPairs, /*uneven=*/true);
-    max_plan_ints = std::max<int64_t>(
-        max_plan_ints,
-        (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) / 4);
+    max_plan_ints = std::max<int64_t>(max_plan_ints, kernels::MlaPlanBytes(shape) / 4);
   }
   __nv_bfloat16* cache = DeviceAlloc<__nv_bfloat16>(pool_blocks * kBlockTokens * width);
   const std::vector<uint16_t> fill = Ramp(int64_t{64} << 20);
@@ -202,20 +200,17 @@ void RunDecode(const testing::BenchDevice& bench) {
       positions[q] = (q == 0 && d.long_context > 0 ? d.long_context : d.context) - 1;
       table_offsets[q] = q == 0 ? 0 : first_blocks + (q - 1) * blocks_per_sequence;
     }
-    std::vector<int32_t> host;
-    kernels::MlaDecodeShape shape;
+    const auto shape_for = [&](bool room) {
+      return kernels::MlaDecodeShapeFor(batch, kHeads, splits, resident, kSplitPairs, room);
+    };
+    const kernels::MlaDecodeShape shape = shape_for(planner.Choose(shape_for(true), positions.data(), false));
+    std::vector<int32_t> host(kernels::MlaPlanBytes(shape) / 4 + blocks);
+    auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(host.data());
+    auto* work = reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows);
+    BENCH_CHECK(planner.Write(shape, positions.data(), table_offsets.data(), work, merges) ? cudaSuccess
+                                                                                            : cudaErrorInvalidValue);
     int items = 0;
-    for (const bool uneven : {true, false}) {
-      shape = kernels::MlaDecodeShapeFor(batch, kHeads, splits, resident, kSplitPairs, uneven);
-      const int64_t plan_ints =
-          (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) / 4;
-      host.assign(plan_ints + blocks, 0);
-      auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(host.data());
-      auto* work = reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows);
-      const bool planned_uneven = planner.Plan(shape, positions.data(), table_offsets.data(), false, work, merges);
-      for (items = 0; items < shape.work_slots && work[items].query >= 0;) ++items;
-      if (planned_uneven) break;
-    }
+    while (items < shape.work_slots && work[items].query >= 0) ++items;
     const int64_t plan_ints = host.size() - blocks;
     int32_t* tables = host.data() + plan_ints;
     std::iota(tables, tables + blocks, 0);

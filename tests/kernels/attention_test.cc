@@ -94,17 +94,10 @@ void RunMlaCase(const MlaCase& c) {
   };
   kernels::MlaDecodePlanner planner;
   auto plan = [&](bool every_query_merged) {
-    kernels::MlaDecodeShape shape;
-    std::vector<kernels::MlaWorkItem> work;
-    std::vector<kernels::MlaMergeRow> merges;
-    for (const bool uneven : {true, false}) {
-      shape = shape_for(uneven);
-      work.assign(shape.work_slots, kernels::MlaWorkItem{});
-      merges.assign(shape.merge_rows, kernels::MlaMergeRow{});
-      if (planner.Plan(shape, position.data(), offsets.data(), every_query_merged, work.data(), merges.data())) {
-        break;
-      }
-    }
+    const kernels::MlaDecodeShape shape = shape_for(planner.Choose(shape_for(true), position.data(), every_query_merged));
+    std::vector<kernels::MlaWorkItem> work(shape.work_slots);
+    std::vector<kernels::MlaMergeRow> merges(shape.merge_rows);
+    EXPECT_TRUE(planner.Write(shape, position.data(), offsets.data(), work.data(), merges.data()));
     return DevicePlan{shape, DeviceVector<kernels::MlaWorkItem>(work), DeviceVector<kernels::MlaMergeRow>(merges)};
   };
   DevicePlan d_plan = plan(false);
@@ -316,22 +309,22 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
     std::vector<kernels::MlaMergeRow> merges;
     bool uneven = false;
   };
-  // As the engine plans: into the launch with room for uneven cuts, kept where the plan takes them,
-  // else into the launch without.
+  // As the engine plans: chosen for the launch with room for uneven cuts, written into it where the
+  // plan takes them, else into the launch without.
   kernels::MlaDecodePlanner planner;  // one for every plan below, as the engine keeps one
   auto make = [&](int heads, int splits, const std::vector<int32_t>& positions, bool merged) {
     const int queries = static_cast<int>(positions.size());
     std::vector<int32_t> tables(queries);
     std::iota(tables.begin(), tables.end(), 1000);
+    const auto shape = [&](bool room) {
+      return kernels::MlaDecodeShapeFor(queries, heads, splits, kResident, 1024, room);
+    };
     Plan plan;
-    for (const bool uneven : {true, false}) {
-      plan.shape = kernels::MlaDecodeShapeFor(queries, heads, splits, kResident, 1024, uneven);
-      plan.work.assign(plan.shape.work_slots, kernels::MlaWorkItem{});
-      plan.merges.assign(plan.shape.merge_rows, kernels::MlaMergeRow{});
-      plan.uneven = planner.Plan(plan.shape, positions.data(), tables.data(), merged, plan.work.data(),
-                                 plan.merges.data());
-      if (plan.uneven) break;
-    }
+    plan.uneven = planner.Choose(shape(true), positions.data(), merged);
+    plan.shape = shape(plan.uneven);
+    plan.work.resize(plan.shape.work_slots);
+    plan.merges.resize(plan.shape.merge_rows);
+    EXPECT_TRUE(planner.Write(plan.shape, positions.data(), tables.data(), plan.work.data(), plan.merges.data()));
     return plan;
   };
   auto check = [](const std::vector<int32_t>& positions, bool merged, const Plan& plan) {

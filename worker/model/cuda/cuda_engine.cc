@@ -235,18 +235,17 @@ class CudaEngine final : public ShardEngine {
   int64_t ExpandedValuesLd() const { return CeilDiv(expanded_context_, 8) * 8; }
   absl::Status CaptureGraphs();
   absl::Status CaptureGraph(const GraphKey& key, bool warm_up);
-  // The absorbed attention's launch for `queries` queries whose longest context is `max_context`.
-  kernels::MlaDecodeShape AttentionShape(int queries, int64_t max_context, bool uneven) const;
-  // Plans the absorbed attention of a step laid out in the staging buffer into `s`: with room for
-  // uneven cuts where the plan takes them (kernels::MlaDecodePlanner), or always with `uneven` (a
-  // graph's capture, whose padding rows the even plan cuts into one item each: it fits).
-  absl::Status PlanAttention(int queries, int64_t max_context, bool uneven, StepLayout& s);
+  // Plans the absorbed attention of a step into `s` and the staging buffer: the launch for `queries`
+  // queries whose longest context is `max_context` (positions, token_sequence and table_offsets:
+  // the step inputs being staged), with room for uneven cuts where the plan takes them
+  // (kernels::MlaDecodePlanner), or always with `uneven` (a graph's capture, whose padding rows the
+  // even plan cuts into one item each: it fits).
+  absl::Status PlanAttention(int queries, int64_t max_context, bool uneven, const int32_t* positions,
+                             const int32_t* token_sequence, const int32_t* table_offsets, StepLayout& s);
   // Where `shape`'s plan lies in the step inputs (as an offset in ints): merge rows, then work items,
   // ending at the tokens.
-  int64_t PlanOffset(const kernels::MlaDecodeShape& shape) const { return plan_ints_ - PlanInts(shape); }
-  static int64_t PlanInts(const kernels::MlaDecodeShape& shape) {
-    return (shape.work_slots * sizeof(kernels::MlaWorkItem) + shape.merge_rows * sizeof(kernels::MlaMergeRow)) /
-           sizeof(int32_t);
+  int64_t PlanOffset(const kernels::MlaDecodeShape& shape) const {
+    return plan_ints_ - kernels::MlaPlanBytes(shape) / static_cast<int64_t>(sizeof(int32_t));
   }
   bf16* LayerCache(int64_t layer) const { return kv_cache_ + layer * layer_cache_elements_; }
   kernels::RopeParams RopeArgs() const {
@@ -437,7 +436,7 @@ absl::Status CudaEngine::Initialize() {
   kernels::MlaDecodeShape most;
   most.work_slots = static_cast<int>(std::max(max_tokens_, kSplitPairs) + std::min(max_tokens_, mla_resident_blocks_));
   most.merge_rows = static_cast<int>(std::min(max_tokens_, std::max<int64_t>(kSplitPairs / 2, 16)));
-  plan_ints_ = PlanInts(most);
+  plan_ints_ = kernels::MlaPlanBytes(most) / static_cast<int64_t>(sizeof(int32_t));
   staging_header_ = plan_ints_ + 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
   expanded_context_ = std::min<int64_t>(
       c.max_position_embeddings, kExpandedKvBytes / (2 * c.num_heads * (c.qk_nope_head_dim + c.v_head_dim)));
@@ -573,37 +572,27 @@ void CudaEngine::Abort() {
   }
 }
 
-kernels::MlaDecodeShape CudaEngine::AttentionShape(int queries, int64_t max_context, bool uneven) const {
+absl::Status CudaEngine::PlanAttention(int queries, int64_t max_context, bool uneven, const int32_t* positions,
+                                       const int32_t* token_sequence, const int32_t* table_offsets, StepLayout& s) {
   const int heads = static_cast<int>(config_.num_heads);
   const int splits = kernels::MlaDecodeSplits(queries, heads, max_context, mla_resident_blocks_, kSplitPairs);
-  return kernels::MlaDecodeShapeFor(queries, heads, splits, mla_resident_blocks_, kSplitPairs, uneven);
-}
-
-absl::Status CudaEngine::PlanAttention(int queries, int64_t max_context, bool uneven, StepLayout& s) {
-  const int32_t* positions = staging_.data() + plan_ints_ + max_tokens_;
-  const int32_t* token_sequence = positions + max_tokens_;
-  const int32_t* table_offsets = token_sequence + max_tokens_;
+  const auto shape = [&](bool room) {
+    return kernels::MlaDecodeShapeFor(queries, heads, splits, mla_resident_blocks_, kSplitPairs, room);
+  };
+  s.values_in_merge = queries <= kMergeValuesMaxTokens && splits > 1;
+  // The launch with room for uneven cuts where the plan takes them (or a capture asks for it).
+  s.uneven_attention = attention_planner_.Choose(shape(true), positions, s.values_in_merge) || uneven;
+  s.attention = shape(s.uneven_attention);
+  // The plan, placed to end where the tokens begin (PlanOffset).
+  const int64_t offset = PlanOffset(s.attention);
   query_tables_.resize(queries);
   for (int q = 0; q < queries; ++q) query_tables_[q] = table_offsets[token_sequence[q]];
-  // The plan, placed to end where the tokens begin (PlanOffset): with room for uneven cuts first, kept
-  // only where the plan takes them.
-  const auto plan = [&](const kernels::MlaDecodeShape& shape) -> absl::StatusOr<bool> {
-    if (PlanOffset(shape) < 0) {  // the room set aside in Initialize holds every launch's plan
-      return absl::InternalError(absl::StrCat("the attention's plan (", shape.work_slots, " items, ",
-                                              shape.merge_rows, " merge rows) exceeds the room set aside for it"));
-    }
-    auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(staging_.data() + PlanOffset(shape));
-    return attention_planner_.Plan(shape, positions, query_tables_.data(), s.values_in_merge,
-                                   reinterpret_cast<kernels::MlaWorkItem*>(merges + shape.merge_rows), merges);
-  };
-  s.attention = AttentionShape(queries, max_context, /*uneven=*/true);
-  s.values_in_merge = queries <= kMergeValuesMaxTokens && s.attention.splits > 1;
-  s.uneven_attention = true;
-  COHORT_ASSIGN_OR_RETURN(const bool planned_uneven, plan(s.attention));
-  if (!planned_uneven && !uneven) {
-    s.attention = AttentionShape(queries, max_context, /*uneven=*/false);
-    s.uneven_attention = false;
-    COHORT_RETURN_IF_ERROR(plan(s.attention).status());
+  auto* merges = reinterpret_cast<kernels::MlaMergeRow*>(staging_.data() + std::max<int64_t>(offset, 0));
+  auto* work = reinterpret_cast<kernels::MlaWorkItem*>(merges + s.attention.merge_rows);
+  if (offset < 0 || !attention_planner_.Write(s.attention, positions, query_tables_.data(), work, merges)) {
+    return absl::InternalError(absl::StrCat("the attention's plan does not fit its launch (", s.attention.work_slots,
+                                            " items, ", s.attention.merge_rows,
+                                            " merge rows) or the room set aside for it"));
   }
   return absl::OkStatus();
 }
@@ -714,7 +703,8 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
     ++used;
     s.num_tokens = s.absorbed_tokens = s.rows = bucket;
     s.absorbed_run = 1;
-    COHORT_RETURN_IF_ERROR(PlanAttention(bucket, graph->max_context, graph->uneven, s));
+    COHORT_RETURN_IF_ERROR(
+        PlanAttention(bucket, graph->max_context, graph->uneven, positions, token_sequence, table_offsets, s));
   } else {
     if (shard != nullptr && shard->rows > token) {
       // Up to the rows every GPU brings, after the expanded chunks: they attend over nothing (their
@@ -729,7 +719,8 @@ absl::StatusOr<StepLayout> CudaEngine::Plan(std::span<const SequenceStep> batch,
       }
       s.num_tokens = shard->rows;
     }
-    COHORT_RETURN_IF_ERROR(PlanAttention(s.absorbed_tokens, max_context, /*uneven=*/false, s));
+    COHORT_RETURN_IF_ERROR(PlanAttention(s.absorbed_tokens, max_context, /*uneven=*/false, positions, token_sequence,
+                                         table_offsets, s));
   }
   if (world_ == 1) s.lm_rows = s.rows;
   COHORT_RETURN_IF_ERROR(Upload(PlanOffset(s.attention), used));
