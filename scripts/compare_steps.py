@@ -24,7 +24,7 @@ class Unusable(Exception):
 
 def load(path):
     """{shape: step ms} and the copy bandwidth of one bench step JSON; shapes are ('decode', context,
-    batch, long context or 0) and ('prefill', sequences, tokens)."""
+    batch, long context or 0, spread or not) and ('prefill', sequences, tokens)."""
     try:
         with open(path) as f:
             run = json.load(f)
@@ -33,7 +33,8 @@ def load(path):
     try:
         steps = {}
         for row in run["decode"]:
-            shape = ("decode", int(row["context"]), int(row["batch"]), int(row.get("long_context", 0)))
+            shape = ("decode", int(row["context"]), int(row["batch"]), int(row.get("long_context", 0)),
+                     bool(row.get("spread", False)))
             steps[shape] = float(row["step_ms"])
         for row in run.get("prefill", []):
             steps[("prefill", int(row["sequences"]), int(row["tokens_per_sequence"]))] = float(row["step_ms"])
@@ -87,8 +88,8 @@ def report(base_paths, new_paths):
             new = [run[shape] for run in new_runs]
             if kind == "prefill":
                 label = f"{f'{shape[1]}x{shape[2]}':>15}"
-            else:  # "1024", or "1024+32768" with one long sequence (cohort bench step --long-context)
-                context = f"{shape[1]}+{shape[3]}" if shape[3] else str(shape[1])
+            else:  # "1024", "1024+32768" with one long sequence (--long-context), "~1024" (--spread-contexts)
+                context = f"{shape[1]}+{shape[3]}" if shape[3] else f"~{shape[1]}" if shape[4] else str(shape[1])
                 label = f"{context:>8} {shape[2]:6d}"
             mark = " ~" if overlap(base, new) else ""
             lines.append(f"{label} {span(base, 3):>16} {span(new, 3):>16} {change(base, new):+7.1f}%{mark}")

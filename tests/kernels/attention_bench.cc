@@ -6,9 +6,10 @@
 //   (2 (nope + rope + v) per visible (query, key) pair and head); "% peak" is against the dense bf16
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
-//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, and of 1 to 256
-//   at 1024 with the first sequence at 32768 (one long request among short ones; "splits" then
-//   reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's context splits and
+//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, of 1 to 256 at
+//   1024 with the first sequence at 32768 (one long request among short ones), and of 16 to 512 with
+//   the same tokens spread evenly from almost none to twice the context ("~1024"; for these two
+//   "splits" reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's context splits and
 //   64-token cache blocks scattered at random (as a long-running server's block
 //   tables are), and again with each sequence's blocks in order. It is a read of the cache, so
 //   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
@@ -137,6 +138,7 @@ void RunDecode(const testing::BenchDevice& bench) {
   constexpr int64_t kLayersBytes = 512 << 20;  // cache read between two reads of one layer's: well past L2
   struct DecodeShape {
     int context, batch, long_context;  // long_context > 0: the first sequence's instead
+    bool spread = false;               // contexts spread evenly from almost none to twice `context`
   };
   std::vector<DecodeShape> shapes;
   // 192: a part-empty wave unsplit (split at 4096 tokens); 320 and 384: past one wave unsplit.
@@ -145,7 +147,19 @@ void RunDecode(const testing::BenchDevice& bench) {
   }
   // One long request among short ones (MlaDecodePlanner's uneven cut).
   for (const int batch : {1, 16, 64, 256}) shapes.push_back({1024, batch, 32768});
-  const int width = kRank + kRope;
+  // A server's batch: the same tokens spread out (cohort bench step --spread-contexts).
+  for (const int context : {1024, 4096}) {
+    for (const int batch : {16, 64, 128, 256, 512}) shapes.push_back({context, batch, 0, true});
+  }
+  // Each sequence's tokens of context.
+  const auto contexts_of = [](const DecodeShape& d) {
+    std::vector<int> tokens(d.batch, d.context);
+    if (d.spread) {
+      for (int q = 0; q < d.batch; ++q) tokens[q] = std::max(1, static_cast<int>(int64_t{d.context} * (2 * q + 1) / d.batch));
+    }
+    if (d.long_context > 0) tokens[0] = d.long_context;
+    return tokens;
+  };  const int width = kRank + kRope;
   const int64_t row_bytes = int64_t{width} * 2;
   int blocks_per_sm = 0;
   BENCH_CHECK(kernels::MlaDecodeResidentBlocks(kRank, kRope, &blocks_per_sm));
@@ -155,8 +169,8 @@ void RunDecode(const testing::BenchDevice& bench) {
   // One pool of cache blocks serves every shape: each shape's layers are consecutive runs of it.
   int64_t pool_blocks = 0, max_queries = 0, max_plan_ints = 0;
   for (const DecodeShape& d : shapes) {
-    const int64_t blocks = int64_t{d.batch} * blocks_of(d.context) +
-                           (d.long_context > 0 ? blocks_of(d.long_context) - blocks_of(d.context) : 0);
+    int64_t blocks = 0;
+    for (const int t : contexts_of(d)) blocks += blocks_of(t);
     const int64_t layers = std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes));
     pool_blocks = std::max(pool_blocks, blocks * layers);
     max_queries = std::max<int64_t>(max_queries, d.batch);
@@ -187,19 +201,20 @@ void RunDecode(const testing::BenchDevice& bench) {
   std::mt19937 random(1234);
   kernels::MlaDecodePlanner planner;
   for (const DecodeShape& d : shapes) {
-    const int batch = d.batch, blocks_per_sequence = blocks_of(d.context);
-    const int first_blocks = d.long_context > 0 ? blocks_of(d.long_context) : blocks_per_sequence;
-    const int64_t blocks = first_blocks + int64_t{batch - 1} * blocks_per_sequence;
-    const int64_t tokens = (d.long_context > 0 ? d.long_context : d.context) + int64_t{batch - 1} * d.context;
-    const int layers = static_cast<int>(std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes)));
-    const int splits = kernels::MlaDecodeSplits(batch, kHeads, std::max(d.context, d.long_context), resident,
-                                                kSplitPairs);
+    const int batch = d.batch;
+    const std::vector<int> contexts = contexts_of(d);
     // As the engine plans: with room for uneven cuts, kept only where the plan takes them.
     std::vector<int32_t> positions(batch), table_offsets(batch);
+    int64_t blocks = 0, tokens = 0;
     for (int q = 0; q < batch; ++q) {
-      positions[q] = (q == 0 && d.long_context > 0 ? d.long_context : d.context) - 1;
-      table_offsets[q] = q == 0 ? 0 : first_blocks + (q - 1) * blocks_per_sequence;
+      positions[q] = contexts[q] - 1;
+      table_offsets[q] = static_cast<int32_t>(blocks);
+      blocks += blocks_of(contexts[q]);
+      tokens += contexts[q];
     }
+    const int layers = static_cast<int>(std::max<int64_t>(1, kLayersBytes / (blocks * kBlockTokens * row_bytes)));
+    const int splits = kernels::MlaDecodeSplits(batch, kHeads, *std::max_element(contexts.begin(), contexts.end()),
+                                                resident, kSplitPairs);
     const auto shape_for = [&](bool room) {
       return kernels::MlaDecodeShapeFor(batch, kHeads, splits, resident, kSplitPairs, room);
     };
@@ -250,11 +265,13 @@ void RunDecode(const testing::BenchDevice& bench) {
     BENCH_CHECK(cudaGraphExecDestroy(graph));
     const double bytes = double(tokens) * row_bytes;
     const auto percent = [&](double us) { return 100.0 * bytes / (us * 1e3) / bench.copy_gbs; };
-    // "64/300": one long sequence's plan, in 300 work items.
-    const std::string context = d.long_context > 0 ? std::to_string(d.context) + "+" + std::to_string(d.long_context)
-                                                   : std::to_string(d.context);
-    const std::string cut = d.long_context > 0 ? std::to_string(splits) + "/" + std::to_string(items)
-                                               : std::to_string(splits);
+    // "1024+32768" with one long sequence, "~1024" spread; "64/300": a plan of unequal contexts in 300
+    // work items.
+    std::string context = std::to_string(d.context);
+    if (d.long_context > 0) context.append("+").append(std::to_string(d.long_context));
+    if (d.spread) context.insert(context.begin(), '~');
+    const std::string cut = d.long_context > 0 || d.spread ? std::to_string(splits) + "/" + std::to_string(items)
+                                                           : std::to_string(splits);
     std::printf("%11s %6d %7s %7d %10.1f %11.2f %6.1f%% %11.2f %6.1f%%\n", context.c_str(), batch, cut.c_str(), layers,
                 bytes / 1e6, scattered, percent(scattered), in_order, percent(in_order));
   }

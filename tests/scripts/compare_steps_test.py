@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """scripts/compare_steps.py on the JSON of real `cohort bench step` runs (CPU backend, the 3-layer
-fixture, each decode shape also with one long sequence): one row per shape with the change of the medians, marked ~ where the builds' ranges
-overlap, and one line and exit 2 for files it cannot compare.
+fixture, each decode shape also with one long sequence and with its contexts spread): one row per
+shape with the change of the medians, marked ~ where the builds' ranges overlap, and one line and
+exit 2 for files it cannot compare.
 
   /usr/bin/python3 tests/scripts/compare_steps_test.py --bin-dir build/bin
 """
@@ -23,7 +24,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "models", "v3_plain")
 def bench(bin_dir, out, batch_sizes):
     subprocess.run([os.path.join(bin_dir, "cohort"), "bench", "step", "--device", "cpu", "--model", FIXTURE,
                     "--copy-bandwidth-gbs", "10", "--contexts", "16,32", "--batch-sizes", batch_sizes, "--long-context", "48",
-                    "--prefill", "1x8", "--iterations", "2", "--warmup", "0", "--threads", "1", "--output", out],
+                    "--spread-contexts", "--prefill", "1x8", "--iterations", "2", "--warmup", "0", "--threads", "1", "--output", out],
                    check=True, capture_output=True, timeout=120)
     with open(out) as f:
         return json.load(f)
@@ -31,7 +32,8 @@ def bench(bin_dir, out, batch_sizes):
 
 def step_times(run):
     """{shape: step ms} of one run, shapes keyed as the rows of the comparison are read."""
-    times = {("decode", x["context"], x["batch"], x.get("long_context", 0)): x["step_ms"] for x in run["decode"]}
+    times = {("decode", x["context"], x["batch"], x.get("long_context", 0), x.get("spread", False)): x["step_ms"]
+             for x in run["decode"]}
     times.update({("prefill", x["sequences"], x["tokens_per_sequence"]): x["step_ms"] for x in run["prefill"]})
     return times
 
@@ -48,13 +50,16 @@ def scaled(run, factor, path):
 
 def parse_rows(stdout):
     """{shape: [base lo, base hi, new lo, new hi, change %, marked]} from a comparison's rows."""
-    rows = {}  # decode rows read "context[+long] batch ...", prefill rows "SEQUENCESxTOKENS ..."
+    rows = {}  # decode rows read "[~]context[+long] batch ...", prefill rows "SEQUENCESxTOKENS ..."
     for line in stdout.splitlines():
-        m = re.fullmatch(r"\s*(\d+)(?:\+(\d+))?(x|\s+)(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%( ~)?",
+        m = re.fullmatch(r"\s*(~?)(\d+)(?:\+(\d+))?(x|\s+)(\d+)\s+([\d.]+)-([\d.]+)\s+([\d.]+)-([\d.]+)\s+([+-][\d.]+)%( ~)?",
                          line)
         if m:
-            shape = ("prefill", int(m[1]), int(m[4])) if m[3] == "x" else ("decode", int(m[1]), int(m[4]), int(m[2] or 0))
-            rows[shape] = [float(v) for v in m.groups()[4:9]] + [m[10] is not None]
+            if m[4] == "x":
+                shape = ("prefill", int(m[2]), int(m[5]))
+            else:
+                shape = ("decode", int(m[2]), int(m[5]), int(m[3] or 0), m[1] == "~")
+            rows[shape] = [float(v) for v in m.groups()[5:10]] + [m[11] is not None]
     return rows
 
 
@@ -81,7 +86,8 @@ def main():
         r = compare(paths[:2], paths[2:])
         expect(r.returncode == 0 and r.stderr == "", f"compare failed: {r.returncode} {r.stderr}")
         rows = parse_rows(r.stdout)
-        shapes = {("decode", c, b, long) for c in (16, 32) for b in (1, 2) for long in (0, 48)} | {("prefill", 1, 8)}
+        shapes = {("decode", c, b, long, spread) for c in (16, 32) for b in (1, 2)
+                  for long, spread in ((0, False), (48, False), (0, True))} | {("prefill", 1, 8)}
         expect(set(rows) == shapes, f"rows {sorted(rows)} for shapes {sorted(shapes)}:\n{r.stdout}")
 
         steps = [step_times(run) for run in runs]

@@ -44,6 +44,7 @@ struct BenchStepFlags {
   std::string batch_sizes = "1,2,4,8,16,32,64,128,256,512";
   std::string contexts = "1024,4096";
   int64_t long_context = 0;  // > 0: each decode shape again with one sequence this long
+  bool spread_contexts = false;  // each decode shape again with its contexts spread (DecodeMix)
   std::string prefill = "1x4096,16x1024";
   int iterations = 20;
   int warmup = 3;
@@ -162,6 +163,33 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The contexts of a decode batch: all equal (the table), one long request among short ones
+// (--long-context), or spread evenly from almost none to twice the context, the same tokens in all
+// (--spread-contexts: a server's batch mixes new and old requests).
+struct DecodeMix {
+  int64_t long_context = 0;  // > 0: the first sequence's context instead
+  bool spread = false;
+
+  std::vector<int64_t> Contexts(int64_t context, int64_t batch) const {
+    std::vector<int64_t> tokens(batch, context);
+    if (spread) {
+      for (int64_t b = 0; b < batch; ++b) tokens[b] = std::max<int64_t>(1, context * (2 * b + 1) / batch);
+    }
+    if (long_context > 0 && batch > 0) tokens[0] = long_context;
+    return tokens;
+  }
+  // "1024", "1024+32768" with one long sequence, "~1024" spread around it.
+  std::string Label(int64_t context) const {
+    if (long_context > 0) return absl::StrCat(context, "+", long_context);
+    return spread ? absl::StrCat("~", context) : absl::StrCat(context);
+  }
+  // A row's keys for the mix: none for equal contexts.
+  void Mark(nlohmann::json& row) const {
+    if (long_context > 0) row["long_context"] = long_context;
+    if (spread) row["spread"] = true;
+  }
+};
+
 class StepBench {
  public:
   // copy_bandwidth and f.peak_tflops are one GPU's; the engine steps on f.gpus of them.
@@ -223,76 +251,75 @@ class StepBench {
     }
     return tables;
   }
-  // Whether `sequences` sequences of blocks_per_seq blocks, and `extra` more blocks in the first
-  // pool, fit the cache without sharing blocks.
-  bool Fits(int64_t sequences, int64_t blocks_per_seq, int64_t extra = 0) const {
+  // Whether `sequences` sequences of blocks_per_seq blocks fit the cache without sharing blocks.
+  bool Fits(int64_t sequences, int64_t blocks_per_seq) const {
     const KvCacheGeometry& kv = engine_.kv_geometry();
-    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq + extra <= kv.num_blocks / kv.num_pools;
+    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq <= kv.num_blocks / kv.num_pools;
+  }
+
+  // Block tables for decoding sequences of `tokens` tokens of context: sequence b's blocks
+  // consecutive in pool b % num_pools after those of the pool's sequences before it, so that no
+  // block is read twice in a step; nullopt where they do not fit.
+  std::optional<std::vector<std::vector<int32_t>>> DecodeTables(const std::vector<int64_t>& tokens) const {
+    const KvCacheGeometry& kv = engine_.kv_geometry();
+    const int64_t pool_blocks = kv.num_blocks / kv.num_pools;
+    std::vector<int64_t> used(kv.num_pools, 0);
+    std::vector<std::vector<int32_t>> tables(tokens.size());
+    for (size_t b = 0; b < tokens.size(); ++b) {
+      const int64_t pool = static_cast<int64_t>(b) % kv.num_pools;
+      const int64_t blocks = (tokens[b] + kv.block_size_tokens - 1) / kv.block_size_tokens;
+      if (used[pool] + blocks > pool_blocks) return std::nullopt;
+      for (int64_t i = 0; i < blocks; ++i) tables[b].push_back(static_cast<int32_t>(pool * pool_blocks + used[pool] + i));
+      used[pool] += blocks;
+    }
+    return tables;
   }
 
   // Times a decode step for each context and batch size that the KV cache holds; prints a line
-  // for each when `print`. The rows carry context and batch. With long_context > 0, the first
-  // sequence of each batch attends to that many tokens instead (one long request among short
-  // ones); such rows carry long_context too.
+  // for each when `print`. The rows carry context and batch, and the mix of contexts when it is
+  // not equal (DecodeMix's keys).
   absl::StatusOr<nlohmann::json> Decode(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batch_sizes,
-                                        int64_t long_context, bool print) {
+                                        const DecodeMix& mix, bool print) {
     const ModelConfig& c = engine_.config();
     const KvCacheGeometry& kv = engine_.kv_geometry();
     nlohmann::json rows = nlohmann::json::array();
     if (batch_sizes.empty()) return rows;
     const int64_t max_batch = *std::max_element(batch_sizes.begin(), batch_sizes.end());
+    std::vector<int32_t> token_ids(max_batch);
+    for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
     for (int64_t context : contexts) {
-      const int64_t blocks_per_seq = (context + kv.block_size_tokens - 1) / kv.block_size_tokens;
-      std::vector<std::vector<int32_t>> tables = Tables(max_batch, blocks_per_seq);
-      const int64_t long_blocks = (long_context + kv.block_size_tokens - 1) / kv.block_size_tokens;
-      if (long_context > 0) {
-        // Blocks of its own, after every short sequence's in the first sequence's pool: no block is
-        // read twice in a step.
-        const int64_t first = (max_batch + kv.num_pools - 1) / kv.num_pools * blocks_per_seq;
-        tables[0].clear();
-        for (int64_t i = 0; i < long_blocks; ++i) tables[0].push_back(static_cast<int32_t>(first + i));
-      }
-      std::vector<int32_t> token_ids(max_batch);
-      for (int64_t b = 0; b < max_batch; ++b) token_ids[b] = static_cast<int32_t>((b * 7919 + 13) % c.vocab_size);
       for (int64_t batch_size : batch_sizes) {
-        const int64_t extra_blocks = long_context > 0 ? long_blocks : 0;
-        if (!Fits(batch_size, blocks_per_seq, extra_blocks)) {
+        const std::vector<int64_t> tokens = mix.Contexts(context, batch_size);
+        const std::optional<std::vector<std::vector<int32_t>>> tables = DecodeTables(tokens);
+        if (!tables.has_value()) {
           if (print) {
-            std::printf("%8s %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n",
-                        ContextLabel(context, long_context).c_str(), static_cast<long>(batch_size),
-                        static_cast<long>(batch_size * blocks_per_seq + extra_blocks),
-                        static_cast<long>(kv.num_blocks));
+            int64_t blocks = 0;
+            for (const int64_t t : tokens) blocks += (t + kv.block_size_tokens - 1) / kv.block_size_tokens;
+            std::printf("%8s %6ld  skipped: needs %ld KV blocks, the cache holds %ld\n", mix.Label(context).c_str(),
+                        static_cast<long>(batch_size), static_cast<long>(blocks), static_cast<long>(kv.num_blocks));
           }
           continue;
         }
         std::vector<SequenceStep> batch;
-        for (int64_t b = 0; b < batch_size; ++b) {
-          const int64_t tokens = b == 0 && long_context > 0 ? long_context : context;
-          batch.push_back({{&token_ids[b], 1}, tokens - 1, tables[b], true});
-        }
+        for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, tokens[b] - 1, (*tables)[b], true});
         COHORT_ASSIGN_OR_RETURN(auto timed, Time(batch));
         nlohmann::json row = Row(batch, timed.first, timed.second, batch_size);
         row["context"] = context;
         row["batch"] = batch_size;
-        if (long_context > 0) row["long_context"] = long_context;
+        mix.Mark(row);
         if (print) {
-          std::printf("%8s %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n",
-                      ContextLabel(context, long_context).c_str(), static_cast<long>(batch_size),
-                      row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(), static_cast<long>(timed.second),
-                      row["weight_bytes"].get<double>() / 1e9, row["kv_bytes"].get<double>() / 1e9,
-                      row["roofline_ms"].get<double>(), row["achieved_gb_per_s"].get<double>(),
-                      100 * row["roofline_fraction"].get<double>(), 100 * row["mfu"].get<double>());
+          std::printf("%8s %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n", mix.Label(context).c_str(),
+                      static_cast<long>(batch_size), row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(),
+                      static_cast<long>(timed.second), row["weight_bytes"].get<double>() / 1e9,
+                      row["kv_bytes"].get<double>() / 1e9, row["roofline_ms"].get<double>(),
+                      row["achieved_gb_per_s"].get<double>(), 100 * row["roofline_fraction"].get<double>(),
+                      100 * row["mfu"].get<double>());
           std::fflush(stdout);
         }
         rows.push_back(std::move(row));
       }
     }
     return rows;
-  }
-
-  // "1024", or "1024+32768" for a batch with one long sequence.
-  static std::string ContextLabel(int64_t context, int64_t long_context) {
-    return long_context > 0 ? absl::StrCat(context, "+", long_context) : absl::StrCat(context);
   }
 
  private:
@@ -372,11 +399,19 @@ absl::Status BenchStep(const BenchStepFlags& f) {
                             {"prefill", nlohmann::json::array()}};
   std::printf("%8s %6s %9s %11s %8s %9s %9s %9s %9s %7s %8s\n", "context", "batch", "step ms", "tokens/s", "experts",
               "weight GB", "KV GB", "roof ms", "GB/s", "% roof", "MFU %");
-  COHORT_ASSIGN_OR_RETURN(results["decode"], bench.Decode(contexts, batch_sizes, 0, /*print=*/true));
+  COHORT_ASSIGN_OR_RETURN(results["decode"], bench.Decode(contexts, batch_sizes, DecodeMix{}, /*print=*/true));
   if (f.long_context > 0) {
     std::printf("\nthe first sequence of each batch at %ld tokens of context (one long request among short ones):\n",
                 static_cast<long>(f.long_context));
-    COHORT_ASSIGN_OR_RETURN(const nlohmann::json rows, bench.Decode(contexts, batch_sizes, f.long_context, true));
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json rows,
+                            bench.Decode(contexts, batch_sizes, DecodeMix{.long_context = f.long_context}, true));
+    for (const nlohmann::json& row : rows) results["decode"].push_back(row);
+  }
+  if (f.spread_contexts) {
+    std::printf("\neach batch's contexts spread evenly from almost none to twice the context, the same tokens in "
+                "all (a server's batch):\n");
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json rows,
+                            bench.Decode(contexts, batch_sizes, DecodeMix{.spread = true}, true));
     for (const nlohmann::json& row : rows) results["decode"].push_back(row);
   }
   if (baseline.has_value()) results["baseline"] = CompareWithBaseline(*baseline, f.baseline, results["decode"]);
@@ -409,12 +444,14 @@ absl::Status BenchStep(const BenchStepFlags& f) {
     options.skip_collectives = true;
     COHORT_ASSIGN_OR_RETURN(engine, CreateEngine(options));
     StepBench alone(f, *engine, copy_bandwidth);
-    COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute, alone.Decode(contexts, batch_sizes, 0, /*print=*/false));
+    COHORT_ASSIGN_OR_RETURN(const nlohmann::json compute,
+                            alone.Decode(contexts, batch_sizes, DecodeMix{}, /*print=*/false));
     std::printf("\nthe same decode steps without collectives (each GPU's rows stand in for every GPU's: wrong\n"
                 "logits, compute alone; the experts column says whether the same experts were read):\n");
     std::printf("%8s %6s %9s %11s %9s %7s %8s %8s\n", "context", "batch", "step ms", "compute ms", "comm ms", "comm %",
                 "experts", "alone");
     for (nlohmann::json& row : results["decode"]) {
+      if (row.contains("long_context") || row.contains("spread")) continue;  // timed with equal contexts only
       const auto same = std::find_if(compute.begin(), compute.end(), [&](const nlohmann::json& r) {
         return r["context"] == row["context"] && r["batch"] == row["batch"];
       });
@@ -454,6 +491,9 @@ int RunBenchStep(int argc, char** argv) {
   flags.Add("long-context", &f.long_context,
             "tokens of context: time each decode shape again with its first sequence this long, one long "
             "request among short ones (0: not)");
+  flags.Add("spread-contexts", &f.spread_contexts,
+            "time each decode shape again with its contexts spread evenly from almost none to twice the "
+            "context (the same tokens in all), as a server's batch mixes new and old requests");
   flags.Add("prefill", &f.prefill, "prefill shapes SEQUENCESxTOKENS, comma-separated (empty: none)");
   flags.Add("iterations", &f.iterations, "timed steps per point (the median is reported)");
   flags.Add("warmup", &f.warmup, "untimed steps before each point");

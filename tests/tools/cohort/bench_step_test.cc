@@ -1,8 +1,9 @@
 // `cohort bench step` as a user runs it, on the CPU backend with a fixture checkpoint (the GPU table
 // itself is measured on the GPU machine; docs/cuda_backend.md): the numbers of a decode row agree
-// with each other, --long-context adds rows with one long sequence, --baseline prints the speed-up
-// over another implementation's step at the same shape, and a baseline file that cannot be used
-// stops the run with one line before anything is timed.
+// with each other, --long-context adds rows with one long sequence and --spread-contexts rows of
+// contexts spread out, --baseline prints the speed-up over another implementation's step at the
+// same shape, and a baseline file that cannot be used stops the run with one line before anything
+// is timed.
 #include <algorithm>
 #include <fstream>
 
@@ -101,6 +102,27 @@ TEST_F(BenchStepTest, LongContextRowsReadOneLongSequence) {
   const ProcessResult bad = Bench({"--batch-sizes", "1", "--long-context", "-5"});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_NE(bad.err.find("--long-context must be 0 or positive, got -5"), std::string::npos) << bad.err;
+}
+
+// --spread-contexts times each shape again with its contexts spread evenly around the context (a
+// batch of four at 16 tokens: 4, 12, 20 and 28): the same cache bytes as the equal batch, in rows
+// that say so.
+TEST_F(BenchStepTest, SpreadContextRowsReadTheSameTokensSpreadOut) {
+  json results;
+  const ProcessResult r = Bench({"--batch-sizes", "1,4", "--spread-contexts"}, &results);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_EQ(results["decode"].size(), 4u) << results;
+  for (int i = 0; i < 2; ++i) {
+    const json& uniform = results["decode"][i];
+    const json& spread = results["decode"][i + 2];
+    EXPECT_FALSE(uniform.contains("spread")) << uniform;
+    EXPECT_EQ(spread["spread"], true) << spread;
+    EXPECT_EQ(spread["context"], 16);
+    EXPECT_EQ(spread["batch"], uniform["batch"]);
+    EXPECT_DOUBLE_EQ(spread["kv_bytes"].get<double>(), uniform["kv_bytes"].get<double>()) << spread;
+  }
+  EXPECT_NE(r.out.find("contexts spread evenly"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("     ~16      4 "), std::string::npos) << r.out;
 }
 
 TEST_F(BenchStepTest, BaselineSpeedupIsTheRatioOfStepTimesAtTheSameShape) {
