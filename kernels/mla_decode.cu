@@ -22,8 +22,6 @@ constexpr int64_t kLongContext = 2048;        // MlaDecodeSplits: tokens past wh
 // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
 // costs about two tile times.
 constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
-// MlaDecodeShapeFor: a launch with room for uneven plans merges this many queries at most.
-constexpr int kUnevenMergeRows = 16;
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
@@ -368,10 +366,11 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
 
 // out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s), for the
 // query of merge row r (block (r, h)). Each thread sums 2 columns (kv_lora_rank <= 2 * 256) of every
-// split, up to kSplits of them (the launch picks the smallest of 8, 16, 32 and 64 that holds
-// shape.max_splits). A block is latency-bound: every partial it needs is in flight at once, loaded
-// before the weights are known; each warp turns the log-sum-exps into weights itself (no block
-// barrier between the loads and the sum).
+// split: up to kSplits of them (the launch picks the smallest of 8, 16, 32 and 64 that holds
+// shape.max_splits), or with kRounds (a launch with room for uneven plans, whose rows may hold
+// more) any number, kSplits a round. A block is latency-bound: every partial of a round is in
+// flight at once, loaded before the weights are known; each warp turns the log-sum-exps into
+// weights itself (no block barrier between the loads and the sum).
 //
 // With value weights (kValue), block (q, h, part) goes on to apply them to the merged row, rounded
 // to bf16 as `out` would hold it: attention outputs [kValueOutputs * part, + kValueOutputs) of the
@@ -385,7 +384,7 @@ constexpr int kMaxCombineRank = 2 * kCombineThreads;
 constexpr int kValueOutputs = 4 * kCombineWarps;
 constexpr int kMaxValuePieces = kMaxCombineRank / 8 / 32;
 
-template <bool kValue, int kSplits>
+template <bool kValue, int kSplits, bool kRounds>
 __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodeParams p) {
   static_assert(kSplits <= 32 || kSplits % 32 == 0, "log-sum-exps are whole warps' worth past 32");
   constexpr int kLanes = kSplits < 32 ? 1 : kSplits / 32;  // log-sum-exps per lane
@@ -415,43 +414,57 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   PdlLaunchDependents();
   if (query < 0) return;  // after the wait, so that this launch still ends after the attention
   const int64_t first = static_cast<int64_t>(row.first_partial) * p.heads + head;
-  const float* partial = p.partial_out + first * p.kv_lora_rank + col;
   const int64_t split_stride = static_cast<int64_t>(p.heads) * p.kv_lora_rank;
-  float2 v[kSplits];
-#pragma unroll
-  for (int j = 0; j < kSplits; ++j) {
-    v[j] = active && j < splits ? *reinterpret_cast<const float2*>(partial + j * split_stride)
-                                      : make_float2(0.0f, 0.0f);
-  }
-
-  float lse[kLanes], max_lse = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < kLanes; ++j) {
-    const int s = lane + 32 * j;
-    lse[j] = s < splits ? p.partial_lse[first + s * p.heads] : -INFINITY;
-    max_lse = fmaxf(max_lse, lse[j]);
-  }
-  max_lse = WarpMax(max_lse);
-  float e[kLanes], total = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kLanes; ++j) {
-    e[j] = lse[j] == -INFINITY ? 0.0f : __expf(lse[j] - max_lse);
-    total += e[j];
-  }
-  total = WarpSum(total);
-#pragma unroll
-  for (int j = 0; j < kLanes; ++j) {
-    if (lane + 32 * j < kSplits) weights[warp][lane + 32 * j] = e[j] / total;
-  }
-  __syncwarp();
-
+  // Rounds of kSplits partials (one without kRounds: the loop costs registers): sum holds the
+  // rounds so far weighted by exp(lse - sum_max), total those weights' sum.
   float2 sum = make_float2(0.0f, 0.0f);
+  float sum_max = -INFINITY, total = 0.0f;
+  const float* partial = p.partial_out + first * p.kv_lora_rank + col;
+  const float* partial_lse = p.partial_lse + first + lane * p.heads;
+  for (int base = 0; base < splits && (kRounds || base == 0); base += kSplits) {
+    const int n = min(kSplits, splits - base);
+    float2 v[kSplits];
 #pragma unroll
-  for (int j = 0; j < kSplits; ++j) {
-    const float weight = weights[warp][j];  // 0 past the row's splits
-    sum.x += weight * v[j].x;
-    sum.y += weight * v[j].y;
+    for (int j = 0; j < kSplits; ++j) {
+      v[j] = active && j < n ? *reinterpret_cast<const float2*>(partial + j * split_stride) : make_float2(0.0f, 0.0f);
+    }
+    partial += kSplits * split_stride;
+
+    float lse[kLanes], round_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) {
+      lse[j] = lane + 32 * j < n ? partial_lse[32 * j * p.heads] : -INFINITY;
+      round_max = fmaxf(round_max, lse[j]);
+    }
+    partial_lse += kSplits * p.heads;
+    const float new_max = fmaxf(sum_max, WarpMax(round_max));
+    float e[kLanes], round_total = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) {
+      e[j] = lse[j] == -INFINITY ? 0.0f : __expf(lse[j] - new_max);
+      round_total += e[j];
+    }
+    if (base > 0) __syncwarp();  // every lane has read the last round's weights
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) {
+      if (lane + 32 * j < kSplits) weights[warp][lane + 32 * j] = e[j];
+    }
+    __syncwarp();
+
+    const float rescale = __expf(sum_max - new_max);  // 0 in the first round
+    sum.x *= rescale;
+    sum.y *= rescale;
+#pragma unroll
+    for (int j = 0; j < kSplits; ++j) {
+      const float weight = weights[warp][j];  // 0 past the row's splits
+      sum.x += weight * v[j].x;
+      sum.y += weight * v[j].y;
+    }
+    total = total * rescale + WarpSum(round_total);
+    sum_max = new_max;
   }
+  sum.x /= total;
+  sum.y /= total;
   if constexpr (!kValue) {
     if (!active) return;
     __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * p.kv_lora_rank + col;
@@ -492,14 +505,14 @@ cudaError_t SetUp(LaunchInfo* info) {
 }
 
 // The merge of the splits, with or without the value weights.
-template <int kSplits>
+template <int kSplits, bool kRounds>
 cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
   const int rows = p.shape.merge_rows;
   if (p.value_weights != nullptr) {
     const dim3 grid(rows, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
-    return LaunchPdl(MlaCombineKernel<true, kSplits>, grid, dim3(kCombineThreads), 0, stream, p);
+    return LaunchPdl(MlaCombineKernel<true, kSplits, kRounds>, grid, dim3(kCombineThreads), 0, stream, p);
   }
-  return LaunchPdl(MlaCombineKernel<false, kSplits>, dim3(rows, p.heads), dim3(kCombineThreads), 0, stream, p);
+  return LaunchPdl(MlaCombineKernel<false, kSplits, kRounds>, dim3(rows, p.heads), dim3(kCombineThreads), 0, stream, p);
 }
 
 // The attention kernel with kWarps warps a block.
@@ -527,10 +540,13 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   }
   const int splits = p.shape.max_splits;
   if (error != cudaSuccess || (splits == 1 && p.value_weights == nullptr)) return error;
-  if (splits <= 8) return LaunchCombine<8>(p, stream);
-  if (splits <= 16) return LaunchCombine<16>(p, stream);
-  if (splits <= 32) return LaunchCombine<32>(p, stream);
-  return LaunchCombine<kMaxSplits>(p, stream);
+  if (p.shape.uneven) {  // 16 or 64 a round (MlaDecodeShapeFor)
+    return splits <= 16 ? LaunchCombine<16, true>(p, stream) : LaunchCombine<kMaxSplits, true>(p, stream);
+  }
+  if (splits <= 8) return LaunchCombine<8, false>(p, stream);
+  if (splits <= 16) return LaunchCombine<16, false>(p, stream);
+  if (splits <= 32) return LaunchCombine<32, false>(p, stream);
+  return LaunchCombine<kMaxSplits, false>(p, stream);
 }
 
 // Of the four-warp kernel, which the splits are chosen for.
@@ -628,6 +644,7 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
   shape.resident_blocks = std::max<int64_t>(1, resident_blocks);
   shape.max_partials = max_partials;
   shape.splits = std::clamp(splits, 1, kMaxSplits);
+  shape.uneven = uneven;
   if (!uneven) {
     // The even plan and nothing more: the launch a batch of equal contexts needs.
     shape.max_splits = shape.splits;
@@ -635,15 +652,17 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
     shape.work_slots = queries * shape.splits;
     return shape;
   }
-  // Room for one more wave of blocks and kUnevenMergeRows queries cut into up to kMaxSplits items
-  // each (16 where that many merge blocks would not fit two waves: the widest merge holds one block
-  // an SM). The merge is wider than the even plan's, or there where the even plan has none, its
-  // blocks waiting out the attention: steps that need no uneven cut run without the room.
+  // Room for one more wave of items, and a merge for as many queries as a wave holds items: an
+  // uneven plan's items are at least a wave's share of the tiles, so it cuts no more queries than
+  // that, into no more items than one wave more than it has queries. The merge sums 64 partials a
+  // round, or 16 where that many merge blocks would not fit two waves (the widest merge holds one
+  // block an SM). The room costs every step that has it (a wider merge, or one where the even plan
+  // has none, its blocks waiting out the attention): steps that need no uneven cut run without it.
   const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / head_groups);
-  shape.merge_rows = std::min(queries, kUnevenMergeRows);
+  shape.merge_rows = static_cast<int>(std::min<int64_t>(queries, wave));
   shape.max_splits = int64_t{shape.merge_rows} * heads <= 2 * shape.resident_blocks ? kMaxSplits : 16;
-  shape.work_slots = static_cast<int>(int64_t{queries} * shape.splits + std::min<int64_t>(queries, wave));
+  shape.work_slots = static_cast<int>(int64_t{queries} * shape.splits + wave);
   return shape;
 }
 
@@ -666,13 +685,24 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   every_query_merged_ = every_query_merged;
   chunk_ = 0;
   tiles_.resize(queries);
+  order_.resize(queries);
   int64_t total = 0, most = 1;
+  bool longest_first = true;
   for (int q = 0; q < queries; ++q) {
     tiles_[q] = (int64_t{positions[q]} + kTileTokens) / kTileTokens;  // of positions[q] + 1 tokens
     total += tiles_[q];
     most = std::max(most, tiles_[q]);
+    longest_first = longest_first && (q == 0 || tiles_[q] <= tiles_[q - 1]);
   }
   if (queries == 0) return false;
+  // Every plan hands out its queries' items longest first (ties in query order, so equal contexts
+  // keep it): each item starts on the first block to come free, and a long one left for last would
+  // end last.
+  std::iota(order_.begin(), order_.end(), 0);
+  if (!longest_first) {
+    std::sort(order_.begin(), order_.end(),
+              [&](int a, int b) { return tiles_[a] != tiles_[b] ? tiles_[a] > tiles_[b] : a < b; });
+  }
   const int64_t head_groups = (shape.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t item_slots = std::max<int64_t>(1, shape.resident_blocks / head_groups);  // items in one wave
   auto merge_cost = [&](const Tally& t) {
@@ -681,21 +711,12 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
                                      static_cast<double>(shape.resident_blocks) +
                                  kMergeLaunchTiles;
   };
-  // Tile times until the last item ends, the even plan's queries in order and an uneven plan's
-  // longest first, each item on the first block to come free (item_slots at once). On equal items
-  // this is MlaDecodeSplits' waves x tiles an item.
-  bool sorted = false;  // order_, which only an uneven plan needs
+  // Tile times until the last item ends, each item on the first block to come free (item_slots at
+  // once). On equal items this is MlaDecodeSplits' waves x tiles an item.
   auto makespan = [&](int64_t chunk) {
-    if (chunk > 0 && !sorted) {
-      order_.resize(queries);
-      std::iota(order_.begin(), order_.end(), 0);
-      std::stable_sort(order_.begin(), order_.end(), [&](int a, int b) { return tiles_[a] > tiles_[b]; });
-      sorted = true;
-    }
     int64_t last = 0;
     ends_.clear();  // a min-heap of the busy blocks' end times
-    for (int i = 0; i < queries; ++i) {
-      const int q = chunk > 0 ? order_[i] : i;
+    for (const int q : order_) {
       const int64_t size = ItemTiles(q, chunk);
       for (int64_t begin = 0; begin < tiles_[q]; begin += size) {
         int64_t start = 0;
@@ -712,22 +733,34 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
     return static_cast<double>(last);
   };
 
-  // Uneven cuts worth weighing: items shorter than the even plan's longest (which sets its length)
-  // and no shorter than its average (which keeps the items within one more a query), that fit the
-  // launch and beat the even plan's tile times with the merge they cost (MlaDecodeSplits' measure).
+  // Uneven cuts worth weighing: items shorter than the even plan's longest (which sets its length),
+  // no shorter than a wave's share of the tiles (no plan ends sooner, and longer items cut fewer
+  // queries) and than the even plan's average (MlaDecodeSplits' choice for equal contexts, which
+  // weighs what this measure does not: a wider merge): the longest query in k items, and sizes an
+  // eighth apart from the shortest. Weighed shortest first against the even plan's tile times, each
+  // with the merge it costs (MlaDecodeSplits' measure), where it fits the launch.
   int64_t even_longest = 1;
   for (int q = 0; q < queries; ++q) even_longest = std::max(even_longest, ItemTiles(q, 0));
-  const int64_t average = (total + int64_t{queries} * splits_ - 1) / (int64_t{queries} * splits_);
+  const int64_t shortest = std::max((total + item_slots - 1) / item_slots,
+                                    (total + int64_t{queries} * splits_ - 1) / (int64_t{queries} * splits_));
+  candidates_.clear();
+  for (int64_t c = shortest; c < even_longest; c = std::max(c + 1, c * 9 / 8)) candidates_.push_back(c);
+  for (int k = 2; k <= kMaxSplits; ++k) {
+    const int64_t c = (most + k - 1) / k;
+    if (c < shortest) break;
+    if (c < even_longest) candidates_.push_back(c);
+  }
+  std::sort(candidates_.begin(), candidates_.end());
   double best = -1.0;  // the even plan's, once an uneven one is weighed against it
-  for (int k = 2; k <= shape.max_splits; ++k) {
-    const int64_t c = (most + k - 1) / k;  // the longest query in k items
-    if (c < average) break;
-    if (c >= even_longest) continue;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    const int64_t c = candidates_[i];
+    if (i > 0 && c == candidates_[i - 1]) continue;
+    // No plan ends before its longest item, nor before its tiles have passed through every block.
+    const double bound = std::max<double>(c, static_cast<double>(total) / static_cast<double>(item_slots));
+    if (best >= 0.0 && bound >= best) break;  // nor will any longer items
     const Tally t = Count(c);
     if (!Fits(shape, t)) continue;
     if (best < 0.0) best = makespan(0) + merge_cost(Count(0));
-    // No plan ends before its longest item, nor before its tiles have passed through every block.
-    const double bound = std::max<double>(c, static_cast<double>(total) / static_cast<double>(item_slots));
     if (bound + merge_cost(t) >= best) continue;
     if (const double time = makespan(c) + merge_cost(t); time < best) {
       best = time;
@@ -743,7 +776,7 @@ bool MlaDecodePlanner::Write(const MlaDecodeShape& shape, const int32_t* positio
   if (shape.queries != queries || !Fits(shape, Count(chunk_))) return false;
   int slot = 0, row = 0, partial = 0;
   for (int i = 0; i < queries; ++i) {
-    const int q = chunk_ > 0 ? order_[i] : i;
+    const int q = order_[i];
     const int64_t size = ItemTiles(q, chunk_);
     const int n = static_cast<int>((tiles_[q] + size - 1) / size);
     const bool merged = n > 1 || every_query_merged_;

@@ -58,7 +58,10 @@ struct MlaDecodeShape {
   int queries = 0;  // rows of q_latent, q_rope and out
   int heads = 0;
   int splits = 1;      // items a query's context is cut into unless the step is planned otherwise
-  int max_splits = 1;  // the most items a query may be cut into (the merge's width); 1: no merge
+  int max_splits = 1;  // partials a merge row sums at once (the merge's width); 1: no merge
+  // Room for uneven plans (MlaDecodeShapeFor): a merge row may hold more than max_splits partials,
+  // which the merge takes in rounds.
+  bool uneven = false;
   int work_slots = 0;  // work items the launch has blocks for (per group of 16 heads)
   int merge_rows = 0;  // queries the merge can take
   int64_t resident_blocks = 0;  // attention blocks the GPU holds at once
@@ -134,9 +137,9 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
 // The launch for `queries` queries of `heads` heads whose contexts are cut into `splits` items each
 // by default (MlaDecodeSplits), on a GPU that holds `resident_blocks` attention blocks at once, with
 // `max_partials` rows of split workspace: exactly the even plan's (!uneven), or with room for an
-// uneven one (up to 64 items a query, and 16 queries cut where the default is one item a query).
-// The room costs a little in every step (a wider merge, or one where the even plan has none), so a
-// CUDA graph of each is worth having.
+// uneven one (a wave of items more, and a merge for as many queries as a wave holds items). The room
+// costs a little in every step (a wider merge, or one where the even plan has none), so a CUDA graph
+// of each is worth having.
 MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
                                  bool uneven);
 
@@ -147,13 +150,14 @@ class MlaDecodePlanner {
  public:
   // Query q < shape.queries attends to positions [0, positions[q]]. The even plan cuts each query's
   // context into shape.splits items of equal tiles, so a batch of equal contexts runs as
-  // MlaDecodeSplits chose. When the contexts differ so much that the longest query's items would
-  // hold up the step (one long request in a batch of short ones), an uneven plan cuts every query
-  // into items of one common size instead, longest queries first: the size whose items end
-  // soonest, block by block, with the merge they cost (MlaDecodeSplits' measure), if that beats the
-  // even plan and fits `shape` (a launch with room for uneven plans). every_query_merged: each
-  // query goes through the merge (value weights applied there), even when it is one item. Returns
-  // whether the plan is uneven: then it needs `shape`; an even one runs in the launch without room.
+  // MlaDecodeSplits chose. When the contexts differ so much that the longest queries' items would
+  // hold up the step (one long request in a batch of short ones, or a batch of contexts spread
+  // wide), an uneven plan cuts every query into items of one common size instead: the size whose
+  // items end soonest, block by block, with the merge they cost (MlaDecodeSplits' measure), if that
+  // beats the even plan and fits `shape` (a launch with room for uneven plans). Either plan hands
+  // out the longest queries' items first. every_query_merged: each query goes through the merge
+  // (value weights applied there), even when it is one item. Returns whether the plan is uneven:
+  // then it needs `shape`; an even one runs in the launch without room.
   bool Choose(const MlaDecodeShape& shape, const int32_t* positions, bool every_query_merged);
 
   // Writes the chosen plan into `shape`'s work items and merge rows (all shape.work_slots items and
@@ -177,7 +181,8 @@ class MlaDecodePlanner {
 
   std::vector<int64_t> tiles_;  // of each query
   std::vector<int64_t> ends_;   // of the blocks busy in a simulated plan
-  std::vector<int> order_;      // of the queries: by tiles, longest first (an uneven plan's order)
+  std::vector<int> order_;      // of the queries: by tiles, longest first (every plan's order)
+  std::vector<int64_t> candidates_;  // item sizes an uneven plan may take
   int splits_ = 1;
   bool every_query_merged_ = false;
   int64_t chunk_ = 0;  // the chosen plan's item tiles; 0: the even plan

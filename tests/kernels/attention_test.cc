@@ -6,7 +6,10 @@
 // values).
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
+#include <queue>
+#include <random>
 
 #include "common/dtype.h"
 #include "gtest/gtest.h"
@@ -297,6 +300,36 @@ TEST(MlaDecodeTest, OneLongContextAmongShortOnesIsCutUnevenly) {
   RunMlaCase({512, 64, 16, 64, 2, {17, 4095}, 128});
 }
 
+// A batch of contexts spread wide, as a server's are, with one far longer: the plan cuts the longer
+// queries unevenly and merges them in a launch with room for a wave's worth of merge rows, the
+// longest in more partials than the merge sums in one round.
+TEST(MlaDecodeTest, ContextsSpreadWideAreCutUnevenlyAndMergedInRounds) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::vector<int> spread;
+  for (int q = 0; q < 160; ++q) spread.push_back(15 + q * 2485 / 159);
+  std::mt19937 shuffle(160);
+  std::shuffle(spread.begin(), spread.end(), shuffle);
+  spread[70] = 39999;
+  // The plan RunMlaCase makes on this GPU: uneven, its longest query in more partials than a round.
+  int sms = 0, blocks_per_sm = 0;
+  ASSERT_CUDA_OK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  ASSERT_CUDA_OK(kernels::MlaDecodeResidentBlocks(512, 64, &blocks_per_sm));
+  const std::vector<int32_t> positions(spread.begin(), spread.end()), offsets(spread.size(), 0);
+  const auto shape = [&](bool room) {
+    return kernels::MlaDecodeShapeFor(160, 16, 1, int64_t{sms} * blocks_per_sm, 160 * 2, room);
+  };
+  kernels::MlaDecodePlanner planner;
+  ASSERT_TRUE(planner.Choose(shape(true), positions.data(), false));
+  std::vector<kernels::MlaWorkItem> work(shape(true).work_slots);
+  std::vector<kernels::MlaMergeRow> merges(shape(true).merge_rows);
+  ASSERT_TRUE(planner.Write(shape(true), positions.data(), offsets.data(), work.data(), merges.data()));
+  EXPECT_EQ(merges[0].query, 70);
+  EXPECT_GT(merges[0].splits, shape(true).max_splits);
+  const auto cut = [](const kernels::MlaMergeRow& r) { return r.query >= 0; };
+  EXPECT_GT(std::count_if(merges.begin(), merges.end(), cut), 16);
+  RunMlaCase({512, 64, 16, 64, 1, spread});
+}
+
 // Host only: what MlaDecodePlanner hands the blocks. Every plan covers each query's tiles exactly
 // once, in items of consecutive partial rows with one merge row for each query cut into several;
 // equal contexts get the even cut of MlaDecodeSplits; one long context among short ones gets items
@@ -362,10 +395,38 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
     }
     for (int q = 0; q < queries; ++q) {
       EXPECT_EQ(next_tile[q], positions[q] / 32 + 1) << "query " << q << " covered to its last tile";
-      EXPECT_LE(items[q], shape.max_splits);
       EXPECT_EQ(first_partial[q] >= 0, items[q] > 1 || merged) << "query " << q;
     }
     EXPECT_EQ(rows, std::count_if(first_partial.begin(), first_partial.end(), [](int f) { return f >= 0; }));
+    // Longest queries first: each item starts on the first block to come free.
+    int last_started = -1;
+    for (const kernels::MlaWorkItem& item : plan.work) {
+      if (item.query < 0 || item.tile_begin > 0) continue;
+      if (last_started >= 0) {
+        EXPECT_LE(positions[item.query] / 32, positions[last_started] / 32) << "query " << item.query;
+      }
+      last_started = item.query;
+    }
+  };
+  // Tile times until the plan's last item ends, each item (in order) on the first of a wave's blocks
+  // to come free, against a wave's share of the tiles, which no plan beats.
+  auto makespan_over_share = [](const std::vector<int32_t>& positions, int heads, const Plan& plan) {
+    const int64_t wave = kResident / ((heads + 15) / 16);
+    std::priority_queue<int64_t, std::vector<int64_t>, std::greater<>> ends;
+    int64_t last = 0, tiles = 0;
+    for (const kernels::MlaWorkItem& item : plan.work) {
+      if (item.query < 0) continue;
+      int64_t start = 0;
+      if (static_cast<int64_t>(ends.size()) == wave) {
+        start = ends.top();
+        ends.pop();
+      }
+      const int64_t end = start + item.tile_end - item.tile_begin;
+      ends.push(end);
+      last = std::max(last, end);
+    }
+    for (const int32_t p : positions) tiles += p / 32 + 1;
+    return static_cast<double>(last) / std::ceil(static_cast<double>(tiles) / static_cast<double>(wave));
   };
 
   // Equal contexts: MlaDecodeSplits' cut, in query order, in a launch of exactly its items.
@@ -391,16 +452,17 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
 
   // 255 queries of 1024 tokens and one of 32768 (cohort bench step --long-context): the even plan
   // is one item a query, 1024 tiles on one block. Cut unevenly: the long query in 16 items of 64
-  // tiles, first, the short ones whole. (Smaller items cannot end sooner: the 264 blocks of a wave
-  // take 248 short items beside them, and the last 7 start when the first end.)
+  // tiles, first, the short ones whole, in the launch with room (a merge for a wave's worth of
+  // queries, 16 partials a round). Smaller items cannot end sooner: the 264 blocks of a wave take
+  // 248 short items beside them, and the last 7 start when the first end: 64 tile times.
   std::vector<int32_t> positions(256, 1023);
   positions[200] = 32767;
   const Plan plan = make(16, 1, positions, false);
   check(positions, false, plan);
   ASSERT_TRUE(plan.uneven);
-  EXPECT_EQ(plan.shape.max_splits, 64);
-  EXPECT_EQ(plan.shape.merge_rows, 16);
-  EXPECT_GT(plan.shape.work_slots, 256);
+  EXPECT_EQ(plan.shape.max_splits, 16);
+  EXPECT_EQ(plan.shape.merge_rows, 256);
+  EXPECT_EQ(plan.shape.work_slots, 256 + 264);
   for (int i = 0; i < 16; ++i) {
     EXPECT_EQ(plan.work[i].query, 200);
     EXPECT_EQ(plan.work[i].tile_end - plan.work[i].tile_begin, 64);
@@ -410,11 +472,29 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
   EXPECT_EQ(plan.merges[0].query, 200);
   EXPECT_EQ(plan.merges[1].query, -1);
   EXPECT_EQ(plan.work[256 + 15].query, -1);
-  // V3's 128 heads: 16 merge rows would be 2048 merge blocks, so each query in 16 items at most.
+  EXPECT_LE(makespan_over_share(positions, 16, plan), 64.0 / 35.0);
+  // V3's 128 heads: eight head groups, so a wave is 33 items and the merge takes 33 queries.
   const Plan v3 = make(128, 1, positions, false);
   check(positions, false, v3);
   EXPECT_TRUE(v3.uneven);
   EXPECT_EQ(v3.shape.max_splits, 16);
+  EXPECT_EQ(v3.shape.merge_rows, 33);
+
+  // A batch of contexts spread wide, as a server's are: 256 queries of 256 to 8192 tokens, in no
+  // order. The even plan (one item a query) ends with the longest, 256 tile times, against a wave's
+  // share of 131; an uneven cut cuts the longer half of the queries and ends within a tenth of the
+  // share. 512 such queries fill a wave twice unsplit: the even plan, longest first, ends within 5%.
+  for (const int queries : {256, 512}) {
+    std::vector<int32_t> spread(queries);
+    for (int q = 0; q < queries; ++q) spread[q] = 256 + static_cast<int>(int64_t{q} * (8192 - 256) / (queries - 1)) - 1;
+    std::mt19937 shuffle(queries);
+    std::shuffle(spread.begin(), spread.end(), shuffle);
+    const Plan wide = make(16, kernels::MlaDecodeSplits(queries, 16, 8192, kResident, 1024), spread, false);
+    SCOPED_TRACE(::testing::Message() << queries << " spread queries");
+    check(spread, false, wide);
+    EXPECT_EQ(wide.uneven, queries == 256);
+    EXPECT_LE(makespan_over_share(spread, 16, wide), queries == 256 ? 1.1 : 1.05);
+  }
 
   // Random batches, some with a long context: every plan is whole, with and without every query
   // merged.

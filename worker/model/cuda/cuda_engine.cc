@@ -432,10 +432,11 @@ absl::Status CudaEngine::Initialize() {
   moe_tokens_ = world_ * max_tokens_;
   // As PlaceWorkspace lays it out. The attention's plan: a launch has at most a work item for each
   // of max(queries, kSplitPairs) (query, part) pairs and one wave of blocks more, and merge rows for
-  // each query of a split launch (at most kSplitPairs / 2 queries) or 16 (MlaDecodeShapeFor).
+  // each query of a split launch (at most kSplitPairs / 2 queries) or of one wave of blocks
+  // (MlaDecodeShapeFor).
   kernels::MlaDecodeShape most;
-  most.work_slots = static_cast<int>(std::max(max_tokens_, kSplitPairs) + std::min(max_tokens_, mla_resident_blocks_));
-  most.merge_rows = static_cast<int>(std::min(max_tokens_, std::max<int64_t>(kSplitPairs / 2, 16)));
+  most.work_slots = static_cast<int>(std::max(max_tokens_, kSplitPairs) + mla_resident_blocks_);
+  most.merge_rows = static_cast<int>(std::min(max_tokens_, std::max(kSplitPairs / 2, mla_resident_blocks_)));
   plan_ints_ = kernels::MlaPlanBytes(most) / static_cast<int64_t>(sizeof(int32_t));
   staging_header_ = plan_ints_ + 3 * max_tokens_ + 2 * max_sequences_ + 1 + world_ + (world_ > 1 ? max_sequences_ : 0);
   expanded_context_ = std::min<int64_t>(

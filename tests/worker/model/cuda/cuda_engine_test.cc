@@ -362,10 +362,12 @@ TEST(CudaEngineTest, SyntheticPrefillOfSeveralSequencesMatchesEachAlone) {
   }
 }
 
-// A decode step of 200 sequences, one of them 20000 tokens long (a 256-row graph: one attention
-// item a query by default, so the plan cuts the long context unevenly, kernels::MlaDecodePlanner),
-// gives each sequence the logits it gets alone (a one-row graph, the context in 64 even items).
-TEST(CudaEngineTest, OneLongSequenceAmongShortOnesDecodesAsAlone) {
+// Decode steps of unequal contexts give each sequence the logits it gets alone (a one-row graph, the
+// context in 64 even items): 200 sequences, one of them 20000 tokens long (a 256-row graph: one
+// attention item a query by default, so the plan cuts the long context unevenly,
+// kernels::MlaDecodePlanner), and 256 sequences spread from 10 to 6000 tokens in no order (the plan
+// cuts the longer half).
+TEST(CudaEngineTest, UnevenContextsDecodeAsAlone) {
   COHORT_SKIP_WITHOUT_GPU();
   EngineOptions options = SyntheticV2Lite(/*gpus=*/1, /*layers=*/2);
   options.kv_block_size = 64;
@@ -373,23 +375,31 @@ TEST(CudaEngineTest, OneLongSequenceAmongShortOnesDecodesAsAlone) {
   auto engine = CreateEngine(options);
   ASSERT_TRUE(engine.ok()) << engine.status();
   const int64_t vocab = (*engine)->config().vocab_size;
-  constexpr int kSequences = 200;
-  std::vector<int32_t> tokens(kSequences);
-  std::vector<std::vector<int32_t>> tables(kSequences);
-  std::vector<SequenceStep> step;
-  int32_t next_block = 0;
-  for (int q = 0; q < kSequences; ++q) {
-    const int64_t position = q == 0 ? 20000 : 50 + q * 7 % 900;  // the cache holds random rows before it
-    tokens[q] = static_cast<int32_t>((q * 7919 + 3) % vocab);
-    for (int64_t b = 0; b <= position / 64; ++b) tables[q].push_back(next_block++);
-    step.push_back({{&tokens[q], 1}, position, tables[q], true});
-  }
-  std::vector<float> batched(kSequences * vocab), alone(vocab);
-  ASSERT_TRUE((*engine)->Forward(step, batched).ok());
-  for (int q : {0, 1, 99, 199}) {
-    ASSERT_TRUE((*engine)->Forward({&step[q], 1}, alone).ok());
-    EXPECT_LE(RelativeError(batched.data() + q * vocab, alone.data(), vocab), kRelativeTolerance) << "sequence " << q;
-  }
+  auto expect_as_alone = [&](const std::vector<int64_t>& positions, std::initializer_list<int> checked) {
+    const int sequences = static_cast<int>(positions.size());
+    std::vector<int32_t> tokens(sequences);
+    std::vector<std::vector<int32_t>> tables(sequences);
+    std::vector<SequenceStep> step;
+    int32_t next_block = 0;
+    for (int q = 0; q < sequences; ++q) {
+      tokens[q] = static_cast<int32_t>((q * 7919 + 3) % vocab);
+      for (int64_t b = 0; b <= positions[q] / 64; ++b) tables[q].push_back(next_block++);
+      step.push_back({{&tokens[q], 1}, positions[q], tables[q], true});  // the cache holds random rows before it
+    }
+    std::vector<float> batched(sequences * vocab), alone(vocab);
+    ASSERT_TRUE((*engine)->Forward(step, batched).ok());
+    for (const int q : checked) {
+      ASSERT_TRUE((*engine)->Forward({&step[q], 1}, alone).ok());
+      EXPECT_LE(RelativeError(batched.data() + q * vocab, alone.data(), vocab), kRelativeTolerance)
+          << sequences << " sequences, sequence " << q << " at " << positions[q];
+    }
+  };
+  std::vector<int64_t> one_long(200);
+  for (int q = 0; q < 200; ++q) one_long[q] = q == 0 ? 20000 : 50 + q * 7 % 900;
+  expect_as_alone(one_long, {0, 1, 99, 199});
+  std::vector<int64_t> spread(256);
+  for (int q = 0; q < 256; ++q) spread[q] = 10 + (q * 97 % 256) * 5990 / 255;
+  expect_as_alone(spread, {0, 1, 100, 255});
 }
 
 TEST(CudaEngineTest, TwoGpusCountTheExpertsBothRead) {
