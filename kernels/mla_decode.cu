@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -365,14 +364,14 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
 }
 
 // out[q, h, :] = sum over splits of exp(lse_s - lse) * partial_s, lse = log sum exp(lse_s), for the
-// query of merge row r (block (r, h)). Each thread sums 2 columns (kv_lora_rank <= 2 * 256) of every
+// query of merge row r (block (h, r)). Each thread sums 2 columns (kv_lora_rank <= 2 * 256) of every
 // split: up to kSplits of them (the launch picks the smallest of 8, 16, 32 and 64 that holds
 // shape.max_splits), or with kRounds (a launch with room for uneven plans, whose rows may hold
 // more) any number, kSplits a round. A block is latency-bound: every partial of a round is in
 // flight at once, loaded before the weights are known; each warp turns the log-sum-exps into
 // weights itself (no block barrier between the loads and the sum).
 //
-// With value weights (kValue), block (q, h, part) goes on to apply them to the merged row, rounded
+// With value weights (kValue), block (h, r, part) goes on to apply them to the merged row, rounded
 // to bf16 as `out` would hold it: attention outputs [kValueOutputs * part, + kValueOutputs) of the
 // head, 4 a warp, each lane holding up to kMaxValuePieces 16-byte pieces of each weight row, loaded
 // before the wait. Every part of a head merges the same row again: partials are few and in L2,
@@ -390,8 +389,8 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
   constexpr int kLanes = kSplits < 32 ? 1 : kSplits / 32;  // log-sum-exps per lane
   __shared__ float weights[kCombineWarps][kSplits];
   __shared__ __align__(16) __nv_bfloat16 merged[kValue ? kMaxCombineRank : 8];
-  const MlaMergeRow row = p.merges[blockIdx.x];  // a step input, like the plan's work items
-  const int query = row.query, splits = row.splits, head = blockIdx.y;
+  const MlaMergeRow row = p.merges[blockIdx.y];  // a step input, like the plan's work items
+  const int query = row.query, splits = row.splits, head = blockIdx.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int col = threadIdx.x * 2;
   const bool active = col < p.kv_lora_rank;
@@ -504,15 +503,16 @@ cudaError_t SetUp(LaunchInfo* info) {
   return setup.Get(MlaDecodeKernel<kRank, kRope, kWarps>, S::kThreads, sizeof(typename S::Smem), info);
 }
 
-// The merge of the splits, with or without the value weights.
+// The merge of the splits, with or without the value weights. Heads fastest: a plan's merge rows come
+// first and its unused ones (query -1) last, so the blocks with work are handed out first.
 template <int kSplits, bool kRounds>
 cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
   const int rows = p.shape.merge_rows;
   if (p.value_weights != nullptr) {
-    const dim3 grid(rows, p.heads, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
+    const dim3 grid(p.heads, rows, (p.v_head_dim + kValueOutputs - 1) / kValueOutputs);
     return LaunchPdl(MlaCombineKernel<true, kSplits, kRounds>, grid, dim3(kCombineThreads), 0, stream, p);
   }
-  return LaunchPdl(MlaCombineKernel<false, kSplits, kRounds>, dim3(rows, p.heads), dim3(kCombineThreads), 0, stream, p);
+  return LaunchPdl(MlaCombineKernel<false, kSplits, kRounds>, dim3(p.heads, rows), dim3(kCombineThreads), 0, stream, p);
 }
 
 // The attention kernel with kWarps warps a block.
@@ -652,15 +652,15 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
     shape.work_slots = queries * shape.splits;
     return shape;
   }
-  // Room for one more wave of items, and a merge for as many queries as a wave holds items: an
-  // uneven plan's items are at least a wave's share of the tiles, so it cuts no more queries than
-  // that, into no more items than one wave more than it has queries. The merge sums 64 partials a
-  // round, or 16 where that many merge blocks would not fit two waves (the widest merge holds one
-  // block an SM). The room costs every step that has it (a wider merge, or one where the even plan
-  // has none, its blocks waiting out the attention): steps that need no uneven cut run without it.
+  // Room for one more wave of items, and a merge for every query where the even plan cuts them all,
+  // else for as many as a wave holds items (a plan whose items hold a wave's share of the tiles cuts
+  // no more). The merge sums 64 partials a round, or 16 where that many merge blocks would not fit
+  // two waves (the widest merge holds one block an SM). The room costs every step that has it (a
+  // wider merge, or one where the even plan has none, its blocks waiting out the attention): steps
+  // that need no uneven cut run without it.
   const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / head_groups);
-  shape.merge_rows = static_cast<int>(std::min<int64_t>(queries, wave));
+  shape.merge_rows = static_cast<int>(shape.splits > 1 ? queries : std::min<int64_t>(queries, wave));
   shape.max_splits = int64_t{shape.merge_rows} * heads <= 2 * shape.resident_blocks ? kMaxSplits : 16;
   shape.work_slots = static_cast<int>(int64_t{queries} * shape.splits + wave);
   return shape;
@@ -712,39 +712,37 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
                                  kMergeLaunchTiles;
   };
   // Tile times until the last item ends, each item on the first block to come free (item_slots at
-  // once). On equal items this is MlaDecodeSplits' waves x tiles an item.
-  auto makespan = [&](int64_t chunk) {
-    int64_t last = 0;
-    ends_.clear();  // a min-heap of the busy blocks' end times
+  // once), or any time from `limit` on once the plan reaches it. On equal items this is
+  // MlaDecodeSplits' waves x tiles an item. The earliest end never moves back (an item takes it
+  // and ends later), so a count of the blocks ending at each tile time serves as the queue.
+  auto makespan = [&](int64_t chunk, double limit) {
+    int64_t last = 0, now = 0;
+    ends_.assign(1, item_slots);  // ends_[t]: blocks free from tile time t
     for (const int q : order_) {
       const int64_t size = ItemTiles(q, chunk);
       for (int64_t begin = 0; begin < tiles_[q]; begin += size) {
-        int64_t start = 0;
-        if (static_cast<int64_t>(ends_.size()) == item_slots) {
-          std::pop_heap(ends_.begin(), ends_.end(), std::greater<>());
-          start = ends_.back();
-          ends_.pop_back();
-        }
-        ends_.push_back(start + std::min(size, tiles_[q] - begin));
-        std::push_heap(ends_.begin(), ends_.end(), std::greater<>());
-        last = std::max(last, ends_.back());
+        while (ends_[now] == 0) ++now;
+        --ends_[now];
+        const int64_t end = now + std::min(size, tiles_[q] - begin);
+        if (end >= static_cast<int64_t>(ends_.size())) ends_.resize(end + 1, 0);
+        ++ends_[end];
+        last = std::max(last, end);
       }
+      if (static_cast<double>(last) >= limit) break;
     }
     return static_cast<double>(last);
   };
 
-  // Uneven cuts worth weighing: items shorter than the even plan's longest (which sets its length),
-  // no shorter than a wave's share of the tiles (no plan ends sooner, and longer items cut fewer
-  // queries) and than the even plan's average (MlaDecodeSplits' choice for equal contexts, which
-  // weighs what this measure does not: a wider merge): the longest query in k items, and sizes an
-  // eighth apart from the shortest. Weighed shortest first against the even plan's tile times, each
-  // with the merge it costs (MlaDecodeSplits' measure), where it fits the launch.
+  // Uneven cuts worth weighing: items shorter than the even plan's longest (which sets its length)
+  // and no shorter than its average (MlaDecodeSplits' choice for equal contexts, which weighs what
+  // this measure does not: a wider merge): the longest query in k items, and sizes a quarter apart
+  // from the shortest. Weighed shortest first against the even plan's tile times, each with the
+  // merge it costs (MlaDecodeSplits' measure), where it fits the launch.
   int64_t even_longest = 1;
   for (int q = 0; q < queries; ++q) even_longest = std::max(even_longest, ItemTiles(q, 0));
-  const int64_t shortest = std::max((total + item_slots - 1) / item_slots,
-                                    (total + int64_t{queries} * splits_ - 1) / (int64_t{queries} * splits_));
+  const int64_t shortest = (total + int64_t{queries} * splits_ - 1) / (int64_t{queries} * splits_);
   candidates_.clear();
-  for (int64_t c = shortest; c < even_longest; c = std::max(c + 1, c * 9 / 8)) candidates_.push_back(c);
+  for (int64_t c = shortest; c < even_longest; c = std::max(c + 1, c * 5 / 4)) candidates_.push_back(c);
   for (int k = 2; k <= kMaxSplits; ++k) {
     const int64_t c = (most + k - 1) / k;
     if (c < shortest) break;
@@ -760,9 +758,9 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
     if (best >= 0.0 && bound >= best) break;  // nor will any longer items
     const Tally t = Count(c);
     if (!Fits(shape, t)) continue;
-    if (best < 0.0) best = makespan(0) + merge_cost(Count(0));
+    if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
     if (bound + merge_cost(t) >= best) continue;
-    if (const double time = makespan(c) + merge_cost(t); time < best) {
+    if (const double time = makespan(c, best - merge_cost(t)) + merge_cost(t); time < best) {
       best = time;
       chunk_ = c;
     }

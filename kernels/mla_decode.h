@@ -180,7 +180,7 @@ class MlaDecodePlanner {
   }
 
   std::vector<int64_t> tiles_;  // of each query
-  std::vector<int64_t> ends_;   // of the blocks busy in a simulated plan
+  std::vector<int64_t> ends_;   // of a simulated plan: blocks free from each tile time on
   std::vector<int> order_;      // of the queries: by tiles, longest first (every plan's order)
   std::vector<int64_t> candidates_;  // item sizes an uneven plan may take
   int splits_ = 1;

@@ -480,6 +480,20 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
   EXPECT_EQ(v3.shape.max_splits, 16);
   EXPECT_EQ(v3.shape.merge_rows, 33);
 
+  // 319 queries of 4096 tokens and one of 32768: the even plan cuts each query in three (960 items
+  // in four waves) and ends with the long query's 342-tile items. Uneven: every query cut alike, the
+  // long one into 24 items, in a launch whose merge takes every query (as the even plan's does).
+  std::vector<int32_t> past_a_wave(320, 4095);
+  past_a_wave[0] = 32767;
+  const Plan cut_all = make(16, 3, past_a_wave, false);
+  check(past_a_wave, false, cut_all);
+  ASSERT_TRUE(cut_all.uneven);
+  EXPECT_EQ(cut_all.shape.merge_rows, 320);
+  EXPECT_EQ(cut_all.merges[0].query, 0);
+  EXPECT_EQ(cut_all.merges[0].splits, 24);
+  EXPECT_EQ(cut_all.merges[319].splits, 3);
+  EXPECT_LE(makespan_over_share(past_a_wave, 16, cut_all), 1.15);
+
   // A batch of contexts spread wide, as a server's are: 256 queries of 256 to 8192 tokens, in no
   // order. The even plan (one item a query) ends with the longest, 256 tile times, against a wave's
   // share of 131; an uneven cut cuts the longer half of the queries and ends within a tenth of the

@@ -371,6 +371,7 @@ TEST(CudaEngineTest, UnevenContextsDecodeAsAlone) {
   COHORT_SKIP_WITHOUT_GPU();
   EngineOptions options = SyntheticV2Lite(/*gpus=*/1, /*layers=*/2);
   options.kv_block_size = 64;
+  options.kv_cache_bytes = int64_t{4} << 30;  // 29 K blocks: the spread batch takes 12 K
   options.max_sequences = 256;
   auto engine = CreateEngine(options);
   ASSERT_TRUE(engine.ok()) << engine.status();
@@ -387,9 +388,11 @@ TEST(CudaEngineTest, UnevenContextsDecodeAsAlone) {
       step.push_back({{&tokens[q], 1}, positions[q], tables[q], true});  // the cache holds random rows before it
     }
     std::vector<float> batched(sequences * vocab), alone(vocab);
-    ASSERT_TRUE((*engine)->Forward(step, batched).ok());
+    const absl::Status status = (*engine)->Forward(step, batched);
+    ASSERT_TRUE(status.ok()) << status;
     for (const int q : checked) {
-      ASSERT_TRUE((*engine)->Forward({&step[q], 1}, alone).ok());
+      const absl::Status alone_status = (*engine)->Forward({&step[q], 1}, alone);
+      ASSERT_TRUE(alone_status.ok()) << alone_status;
       EXPECT_LE(RelativeError(batched.data() + q * vocab, alone.data(), vocab), kRelativeTolerance)
           << sequences << " sequences, sequence " << q << " at " << positions[q];
     }
