@@ -6,7 +6,7 @@
 //   (2 (nope + rope + v) per visible (query, key) pair and head); "% peak" is against the dense bf16
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
-//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, of 1 to 256 at
+//   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, of 1 to 512 at
 //   1024 with the first sequence at 32768 (one long request among short ones), and of 16 to 512 with
 //   the same tokens spread evenly from almost none to twice the context ("~1024"; for these two
 //   "splits" reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's context splits and
@@ -146,10 +146,10 @@ void RunDecode(const testing::BenchDevice& bench) {
     for (const int batch : {1, 4, 16, 64, 128, 192, 256, 320, 384, 512}) shapes.push_back({context, batch, 0});
   }
   // One long request among short ones (MlaDecodePlanner's uneven cut).
-  for (const int batch : {1, 16, 64, 256}) shapes.push_back({1024, batch, 32768});
+  for (const int batch : {1, 16, 64, 256, 512}) shapes.push_back({1024, batch, 32768});
   // A server's batch: the same tokens spread out (cohort bench step --spread-contexts).
   for (const int context : {1024, 4096}) {
-    for (const int batch : {16, 64, 128, 256, 512}) shapes.push_back({context, batch, 0, true});
+    for (const int batch : {16, 64, 128, 256, 320, 384, 512}) shapes.push_back({context, batch, 0, true});
   }
   // Each sequence's tokens of context.
   const auto contexts_of = [](const DecodeShape& d) {
