@@ -7,10 +7,10 @@
 //   peak (--peak-tflops, 989 for an H200);
 // - the decode attention (kernels/mla_decode.h, LaunchMlaDecode with its split merge; latent 512 +
 //   rope 64) for decode steps of 1 to 512 sequences at contexts of 1024 and 4096, of 1 to 512 at
-//   1024 with the first sequence at 32768 (one long request among short ones), and of 16 to 512 with
-//   the same tokens spread evenly from almost none to twice the context ("~1024"; for these two
-//   "splits" reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's context splits and
-//   64-token cache blocks scattered at random (as a long-running server's block
+//   1024 with the first sequence at 32768 (one long request among short ones), and of 16 to 512
+//   with the same tokens spread evenly from almost none to twice the context ("~1024"; for these
+//   two "splits" reads "default cut/work items" of MlaDecodePlanner's plan), with the engine's
+//   context splits and 64-token cache blocks scattered at random (as a long-running server's block
 //   tables are), and again with each sequence's blocks in order. It is a read of the cache, so
 //   "% copy" is the cache bytes over the time against the copy bandwidth measured at the start. Each
 //   shape runs as the step does, once a layer over as many layers' caches (a graph of launches) as
