@@ -9,8 +9,8 @@
 // list of items planned on the host (MlaDecodePlanner), one block each per group of 16 heads: a range
 // of a query's context tiles, with what the block needs to find them. A query cut into several
 // items has each write a partial result, and a second kernel of the same launch merges them
-// (flash-decoding), so a small batch still fills the GPU, and one long context among short ones is
-// spread over many blocks instead of holding up the step on one.
+// (flash-decoding), so a small batch still fills the GPU, and the long contexts of a batch whose
+// contexts differ are spread over many blocks instead of holding up the step on a few.
 //
 // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate): 16 heads are the M dimension; the
 // scores split the cached width over the block's warps, P . V splits the latent columns; operands
