@@ -653,11 +653,11 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
     return shape;
   }
   // Room for one more wave of items, and a merge for every query where the even plan cuts them all,
-  // else for as many as a wave holds items (a plan whose items hold a wave's share of the tiles cuts
-  // no more). The merge sums 64 partials a round, or 16 where that many merge blocks would not fit
-  // two waves (the widest merge holds one block an SM). The room costs every step that has it (a
-  // wider merge, or one where the even plan has none, its blocks waiting out the attention): steps
-  // that need no uneven cut run without it.
+  // else for as many as a wave holds items (each merge row is a block a head in every step with the
+  // room; plans that cut more queries do not fit). The merge sums 64 partials a round, or 16 where
+  // that many merge blocks would not fit two waves (the widest merge holds one block an SM). The
+  // room costs every step that has it (a wider merge, or one where the even plan has none, its
+  // blocks waiting out the attention): steps that need no uneven cut run without it.
   const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / head_groups);
   shape.merge_rows = static_cast<int>(shape.splits > 1 ? queries : std::min<int64_t>(queries, wave));

@@ -155,7 +155,9 @@ void RunDecode(const testing::BenchDevice& bench) {
   const auto contexts_of = [](const DecodeShape& d) {
     std::vector<int> tokens(d.batch, d.context);
     if (d.spread) {
-      for (int q = 0; q < d.batch; ++q) tokens[q] = std::max(1, static_cast<int>(int64_t{d.context} * (2 * q + 1) / d.batch));
+      for (int q = 0; q < d.batch; ++q) {
+        tokens[q] = std::max(1, static_cast<int>(int64_t{d.context} * (2 * q + 1) / d.batch));
+      }
     }
     if (d.long_context > 0) tokens[0] = d.long_context;
     return tokens;

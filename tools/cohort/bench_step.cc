@@ -269,7 +269,9 @@ class StepBench {
       const int64_t pool = static_cast<int64_t>(b) % kv.num_pools;
       const int64_t blocks = (tokens[b] + kv.block_size_tokens - 1) / kv.block_size_tokens;
       if (used[pool] + blocks > pool_blocks) return std::nullopt;
-      for (int64_t i = 0; i < blocks; ++i) tables[b].push_back(static_cast<int32_t>(pool * pool_blocks + used[pool] + i));
+      for (int64_t i = 0; i < blocks; ++i) {
+        tables[b].push_back(static_cast<int32_t>(pool * pool_blocks + used[pool] + i));
+      }
       used[pool] += blocks;
     }
     return tables;
@@ -301,16 +303,19 @@ class StepBench {
           continue;
         }
         std::vector<SequenceStep> batch;
-        for (int64_t b = 0; b < batch_size; ++b) batch.push_back({{&token_ids[b], 1}, tokens[b] - 1, (*tables)[b], true});
+        for (int64_t b = 0; b < batch_size; ++b) {
+          batch.push_back({{&token_ids[b], 1}, tokens[b] - 1, (*tables)[b], true});
+        }
         COHORT_ASSIGN_OR_RETURN(auto timed, Time(batch));
         nlohmann::json row = Row(batch, timed.first, timed.second, batch_size);
         row["context"] = context;
         row["batch"] = batch_size;
         mix.Mark(row);
         if (print) {
-          std::printf("%8s %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n", mix.Label(context).c_str(),
-                      static_cast<long>(batch_size), row["step_ms"].get<double>(), row["tokens_per_s"].get<double>(),
-                      static_cast<long>(timed.second), row["weight_bytes"].get<double>() / 1e9,
+          std::printf("%8s %6ld %9.3f %11.0f %8ld %9.3f %9.3f %9.3f %9.0f %6.1f%% %7.2f%%\n",
+                      mix.Label(context).c_str(), static_cast<long>(batch_size), row["step_ms"].get<double>(),
+                      row["tokens_per_s"].get<double>(), static_cast<long>(timed.second),
+                      row["weight_bytes"].get<double>() / 1e9,
                       row["kv_bytes"].get<double>() / 1e9, row["roofline_ms"].get<double>(),
                       row["achieved_gb_per_s"].get<double>(), 100 * row["roofline_fraction"].get<double>(),
                       100 * row["mfu"].get<double>());
