@@ -8,7 +8,8 @@
 #       build-base/, into .gpu/base/ (xz: the tree that travels is capped at 64 MiB)
 #   scripts/gpu_tests.sh run [--bench]
 #       there (carry .gpu): every GPU test, then with --bench the kernel benchmarks, the transformers
-#       baseline and `cohort bench step --baseline` (Cohort's speed-up over it at the same shapes);
+#       baseline and `cohort bench step --baseline` (Cohort's speed-up over it at the same shapes;
+#       each decode shape also with one long request among short ones and with contexts spread);
 #       under $OUT the test summary, the step table and its JSON, and logs.tar.gz with every log
 #   scripts/gpu_tests.sh ab [ROUNDS] [--variant 'NAME VAR=VALUE...']... [BENCH FLAGS...]
 #       there: `cohort bench step` ROUNDS times (3) for REV's build and this one in turn, then each
@@ -156,8 +157,11 @@ case "${1:-}" in
         status=1; tail -5 "$work/baseline.txt"
       fi
       echo "== cohort bench step"
-      .gpu/bin/cohort bench step "${baseline[@]}" --output "$work/step_v2_lite.json" >"$work/bench_step.txt" 2>&1 || status=1
-      tail -40 "$work/bench_step.txt"
+      # The table of record, then its decode shapes with one long request among short ones and with
+      # their contexts spread, as a server's batches are.
+      .gpu/bin/cohort bench step "${baseline[@]}" --long-context 32768 --spread-contexts \
+        --output "$work/step_v2_lite.json" >"$work/bench_step.txt" 2>&1 || status=1
+      tail -90 "$work/bench_step.txt"
     fi
     for file in gpu.txt tests.txt bench_step.txt step_v2_lite.json transformers_baseline.json; do
       if [ -f "$work/$file" ]; then cp "$work/$file" "$out/"; fi
