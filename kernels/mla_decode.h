@@ -137,9 +137,10 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
 // The launch for `queries` queries of `heads` heads whose contexts are cut into `splits` items each
 // by default (MlaDecodeSplits), on a GPU that holds `resident_blocks` attention blocks at once, with
 // `max_partials` rows of split workspace: exactly the even plan's (!uneven), or with room for an
-// uneven one (a wave of items more, and a merge for as many queries as a wave holds items). The room
-// costs a little in every step (a wider merge, or one where the even plan has none), so a CUDA graph
-// of each is worth having.
+// uneven one (a wave of items more, and a merge for every query where the even plan cuts them all,
+// else for as many as a wave holds items, taking a row's partials in rounds). The room costs a little
+// in every step (a wider merge, or one where the even plan has none), so a CUDA graph of each is
+// worth having.
 MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t resident_blocks, int64_t max_partials,
                                  bool uneven);
 
