@@ -21,6 +21,9 @@ constexpr int64_t kLongContext = 2048;        // MlaDecodeSplits: tokens past wh
 // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
 // costs about two tile times.
 constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
+// A packed plan's block starts each item after its first about a tile's time late: the item's queries
+// and first tile are requested only once the last item is done (MlaDecodePlanner::Pack).
+constexpr double kPackedItemTiles = 1.0;
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
@@ -37,6 +40,9 @@ constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
 //   (the queries in its last slot until the first tile's scores are computed), so a split's first
 //   four tiles are all requested at once. One barrier a tile fewer: a slot is refilled only after
 //   the barrier that follows the scores, by when every warp is done with the tile before.
+// Launches with room for uneven plans always run the four-warp form, which can take a packed plan
+// (kPacked: a block's items one after another, each item's queries and first tile requested once the
+// last is done).
 // H200, cohort bench step against four-warp blocks alone: with eight-warp blocks for small grids,
 // 3.7% faster at batch 1 x 4096 and 0.6-1.5% at batch 1-2 otherwise (1.3% at 1 x 4096 without the
 // ring); eight-warp blocks with the ring as the only form were 4.5-11% slower at batch 256-512.
@@ -127,10 +133,13 @@ __device__ __forceinline__ void CopyTile(typename S::Smem& s, int buffer, int ti
   }
 }
 
-template <int kRank, int kRope, int kWarps>
+// kPacked (launches with room for uneven plans): the block takes its item and the `more` after it,
+// one after another (a packed plan); an item another block takes leaves at once.
+template <int kRank, int kRope, int kWarps, bool kPacked>
 __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMinBlocks)
     MlaDecodeKernel(MlaDecodeParams p) {
   using S = Shape<kRank, kRope, kWarps>;
+  static_assert(!kPacked || !S::kRing, "a packed block reloads its queries, which a ring's last slot holds");
   constexpr int kThreads = S::kThreads, kStages = S::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& s = *reinterpret_cast<typename S::Smem*>(smem_raw);
@@ -147,218 +156,226 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
   // so the chain of lookups up to this thread's first cache row runs before the wait, and so does
   // the copy of that row when an earlier step wrote it (or it lies past the context: zeros). The
   // queries and this step's cache rows (written by the kernel before) are copied after the wait.
-  const MlaWorkItem item = p.work[blockIdx.y];
+  const MlaWorkItem first = p.work[blockIdx.y];
   // A slot with no work leaves at once: the launch still ends after the kernel before it, since every
   // plan has an item a query and those blocks wait for it. An item holds at least one tile.
-  if (item.query < 0) return;
-  const int query = item.query, tile_begin = item.tile_begin, tile_end = item.tile_end, kv_len = item.context;
-  const int32_t* table = p.block_tables + item.table_offset;
-  const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
-  const __nv_bfloat16* first_rows[S::kRowsPerThread];
-  bool early[S::kRowsPerThread];
+  if (first.query < 0 || (kPacked && first.taken)) return;
+  const int items = kPacked ? 1 + first.more : 1;
+  for (int done = 0; done < items; ++done) {
+    const MlaWorkItem item = done == 0 ? first : p.work[blockIdx.y + done];
+    const int query = item.query, tile_begin = item.tile_begin, tile_end = item.tile_end, kv_len = item.context;
+    const int32_t* table = p.block_tables + item.table_offset;
+    const int earlier_rows = p.step_tokens_bound > 0 ? kv_len - p.step_tokens_bound : 0;  // rows [0, this)
+    const __nv_bfloat16* first_rows[S::kRowsPerThread];
+    bool early[S::kRowsPerThread];
 #pragma unroll
-  for (int r = 0; r < S::kRowsPerThread; ++r) {
-    first_rows[r] = TileRowSource<S>(tile_begin, r, p, table, kv_len);
-    early[r] = first_rows[r] == nullptr || RowToken<S>(tile_begin, r) < earlier_rows;
-    if (early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
-  }
-  PdlWait();
-  PdlLaunchDependents();
-
-  // Queries (16 heads x (latent | rope)) and the rest of the first cache tile join the same async
-  // group: every load is in flight at once. Heads past p.heads are zero rows.
-  constexpr int kRankChunks = kRank / 8, kRowChunks = (kRank + kRope) / 8;
-  for (int i = threadIdx.x; i < kHeadsPerBlock * kRowChunks; i += kThreads) {
-    const int h = i / kRowChunks, c = i % kRowChunks, head = head0 + h;
-    const bool valid = head < p.heads;
-    const __nv_bfloat16* src = p.q_latent;
-    if (valid && c < kRankChunks) {
-      src = p.q_latent + (static_cast<int64_t>(query) * p.heads + head) * kRank + c * 8;
-    } else if (valid) {
-      src = p.q_rope + query * p.q_rope_row_stride + head * p.q_rope_head_stride + (c - kRankChunks) * 8;
+    for (int r = 0; r < S::kRowsPerThread; ++r) {
+      first_rows[r] = TileRowSource<S>(tile_begin, r, p, table, kv_len);
+      early[r] = done == 0 && (first_rows[r] == nullptr || RowToken<S>(tile_begin, r) < earlier_rows);
+      if (early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
     }
-    CpAsync16(&q_rows[h][c * 8], src, valid);
-  }
-#pragma unroll
-  for (int r = 0; r < S::kRowsPerThread; ++r) {
-    if (!early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
-  }
-  CpAsyncCommit();  // one group with the rows copied before the wait
-  if constexpr (S::kRing) {
-    // The next kStages - 2 tiles, a group each (empty past the split): tile i has landed once all
-    // but the kStages - 2 newest groups have.
-#pragma unroll
-    for (int d = 1; d < kStages - 1; ++d) {
-      if (tile_begin + d < tile_end) CopyTile<S>(s, d, tile_begin + d, p, table, kv_len);
-      CpAsyncCommit();
-    }
-  }
-
-  // Padding columns of the queries and cache tiles are never copied into: zero them once.
-  if constexpr (S::kWidthPadded > S::kWidth) {
-    constexpr int kPad = S::kWidthPadded - S::kWidth;
-    for (int i = threadIdx.x; i < kHeadsPerBlock * kPad; i += kThreads) {
-      q_rows[i / kPad][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
-    }
-    for (int i = threadIdx.x; i < kStages * kTileTokens * kPad; i += kThreads) {
-      s.kv[i / (kTileTokens * kPad)][(i / kPad) % kTileTokens][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
-    }
-  }
-  if (threadIdx.x < kHeadsPerBlock) {
-    s.row_max[threadIdx.x] = -INFINITY;
-    s.row_sum[threadIdx.x] = 0.0f;
-  }
-
-  uint32_t q_frag[S::kStepsPerWarp][4];  // this warp's k slice of the queries, as mma A fragments
-  float acc[S::kColTiles][4] = {};
-  for (int tile = tile_begin; tile < tile_end; ++tile) {
-    const int buffer = (tile - tile_begin) % kStages;
-    if constexpr (S::kRing) {
-      CpAsyncWait<kStages - 2>();
-    } else if (tile + 1 < tile_end) {
-      CopyTile<S>(s, buffer ^ 1, tile + 1, p, table, kv_len);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
+    if (done == 0) {
+      PdlWait();
+      PdlLaunchDependents();
     } else {
-      CpAsyncWait<0>();
+      __syncthreads();  // every warp is done with the last item's row sums (and, long since, its tiles)
     }
-    __syncthreads();
-    if (tile == tile_begin) {
+
+    // Queries (16 heads x (latent | rope)) and the rest of the first cache tile join the same async
+    // group: every load is in flight at once. Heads past p.heads are zero rows.
+    constexpr int kRankChunks = kRank / 8, kRowChunks = (kRank + kRope) / 8;
+    for (int i = threadIdx.x; i < kHeadsPerBlock * kRowChunks; i += kThreads) {
+      const int h = i / kRowChunks, c = i % kRowChunks, head = head0 + h;
+      const bool valid = head < p.heads;
+      const __nv_bfloat16* src = p.q_latent;
+      if (valid && c < kRankChunks) {
+        src = p.q_latent + (static_cast<int64_t>(query) * p.heads + head) * kRank + c * 8;
+      } else if (valid) {
+        src = p.q_rope + query * p.q_rope_row_stride + head * p.q_rope_head_stride + (c - kRankChunks) * 8;
+      }
+      CpAsync16(&q_rows[h][c * 8], src, valid);
+    }
+#pragma unroll
+    for (int r = 0; r < S::kRowsPerThread; ++r) {
+      if (!early[r]) CopyTileRow<S>(s, 0, r, first_rows[r], p);
+    }
+    CpAsyncCommit();  // one group with the rows copied before the wait
+    if constexpr (S::kRing) {
+      // The next kStages - 2 tiles, a group each (empty past the split): tile i has landed once all
+      // but the kStages - 2 newest groups have.
+#pragma unroll
+      for (int d = 1; d < kStages - 1; ++d) {
+        if (tile_begin + d < tile_end) CopyTile<S>(s, d, tile_begin + d, p, table, kv_len);
+        CpAsyncCommit();
+      }
+    }
+
+    // Padding columns of the queries and cache tiles are never copied into: zero them once.
+    if constexpr (S::kWidthPadded > S::kWidth) {
+      constexpr int kPad = S::kWidthPadded - S::kWidth;
+      for (int i = threadIdx.x; i < kHeadsPerBlock * kPad; i += kThreads) {
+        q_rows[i / kPad][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
+      }
+      for (int i = threadIdx.x; i < kStages * kTileTokens * kPad; i += kThreads) {
+        s.kv[i / (kTileTokens * kPad)][(i / kPad) % kTileTokens][S::kWidth + i % kPad] = __float2bfloat16(0.0f);
+      }
+    }
+    if (threadIdx.x < kHeadsPerBlock) {
+      s.row_max[threadIdx.x] = -INFINITY;
+      s.row_sum[threadIdx.x] = 0.0f;
+    }
+
+    uint32_t q_frag[S::kStepsPerWarp][4];  // this warp's k slice of the queries, as mma A fragments
+    float acc[S::kColTiles][4] = {};
+    for (int tile = tile_begin; tile < tile_end; ++tile) {
+      const int buffer = (tile - tile_begin) % kStages;
+      if constexpr (S::kRing) {
+        CpAsyncWait<kStages - 2>();
+      } else if (tile + 1 < tile_end) {
+        CopyTile<S>(s, buffer ^ 1, tile + 1, p, table, kv_len);
+        CpAsyncCommit();
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      __syncthreads();
+      if (tile == tile_begin) {
+#pragma unroll
+        for (int i = 0; i < S::kStepsPerWarp; ++i) {
+          const int step = warp * S::kStepsPerWarp + i;
+          if (step < S::kSteps) LdMatrixX4(q_frag[i], &q_rows[ld_row][step * 16 + ld_col]);
+        }
+      }
+
+      // This warp's partial scores over its k slice, for the 16 heads x 32 tokens.
+      const auto& kv = s.kv[buffer];
+      float score[kTileTokens / 8][4] = {};
 #pragma unroll
       for (int i = 0; i < S::kStepsPerWarp; ++i) {
         const int step = warp * S::kStepsPerWarp + i;
-        if (step < S::kSteps) LdMatrixX4(q_frag[i], &q_rows[ld_row][step * 16 + ld_col]);
+        if (step >= S::kSteps) break;
+#pragma unroll
+        for (int j = 0; j < kTileTokens / 16; ++j) {
+          // Matrices: tokens 16j.. x k lo, tokens 16j.. x k hi, tokens 16j+8.. x k lo, x k hi.
+          uint32_t b[4];
+          LdMatrixX4(b, &kv[16 * j + lane % 8 + 8 * (lane / 16)][step * 16 + 8 * ((lane / 8) % 2)]);
+          MmaBf16(score[2 * j], q_frag[i], {b[0], b[1]});
+          MmaBf16(score[2 * j + 1], q_frag[i], {b[2], b[3]});
+        }
       }
-    }
+#pragma unroll
+      for (int j = 0; j < kTileTokens / 8; ++j) {
+        *reinterpret_cast<float2*>(&s.scores[warp][g][8 * j + 2 * t]) = make_float2(score[j][0], score[j][1]);
+        *reinterpret_cast<float2*>(&s.scores[warp][g + 8][8 * j + 2 * t]) = make_float2(score[j][2], score[j][3]);
+      }
+      __syncthreads();
+      if constexpr (S::kRing) {
+        // Every warp is done with the tile before (and, at the first tile, with the queries): the tile
+        // kStages - 1 on takes its slot.
+        if (tile + kStages - 1 < tile_end) {
+          CopyTile<S>(s, (buffer + kStages - 1) % kStages, tile + kStages - 1, p, table, kv_len);
+        }
+        CpAsyncCommit();
+      }
 
-    // This warp's partial scores over its k slice, for the 16 heads x 32 tokens.
-    const auto& kv = s.kv[buffer];
-    float score[kTileTokens / 8][4] = {};
+      // Online softmax: kLanes consecutive lanes per head row, kTokens scores each, summed over the
+      // warps' parts.
+      {
+        constexpr int kLanes = S::kSoftmaxLanes, kTokens = S::kSoftmaxTokens;
+        const int row = threadIdx.x / kLanes, part = threadIdx.x % kLanes;
+        float v[kTokens], tile_max = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < S::kStepsPerWarp; ++i) {
-      const int step = warp * S::kStepsPerWarp + i;
-      if (step >= S::kSteps) break;
+        for (int i = 0; i < kTokens; ++i) {
+          float raw = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kTileTokens / 16; ++j) {
-        // Matrices: tokens 16j.. x k lo, tokens 16j.. x k hi, tokens 16j+8.. x k lo, x k hi.
-        uint32_t b[4];
-        LdMatrixX4(b, &kv[16 * j + lane % 8 + 8 * (lane / 16)][step * 16 + 8 * ((lane / 8) % 2)]);
-        MmaBf16(score[2 * j], q_frag[i], {b[0], b[1]});
-        MmaBf16(score[2 * j + 1], q_frag[i], {b[2], b[3]});
+          for (int w = 0; w < kWarps; ++w) raw += s.scores[w][row][part * kTokens + i];
+          const int token = tile * kTileTokens + part * kTokens + i;
+          v[i] = token < kv_len ? raw * p.softmax_scale : -INFINITY;
+          tile_max = fmaxf(tile_max, v[i]);
+        }
+#pragma unroll
+        for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+        }
+        const float old_max = s.row_max[row];
+        const float new_max = fmaxf(old_max, tile_max);  // finite: every tile holds a valid token
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kTokens; ++i) {
+          const float e = __expf(v[i] - new_max);
+          sum += e;
+          s.p[row][part * kTokens + i] = __float2bfloat16(e);
+        }
+#pragma unroll
+        for (int offset = kLanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        __syncwarp();
+        if (part == 0) {
+          const float rescale = __expf(old_max - new_max);  // 0 on the first tile (old_max = -inf)
+          s.row_scale[row] = rescale;
+          s.row_sum[row] = s.row_sum[row] * rescale + sum;
+          s.row_max[row] = new_max;
+        }
       }
-    }
-#pragma unroll
-    for (int j = 0; j < kTileTokens / 8; ++j) {
-      *reinterpret_cast<float2*>(&s.scores[warp][g][8 * j + 2 * t]) = make_float2(score[j][0], score[j][1]);
-      *reinterpret_cast<float2*>(&s.scores[warp][g + 8][8 * j + 2 * t]) = make_float2(score[j][2], score[j][3]);
-    }
-    __syncthreads();
-    if constexpr (S::kRing) {
-      // Every warp is done with the tile before (and, at the first tile, with the queries): the tile
-      // kStages - 1 on takes its slot.
-      if (tile + kStages - 1 < tile_end) {
-        CopyTile<S>(s, (buffer + kStages - 1) % kStages, tile + kStages - 1, p, table, kv_len);
-      }
-      CpAsyncCommit();
-    }
+      __syncthreads();
 
-    // Online softmax: kLanes consecutive lanes per head row, kTokens scores each, summed over the
-    // warps' parts.
-    {
-      constexpr int kLanes = S::kSoftmaxLanes, kTokens = S::kSoftmaxTokens;
-      const int row = threadIdx.x / kLanes, part = threadIdx.x % kLanes;
-      float v[kTokens], tile_max = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kTokens; ++i) {
-        float raw = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) raw += s.scores[w][row][part * kTokens + i];
-        const int token = tile * kTileTokens + part * kTokens + i;
-        v[i] = token < kv_len ? raw * p.softmax_scale : -INFINITY;
-        tile_max = fmaxf(tile_max, v[i]);
-      }
-#pragma unroll
-      for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
-      }
-      const float old_max = s.row_max[row];
-      const float new_max = fmaxf(old_max, tile_max);  // finite: every tile holds a valid token
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kTokens; ++i) {
-        const float e = __expf(v[i] - new_max);
-        sum += e;
-        s.p[row][part * kTokens + i] = __float2bfloat16(e);
-      }
-#pragma unroll
-      for (int offset = kLanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      __syncwarp();
-      if (part == 0) {
-        const float rescale = __expf(old_max - new_max);  // 0 on the first tile (old_max = -inf)
-        s.row_scale[row] = rescale;
-        s.row_sum[row] = s.row_sum[row] * rescale + sum;
-        s.row_max[row] = new_max;
-      }
-    }
-    __syncthreads();
-
-    // acc = acc * rescale + P . V over this warp's output columns.
-    const float scale_lo = s.row_scale[g], scale_hi = s.row_scale[g + 8];
-#pragma unroll
-    for (int n = 0; n < S::kColTiles; ++n) {
-      acc[n][0] *= scale_lo;
-      acc[n][1] *= scale_lo;
-      acc[n][2] *= scale_hi;
-      acc[n][3] *= scale_hi;
-    }
-    const int col0 = warp * S::kColsPerWarp;
-#pragma unroll
-    for (int k = 0; k < kTileTokens; k += 16) {
-      uint32_t a[4];
-      LdMatrixX4(a, &s.p[ld_row][k + ld_col]);
-      // Matrices (transposed): tokens k.. x cols c.., tokens k+8.. x cols c.., then cols c+8...
-#pragma unroll
-      for (int n = 0; n + 1 < S::kColTiles; n += 2) {
-        uint32_t b[4];
-        LdMatrixX4Trans(b, &kv[k + ld_row][col0 + n * 8 + ld_col]);
-        MmaBf16(acc[n], a, {b[0], b[1]});
-        MmaBf16(acc[n + 1], a, {b[2], b[3]});
-      }
-      if constexpr (S::kColTiles % 2 == 1) {
-        uint32_t b[2];
-        LdMatrixX2Trans(b, &kv[k + ld_row][col0 + (S::kColTiles - 1) * 8]);
-        MmaBf16(acc[S::kColTiles - 1], a, b);
-      }
-    }
-    // The next iteration's copy reuses this buffer. With a ring, the next writes of P, the rescales and
-    // the scores follow barriers that every warp reaches only after this P . V.
-    if constexpr (!S::kRing) __syncthreads();
-  }
-
-  // Rows g and g + 8 of this lane: normalise and store.
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = g + 8 * half, head = head0 + row;
-    if (head >= p.heads) continue;
-    const float sum = s.row_sum[row];
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-    if (item.partial < 0) {
-      __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * kRank;
+      // acc = acc * rescale + P . V over this warp's output columns.
+      const float scale_lo = s.row_scale[g], scale_hi = s.row_scale[g + 8];
 #pragma unroll
       for (int n = 0; n < S::kColTiles; ++n) {
-        const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
-        *reinterpret_cast<__nv_bfloat162*>(out + c) =
-            __floats2bfloat162_rn(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
+        acc[n][0] *= scale_lo;
+        acc[n][1] *= scale_lo;
+        acc[n][2] *= scale_hi;
+        acc[n][3] *= scale_hi;
       }
-    } else {
-      const int64_t partial = static_cast<int64_t>(item.partial) * p.heads + head;
-      float* out = p.partial_out + partial * kRank;
+      const int col0 = warp * S::kColsPerWarp;
 #pragma unroll
-      for (int n = 0; n < S::kColTiles; ++n) {
-        const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
-        *reinterpret_cast<float2*>(out + c) = make_float2(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
+      for (int k = 0; k < kTileTokens; k += 16) {
+        uint32_t a[4];
+        LdMatrixX4(a, &s.p[ld_row][k + ld_col]);
+        // Matrices (transposed): tokens k.. x cols c.., tokens k+8.. x cols c.., then cols c+8...
+#pragma unroll
+        for (int n = 0; n + 1 < S::kColTiles; n += 2) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, &kv[k + ld_row][col0 + n * 8 + ld_col]);
+          MmaBf16(acc[n], a, {b[0], b[1]});
+          MmaBf16(acc[n + 1], a, {b[2], b[3]});
+        }
+        if constexpr (S::kColTiles % 2 == 1) {
+          uint32_t b[2];
+          LdMatrixX2Trans(b, &kv[k + ld_row][col0 + (S::kColTiles - 1) * 8]);
+          MmaBf16(acc[S::kColTiles - 1], a, b);
+        }
       }
-      if (warp == 0 && t == 0) p.partial_lse[partial] = sum > 0.0f ? s.row_max[row] + __logf(sum) : -INFINITY;
+      // The next iteration's copy reuses this buffer. With a ring, the next writes of P, the rescales and
+      // the scores follow barriers that every warp reaches only after this P . V.
+      if constexpr (!S::kRing) __syncthreads();
+    }
+
+    // Rows g and g + 8 of this lane: normalise and store.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = g + 8 * half, head = head0 + row;
+      if (head >= p.heads) continue;
+      const float sum = s.row_sum[row];
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      if (item.partial < 0) {
+        __nv_bfloat16* out = p.out + (static_cast<int64_t>(query) * p.heads + head) * kRank;
+#pragma unroll
+        for (int n = 0; n < S::kColTiles; ++n) {
+          const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
+          *reinterpret_cast<__nv_bfloat162*>(out + c) =
+              __floats2bfloat162_rn(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
+        }
+      } else {
+        const int64_t partial = static_cast<int64_t>(item.partial) * p.heads + head;
+        float* out = p.partial_out + partial * kRank;
+#pragma unroll
+        for (int n = 0; n < S::kColTiles; ++n) {
+          const int c = warp * S::kColsPerWarp + n * 8 + 2 * t;
+          *reinterpret_cast<float2*>(out + c) = make_float2(acc[n][2 * half] * inv, acc[n][2 * half + 1] * inv);
+        }
+        if (warp == 0 && t == 0) p.partial_lse[partial] = sum > 0.0f ? s.row_max[row] + __logf(sum) : -INFINITY;
+      }
     }
   }
 }
@@ -496,11 +513,11 @@ __global__ void __launch_bounds__(kCombineThreads) MlaCombineKernel(MlaDecodePar
 }
 
 // The kernel's shared-memory limit raised on the current device, and its occupancy there.
-template <int kRank, int kRope, int kWarps>
+template <int kRank, int kRope, int kWarps, bool kPacked>
 cudaError_t SetUp(LaunchInfo* info) {
   static LaunchSetUp setup;
   using S = Shape<kRank, kRope, kWarps>;
-  return setup.Get(MlaDecodeKernel<kRank, kRope, kWarps>, S::kThreads, sizeof(typename S::Smem), info);
+  return setup.Get(MlaDecodeKernel<kRank, kRope, kWarps, kPacked>, S::kThreads, sizeof(typename S::Smem), info);
 }
 
 // The merge of the splits, with or without the value weights. Heads fastest: a plan's merge rows come
@@ -516,13 +533,13 @@ cudaError_t LaunchCombine(const MlaDecodeParams& p, cudaStream_t stream) {
 }
 
 // The attention kernel with kWarps warps a block.
-template <int kRank, int kRope, int kWarps>
+template <int kRank, int kRope, int kWarps, bool kPacked = false>
 cudaError_t LaunchKernel(const MlaDecodeParams& p, const dim3& grid, cudaStream_t stream) {
   using S = Shape<kRank, kRope, kWarps>;
   LaunchInfo info;
-  if (const cudaError_t error = SetUp<kRank, kRope, kWarps>(&info); error != cudaSuccess) return error;
-  return LaunchPdl(MlaDecodeKernel<kRank, kRope, kWarps>, grid, dim3(S::kThreads), sizeof(typename S::Smem), stream,
-                   p);
+  if (const cudaError_t error = SetUp<kRank, kRope, kWarps, kPacked>(&info); error != cudaSuccess) return error;
+  return LaunchPdl(MlaDecodeKernel<kRank, kRope, kWarps, kPacked>, grid, dim3(S::kThreads), sizeof(typename S::Smem),
+                   stream, p);
 }
 
 template <int kRank, int kRope>
@@ -532,7 +549,9 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.shape.work_slots);
   const int64_t blocks = int64_t{grid.x} * grid.y;
   cudaError_t error;
-  if constexpr (kRank >= 64) {  // eight warps hold 8k latent columns each
+  if (p.shape.uneven) {  // its plan may be packed (MlaDecodePlanner)
+    error = LaunchKernel<kRank, kRope, 4, true>(p, grid, stream);
+  } else if constexpr (kRank >= 64) {  // eight warps hold 8k latent columns each
     error = blocks <= sms ? LaunchKernel<kRank, kRope, 8>(p, grid, stream)
                           : LaunchKernel<kRank, kRope, 4>(p, grid, stream);
   } else {
@@ -553,7 +572,7 @@ cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
 template <int kRank, int kRope>
 cudaError_t ResidentBlocks(int* blocks_per_sm) {
   LaunchInfo info;
-  if (const cudaError_t error = SetUp<kRank, kRope, 4>(&info); error != cudaSuccess) return error;
+  if (const cudaError_t error = SetUp<kRank, kRope, 4, false>(&info); error != cudaSuccess) return error;
   *blocks_per_sm = info.blocks_per_sm;
   return cudaSuccess;
 }
@@ -684,6 +703,7 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   splits_ = std::max(shape.splits, 1);
   every_query_merged_ = every_query_merged;
   chunk_ = 0;
+  budget_ = 0;
   tiles_.resize(queries);
   order_.resize(queries);
   int64_t total = 0, most = 1;
@@ -765,14 +785,90 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
       chunk_ = c;
     }
   }
-  return chunk_ > 0;
+  // A packed plan: every block a wave's share of the tiles (or the even plan's average, if more),
+  // taken across query boundaries (each block the next pieces of the queries, longest first), so the
+  // step ends about when that share has passed through every block, whatever the contexts; only
+  // launches with room can take it.
+  if (shape.uneven) {
+    const int64_t budget = std::max(shortest, (total + item_slots - 1) / item_slots);
+    double end = 0.0;
+    const Tally t = Pack(budget, &end);
+    if (Fits(shape, t)) {
+      if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
+      if (const double time = end + merge_cost(t); time < best) {
+        best = time;
+        chunk_ = 0;
+        budget_ = budget;
+      }
+    }
+  }
+  return chunk_ > 0 || budget_ > 0;
+}
+
+MlaDecodePlanner::Tally MlaDecodePlanner::Pack(int64_t budget, double* end) const {
+  Tally t;
+  int64_t used = 0;  // tiles of the current block
+  double block_end = 0.0, last = 0.0;
+  for (const int q : order_) {
+    int64_t pieces = 0;
+    for (int64_t begin = 0; begin < tiles_[q]; ++pieces) {
+      const int64_t take = std::min(tiles_[q] - begin, budget - used);
+      begin += take;
+      used += take;
+      block_end += static_cast<double>(take) + (block_end > 0.0 ? kPackedItemTiles : 0.0);
+      if (used == budget) {
+        last = std::max(last, block_end);
+        used = 0;
+        block_end = 0.0;
+      }
+    }
+    t.items += pieces;
+    if (pieces > 1 || every_query_merged_) {
+      t.partials += pieces;
+      ++t.cut;
+    }
+  }
+  if (end != nullptr) *end = std::max(last, block_end);
+  return t;
 }
 
 bool MlaDecodePlanner::Write(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
                              MlaWorkItem* work, MlaMergeRow* merges) const {
   const int queries = static_cast<int>(tiles_.size());
-  if (shape.queries != queries || !Fits(shape, Count(chunk_))) return false;
+  if (shape.queries != queries || !Fits(shape, budget_ > 0 ? Pack(budget_, nullptr) : Count(chunk_))) return false;
   int slot = 0, row = 0, partial = 0;
+  if (budget_ > 0) {
+    if (!shape.uneven) return false;
+    int64_t used = 0;  // tiles of the current block, whose first item is work[leader]
+    int leader = 0;
+    for (const int q : order_) {
+      int pieces = 0;
+      for (int64_t begin = 0, u = used; begin < tiles_[q]; ++pieces) {
+        const int64_t take = std::min(tiles_[q] - begin, budget_ - u);
+        begin += take;
+        u = (u + take) % budget_;
+      }
+      const bool merged = pieces > 1 || every_query_merged_;
+      if (merged) merges[row++] = {q, partial, pieces, 0};
+      for (int64_t begin = 0; begin < tiles_[q];) {
+        const int64_t take = std::min(tiles_[q] - begin, budget_ - used);
+        MlaWorkItem item{q, static_cast<int32_t>(begin), static_cast<int32_t>(begin + take), merged ? partial++ : -1,
+                         positions[q] + 1, table_offsets[q]};
+        if (used == 0) {
+          leader = slot;
+        } else {
+          item.taken = 1;
+          ++work[leader].more;
+        }
+        work[slot++] = item;
+        begin += take;
+        used = (used + take) % budget_;
+      }
+    }
+    for (; slot < shape.work_slots; ++slot) work[slot] = MlaWorkItem{};
+    for (; row < shape.merge_rows; ++row) merges[row] = MlaMergeRow{};
+    return true;
+  }
   for (int i = 0; i < queries; ++i) {
     const int q = order_[i];
     const int64_t size = ItemTiles(q, chunk_);

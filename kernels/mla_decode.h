@@ -6,8 +6,9 @@
 //
 // Each query attends to the first `context` tokens of its sequence, read through the sequence's
 // block table; a query may be a decode token or a prefill token (causal by position). The work is a
-// list of items planned on the host (MlaDecodePlanner), one block each per group of 16 heads: a range
-// of a query's context tiles, with what the block needs to find them. A query cut into several
+// list of items planned on the host (MlaDecodePlanner), one block each per group of 16 heads (or, in a
+// packed plan, several one after another on one block): a range of a query's context tiles, with
+// what the block needs to find them. A query cut into several
 // items has each write a partial result, and a second kernel of the same launch merges them
 // (flash-decoding), so a small batch still fills the GPU, and the long contexts of a batch whose
 // contexts differ are spread over many blocks instead of holding up the step on a few.
@@ -41,7 +42,10 @@ struct alignas(16) MlaWorkItem {
   int32_t partial = -1;
   int32_t context = 0;       // tokens the query attends to: positions [0, context) of its sequence
   int32_t table_offset = 0;  // where its sequence's block table starts in block_tables
-  int32_t unused[2] = {};
+  // In launches with room for uneven plans, a block may take several items one after another (a
+  // packed plan): its own and the `more` after it, whose own blocks leave at once (`taken`).
+  int32_t more = 0;
+  int32_t taken = 0;
 };
 
 // A query cut into several items: the merge sums its partial rows [first_partial, + splits).
@@ -155,10 +159,13 @@ class MlaDecodePlanner {
   // hold up the step (one long request in a batch of short ones, or a batch of contexts spread
   // wide), an uneven plan cuts every query into items of one common size instead: the size whose
   // items end soonest, block by block, with the merge they cost (MlaDecodeSplits' measure), if that
-  // beats the even plan and fits `shape` (a launch with room for uneven plans). Either plan hands
-  // out the longest queries' items first. every_query_merged: each query goes through the merge
-  // (value weights applied there), even when it is one item. Returns whether the plan is uneven:
-  // then it needs `shape`; an even one runs in the launch without room.
+  // beats the even plan and fits `shape` (a launch with room for uneven plans). Or a packed plan:
+  // every block a wave's share of all the tiles (at least the even plan's average), taken across
+  // query boundaries, where that ends sooner still (a second wave of items of one size, or equal
+  // contexts past a wave). Every plan hands out the longest queries' items first.
+  // every_query_merged: each query goes through the merge (value weights applied there), even when
+  // it is one item. Returns whether the plan is uneven or packed: then it needs `shape`; an even one
+  // runs in the launch without room.
   bool Choose(const MlaDecodeShape& shape, const int32_t* positions, bool every_query_merged);
 
   // Writes the chosen plan into `shape`'s work items and merge rows (all shape.work_slots items and
@@ -176,6 +183,10 @@ class MlaDecodePlanner {
   // Tiles an item of query q holds at most: `chunk`, or (chunk 0, the even plan) its tiles over splits_.
   int64_t ItemTiles(int q, int64_t chunk) const { return chunk > 0 ? chunk : (tiles_[q] + splits_ - 1) / splits_; }
   Tally Count(int64_t chunk) const;
+  // A packed plan of `budget` tiles a block (each block takes the next pieces of the queries, longest
+  // first, up to its budget): what it asks of a launch, and (`ends` not null) its blocks' ends in
+  // tile times, an item's start counted as kPackedItemTiles.
+  Tally Pack(int64_t budget, double* end) const;
   static bool Fits(const MlaDecodeShape& shape, const Tally& t) {
     return t.items <= shape.work_slots && t.cut <= shape.merge_rows && t.partials <= shape.max_partials;
   }
@@ -186,7 +197,8 @@ class MlaDecodePlanner {
   std::vector<int64_t> candidates_;  // item sizes an uneven plan may take
   int splits_ = 1;
   bool every_query_merged_ = false;
-  int64_t chunk_ = 0;  // the chosen plan's item tiles; 0: the even plan
+  int64_t chunk_ = 0;   // the chosen plan's item tiles; 0: the even plan
+  int64_t budget_ = 0;  // > 0: the chosen plan is packed, this many tiles a block
 };
 
 }  // namespace cohort::kernels
