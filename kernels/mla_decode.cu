@@ -210,7 +210,8 @@ __global__ void __launch_bounds__(kWarps * 32, Shape<kRank, kRope, kWarps>::kMin
       }
     }
 
-    // Padding columns of the queries and cache tiles are never copied into: zero them once.
+    // Padding columns of the queries and cache tiles are never copied into: zero them (again for each
+    // item of a packed block, beside copies that touch only the other columns).
     if constexpr (S::kWidthPadded > S::kWidth) {
       constexpr int kPad = S::kWidthPadded - S::kWidth;
       for (int i = threadIdx.x; i < kHeadsPerBlock * kPad; i += kThreads) {
