@@ -689,7 +689,7 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
 MlaDecodePlanner::Tally MlaDecodePlanner::Count(int64_t chunk) const {
   Tally t;
   for (size_t q = 0; q < tiles_.size(); ++q) {
-    const int64_t n = (tiles_[q] + ItemTiles(static_cast<int>(q), chunk) - 1) / ItemTiles(static_cast<int>(q), chunk);
+    const int64_t size = ItemTiles(static_cast<int>(q), chunk), n = (tiles_[q] + size - 1) / size;
     t.items += n;
     if (n > 1 || every_query_merged_) {
       t.partials += n;
@@ -771,6 +771,10 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   }
   std::sort(candidates_.begin(), candidates_.end());
   double best = -1.0;  // the even plan's, once an uneven one is weighed against it
+  const auto weigh_even = [&] {
+    if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
+  };
+  chosen_ = {};
   for (size_t i = 0; i < candidates_.size(); ++i) {
     const int64_t c = candidates_[i];
     if (i > 0 && c == candidates_[i - 1]) continue;
@@ -779,11 +783,12 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
     if (best >= 0.0 && bound >= best) break;  // nor will any longer items
     const Tally t = Count(c);
     if (!Fits(shape, t)) continue;
-    if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
+    weigh_even();
     if (bound + merge_cost(t) >= best) continue;
     if (const double time = makespan(c, best - merge_cost(t)) + merge_cost(t); time < best) {
       best = time;
       chunk_ = c;
+      chosen_ = t;
     }
   }
   // A packed plan: every block a wave's share of the tiles (or the even plan's average, if more),
@@ -793,20 +798,22 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   if (shape.uneven) {
     const int64_t budget = std::max(shortest, (total + item_slots - 1) / item_slots);
     double end = 0.0;
-    const Tally t = Pack(budget, &end);
+    const Tally t = Pack(budget, end);
     if (Fits(shape, t)) {
-      if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
+      weigh_even();
       if (const double time = end + merge_cost(t); time < best) {
         best = time;
         chunk_ = 0;
         budget_ = budget;
+        chosen_ = t;
       }
     }
   }
+  if (chunk_ == 0 && budget_ == 0) chosen_ = Count(0);
   return chunk_ > 0 || budget_ > 0;
 }
 
-MlaDecodePlanner::Tally MlaDecodePlanner::Pack(int64_t budget, double* end) const {
+MlaDecodePlanner::Tally MlaDecodePlanner::Pack(int64_t budget, double& end) const {
   Tally t;
   int64_t used = 0;  // tiles of the current block
   double block_end = 0.0, last = 0.0;
@@ -829,26 +836,20 @@ MlaDecodePlanner::Tally MlaDecodePlanner::Pack(int64_t budget, double* end) cons
       ++t.cut;
     }
   }
-  if (end != nullptr) *end = std::max(last, block_end);
+  end = std::max(last, block_end);
   return t;
 }
 
 bool MlaDecodePlanner::Write(const MlaDecodeShape& shape, const int32_t* positions, const int32_t* table_offsets,
                              MlaWorkItem* work, MlaMergeRow* merges) const {
   const int queries = static_cast<int>(tiles_.size());
-  if (shape.queries != queries || !Fits(shape, budget_ > 0 ? Pack(budget_, nullptr) : Count(chunk_))) return false;
+  if (shape.queries != queries || !Fits(shape, chosen_) || (budget_ > 0 && !shape.uneven)) return false;
   int slot = 0, row = 0, partial = 0;
   if (budget_ > 0) {
-    if (!shape.uneven) return false;
     int64_t used = 0;  // tiles of the current block, whose first item is work[leader]
     int leader = 0;
     for (const int q : order_) {
-      int pieces = 0;
-      for (int64_t begin = 0, u = used; begin < tiles_[q]; ++pieces) {
-        const int64_t take = std::min(tiles_[q] - begin, budget_ - u);
-        begin += take;
-        u = (u + take) % budget_;
-      }
+      const int pieces = static_cast<int>((used + tiles_[q] + budget_ - 1) / budget_);  // blocks it reaches
       const bool merged = pieces > 1 || every_query_merged_;
       if (merged) merges[row++] = {q, partial, pieces, 0};
       for (int64_t begin = 0; begin < tiles_[q];) {
@@ -866,20 +867,17 @@ bool MlaDecodePlanner::Write(const MlaDecodeShape& shape, const int32_t* positio
         used = (used + take) % budget_;
       }
     }
-    for (; slot < shape.work_slots; ++slot) work[slot] = MlaWorkItem{};
-    for (; row < shape.merge_rows; ++row) merges[row] = MlaMergeRow{};
-    return true;
-  }
-  for (int i = 0; i < queries; ++i) {
-    const int q = order_[i];
-    const int64_t size = ItemTiles(q, chunk_);
-    const int n = static_cast<int>((tiles_[q] + size - 1) / size);
-    const bool merged = n > 1 || every_query_merged_;
-    if (merged) merges[row++] = {q, partial, n, 0};
-    for (int j = 0; j < n; ++j) {
-      const int64_t begin = j * size, end = std::min(tiles_[q], begin + size);
-      work[slot++] = {q, static_cast<int32_t>(begin), static_cast<int32_t>(end), merged ? partial++ : -1,
-                      positions[q] + 1, table_offsets[q]};
+  } else {
+    for (const int q : order_) {
+      const int64_t size = ItemTiles(q, chunk_);
+      const int n = static_cast<int>((tiles_[q] + size - 1) / size);
+      const bool merged = n > 1 || every_query_merged_;
+      if (merged) merges[row++] = {q, partial, n, 0};
+      for (int j = 0; j < n; ++j) {
+        const int64_t begin = j * size, end = std::min(tiles_[q], begin + size);
+        work[slot++] = {q, static_cast<int32_t>(begin), static_cast<int32_t>(end), merged ? partial++ : -1,
+                        positions[q] + 1, table_offsets[q]};
+      }
     }
   }
   for (; slot < shape.work_slots; ++slot) work[slot] = MlaWorkItem{};

@@ -184,9 +184,9 @@ class MlaDecodePlanner {
   int64_t ItemTiles(int q, int64_t chunk) const { return chunk > 0 ? chunk : (tiles_[q] + splits_ - 1) / splits_; }
   Tally Count(int64_t chunk) const;
   // A packed plan of `budget` tiles a block (each block takes the next pieces of the queries, longest
-  // first, up to its budget): what it asks of a launch, and (`ends` not null) its blocks' ends in
-  // tile times, an item's start counted as kPackedItemTiles.
-  Tally Pack(int64_t budget, double* end) const;
+  // first, up to its budget): what it asks of a launch, and in `end` when its last block ends in tile
+  // times, an item after a block's first counted kPackedItemTiles late.
+  Tally Pack(int64_t budget, double& end) const;
   static bool Fits(const MlaDecodeShape& shape, const Tally& t) {
     return t.items <= shape.work_slots && t.cut <= shape.merge_rows && t.partials <= shape.max_partials;
   }
@@ -199,6 +199,7 @@ class MlaDecodePlanner {
   bool every_query_merged_ = false;
   int64_t chunk_ = 0;   // the chosen plan's item tiles; 0: the even plan
   int64_t budget_ = 0;  // > 0: the chosen plan is packed, this many tiles a block
+  Tally chosen_;        // what the chosen plan asks of a launch
 };
 
 }  // namespace cohort::kernels

@@ -121,8 +121,9 @@ struct StepLayout {
   // Rows of the LM head: `rows` on one GPU; on GPU 0 of several, every GPU's logits rows (the others
   // compute none).
   int lm_rows = 0;
-  kernels::MlaDecodeShape attention;  // of the absorbed attention's launch, and its plan's place in the inputs
-  bool uneven_attention = false;      // the launch has room for uneven cuts, which the plan takes (GraphKey::uneven)
+  // The absorbed attention's launch (with room for uneven plans where the step's plan takes them:
+  // GraphKey::uneven), and its plan's place in the inputs.
+  kernels::MlaDecodeShape attention;
   bool values_in_merge = false;       // the attention's merge applies W_uv
   int absorbed_run = 0;     // the most absorbed tokens of one sequence (MlaDecodeParams::step_tokens_bound)
   std::vector<ExpandedGroup> expanded;
@@ -582,8 +583,7 @@ absl::Status CudaEngine::PlanAttention(int queries, int64_t max_context, bool un
   };
   s.values_in_merge = queries <= kMergeValuesMaxTokens && splits > 1;
   // The launch with room for uneven cuts where the plan takes them (or a capture asks for it).
-  s.uneven_attention = attention_planner_.Choose(shape(true), positions, s.values_in_merge) || uneven;
-  s.attention = shape(s.uneven_attention);
+  s.attention = shape(attention_planner_.Choose(shape(true), positions, s.values_in_merge) || uneven);
   // The plan, placed to end where the tokens begin (PlanOffset).
   const int64_t offset = PlanOffset(s.attention);
   query_tables_.resize(queries);
@@ -1135,7 +1135,7 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const Shar
   COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, key ? &*key : nullptr, shard));
   if (key) {
     // The plan says whether the step needs the graph with room for uneven cuts.
-    const cudaGraphExec_t graph = graphs_.at({key->bucket, key->max_context, layout.uneven_attention});
+    const cudaGraphExec_t graph = graphs_.at({key->bucket, key->max_context, layout.attention.uneven});
     COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
   } else {
     // Padding rows attend over nothing: their attention rows stay zero through every layer.
