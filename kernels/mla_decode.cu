@@ -705,6 +705,7 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   every_query_merged_ = every_query_merged;
   chunk_ = 0;
   budget_ = 0;
+  chosen_ = {};  // an empty step's, which plans nothing
   tiles_.resize(queries);
   order_.resize(queries);
   int64_t total = 0, most = 1;
@@ -774,7 +775,6 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
   const auto weigh_even = [&] {
     if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
   };
-  chosen_ = {};
   for (size_t i = 0; i < candidates_.size(); ++i) {
     const int64_t c = candidates_[i];
     if (i > 0 && c == candidates_[i - 1]) continue;

@@ -572,6 +572,11 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
     SCOPED_TRACE(::testing::Message() << queries << " queries, " << heads << " heads, round " << round);
     check(positions, merged, make(heads, splits, positions, merged));
   }
+  // A step with no absorbed queries (a prefill through the expanded path), after all of those: an
+  // empty plan that fits its empty launch.
+  const kernels::MlaDecodeShape empty = kernels::MlaDecodeShapeFor(0, 16, 1, kResident, 1024, false);
+  EXPECT_FALSE(planner.Choose(empty, nullptr, false));
+  EXPECT_TRUE(planner.Write(empty, nullptr, nullptr, nullptr, nullptr));
 }
 
 TEST(MlaDecodeTest, ValueWeightsAppliedInTheMerge) {
