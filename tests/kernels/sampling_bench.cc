@@ -15,12 +15,16 @@
 // bandwidth (a 1 GiB cudaMemcpyAsync, bytes read + written) measured at the start: one pass over
 // the logits at copy speed would be 100%.
 //
-//   build/bin/sampling_bench
+//   build/bin/sampling_bench [--case SUBSTRING] [--rows N]
+//
+// --case keeps the cases whose name contains SUBSTRING, --rows one row count: to profile or compare
+// one case alone.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <span>
 #include <string>
@@ -59,7 +63,12 @@ struct Case {
 constexpr int32_t kGreedyRows[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 constexpr int32_t kSampledRows[] = {1, 4, 16, 32, 64, 128, 256, 512};
 
-int Main() {
+struct Filter {
+  const char* case_substring = nullptr;  // every case when null
+  int32_t rows = 0;                      // every row count when 0
+};
+
+int Main(const Filter& filter) {
   cudaStream_t stream;
   BENCH_CHECK(cudaStreamCreate(&stream));
 
@@ -108,11 +117,13 @@ int Main() {
   };
   std::printf("%-30s %-7s %5s %10s %12s %7s\n", "case", "logits", "rows", "us/step", "logits GB/s", "% copy");
   for (const Case& c : cases) {
+    if (filter.case_substring != nullptr && std::strstr(c.name, filter.case_substring) == nullptr) continue;
     const bool greedy_only = c.temperature == 0.0f && c.top_logprobs == 0;
     const std::span<const int32_t> row_counts =
         greedy_only ? std::span<const int32_t>(kGreedyRows) : std::span<const int32_t>(kSampledRows);
     for (int flat_logits = 0; flat_logits < (c.temperature == 0.0f ? 1 : 2); ++flat_logits) {
       for (int32_t rows : row_counts) {
+        if (filter.rows != 0 && rows != filter.rows) continue;
         std::vector<SamplingRowParams> params(rows);
         std::uniform_real_distribution<double> uniform(0.0, 1.0);
         for (int32_t r = 0; r < rows; ++r) {
@@ -159,4 +170,17 @@ int Main() {
 }  // namespace
 }  // namespace cohort
 
-int main() { return cohort::Main(); }
+int main(int argc, char** argv) {
+  cohort::Filter filter;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--case") == 0 && i + 1 < argc) {
+      filter.case_substring = argv[++i];
+    } else if (std::strcmp(argv[i], "--rows") == 0 && i + 1 < argc) {
+      filter.rows = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: sampling_bench [--case SUBSTRING] [--rows N]\n");
+      return 2;
+    }
+  }
+  return cohort::Main(filter);
+}
