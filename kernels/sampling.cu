@@ -425,6 +425,7 @@ struct SharedStorage {
   int pick;
   int fallback;
   int list_size;
+  bool short_of_target;
   // Set by thread 0, which writes the result: rather than held in registers across calls.
   RowOutput output;
   RowStats stats;
@@ -911,9 +912,11 @@ __device__ __forceinline__ BinChoice FindInWarp(const uint32_t (&count)[kPer], c
 
 // Ends a level whose histogram is in the outbox: every block reads all blocks' super-bins, then
 // the bins of the chosen one, summed in rank order, and takes the same decision. A mass select's
-// first level also sets st.target = top_p * the total weight.
+// first level also sets st.target = top_p * the total weight: the histogram's and `mass_below`, the
+// weight of values left out of it; s.short_of_target says whether the histogram's is less than the
+// target, so that the cut lies among those values.
 template <int kBits, Rank kRank, bool kCluster>
-__device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double top_p) {
+__device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double top_p, double mass_below = 0.0) {
   constexpr bool kMass = kRank != Rank::kCount;
   constexpr int kRanks = kCluster ? kMaxCluster : 1;
   SharedStorage& s = Smem();
@@ -936,7 +939,12 @@ __device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double
       }
     }
     double target = st.target;
-    if (kMass && st.level == 0) target = top_p * WarpAllReduce(super_mass[0] + super_mass[1], Plus{});
+    bool short_of_target = false;
+    if (kMass && st.level == 0) {
+      const double histogram = WarpAllReduce(super_mass[0] + super_mass[1], Plus{});
+      target = top_p * (histogram + mass_below);
+      short_of_target = histogram < target;  // only where mass_below > 0, as top_p <= 1
+    }
     const BinChoice super = FindInWarp<kRank, 2>(super_count, super_mass, 0u, st.mass_above, st.need, target);
     uint32_t bin_count[1] = {0u};
     double bin_mass[1] = {0.0};
@@ -955,6 +963,7 @@ __device__ __forceinline__ void ResolveLevel(SelectState& st, int blocks, double
       choice.index += super.index * kBinsPerSuper;
       s.choice = choice;
       s.target = target;
+      if (kMass && st.level == 0) s.short_of_target = short_of_target;
     }
   }
   __syncthreads();
@@ -1511,6 +1520,50 @@ __device__ __forceinline__ Cut FinishTopPInList(SelectState st, const RowStore<R
   return FinishTopP(st, Listed(), top_p);
 }
 
+// Top-p's first level over the row's weights that also gathers the heavy tokens (a weight's bits at
+// least min_key: 2^-10, kGatherKey, as a rule) into the list. Only those enter the histogram; the
+// others' weight is summed apart. A histogram's atomics cost more than the rest of a token's work,
+// and a peaked row's top-p cut lies among its heavy tokens, so that its select and draw then stay
+// in the list. Where the cut lies among the light tokens after all (s.short_of_target), the caller
+// runs it again with min_key 0: every token heavy. Where s.list_size <= kListCapacity, the list
+// holds every token of the histogram, in id order.
+constexpr uint32_t kGatherKey = 0x3a800000u;  // 2^-10 as a float's bits
+static_assert((kGatherKey & ((1u << (kWeightBits - kDigitBits)) - 1u)) == 0u,
+              "light and heavy weights differ in the first digit: a heavy cut's later levels meet no light token");
+
+__device__ __noinline__ SelectState TopPLevelGathering(const RowStore<RowValues::kWeights> row, float top_p,
+                                                      uint32_t min_key) {
+  SharedStorage& s = Smem();
+  CandidateList& list = Scratch().u.list;
+  ExchangeSlot& out = Outbox();
+  ClearBins<kRowThreads, true>(out);
+  if (threadIdx.x == 0) s.list_size = 0;
+  __syncthreads();
+  double light = 0.0;
+  row.Visit([&](bool in, int id, float w) {
+    const bool heavy = in && w > 0.0f && __float_as_uint(w) >= min_key;
+    if (in && w > 0.0f && !heavy) light += static_cast<double>(w);
+    const uint32_t digit = DigitOf<kWeightBits>(__float_as_uint(w), 0);
+    AddToBin<true>(out, heavy ? kBins - 1 - static_cast<int>(digit) : -1, w);
+    const unsigned lanes = __ballot_sync(kFullMask, heavy && s.list_size <= kListCapacity);
+    if (lanes == 0u) return;  // none heavy, or the list has overflowed: its size only says so now
+    const int first = __ffs(static_cast<int>(lanes)) - 1;
+    int base = 0;
+    if (Lane() == first) base = atomicAdd(&s.list_size, __popc(lanes));
+    const int j = __shfl_sync(kFullMask, base, first) + __popc(lanes & ((1u << Lane()) - 1u));
+    if (((lanes >> Lane()) & 1u) != 0u && j < kListCapacity) {
+      list.ids[j] = id;
+      list.values[j] = w;
+    }
+  });
+  SumSuperBins<kRowThreads, true>(out);
+  if (s.list_size <= kListCapacity) SortListById(s.list_size);
+  light = BlockAllReduce<kRowThreads>(light, Plus{}, s.reduce);
+  SelectState st;
+  ResolveLevel<kWeightBits, Rank::kMassAtLeast, false>(st, 1, static_cast<double>(top_p), light);
+  return st;
+}
+
 // The row's top logprobs; `st` has the select's first digit. The rest runs over the list when
 // it can, else over the row.
 __device__ __noinline__ void RowTopLogprobs(int vocab, SelectState st, int n, SamplingTopLogprob* out) {
@@ -1527,22 +1580,35 @@ __device__ __noinline__ void RowTopLogprobs(int vocab, SelectState st, int n, Sa
   }
 }
 
-// Top-p and the draw over weights: in the list, or computed from the row. Over the row, top-p's
-// first digit may leave few enough tokens to gather.
+// Top-p (top_p < 1) and the draw over the row's weights: in the list where the first level's
+// gathered tokens hold the cut, or where its digit leaves few enough tokens to gather them now,
+// else over the row. The row's parameters are read where they are used, not held across calls.
+__device__ __noinline__ void SampleTopPOverRow(const RowStore<RowValues::kWeights> row) {
+  const SamplingRowParams& p = *Smem().row.params;
+  SelectState st = TopPLevelGathering(row, p.top_p, kGatherKey);
+  if (Smem().short_of_target) st = TopPLevelGathering(row, p.top_p, 0u);
+  if (Smem().list_size <= kListCapacity) {
+    const Cut cut = FinishTopP(st, Listed(), p.top_p);
+    Draw(Listed(), cut, p.uniform);
+  } else if (FitsList(st)) {
+    const Cut cut = FinishTopPInList(st, row, p.top_p);  // gathers the list first
+    Draw(Listed(), cut, p.uniform);
+  } else {
+    const Cut cut = FinishTopP(st, row, p.top_p);
+    Draw(row, cut, p.uniform);
+  }
+}
+
+// Top-p and the draw over weights: in the list, or computed from the row.
 template <class Store>
 __device__ __forceinline__ void SampleWeights(const Store& store, float top_p, double uniform) {
   Cut cut;
   if (top_p < 1.0f) {
-    SelectState st;
     if constexpr (std::is_same_v<Store, RowStore<RowValues::kWeights>>) {
-      st = TopPLevel(st, store, top_p);
-      if (FitsList(st)) {
-        const Cut list_cut = FinishTopPInList(st, store, top_p);  // gathers the list first
-        Draw(Listed(), list_cut, uniform);
-        return;
-      }
+      SampleTopPOverRow(store);  // the row's own top_p and uniform
+      return;
     }
-    cut = FinishTopP(st, store, top_p);
+    cut = FinishTopP(SelectState{}, store, top_p);
   }
   Draw(store, cut, uniform);
 }

@@ -764,6 +764,44 @@ TEST(SamplingKernelTest, RowSplitUniformExtremesPickTheFirstAndLastKeptTokens) {
   }
 }
 
+// Top-p in the row split gathers the tokens that weigh at least 2^-10 of the best into shared memory
+// while it histograms them, and sums the lighter ones apart (kernels/sampling.cu,
+// TopPLevelGathering). Rows built for each way that ends, at temperature 1: a few hundred heavy
+// tokens holding the cut (the select and the draw in the list); thousands (more than the list
+// holds); and a few heavy tokens over a plateau of light ones that holds most of the weight, so
+// that the cut lies among tokens the first pass left out of its histogram and the pass runs again.
+TEST(SamplingKernelTest, RowSplitTopPCutsAmongHeavyAndLightTokensMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  const int vocab = 102400;
+  const int rows = 120;  // the row split on devices of fewer than 180 SMs
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> logits(static_cast<size_t>(rows) * vocab);
+  RowSet set(vocab);
+  for (int r = 0; r < rows; ++r) {
+    // Heavy tokens within 0.6 of the best (weights above 0.5), the plateau 8 to 14 below it
+    // (weights under 2^-10 = e^-6.9).
+    const int heavy = std::vector<int>{300, 5000, 20}[r % 3];
+    const float plateau = r % 3 == 2 ? -8.0f : -14.0f;  // 102400 x e^-8 outweighs 20 heavy tokens
+    float* row = logits.data() + static_cast<size_t>(r) * vocab;
+    for (int t = 0; t < vocab; ++t) row[t] = plateau + 0.2f * std::clamp(normal(rng), -2.5f, 2.5f);
+    std::vector<int32_t> ids(vocab);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int i = 0; i < heavy; ++i) row[ids[i]] = 0.1f * std::clamp(normal(rng), -3.0f, 3.0f);
+    SamplingConfig c;
+    c.seed = rng();
+    c.top_p = std::vector<float>{0.5f, 0.9f, 0.99f}[(r / 3) % 3];
+    c.top_logprobs = r % 2 == 0 ? 3 : 0;
+    AddRow(set, c, {}, 0, rng);
+  }
+  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+  ExpectNearTiesRare(tally);
+}
+
 // The same rows through both splits: all at once (the row split) and one at a time (a one-row
 // launch takes the cluster split, 8 blocks a row). Only the order of double sums differs, so the
 // tokens and top-logprob ids must be equal, and the logprobs close.
