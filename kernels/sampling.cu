@@ -16,11 +16,17 @@
 // of 512 threads, two per SM, that keeps nothing of the row in shared memory: each pass streams it
 // from global memory. Penalised tokens are marked in a shared bitmap, left out of the stream and
 // visited again from their penalty entries with their penalised logits; weights are computed on
-// the fly, and the logits are never written. Passes are few: the first computes the log-sum-exp,
-// the argmax and the first digit of the row's first select together, and a select's first digit
-// usually leaves few tokens that can still matter. When those are at most kListCapacity, they are
-// gathered into shared memory in id order (the list), and the select's later digits, the weights,
-// top-p and the draw work there as on a slice.
+// the fly, and the logits are never written. Passes are few, and each select gathers the few
+// tokens that can still matter into shared memory in id order (the list, at most kListCapacity),
+// where the rest of it, the weights, top-p and the draw work as on a slice:
+//   - the first pass computes the log-sum-exp, the argmax and each thread's largest value; the k-th
+//     largest of those bounds top-k's (or the top logprobs') cut from below, and one pass gathers
+//     the values above it (GatherAboveTops);
+//   - top-p's first level gathers as it goes: only the tokens weighing at least 2^-10 of the best
+//     enter its histogram and the list, and a peaked row's cut lies among them
+//     (TopPLevelGathering);
+//   - otherwise (too many candidates) a select's first digit over the row usually leaves few
+//     enough to gather, and where not, the select and the draw stream the row.
 //
 // Both splits run the same selects, weights and draw, templated on where the values live (a
 // slice, the list, or the row in global memory):
@@ -128,6 +134,11 @@ __device__ __forceinline__ uint32_t OrderedKey(float f) {
   uint32_t bits = __float_as_uint(f);
   if (bits == 0x80000000u) bits = 0;
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The float of an OrderedKey (0 for both zeros' key).
+__device__ __forceinline__ float KeyValue(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // exp(x) for x <= 0, rounded to float from a double evaluation accurate to ~1e-15: table of
@@ -448,6 +459,9 @@ struct RowScratch {
     double chunk_mass[kMaxRowChunks];
   } u;
   float scan[kChunk];  // the draw's scan over the row: the weights of one chunk's penalised tokens
+  // The first pass's thread tops: each thread's largest raw and penalised logit, as OrderedKeys.
+  uint32_t raw_tops[kRowThreads];
+  uint32_t penalised_tops[kRowThreads];
 };
 
 constexpr size_t kSliceOffset = (sizeof(SharedStorage) + 15) / 16 * 16;
@@ -1397,52 +1411,39 @@ __device__ __forceinline__ void SetUpRow(const SamplingArgs& args, const Samplin
   __syncthreads();
 }
 
-// Which select's first digit the row's first pass histograms along the way.
-enum class FirstDigit { kNone, kRawKeys, kPenalisedKeys };
-
-// The log-sum-exp of the raw logits and the argmax of the penalised ones, into s.stats; for
-// `digit`, the first digit's histogram in the outbox (ResolveFirstDigit ends it).
-__device__ __noinline__ void RowFirstPass(int n, FirstDigit digit) {
+// The log-sum-exp of the raw logits and the argmax of the penalised ones, into s.stats; where asked
+// for, each thread's largest raw and penalised logit by OrderedKey (the thread tops, in
+// Scratch(); GatherAboveTops).
+__device__ __noinline__ void RowFirstPass(int n, bool raw_tops, bool penalised_tops) {
   SharedStorage& s = Smem();
   const RowInfo row = s.row;
-  ExchangeSlot& out = Outbox();
-  if (digit != FirstDigit::kNone) {
-    ClearBins<kRowThreads, false>(out);
-    __syncthreads();
-  }
   LogSumExp lse{-INFINITY, 0.0f};
   ArgMax best{-INFINITY, INT_MAX};
+  uint32_t raw_top = 0u;        // the smallest key: no value yet
+  uint32_t penalised_top = 0u;
   int first_is_nan = 0;  // Sampler::Argmax keeps token 0 when its penalised logit is NaN
   auto add = [&](bool raw_in, bool penalised_in, int t, float raw, float penalised) {
-    if (raw_in) lse.Add(raw);
+    if (raw_in) {
+      lse.Add(raw);
+      if (raw_tops) raw_top = max(raw_top, OrderedKey(raw));
+    }
     if (penalised_in) {
       best.Add(penalised, t);
       if (t == 0) first_is_nan = penalised != penalised;
-    }
-    if (digit != FirstDigit::kNone) {
-      const bool raw_keys = digit == FirstDigit::kRawKeys;
-      const bool in = raw_keys ? raw_in : penalised_in;
-      const uint32_t key = OrderedKey(raw_keys ? raw : penalised);
-      AddToBin<false>(out, in ? kBins - 1 - static_cast<int>(DigitOf<32>(key, 0)) : -1, 0.0f);
+      if (penalised_tops) penalised_top = max(penalised_top, OrderedKey(penalised));
     }
   };
   StreamRow<kRowUnroll>(row, n, row.penalty_count > 0,
                         [&](bool in, bool marked, int t, float logit) { add(in, in && !marked, t, logit, logit); });
   VisitPenaltyEntries(row, n, [&](bool in, int t, float penalised) { add(false, in, t, 0.0f, penalised); });
-  if (digit != FirstDigit::kNone) SumSuperBins<kRowThreads, false>(out);
+  Scratch().raw_tops[threadIdx.x] = raw_top;
+  Scratch().penalised_tops[threadIdx.x] = penalised_top;
   first_is_nan = __syncthreads_or(first_is_nan);
   lse = BlockAllReduce<kRowThreads>(lse, CombineLogSumExp{}, s.reduce);
   best = BlockAllReduce<kRowThreads>(best, CombineArgMax{}, s.reduce);
   if (first_is_nan != 0) best.id = 0;
   if (threadIdx.x == 0) s.stats = RowStats{static_cast<double>(lse.max) + log(static_cast<double>(lse.sum)), best};
   __syncthreads();
-}
-
-// A count select's first digit, from the first pass's histogram.
-__device__ __forceinline__ SelectState ResolveFirstDigit(int need) {
-  SelectState st = CountSelect(need);
-  ResolveLevel<32, Rank::kCount, false>(st, 1, 0.0);
-  return st;
 }
 
 // Bitonic sort of the list's first n entries by id (distinct), padded to a power of two with ids
@@ -1513,6 +1514,47 @@ __device__ __forceinline__ Cut FinishLargestInList(SelectState st, const RowStor
   return FinishLargest(st, Listed());
 }
 
+// A count select of the row's `need` largest values started from the thread tops (need at most
+// kMaxTopsNeed): each of the top `need` tops is a value of the row, so at least `need` values lie at
+// or above the need-th largest top, and as each thread saw 1/512 of the row, spread over it, usually
+// not many more. Those are gathered into the list; returns whether they fit: then the list holds the
+// row's `need` largest values, ties included. Unlike a first digit over the row, which a first
+// pass must histogram with an atomic per distinct value a warp holds, this costs the first pass a
+// maximum per value.
+constexpr int kMaxTopsNeed = kRowThreads / 2;
+
+template <RowValues kValues>
+__device__ __noinline__ bool GatherAboveTops(int need, const RowStore<kValues> row, const uint32_t* tops) {
+  CandidateList& list = Scratch().u.list;
+  const int tid = static_cast<int>(threadIdx.x);
+  list.values[tid] = KeyValue(tops[tid]);
+  list.ids[tid] = tid;
+  if (tid == 0) Smem().list_size = kRowThreads;
+  __syncthreads();
+  SelectState st = CountSelect(need);
+#pragma unroll 1
+  while (st.level < Radix<32>::kLevels) st = LargestLevel(st, Listed());
+  const uint32_t min_key = st.prefix;  // the need-th largest top
+  Gather(row, [min_key](int, float v) { return OrderedKey(v) >= min_key; });
+  return Smem().list_size <= kListCapacity;
+}
+
+// A count select's cut, over the list or over the row.
+struct PlacedCut {
+  Cut cut;
+  bool listed;  // the list holds every value the cut keeps, and the cut is over the list
+};
+
+// A count select of the row's `need` largest values: from the thread tops where it can, else from
+// a first digit over the row, gathering the values it leaves where they fit.
+template <RowValues kValues>
+__device__ __noinline__ PlacedCut RowLargest(int need, const RowStore<kValues> row, const uint32_t* tops) {
+  if (need <= kMaxTopsNeed && GatherAboveTops(need, row, tops)) return {FinishLargest(CountSelect(need), Listed()), true};
+  const SelectState st = LargestLevel(CountSelect(need), row);
+  if (FitsList(st)) return {FinishLargestInList(st, row), true};
+  return {FinishLargest(st, row), false};
+}
+
 // The same for top-p over the row's weights.
 __device__ __forceinline__ Cut FinishTopPInList(SelectState st, const RowStore<RowValues::kWeights> row, float top_p) {
   const uint32_t min_key = st.prefix;
@@ -1564,16 +1606,15 @@ __device__ __noinline__ SelectState TopPLevelGathering(const RowStore<RowValues:
   return st;
 }
 
-// The row's top logprobs; `st` has the select's first digit. The rest runs over the list when
-// it can, else over the row.
-__device__ __noinline__ void RowTopLogprobs(int vocab, SelectState st, int n, SamplingTopLogprob* out) {
+// The row's top logprobs, over the list where it can, else over the row.
+__device__ __noinline__ void RowTopLogprobs(int vocab, int n, SamplingTopLogprob* out) {
   SharedStorage& s = Smem();
   const RowStore<RowValues::kRaw> raw{vocab};
-  if (FitsList(st)) {
-    const Cut cut = FinishLargestInList(st, raw);
-    CollectTopLogprobs(cut, Listed());
+  const PlacedCut top = RowLargest(n, raw, Scratch().raw_tops);
+  if (top.listed) {
+    CollectTopLogprobs(top.cut, Listed());
   } else {
-    CollectTopLogprobs(FinishLargest(st, raw), raw);
+    CollectTopLogprobs(top.cut, raw);
   }
   if (threadIdx.x == 0) {
     WriteSortedTopLogprobs(s.top, MinInt(s.top_count, kSamplingMaxTopLogprobs), n, s.stats.log_normalizer, out);
@@ -1582,20 +1623,21 @@ __device__ __noinline__ void RowTopLogprobs(int vocab, SelectState st, int n, Sa
 
 // Top-p (top_p < 1) and the draw over the row's weights: in the list where the first level's
 // gathered tokens hold the cut, or where its digit leaves few enough tokens to gather them now,
-// else over the row. The row's parameters are read where they are used, not held across calls.
+// else over the row. The row's top_p and uniform are read where they are used (from the pointer
+// in shared memory), not held across the calls.
 __device__ __noinline__ void SampleTopPOverRow(const RowStore<RowValues::kWeights> row) {
-  const SamplingRowParams& p = *Smem().row.params;
-  SelectState st = TopPLevelGathering(row, p.top_p, kGatherKey);
-  if (Smem().short_of_target) st = TopPLevelGathering(row, p.top_p, 0u);
+  const SamplingRowParams* const& p = Smem().row.params;
+  SelectState st = TopPLevelGathering(row, p->top_p, kGatherKey);
+  if (Smem().short_of_target) st = TopPLevelGathering(row, p->top_p, 0u);
   if (Smem().list_size <= kListCapacity) {
-    const Cut cut = FinishTopP(st, Listed(), p.top_p);
-    Draw(Listed(), cut, p.uniform);
+    const Cut cut = FinishTopP(st, Listed(), p->top_p);
+    Draw(Listed(), cut, p->uniform);
   } else if (FitsList(st)) {
-    const Cut cut = FinishTopPInList(st, row, p.top_p);  // gathers the list first
-    Draw(Listed(), cut, p.uniform);
+    const Cut cut = FinishTopPInList(st, row, p->top_p);  // gathers the list first
+    Draw(Listed(), cut, p->uniform);
   } else {
-    const Cut cut = FinishTopP(st, row, p.top_p);
-    Draw(row, cut, p.uniform);
+    const Cut cut = FinishTopP(st, row, p->top_p);
+    Draw(row, cut, p->uniform);
   }
 }
 
@@ -1614,21 +1656,17 @@ __device__ __forceinline__ void SampleWeights(const Store& store, float top_p, d
 }
 
 // A sampled row (temperature > 0) after the first pass: top-k, min-p, top-p and the draw.
-__device__ __forceinline__ void SampleRow(int vocab, const SamplingRowParams& p, bool top_k_digit_done) {
+__device__ __forceinline__ void SampleRow(int vocab, const SamplingRowParams& p) {
   SharedStorage& s = Smem();
   if (p.top_k > 0 && p.top_k < vocab) {
-    const RowStore<RowValues::kPenalised> penalised{vocab};
-    const SelectState st =
-        top_k_digit_done ? ResolveFirstDigit(p.top_k) : LargestLevel(CountSelect(p.top_k), penalised);
-    if (FitsList(st)) {
-      const Cut top_k = FinishLargestInList(st, penalised);
+    const PlacedCut top_k = RowLargest(p.top_k, RowStore<RowValues::kPenalised>{vocab}, Scratch().penalised_tops);
+    if (top_k.listed) {
       const ListStore list = Listed();
-      ComputeWeights(list, Survivors{top_k, s.stats.best.value, p.temperature, p.min_p});
+      ComputeWeights(list, Survivors{top_k.cut, s.stats.best.value, p.temperature, p.min_p});
       SampleWeights(list, p.top_p, p.uniform);
       return;
     }
-    const Cut top_k = FinishLargest(st, penalised);
-    if (threadIdx.x == 0) s.keep = Survivors{top_k, s.stats.best.value, p.temperature, p.min_p};
+    if (threadIdx.x == 0) s.keep = Survivors{top_k.cut, s.stats.best.value, p.temperature, p.min_p};
   } else if (threadIdx.x == 0) {
     s.keep = Survivors{Cut{}, s.stats.best.value, p.temperature, p.min_p};
   }
@@ -1647,12 +1685,10 @@ __global__ void __launch_bounds__(kRowThreads, 2) SampleRowKernel(const Sampling
   const int top_n = args.top != nullptr ? MinInt(p.top_logprobs, args.vocab) : 0;
   const bool greedy = p.temperature == 0.0f;
   const bool top_k_on = !greedy && p.top_k > 0 && p.top_k < args.vocab;
-  // The first pass also histograms the first digit of the row's first select.
-  const FirstDigit digit = top_n > 0 ? FirstDigit::kRawKeys : top_k_on ? FirstDigit::kPenalisedKeys : FirstDigit::kNone;
-  RowFirstPass(args.vocab, digit);
-  if (top_n > 0) RowTopLogprobs(args.vocab, ResolveFirstDigit(top_n), top_n, args.top + p.top_offset);
+  RowFirstPass(args.vocab, top_n > 0, top_k_on);
+  if (top_n > 0) RowTopLogprobs(args.vocab, top_n, args.top + p.top_offset);
   if (!greedy) {
-    SampleRow(args.vocab, p, digit == FirstDigit::kPenalisedKeys);
+    SampleRow(args.vocab, p);
   } else if (threadIdx.x == 0) {
     WriteToken(s.stats.best.id);
   }

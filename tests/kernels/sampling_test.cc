@@ -802,6 +802,38 @@ TEST(SamplingKernelTest, RowSplitTopPCutsAmongHeavyAndLightTokensMatchCpu) {
   ExpectNearTiesRare(tally);
 }
 
+// Top-k and the top logprobs in the row split start from each thread's largest value in the first
+// pass (kernels/sampling.cu, GatherAboveTops): the k-th largest of those bounds the cut from below.
+// Here a row's largest values all lie among the tokens one thread reads (the first four of every
+// 2048, as the row block's 512 threads stream a float4 each), so that the bound sits far below the
+// cut and many more tokens than k lie above it; and some rows repeat one value a hundred times
+// there, so that ties straddle the cut.
+TEST(SamplingKernelTest, RowSplitTopKWhoseLargestValuesOneThreadReadsMatchesCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  const int vocab = 102400;
+  const int rows = 120;  // the row split on devices of fewer than 180 SMs
+  std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  RowSet set(vocab);
+  for (int r = 0; r < rows; ++r) {
+    float* row = logits.data() + static_cast<size_t>(r) * vocab;
+    for (int q = 0; q < vocab / 4; q += 512) {  // the quads thread 0 reads
+      for (int e = 0; e < 4; ++e) row[4 * q + e] = r % 2 == 0 ? 8.0f + normal(rng) : (q / 512 < 25 ? 9.0f : 8.0f);
+    }
+    SamplingConfig c;
+    c.seed = rng();
+    c.top_k = std::vector<int32_t>{1, 20, 50, 256, 300}[r % 5];
+    c.top_logprobs = static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1));
+    AddRow(set, c, {}, 0, rng);
+  }
+  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+  ExpectNearTiesRare(tally);
+}
+
 // The same rows through both splits: all at once (the row split) and one at a time (a one-row
 // launch takes the cluster split, 8 blocks a row). Only the order of double sums differs, so the
 // tokens and top-logprob ids must be equal, and the logprobs close.
