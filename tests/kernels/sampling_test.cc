@@ -764,6 +764,29 @@ TEST(SamplingKernelTest, RowSplitUniformExtremesPickTheFirstAndLastKeptTokens) {
   }
 }
 
+// Rows of 102400 logits that take the row split (120 of them: on devices of fewer than 180 SMs),
+// each built by fill(r, row, rng) from a row of N(0, 1) logits and sampled with the settings
+// config(r, rng) returns (and a fresh seed), in one launch, against the CPU.
+template <class Fill, class Config>
+void CheckBuiltRowSplitRows(const Fill& fill, const Config& config) {
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  Tally tally;
+  const int vocab = 102400;
+  const int rows = 120;
+  std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
+  RowSet set(vocab);
+  for (int r = 0; r < rows; ++r) {
+    fill(r, std::span<float>(logits.data() + static_cast<size_t>(r) * vocab, vocab), rng);
+    SamplingConfig c = config(r, rng);
+    c.seed = rng();
+    AddRow(set, c, {}, 0, rng);
+  }
+  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
+  ExpectNearTiesRare(tally);
+}
+
 // Top-p in the row split gathers the tokens that weigh at least 2^-10 of the best into shared memory
 // while it histograms them, and sums the lighter ones apart (kernels/sampling.cu,
 // TopPLevelGathering). Rows built for each way that ends, at temperature 1: a few hundred heavy
@@ -772,66 +795,46 @@ TEST(SamplingKernelTest, RowSplitUniformExtremesPickTheFirstAndLastKeptTokens) {
 // that the cut lies among tokens the first pass left out of its histogram and the pass runs again.
 TEST(SamplingKernelTest, RowSplitTopPCutsAmongHeavyAndLightTokensMatchCpu) {
   COHORT_SKIP_WITHOUT_GPU();
-  const uint64_t seed = FreshSeed();
-  SCOPED_TRACE(absl::StrCat("seed ", seed));
-  std::mt19937_64 rng(seed);
-  Tally tally;
-  const int vocab = 102400;
-  const int rows = 120;  // the row split on devices of fewer than 180 SMs
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> logits(static_cast<size_t>(rows) * vocab);
-  RowSet set(vocab);
-  for (int r = 0; r < rows; ++r) {
-    // Heavy tokens within 0.6 of the best (weights above 0.5), the plateau 8 to 14 below it
-    // (weights under 2^-10 = e^-6.9).
+  // Heavy tokens within 0.6 of the best (weights above 0.5), the plateau 8 to 14 below it (weights
+  // under 2^-10 = e^-6.9); 102400 x e^-8 outweighs 20 heavy tokens.
+  auto fill = [&](int r, std::span<float> row, std::mt19937_64& rng) {
     const int heavy = std::vector<int>{300, 5000, 20}[r % 3];
-    const float plateau = r % 3 == 2 ? -8.0f : -14.0f;  // 102400 x e^-8 outweighs 20 heavy tokens
-    float* row = logits.data() + static_cast<size_t>(r) * vocab;
-    for (int t = 0; t < vocab; ++t) row[t] = plateau + 0.2f * std::clamp(normal(rng), -2.5f, 2.5f);
-    std::vector<int32_t> ids(vocab);
+    const float plateau = r % 3 == 2 ? -8.0f : -14.0f;
+    for (float& v : row) v = plateau + 0.2f * std::clamp(normal(rng), -2.5f, 2.5f);
+    std::vector<int32_t> ids(row.size());
     std::iota(ids.begin(), ids.end(), 0);
     std::shuffle(ids.begin(), ids.end(), rng);
     for (int i = 0; i < heavy; ++i) row[ids[i]] = 0.1f * std::clamp(normal(rng), -3.0f, 3.0f);
+  };
+  CheckBuiltRowSplitRows(fill, [](int r, std::mt19937_64&) {
     SamplingConfig c;
-    c.seed = rng();
     c.top_p = std::vector<float>{0.5f, 0.9f, 0.99f}[(r / 3) % 3];
     c.top_logprobs = r % 2 == 0 ? 3 : 0;
-    AddRow(set, c, {}, 0, rng);
-  }
-  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
-  ExpectNearTiesRare(tally);
+    return c;
+  });
 }
 
 // Top-k and the top logprobs in the row split start from each thread's largest value in the first
 // pass (kernels/sampling.cu, GatherAboveTops): the k-th largest of those bounds the cut from below.
 // Here a row's largest values all lie among the tokens one thread reads (the first four of every
 // 2048, as the row block's 512 threads stream a float4 each), so that the bound sits far below the
-// cut and many more tokens than k lie above it; and some rows repeat one value a hundred times
-// there, so that ties straddle the cut.
+// cut and many more tokens than k lie above it; and half the rows repeat two values a hundred
+// times each there, so that ties straddle the cut.
 TEST(SamplingKernelTest, RowSplitTopKWhoseLargestValuesOneThreadReadsMatchesCpu) {
   COHORT_SKIP_WITHOUT_GPU();
-  const uint64_t seed = FreshSeed();
-  SCOPED_TRACE(absl::StrCat("seed ", seed));
-  std::mt19937_64 rng(seed);
-  Tally tally;
-  const int vocab = 102400;
-  const int rows = 120;  // the row split on devices of fewer than 180 SMs
-  std::vector<float> logits = RandomLogits(rows, vocab, vocab, Logits::kNormal1, rng);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  RowSet set(vocab);
-  for (int r = 0; r < rows; ++r) {
-    float* row = logits.data() + static_cast<size_t>(r) * vocab;
-    for (int q = 0; q < vocab / 4; q += 512) {  // the quads thread 0 reads
-      for (int e = 0; e < 4; ++e) row[4 * q + e] = r % 2 == 0 ? 8.0f + normal(rng) : (q / 512 < 25 ? 9.0f : 8.0f);
+  auto fill = [&](int r, std::span<float> row, std::mt19937_64& rng) {
+    for (size_t q = 0; q < row.size() / 4; q += 512) {  // the quads thread 0 reads
+      for (size_t e = 0; e < 4; ++e) row[4 * q + e] = r % 2 == 0 ? 8.0f + normal(rng) : (q / 512 < 25 ? 9.0f : 8.0f);
     }
+  };
+  CheckBuiltRowSplitRows(fill, [](int r, std::mt19937_64& rng) {
     SamplingConfig c;
-    c.seed = rng();
     c.top_k = std::vector<int32_t>{1, 20, 50, 256, 300}[r % 5];
     c.top_logprobs = static_cast<int32_t>(rng() % (kMaxTopLogprobs + 1));
-    AddRow(set, c, {}, 0, rng);
-  }
-  LaunchAndCheck(set, logits, vocab, /*greedy_only=*/false, tally);
-  ExpectNearTiesRare(tally);
+    return c;
+  });
 }
 
 // The same rows through both splits: all at once (the row split) and one at a time (a one-row
