@@ -21,6 +21,13 @@ constexpr int64_t kLongContext = 2048;        // MlaDecodeSplits: tokens past wh
 // (kv_lora_rank + rope) x 2 for DeepSeek's 512 + 64), spread over the whole GPU, and its launch
 // costs about two tile times.
 constexpr double kPartialTiles = 1.8, kMergeLaunchTiles = 2.0;
+// Tile times of a merge of `partial_blocks` partial rows (each for one group of 16 heads).
+double MergeTiles(int64_t partial_blocks, int64_t resident_blocks) {
+  return kPartialTiles * static_cast<double>(partial_blocks) / static_cast<double>(resident_blocks) +
+         kMergeLaunchTiles;
+}
+// Blocks a query takes per item: one for each group of 16 heads.
+int64_t HeadGroups(int heads) { return (heads + kHeadsPerBlock - 1) / kHeadsPerBlock; }
 // A packed plan's block starts each item after its first about a tile's time late: the item's queries
 // and first tile are requested only once the last item is done (MlaDecodePlanner::Pack).
 constexpr double kPackedItemTiles = 1.0;
@@ -547,7 +554,7 @@ template <int kRank, int kRope>
 cudaError_t Launch(const MlaDecodeParams& p, cudaStream_t stream) {
   int sms = 0;
   if (const cudaError_t error = CurrentDeviceSms(&sms); error != cudaSuccess) return error;
-  const dim3 grid((p.heads + kHeadsPerBlock - 1) / kHeadsPerBlock, p.shape.work_slots);
+  const dim3 grid(static_cast<unsigned>(HeadGroups(p.heads)), p.shape.work_slots);
   const int64_t blocks = int64_t{grid.x} * grid.y;
   cudaError_t error;
   if (p.shape.uneven) {  // its plan may be packed (MlaDecodePlanner)
@@ -613,8 +620,7 @@ cudaError_t LaunchMlaDecode(const MlaDecodeParams& p, cudaStream_t stream) {
 }
 
 int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t resident_blocks, int64_t max_pairs) {
-  const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  const int64_t blocks = std::max<int64_t>(1, int64_t{queries} * head_groups);
+  const int64_t blocks = std::max<int64_t>(1, queries * HeadGroups(heads));
   const int64_t resident = std::max<int64_t>(1, resident_blocks);
   const int64_t most = std::min<int64_t>(kMaxSplits, max_pairs / std::max(queries, 1));
   const bool long_context = max_context <= 0 || max_context > kLongContext;
@@ -645,9 +651,7 @@ int MlaDecodeSplits(int queries, int heads, int64_t max_context, int64_t residen
   auto cost = [&](int64_t splits) {
     const int64_t waves = (blocks * splits + resident - 1) / resident;
     const double attention = static_cast<double>(waves * ((tiles + splits - 1) / splits));
-    if (splits == 1) return attention;
-    return attention + kPartialTiles * static_cast<double>(blocks * splits) / static_cast<double>(resident) +
-           kMergeLaunchTiles;
+    return splits == 1 ? attention : attention + MergeTiles(blocks * splits, resident);
   };
   int64_t best = 1;
   for (int64_t splits = 2; splits <= std::min(most, tiles); ++splits) {
@@ -678,8 +682,7 @@ MlaDecodeShape MlaDecodeShapeFor(int queries, int heads, int splits, int64_t res
   // that many merge blocks would not fit two waves (the widest merge holds one block an SM). The
   // room costs every step that has it (a wider merge, or one where the even plan has none, its
   // blocks waiting out the attention): steps that need no uneven cut run without it.
-  const int64_t head_groups = (heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
-  const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / head_groups);
+  const int64_t wave = std::max<int64_t>(1, shape.resident_blocks / HeadGroups(heads));
   shape.merge_rows = static_cast<int>(shape.splits > 1 ? queries : std::min<int64_t>(queries, wave));
   shape.max_splits = int64_t{shape.merge_rows} * heads <= 2 * shape.resident_blocks ? kMaxSplits : 16;
   shape.work_slots = static_cast<int>(int64_t{queries} * shape.splits + wave);
@@ -725,13 +728,10 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
     std::sort(order_.begin(), order_.end(),
               [&](int a, int b) { return tiles_[a] != tiles_[b] ? tiles_[a] > tiles_[b] : a < b; });
   }
-  const int64_t head_groups = (shape.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t head_groups = HeadGroups(shape.heads);
   const int64_t item_slots = std::max<int64_t>(1, shape.resident_blocks / head_groups);  // items in one wave
   auto merge_cost = [&](const Tally& t) {
-    return t.partials == 0 ? 0.0
-                           : kPartialTiles * static_cast<double>(t.partials * head_groups) /
-                                     static_cast<double>(shape.resident_blocks) +
-                                 kMergeLaunchTiles;
+    return t.partials == 0 ? 0.0 : MergeTiles(t.partials * head_groups, shape.resident_blocks);
   };
   // Tile times until the last item ends, each item on the first block to come free (item_slots at
   // once), or any time from `limit` on once the plan reaches it. On equal items this is

@@ -236,31 +236,11 @@ class StepBench {
             {"mfu", cost.flops / seconds / (f_.peak_tflops * 1e12 * f_.gpus)}};
   }
 
-  // Sequence b's block table: consecutive blocks of pool b % num_pools (one pool per GPU), so the
-  // sequences spread over the GPUs as the worker's block manager spreads them. Blocks are reused
-  // from sequence to sequence when they run out (the values in the cache do not matter here).
-  std::vector<std::vector<int32_t>> Tables(int64_t sequences, int64_t blocks_per_seq) const {
-    const KvCacheGeometry& kv = engine_.kv_geometry();
-    const int64_t pool_blocks = kv.num_blocks / kv.num_pools;
-    std::vector<std::vector<int32_t>> tables(sequences);
-    for (int64_t b = 0; b < sequences; ++b) {
-      const int64_t pool = b % kv.num_pools, first = (b / kv.num_pools) * blocks_per_seq;
-      for (int64_t i = 0; i < blocks_per_seq; ++i) {
-        tables[b].push_back(static_cast<int32_t>(pool * pool_blocks + (first + i) % pool_blocks));
-      }
-    }
-    return tables;
-  }
-  // Whether `sequences` sequences of blocks_per_seq blocks fit the cache without sharing blocks.
-  bool Fits(int64_t sequences, int64_t blocks_per_seq) const {
-    const KvCacheGeometry& kv = engine_.kv_geometry();
-    return (sequences + kv.num_pools - 1) / kv.num_pools * blocks_per_seq <= kv.num_blocks / kv.num_pools;
-  }
-
-  // Block tables for decoding sequences of `tokens` tokens of context: sequence b's blocks
-  // consecutive in pool b % num_pools after those of the pool's sequences before it, so that no
-  // block is read twice in a step; nullopt where they do not fit.
-  std::optional<std::vector<std::vector<int32_t>>> DecodeTables(const std::vector<int64_t>& tokens) const {
+  // Block tables for sequences of tokens[b] tokens of context: sequence b's blocks consecutive in
+  // pool b % num_pools (one pool per GPU, so the sequences spread over the GPUs as the worker's block
+  // manager spreads them) after those of the pool's sequences before it, so that no block is read
+  // twice in a step; nullopt where they do not fit.
+  std::optional<std::vector<std::vector<int32_t>>> Tables(const std::vector<int64_t>& tokens) const {
     const KvCacheGeometry& kv = engine_.kv_geometry();
     const int64_t pool_blocks = kv.num_blocks / kv.num_pools;
     std::vector<int64_t> used(kv.num_pools, 0);
@@ -292,7 +272,7 @@ class StepBench {
     for (int64_t context : contexts) {
       for (int64_t batch_size : batch_sizes) {
         const std::vector<int64_t> tokens = mix.Contexts(context, batch_size);
-        const std::optional<std::vector<std::vector<int32_t>>> tables = DecodeTables(tokens);
+        const std::optional<std::vector<std::vector<int32_t>>> tables = Tables(tokens);
         if (!tables.has_value()) {
           if (print) {
             int64_t blocks = 0;
@@ -423,17 +403,16 @@ absl::Status BenchStep(const BenchStepFlags& f) {
 
   if (!prefill.empty()) std::printf("\n%10s %10s %11s %9s\n", "prefill", "step ms", "tokens/s", "MFU %");
   for (const auto& [n, len] : prefill) {
-    const int64_t blocks_per_seq = (len + kv.block_size_tokens - 1) / kv.block_size_tokens;
-    if (!bench.Fits(n, blocks_per_seq)) {
+    const std::optional<std::vector<std::vector<int32_t>>> tables = bench.Tables(std::vector<int64_t>(n, len));
+    if (!tables.has_value()) {
       std::printf("%4ldx%-5ld  skipped: the KV cache is too small\n", static_cast<long>(n), static_cast<long>(len));
       continue;
     }
-    const std::vector<std::vector<int32_t>> tables = bench.Tables(n, blocks_per_seq);
     std::vector<std::vector<int32_t>> prompts(n);
     std::vector<SequenceStep> batch;
     for (int64_t s = 0; s < n; ++s) {
       for (int64_t i = 0; i < len; ++i) prompts[s].push_back(static_cast<int32_t>((s * 104729 + i * 7919) % c.vocab_size));
-      batch.push_back({prompts[s], 0, tables[s], true});
+      batch.push_back({prompts[s], 0, (*tables)[s], true});
     }
     COHORT_ASSIGN_OR_RETURN(auto timed, bench.Time(batch));
     nlohmann::json row = bench.Row(batch, timed.first, timed.second, n * len);
