@@ -45,6 +45,9 @@ constexpr int kBlocksPerSm = 2;                // __launch_bounds__: at most 128
 constexpr int kChunk = 32;                     // k elements a row of lanes covers per step: 4 lanes x 8
 constexpr uint32_t kPrefetchBytes = 32 << 10;  // per block, before PdlWait
 constexpr int kMaxK = 1 << 30;                 // chunk offsets stay in int
+// Tiles of up to this many n8 fragments of activation rows write a tail (kSkinnyMaxTailRows); wider
+// ones have no registers to spare in their epilogue.
+constexpr int kTailMaxFrags = kSkinnyMaxTailRows / 8;
 
 // kNFrags n8 fragments of activation rows (8 * kNFrags >= rows); kMFrags m16 fragments of weight
 // rows per warp; kWarpRows warps side by side on rows, the other kWarpSplits along K; kStage chunks
@@ -69,10 +72,13 @@ struct Args {
   const __nv_bfloat16* x;
   const __nv_bfloat16* w;
   void* y;
+  float* y_tail;
   int64_t x_row_stride, x_batch_stride;
   int64_t w_row_stride, w_batch_stride;
   int64_t y_row_stride, y_batch_stride;
+  int64_t y_tail_row_stride, y_tail_batch_stride;
   int rows, n_out, k;
+  int tail_from;
   int chunks;      // ceil(k / kChunk)
   int row_tiles;   // ceil(n_out / kBlockRows)
   int num_tiles;   // row_tiles * batch; tile i is rows (i % row_tiles) of batch entry i / row_tiles
@@ -316,7 +322,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) SkinnyGemmKernel(const
         v = 0.0f;
         for (int b = 0; b < a.k_splits; ++b) v += cluster.map_shared_rank(tile, b)[offset];
       }
-      if (row0 + weight_row < a.n_out) {
+      const int column = row0 + weight_row;
+      if (T::kNFrags <= kTailMaxFrags && column >= a.tail_from) {
+        if (column < a.n_out) {
+          a.y_tail[batch * a.y_tail_batch_stride + act_row * a.y_tail_row_stride + column - a.tail_from] = v;
+        }
+      } else if (column < a.n_out) {
         const int64_t at = y_base + act_row * a.y_row_stride + weight_row;
         if constexpr (kFp32Out) {
           static_cast<float*>(a.y)[at] = v;
@@ -429,13 +440,20 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 bool SkinnyGemmSupports(const SkinnyGemmParams& p) {
   const int64_t y_align = p.y_fp32 ? 4 : 8;  // elements in 16 bytes
+  const bool tail = p.tail_from < p.n_out;
+  if (tail && (p.tail_from < 1 || p.rows > kSkinnyMaxTailRows || p.y_tail == nullptr || !Aligned16(p.y_tail) ||
+               p.y_tail_row_stride < 0 || p.y_tail_batch_stride < 0 || p.y_tail_row_stride % 4 != 0 ||
+               p.y_tail_batch_stride % 4 != 0 || (p.rows > 1 && p.y_tail_row_stride < p.n_out - p.tail_from))) {
+    return false;
+  }
+  const int y_columns = tail ? p.tail_from : p.n_out;
   return !(p.rows < 1 || p.rows > kSkinnyMaxRows || p.n_out < 1 || p.k < 8 || p.k % 8 != 0 || p.k > kMaxK || p.batch < 1 ||
       p.batch > 65535 || p.k_splits < 0 || p.k_splits > kSkinnyMaxKSplits || p.x == nullptr || p.w == nullptr ||
       p.y == nullptr || !Aligned16(p.x) || !Aligned16(p.w) || !Aligned16(p.y) || p.x_row_stride < 0 ||
       p.x_batch_stride < 0 || p.w_row_stride < 0 || p.w_batch_stride < 0 || p.y_row_stride < 0 ||
       p.y_batch_stride < 0 || p.x_row_stride % 8 != 0 || p.x_batch_stride % 8 != 0 || p.w_row_stride % 8 != 0 ||
       p.w_batch_stride % 8 != 0 || p.y_row_stride % y_align != 0 || p.y_batch_stride % y_align != 0 ||
-      (p.rows > 1 && p.y_row_stride < p.n_out));
+      (p.rows > 1 && p.y_row_stride < y_columns));
 }
 
 cudaError_t LaunchSkinnyGemm(const SkinnyGemmParams& p, cudaStream_t stream) {
@@ -450,6 +468,10 @@ cudaError_t LaunchSkinnyGemm(const SkinnyGemmParams& p, cudaStream_t stream) {
   a.w_batch_stride = p.w_batch_stride;
   a.y_row_stride = p.y_row_stride;
   a.y_batch_stride = p.y_batch_stride;
+  a.y_tail = p.y_tail;
+  a.y_tail_row_stride = p.y_tail_row_stride;
+  a.y_tail_batch_stride = p.y_tail_batch_stride;
+  a.tail_from = std::min(p.tail_from, p.n_out);
   a.rows = p.rows;
   a.n_out = p.n_out;
   a.k = p.k;

@@ -8,6 +8,10 @@
 // w[b * w_batch_stride + n * w_row_stride + k] and (b, m, n) of y is
 // y[b * y_batch_stride + m * y_row_stride + n]; strides are in elements. Only those elements of y
 // are written: rows >= rows and columns >= n_out of y keep what they held. y must not overlap x or w.
+// With a tail (tail_from < n_out), columns n >= tail_from go to y_tail instead, always in fp32:
+// (b, m, n) at y_tail[b * y_tail_batch_stride + m * y_tail_row_stride + n - tail_from]. One product
+// then serves two consumers, such as an output projection whose last rows are the router's folded
+// into it (DeviceLayer::router_folded, worker/model/cuda/device_weights.h).
 //
 // Tensor cores with the operands swapped (y^T = w . x^T: 16 weight rows are the mma's M, 8 activation
 // rows its N), weights loaded from global memory straight into registers, K split over the warps of a
@@ -19,12 +23,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <climits>
 #include <cstdint>
 
 namespace cohort::kernels {
 
 inline constexpr int kSkinnyMaxRows = 32;
 inline constexpr int kSkinnyMaxKSplits = 8;
+inline constexpr int kSkinnyMaxTailRows = 16;  // rows of a product with a tail (y_tail)
 
 struct SkinnyGemmParams {
   const __nv_bfloat16* x = nullptr;  // [batch][rows, k]
@@ -37,6 +43,10 @@ struct SkinnyGemmParams {
   int64_t y_row_stride = 0;
   int64_t y_batch_stride = 0;
   bool y_fp32 = false;
+  float* y_tail = nullptr;  // [batch][rows, n_out - tail_from], when tail_from < n_out
+  int64_t y_tail_row_stride = 0;
+  int64_t y_tail_batch_stride = 0;
+  int tail_from = INT32_MAX;  // the first column written to y_tail; > 0
   int rows = 0;   // 1..kSkinnyMaxRows
   int n_out = 0;  // >= 1
   int k = 0;      // 8..2^30, a multiple of 8
@@ -48,8 +58,9 @@ struct SkinnyGemmParams {
 };
 
 // Whether `p` is inside the contract: rows, n_out, k and batch in range; no null pointer; x, w and
-// y 16-byte aligned; strides non-negative multiples of 16 bytes; y_row_stride >= n_out when rows > 1;
-// k_splits in range. Host only.
+// y 16-byte aligned; strides non-negative multiples of 16 bytes; y_row_stride >= n_out when rows > 1
+// (>= tail_from with a tail, which needs rows <= kSkinnyMaxTailRows and its own row stride >= n_out -
+// tail_from); k_splits in range. Host only.
 bool SkinnyGemmSupports(const SkinnyGemmParams& p);
 
 // cudaErrorInvalidValue outside the contract (SkinnyGemmSupports), otherwise the launch's error.

@@ -1,7 +1,7 @@
 // The skinny GEMM (kernels/skinny_gemm.h) against a double-precision CPU product: every row count
 // the mma fragments treat differently (1..32 activation rows), column counts that are not multiples
-// of the 16-row fragments, K tails, forced and chosen cluster splits, bf16 and fp32 outputs, and the
-// batched per-head products with interleaved strides. Inputs are fresh random values each run; the
+// of the 16-row fragments, K tails, forced and chosen cluster splits, bf16 and fp32 outputs, the last
+// columns written to a separate fp32 tail, and the batched per-head products with interleaved strides. Inputs are fresh random values each run; the
 // padding around every operand holds NaN, so a read outside the operands poisons a result, and the
 // output buffer starts as NaN bytes that must survive wherever the product is not written. A chain of
 // dependent products, eager and replayed from a CUDA graph, checks the programmatic-launch edges.
@@ -44,6 +44,9 @@ struct Case {
   int64_t x_row_stride = 0, x_batch_stride = 0;
   int64_t w_row_stride = 0, w_batch_stride = 0;
   int64_t y_row_stride = 0, y_batch_stride = 0;
+  // With tail_from > 0, columns from it on go to an fp32 tail buffer of these strides (0: dense).
+  int tail_from = 0;
+  int64_t tail_row_stride = 0, tail_batch_stride = 0;
 };
 
 std::string Describe(const Case& c) {
@@ -52,6 +55,9 @@ std::string Describe(const Case& c) {
     << (c.y_fp32 ? " fp32" : " bf16") << " k_splits=" << c.k_splits << " strides x=" << c.x_row_stride << "/"
     << c.x_batch_stride << " w=" << c.w_row_stride << "/" << c.w_batch_stride << " y=" << c.y_row_stride << "/"
     << c.y_batch_stride;
+  if (c.tail_from > 0) {
+    s << " tail from " << c.tail_from << " strides " << c.tail_row_stride << "/" << c.tail_batch_stride;
+  }
   return s.str();
 }
 
@@ -63,6 +69,8 @@ Case Dense(Case c) {
   if (c.w_batch_stride == 0) c.w_batch_stride = c.n_out * c.w_row_stride;
   if (c.y_row_stride == 0) c.y_row_stride = (c.n_out + y_align - 1) / y_align * y_align;
   if (c.y_batch_stride == 0) c.y_batch_stride = c.rows * c.y_row_stride;
+  if (c.tail_from > 0 && c.tail_row_stride == 0) c.tail_row_stride = (c.n_out - c.tail_from + 3) / 4 * 4;
+  if (c.tail_from > 0 && c.tail_batch_stride == 0) c.tail_batch_stride = c.rows * c.tail_row_stride;
   return c;
 }
 
@@ -143,6 +151,10 @@ void Check(Case c, std::mt19937& rng) {
   const int element_bytes = c.y_fp32 ? 4 : 2;
   const int64_t y_elements = Extent(c.batch, c.y_batch_stride, c.rows, c.y_row_stride, c.n_out) + 64;  // + a tail
   DeviceVector<uint8_t> y(static_cast<size_t>(y_elements) * element_bytes, 0xff);
+  const int tail_columns = c.tail_from > 0 ? c.n_out - c.tail_from : 0;
+  const int64_t tail_elements =
+      c.tail_from > 0 ? Extent(c.batch, c.tail_batch_stride, c.rows, c.tail_row_stride, tail_columns) + 64 : 1;
+  DeviceVector<float> tail(std::vector<float>(tail_elements, std::nanf("")));
 
   SkinnyGemmParams p;
   p.x = testing::Bf16(x);
@@ -160,17 +172,24 @@ void Check(Case c, std::mt19937& rng) {
   p.k = c.k;
   p.batch = c.batch;
   p.k_splits = c.k_splits;
+  if (c.tail_from > 0) {
+    p.y_tail = tail.get();
+    p.y_tail_row_stride = c.tail_row_stride;
+    p.y_tail_batch_stride = c.tail_batch_stride;
+    p.tail_from = c.tail_from;
+  }
   Stream stream;
   ASSERT_CUDA_OK(LaunchSkinnyGemm(p, stream.get()));
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream.get()));
   const std::vector<uint8_t> y_bytes = y.ToHost();
+  const std::vector<float> tail_values = tail.ToHost();
 
   std::vector<double> ref, magnitude;
   Reference(c, x_values, w_values, &ref, &magnitude);
   std::vector<int64_t> expected(y_elements, -1);  // index into ref, or -1: must keep the poison
   for (int b = 0; b < c.batch; ++b) {
     for (int m = 0; m < c.rows; ++m) {
-      for (int n = 0; n < c.n_out; ++n) {
+      for (int n = 0; n < (c.tail_from > 0 ? c.tail_from : c.n_out); ++n) {
         expected[b * c.y_batch_stride + m * c.y_row_stride + n] = (static_cast<int64_t>(b) * c.rows + m) * c.n_out + n;
       }
     }
@@ -203,6 +222,25 @@ void Check(Case c, std::mt19937& rng) {
     }
   }
   EXPECT_EQ(bad, 0) << bad << " bad elements of " << y_elements;
+  if (c.tail_from == 0) return;
+  // The tail: fp32 products of the columns from tail_from on, NaN everywhere else.
+  int64_t bad_tail = 0;
+  std::vector<int64_t> in_tail(tail_elements, -1);
+  for (int b = 0; b < c.batch; ++b) {
+    for (int m = 0; m < c.rows; ++m) {
+      for (int n = c.tail_from; n < c.n_out; ++n) {
+        in_tail[b * c.tail_batch_stride + m * c.tail_row_stride + n - c.tail_from] =
+            (static_cast<int64_t>(b) * c.rows + m) * c.n_out + n;
+      }
+    }
+  }
+  for (int64_t i = 0; i < tail_elements; ++i) {
+    const int64_t at = in_tail[i];
+    const bool ok = at < 0 ? std::isnan(tail_values[i])
+                           : std::abs(tail_values[i] - ref[at]) <= Tolerance(/*y_fp32=*/true, ref[at], magnitude[at]);
+    if (!ok && ++bad_tail <= 5) ADD_FAILURE() << "tail element " << i << " = " << tail_values[i];
+  }
+  EXPECT_EQ(bad_tail, 0) << bad_tail << " bad elements of the tail's " << tail_elements;
 }
 
 constexpr int kRowCounts[] = {1, 2, 3, 7, 8, 9, 16, 17, 31, 32};
@@ -227,6 +265,19 @@ TEST(SkinnyGemmTest, EveryRowCountWithKTailsAndPaddedStrides) {
            .y_row_stride = 1000 + 24},
           rng);
     Check({.rows = rows, .n_out = 200, .k = 2072, .y_fp32 = true, .w_row_stride = 2080, .y_row_stride = 212}, rng);
+  }
+}
+
+// A tail: o_proj with the folded router's rows after its own (DeviceLayer::router_folded) writes its
+// columns in bf16 and the router's in fp32 to their own buffer, at every row count a tail takes, in
+// the middle of a 16-row fragment or on its edge, with padded strides and a batch.
+TEST(SkinnyGemmTest, ColumnsPastTailFromGoToAnFp32Tail) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  for (const int rows : {1, 2, 7, 8, 9, 16}) {
+    Check({.rows = rows, .n_out = 2048 + 64, .k = 2048, .tail_from = 2048}, rng);
+    Check({.rows = rows, .n_out = 300, .k = 96, .y_row_stride = 264, .tail_from = 257, .tail_row_stride = 48}, rng);
+    Check({.rows = rows, .n_out = 40, .k = 64, .batch = 3, .y_fp32 = true, .tail_from = 24}, rng);
   }
 }
 
@@ -346,6 +397,20 @@ TEST(SkinnyGemmTest, RejectsArgumentsOutsideTheContract) {
   });
   with("y batch stride", [](SkinnyGemmParams& p) { p.y_batch_stride = 4; });
   with("y rows overlap", [](SkinnyGemmParams& p) { p.y_row_stride = 56; });
+  auto with_tail = [&](const char* what, auto change) {
+    with(what, [&](SkinnyGemmParams& p) {
+      p.y_tail = reinterpret_cast<float*>(uintptr_t{0x40000});
+      p.y_tail_row_stride = 16;
+      p.tail_from = 48;
+      change(p);
+    });
+  };
+  with_tail("tail from 0", [](SkinnyGemmParams& p) { p.tail_from = 0; });
+  with_tail("null tail", [](SkinnyGemmParams& p) { p.y_tail = nullptr; });
+  with_tail("tail off 16 bytes", [](SkinnyGemmParams& p) { p.y_tail += 2; });
+  with_tail("tail row stride not 16 bytes", [](SkinnyGemmParams& p) { p.y_tail_row_stride = 18; });
+  with_tail("tail rows overlap", [](SkinnyGemmParams& p) { p.y_tail_row_stride = 12; });
+  with_tail("tail with 17 rows", [](SkinnyGemmParams& p) { p.rows = kSkinnyMaxTailRows + 1; });
   for (const auto& [what, p] : invalid) {
     EXPECT_EQ(LaunchSkinnyGemm(p, nullptr), cudaErrorInvalidValue) << what;
   }
