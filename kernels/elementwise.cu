@@ -28,7 +28,7 @@ __device__ __forceinline__ float DeltaValue(float d) { return __bfloat162float(_
 template <typename Delta>
 __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __restrict__ delta,
                                  const __nv_bfloat16* __restrict__ weight, int dim, float eps,
-                                 __nv_bfloat16* __restrict__ out) {
+                                 __nv_bfloat16* __restrict__ out, float* __restrict__ inv_rms_out) {
   __shared__ float scratch[32];
   // The norm's weights before the wait: after the reduction they would be one more dependent load.
   float w[kNormValuesPerThread];
@@ -51,6 +51,7 @@ __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __re
     sum_sq += v[j] * v[j];
   }
   const float inv_rms = rsqrtf(BlockSum(sum_sq, scratch) / dim + eps);
+  if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[row] = inv_rms;
 #pragma unroll
   for (int j = 0; j < kNormValuesPerThread; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
@@ -428,22 +429,22 @@ cudaError_t LaunchEmbedding(const __nv_bfloat16* embedding, const int32_t* token
 
 template <typename Delta>
 cudaError_t LaunchAddRmsNormOf(float* residual, const Delta* delta, const __nv_bfloat16* weight, int rows, int dim,
-                               float eps, __nv_bfloat16* out, cudaStream_t stream) {
+                               float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms) {
   if (rows == 0) return cudaSuccess;
   const int threads = std::max(32, (dim + kNormValuesPerThread * 32 - 1) / (kNormValuesPerThread * 32) * 32);
   if (threads > 1024) return cudaErrorInvalidValue;  // rows of up to 8192 values
   return LaunchPdl(AddRmsNormKernel<Delta>, dim3(rows), dim3(threads), 0, stream, residual, delta, weight, dim, eps,
-                   out);
+                   out, inv_rms);
 }
 
 cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
-                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream) {
-  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream);
+                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms) {
+  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream, inv_rms);
 }
 
 cudaError_t LaunchAddRmsNorm(float* residual, const float* delta, const __nv_bfloat16* weight, int rows, int dim,
-                             float eps, __nv_bfloat16* out, cudaStream_t stream) {
-  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream);
+                             float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms) {
+  return LaunchAddRmsNormOf(residual, delta, weight, rows, dim, eps, out, stream, inv_rms);
 }
 
 cudaError_t LaunchRmsNorm(const float* in, int ld_in, const __nv_bfloat16* weight, int rows, int dim, float eps,

@@ -27,13 +27,15 @@ cudaError_t LaunchEmbedding(const __nv_bfloat16* embedding, const int32_t* token
                             float* out, cudaStream_t stream);
 
 // For each row: when `delta` is not null, residual += delta (in place); then
-// out = bf16(residual * rsqrt(mean(residual^2) + eps) * weight). dim <= 8192.
+// out = bf16(residual * rsqrt(mean(residual^2) + eps) * weight). dim <= 8192. When `inv_rms` is not
+// null it receives each row's rsqrt(mean(residual^2) + eps), fp32 [rows] (for a router folded into
+// the projections around it, DeviceLayer::router_folded, worker/model/cuda/device_weights.h).
 cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,
-                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream);
+                             int dim, float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms = nullptr);
 // The same with an fp32 delta (a sum across GPUs), rounded to bf16 before it joins the residual,
 // so that it changes the residual exactly as the same delta stored in bf16 would.
 cudaError_t LaunchAddRmsNorm(float* residual, const float* delta, const __nv_bfloat16* weight, int rows, int dim,
-                             float eps, __nv_bfloat16* out, cudaStream_t stream);
+                             float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms = nullptr);
 
 // out[r, :] = bf16(rmsnorm(in[r, :]) * weight) for an fp32 input with row stride `ld_in`.
 cudaError_t LaunchRmsNorm(const float* in, int ld_in, const __nv_bfloat16* weight, int rows, int dim, float eps,

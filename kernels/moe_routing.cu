@@ -54,32 +54,62 @@ __device__ __forceinline__ bool IsPadding(int64_t token, const int32_t* __restri
   return token - group * group_rows >= num_valid[group];
 }
 
+struct GateArgs {
+  const float* logits;  // [T, E], or nullptr with a fold
+  const float* bias;
+  int64_t num_tokens;
+  const int32_t* num_valid;
+  int64_t valid_group_rows;
+  MoeGateParams params;
+  int32_t* topk_ids;
+  float* topk_weights;
+  MoeRouterFold fold;  // from_attention null: no fold
+};
+
 // Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
 // kMoeMaxExperts floats. A padding token (IsPadding) gets ids -1 and weights 0: ids outside
 // [0, E) get no row in the align, so padding rows of a captured graph read no expert. Returns, to
 // lane r < top_k, the id written for slot r. Needs num_experts <= 32 * kPerLane.
 template <int kPerLane>
-__device__ int GateToken(const float* __restrict__ logits, const float* __restrict__ bias, int64_t token,
-                          const int32_t* __restrict__ num_valid, int64_t group_rows, const MoeGateParams& p,
-                          float* choice_smem, int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights) {
+__device__ int GateToken(const GateArgs& g, int64_t token, float* choice_smem) {
+  const MoeGateParams& p = g.params;
+  int32_t* __restrict__ topk_ids = g.topk_ids;
+  float* __restrict__ topk_weights = g.topk_weights;
+  const float* __restrict__ bias = g.bias;
   const int lane = threadIdx.x & 31;
   const int num_experts = p.num_experts;
-  if (IsPadding(token, num_valid, group_rows)) {
+  if (IsPadding(token, g.num_valid, g.valid_group_rows)) {
     if (lane < p.top_k) {
       topk_ids[token * p.top_k + lane] = -1;
       topk_weights[token * p.top_k + lane] = 0.0f;
     }
     return -1;
   }
-  const float* x = logits + token * num_experts;
 
   float score[kPerLane];
   float choice[kPerLane];
   float logit[kPerLane];
+  if (g.fold.from_attention != nullptr) {
+    // The router's product of the normalised residual, from its two folded parts (MoeRouterFold), in
+    // explicitly rounded steps: a correctly rounded reciprocal, one fma, one product.
+    const MoeRouterFold& f = g.fold;
+    const float* from_input = f.from_input + token * f.input_stride;
+    const float* from_attention = f.from_attention + token * num_experts;
+    const float rms_in = __frcp_rn(f.inv_rms_in[token]);
+    const float inv_rms_post = f.inv_rms_post[token];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int e = lane + 32 * i;
-    logit[i] = e < num_experts ? x[e] : -INFINITY;
+    for (int i = 0; i < kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      logit[i] = e < num_experts ? __fmul_rn(__fmaf_rn(from_input[e], rms_in, from_attention[e]), inv_rms_post)
+                                 : -INFINITY;
+    }
+  } else {
+    const float* x = g.logits + token * num_experts;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int e = lane + 32 * i;
+      logit[i] = e < num_experts ? x[e] : -INFINITY;
+    }
   }
   if (p.scoring == MoeScoring::kSigmoid) {
 #pragma unroll
@@ -206,27 +236,15 @@ __device__ int GateToken(const float* __restrict__ logits, const float* __restri
   return mine;
 }
 
-struct GateArgs {
-  const float* logits;
-  const float* bias;
-  int64_t num_tokens;
-  const int32_t* num_valid;
-  int64_t valid_group_rows;
-  MoeGateParams params;
-  int32_t* topk_ids;
-  float* topk_weights;
-};
-
 // One warp per token.
 __global__ void __launch_bounds__(kGateWarps * 32) MoeGateKernel(const GateArgs a) {
   __shared__ float choice_smem[kGateWarps][kMoeMaxExperts];
-  PdlWait();  // the router logits come from the previous kernel
+  PdlWait();  // the router logits (or a fold's parts and scales) come from earlier kernels
   PdlLaunchDependents();
   const int warp = threadIdx.x >> 5;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kGateWarps + warp;
   if (token >= a.num_tokens) return;  // whole warps only; no block barrier in GateToken
-  GateToken<kGatePerLane>(a.logits, a.bias, token, a.num_valid, a.valid_group_rows, a.params, choice_smem[warp],
-                          a.topk_ids, a.topk_weights);
+  GateToken<kGatePerLane>(a, token, choice_smem[warp]);
 }
 
 // ------------------------------------------------------------------------------------------ align
@@ -489,12 +507,11 @@ __global__ void __launch_bounds__(kAlignThreads) MoeRouteKernel(const GateArgs g
     float choice[kAlignWarps][kMoeMaxExperts];
     AlignSmem align;
   } smem;
-  PdlWait();  // the router logits come from the previous kernel
+  PdlWait();  // the router logits (or a fold's parts and scales) come from earlier kernels
   PdlLaunchDependents();
   const int warp = threadIdx.x >> 5;
   if (warp < g.num_tokens) {
-    GateToken<kGatePerLane>(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params, smem.choice[warp],
-                            g.topk_ids, g.topk_weights);
+    GateToken<kGatePerLane>(g, warp, smem.choice[warp]);
   }
   __syncthreads();  // topk_ids (global) visible to the block, the scratch free
   AlignBlock(p, smem.align);
@@ -514,15 +531,14 @@ template <int kPerLane>
 __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
   __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
   __shared__ float choice[kMoeWarpRouteTokens][kMoeMaxExperts];
-  PdlWait();  // the router logits come from the previous kernel
+  PdlWait();  // the router logits (or a fold's parts and scales) come from earlier kernels
   PdlLaunchDependents();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int num_tokens = p.num_tokens;
   const int top_k = p.top_k;
   if (warp < num_tokens) {
-    const int chosen = GateToken<kPerLane>(g.logits, g.bias, warp, g.num_valid, g.valid_group_rows, g.params,
-                                           choice[warp], g.topk_ids, g.topk_weights);
+    const int chosen = GateToken<kPerLane>(g, warp, choice[warp]);
     if (lane < top_k) pair_ids[warp * top_k + lane] = chosen;
   }
   __syncthreads();
@@ -677,6 +693,7 @@ struct NormArgs {
   const __nv_bfloat16* weight;
   float eps;
   __nv_bfloat16* out;
+  float* inv_rms;  // or nullptr
 };
 
 // One block per token, one thread per 8 values: the combined row, rounded to bf16 as LaunchMoeCombine
@@ -712,6 +729,7 @@ __global__ void __launch_bounds__(1024) MoeCombineAddRmsNormKernel(const Combine
     *reinterpret_cast<float4*>(h + 4) = make_float4(v[4], v[5], v[6], v[7]);
   }
   const float inv_rms = rsqrtf(kernels::BlockSum(sum_sq, scratch) / p.hidden + n.eps);
+  if (n.inv_rms != nullptr && threadIdx.x == 0) n.inv_rms[token] = inv_rms;
   if (!active) return;
   float w[8];
   Bf16x8ToFloat(norm_weights, w);
@@ -900,7 +918,7 @@ cudaError_t LaunchMoeGate(const float* router_logits, const float* correction_bi
   const int64_t blocks = (num_tokens + kGateWarps - 1) / kGateWarps;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   return LaunchPdl(MoeGateKernel, dim3(static_cast<unsigned>(blocks)), dim3(kGateWarps * 32), 0, stream,
-                   GateArgs{router_logits, correction_bias, num_tokens, nullptr, 0, p, topk_ids, topk_weights});
+                   GateArgs{router_logits, correction_bias, num_tokens, nullptr, 0, p, topk_ids, topk_weights, {}});
 }
 
 // One block, or two launches of a block per chunk of pairs.
@@ -921,15 +939,19 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
-                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows) {
+                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows,
+                           const MoeRouterFold& fold) {
   const int64_t num_tokens = routing.num_tokens;
+  const bool folded = fold.from_attention != nullptr;
   if (!ValidGate(gate) || !ValidRouting(routing) || routing.first_expert + routing.num_experts > gate.num_experts ||
-      gate.top_k != routing.top_k || router_logits == nullptr || topk_ids == nullptr || topk_weights == nullptr ||
-      valid_group_rows < 0) {
+      gate.top_k != routing.top_k || (router_logits == nullptr && !folded) || topk_ids == nullptr ||
+      topk_weights == nullptr || valid_group_rows < 0 ||
+      (folded && (fold.from_input == nullptr || fold.inv_rms_in == nullptr || fold.inv_rms_post == nullptr ||
+                  fold.input_stride < gate.num_experts))) {
     return cudaErrorInvalidValue;
   }
-  const GateArgs g{router_logits, correction_bias, num_tokens, num_valid, valid_group_rows, gate, topk_ids,
-                   topk_weights};
+  const GateArgs g{folded ? nullptr : router_logits, correction_bias, num_tokens, num_valid, valid_group_rows, gate,
+                   topk_ids, topk_weights, fold};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
   if (num_tokens >= 1 && num_tokens <= kMoeWarpRouteTokens) {
     const auto kernel = gate.num_experts <= 32 * kGateSmallPerLane ? MoeRouteWarpKernel<kGateSmallPerLane>
@@ -953,6 +975,60 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
   return LaunchCombine(expert_out, topk_weights, routing, add, hidden, out, stream);
 }
 
+namespace {
+
+constexpr int kFoldThreads = 256;
+
+// from_attention[e, a] = bf16(sum_j router[e, j] * g_post[j] * o_proj[j, a]): block (column tile,
+// expert), a thread a column; the expert's scaled router row in shared memory, o_proj's rows read
+// across the block (coalesced).
+__global__ void __launch_bounds__(kFoldThreads) FoldRouterThroughOutputKernel(
+    const __nv_bfloat16* __restrict__ router, const __nv_bfloat16* __restrict__ g_post,
+    const __nv_bfloat16* __restrict__ o_proj, int hidden, int width, __nv_bfloat16* __restrict__ out) {
+  extern __shared__ float scaled_row[];
+  const int64_t e = blockIdx.y;
+  for (int j = threadIdx.x; j < hidden; j += blockDim.x) {
+    scaled_row[j] = __bfloat162float(router[e * hidden + j]) * __bfloat162float(g_post[j]);
+  }
+  __syncthreads();
+  const int a = static_cast<int>(blockIdx.x) * kFoldThreads + static_cast<int>(threadIdx.x);
+  if (a >= width) return;
+  float sum = 0.0f;
+  for (int j = 0; j < hidden; ++j) sum += scaled_row[j] * __bfloat162float(o_proj[static_cast<int64_t>(j) * width + a]);
+  out[e * width + a] = __float2bfloat16(sum);
+}
+
+// from_input[e, j] = bf16(router[e, j] * g_post[j] / g_in[j]).
+__global__ void __launch_bounds__(kFoldThreads) FoldRouterThroughInputKernel(
+    const __nv_bfloat16* __restrict__ router, const __nv_bfloat16* __restrict__ g_in,
+    const __nv_bfloat16* __restrict__ g_post, int64_t experts, int hidden, __nv_bfloat16* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kFoldThreads + threadIdx.x;
+  if (i >= experts * hidden) return;
+  const int j = static_cast<int>(i % hidden);
+  out[i] = __float2bfloat16(__bfloat162float(router[i]) * __bfloat162float(g_post[j]) / __bfloat162float(g_in[j]));
+}
+
+}  // namespace
+
+cudaError_t LaunchFoldRouter(const __nv_bfloat16* router, const __nv_bfloat16* g_in, const __nv_bfloat16* g_post,
+                             const __nv_bfloat16* o_proj, int64_t experts, int64_t hidden, int64_t width,
+                             __nv_bfloat16* from_input, __nv_bfloat16* from_attention, cudaStream_t stream) {
+  if (router == nullptr || g_in == nullptr || g_post == nullptr || o_proj == nullptr || from_input == nullptr ||
+      from_attention == nullptr || experts < 1 || experts > kMoeMaxExperts || hidden < 1 || hidden > 8 * 1024 ||
+      width < 1 || width > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 output_grid(static_cast<unsigned>((width + kFoldThreads - 1) / kFoldThreads),
+                         static_cast<unsigned>(experts));
+  FoldRouterThroughOutputKernel<<<output_grid, kFoldThreads, hidden * sizeof(float), stream>>>(
+      router, g_post, o_proj, static_cast<int>(hidden), static_cast<int>(width), from_attention);
+  if (const cudaError_t error = cudaGetLastError(); error != cudaSuccess) return error;
+  const int64_t blocks = (experts * hidden + kFoldThreads - 1) / kFoldThreads;
+  FoldRouterThroughInputKernel<<<static_cast<unsigned>(blocks), kFoldThreads, 0, stream>>>(
+      router, g_in, g_post, experts, static_cast<int>(hidden), from_input);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_weights,
                              const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden, float* out,
                              cudaStream_t stream) {
@@ -962,7 +1038,7 @@ cudaError_t LaunchMoeCombine(const __nv_bfloat16* expert_out, const float* topk_
 cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const float* topk_weights,
                                        const MoeRouting& routing, const MoeCombineAdd& add, int64_t hidden,
                                        float* residual, const __nv_bfloat16* norm_weight, float eps,
-                                       __nv_bfloat16* out, cudaStream_t stream) {
+                                       __nv_bfloat16* out, cudaStream_t stream, float* inv_rms) {
   if (!ValidCombine(expert_out, topk_weights, routing, add, hidden) || hidden > 8 * 1024 || residual == nullptr ||
       norm_weight == nullptr || out == nullptr || !Aligned16(residual) || !Aligned16(norm_weight) ||
       !Aligned16(out) || routing.num_tokens > INT32_MAX) {
@@ -972,7 +1048,7 @@ cudaError_t LaunchMoeCombineAddRmsNorm(const __nv_bfloat16* expert_out, const fl
   const int threads = static_cast<int>((hidden / 8 + 31) / 32 * 32);
   return LaunchPdl(MoeCombineAddRmsNormKernel, dim3(static_cast<unsigned>(routing.num_tokens)), dim3(threads), 0,
                    stream, MakeCombineArgs<__nv_bfloat16>(expert_out, topk_weights, routing, add, hidden, nullptr),
-                   NormArgs{residual, norm_weight, eps, out});
+                   NormArgs{residual, norm_weight, eps, out, inv_rms});
 }
 
 }  // namespace cohort

@@ -59,10 +59,12 @@ TEST(ElementwiseTest, AddRmsNormUpdatesResidualAndNormalises) {
       const std::vector<uint16_t> delta = RandomBf16(residual.size(), rng), weight = RandomBf16(dim, rng);
       DeviceVector<float> d_residual(residual);
       DeviceVector<uint16_t> d_delta(delta), d_weight(weight), d_out(residual.size());
+      DeviceVector<float> d_inv_rms(std::vector<float>(rows, -1.0f));
       ASSERT_CUDA_OK(kernels::LaunchAddRmsNorm(d_residual.get(), with_delta ? Bf16(d_delta) : nullptr, Bf16(d_weight),
-                                               rows, dim, 1e-6f, Bf16(d_out), nullptr));
+                                               rows, dim, 1e-6f, Bf16(d_out), nullptr, d_inv_rms.get()));
       const std::vector<float> new_residual = d_residual.ToHost();
       const std::vector<uint16_t> out = d_out.ToHost();
+      const std::vector<float> inv_rms = d_inv_rms.ToHost();
       for (int r = 0; r < rows; ++r) {
         double sum_sq = 0;
         std::vector<double> h(dim);
@@ -72,6 +74,7 @@ TEST(ElementwiseTest, AddRmsNormUpdatesResidualAndNormalises) {
           ASSERT_NEAR(new_residual[r * dim + i], h[i], 1e-5 * std::abs(h[i]) + 1e-6);
         }
         const double inv = 1.0 / std::sqrt(sum_sq / dim + 1e-6);
+        ASSERT_NEAR(inv_rms[r], inv, 1e-5 * inv) << "row " << r << "'s scale, dim " << dim;
         for (int i = 0; i < dim; ++i) {
           ExpectBf16Near(out[r * dim + i], h[i] * inv * BF16ToFloat(weight[i]), "dim " + std::to_string(dim));
         }
@@ -323,7 +326,9 @@ TEST(ElementwiseTest, WriteKvCacheOfManyRows) {
                                                    projected.data() + static_cast<size_t>(r) * stride + q_width,
                                                    positions[r], &cache[slot], qk, want, &rotated[row_queries]));
         }
-        if (mode == Queries::kNone) EXPECT_EQ(rotated, q) << "no queries were passed";
+        if (mode == Queries::kNone) {
+          EXPECT_EQ(rotated, q) << "no queries were passed";
+        }
         // Slots no row of the launch owns keep their poison.
         size_t untouched = 0;
         for (size_t i = 0; i < cache.size(); i += width) untouched += cache[i] == kPoison;

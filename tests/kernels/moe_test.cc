@@ -1,5 +1,7 @@
 // The MoE kernels (kernels/moe.h) against CPU references: the gate against TopkRouter, the align's
-// invariants, the fused route against gate then align, the grouped GEMM against a double-precision
+// invariants, the fused route against gate then align (and from a router folded into the attention's
+// projections against the same logits formed on the host, with the folded weights against the CPU),
+// the grouped GEMM against a double-precision
 // product (plain, and with its fused SiLU-and-mul epilogue), SiLU-and-mul, the combine (alone and
 // folded into the next RMSNorm), and a whole layer (route -> gate_up with SiLU-and-mul -> down ->
 // combine, routed and shared experts in the same grouped products; and with the separate SiLU-and-mul
@@ -660,6 +662,118 @@ TEST(MoeRouteTest, EqualsGateThenAlignWithAndWithoutPadding) {
   }
 }
 
+// The folded routers' weights (LaunchFoldRouter) against the CPU in double: the router scaled by the
+// two norms' weights, and multiplied through o_proj; V2-Lite's shapes and small odd ones.
+TEST(MoeRouteTest, FoldedRouterWeightsMatchCpu) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  for (const auto& [experts, hidden, width] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{64, 2048, 2048}, {8, 104, 200}, {3, 16, 24}}) {
+    SCOPED_TRACE(::testing::Message() << "experts " << experts << " hidden " << hidden << " width " << width);
+    const std::vector<uint16_t> router = RandomBf16(rng, experts * hidden), o_proj = RandomBf16(rng, hidden * width),
+                                g_post = RandomBf16(rng, hidden, 2.0f);
+    std::vector<uint16_t> g_in = RandomBf16(rng, hidden, 2.0f);
+    for (uint16_t& g : g_in) {
+      if (Bf16ToFloat(g) == 0.0f) g = FloatToBf16(0.5f);  // the fold's contract: no zero
+    }
+    DeviceBuffer<uint16_t> d_router(router), d_o_proj(o_proj), d_g_in(g_in), d_g_post(g_post),
+        d_from_input(experts * hidden), d_from_attention(experts * width);
+    ASSERT_CUDA_OK(d_from_input.Poison());
+    ASSERT_CUDA_OK(d_from_attention.Poison());
+    ASSERT_CUDA_OK(LaunchFoldRouter(Bf16(d_router), Bf16(d_g_in), Bf16(d_g_post), Bf16(d_o_proj), experts, hidden,
+                                    width, Bf16(d_from_input), Bf16(d_from_attention), nullptr));
+    std::vector<uint16_t> from_input, from_attention;
+    ASSERT_CUDA_OK(d_from_input.Read(&from_input));
+    ASSERT_CUDA_OK(d_from_attention.Read(&from_attention));
+    std::vector<double> want_input(experts * hidden), want_attention(experts * width, 0.0);
+    for (int64_t e = 0; e < experts; ++e) {
+      for (int64_t j = 0; j < hidden; ++j) {
+        const double scaled = static_cast<double>(Bf16ToFloat(router[e * hidden + j])) * Bf16ToFloat(g_post[j]);
+        want_input[e * hidden + j] = scaled / Bf16ToFloat(g_in[j]);
+        for (int64_t a = 0; a < width; ++a) {
+          want_attention[e * width + a] += scaled * Bf16ToFloat(o_proj[j * width + a]);
+        }
+      }
+    }
+    ExpectClose(ToFloat(from_input), want_input, "router / g_in * g_post");
+    ExpectClose(ToFloat(from_attention), want_attention, "router * g_post . o_proj");
+  }
+}
+
+// A router folded into the attention's projections (MoeRouterFold): the route forms each logit from
+// its parts and the two norms' scales, then routes exactly as over the same logits formed on the
+// host (the same rounded steps), for every route kernel and with padding tokens.
+TEST(MoeRouteTest, FoldedRouterRoutesAsItsLogits) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  for (const ModelConfig& c : {V2LiteRouter(), V3Router()}) {
+    for (int64_t tokens : {int64_t{1}, int64_t{2}, kMoeWarpRouteTokens, kMoeWarpRouteTokens + 3, int64_t{40}}) {
+      SCOPED_TRACE(::testing::Message() << "experts " << c.n_routed_experts << " tokens " << tokens);
+      const int64_t experts = c.n_routed_experts, stride = experts + 24, valid = std::max<int64_t>(1, tokens - 1);
+      const int top_k = static_cast<int>(c.num_experts_per_tok);
+      const bool with_bias = c.topk_method == TopkMethod::kNoAuxTc;
+      std::vector<float> from_input(tokens * stride), from_attention(tokens * experts), inv_rms_in(tokens),
+          inv_rms_post(tokens), bias(experts), logits(tokens * experts);
+      for (float& v : from_input) v = rng.Uniform(-2.0f, 2.0f);
+      for (float& v : from_attention) v = rng.Uniform(-3.0f, 3.0f);
+      for (float& v : bias) v = rng.Uniform(-0.1f, 0.1f);
+      for (int64_t t = 0; t < tokens; ++t) {
+        inv_rms_in[t] = rng.Uniform(0.05f, 4.0f);
+        inv_rms_post[t] = rng.Uniform(0.05f, 4.0f);
+        const float rms_in = 1.0f / inv_rms_in[t];
+        for (int64_t e = 0; e < experts; ++e) {
+          logits[t * experts + e] = std::fma(from_input[t * stride + e], rms_in, from_attention[t * experts + e]) *
+                                    inv_rms_post[t];
+        }
+      }
+      DeviceBuffer<float> d_from_input(from_input), d_from_attention(from_attention), d_inv_in(inv_rms_in),
+          d_inv_post(inv_rms_post), d_bias(bias), d_logits(logits);
+      DeviceBuffer<int32_t> d_valid(std::vector<int32_t>{static_cast<int32_t>(valid)});
+      const MoeGateParams gate = cuda::MoeGateParamsFor(c);
+      const MoeRouterFold fold{d_from_input.get(), stride, d_from_attention.get(), d_inv_in.get(), d_inv_post.get()};
+      std::vector<int32_t> ids[2];
+      std::vector<float> weights[2];
+      std::vector<uint8_t> buffers[2];
+      for (int folded = 0; folded < 2; ++folded) {
+        RoutingOnDevice d(tokens, top_k, static_cast<int>(experts), 1);
+        DeviceBuffer<int32_t> d_ids(tokens * top_k);
+        DeviceBuffer<float> d_weights(tokens * top_k);
+        ASSERT_CUDA_OK(d.Carve(tokens, top_k, static_cast<int>(experts), 1,
+                               MoeDefaultTileRows(tokens, top_k, static_cast<int>(experts), 1)));
+        ASSERT_CUDA_OK(d.workspace.Poison(0xa5));
+        ASSERT_CUDA_OK(d_ids.Poison());
+        ASSERT_CUDA_OK(LaunchMoeRoute(folded ? nullptr : d_logits.get(), with_bias ? d_bias.get() : nullptr, gate,
+                                      d_valid.get(), d_ids.get(), d_weights.get(), d.routing, nullptr, nullptr, 0,
+                                      folded ? fold : MoeRouterFold{}));
+        ASSERT_CUDA_OK(d_ids.Read(&ids[folded]));
+        ASSERT_CUDA_OK(d_weights.Read(&weights[folded]));
+        ASSERT_CUDA_OK(d.workspace.Read(&buffers[folded]));
+      }
+      EXPECT_EQ(ids[1], ids[0]);
+      EXPECT_EQ(weights[1], weights[0]);
+      EXPECT_TRUE(buffers[1] == buffers[0]) << "the routing buffers differ";
+      EXPECT_EQ(std::count(ids[1].begin(), ids[1].end(), -1), (tokens - valid) * top_k) << "padding tokens";
+      // A fold without its scales is refused, as are logits from neither.
+      RoutingOnDevice d(tokens, top_k, static_cast<int>(experts), 1);
+      ASSERT_CUDA_OK(d.Carve(tokens, top_k, static_cast<int>(experts), 1, 16));
+      DeviceBuffer<int32_t> d_ids(tokens * top_k);
+      DeviceBuffer<float> d_weights(tokens * top_k);
+      MoeRouterFold unscaled = fold;
+      unscaled.inv_rms_post = nullptr;
+      EXPECT_EQ(LaunchMoeRoute(nullptr, nullptr, gate, nullptr, d_ids.get(), d_weights.get(), d.routing, nullptr,
+                               nullptr, 0, unscaled),
+                cudaErrorInvalidValue);
+      EXPECT_EQ(LaunchMoeRoute(nullptr, nullptr, gate, nullptr, d_ids.get(), d_weights.get(), d.routing, nullptr,
+                               nullptr),
+                cudaErrorInvalidValue);
+    }
+  }
+}
+
 TEST(MoeRouteTest, RejectsGateAndRoutingThatDisagree) {
   COHORT_SKIP_WITHOUT_GPU();
   RoutingOnDevice d(4, 6, 64, 2);
@@ -1275,13 +1389,16 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
     ASSERT_CUDA_OK(LaunchMoeCombine(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds}, hidden,
                                     Bf16(d_delta), nullptr));
     ASSERT_CUDA_OK(d_out.Poison());
+    DeviceBuffer<float> d_inv_rms(std::vector<float>(tokens, -1.0f));
     ASSERT_CUDA_OK(LaunchMoeCombineAddRmsNorm(Bf16(d_expert_out), d_weights.get(), d.routing, {Bf16(d_add), adds},
-                                              hidden, d_residual.get(), Bf16(d_norm), 1e-6f, Bf16(d_out), nullptr));
+                                              hidden, d_residual.get(), Bf16(d_norm), 1e-6f, Bf16(d_out), nullptr,
+                                              d_inv_rms.get()));
     std::vector<uint16_t> delta, out;
-    std::vector<float> new_residual;
+    std::vector<float> new_residual, inv_rms;
     ASSERT_CUDA_OK(d_delta.Read(&delta));
     ASSERT_CUDA_OK(d_out.Read(&out));
     ASSERT_CUDA_OK(d_residual.Read(&new_residual));
+    ASSERT_CUDA_OK(d_inv_rms.Read(&inv_rms));
     std::vector<double> want(tokens * hidden);
     for (int64_t t = 0; t < tokens; ++t) {
       double sum_sq = 0.0;
@@ -1292,6 +1409,7 @@ TEST(MoeCombineTest, FoldsIntoTheNextRmsNorm) {
         sum_sq += static_cast<double>(sum) * sum;
       }
       const double inverse_rms = 1.0 / std::sqrt(sum_sq / hidden + 1e-6);
+      ASSERT_NEAR(inv_rms[t], inverse_rms, 1e-5 * inverse_rms) << "token " << t << "'s scale";
       for (int64_t h = 0; h < hidden; ++h) {
         want[t * hidden + h] = new_residual[t * hidden + h] * inverse_rms * Bf16ToFloat(norm[h]);
       }
