@@ -42,6 +42,17 @@ constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 // Products of up to this many rows use the skinny kernel (kernels/skinny_gemm.h): on the H200 it
 // matches or beats cuBLAS at 1-8 rows and trails it at 16-32 (skinny_gemm_bench).
 constexpr int64_t kSkinnyRows = 8;
+// Steps of up to this many rows (on one GPU) take their router's logits from the two attention
+// projections (DeviceLayer::router_folded) instead of a router product after the post-attention
+// norm: a launch fewer between the attention and the expert products, where every launch at small
+// batch is latency. Within the skinny GEMM's rows, whose extra output columns cost about nothing.
+// Except at kRouterProductTokens rows: there the shared experts' weights, streamed beside the router
+// product and the route (SharedExpertsApart), are worth more than the launch. Against the router
+// product (H200, A/B runs in four device calls, contexts 1024 / 4096): batch 1 -2.3 to -3.6%,
+// batch 3 -1.0 to -1.6%, batch 4 -0.6 to -2.3%, batch 8 -0.2 to -1.4%, but batch 2 -0.2 to +1.4%.
+constexpr int64_t kRouterFoldMaxTokens = kSkinnyRows;
+constexpr int64_t kRouterProductTokens = 2;
+static_assert(kRouterFoldMaxTokens <= kernels::kSkinnyMaxTailRows, "o_proj writes the router's part as a tail");
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
 // (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows. (With the
 // warp-specialised grouped products, folding them in at every size measured V2-Lite prefill steps
@@ -175,6 +186,7 @@ class CudaEngine final : public ShardEngine {
     float* residual;
     bf16 *x, *delta, *q, *q_a_normed, *q_latent, *o_latent, *attn;
     float *projected, *split_partials, *router_logits, *topk_weights;
+    float *inv_rms_in, *inv_rms_post;  // the two norms' per-row scales, for a folded router
     int32_t* topk_ids;
     bf16 *mlp_gate_up, *mlp_act, *routed_act, *routed_out, *shared_out;
     // With several GPUs: every GPU's rows gathered [world * T, H], this GPU's share of their combine
@@ -215,8 +227,12 @@ class CudaEngine final : public ShardEngine {
   // FeedForward before the combine; they leave their S outputs in ws_.shared_rows.
   absl::Status SharedExpertsApart(const DeviceLayer& layer, const bf16* x, int64_t num_tokens);
   // residual += the last block's output (ws_.delta, or the pending MoE combine; nothing before the
-  // first layer), then x = RMSNorm(residual) * weight.
-  absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first);
+  // first layer), then x = RMSNorm(residual) * weight; inv_rms, when not null, gets each row's scale.
+  absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first, float* inv_rms = nullptr);
+  // Whether a step of `tokens` rows takes layer l's router logits from its attention projections.
+  bool RouterFolded(const DeviceLayer& l, int64_t tokens) const {
+    return l.router_folded && world_ == 1 && tokens <= kRouterFoldMaxTokens && tokens != kRouterProductTokens;
+  }
   // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
   // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
   // and overlaps the kernel before it; cuBLAS above.
@@ -344,7 +360,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.delta = a.Take<bf16>(T * H);
   ws.q = a.Take<bf16>(T * heads * c.qk_head_dim());
   if (c.q_lora_rank > 0) ws.q_a_normed = a.Take<bf16>(T * c.q_lora_rank);
-  ws.projected = a.Take<float>(T * (QueryProjectionWidth(c) + width));
+  // With the folded router's columns for up to kRouterFoldMaxTokens rows.
+  ws.projected = a.Take<float>(T * (QueryProjectionWidth(c) + width) + kRouterFoldMaxTokens * c.n_routed_experts);
   ws.q_latent = a.Take<bf16>(T * heads * rank);
   ws.o_latent = a.Take<bf16>(T * heads * rank);
   ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
@@ -362,6 +379,8 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
     const int64_t pairs = M * c.num_experts_per_tok, inter = c.moe_intermediate_size;
     const int64_t rows = M * (c.num_experts_per_tok + shared);
     ws.router_logits = a.Take<float>(M * c.n_routed_experts);
+    ws.inv_rms_in = a.Take<float>(kRouterFoldMaxTokens);
+    ws.inv_rms_post = a.Take<float>(kRouterFoldMaxTokens);
     ws.topk_ids = a.Take<int32_t>(pairs);
     ws.topk_weights = a.Take<float>(pairs);
     ws.routed_act = a.Take<bf16>(rows * inter);
@@ -739,18 +758,20 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   const ModelConfig& c = config_;
   const int64_t T = s.num_tokens, H = c.hidden_size, heads = c.num_heads, qk = c.qk_head_dim();
   const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank, width = c.kv_cache_width();
-  // One fp32 product for the queries (or their LoRA down-projection) and the latent: [T, q | kv].
+  // One fp32 product for the queries (or their LoRA down-projection) and the latent: [T, q | kv],
+  // and with a folded router its part from the layer's input: [T, q | kv | experts].
+  const bool fold = RouterFolded(l, T);
   const int64_t q_width = QueryProjectionWidth(c), projected = q_width + width;
-  COHORT_RETURN_IF_ERROR(Product(T, projected, H, {ws_.x, H}, {l.input_proj.data, H},
-                                 {ws_.projected, projected, 0, CUDA_R_32F}));
+  const int64_t ld = projected + (fold ? l.router_from_input.rows : 0);
+  COHORT_RETURN_IF_ERROR(Product(T, ld, H, {ws_.x, H}, {l.input_proj.data, H}, {ws_.projected, ld, 0, CUDA_R_32F}));
   kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
   if (c.q_lora_rank > 0) {
-    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.projected, projected, l.q_a_norm, T, c.q_lora_rank,
+    COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(ws_.projected, ld, l.q_a_norm, T, c.q_lora_rank,
                                                        kLatentNormEps, ws_.q_a_normed, c.q_lora_rank, stream_));
     COHORT_RETURN_IF_ERROR(Linear(l.q_b_proj, ws_.q_a_normed, T, ws_.q));  // rotated in place below
   } else {
     queries.source = ws_.projected;  // rounded to bf16 (and rotated) into ws_.q below
-    queries.source_row_stride = projected;
+    queries.source_row_stride = ld;
   }
 
   // The absorbed queries: q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows
@@ -765,7 +786,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   bf16* cache = LayerCache(index);
   const kernels::CacheWriteParams where{ws_.positions, ws_.token_sequence, ws_.block_tables, ws_.table_offsets,
                                         static_cast<int>(geometry_.block_size_tokens)};
-  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.projected + q_width, projected, T, rank, l.kv_a_norm,
+  COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKvCache(ws_.projected + q_width, ld, T, rank, l.kv_a_norm,
                                                           kLatentNormEps, RopeArgs(), where, cache, stream_, queries,
                                                           absorb));
 
@@ -812,7 +833,23 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     }
   }
   for (const ExpandedGroup& group : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(group, l, cache));
-  return Linear(l.o_proj, ws_.attn, T, ws_.delta);
+  if (!fold) return Linear(l.o_proj, ws_.attn, T, ws_.delta);
+  // o_proj and the folded router's part from the attention in one product: [T, H] in bf16 into delta,
+  // [T, experts] in fp32 after it (the rows follow o_proj's in the weights).
+  kernels::SkinnyGemmParams p;
+  p.x = ws_.attn;
+  p.x_row_stride = l.o_proj.cols;
+  p.w = l.o_proj.data;
+  p.w_row_stride = l.o_proj.cols;
+  p.y = ws_.delta;
+  p.y_row_stride = H;
+  p.y_tail = ws_.router_logits;
+  p.y_tail_row_stride = l.router_from_attention.rows;
+  p.tail_from = static_cast<int>(H);
+  p.rows = static_cast<int>(T);
+  p.n_out = static_cast<int>(H + l.router_from_attention.rows);
+  p.k = static_cast<int>(l.o_proj.cols);
+  return CudaStatus(kernels::LaunchSkinnyGemm(p, stream_), "LaunchSkinnyGemm");
 }
 
 // A group of prefill chunks: the keys and values of their whole contexts expanded from the latent,
@@ -883,12 +920,16 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   }
   // The shared experts are experts E..E+S-1 of the weight arrays. They need no routing: steps of up
   // to kSharedApartMaxTokens rows run them beside it on a second stream, so that their weight reads
-  // fill the routing's latency-bound launches. Up to kFoldSharedMaxTokens rows they join the routed
-  // ones in the grouped products (one row per token, weight 1 in the combine): no extra launches,
-  // and they stream like any expert. Prefill-sized steps run them on cuBLAS.
+  // fill the routing's latency-bound launches, unless the router is folded (no router product, so
+  // little routing to fill: beside the route alone they measured 0.9% slower at batch 1 than in the
+  // grouped products, and they lost the SMs to the routed products' blocks waiting for the route).
+  // Up to kFoldSharedMaxTokens rows they join the routed ones in the grouped products (one row per
+  // token, weight 1 in the combine): no extra launches, and they stream like any expert.
+  // Prefill-sized steps run them on cuBLAS.
   const int32_t E = shard_.num_routed, k = static_cast<int32_t>(c.num_experts_per_tok);
   const int32_t shared = shard_.num_shared();
-  const bool apart = shared > 0 && rows <= kSharedApartMaxTokens;
+  const bool router_folded = RouterFolded(l, T);
+  const bool apart = shared > 0 && rows <= kSharedApartMaxTokens && !router_folded;
   const int32_t folded = !apart && rows <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size;
   MoeCombineAdd add;
@@ -897,8 +938,14 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     add = {ws_.shared_rows, shared};
   }
   const int64_t all_experts = c.n_routed_experts;
-  COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
-                                 {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
+  MoeRouterFold fold;
+  if (router_folded) {
+    const int64_t q_width = QueryProjectionWidth(c), projected = q_width + c.kv_cache_width();
+    fold = {ws_.projected + projected, projected + all_experts, ws_.router_logits, ws_.inv_rms_in, ws_.inv_rms_post};
+  } else {
+    COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
+                                   {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
+  }
   MoeRouting routing;
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.moe_workspace, moe_workspace_bytes_, rows, k, E, folded,
                                               MoeDefaultTileRows(rows, k, E, folded), &routing));
@@ -907,7 +954,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   const int32_t* num_valid = world_ > 1 || s.bucket > 0 ? ws_.num_valid : nullptr;
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_, num_valid, ws_.topk_ids,
                                              ws_.topk_weights, routing, ws_.experts_used, stream_,
-                                             /*valid_group_rows=*/world_ > 1 ? T : 0));
+                                             /*valid_group_rows=*/world_ > 1 ? T : 0, fold));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   // The route (or the align) is two launches back: the down product may read the routing, and request
@@ -993,22 +1040,23 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, const bf16* x,
   return absl::OkStatus();
 }
 
-absl::Status CudaEngine::NormalizeResidual(const bf16* weight, int64_t rows, bool first) {
+absl::Status CudaEngine::NormalizeResidual(const bf16* weight, int64_t rows, bool first, float* inv_rms) {
   const float eps = static_cast<float>(config_.rms_norm_eps);
   if (pending_combine_.has_value()) {
     const PendingCombine moe = *pending_combine_;
     pending_combine_.reset();
     if (moe.summed) {
       return CudaStatus(kernels::LaunchAddRmsNorm(ws_.residual, ws_.moe_sum, weight, static_cast<int>(rows),
-                                                  static_cast<int>(config_.hidden_size), eps, ws_.x, stream_),
+                                                  static_cast<int>(config_.hidden_size), eps, ws_.x, stream_, inv_rms),
                         "LaunchAddRmsNorm");
     }
     return CudaStatus(LaunchMoeCombineAddRmsNorm(ws_.routed_out, ws_.topk_weights, moe.routing, moe.add,
-                                                 config_.hidden_size, ws_.residual, weight, eps, ws_.x, stream_),
+                                                 config_.hidden_size, ws_.residual, weight, eps, ws_.x, stream_,
+                                                 inv_rms),
                       "LaunchMoeCombineAddRmsNorm");
   }
   return CudaStatus(kernels::LaunchAddRmsNorm(ws_.residual, first ? nullptr : ws_.delta, weight, static_cast<int>(rows),
-                                              static_cast<int>(config_.hidden_size), eps, ws_.x, stream_),
+                                              static_cast<int>(config_.hidden_size), eps, ws_.x, stream_, inv_rms),
                     "LaunchAddRmsNorm");
 }
 
@@ -1048,10 +1096,13 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
                                                        static_cast<int>(H), ws_.residual, stream_));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const DeviceLayer& l = weights_.layers[i];
-    // The previous layer's feed-forward output joins the residual here.
-    COHORT_RETURN_IF_ERROR(NormalizeResidual(l.input_norm, T, /*first=*/i == 0));
+    // The previous layer's feed-forward output joins the residual here. A folded router takes both
+    // norms' scales (kernels::MoeRouterFold).
+    const bool fold = RouterFolded(l, T);
+    COHORT_RETURN_IF_ERROR(NormalizeResidual(l.input_norm, T, /*first=*/i == 0, fold ? ws_.inv_rms_in : nullptr));
     COHORT_RETURN_IF_ERROR(Attention(l, i, s));
-    COHORT_RETURN_IF_ERROR(NormalizeResidual(l.post_attention_norm, T, /*first=*/false));
+    COHORT_RETURN_IF_ERROR(
+        NormalizeResidual(l.post_attention_norm, T, /*first=*/false, fold ? ws_.inv_rms_post : nullptr));
     COHORT_RETURN_IF_ERROR(FeedForward(l, s));
   }
   COHORT_RETURN_IF_ERROR(NormalizeResidual(weights_.norm, T, /*first=*/false));

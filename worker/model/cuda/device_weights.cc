@@ -1,5 +1,6 @@
 #include "worker/model/cuda/device_weights.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <span>
@@ -9,9 +10,14 @@
 #include "common/status.h"
 #include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
+#include "kernels/moe.h"
 
 namespace cohort::cuda {
 namespace {
+
+// The smallest input norm weight the folded router divides by: smaller ones (zeros above all) keep
+// the layer's router product (DeviceLayer::router_folded).
+constexpr float kMinFoldedNormWeight = 1e-20f;
 
 DeviceMatrix PlaceMatrix(DeviceArena& arena, int64_t rows, int64_t cols) {
   return {arena.Take<bf16>(rows * cols), rows, cols};
@@ -104,7 +110,13 @@ DeviceWeights PlaceWeights(const ModelConfig& c, const ExpertShard& shard, Devic
     l.input_norm = arena.Take<bf16>(hidden);
     l.post_attention_norm = arena.Take<bf16>(hidden);
     const int64_t q_rows = c.q_lora_rank > 0 ? c.q_lora_rank : heads * c.qk_head_dim();
-    l.input_proj = PlaceMatrix(arena, q_rows + c.kv_cache_width(), hidden);
+    l.moe = c.IsMoeLayer(i);
+    // Room for the folded routers when this GPU routes over every expert (DeviceLayer).
+    const int64_t fold_rows = l.moe && shard.num_routed == c.n_routed_experts ? c.n_routed_experts : 0;
+    l.input_proj = PlaceMatrix(arena, q_rows + c.kv_cache_width() + fold_rows, hidden);
+    l.input_proj.rows -= fold_rows;
+    l.router_from_input = {l.input_proj.data == nullptr ? nullptr : l.input_proj.data + l.input_proj.rows * hidden,
+                           fold_rows, hidden};
     const DeviceMatrix q_part{l.input_proj.data, q_rows, hidden};
     l.kv_a_proj = {l.input_proj.data == nullptr ? nullptr : l.input_proj.data + q_rows * hidden, c.kv_cache_width(),
                    hidden};
@@ -118,8 +130,10 @@ DeviceWeights PlaceWeights(const ModelConfig& c, const ExpertShard& shard, Devic
     l.kv_a_norm = arena.Take<bf16>(c.kv_lora_rank);
     l.kv_b_proj = PlaceMatrix(arena, heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
     l.absorbed_keys = arena.Take<bf16>(heads * c.kv_lora_rank * c.qk_nope_head_dim);
-    l.o_proj = PlaceMatrix(arena, hidden, heads * c.v_head_dim);
-    l.moe = c.IsMoeLayer(i);
+    l.o_proj = PlaceMatrix(arena, hidden + fold_rows, heads * c.v_head_dim);
+    l.o_proj.rows = hidden;
+    l.router_from_attention = {l.o_proj.data == nullptr ? nullptr : l.o_proj.data + hidden * l.o_proj.cols, fold_rows,
+                               l.o_proj.cols};
     if (!l.moe) {
       l.mlp_gate_up = PlaceMatrix(arena, 2 * c.intermediate_size, hidden);
       l.mlp_down = PlaceMatrix(arena, hidden, c.intermediate_size);
@@ -245,13 +259,27 @@ absl::Status FillSyntheticWeights(const ModelConfig& c, const ExpertShard& shard
   return absl::OkStatus();
 }
 
-absl::Status DeriveWeights(const ModelConfig& c, const DeviceWeights& w) {
-  const int64_t nope = c.qk_nope_head_dim, rank = c.kv_lora_rank;
-  for (const DeviceLayer& l : w.layers) {
+absl::Status DeriveWeights(const ModelConfig& c, DeviceWeights& w) {
+  const int64_t nope = c.qk_nope_head_dim, rank = c.kv_lora_rank, hidden = c.hidden_size;
+  std::vector<uint16_t> input_norm(hidden);
+  for (DeviceLayer& l : w.layers) {
     // Head h's key rows of kv_b_proj are rows [h (nope + v), + nope): a [nope, rank] matrix.
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchTranspose(l.kv_b_proj.data, static_cast<int>(nope),
                                                          static_cast<int>(rank), (nope + c.v_head_dim) * rank,
                                                          static_cast<int>(c.num_heads), l.absorbed_keys, nullptr));
+    if (l.router_from_input.rows == 0) continue;
+    // The fold divides by the input norm's weights: a zero (or a value that is not finite) would lose
+    // that dimension of the residual, so such a layer keeps its router product.
+    COHORT_CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(input_norm.data(), l.input_norm, hidden * sizeof(bf16), cudaMemcpyDeviceToHost));
+    l.router_folded = std::all_of(input_norm.begin(), input_norm.end(), [](uint16_t bits) {
+      const float g = BF16ToFloat(bits);
+      return std::isfinite(g) && std::fabs(g) >= kMinFoldedNormWeight;
+    });
+    if (!l.router_folded) continue;
+    COHORT_CUDA_RETURN_IF_ERROR(LaunchFoldRouter(
+        l.router.data, l.input_norm, l.post_attention_norm, l.o_proj.data, l.router.rows, hidden, l.o_proj.cols,
+        l.router_from_input.data, l.router_from_attention.data, nullptr));
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaDeviceSynchronize());
   return absl::OkStatus();

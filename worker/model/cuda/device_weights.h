@@ -47,6 +47,13 @@ struct DeviceLayer {
   DeviceMatrix mlp_gate_up, mlp_down;    // dense layers
   DeviceMatrix router;                   // MoE: hidden -> experts
   float* router_bias = nullptr;          // e_score_correction_bias, or null
+  // The router folded into the two attention projections (MoeRouterFold in kernels/moe.h), so that a small
+  // step's MoE block starts with the route instead of a router product: [experts, hidden] rows right
+  // after input_proj's, and [experts, heads * v_head] rows right after o_proj's, which one product
+  // each computes with them. Placed for MoE layers when one GPU holds every routed expert;
+  // router_folded once DeriveWeights made them (it does not where the input norm has a zero weight).
+  DeviceMatrix router_from_input, router_from_attention;
+  bool router_folded = false;
   bf16* experts_gate_up = nullptr;       // [routed + shared experts, 2 * moe_intermediate, hidden]
   bf16* experts_down = nullptr;          // [routed + shared experts, hidden, moe_intermediate]
 };
@@ -88,8 +95,8 @@ absl::Status LoadWeights(const ModelConfig& config, const ExpertShard& shard, co
 absl::Status FillSyntheticWeights(const ModelConfig& config, const ExpertShard& shard, const DeviceWeights& weights,
                                   uint64_t seed);
 
-// Computes the weights derived from the loaded ones (absorbed_keys); after LoadWeights or
-// FillSyntheticWeights.
-absl::Status DeriveWeights(const ModelConfig& config, const DeviceWeights& weights);
+// Computes the weights derived from the loaded ones (absorbed_keys, the folded routers); after
+// LoadWeights or FillSyntheticWeights.
+absl::Status DeriveWeights(const ModelConfig& config, DeviceWeights& weights);
 
 }  // namespace cohort::cuda

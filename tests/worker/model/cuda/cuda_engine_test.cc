@@ -5,13 +5,18 @@
 // engine spread over two GPUs (expert parallelism) against the one-GPU engine.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/testing/engine_driver.h"
 #include "tests/testing/fixtures.h"
 #include "tests/testing/gpu.h"
+#include "tests/testing/paths.h"
+#include "tests/testing/safetensors_writer.h"
+#include "worker/model/checkpoint.h"
 #include "worker/model/engine.h"
 
 namespace cohort {
@@ -288,6 +293,64 @@ TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
       const float* got = logits.data() + q * fixture.vocab_size;
       EXPECT_LE(RelativeError(got, ref, fixture.vocab_size), kRelativeTolerance) << c.fixture << " sequence " << q;
     }
+  }
+}
+
+// Steps of a few rows take the router's logits from the attention's projections, which divide by
+// the input norm's weights (DeviceLayer::router_folded): a checkpoint with a zero among them keeps
+// the router product in that layer and still decodes as the CPU engine does. The fixture v2_lite_like
+// copied with one input-norm weight of every layer set to zero; a prompt of 7 tokens, then 4 steps
+// of one token, each step's logits against the CPU engine's.
+TEST(CudaEngineTest, ZeroInputNormWeightDecodesAsTheCpuEngine) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const Fixture fixture = testing::LoadFixture("v2_lite_like");
+  testing::TempDir dir;
+  {
+    auto checkpoint = Checkpoint::Open(fixture.model_dir);
+    ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+    std::vector<testing::TestTensor> tensors;
+    int zeroed = 0;
+    for (const auto& [name, view] : (*checkpoint)->tensors()) {
+      testing::TestTensor t{name, view->dtype, view->shape, {}, {}};
+      t.raw.resize(view->data.size());
+      std::memcpy(t.raw.data(), view->data.data(), view->data.size());
+      if (name.ends_with(".input_layernorm.weight")) {
+        const size_t width = view->data.size() / static_cast<size_t>(view->num_elements());
+        std::memset(t.raw.data() + 3 * width, 0, width);  // the weight of dimension 3
+        ++zeroed;
+      }
+      tensors.push_back(std::move(t));
+    }
+    ASSERT_GT(zeroed, 1);
+    testing::WriteFile(dir.Join("model.safetensors"), testing::SafetensorsBytes(tensors));
+    testing::WriteFile(dir.Join("config.json"), testing::ReadFile(fixture.model_dir + "/config.json"));
+  }
+  std::vector<int32_t> tokens = {5, 17, 2, 99, 41, 3, 250}, table = {0, 1};
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (const std::string device : {"cpu", "cuda"}) {
+    EngineOptions options;
+    options.model_dir = dir.path();
+    options.device = device;
+    options.kv_block_size = 16;
+    options.num_kv_blocks = 8;
+    options.max_batch_tokens = 64;
+    options.max_sequences = 2;
+    auto engine = CreateEngine(options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engines.push_back(std::move(engine).value());
+  }
+  const int64_t vocab = fixture.vocab_size;
+  std::vector<float> reference(vocab), logits(vocab);
+  int64_t position = 0;
+  for (int step = 0; step < 5; ++step) {
+    const std::span<const int32_t> input =
+        step == 0 ? std::span<const int32_t>(tokens) : std::span<const int32_t>(&tokens.back(), 1);
+    const SequenceStep s{input, position, table, true};
+    ASSERT_TRUE(engines[0]->Forward({&s, 1}, reference).ok());
+    ASSERT_TRUE(engines[1]->Forward({&s, 1}, logits).ok());
+    EXPECT_LE(RelativeError(logits.data(), reference.data(), vocab), kRelativeTolerance) << "step " << step;
+    position += static_cast<int64_t>(input.size());
+    tokens.push_back(testing::Argmax(reference));
   }
 }
 
