@@ -156,8 +156,7 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 // (which may be null) but formed from the parts of the router's product that the attention's two
 // projections computed: for token t and expert e,
 //   logit[t, e] = fma(from_input[t, e], 1 / inv_rms_in[t], from_attention[t, e]) * inv_rms_post[t]
-// (each step rounded as written)
-// where from_input = (W_router . diag(g_post / g_in)) . x_in (the input projection's extra rows, over
+// (each step rounded as written), where from_input = (W_router . diag(g_post / g_in)) . x_in (the input projection's extra rows, over
 // the normalised layer input x_in = bf16(h * inv_rms_in * g_in)), from_attention = (W_router .
 // diag(g_post) . W_o) . attn (o_proj's extra rows), and inv_rms_in, inv_rms_post the two norms'
 // rsqrt(mean(residual^2) + eps). That is W_router . (g_post * (h + o_proj(attn)) * inv_rms_post), the
@@ -171,10 +170,15 @@ struct MoeRouterFold {
   const float* inv_rms_in = nullptr;
   const float* inv_rms_post = nullptr;
 };
-//
-// LaunchFoldRouter makes the two folded routers from a layer's weights (start-up work, not a step's):
-// the router [E, H], the input and post-attention norms' weights g_in, g_post [H] (g_in without a
-// zero) and o_proj [H, A] give
+inline constexpr int64_t kMoeFusedRouteTokens = 32;
+inline constexpr int64_t kMoeWarpRouteTokens = 4;
+cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
+                           const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
+                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows = 0,
+                           const MoeRouterFold& fold = {});
+
+// The two folded routers of a layer (start-up work, not a step's): the router [E, H], the input and
+// post-attention norms' weights g_in, g_post [H] (g_in without a zero) and o_proj [H, A] give
 //   from_input_weights[e, j] = bf16(router[e, j] * g_post[j] / g_in[j])                  [E, H]
 //   from_attention_weights[e, a] = bf16(sum_j router[e, j] * g_post[j] * o_proj[j, a])   [E, A]
 // each summed in fp32 and rounded once. H <= 8192.
@@ -182,12 +186,6 @@ cudaError_t LaunchFoldRouter(const __nv_bfloat16* router, const __nv_bfloat16* g
                              const __nv_bfloat16* o_proj, int64_t experts, int64_t hidden, int64_t width,
                              __nv_bfloat16* from_input_weights, __nv_bfloat16* from_attention_weights,
                              cudaStream_t stream);
-inline constexpr int64_t kMoeFusedRouteTokens = 32;
-inline constexpr int64_t kMoeWarpRouteTokens = 4;
-cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
-                           const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
-                           int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows = 0,
-                           const MoeRouterFold& fold = {});
 
 // ---------------------------------------------------------------------------------------------------
 // Grouped GEMM: for each expert e (routed and shared) and each of its rows r,

@@ -254,6 +254,19 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngineFixtureTest, ::testing::ValuesIn(te
 // the grouped MoE products (cuda_engine.cc, kFoldSharedMaxTokens): its logits match the CPU
 // reference like the folded path's do. One shared expert in one 600-token chunk; two shared experts
 // (their down products summed) in a step of three 200-token chunks.
+// The options of a CPU or CUDA engine for comparing the two on a checkpoint: blocks of 16 tokens.
+EngineOptions CpuOrCudaOptions(const std::string& model, const std::string& device, int64_t kv_blocks,
+                               int64_t tokens, int64_t sequences) {
+  EngineOptions options;
+  options.model_dir = model;
+  options.device = device;
+  options.kv_block_size = 16;
+  options.num_kv_blocks = kv_blocks;
+  options.max_batch_tokens = tokens;
+  options.max_sequences = sequences;
+  return options;
+}
+
 TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
   COHORT_SKIP_WITHOUT_GPU();
   struct Case {
@@ -275,14 +288,8 @@ TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
     for (int q = 0; q < c.sequences; ++q) step.push_back({prompts[q], 0, tables[q], true});
     std::vector<float> reference, logits;
     for (const std::string device : {"cpu", "cuda"}) {
-      EngineOptions options;
-      options.model_dir = fixture.model_dir;
-      options.device = device;
-      options.kv_block_size = 16;
-      options.num_kv_blocks = 64;
-      options.max_batch_tokens = 640;
-      options.max_sequences = 4;
-      auto engine = CreateEngine(options);
+      auto engine = CreateEngine(CpuOrCudaOptions(fixture.model_dir, device, /*kv_blocks=*/64, /*tokens=*/640,
+                                                  /*sequences=*/4));
       ASSERT_TRUE(engine.ok()) << engine.status();
       std::vector<float>& out = device == "cpu" ? reference : logits;
       out.resize(c.sequences * fixture.vocab_size);
@@ -328,14 +335,7 @@ TEST(CudaEngineTest, ZeroInputNormWeightDecodesAsTheCpuEngine) {
   std::vector<int32_t> tokens = {5, 17, 2, 99, 41, 3, 250}, table = {0, 1};
   std::vector<std::unique_ptr<Engine>> engines;
   for (const std::string device : {"cpu", "cuda"}) {
-    EngineOptions options;
-    options.model_dir = dir.path();
-    options.device = device;
-    options.kv_block_size = 16;
-    options.num_kv_blocks = 8;
-    options.max_batch_tokens = 64;
-    options.max_sequences = 2;
-    auto engine = CreateEngine(options);
+    auto engine = CreateEngine(CpuOrCudaOptions(dir.path(), device, /*kv_blocks=*/8, /*tokens=*/64, /*sequences=*/2));
     ASSERT_TRUE(engine.ok()) << engine.status();
     engines.push_back(std::move(engine).value());
   }
