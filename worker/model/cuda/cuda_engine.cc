@@ -60,8 +60,10 @@ static_assert(kRouterFoldMaxTokens <= kernels::kSkinnyMaxTailRows, "o_proj write
 // 1 x 2048 and 1 x 4096 0.9-1.4% slower, 1 x 1024 1.5% faster.)
 constexpr int64_t kFoldSharedMaxTokens = 512;
 // Steps of up to this many tokens run the shared experts on a second stream, beside the routing
-// (SharedExpertsApart). cohort bench step, V2-Lite on an H200, same device call: batch 1 and 2 steps
-// 2% faster than with the shared experts folded into the routed products; batch 4 and up 1-3% slower.
+// (SharedExpertsApart), where the layer keeps its router product. cohort bench step, V2-Lite on an
+// H200, same device call: batch 1 and 2 steps 2% faster than with the shared experts folded into
+// the routed products; batch 4 and up 1-3% slower. With the router folded (RouterFolded, one GPU:
+// batch 1) the routing is one launch and they run in the routed products again.
 constexpr int64_t kSharedApartMaxTokens = 2;
 // Routed ids per token in the shared experts' own routing (SharedExpertsApart): all -1, so one is
 // enough. The grouped products size their grids from it (a bound on the tiles from the batch shape):
