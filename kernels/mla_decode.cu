@@ -771,9 +771,11 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
     if (c < even_longest) candidates_.push_back(c);
   }
   std::sort(candidates_.begin(), candidates_.end());
+  const Tally even = Count(0);
+  chosen_ = even;
   double best = -1.0;  // the even plan's, once an uneven one is weighed against it
   const auto weigh_even = [&] {
-    if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(Count(0));
+    if (best < 0.0) best = makespan(0, INFINITY) + merge_cost(even);
   };
   for (size_t i = 0; i < candidates_.size(); ++i) {
     const int64_t c = candidates_[i];
@@ -809,7 +811,6 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
       }
     }
   }
-  if (chunk_ == 0 && budget_ == 0) chosen_ = Count(0);
   return chunk_ > 0 || budget_ > 0;
 }
 

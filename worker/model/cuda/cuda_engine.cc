@@ -99,6 +99,10 @@ int64_t QueryProjectionWidth(const ModelConfig& c) {
   return c.q_lora_rank > 0 ? c.q_lora_rank : c.num_heads * c.qk_head_dim();
 }
 
+// Columns of DeviceLayer::input_proj's product: [queries | latent], then (with a folded router) the
+// router's part, in ws_.projected.
+int64_t InputProjectionWidth(const ModelConfig& c) { return QueryProjectionWidth(c) + c.kv_cache_width(); }
+
 // Longest contexts decode graphs are captured for (0: any). The attention's context splits are
 // fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
 constexpr int64_t kGraphContexts[] = {512, 2048, 0};  // 0 last: RunStep takes the first that fits
@@ -363,7 +367,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.q = a.Take<bf16>(T * heads * c.qk_head_dim());
   if (c.q_lora_rank > 0) ws.q_a_normed = a.Take<bf16>(T * c.q_lora_rank);
   // With the folded router's columns for up to kRouterFoldMaxTokens rows.
-  ws.projected = a.Take<float>(T * (QueryProjectionWidth(c) + width) + kRouterFoldMaxTokens * c.n_routed_experts);
+  ws.projected = a.Take<float>(T * InputProjectionWidth(c) + kRouterFoldMaxTokens * c.n_routed_experts);
   ws.q_latent = a.Take<bf16>(T * heads * rank);
   ws.o_latent = a.Take<bf16>(T * heads * rank);
   ws.attn = a.Take<bf16>(T * heads * c.v_head_dim);
@@ -759,11 +763,11 @@ absl::Status CudaEngine::Upload(int64_t first, int64_t used_table_entries) {
 absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const StepLayout& s) {
   const ModelConfig& c = config_;
   const int64_t T = s.num_tokens, H = c.hidden_size, heads = c.num_heads, qk = c.qk_head_dim();
-  const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank, width = c.kv_cache_width();
+  const int64_t nope = c.qk_nope_head_dim, v = c.v_head_dim, rank = c.kv_lora_rank;
   // One fp32 product for the queries (or their LoRA down-projection) and the latent: [T, q | kv],
   // and with a folded router its part from the layer's input: [T, q | kv | experts].
   const bool fold = RouterFolded(l, T);
-  const int64_t q_width = QueryProjectionWidth(c), projected = q_width + width;
+  const int64_t q_width = QueryProjectionWidth(c), projected = InputProjectionWidth(c);
   const int64_t ld = projected + (fold ? l.router_from_input.rows : 0);
   COHORT_RETURN_IF_ERROR(Product(T, ld, H, {ws_.x, H}, {l.input_proj.data, H}, {ws_.projected, ld, 0, CUDA_R_32F}));
   kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
@@ -942,7 +946,8 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   const int64_t all_experts = c.n_routed_experts;
   MoeRouterFold fold;
   if (router_folded) {
-    const int64_t q_width = QueryProjectionWidth(c), projected = q_width + c.kv_cache_width();
+    // The parts Attention's two products left: past the input projection's own columns, and o_proj's tail.
+    const int64_t projected = InputProjectionWidth(c);
     fold = {ws_.projected + projected, projected + all_experts, ws_.router_logits, ws_.inv_rms_in, ws_.inv_rms_post};
   } else {
     COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
