@@ -3,6 +3,7 @@
 #include "kernels/bf16.cuh"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
+#include "kernels/rms_norm.cuh"
 
 namespace cohort::kernels {
 namespace {
@@ -17,48 +18,26 @@ __global__ void EmbeddingKernel(const __nv_bfloat16* embedding, const int32_t* t
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = __bfloat162float(src[i]);
 }
 
-// Each thread keeps its (at most kNormValuesPerThread) values in registers, so every load of the
-// row is in flight before the first reduction and nothing is read twice.
-constexpr int kNormValuesPerThread = 8;
-
-// A delta value as it joins the residual: bf16 as stored, or an fp32 sum rounded to bf16 first.
-__device__ __forceinline__ float DeltaValue(__nv_bfloat16 d) { return __bfloat162float(d); }
-__device__ __forceinline__ float DeltaValue(float d) { return __bfloat162float(__float2bfloat16(d)); }
-
+// The arithmetic is kernels/rms_norm.cuh's, which the MoE route that normalises its own tokens shares.
 template <typename Delta>
 __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __restrict__ delta,
                                  const __nv_bfloat16* __restrict__ weight, int dim, float eps,
                                  __nv_bfloat16* __restrict__ out, float* __restrict__ inv_rms_out) {
   __shared__ float scratch[32];
+  const NormSlice slice{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), dim};
   // The norm's weights before the wait: after the reduction they would be one more dependent load.
   float w[kNormValuesPerThread];
-#pragma unroll
-  for (int j = 0; j < kNormValuesPerThread; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    w[j] = i < dim ? __bfloat162float(weight[i]) : 0.0f;
-  }
+  LoadNormWeights(weight, slice, w);
   PdlWait();
   PdlLaunchDependents();
   const int64_t row = blockIdx.x;
   float* h = residual + row * dim;
   float v[kNormValuesPerThread];
-  float sum_sq = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kNormValuesPerThread; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    v[j] = 0.0f;
-    if (i < dim) v[j] = h[i] + (delta != nullptr ? DeltaValue(delta[row * dim + i]) : 0.0f);
-    sum_sq += v[j] * v[j];
-  }
-  const float inv_rms = rsqrtf(BlockSum(sum_sq, scratch) / dim + eps);
+  LoadResidual(h, slice, v);
+  const float sum_sq = AddDelta(delta != nullptr ? delta + row * dim : nullptr, slice, v);
+  const float inv_rms = InvRms(BlockSum(sum_sq, scratch), dim, eps);
   if (inv_rms_out != nullptr && threadIdx.x == 0) inv_rms_out[row] = inv_rms;
-#pragma unroll
-  for (int j = 0; j < kNormValuesPerThread; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i >= dim) continue;
-    if (delta != nullptr) h[i] = v[j];
-    out[row * dim + i] = __float2bfloat16(v[j] * inv_rms * w[j]);
-  }
+  StoreNormRow(slice, v, w, inv_rms, delta != nullptr ? h : nullptr, out + row * dim);
 }
 
 __global__ void RmsNormKernel(const float* in, int ld_in, const __nv_bfloat16* weight, int dim, float eps,
@@ -431,10 +410,9 @@ template <typename Delta>
 cudaError_t LaunchAddRmsNormOf(float* residual, const Delta* delta, const __nv_bfloat16* weight, int rows, int dim,
                                float eps, __nv_bfloat16* out, cudaStream_t stream, float* inv_rms) {
   if (rows == 0) return cudaSuccess;
-  const int threads = std::max(32, (dim + kNormValuesPerThread * 32 - 1) / (kNormValuesPerThread * 32) * 32);
-  if (threads > 1024) return cudaErrorInvalidValue;  // rows of up to 8192 values
-  return LaunchPdl(AddRmsNormKernel<Delta>, dim3(rows), dim3(threads), 0, stream, residual, delta, weight, dim, eps,
-                   out, inv_rms);
+  if (dim <= 0 || dim > kNormMaxDim) return cudaErrorInvalidValue;
+  return LaunchPdl(AddRmsNormKernel<Delta>, dim3(rows), dim3(RmsNormThreads(dim)), 0, stream, residual, delta, weight,
+                   dim, eps, out, inv_rms);
 }
 
 cudaError_t LaunchAddRmsNorm(float* residual, const __nv_bfloat16* delta, const __nv_bfloat16* weight, int rows,

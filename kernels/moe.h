@@ -170,12 +170,30 @@ struct MoeRouterFold {
   const float* inv_rms_in = nullptr;
   const float* inv_rms_post = nullptr;
 };
+// With a norm (MoeRouteNorm::residual not null; a fold, one token, no valid_group_rows), the route
+// first does the post-attention norm of the token, exactly as kernels::LaunchAddRmsNorm(residual,
+// delta, weight, 1, dim, eps, out) would (the same values, bit for bit: kernels/rms_norm.cuh):
+//   residual += delta;  out = bf16(residual * inv_rms * weight),  inv_rms = rsqrt(mean(residual^2) + eps)
+// and routes with that inv_rms as the fold's inv_rms_post (not read then; it may be null): a launch
+// fewer between o_proj and the expert products of a one-token step (H200, cohort bench step: batch 1
+// 2.5% faster). The residual and the fold's from_input and inv_rms_in are read before the route waits
+// for the kernel before it (kernels/pdl.cuh): they must have been written two or more launches back;
+// delta and from_attention (o_proj's) may come from the kernel right before.
+struct MoeRouteNorm {
+  float* residual = nullptr;              // [dim] fp32, updated in place
+  const __nv_bfloat16* delta = nullptr;   // [dim]
+  const __nv_bfloat16* weight = nullptr;  // [dim]
+  int dim = 0;                            // <= kMoeRouteNormMaxDim
+  float eps = 0.0f;
+  __nv_bfloat16* out = nullptr;           // [dim]
+};
+inline constexpr int kMoeRouteNormMaxDim = 8192;
 inline constexpr int64_t kMoeFusedRouteTokens = 32;
 inline constexpr int64_t kMoeWarpRouteTokens = 4;
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
                            int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows = 0,
-                           const MoeRouterFold& fold = {});
+                           const MoeRouterFold& fold = {}, const MoeRouteNorm& norm = {});
 
 // The two folded routers of a layer (start-up work, not a step's): the router [E, H], the input and
 // post-attention norms' weights g_in, g_post [H] (g_in without a zero) and o_proj [H, A] give

@@ -2,13 +2,16 @@
 // Contracts in moe.h.
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/bf16.cuh"
 #include "kernels/moe.h"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
+#include "kernels/rms_norm.cuh"
 
 namespace cohort {
 namespace {
@@ -66,51 +69,70 @@ struct GateArgs {
   MoeRouterFold fold;  // from_attention null: no fold
 };
 
-// Chooses the experts of one token; called by a whole warp. `choice_smem` is this warp's scratch of
-// kMoeMaxExperts floats. A padding token (IsPadding) gets ids -1 and weights 0: ids outside
-// [0, E) get no row in the align, so padding rows of a captured graph read no expert. Returns, to
-// lane r < top_k, the id written for slot r. Needs num_experts <= 32 * kPerLane.
+// Whether `token` is a padding row (IsPadding); if so, gives it ids -1 and weights 0: ids outside
+// [0, E) get no row in the align, so padding rows of a captured graph read no expert. Called by a
+// whole warp.
+__device__ __forceinline__ bool GatePadding(const GateArgs& g, int64_t token) {
+  if (!IsPadding(token, g.num_valid, g.valid_group_rows)) return false;
+  const int lane = threadIdx.x & 31;
+  if (lane < g.params.top_k) {
+    g.topk_ids[token * g.params.top_k + lane] = -1;
+    g.topk_weights[token * g.params.top_k + lane] = 0.0f;
+  }
+  return true;
+}
+
+// A token's logits from a folded router's parts (MoeRouterFold), a warp's lane holding experts lane,
+// lane + 32, ...: the part over the layer's input with the input norm's scale, which the input
+// projection and the input norm wrote, and the part over the attention, o_proj's, each loaded when
+// the caller knows it is ready; then, in explicitly rounded steps (a correctly rounded reciprocal, one
+// fma, one product), logit = fma(from_input, 1 / inv_rms_in, from_attention) * inv_rms_post.
 template <int kPerLane>
-__device__ int GateToken(const GateArgs& g, int64_t token, float* choice_smem) {
+struct FoldedLogits {
+  float from_input[kPerLane];
+  float from_attention[kPerLane];
+  float rms_in;
+
+  __device__ __forceinline__ void LoadInput(const MoeRouterFold& f, int64_t token, int num_experts) {
+    const int lane = threadIdx.x & 31;
+    const float* row = f.from_input + token * f.input_stride;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) from_input[i] = lane + 32 * i < num_experts ? row[lane + 32 * i] : 0.0f;
+    rms_in = __frcp_rn(f.inv_rms_in[token]);
+  }
+  __device__ __forceinline__ void LoadAttention(const MoeRouterFold& f, int64_t token, int num_experts) {
+    const int lane = threadIdx.x & 31;
+    const float* row = f.from_attention + token * num_experts;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      from_attention[i] = lane + 32 * i < num_experts ? row[lane + 32 * i] : 0.0f;
+    }
+  }
+  __device__ __forceinline__ void Logits(float inv_rms_post, int num_experts, float (&logit)[kPerLane]) const {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      logit[i] = lane + 32 * i < num_experts
+                     ? __fmul_rn(__fmaf_rn(from_input[i], rms_in, from_attention[i]), inv_rms_post)
+                     : -INFINITY;
+    }
+  }
+};
+
+// Chooses the experts of a token that is not padding from its logits (lane holding experts lane,
+// lane + 32, ...; -inf past num_experts); called by a whole warp. `choice_smem` is this warp's scratch
+// of kMoeMaxExperts floats. Returns, to lane r < top_k, the id written for slot r (-1 to the others).
+// Needs num_experts <= 32 * kPerLane.
+template <int kPerLane>
+__device__ __forceinline__ int ChooseExperts(const GateArgs& g, int64_t token, const float (&logit)[kPerLane], float* choice_smem) {
   const MoeGateParams& p = g.params;
   int32_t* __restrict__ topk_ids = g.topk_ids;
   float* __restrict__ topk_weights = g.topk_weights;
   const float* __restrict__ bias = g.bias;
   const int lane = threadIdx.x & 31;
   const int num_experts = p.num_experts;
-  if (IsPadding(token, g.num_valid, g.valid_group_rows)) {
-    if (lane < p.top_k) {
-      topk_ids[token * p.top_k + lane] = -1;
-      topk_weights[token * p.top_k + lane] = 0.0f;
-    }
-    return -1;
-  }
-
   float score[kPerLane];
   float choice[kPerLane];
-  float logit[kPerLane];
-  if (g.fold.from_attention != nullptr) {
-    // The router's product of the normalised residual, from its two folded parts (MoeRouterFold), in
-    // explicitly rounded steps: a correctly rounded reciprocal, one fma, one product.
-    const MoeRouterFold& f = g.fold;
-    const float* from_input = f.from_input + token * f.input_stride;
-    const float* from_attention = f.from_attention + token * num_experts;
-    const float rms_in = __frcp_rn(f.inv_rms_in[token]);
-    const float inv_rms_post = f.inv_rms_post[token];
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int e = lane + 32 * i;
-      logit[i] = e < num_experts ? __fmul_rn(__fmaf_rn(from_input[e], rms_in, from_attention[e]), inv_rms_post)
-                                 : -INFINITY;
-    }
-  } else {
-    const float* x = g.logits + token * num_experts;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int e = lane + 32 * i;
-      logit[i] = e < num_experts ? x[e] : -INFINITY;
-    }
-  }
   if (p.scoring == MoeScoring::kSigmoid) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) score[i] = 1.0f / (1.0f + expf(-logit[i]));
@@ -234,6 +256,28 @@ __device__ int GateToken(const GateArgs& g, int64_t token, float* choice_smem) {
   topk_ids[token * p.top_k + lane] = mine;
   topk_weights[token * p.top_k + lane] = w;
   return mine;
+}
+
+// Chooses the experts of one token from the stored logits or a fold's parts (GateArgs); called by a
+// whole warp. `choice_smem` is this warp's scratch of kMoeMaxExperts floats. A padding token gets ids
+// -1 and weights 0 (GatePadding). Returns, to lane r < top_k, the id written for slot r.
+template <int kPerLane>
+__device__ __forceinline__ int GateToken(const GateArgs& g, int64_t token, float* choice_smem) {
+  if (GatePadding(g, token)) return -1;
+  const int num_experts = g.params.num_experts;
+  float logit[kPerLane];
+  if (g.fold.from_attention != nullptr) {
+    FoldedLogits<kPerLane> folded;
+    folded.LoadInput(g.fold, token, num_experts);
+    folded.LoadAttention(g.fold, token, num_experts);
+    folded.Logits(g.fold.inv_rms_post[token], num_experts, logit);
+  } else {
+    const int lane = threadIdx.x & 31;
+    const float* x = g.logits + token * num_experts;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) logit[i] = lane + 32 * i < num_experts ? x[lane + 32 * i] : -INFINITY;
+  }
+  return ChooseExperts<kPerLane>(g, token, logit, choice_smem);
 }
 
 // One warp per token.
@@ -527,23 +571,11 @@ static_assert(kMoeWarpRouteTokens * kMoeMaxTopK <= 32, "one lane a (token, slot)
 static_assert(kMoeWarpRouteTokens <= 16, "an expert's rows fit one tile of the smallest tile_rows");
 static_assert(kMoeMaxShared < 32, "one lane a shared expert (and one for the offset past them)");
 
+// Warp 0's align of the route of 1..kMoeWarpRouteTokens tokens, the chosen ids in pair_ids (shared
+// memory, written before a block barrier).
 template <int kPerLane>
-__global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
-  __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
-  __shared__ float choice[kMoeWarpRouteTokens][kMoeMaxExperts];
-  PdlWait();  // the router logits (or a fold's parts and scales) come from earlier kernels
-  PdlLaunchDependents();
-  const int warp = threadIdx.x >> 5;
+__device__ __forceinline__ void WarpAlign(const AlignArgs& p, const int32_t* pair_ids) {
   const int lane = threadIdx.x & 31;
-  const int num_tokens = p.num_tokens;
-  const int top_k = p.top_k;
-  if (warp < num_tokens) {
-    const int chosen = GateToken<kPerLane>(g, warp, choice[warp]);
-    if (lane < top_k) pair_ids[warp * top_k + lane] = chosen;
-  }
-  __syncthreads();
-  if (warp != 0) return;
-
   const int num_experts = p.num_experts;
   const int num_pairs = p.num_pairs;
   const int id = lane < num_pairs ? pair_ids[lane] - p.first_expert : -1;
@@ -579,13 +611,87 @@ __global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(c
   }
   if (valid) {
     const int row = rows_below + __popc(peers & lanes_before);
-    p.row_token[row] = lane / top_k;
+    p.row_token[row] = lane / p.top_k;
     p.slot_row[lane] = row;
   } else if (lane < num_pairs) {
     p.slot_row[lane] = -1;
   }
 
   FinishRouting(p, routed_rows, routed_tiles, routed_tiles, /*shared_tiles=*/1, lane, 32);
+}
+
+template <int kPerLane>
+__global__ void __launch_bounds__(kMoeWarpRouteTokens * 32) MoeRouteWarpKernel(const GateArgs g, const AlignArgs p) {
+  __shared__ int32_t pair_ids[kMoeWarpRouteTokens * kMoeMaxTopK];
+  __shared__ float choice[kMoeWarpRouteTokens][kMoeMaxExperts];
+  PdlWait();  // the router logits (or a fold's parts and scales) come from earlier kernels
+  PdlLaunchDependents();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp < p.num_tokens) {
+    const int chosen = GateToken<kPerLane>(g, warp, choice[warp]);
+    if (lane < p.top_k) pair_ids[warp * p.top_k + lane] = chosen;
+  }
+  __syncthreads();
+  if (warp == 0) WarpAlign<kPerLane>(p, pair_ids);
+}
+
+// The route of one token with the post-attention norm before it (MoeRouteNorm): the block, the
+// norm's threads, normalises the row as AddRmsNormKernel does (kernels/rms_norm.cuh), then warp 0
+// gates the token with the row's scale as the fold's inv_rms_post, and aligns. Before the wait: the
+// norm's weights, and what kernels two or more launches back wrote (the residual, the fold's part over
+// the layer's input and the input norm's scale); after it only o_proj's outputs (delta and the fold's
+// part over the attention).
+//
+// The block must fit on an SM beside o_proj's (the skinny GEMM's holds half an SM's registers), or it
+// starts only when o_proj's blocks end. A first form of up to four tokens, every row's values in
+// registers, took 206 registers a thread and made batch 1-4 steps 1-3% slower than the norm launch
+// (H200); with the rows' loads out of branches it was 0.3% either side of it at batch 3-4, and one
+// token is where the launch is worth saving. Rows of kRouteNormFullDim values (V2-Lite's) fill
+// every thread of the norm (kFull): offsets are constants and no load has a bound check.
+constexpr int kRouteNormFullThreads = 256;
+constexpr int kRouteNormFullDim = kRouteNormFullThreads * kernels::kNormValuesPerThread;
+static_assert(kernels::RmsNormThreads(kRouteNormFullDim) == kRouteNormFullThreads);
+static_assert(kMoeRouteNormMaxDim == kernels::kNormMaxDim, "any row the norm launch takes");
+
+template <int kPerLane, bool kFull>
+__global__ void __launch_bounds__(kFull ? kRouteNormFullThreads : kernels::RmsNormThreads(kMoeRouteNormMaxDim))
+    MoeNormRouteKernel(const GateArgs g, const AlignArgs p, const MoeRouteNorm n) {
+  __shared__ int32_t pair_ids[kMoeMaxTopK];
+  __shared__ float choice[kMoeMaxExperts];
+  __shared__ float scratch[32];
+  const int x = static_cast<int>(threadIdx.x);
+  const int warp = x >> 5;
+  const int num_experts = g.params.num_experts;
+  using Slice = std::conditional_t<kFull, kernels::FullNormSlice, kernels::NormSlice>;
+  Slice slice;
+  if constexpr (kFull) {
+    slice = {x, kRouteNormFullThreads};
+  } else {
+    slice = {x, static_cast<int>(blockDim.x), n.dim};
+  }
+  float w[kernels::kNormValuesPerThread];
+  float v[kernels::kNormValuesPerThread];
+  kernels::LoadNormWeights(n.weight, slice, w);
+  kernels::LoadResidual(n.residual, slice, v);
+  FoldedLogits<kPerLane> folded;
+  if (warp == 0) folded.LoadInput(g.fold, 0, num_experts);
+  PdlWait();  // delta and the fold's part over the attention come from o_proj
+  PdlLaunchDependents();
+  if (warp == 0) folded.LoadAttention(g.fold, 0, num_experts);
+  const float sum_sq = kernels::BlockSum(kernels::AddDelta(n.delta, slice, v), scratch);
+  const float inv_rms = kernels::InvRms(sum_sq, n.dim, n.eps);
+  kernels::StoreNormRow(slice, v, w, inv_rms, n.residual, n.out);
+  if (warp != 0) return;
+  int chosen = -1;
+  if (!GatePadding(g, 0)) {
+    float logit[kPerLane];
+    folded.Logits(inv_rms, num_experts, logit);
+    chosen = ChooseExperts<kPerLane>(g, 0, logit, choice);
+  }
+  if ((x & 31) < p.top_k) pair_ids[x & 31] = chosen;
+  __syncwarp();
+  WarpAlign<kPerLane>(p, pair_ids);
 }
 
 // ---------------------------------------------------------------------------------------- combine
@@ -940,19 +1046,31 @@ cudaError_t LaunchMoeAlign(const int32_t* topk_ids, const MoeRouting& routing, i
 cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_bias, const MoeGateParams& gate,
                            const int32_t* num_valid, int32_t* topk_ids, float* topk_weights, const MoeRouting& routing,
                            int32_t* experts_used, cudaStream_t stream, int64_t valid_group_rows,
-                           const MoeRouterFold& fold) {
+                           const MoeRouterFold& fold, const MoeRouteNorm& norm) {
   const int64_t num_tokens = routing.num_tokens;
   const bool folded = fold.from_attention != nullptr;
+  const bool normed = norm.residual != nullptr;
   if (!ValidGate(gate) || !ValidRouting(routing) || routing.first_expert + routing.num_experts > gate.num_experts ||
       gate.top_k != routing.top_k || (router_logits == nullptr && !folded) || topk_ids == nullptr ||
       topk_weights == nullptr || valid_group_rows < 0 ||
-      (folded && (fold.from_input == nullptr || fold.inv_rms_in == nullptr || fold.inv_rms_post == nullptr ||
-                  fold.input_stride < gate.num_experts))) {
+      (folded && (fold.from_input == nullptr || fold.inv_rms_in == nullptr ||
+                  (fold.inv_rms_post == nullptr && !normed) || fold.input_stride < gate.num_experts)) ||
+      (normed && (!folded || num_tokens != 1 || valid_group_rows != 0 ||
+                  norm.delta == nullptr || norm.weight == nullptr || norm.out == nullptr || norm.dim <= 0 ||
+                  norm.dim > kMoeRouteNormMaxDim))) {
     return cudaErrorInvalidValue;
   }
   const GateArgs g{folded ? nullptr : router_logits, correction_bias, num_tokens, num_valid, valid_group_rows, gate,
                    topk_ids, topk_weights, fold};
   const AlignArgs a = MakeAlignArgs(topk_ids, routing, experts_used);
+  if (normed) {
+    const bool small = gate.num_experts <= 32 * kGateSmallPerLane, full = norm.dim == kRouteNormFullDim;
+    const auto kernel = small ? (full ? MoeNormRouteKernel<kGateSmallPerLane, true>
+                                      : MoeNormRouteKernel<kGateSmallPerLane, false>)
+                              : (full ? MoeNormRouteKernel<kGatePerLane, true> : MoeNormRouteKernel<kGatePerLane, false>);
+    const int threads = kernels::RmsNormThreads(norm.dim);
+    return LaunchPdl(kernel, dim3(1), dim3(threads), 0, stream, g, a, norm);
+  }
   if (num_tokens >= 1 && num_tokens <= kMoeWarpRouteTokens) {
     const auto kernel = gate.num_experts <= 32 * kGateSmallPerLane ? MoeRouteWarpKernel<kGateSmallPerLane>
                                                                    : MoeRouteWarpKernel<kGatePerLane>;

@@ -22,6 +22,7 @@
 #include <span>
 #include <vector>
 
+#include "kernels/elementwise.h"
 #include "tests/testing/gpu.h"
 #include "worker/model/config.h"
 #include "worker/model/cuda/moe_gate.h"
@@ -772,6 +773,116 @@ TEST(MoeRouteTest, FoldedRouterRoutesAsItsLogits) {
                 cudaErrorInvalidValue);
     }
   }
+}
+
+// A route that does the post-attention norm first (MoeRouteNorm) writes what the norm launch then the
+// route with the norm's scale write, bit for bit: the residual, the normalised row, the choice and
+// every routing buffer; for V2-Lite's and V3's routers, V2-Lite's hidden size (the kernel compiled
+// for it), V3's and small odd ones, and a padding token. Shapes outside its contract are refused.
+TEST(MoeRouteTest, NormInRouteEqualsTheNormThenTheRoute) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  constexpr float kEps = 1e-6f;
+  for (const ModelConfig& c : {V2LiteRouter(), V3Router()}) {
+    for (int64_t hidden : {int64_t{2048}, int64_t{7168}, int64_t{104}, int64_t{48}}) {
+      for (int32_t valid : {1, 0}) {
+        SCOPED_TRACE(::testing::Message() << "experts " << c.n_routed_experts << " hidden " << hidden << " valid "
+                                        << valid);
+        const int64_t experts = c.n_routed_experts, stride = experts + 8;
+        const int top_k = static_cast<int>(c.num_experts_per_tok);
+        const bool with_bias = c.topk_method == TopkMethod::kNoAuxTc;
+        std::vector<float> from_input(stride), from_attention(experts), bias(experts), residual(hidden);
+        for (float& v : from_input) v = rng.Uniform(-2.0f, 2.0f);
+        for (float& v : from_attention) v = rng.Uniform(-3.0f, 3.0f);
+        for (float& v : bias) v = rng.Uniform(-0.1f, 0.1f);
+        for (float& v : residual) v = rng.Uniform(-4.0f, 4.0f);
+        const std::vector<uint16_t> delta = RandomBf16(rng, hidden, 3.0f);
+        const std::vector<uint16_t> weight = RandomBf16(rng, hidden, 2.0f);
+        DeviceBuffer<float> d_from_input(from_input), d_from_attention(from_attention),
+            d_inv_in(std::vector<float>{rng.Uniform(0.05f, 4.0f)}), d_bias(bias);
+        DeviceBuffer<uint16_t> d_delta(delta), d_weight(weight);
+        DeviceBuffer<int32_t> d_valid(std::vector<int32_t>{valid});
+        const MoeGateParams gate = cuda::MoeGateParamsFor(c);
+
+        std::vector<float> residuals[2];
+        std::vector<uint16_t> outs[2];
+        std::vector<int32_t> ids[2];
+        std::vector<float> weights[2];
+        std::vector<uint8_t> buffers[2];
+        for (int fused = 0; fused < 2; ++fused) {
+          DeviceBuffer<float> d_residual(residual), d_inv_post(1);
+          DeviceBuffer<uint16_t> d_out(hidden);
+          RoutingOnDevice d(1, top_k, static_cast<int>(experts), 1);
+          DeviceBuffer<int32_t> d_ids(top_k);
+          DeviceBuffer<float> d_weights(top_k);
+          ASSERT_CUDA_OK(d.Carve(1, top_k, static_cast<int>(experts), 1,
+                                 MoeDefaultTileRows(1, top_k, static_cast<int>(experts), 1)));
+          ASSERT_CUDA_OK(d.workspace.Poison(0xa5));
+          ASSERT_CUDA_OK(d_ids.Poison());
+          ASSERT_CUDA_OK(d_out.Poison());
+          ASSERT_CUDA_OK(d_inv_post.Poison());
+          MoeRouterFold fold{d_from_input.get(), stride, d_from_attention.get(), d_inv_in.get(), d_inv_post.get()};
+          MoeRouteNorm norm;
+          if (fused) {
+            fold.inv_rms_post = nullptr;
+            norm = {d_residual.get(), Bf16(d_delta), Bf16(d_weight), static_cast<int>(hidden), kEps, Bf16(d_out)};
+          } else {
+            ASSERT_CUDA_OK(kernels::LaunchAddRmsNorm(d_residual.get(), Bf16(d_delta), Bf16(d_weight), 1,
+                                                     static_cast<int>(hidden), kEps, Bf16(d_out), nullptr,
+                                                     d_inv_post.get()));
+          }
+          ASSERT_CUDA_OK(LaunchMoeRoute(nullptr, with_bias ? d_bias.get() : nullptr, gate, d_valid.get(), d_ids.get(),
+                                        d_weights.get(), d.routing, nullptr, nullptr, 0, fold, norm));
+          ASSERT_CUDA_OK(d_residual.Read(&residuals[fused]));
+          ASSERT_CUDA_OK(d_out.Read(&outs[fused]));
+          ASSERT_CUDA_OK(d_ids.Read(&ids[fused]));
+          ASSERT_CUDA_OK(d_weights.Read(&weights[fused]));
+          ASSERT_CUDA_OK(d.workspace.Read(&buffers[fused]));
+        }
+        EXPECT_EQ(residuals[1], residuals[0]) << "the residual";
+        EXPECT_EQ(outs[1], outs[0]) << "the normalised row";
+        EXPECT_NE(residuals[1], residual) << "delta joined the residual";
+        EXPECT_EQ(ids[1], ids[0]);
+        EXPECT_EQ(weights[1], weights[0]);
+        EXPECT_TRUE(buffers[1] == buffers[0]) << "the routing buffers differ";
+        EXPECT_EQ(std::count(ids[1].begin(), ids[1].end(), -1), valid == 0 ? top_k : 0) << "a padding token";
+      }
+    }
+  }
+
+  // Refused: more than one token, a row longer than the norm takes, no fold, groups of rows, no output.
+  const ModelConfig c = V2LiteRouter();
+  const int top_k = static_cast<int>(c.num_experts_per_tok);
+  const int64_t tokens = 2, hidden = kMoeRouteNormMaxDim + 8;
+  // Zero rows and parts, unit scales: the launch that is taken runs on defined values.
+  DeviceBuffer<float> logits(tokens * 64), parts(std::vector<float>(tokens * 64, 0.0f)),
+      scales(std::vector<float>(tokens, 1.0f)), residual(std::vector<float>(tokens * hidden, 0.0f)),
+      d_weights(tokens * top_k);
+  DeviceBuffer<uint16_t> rows(std::vector<uint16_t>(tokens * hidden, 0)), weight(std::vector<uint16_t>(hidden, 0)),
+      out(tokens * hidden);
+  DeviceBuffer<int32_t> d_ids(tokens * top_k);
+  const MoeGateParams gate = cuda::MoeGateParamsFor(c);
+  const MoeRouterFold fold{parts.get(), 64, parts.get(), scales.get(), nullptr};
+  const MoeRouteNorm norm{residual.get(), Bf16(rows), Bf16(weight), 64, kEps, Bf16(out)};
+  auto route = [&](int64_t route_tokens, const MoeRouterFold& f, const MoeRouteNorm& n, int64_t group_rows) {
+    RoutingOnDevice r(route_tokens, top_k, 64, 1);
+    EXPECT_EQ(r.Carve(route_tokens, top_k, 64, 1, 16), cudaSuccess);
+    return LaunchMoeRoute(logits.get(), nullptr, gate, nullptr, d_ids.get(), d_weights.get(), r.routing, nullptr,
+                          nullptr, group_rows, f, n);
+  };
+  EXPECT_EQ(route(1, fold, norm, 0), cudaSuccess);
+  EXPECT_EQ(route(tokens, fold, norm, 0), cudaErrorInvalidValue);
+  MoeRouteNorm long_row = norm;
+  long_row.dim = static_cast<int>(hidden);
+  EXPECT_EQ(route(1, fold, long_row, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(route(1, MoeRouterFold{}, norm, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(route(1, fold, norm, 1), cudaErrorInvalidValue);
+  MoeRouteNorm no_output = norm;
+  no_output.out = nullptr;
+  EXPECT_EQ(route(1, fold, no_output, 0), cudaErrorInvalidValue);
+  ASSERT_CUDA_OK(cudaDeviceSynchronize());
 }
 
 TEST(MoeRouteTest, RejectsGateAndRoutingThatDisagree) {

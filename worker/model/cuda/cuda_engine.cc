@@ -239,6 +239,12 @@ class CudaEngine final : public ShardEngine {
   bool RouterFolded(const DeviceLayer& l, int64_t tokens) const {
     return l.router_folded && world_ == 1 && tokens <= kRouterFoldMaxTokens && tokens != kRouterProductTokens;
   }
+  // Whether a step of `tokens` rows does layer l's post-attention norm in its route (MoeRouteNorm):
+  // one token with a folded router. (Up to four tokens in one block measured within 0.3% of the
+  // norm launch at batch 3-4, H200; two tokens folded, with it, no better than the router product.)
+  bool NormInRoute(const DeviceLayer& l, int64_t tokens) const {
+    return tokens == 1 && RouterFolded(l, tokens) && config_.hidden_size <= kMoeRouteNormMaxDim;
+  }
   // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
   // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
   // and overlaps the kernel before it; cuBLAS above.
@@ -959,9 +965,15 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   routing.first_expert = shard_.first_routed;
   // Padding rows (past a graph's batch, or past a GPU's tokens) choose no expert.
   const int32_t* num_valid = world_ > 1 || s.bucket > 0 ? ws_.num_valid : nullptr;
+  // At one token the route does the post-attention norm (RecordForward leaves it to it).
+  MoeRouteNorm norm;
+  if (NormInRoute(l, T)) {
+    norm = {ws_.residual, ws_.delta, l.post_attention_norm, static_cast<int>(H), static_cast<float>(c.rms_norm_eps),
+            ws_.x};
+  }
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeRoute(ws_.router_logits, l.router_bias, gate_params_, num_valid, ws_.topk_ids,
                                              ws_.topk_weights, routing, ws_.experts_used, stream_,
-                                             /*valid_group_rows=*/world_ > 1 ? T : 0, fold));
+                                             /*valid_group_rows=*/world_ > 1 ? T : 0, fold, norm));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({x, /*gather_a=*/true, l.experts_gate_up, inter, H,
                                                     ws_.routed_act, /*silu_mul=*/true}, routing, stream_));
   // The route (or the align) is two launches back: the down product may read the routing, and request
@@ -1108,8 +1120,10 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
     const bool fold = RouterFolded(l, T);
     COHORT_RETURN_IF_ERROR(NormalizeResidual(l.input_norm, T, /*first=*/i == 0, fold ? ws_.inv_rms_in : nullptr));
     COHORT_RETURN_IF_ERROR(Attention(l, i, s));
-    COHORT_RETURN_IF_ERROR(
-        NormalizeResidual(l.post_attention_norm, T, /*first=*/false, fold ? ws_.inv_rms_post : nullptr));
+    if (!NormInRoute(l, T)) {  // else FeedForward's route does it
+      COHORT_RETURN_IF_ERROR(
+          NormalizeResidual(l.post_attention_norm, T, /*first=*/false, fold ? ws_.inv_rms_post : nullptr));
+    }
     COHORT_RETURN_IF_ERROR(FeedForward(l, s));
   }
   COHORT_RETURN_IF_ERROR(NormalizeResidual(weights_.norm, T, /*first=*/false));
