@@ -124,7 +124,8 @@ struct FoldedLogits {
 // of kMoeMaxExperts floats. Returns, to lane r < top_k, the id written for slot r (-1 to the others).
 // Needs num_experts <= 32 * kPerLane.
 template <int kPerLane>
-__device__ __forceinline__ int ChooseExperts(const GateArgs& g, int64_t token, const float (&logit)[kPerLane], float* choice_smem) {
+__device__ __forceinline__ int ChooseExperts(const GateArgs& g, int64_t token, const float (&logit)[kPerLane],
+                                             float* choice_smem) {
   const MoeGateParams& p = g.params;
   int32_t* __restrict__ topk_ids = g.topk_ids;
   float* __restrict__ topk_weights = g.topk_weights;
@@ -571,8 +572,8 @@ static_assert(kMoeWarpRouteTokens * kMoeMaxTopK <= 32, "one lane a (token, slot)
 static_assert(kMoeWarpRouteTokens <= 16, "an expert's rows fit one tile of the smallest tile_rows");
 static_assert(kMoeMaxShared < 32, "one lane a shared expert (and one for the offset past them)");
 
-// Warp 0's align of the route of 1..kMoeWarpRouteTokens tokens, the chosen ids in pair_ids (shared
-// memory, written before a block barrier).
+// Warp 0's align of the route of 1..kMoeWarpRouteTokens tokens, from the chosen ids in pair_ids
+// (shared memory, visible to warp 0: written before a block barrier, or by warp 0 itself).
 template <int kPerLane>
 __device__ __forceinline__ void WarpAlign(const AlignArgs& p, const int32_t* pair_ids) {
   const int lane = threadIdx.x & 31;
@@ -1067,7 +1068,8 @@ cudaError_t LaunchMoeRoute(const float* router_logits, const float* correction_b
     const bool small = gate.num_experts <= 32 * kGateSmallPerLane, full = norm.dim == kRouteNormFullDim;
     const auto kernel = small ? (full ? MoeNormRouteKernel<kGateSmallPerLane, true>
                                       : MoeNormRouteKernel<kGateSmallPerLane, false>)
-                              : (full ? MoeNormRouteKernel<kGatePerLane, true> : MoeNormRouteKernel<kGatePerLane, false>);
+                              : (full ? MoeNormRouteKernel<kGatePerLane, true>
+                                      : MoeNormRouteKernel<kGatePerLane, false>);
     const int threads = kernels::RmsNormThreads(norm.dim);
     return LaunchPdl(kernel, dim3(1), dim3(threads), 0, stream, g, a, norm);
   }
