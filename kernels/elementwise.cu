@@ -18,7 +18,7 @@ __global__ void EmbeddingKernel(const __nv_bfloat16* embedding, const int32_t* t
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[t * hidden + i] = __bfloat162float(src[i]);
 }
 
-// The arithmetic is kernels/rms_norm.cuh's, which the MoE route that normalises its own tokens shares.
+// The arithmetic is kernels/rms_norm.cuh's, shared with the one-token MoE route that normalises its row.
 template <typename Delta>
 __global__ void AddRmsNormKernel(float* __restrict__ residual, const Delta* __restrict__ delta,
                                  const __nv_bfloat16* __restrict__ weight, int dim, float eps,

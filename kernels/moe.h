@@ -176,7 +176,7 @@ struct MoeRouterFold {
 //   residual += delta;  out = bf16(residual * inv_rms * weight),  inv_rms = rsqrt(mean(residual^2) + eps)
 // and routes with that inv_rms as the fold's inv_rms_post (not read then; it may be null): a launch
 // fewer between o_proj and the expert products of a one-token step (H200, cohort bench step: batch 1
-// 2.5% faster). The residual and the fold's from_input and inv_rms_in are read before the route waits
+// 2.6-2.7% faster). The residual and the fold's from_input and inv_rms_in are read before the route waits
 // for the kernel before it (kernels/pdl.cuh): they must have been written two or more launches back;
 // delta and from_attention (o_proj's) may come from the kernel right before.
 struct MoeRouteNorm {

@@ -1,6 +1,6 @@
 // The residual RMSNorm's arithmetic (kernels::LaunchAddRmsNorm), shared with the MoE route that
-// normalises its own few tokens (LaunchMoeRoute with a MoeRouteNorm), so that both give the same
-// values bit for bit (device code only).
+// normalises its own token (LaunchMoeRoute with a MoeRouteNorm), so that both give the same values
+// bit for bit (device code only).
 //
 // A row of `dim` values is spread over RmsNormThreads(dim) threads: thread x holds values
 // x + j * threads, j < kNormValuesPerThread, in registers, so every load of the row is in flight
