@@ -242,8 +242,11 @@ class CudaEngine final : public ShardEngine {
   // Whether a step of `tokens` rows does layer l's post-attention norm in its route (MoeRouteNorm):
   // one token with a folded router. (Up to four tokens in one block measured within 0.3% of the
   // norm launch at batch 3-4, H200; two tokens folded, with it, no better than the router product.)
-  bool NormInRoute(const DeviceLayer& l, int64_t tokens) const {
-    return tokens == 1 && RouterFolded(l, tokens) && config_.hidden_size <= kMoeRouteNormMaxDim;
+  bool NormInRoute(const DeviceLayer& l, int64_t tokens) const { return tokens == 1 && RouterFolded(l, tokens); }
+  // Row stride of ws_.projected in a step of `tokens` rows: the input projection's columns, and with
+  // a folded router its rows over the layer's input (which the route then reads at this stride).
+  int64_t ProjectedStride(const DeviceLayer& l, int64_t tokens) const {
+    return InputProjectionWidth(config_) + (RouterFolded(l, tokens) ? l.router_from_input.rows : 0);
   }
   // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
   // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
@@ -773,8 +776,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   // One fp32 product for the queries (or their LoRA down-projection) and the latent: [T, q | kv],
   // and with a folded router its part from the layer's input: [T, q | kv | experts].
   const bool fold = RouterFolded(l, T);
-  const int64_t q_width = QueryProjectionWidth(c), projected = InputProjectionWidth(c);
-  const int64_t ld = projected + (fold ? l.router_from_input.rows : 0);
+  const int64_t q_width = QueryProjectionWidth(c), ld = ProjectedStride(l, T);
   COHORT_RETURN_IF_ERROR(Product(T, ld, H, {ws_.x, H}, {l.input_proj.data, H}, {ws_.projected, ld, 0, CUDA_R_32F}));
   kernels::QueryRopeParams queries{ws_.q, static_cast<int>(heads), static_cast<int>(qk)};
   if (c.q_lora_rank > 0) {
@@ -953,8 +955,8 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   MoeRouterFold fold;
   if (router_folded) {
     // The parts Attention's two products left: past the input projection's own columns, and o_proj's tail.
-    const int64_t projected = InputProjectionWidth(c);
-    fold = {ws_.projected + projected, projected + all_experts, ws_.router_logits, ws_.inv_rms_in, ws_.inv_rms_post};
+    fold = {ws_.projected + InputProjectionWidth(c), ProjectedStride(l, T), ws_.router_logits, ws_.inv_rms_in,
+            ws_.inv_rms_post};
   } else {
     COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
                                    {ws_.router_logits, all_experts, 0, CUDA_R_32F}));

@@ -250,10 +250,6 @@ TEST_P(CudaEngineFixtureTest, TwoGpusSampleOnTheFirst) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaEngineFixtureTest, ::testing::ValuesIn(testing::FixtureNames()),
                          [](const auto& info) { return info.param; });
 
-// A step of more than 512 tokens runs the shared experts as dense cuBLAS products instead of inside
-// the grouped MoE products (cuda_engine.cc, kFoldSharedMaxTokens): its logits match the CPU
-// reference like the folded path's do. One shared expert in one 600-token chunk; two shared experts
-// (their down products summed) in a step of three 200-token chunks.
 // The options of a CPU or CUDA engine for comparing the two on a checkpoint: blocks of 16 tokens.
 EngineOptions CpuOrCudaOptions(const std::string& model, const std::string& device, int64_t kv_blocks,
                                int64_t tokens, int64_t sequences) {
@@ -267,6 +263,10 @@ EngineOptions CpuOrCudaOptions(const std::string& model, const std::string& devi
   return options;
 }
 
+// A step of more than 512 tokens runs the shared experts as dense cuBLAS products instead of inside
+// the grouped MoE products (cuda_engine.cc, kFoldSharedMaxTokens): its logits match the CPU
+// reference like the folded path's do. One shared expert in one 600-token chunk; two shared experts
+// (their down products summed) in a step of three 200-token chunks.
 TEST(CudaEngineTest, LongPrefillStepMatchesTheCpuEngine) {
   COHORT_SKIP_WITHOUT_GPU();
   struct Case {
