@@ -1115,14 +1115,16 @@ void ListRows(const std::vector<int32_t>& ids, const MoeRouting& r, RowList* lis
 // Both GEMMs of a layer (gate_up from token rows through the gather, down from rows in routing order)
 // at every tile size, against one CPU reference over the routed (token, slot) pairs and the (token,
 // shared expert) pairs. Without routed ids every id is -1: the shared experts' own routing, as the
-// engine runs them beside the routing at one or two tokens.
+// engine runs them beside the routing at one or two tokens. `fixed_ids` ([tokens, k]), when given,
+// replace the random ones.
 void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t tokens, Rng& rng,
-                                bool routed_ids = true) {
+                                bool routed_ids = true, const std::vector<int32_t>& fixed_ids = {}) {
   SCOPED_TRACE(::testing::Message() << s.name << " shared " << s.shared << " tokens " << tokens);
   const int64_t rows = tokens * (s.top_k + s.shared);
   const int64_t n1 = 2 * s.intermediate, k1 = s.hidden, n2 = s.hidden, k2 = s.intermediate;
-  std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
+  std::vector<int32_t> ids = fixed_ids.empty() ? RandomTopkIds(rng, tokens, s.top_k, s.experts) : fixed_ids;
   if (!routed_ids) std::fill(ids.begin(), ids.end(), -1);
+  const int64_t routed_rows = std::count_if(ids.begin(), ids.end(), [&](int32_t id) { return id >= 0; });
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * k1);
   const std::vector<uint16_t> act = RandomBf16(rng, rows * k2);  // rows in routing order
 
@@ -1154,7 +1156,7 @@ void ExpectGroupedGemmsMatchCpu(const ExpertShapes& s, const Experts& w, int64_t
     ASSERT_CUDA_OK(cudaDeviceSynchronize());
     if (want1.empty()) {  // the row order does not depend on the tile size; checked by the align test
       ASSERT_NO_FATAL_FAILURE(ListRows(ids, d.routing, &list));
-      ASSERT_EQ(static_cast<int64_t>(list.device_row.size()), routed_ids ? rows : tokens * s.shared);
+      ASSERT_EQ(static_cast<int64_t>(list.device_row.size()), routed_rows + tokens * s.shared);
       want1 = ReferenceGemm(ToFloat(hidden), list.token, list.expert, w.gate_up, n1, k1);
       want2 = ReferenceGemm(ToFloat(act), list.device_row, list.expert, w.down, n2, k2);
     }
@@ -1221,12 +1223,15 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnSizesThatAreOnlyMultiplesOfEight) {
 // weights may hold more); about one routed slot in ten on another rank, so the rows in use stop short
 // of the buffer, and the rows past them must keep their poison.
 void ExpectFusedGateUpMatchesCpu(const ExpertShapes& s, const Experts& w, int shared, int64_t tokens, Rng& rng,
-                                 bool routed_ids = true) {
+                                 bool routed_ids = true, const std::vector<int32_t>& fixed_ids = {}) {
   SCOPED_TRACE(::testing::Message() << s.name << " shared " << shared << " tokens " << tokens);
   ASSERT_LE(shared, s.shared);
   const int64_t rows = tokens * (s.top_k + shared), inter = s.intermediate, h = s.hidden;
-  std::vector<int32_t> ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
-  for (int32_t& id : ids) id = !routed_ids || rng.Below(10) == 0 ? -1 : id;
+  std::vector<int32_t> ids = fixed_ids;
+  if (ids.empty()) {
+    ids = RandomTopkIds(rng, tokens, s.top_k, s.experts);
+    for (int32_t& id : ids) id = !routed_ids || rng.Below(10) == 0 ? -1 : id;
+  }
   const std::vector<uint16_t> hidden = RandomBf16(rng, tokens * h);
 
   DeviceBuffer<int32_t> d_ids(ids);
@@ -1318,6 +1323,31 @@ TEST(MoeGroupedGemmTest, MatchesCpuForSharedExpertsAlone) {
   for (int64_t tokens : {1, 2}) {
     ExpectGroupedGemmsMatchCpu(shapes, experts, tokens, rng, /*routed_ids=*/false);
     ExpectFusedGateUpMatchesCpu(shapes, experts, shapes.shared, tokens, rng, /*routed_ids=*/false);
+  }
+}
+
+// One token, the decode step of one request: when each of its k + S experts got a row, tile t is row t
+// and the products take a block's tile from its index (a gate_up block whose tile is a shared
+// expert's requests its weights before the wait). An id without a row (an expert of another rank) or
+// two slots on one expert leave fewer tiles: the products must notice and look every tile up.
+TEST(MoeGroupedGemmTest, OneTokenMatchesCpuWhateverItsTiles) {
+  COHORT_SKIP_WITHOUT_GPU();
+  const uint64_t seed = FreshSeed();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  Rng rng(seed);
+  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
+  const Experts experts(shapes, rng);
+  ASSERT_CUDA_OK(experts.d_gate_up.error());
+  ASSERT_CUDA_OK(experts.d_down.error());
+  const std::vector<std::vector<int32_t>> routings = {
+      {5, 63, 0, 17, 42, 8},   // k + S tiles
+      {5, 63, -1, 17, 42, 8},  // one id without a row: k + S - 1 tiles
+      {5, 5, 0, 17, 42, 8},    // two rows for expert 5: k + S - 1 tiles
+  };
+  for (const std::vector<int32_t>& ids : routings) {
+    ExpectGroupedGemmsMatchCpu(shapes, experts, 1, rng, /*routed_ids=*/true, ids);
+    ExpectFusedGateUpMatchesCpu(shapes, experts, shapes.shared, 1, rng, /*routed_ids=*/true, ids);
+    ExpectFusedGateUpMatchesCpu(shapes, experts, /*shared=*/0, 1, rng, /*routed_ids=*/true, ids);
   }
 }
 
