@@ -328,8 +328,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
   } else {
     // One token: the block's first tile is blockIdx.x % (k + S) if every routed id got a row (the
     // tile count read after the wait tells), and that tile's expert is read beside the count. A gate_up
-    // block whose first tile would then be a shared expert's (the last S) requests its first weights
-    // before the wait, and drains them when the count says otherwise (an id without a row).
+    // block whose first tile would then be a shared expert's (the last S, experts E..E+S-1 in order)
+    // requests its first weights before the wait, and drains them when the count says otherwise (an
+    // id without a row).
     const bool one_token = p.one_token_tiles > 0 && p.k_steps >= kEarlySteps &&
                            static_cast<int>(blockIdx.x) < p.one_token_tiles * p.n_blocks;
     const int first_tile = one_token ? static_cast<int>(blockIdx.x) % p.one_token_tiles : 0;
@@ -344,19 +345,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) MoeGroupedGemmKern
     PdlWait();  // the routing buffers and the activations come from earlier kernels
     PdlLaunchDependents();
     num_tiles = *p.num_tiles;
-    const int first_expert = one_token ? p.tile_expert[first_tile] : -1;
+    const int first_expert = one_token && guess < 0 ? p.tile_expert[first_tile] : -1;
     if (!count_items()) {
       CpAsyncWait<0>();
       return;
     }
-    const bool guessed = guess >= 0 && single && first_expert == guess;
-    if (guess >= 0 && !guessed) CpAsyncWait<0>();  // the guess's copies land before the ring starts over
-    if (guessed) {
+    if (guess >= 0 && single) {
       issue_first_steps(/*weights_issued=*/true);
     } else if (one_token && single) {
       set_item(n_block, first_expert, first_tile, 1);
       issue_first_steps(/*weights_issued=*/false);
     } else {
+      if (guess >= 0) CpAsyncWait<0>();  // the guess's copies land before the ring starts over
 #pragma unroll
       for (int s = 0; s < kEarlySteps; ++s) load_next();
     }

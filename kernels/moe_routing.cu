@@ -2,7 +2,6 @@
 // Contracts in moe.h.
 #include <cuda_bf16.h>
 
-#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
