@@ -71,6 +71,7 @@
 #include <type_traits>
 
 #include "kernels/launch_setup.h"
+#include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
 
 namespace cohort {
@@ -1364,6 +1365,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1) SampleKernel(const Samplin
     s.output = RowOutput{row_logits, args.results + row, args.vocab};
   }
   if (threadIdx.x < 32) s.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
+  kernels::PdlWait();  // the logits come from the kernel before
   const LogSumExp lse = LoadSlice(row_logits, slice);
   __cluster_barrier_wait();  // every block of the cluster runs: its shared memory may be written
 
@@ -1682,6 +1684,7 @@ __global__ void __launch_bounds__(kRowThreads, 2) SampleRowKernel(const Sampling
   const SamplingRowParams& p = args.params[row_index];
   if (threadIdx.x == 0) s.outbox = 0;
   if (threadIdx.x < 32) s.exp_table[threadIdx.x] = exp2(static_cast<double>(threadIdx.x) / 32.0);
+  kernels::PdlWait();  // the logits come from the kernel before
   SetUpRow(args, p, row_index);  // its barrier publishes the above too
 
   const int top_n = args.top != nullptr ? MinInt(p.top_logprobs, args.vocab) : 0;
@@ -1732,6 +1735,7 @@ __global__ void __launch_bounds__(kGreedyThreads, 2) GreedyKernel(const Sampling
     __syncthreads();
   }
   auto is_penalised = [&](int i) { return penalised && ((g.penalised[i >> 5] >> (i & 31)) & 1u) != 0u; };
+  kernels::PdlWait();  // the logits come from the kernel before
 
   LogSumExp lse{-INFINITY, 0.0f};
   ArgMax best{-INFINITY, INT_MAX};
@@ -1809,18 +1813,22 @@ int SliceSize(int vocab, int blocks) { return ((vocab + blocks - 1) / blocks + 3
 template <class... Params, class... Args>
 cudaError_t LaunchRows(void (*kernel)(Params...), int rows, int blocks_per_row, bool clustered, int threads,
                        size_t shared_bytes, cudaStream_t stream, const Args&... kernel_args) {
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(blocks_per_row);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
+  // The cluster shape where there is one, and programmatic dependent launch (kernels/pdl.cuh): the
+  // blocks start and set up while the LM head before them ends, and wait for it before the logits.
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = static_cast<unsigned>(blocks_per_row);
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(rows * blocks_per_row));
   config.blockDim = dim3(static_cast<unsigned>(threads));
   config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
-  config.attrs = clustered ? &cluster : nullptr;
-  config.numAttrs = clustered ? 1 : 0;
+  config.attrs = clustered ? attributes : attributes + 1;
+  config.numAttrs = clustered ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, kernel_args...);
 }
 

@@ -11,7 +11,9 @@
 // ceil(vocab / 40960) above twice its SM count) gets one block per row instead, which streams its
 // row from global memory. The two give the same results, up to the order of double sums (near-ties only).
 // The launch needs no workspace and allocates nothing; parameters, penalty tokens and outputs live
-// in caller-owned device memory, so a launch can be captured in a CUDA graph.
+// in caller-owned device memory, so a launch can be captured in a CUDA graph. It is launched with
+// programmatic dependent launch (kernels/pdl.cuh): its blocks may start while the kernel before it
+// (the LM head) still runs, and read the logits only after it has ended.
 //
 //   std::vector<SamplingRowParams> params = ...;          // uniform from Sampler::BeginDeviceSample
 //   copy params (and penalty tokens) to the device, then

@@ -923,41 +923,95 @@ TEST(SamplingKernelTest, RejectsSizesOutsideTheLimits) {
 // ---------------------------------------------------------------------------------------------
 // DeviceSampler: Prepare / Launch / Finish over several steps, against CPU Samplers in lockstep.
 
-TEST(DeviceSamplerTest, StepsMatchCpuSamplersWithMixedConfigs) {
-  COHORT_SKIP_WITHOUT_GPU();
+// A sampling kernel captured in a CUDA graph as a decode graph holds it: over a fixed logits buffer
+// of every row the sampler takes, greedy or general.
+class SamplingGraph {
+ public:
+  SamplingGraph(const cuda::DeviceSampler& device, const float* logits, int64_t stride, int32_t rows, bool greedy,
+                cudaStream_t stream) {
+    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    const absl::Status recorded = device.Record(logits, stride, rows, greedy, stream);
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    EXPECT_TRUE(recorded.ok()) << recorded;
+    EXPECT_EQ(cudaGraphInstantiate(&exec_, graph, 0), cudaSuccess);
+    cudaGraphDestroy(graph);
+  }
+  ~SamplingGraph() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+  }
+  cudaError_t Launch(cudaStream_t stream) const { return cudaGraphLaunch(exec_, stream); }
+
+ private:
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+// Each step samples a random subset of the requests in a random order. `in_graph`: every step
+// through Upload of all max_rows rows (those past the step's are padding), a replay of the graph of
+// its kind (greedy_only or not) and Download, instead of Launch; half the steps then take greedy
+// rows without top logprobs only, so both graphs run.
+void ExpectStepsMatchCpuSamplers(bool in_graph) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(absl::StrCat("seed ", seed));
   std::mt19937_64 rng(seed);
+  cudaStream_t stream = nullptr;
+  ASSERT_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   for (const Shape shape : {Shape{129280, 96}, Shape{1000, 300}, Shape{5, 7}}) {
     SCOPED_TRACE(absl::StrCat("vocab ", shape.vocab));
     auto created = cuda::DeviceSampler::Create({.vocab = shape.vocab, .max_rows = shape.rows, .max_penalty_tokens = 100000});
     ASSERT_TRUE(created.ok()) << created.status();
     cuda::DeviceSampler& device = **created;
+    const int64_t stride = shape.vocab + 3;
+    // The requests: general ones, and (in a graph) as many greedy ones without top logprobs.
     std::vector<std::unique_ptr<Sampler>> cpu, gpu;
-    for (int r = 0; r < shape.rows; ++r) {
-      const SamplingConfig c = RandomConfig(shape.vocab, /*greedy=*/false, rng);
+    for (int r = 0; r < (in_graph ? 2 : 1) * shape.rows; ++r) {
+      SamplingConfig c = RandomConfig(shape.vocab, /*greedy=*/r >= shape.rows, rng);
+      if (r >= shape.rows) c.top_logprobs = 0;
       const std::vector<int32_t> prompt = RandomPrompt(shape.vocab, rng);
       cpu.push_back(std::make_unique<Sampler>(c, r, prompt));
       gpu.push_back(std::make_unique<Sampler>(c, r, prompt));
     }
-    std::vector<bool> diverged(shape.rows, false);  // after a near-tie mismatch the histories differ
+    std::unique_ptr<DeviceVector<float>> graph_logits;
+    std::unique_ptr<SamplingGraph> greedy_graph, general_graph;
+    if (in_graph) {
+      graph_logits = std::make_unique<DeviceVector<float>>(std::vector<float>(shape.rows * stride, 0.0f));
+      // One eager launch first sets the kernels' attributes outside a capture, as the engine's warm-up does.
+      ASSERT_TRUE(device.Prepare({}).ok());
+      ASSERT_TRUE(device.Upload(shape.rows, stream).ok());
+      ASSERT_TRUE(device.Record(graph_logits->get(), stride, shape.rows, false, stream).ok());
+      ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
+      greedy_graph = std::make_unique<SamplingGraph>(device, graph_logits->get(), stride, shape.rows, true, stream);
+      general_graph = std::make_unique<SamplingGraph>(device, graph_logits->get(), stride, shape.rows, false, stream);
+    }
+    std::vector<bool> diverged(cpu.size(), false);  // after a near-tie mismatch the histories differ
     Tally tally;
-    for (int step = 0; step < 4; ++step) {
+    for (int step = 0; step < (in_graph ? 6 : 4); ++step) {
       SCOPED_TRACE(absl::StrCat("step ", step));
       // A different subset of the requests, in a different order, each step.
+      const bool greedy_step = in_graph && step % 2 == 1;
       std::vector<int> order(shape.rows);
-      std::iota(order.begin(), order.end(), 0);
+      std::iota(order.begin(), order.end(), greedy_step ? shape.rows : 0);
       std::shuffle(order.begin(), order.end(), rng);
       order.resize(1 + rng() % shape.rows);
       std::vector<Sampler*> samplers;
       for (int r : order) samplers.push_back(gpu[r].get());
-      const int64_t stride = shape.vocab + 3;
       const std::vector<float> logits =
           RandomLogits(static_cast<int>(order.size()), stride, shape.vocab, kAllLogits[step % 6], rng);
       DeviceVector<float> d_logits(logits);
       ASSERT_TRUE(device.Prepare(samplers).ok());
-      ASSERT_TRUE(device.Launch(d_logits.get(), stride, nullptr).ok());
-      ASSERT_CUDA_OK(cudaStreamSynchronize(nullptr));
+      if (in_graph) {
+        if (greedy_step) {
+          EXPECT_TRUE(device.greedy_only());  // a general step's subset may be greedy too
+        }
+        ASSERT_CUDA_OK(cudaMemcpyAsync(graph_logits->get(), logits.data(), logits.size() * sizeof(float),
+                                       cudaMemcpyHostToDevice, stream));
+        ASSERT_TRUE(device.Upload(shape.rows, stream).ok());
+        ASSERT_CUDA_OK((device.greedy_only() ? greedy_graph : general_graph)->Launch(stream));
+        ASSERT_TRUE(device.Download(stream).ok());
+      } else {
+        ASSERT_TRUE(device.Launch(d_logits.get(), stride, stream).ok());
+      }
+      ASSERT_CUDA_OK(cudaStreamSynchronize(stream));
       std::vector<SampledToken> out(order.size());
       ASSERT_TRUE(device.Finish(samplers, out).ok());
       for (size_t i = 0; i < order.size(); ++i) {
@@ -978,6 +1032,18 @@ TEST(DeviceSamplerTest, StepsMatchCpuSamplersWithMixedConfigs) {
     }
     ExpectNearTiesRare(tally);
   }
+  ASSERT_CUDA_OK(cudaStreamDestroy(stream));
+}
+
+TEST(DeviceSamplerTest, StepsMatchCpuSamplersWithMixedConfigs) {
+  COHORT_SKIP_WITHOUT_GPU();
+  ExpectStepsMatchCpuSamplers(/*in_graph=*/false);
+}
+
+// The decode graphs' form: a step of fewer rows than the graph's kernel takes, greedy or general.
+TEST(DeviceSamplerTest, GraphStepsWithPaddingRowsMatchCpuSamplers) {
+  COHORT_SKIP_WITHOUT_GPU();
+  ExpectStepsMatchCpuSamplers(/*in_graph=*/true);
 }
 
 TEST(DeviceSamplerTest, RejectsBadSizesAndOutOfOrderCalls) {
@@ -1010,6 +1076,14 @@ TEST(DeviceSamplerTest, RejectsBadSizesAndOutOfOrderCalls) {
   std::vector<Sampler*> one = {&long_history};
   EXPECT_EQ(device.Prepare(one).code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(long_history.BeginDeviceSample(100), fresh_twin.BeginDeviceSample(100));
+
+  // The graph form's calls out of order or out of range.
+  EXPECT_EQ(device.Download(nullptr).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(device.Prepare(two).ok());
+  EXPECT_EQ(device.Upload(1, nullptr).code(), absl::StatusCode::kInvalidArgument);  // fewer than prepared
+  EXPECT_EQ(device.Upload(3, nullptr).code(), absl::StatusCode::kInvalidArgument);  // past max_rows
+  EXPECT_EQ(device.Record(logits.get(), 100, 3, false, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(device.Record(logits.get(), 99, 2, false, nullptr).code(), absl::StatusCode::kInvalidArgument);
 
   ASSERT_TRUE(device.Prepare(two).ok());
   EXPECT_EQ(device.Launch(logits.get(), 99, nullptr).code(), absl::StatusCode::kInvalidArgument);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <limits>
 #include <map>
 #include <optional>
@@ -107,13 +108,15 @@ int64_t InputProjectionWidth(const ModelConfig& c) { return QueryProjectionWidth
 // fixed in a graph; short contexts get fewer of them, so fewer partial results to merge.
 constexpr int64_t kGraphContexts[] = {512, 2048, 0};  // 0 last: RunStep takes the first that fits
 
-// A captured decode graph: batch size, context class, and whether its attention has room to cut
+// A captured decode graph: batch size, context class, whether its attention has room to cut
 // contexts unevenly (kernels::MlaDecodeShapeFor): a wider merge, or one where the even plan has
-// none, which steps of even contexts do without.
+// none, which steps of even contexts do without; and on one GPU, which sampling kernel it ends with
+// (DeviceSampler::greedy_only: the greedy one, or the general one).
 struct GraphKey {
   int bucket;
   int64_t max_context;
   bool uneven = false;
+  bool greedy = true;
   auto operator<=>(const GraphKey&) const = default;
 };
 
@@ -255,7 +258,17 @@ class CudaEngine final : public ShardEngine {
                        const GemmOutput& y, int batch = 1);
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
-  absl::Status RunStep(std::span<const SequenceStep> batch, const ShardStep* shard);
+  // Enqueues one step: inputs, the forward pass (a graph replay for decode-only steps), up to logits;
+  // true when a graph also sampled them (SamplesInGraph), with the parameters of sampler_'s
+  // prepared step.
+  absl::StatusOr<bool> RunStep(std::span<const SequenceStep> batch, const ShardStep* shard);
+  // Decode graphs end with the sampling kernel on one GPU. Launched after the graph, it started 11 us
+  // after the LM head ended and ended 22 us after it; in the graph, under PDL, it ends 10 us after
+  // it (kernel trace at batch 1, H200; cohort bench step 0.6-1.3% faster at batch 1-4). With several
+  // GPUs, GPU 0 samples every GPU's rows after its graph.
+  bool SamplesInGraph() const { return world_ == 1; }
+  // The step's count of routed experts used, for last_step_stats().
+  absl::Status DownloadStats();
   // Forward and ForwardAndSample, on one GPU (shard null) or as one GPU's part of a step.
   absl::Status ForwardOn(std::span<const SequenceStep> batch, const ShardStep* shard, std::span<float> logits);
   absl::Status SampleOn(std::span<const SequenceStep> batch, const ShardStep* shard,
@@ -1149,13 +1162,24 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
 // uses (cuBLAS picks its kernels by shape) and sets kernel attributes outside the capture.
 absl::Status CudaEngine::CaptureGraph(const GraphKey& key, bool warm_up) {
   COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan({}, &key));
-  if (warm_up) {
+  // The forward pass and, on one GPU, the sampling kernel over every row of the bucket. The greedy
+  // parameters uploaded here are what the warm-up samples (each step uploads its own).
+  auto record = [&]() -> absl::Status {
     COHORT_RETURN_IF_ERROR(RecordForward(layout));
+    if (!SamplesInGraph()) return absl::OkStatus();
+    return sampler_->Record(ws_.logits, config_.vocab_size, layout.lm_rows, key.greedy, stream_);
+  };
+  if (SamplesInGraph()) {
+    COHORT_RETURN_IF_ERROR(sampler_->Prepare({}));
+    COHORT_RETURN_IF_ERROR(sampler_->Upload(layout.lm_rows, stream_));
+  }
+  if (warm_up) {
+    COHORT_RETURN_IF_ERROR(record());
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   }
   cudaGraph_t graph = nullptr;
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  const absl::Status recorded = RecordForward(layout);
+  const absl::Status recorded = record();
   const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
   COHORT_RETURN_IF_ERROR(recorded);
   COHORT_CUDA_RETURN_IF_ERROR(ended);
@@ -1169,25 +1193,30 @@ absl::Status CudaEngine::CaptureGraph(const GraphKey& key, bool warm_up) {
 
 absl::Status CudaEngine::CaptureGraphs() {
   buckets_ = GraphBuckets(max_sequences_);
+  const auto started = std::chrono::steady_clock::now();
   for (int bucket : buckets_) {
-    // The unbounded class first: its context splits are the most, so its warm-up pass launches
-    // every kernel the other classes use (the split merge included).
-    for (auto it = std::rbegin(kGraphContexts); it != std::rend(kGraphContexts); ++it) {
-      COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it}, /*warm_up=*/it == std::rbegin(kGraphContexts)));
-      // And with room for uneven attention plans, warmed up too: its merge may be the first of its
-      // width.
-      COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it, /*uneven=*/true}, /*warm_up=*/true));
+    for (const bool greedy : {true, false}) {
+      if (!greedy && !SamplesInGraph()) break;
+      // The unbounded class first: its context splits are the most, so its warm-up pass launches
+      // every kernel the other classes use (the split merge included).
+      for (auto it = std::rbegin(kGraphContexts); it != std::rend(kGraphContexts); ++it) {
+        COHORT_RETURN_IF_ERROR(
+            CaptureGraph({bucket, *it, /*uneven=*/false, greedy}, /*warm_up=*/it == std::rbegin(kGraphContexts)));
+        // And with room for uneven attention plans, warmed up too: its merge may be the first of its
+        // width.
+        COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it, /*uneven=*/true, greedy}, /*warm_up=*/true));
+      }
     }
   }
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  spdlog::info("cuda: captured {} decode graphs: {} batch sizes up to {}, {} context classes, with and without "
-               "room for uneven attention plans", graphs_.size(), buckets_.size(), buckets_.back(),
-               std::size(kGraphContexts));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  spdlog::info("cuda: captured {} decode graphs in {:.1f} s: {} batch sizes up to {}, {} context classes, with and "
+               "without room for uneven attention plans{}", graphs_.size(), seconds, buckets_.size(), buckets_.back(),
+               std::size(kGraphContexts), SamplesInGraph() ? ", ending with greedy or general sampling" : "");
   return absl::OkStatus();
 }
 
-// Enqueues one step: inputs, the forward pass (a graph replay for decode-only steps), up to logits.
-absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const ShardStep* shard) {
+absl::StatusOr<bool> CudaEngine::RunStep(std::span<const SequenceStep> batch, const ShardStep* shard) {
   // A decode-only step replays a graph; under several GPUs, all of them do or none does, for the
   // rows they agreed on.
   const bool decode_only =
@@ -1202,15 +1231,17 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const Shar
     auto bucket = std::lower_bound(buckets_.begin(), buckets_.end(), sequences);
     for (int64_t limit : kGraphContexts) {
       if (bucket == buckets_.end() || (limit != 0 && max_context > limit)) continue;
-      key = GraphKey{*bucket, limit};
+      key = GraphKey{*bucket, limit, /*uneven=*/false, !SamplesInGraph() || sampler_->greedy_only()};
       break;
     }
   }
   COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan(batch, key ? &*key : nullptr, shard));
   if (key) {
     // The plan says whether the step needs the graph with room for uneven cuts.
-    const cudaGraphExec_t graph = graphs_.at({key->bucket, key->max_context, layout.attention.uneven});
-    COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph, stream_));
+    key->uneven = layout.attention.uneven;
+    if (SamplesInGraph()) COHORT_RETURN_IF_ERROR(sampler_->Upload(layout.lm_rows, stream_));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graphs_.at(*key), stream_));
+    return SamplesInGraph();
   } else {
     // Padding rows attend over nothing: their attention rows stay zero through every layer.
     const int64_t real = layout.batch_tokens;
@@ -1221,6 +1252,10 @@ absl::Status CudaEngine::RunStep(std::span<const SequenceStep> batch, const Shar
     }
     COHORT_RETURN_IF_ERROR(RecordForward(layout));
   }
+  return false;
+}
+
+absl::Status CudaEngine::DownloadStats() {
   COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(experts_used_host_.data(), ws_.experts_used, sizeof(int32_t),
                                               cudaMemcpyDeviceToHost, stream_));
   return absl::OkStatus();
@@ -1230,7 +1265,9 @@ absl::Status CudaEngine::ForwardOn(std::span<const SequenceStep> batch, const Sh
                                    std::span<float> logits) {
   COHORT_RETURN_IF_ERROR(UseDevice());
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch, shard != nullptr ? kLogitsChecked : logits.size()));
-  COHORT_RETURN_IF_ERROR(RunStep(batch, shard));
+  // A decode graph also samples, greedily over padding parameters; its tokens are not read.
+  COHORT_RETURN_IF_ERROR(sampler_->Prepare({}));
+  COHORT_RETURN_IF_ERROR(RunStep(batch, shard).status());
   // Several GPUs: GPU 0 returns every GPU's logits rows, the others none.
   const int64_t rows = shard != nullptr ? (rank_ == 0 ? static_cast<int64_t>(shard->logits_rows.size()) : 0)
                                         : std::count_if(batch.begin(), batch.end(),
@@ -1239,6 +1276,7 @@ absl::Status CudaEngine::ForwardOn(std::span<const SequenceStep> batch, const Sh
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
                                                 cudaMemcpyDeviceToHost, stream_));
   }
+  COHORT_RETURN_IF_ERROR(DownloadStats());
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   stats_.routed_expert_reads = experts_used_host_[0];
   return absl::OkStatus();
@@ -1251,13 +1289,13 @@ absl::Status CudaEngine::SampleOn(std::span<const SequenceStep> batch, const Sha
   COHORT_RETURN_IF_ERROR(ValidateBatch(config_, geometry_, batch,
                                        shard != nullptr ? kLogitsChecked : samplers.size() * config_.vocab_size));
   // GPU 0 of several samples every GPU's sequences; the others sample none.
+  COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
+  COHORT_ASSIGN_OR_RETURN(const bool sampled, RunStep(batch, shard));
   if (!samplers.empty()) {
-    COHORT_RETURN_IF_ERROR(sampler_->Prepare(samplers));
+    COHORT_RETURN_IF_ERROR(sampled ? sampler_->Download(stream_)
+                                   : sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
   }
-  COHORT_RETURN_IF_ERROR(RunStep(batch, shard));
-  if (!samplers.empty()) {
-    COHORT_RETURN_IF_ERROR(sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
-  }
+  COHORT_RETURN_IF_ERROR(DownloadStats());
   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   stats_.routed_expert_reads = experts_used_host_[0];
   return samplers.empty() ? absl::OkStatus() : sampler_->Finish(samplers, tokens);

@@ -135,36 +135,77 @@ absl::Status DeviceSampler::Launch(const float* logits, int64_t row_stride, cuda
   if (stage_ != Stage::kPrepared) {
     return absl::FailedPreconditionError("DeviceSampler::Launch without a Prepare for this step");
   }
-  if (rows_ > 0 && (logits == nullptr || row_stride < config_.vocab)) {
-    return absl::InvalidArgumentError(absl::StrCat("DeviceSampler::Launch: logits rows ", row_stride,
+  COHORT_RETURN_IF_ERROR(CheckLogits(logits, row_stride, rows_));
+  COHORT_RETURN_IF_ERROR(Upload(rows_, stream));
+  COHORT_RETURN_IF_ERROR(Record(logits, row_stride, rows_, greedy_only_, stream));
+  return Download(stream);
+}
+
+absl::Status DeviceSampler::CheckLogits(const float* logits, int64_t row_stride, int32_t rows) const {
+  if (rows > 0 && (logits == nullptr || row_stride < config_.vocab)) {
+    return absl::InvalidArgumentError(absl::StrCat("DeviceSampler: logits rows ", row_stride,
                                                    " floats apart for a vocabulary of ", config_.vocab));
   }
-  stage_ = Stage::kIdle;
-  if (rows_ > 0) {
-    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(params_, host_params_.data(), sizeof(SamplingRowParams) * rows_,
+  return absl::OkStatus();
+}
+
+absl::Status DeviceSampler::Upload(int32_t rows, cudaStream_t stream) {
+  if (stage_ != Stage::kPrepared) {
+    return absl::FailedPreconditionError("DeviceSampler: parameters uploaded without a Prepare for this step");
+  }
+  if (rows < rows_ || rows > config_.max_rows) {
+    return absl::InvalidArgumentError(absl::StrCat("DeviceSampler: parameters of ", rows, " rows for ", rows_,
+                                                   " prepared ones, made for at most ", config_.max_rows));
+  }
+  SamplingRowParams padding;
+  padding.temperature = 0.0f;
+  std::fill(host_params_.data() + rows_, host_params_.data() + rows, padding);
+  if (rows > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(params_, host_params_.data(), sizeof(SamplingRowParams) * rows,
                                                 cudaMemcpyHostToDevice, stream));
-    if (penalty_count_ > 0) {
-      COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(penalty_tokens_, host_penalty_tokens_.data(),
-                                                  sizeof(SamplingPenaltyToken) * penalty_count_,
-                                                  cudaMemcpyHostToDevice, stream));
-    }
-    SamplingArgs args;
-    args.logits = logits;
-    args.row_stride = row_stride;
-    args.rows = rows_;
-    args.vocab = config_.vocab;
-    args.greedy_only = greedy_only_;
-    args.params = params_;
-    args.penalty_tokens = penalty_tokens_;
-    args.results = results_;
-    args.top = top_;
-    COHORT_CUDA_RETURN_IF_ERROR(LaunchSampling(args, stream));
+  }
+  if (penalty_count_ > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(penalty_tokens_, host_penalty_tokens_.data(),
+                                                sizeof(SamplingPenaltyToken) * penalty_count_,
+                                                cudaMemcpyHostToDevice, stream));
+  }
+  stage_ = Stage::kUploaded;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceSampler::Record(const float* logits, int64_t row_stride, int32_t rows, bool greedy_only,
+                                   cudaStream_t stream) const {
+  if (rows < 0 || rows > config_.max_rows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DeviceSampler: a launch of ", rows, " rows, made for at most ", config_.max_rows));
+  }
+  COHORT_RETURN_IF_ERROR(CheckLogits(logits, row_stride, rows));
+  if (rows == 0) return absl::OkStatus();
+  SamplingArgs args;
+  args.logits = logits;
+  args.row_stride = row_stride;
+  args.rows = rows;
+  args.vocab = config_.vocab;
+  args.greedy_only = greedy_only;
+  args.params = params_;
+  args.penalty_tokens = penalty_tokens_;
+  args.results = results_;
+  args.top = top_;
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchSampling(args, stream));
+  return absl::OkStatus();
+}
+
+absl::Status DeviceSampler::Download(cudaStream_t stream) {
+  if (stage_ != Stage::kUploaded) {
+    return absl::FailedPreconditionError("DeviceSampler: results downloaded without an Upload for this step");
+  }
+  if (rows_ > 0) {
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_results_.data(), results_, sizeof(SamplingRowResult) * rows_,
                                                 cudaMemcpyDeviceToHost, stream));
-    if (top_count_ > 0) {
-      COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_top_.data(), top_, sizeof(SamplingTopLogprob) * top_count_,
-                                                  cudaMemcpyDeviceToHost, stream));
-    }
+  }
+  if (top_count_ > 0) {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_top_.data(), top_, sizeof(SamplingTopLogprob) * top_count_,
+                                                cudaMemcpyDeviceToHost, stream));
   }
   stage_ = Stage::kLaunched;
   return absl::OkStatus();
@@ -172,7 +213,7 @@ absl::Status DeviceSampler::Launch(const float* logits, int64_t row_stride, cuda
 
 absl::Status DeviceSampler::Finish(std::span<Sampler* const> samplers, std::span<SampledToken> out) {
   if (stage_ != Stage::kLaunched) {
-    return absl::FailedPreconditionError("DeviceSampler::Finish without a Launch for this step");
+    return absl::FailedPreconditionError("DeviceSampler::Finish without a Launch or Download for this step");
   }
   if (samplers.size() != prepared_.size() || out.size() != prepared_.size() ||
       !std::equal(samplers.begin(), samplers.end(), prepared_.begin())) {

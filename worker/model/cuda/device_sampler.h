@@ -3,7 +3,7 @@
 // logprobs come back to the host.
 //
 // Every buffer is allocated once by Create: device parameters and outputs, and pinned host
-// staging, so a step allocates nothing and Launch can be captured in a CUDA graph (its pointers
+// staging, so a step allocates nothing and its kernel can be captured in a CUDA graph (its pointers
 // never change). One step:
 //
 //   COHORT_ASSIGN_OR_RETURN(auto sampler, DeviceSampler::Create({.vocab = vocab, .max_rows = 256}));
@@ -12,7 +12,10 @@
 //   COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
 //   COHORT_RETURN_IF_ERROR(sampler->Finish(samplers, tokens));      // records each token
 //
-// Not thread-safe; one step at a time (Prepare, Launch, Finish, in that order).
+// A step whose kernel a graph holds (Record, at capture) replaces Launch with Upload before the
+// graph and Download after it.
+//
+// Not thread-safe; one step at a time (Prepare, Launch or Upload and Download, Finish, in that order).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -66,6 +69,20 @@ class DeviceSampler {
   // results into pinned memory. Allocates nothing and never waits.
   absl::Status Launch(const float* logits, int64_t row_stride, cudaStream_t stream);
 
+  // Launch in three parts, for a step whose sampling kernel a CUDA graph holds.
+  // Upload enqueues the parameters of `rows` rows, at least the prepared ones: rows past them (a
+  // graph's padding rows) are greedy, without penalties or top logprobs, and their results are never
+  // read. Record enqueues the kernel alone over `rows` rows of `logits`, with Upload's parameters
+  // of those rows: greedy_only as greedy_only() tells for a step, and for a graph fixed when it is
+  // captured. It checks nothing of a step, so a capture may call it with or without a step
+  // prepared. Download enqueues the results' copy to pinned memory; Finish follows as after Launch.
+  absl::Status Upload(int32_t rows, cudaStream_t stream);
+  absl::Status Record(const float* logits, int64_t row_stride, int32_t rows, bool greedy_only,
+                      cudaStream_t stream) const;
+  absl::Status Download(cudaStream_t stream);
+  // Whether every prepared row is greedy (temperature 0) without top logprobs, penalties or not.
+  bool greedy_only() const { return greedy_only_; }
+
   // After the caller synchronized the stream: fills `out` (one per sampler, the same samplers as
   // Prepare) and records each token with EndDeviceSample. Internal, with no sampler touched, when
   // the device returned a token outside the vocabulary.
@@ -74,9 +91,11 @@ class DeviceSampler {
   const DeviceSamplerConfig& config() const { return config_; }
 
  private:
-  enum class Stage { kIdle, kPrepared, kLaunched };
+  enum class Stage { kIdle, kPrepared, kUploaded, kLaunched };
 
   explicit DeviceSampler(const DeviceSamplerConfig& config) : config_(config) {}
+  // InvalidArgument unless `rows` rows of logits can be read `row_stride` floats apart.
+  absl::Status CheckLogits(const float* logits, int64_t row_stride, int32_t rows) const;
   // Takes every device buffer from `arena` (a dry run counts the bytes).
   void PlaceDeviceBuffers(DeviceArena& arena);
 

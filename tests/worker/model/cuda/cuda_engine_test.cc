@@ -199,6 +199,71 @@ TEST_P(CudaEngineFixtureTest, DeviceSamplingFollowsLogits) {
   ExpectDeviceSamplingFollowsLogits(MakeEngine(fixture_.model_dir, 16).get(), fixture_);
 }
 
+// Decode steps replay graphs that end with the sampling kernel (one GPU): the greedy kernel's graph
+// for greedy rows without top logprobs, the general one's otherwise, with a padding row (three
+// sequences in the graph of four). Each token is what a CPU Sampler with the same settings and seed
+// makes of Forward's logits of the same step.
+TEST_P(CudaEngineFixtureTest, DecodeGraphsSampleAsTheHostDoes) {
+  auto engine = MakeEngine(fixture_.model_dir, 16);
+  ASSERT_NE(engine, nullptr);
+  const Fixture& f = fixture_;
+  const size_t n = f.cases.size();
+  const int64_t vocab = f.vocab_size;
+  ASSERT_EQ(n % 4 == 0, false) << "the graph of the next batch size up must have padding rows";
+  std::vector<std::vector<int32_t>> tables(n), history(n);
+  std::vector<SequenceStep> batch;
+  for (size_t c = 0; c < n; ++c) {
+    for (int32_t b = 0; b < 8; ++b) tables[c].push_back(static_cast<int32_t>(c * 8 + b));
+    history[c] = f.cases[c].prompt;
+    batch.push_back({history[c], 0, tables[c], true});
+  }
+  std::vector<float> logits(n * vocab);
+  ASSERT_TRUE(engine->Forward(batch, logits).ok());  // the prompts, eagerly
+  std::vector<int32_t> next(n);
+  for (size_t c = 0; c < n; ++c) {
+    next[c] = testing::Argmax(std::vector<float>(logits.begin() + c * vocab, logits.begin() + (c + 1) * vocab));
+  }
+  // Greedy rows alone, then greedy with top logprobs, with a temperature and top-p, and mixed.
+  auto settings = [](int step, size_t c) {
+    SamplingConfig s;
+    s.seed = 1000 * step + c + 1;
+    s.temperature = step == 2 ? 0.8f : (step == 3 && c > 0 ? 1.0f : 0.0f);
+    s.top_logprobs = step == 1 || (step == 3 && c == 1) ? 3 : 0;
+    s.top_p = step == 2 ? 0.9f : 1.0f;
+    s.top_k = step == 3 && c == 2 ? 5 : 0;
+    return s;
+  };
+  for (int step = 0; step < 4; ++step) {
+    SCOPED_TRACE(absl::StrCat("decode step ", step));
+    batch.clear();
+    for (size_t c = 0; c < n; ++c) {
+      batch.push_back({std::span<const int32_t>(&next[c], 1), static_cast<int64_t>(history[c].size()), tables[c], true});
+    }
+    ASSERT_TRUE(engine->Forward(batch, logits).ok());
+    std::vector<std::unique_ptr<Sampler>> on_device, on_host;
+    std::vector<Sampler*> samplers;
+    for (size_t c = 0; c < n; ++c) {
+      on_device.push_back(std::make_unique<Sampler>(settings(step, c), c, history[c]));
+      on_host.push_back(std::make_unique<Sampler>(settings(step, c), c, history[c]));
+      samplers.push_back(on_device.back().get());
+    }
+    std::vector<SampledToken> tokens(n);
+    const absl::Status sampled = engine->ForwardAndSample(batch, samplers, tokens);
+    ASSERT_TRUE(sampled.ok()) << sampled;
+    for (size_t c = 0; c < n; ++c) {
+      const SampledToken want = on_host[c]->Sample(std::span<const float>(logits.data() + c * vocab, vocab));
+      EXPECT_EQ(tokens[c].token, want.token) << "case " << c;
+      EXPECT_NEAR(tokens[c].logprob, want.logprob, 1e-3) << "case " << c;
+      ASSERT_EQ(tokens[c].top.size(), want.top.size()) << "case " << c;
+      if (!want.top.empty()) {
+        EXPECT_EQ(tokens[c].top[0].first, want.top[0].first) << "case " << c;
+      }
+      history[c].push_back(next[c]);
+      next[c] = tokens[c].token;
+    }
+  }
+}
+
 // Two GPUs, each with half of the routed experts and some of the shared ones, give the one-GPU
 // engine's logits: the same kernels on the same inputs, the GPUs' MoE outputs summed in fp32 and
 // rounded to bf16 once as one GPU rounds its combine. Only the order of that fp32 sum differs, so
