@@ -1485,10 +1485,16 @@ __device__ __forceinline__ ListStore Listed() { return ListStore{0, MinInt(Smem(
 // gathered into the list in id order. An atomic a value kept: they are few, and a warp vote on every
 // value, as TopPLevelGathering's append takes (many of its tokens may be heavy), made the top-k and
 // top-logprob gathers 13-16% slower at 128-512 rows (sampling_bench, H200).
+//
+// Callers read the list and its size just before (to choose this path, or in a select over the
+// list): the barrier first keeps thread 0's reset from overtaking a slower warp's read. Without it
+// compute-sanitizer's racecheck found SampleTopPOverRow's warps taking different branches, and a
+// wrong token, at 96 rows of 129280 (DeviceSamplerTest).
 template <class Store, class Keep>
 __device__ __noinline__ void Gather(const Store row, const Keep keep) {
   SharedStorage& s = Smem();
   CandidateList& list = Scratch().u.list;
+  __syncthreads();
   if (threadIdx.x == 0) s.list_size = 0;
   __syncthreads();
   row.Visit([&](bool in, int id, float value) {
@@ -1582,6 +1588,7 @@ __device__ __noinline__ SelectState TopPLevelGathering(const RowStore<RowValues:
   SharedStorage& s = Smem();
   CandidateList& list = Scratch().u.list;
   ExchangeSlot& out = Outbox();
+  __syncthreads();  // as in Gather: the caller has just read the list's size and the bins
   ClearBins<kRowThreads, true>(out);
   if (threadIdx.x == 0) s.list_size = 0;
   __syncthreads();
