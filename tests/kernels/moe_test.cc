@@ -997,6 +997,7 @@ struct ExpertShapes {
   int intermediate;
   int shared;  // shared experts: one MLP of intermediate shared * intermediate
 };
+constexpr ExpertShapes kV2LiteExperts{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
 
 // The experts of one shape set, on the host (bf16 bits) and on the device. The routed experts are
 // random; the shared MLP is random in the published layout and then split into `shared` experts after
@@ -1184,7 +1185,7 @@ TEST(MoeGroupedGemmTest, MatchesCpuOnV2LiteShapes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
+  const ExpertShapes shapes = kV2LiteExperts;
   const Experts experts(shapes, rng);
   ASSERT_CUDA_OK(experts.d_gate_up.error());
   ASSERT_CUDA_OK(experts.d_down.error());
@@ -1279,7 +1280,7 @@ TEST(MoeGroupedGemmTest, FusedSiluMulMatchesCpuOnV2LiteShapes) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
+  const ExpertShapes shapes = kV2LiteExperts;
   const Experts experts(shapes, rng);
   ASSERT_CUDA_OK(experts.d_gate_up.error());
   for (int shared : {0, 2}) {
@@ -1335,7 +1336,7 @@ TEST(MoeGroupedGemmTest, OneTokenMatchesCpuWhateverItsTiles) {
   const uint64_t seed = FreshSeed();
   SCOPED_TRACE(::testing::Message() << "seed " << seed);
   Rng rng(seed);
-  const ExpertShapes shapes{"V2-Lite", 64, 6, 2048, 1408, /*shared=*/2};
+  const ExpertShapes shapes = kV2LiteExperts;
   const Experts experts(shapes, rng);
   ASSERT_CUDA_OK(experts.d_gate_up.error());
   ASSERT_CUDA_OK(experts.d_down.error());

@@ -267,8 +267,9 @@ class CudaEngine final : public ShardEngine {
   // it (kernel trace at batch 1, H200; cohort bench step 0.6-1.3% faster at batch 1-4). With several
   // GPUs, GPU 0 samples every GPU's rows after its graph.
   bool SamplesInGraph() const { return world_ == 1; }
-  // The step's count of routed experts used, for last_step_stats().
-  absl::Status DownloadStats();
+  // Ends a step: the count of routed experts it used comes down for last_step_stats(), after whatever
+  // the caller enqueued, and the stream is synchronised.
+  absl::Status FinishStep();
   // Forward and ForwardAndSample, on one GPU (shard null) or as one GPU's part of a step.
   absl::Status ForwardOn(std::span<const SequenceStep> batch, const ShardStep* shard, std::span<float> logits);
   absl::Status SampleOn(std::span<const SequenceStep> batch, const ShardStep* shard,
@@ -1162,18 +1163,17 @@ absl::Status CudaEngine::RecordForward(const StepLayout& s) {
 // uses (cuBLAS picks its kernels by shape) and sets kernel attributes outside the capture.
 absl::Status CudaEngine::CaptureGraph(const GraphKey& key, bool warm_up) {
   COHORT_ASSIGN_OR_RETURN(const StepLayout layout, Plan({}, &key));
-  // The forward pass and, on one GPU, the sampling kernel over every row of the bucket. The greedy
-  // parameters uploaded here are what the warm-up samples (each step uploads its own).
+  // The forward pass and, on one GPU, the sampling kernel over every row of the bucket.
   auto record = [&]() -> absl::Status {
     COHORT_RETURN_IF_ERROR(RecordForward(layout));
     if (!SamplesInGraph()) return absl::OkStatus();
     return sampler_->Record(ws_.logits, config_.vocab_size, layout.lm_rows, key.greedy, stream_);
   };
-  if (SamplesInGraph()) {
-    COHORT_RETURN_IF_ERROR(sampler_->Prepare({}));
-    COHORT_RETURN_IF_ERROR(sampler_->Upload(layout.lm_rows, stream_));
-  }
   if (warm_up) {
+    if (SamplesInGraph()) {  // greedy parameters for the warm-up's sampling (each step uploads its own)
+      COHORT_RETURN_IF_ERROR(sampler_->Prepare({}));
+      COHORT_RETURN_IF_ERROR(sampler_->Upload(layout.lm_rows, stream_));
+    }
     COHORT_RETURN_IF_ERROR(record());
     COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
   }
@@ -1198,13 +1198,14 @@ absl::Status CudaEngine::CaptureGraphs() {
     for (const bool greedy : {true, false}) {
       if (!greedy && !SamplesInGraph()) break;
       // The unbounded class first: its context splits are the most, so its warm-up pass launches
-      // every kernel the other classes use (the split merge included).
+      // every kernel the other classes use (the split merge included), and the general sampling
+      // kernel of this batch size.
       for (auto it = std::rbegin(kGraphContexts); it != std::rend(kGraphContexts); ++it) {
         COHORT_RETURN_IF_ERROR(
             CaptureGraph({bucket, *it, /*uneven=*/false, greedy}, /*warm_up=*/it == std::rbegin(kGraphContexts)));
-        // And with room for uneven attention plans, warmed up too: its merge may be the first of its
-        // width.
-        COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it, /*uneven=*/true, greedy}, /*warm_up=*/true));
+        // And with room for uneven attention plans, warmed up too (once a batch size: the general
+        // sampling's graphs replay the same forward pass): its merge may be the first of its width.
+        COHORT_RETURN_IF_ERROR(CaptureGraph({bucket, *it, /*uneven=*/true, greedy}, /*warm_up=*/greedy));
       }
     }
   }
@@ -1255,9 +1256,11 @@ absl::StatusOr<bool> CudaEngine::RunStep(std::span<const SequenceStep> batch, co
   return false;
 }
 
-absl::Status CudaEngine::DownloadStats() {
+absl::Status CudaEngine::FinishStep() {
   COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(experts_used_host_.data(), ws_.experts_used, sizeof(int32_t),
                                               cudaMemcpyDeviceToHost, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+  stats_.routed_expert_reads = experts_used_host_[0];
   return absl::OkStatus();
 }
 
@@ -1276,10 +1279,7 @@ absl::Status CudaEngine::ForwardOn(std::span<const SequenceStep> batch, const Sh
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(logits.data(), ws_.logits, rows * config_.vocab_size * sizeof(float),
                                                 cudaMemcpyDeviceToHost, stream_));
   }
-  COHORT_RETURN_IF_ERROR(DownloadStats());
-  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  stats_.routed_expert_reads = experts_used_host_[0];
-  return absl::OkStatus();
+  return FinishStep();
 }
 
 absl::Status CudaEngine::SampleOn(std::span<const SequenceStep> batch, const ShardStep* shard,
@@ -1295,9 +1295,7 @@ absl::Status CudaEngine::SampleOn(std::span<const SequenceStep> batch, const Sha
     COHORT_RETURN_IF_ERROR(sampled ? sampler_->Download(stream_)
                                    : sampler_->Launch(ws_.logits, config_.vocab_size, stream_));
   }
-  COHORT_RETURN_IF_ERROR(DownloadStats());
-  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  stats_.routed_expert_reads = experts_used_host_[0];
+  COHORT_RETURN_IF_ERROR(FinishStep());
   return samplers.empty() ? absl::OkStatus() : sampler_->Finish(samplers, tokens);
 }
 
