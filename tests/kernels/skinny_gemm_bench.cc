@@ -9,13 +9,17 @@
 // L2 alternates between two matrices). Time per product = median replay / launches; "GB/s" counts
 // weight bytes only, the traffic a decode step cannot avoid.
 //
-//   build/bin/skinny_gemm_bench
+//   build/bin/skinny_gemm_bench [--only SUBSTRING] [--k-splits N]
+//
+// --only times the products whose name contains SUBSTRING; --k-splits forces the cluster split
+// (SkinnyGemmParams::k_splits, 1..8) instead of the kernel's choice, for tuning that choice.
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -106,7 +110,7 @@ double TimeLaunches(cudaStream_t stream, int launches, const std::function<void(
   return us;
 }
 
-int Run() {
+int Run(const std::string& only, int k_splits) {
   const testing::BenchDevice bench = testing::OpenBenchDevice("skinny_gemm_bench");
   const cudaStream_t stream = bench.stream;
   const double copy_gbs = bench.copy_gbs;
@@ -147,6 +151,7 @@ int Run() {
   std::printf("\n%-24s %6s %6s %5s %4s %4s %8s %9s %7s %9s %11s %8s\n", "product", "N", "K", "batch", "out", "rows",
               "us", "GB/s", "of copy", "cuBLAS us", "cuBLAS GB/s", "speed-up");
   for (const Product& product : kProducts) {
+    if (std::string(product.name).find(only) == std::string::npos) continue;
     const int64_t bytes = product.weight_bytes();
     const int launches = static_cast<int>(
         std::clamp<int64_t>((kMinGraphBytes + bytes - 1) / bytes, kMinLaunches, kMaxLaunches));
@@ -167,6 +172,7 @@ int Run() {
       p.n_out = product.n_out;
       p.k = product.k;
       p.batch = product.batch;
+      p.k_splits = k_splits;
       const double us = TimeLaunches(stream, launches, [&](int l) {
         p.w = pool + (l % matrices) * matrix_elements;
         BENCH_CHECK(kernels::LaunchSkinnyGemm(p, stream));
@@ -200,4 +206,24 @@ int Run() {
 }  // namespace
 }  // namespace cohort
 
-int main() { return cohort::Run(); }
+int main(int argc, char** argv) {
+  std::string only;
+  int k_splits = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--only" && i + 1 < argc) {
+      only = argv[++i];
+    } else if (arg == "--k-splits" && i + 1 < argc) {
+      k_splits = std::atoi(argv[++i]);
+      if (k_splits < 1 || k_splits > cohort::kernels::kSkinnyMaxKSplits) {
+        std::fprintf(stderr, "skinny_gemm_bench: --k-splits takes 1..%d, not %s\n", cohort::kernels::kSkinnyMaxKSplits,
+                     argv[i]);
+        return 2;
+      }
+    } else {
+      std::fprintf(stderr, "usage: skinny_gemm_bench [--only SUBSTRING] [--k-splits N]\n");
+      return 2;
+    }
+  }
+  return cohort::Run(only, k_splits);
+}
