@@ -9,7 +9,9 @@ namespace cohort {
 int RunProgram(FlagSet& flags, int argc, const char* const* argv, const std::string& log_level,
                const std::function<absl::Status()>& body) {
   auto fail = [&](const absl::Status& status, int code) {
-    std::fprintf(stderr, "%s: %s\n", flags.program().c_str(), std::string(status.message()).c_str());
+    // The message alone, as every error of ours names its cause; the code where it says nothing.
+    const std::string text = status.message().empty() ? status.ToString() : std::string(status.message());
+    std::fprintf(stderr, "%s: %s\n", flags.program().c_str(), text.c_str());
     return code;
   };
   if (absl::Status st = flags.Parse(argc, argv); !st.ok()) {

@@ -177,7 +177,9 @@ class GrpcTransport final : public Transport {
         grpc::ClientContext list_context;
         list_context.set_deadline(deadline);
         cohort::v1::ListModelsResponse models;
-        if (grpc::Status s = stubs_[0]->ListModels(&list_context, {}, &models); !s.ok()) return FromGrpc(s);
+        status = stubs_[0]->ListModels(&list_context, {}, &models);
+        if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) return WrongService();
+        if (!status.ok()) return FromGrpc(status);
         if (models.models_size() == 0) return absl::UnavailableError("no model listed");
         if (models.models_size() > 1) {
           std::vector<std::string> names;
@@ -190,6 +192,7 @@ class GrpcTransport final : public Transport {
       request.set_model(name);
       status = stubs_[0]->GetModelInfo(&context, request, &info);
     }
+    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) return WrongService();
     if (!status.ok()) return FromGrpc(status);
     return ServerModel{.name = info.name().empty() ? name : info.name(),
                        .vocab_size = info.vocab_size(),
@@ -197,6 +200,14 @@ class GrpcTransport final : public Transport {
                        .architecture = info.architecture(),
                        .total_parameters = info.total_parameters(),
                        .active_parameters_per_token = info.active_parameters_per_token()};
+  }
+
+  // The target serves the other API: a worker asked as a router, or the other way round.
+  absl::Status WrongService() const {
+    return absl::FailedPreconditionError(absl::StrCat(
+        options_.target, " does not serve ",
+        options_.api == Api::kWorker ? "cohort.worker.v1.Worker (a worker): for a router, leave out --api worker"
+                                     : "cohort.v1.Inference (a router): for a worker directly, pass --api worker"));
   }
 
   const TransportOptions options_;

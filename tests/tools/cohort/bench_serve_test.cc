@@ -272,5 +272,18 @@ TEST_F(BenchServeTest, RequestsLongerThanTheModelsContextAreRefusedBeforeSending
   EXPECT_NE(r.err.find("context of 512"), std::string::npos) << r.err;
 }
 
+// A worker asked as a router (the default --api), or a router asked as a worker: one line that
+// names the other API, not gRPC's bare UNIMPLEMENTED.
+TEST_F(BenchServeTest, TheWrongApiForTheTargetNamesTheRightOne) {
+  const ProcessResult as_router = Bench({"--target", worker_->address(), "--num-requests", "1"});
+  EXPECT_EQ(as_router.exit_code, 1) << as_router.err;
+  EXPECT_NE(as_router.err.find("for a worker directly, pass --api worker"), std::string::npos) << as_router.err;
+  EXPECT_EQ(std::count(as_router.err.begin(), as_router.err.end(), '\n'), 1) << as_router.err;
+
+  const ProcessResult as_worker = Bench({"--target", Router(), "--api", "worker", "--num-requests", "1"});
+  EXPECT_EQ(as_worker.exit_code, 1) << as_worker.err;
+  EXPECT_NE(as_worker.err.find("for a router, leave out --api worker"), std::string::npos) << as_worker.err;
+}
+
 }  // namespace
 }  // namespace cohort
