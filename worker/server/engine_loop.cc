@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -131,6 +132,7 @@ void EngineLoop::Stop() {
     wake_.notify_one();
   }
   if (thread_.joinable()) thread_.join();
+  sender_.Stop();  // every request's end is written before Stop returns
 }
 
 void EngineLoop::TakeInbox() {
@@ -160,7 +162,7 @@ void EngineLoop::TakeInbox() {
     live->ignore_eos = p.spec.ignore_eos;
     live->top_logprobs = p.spec.sampling.top_logprobs;
     if (absl::Status st = scheduler_.Add(std::move(request)); !st.ok()) {
-      live->sink->OnFinish(st, {});
+      Send([sink = std::move(live->sink), st] { sink->OnFinish(st, {}); });
       --live_requests_;
       continue;
     }
@@ -203,7 +205,9 @@ void EngineLoop::Finish(uint64_t id, const absl::Status& status, cohort::v1::Fin
     f->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(generated));
     f->mutable_usage()->set_cached_prompt_tokens(static_cast<uint32_t>(request->cached_prompt_tokens));
   }
-  live->sink->OnFinish(status, std::move(final));
+  Send([sink = std::move(live->sink), status, final = std::move(final)]() mutable {
+    sink->OnFinish(status, std::move(final));
+  });
 }
 
 void EngineLoop::Step() {
@@ -286,7 +290,7 @@ void EngineLoop::Step() {
         top->set_logprob(logprob);
       }
     }
-    live.sink->OnChunk(std::move(response));
+    Send([sink = live.sink, response = std::move(response)]() mutable { sink->OnChunk(std::move(response)); });
 
     const bool stop_token = stop_string || (!live.ignore_eos && eos && sampled.token == *eos) ||
                             std::find(live.stop_token_ids.begin(), live.stop_token_ids.end(), sampled.token) !=
@@ -353,7 +357,9 @@ void EngineLoop::PublishLoad(int64_t step_time_us) {
                               .count());
   report.set_last_step_us(static_cast<uint32_t>(last_step_us_));
   report.set_last_step_tokens(static_cast<uint32_t>(last_step_tokens_));
-  publisher_.Publish(report, blocks_.TakeEvents());
+  Send([&publisher = publisher_, report = std::move(report), events = blocks_.TakeEvents()] {
+    publisher.Publish(report, events);
+  });
 
   if (metrics_ != nullptr) {
     metrics_->requests_running.Set(static_cast<double>(scheduler_.num_running()));
@@ -372,12 +378,14 @@ void EngineLoop::Run() {
     waiting_requests_.store(static_cast<int64_t>(scheduler_.num_waiting()));
     if (scheduler_.num_running() + scheduler_.num_waiting() > 0) {
       Step();
+      FlushOutbox();
       waiting_requests_.store(static_cast<int64_t>(scheduler_.num_waiting()));
       std::lock_guard<std::mutex> lock(mu_);
       if (stop_) break;
       continue;
     }
     PublishLoad(-1);
+    FlushOutbox();
     // Idle: sleep until new work, the next periodic report, or (when a change is still unreported
     // because of the rate limit) the moment it may be reported.
     auto wait = std::chrono::milliseconds(options_.report_interval_ms);
@@ -395,6 +403,11 @@ void EngineLoop::Run() {
   std::vector<uint64_t> ids;
   for (const auto& [id, live] : live_) ids.push_back(id);
   for (uint64_t id : ids) Finish(id, absl::UnavailableError("the worker is shutting down"), {});
+  FlushOutbox();
+}
+
+void EngineLoop::FlushOutbox() {
+  if (!outbox_.empty()) sender_.Post(std::exchange(outbox_, {}));
 }
 
 }  // namespace cohort
