@@ -6,7 +6,7 @@
 // iteration go, in one hand-over, to a sender thread (SerialExecutor), which makes them in order
 // while the next step runs. Made on the engine thread, they held it about 15 us a stream after every
 // step: 1.0 ms beside a 9.7 ms step at 64 streams (H200, DeepSeek-V2-Lite shapes); moved off it,
-// `cohort bench serve` gave 8% more tokens/s at 64 streams and 24% more at 256.
+// `cohort bench serve` gave 7-9% more tokens/s at 64 streams and 22-26% more at 256.
 //
 // Thread-safety: Submit, Cancel, Drain and the accessors may be called from any thread (gRPC
 // reactors); everything else runs on the engine thread. The inbox mutex `mu_` guards only the
