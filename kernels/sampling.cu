@@ -1820,23 +1820,11 @@ int SliceSize(int vocab, int blocks) { return ((vocab + blocks - 1) / blocks + 3
 template <class... Params, class... Args>
 cudaError_t LaunchRows(void (*kernel)(Params...), int rows, int blocks_per_row, bool clustered, int threads,
                        size_t shared_bytes, cudaStream_t stream, const Args&... kernel_args) {
-  // The cluster shape where there is one, and programmatic dependent launch (kernels/pdl.cuh): the
-  // blocks start and set up while the LM head before them ends, and wait for it before the logits.
-  cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = static_cast<unsigned>(blocks_per_row);
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(rows * blocks_per_row));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  config.attrs = clustered ? attributes : attributes + 1;
-  config.numAttrs = clustered ? 2 : 1;
-  return cudaLaunchKernelEx(&config, kernel, kernel_args...);
+  // Under programmatic dependent launch (kernels/pdl.cuh): the blocks start and set up while the LM
+  // head before them ends, and wait for it before the logits.
+  return kernels::LaunchPdlClusters(kernel, dim3(static_cast<unsigned>(rows * blocks_per_row)),
+                                    dim3(static_cast<unsigned>(threads)), shared_bytes,
+                                    clustered ? static_cast<unsigned>(blocks_per_row) : 0u, stream, kernel_args...);
 }
 
 // The sample kernels' shared memory limits raised on the current device, with the SM count and

@@ -345,21 +345,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) SkinnyGemmKernel(const
 
 template <class T, bool kFp32Out>
 cudaError_t LaunchTile(const Args& a, dim3 grid, cudaStream_t stream) {
-  cudaLaunchAttribute attributes[2] = {};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = static_cast<unsigned>(a.k_splits);
-  attributes[1].val.clusterDim.y = 1;
-  attributes[1].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  config.attrs = attributes;
-  config.numAttrs = a.k_splits > 1 ? 2 : 1;
-  return cudaLaunchKernelEx(&config, SkinnyGemmKernel<T, kFp32Out>, a);
+  const unsigned cluster = a.k_splits > 1 ? static_cast<unsigned>(a.k_splits) : 0;
+  return LaunchPdlClusters(SkinnyGemmKernel<T, kFp32Out>, grid, dim3(kThreads), 0, cluster, stream, a);
 }
 
 // Tiles, k_splits and the grid for tile T; false when the shape is out of range.
