@@ -46,14 +46,22 @@ constexpr int64_t kSkinnyRows = 8;
 // Steps of up to this many rows (on one GPU) take their router's logits from the two attention
 // projections (DeviceLayer::router_folded) instead of a router product after the post-attention
 // norm: a launch fewer between the attention and the expert products, where every launch at small
-// batch is latency. Within the skinny GEMM's rows, whose extra output columns cost about nothing.
-// Except at kRouterProductTokens rows: there the shared experts' weights, streamed beside the router
-// product and the route (SharedExpertsApart), are worth more than the launch. Against the router
-// product (H200, A/B runs in four device calls, contexts 1024 / 4096): batch 1 -2.3 to -3.6%,
-// batch 3 -1.0 to -1.6%, batch 4 -0.6 to -2.3%, batch 8 -0.2 to -1.4%, but batch 2 -0.2 to +1.4%.
-constexpr int64_t kRouterFoldMaxTokens = kSkinnyRows;
+// batch is latency. The part over the layer's input is extra columns of the input projection. The
+// part over the attention is, within the skinny GEMM's rows, extra columns of o_proj, which cost
+// about nothing; past them (cuBLAS writes one type a product, and o_proj's is bf16) a product of its
+// own on the side stream, beside o_proj and the post-attention norm. Except at kRouterProductTokens
+// rows: there the shared experts' weights, streamed beside the router product and the route
+// (SharedExpertsApart), are worth more than the launch. Against the router product (H200, A/B runs
+// in four device calls, contexts 1024 / 4096): batch 1 -2.3 to -3.6%, batch 3 -1.0 to -1.6%, batch 4
+// -0.6 to -2.3%, batch 8 -0.2 to -1.4%, but batch 2 -0.2 to +1.4%. With the side product (one call,
+// three runs each): batch 16-32 -1.7 to -2.1% at both contexts, 48 -1.1 / -1.4%, 64 -1.1 / 0.0%; in
+// an earlier call 128-512 gained nothing (within noise), so larger steps keep the router product.
+constexpr int64_t kRouterFoldMaxTokens = 64;
+constexpr int64_t kRouterTailMaxTokens = kSkinnyRows;  // o_proj's tail, above: the side product
 constexpr int64_t kRouterProductTokens = 2;
-static_assert(kRouterFoldMaxTokens <= kernels::kSkinnyMaxTailRows, "o_proj writes the router's part as a tail");
+static_assert(kRouterTailMaxTokens <= kernels::kSkinnyMaxTailRows, "o_proj writes the router's part as a tail");
+// The side stream's cuBLAS workspace (the folded router's part over the attention: a small product).
+constexpr int64_t kSideCublasWorkspaceBytes = int64_t{4} << 20;
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
 // (prefill) steps run them on cuBLAS, whose tiles are faster at thousands of rows. (With the
 // warp-specialised grouped products, folding them in at every size measured V2-Lite prefill steps
@@ -213,6 +221,7 @@ class CudaEngine final : public ShardEngine {
     float* logits;
     int32_t* experts_used;
     void* cublas_workspace;
+    void* side_cublas_workspace;
   };
 
   void PlaceWorkspace(DeviceArena& arena, Workspace& ws) const;
@@ -231,7 +240,7 @@ class CudaEngine final : public ShardEngine {
   // all [world * T, H] = every GPU's rows [T, H], one GPU after another.
   absl::Status GatherRows(const bf16* rows, bf16* all, int64_t T);
   absl::Status ReduceScatterMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t rows);
-  // Launches a small step's shared experts on the rows x on shared_stream_, which forks from stream_
+  // Launches a small step's shared experts on the rows x on side_stream_, which forks from stream_
   // here (after the post-attention norm, and the gather of every GPU's rows) and joins it again in
   // FeedForward before the combine; they leave their S outputs in ws_.shared_rows.
   absl::Status SharedExpertsApart(const DeviceLayer& layer, const bf16* x, int64_t num_tokens);
@@ -340,10 +349,13 @@ class CudaEngine final : public ShardEngine {
   std::optional<PendingCombine> pending_combine_;
 
   cudaStream_t stream_ = nullptr;
-  cudaStream_t shared_stream_ = nullptr;  // SharedExpertsApart's, and its fork and join
-  cudaEvent_t shared_fork_ = nullptr, shared_join_ = nullptr;
+  // A second stream for work beside the main chain (SharedExpertsApart's products, a folded router's
+  // part over the attention), forked from stream_ and joined back through the two events; with its own
+  // cuBLAS handle and workspace, as a product there may run beside one on stream_.
+  cudaStream_t side_stream_ = nullptr;
+  cudaEvent_t side_fork_ = nullptr, side_join_ = nullptr;
   const CublasApi* cublas_api_ = nullptr;
-  cublasHandle_t cublas_ = nullptr;
+  cublasHandle_t cublas_ = nullptr, side_cublas_ = nullptr;
   std::unique_ptr<DeviceSampler> sampler_;
   PinnedBuffer<int32_t> staging_;
   PinnedBuffer<int32_t> experts_used_host_;
@@ -363,10 +375,11 @@ CudaEngine::~CudaEngine() {
   for (auto& [bucket, graph] : graphs_) cudaGraphExecDestroy(graph);
   if (comm_ != nullptr && !comm_freed_) (aborted_ ? nccl_->comm_abort : nccl_->comm_destroy)(comm_);
   if (cublas_ != nullptr) cublas_api_->destroy(cublas_);
+  if (side_cublas_ != nullptr) cublas_api_->destroy(side_cublas_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  if (shared_stream_ != nullptr) cudaStreamDestroy(shared_stream_);
-  if (shared_fork_ != nullptr) cudaEventDestroy(shared_fork_);
-  if (shared_join_ != nullptr) cudaEventDestroy(shared_join_);
+  if (side_stream_ != nullptr) cudaStreamDestroy(side_stream_);
+  if (side_fork_ != nullptr) cudaEventDestroy(side_fork_);
+  if (side_join_ != nullptr) cudaEventDestroy(side_join_);
 }
 
 void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
@@ -438,6 +451,7 @@ void CudaEngine::PlaceWorkspace(DeviceArena& a, Workspace& ws) const {
   ws.expanded_values_t = a.Take<bf16>(heads * c.v_head_dim * ExpandedValuesLd());
   ws.experts_used = a.Take<int32_t>(1);
   ws.cublas_workspace = a.Take<char>(kCublasWorkspaceBytes);
+  ws.side_cublas_workspace = a.Take<char>(kSideCublasWorkspaceBytes);
 }
 
 absl::Status CudaEngine::Initialize() {
@@ -586,10 +600,15 @@ absl::Status CudaEngine::Initialize() {
   COHORT_CUDA_RETURN_IF_ERROR(staging_.Allocate(staging_header_ + table_capacity_));
   COHORT_CUDA_RETURN_IF_ERROR(experts_used_host_.Allocate(1));
   COHORT_ASSIGN_OR_RETURN(sampler_, DeviceSampler::Create(c.vocab_size, max_sequences_));
-  if (ws_.no_routed_ids != nullptr) {  // SharedExpertsApart's stream, fork, join and ids
-    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&shared_stream_, cudaStreamNonBlocking));
-    COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_fork_, cudaEventDisableTiming));
-    COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&shared_join_, cudaEventDisableTiming));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&side_fork_, cudaEventDisableTiming));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&side_join_, cudaEventDisableTiming));
+  COHORT_RETURN_IF_ERROR(CublasStatus(cublas_api_->create(&side_cublas_), "cublasCreate"));
+  COHORT_RETURN_IF_ERROR(CublasStatus(cublas_api_->set_stream(side_cublas_, side_stream_), "cublasSetStream"));
+  COHORT_RETURN_IF_ERROR(CublasStatus(
+      cublas_api_->set_workspace(side_cublas_, ws_.side_cublas_workspace, kSideCublasWorkspaceBytes),
+      "cublasSetWorkspace"));
+  if (ws_.no_routed_ids != nullptr) {  // SharedExpertsApart's ids
     const int64_t ids = shared_apart_tokens_ * kSharedApartTopK;  // as PlaceWorkspace sized them
     COHORT_CUDA_RETURN_IF_ERROR(cudaMemset(ws_.no_routed_ids, 0xff, ids * sizeof(int32_t)));  // -1 each
   }
@@ -862,6 +881,17 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   }
   for (const ExpandedGroup& group : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(group, l, cache));
   if (!fold) return Linear(l.o_proj, ws_.attn, T, ws_.delta);
+  if (T > kRouterTailMaxTokens) {
+    // The router's part over the attention [T, experts] in fp32 on the side stream, beside o_proj and
+    // the post-attention norm; FeedForward joins it before the route.
+    const DeviceMatrix& part = l.router_from_attention;
+    COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_fork_, stream_));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
+    COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, side_cublas_, T, part.rows, part.cols, {ws_.attn, part.cols},
+                                {part.data, part.cols}, true, {ws_.router_logits, part.rows, 0, CUDA_R_32F}));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_join_, side_stream_));
+    return Linear(l.o_proj, ws_.attn, T, ws_.delta);
+  }
   // o_proj and the folded router's part from the attention in one product: [T, H] in bf16 into delta,
   // [T, experts] in fp32 after it (the rows follow o_proj's in the weights).
   kernels::SkinnyGemmParams p;
@@ -968,9 +998,11 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
   const int64_t all_experts = c.n_routed_experts;
   MoeRouterFold fold;
   if (router_folded) {
-    // The parts Attention's two products left: past the input projection's own columns, and o_proj's tail.
+    // The parts Attention left: past the input projection's own columns, and o_proj's tail (or the
+    // side stream's product, joined here).
     fold = {ws_.projected + InputProjectionWidth(c), ProjectedStride(l, T), ws_.router_logits, ws_.inv_rms_in,
             ws_.inv_rms_post};
+    if (T > kRouterTailMaxTokens) COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, side_join_, 0));
   } else {
     COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
                                    {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
@@ -998,7 +1030,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
                                                     ws_.routed_out, /*silu_mul=*/false, /*routing_ready=*/true},
                                                    routing, stream_));
   if (apart) {
-    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, shared_join_, 0));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, side_join_, 0));
   } else if (folded < shared) {
     // [S][rows, 2I] = x . gate_up[E + s]^T in one batched product; then the S down products summed.
     const bf16* gate_up = l.experts_gate_up + E * 2 * inter * H;
@@ -1054,8 +1086,8 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, const bf16* x,
   const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
   const int32_t E = shard_.num_routed, k = kSharedApartTopK;
   const int32_t shared = shard_.num_shared();
-  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_fork_, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(shared_stream_, shared_fork_, 0));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_fork_, stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
   // With every routed id -1 the routing holds the shared experts' rows only: row s*T + t is shared
   // expert s for token t, so the down product leaves the S matrices [T, H] one after another.
   // The align runs every step although its result depends on T alone: routings made once at
@@ -1065,13 +1097,13 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, const bf16* x,
   MoeRouting routing;
   COHORT_CUDA_RETURN_IF_ERROR(CarveMoeRouting(ws_.shared_routing, shared_routing_bytes_, T, k, E, shared,
                                               MoeDefaultTileRows(T, k, E, shared), &routing));
-  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.no_routed_ids, routing, nullptr, shared_stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeAlign(ws_.no_routed_ids, routing, nullptr, side_stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({x, /*gather_a=*/true, l.experts_gate_up, inter, H,
-                                                    ws_.shared_act, /*silu_mul=*/true}, routing, shared_stream_));
+                                                    ws_.shared_act, /*silu_mul=*/true}, routing, side_stream_));
   COHORT_CUDA_RETURN_IF_ERROR(LaunchMoeGroupedGemm({ws_.shared_act, /*gather_a=*/false, l.experts_down, H, inter,
                                                     ws_.shared_rows, /*silu_mul=*/false, /*routing_ready=*/true},
-                                                   routing, shared_stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(shared_join_, shared_stream_));
+                                                   routing, side_stream_));
+  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_join_, side_stream_));
   return absl::OkStatus();
 }
 

@@ -103,20 +103,26 @@ class CudaEngineFixtureTest : public ::testing::TestWithParam<std::string> {
     COHORT_SKIP_WITHOUT_GPU();
     fixture_ = testing::LoadFixture(GetParam());
   }
-  // Teacher-forced runs of every case compared with transformers' logits row by row.
-  void ExpectMatchesTransformers(Engine& engine, int64_t chunk, const std::vector<int>& join) {
-    std::vector<Sequence> seqs = SequencesFor(fixture_, /*teacher_forced=*/true);
+  // Teacher-forced runs of every case compared with transformers' logits row by row; with `copies`,
+  // each case runs that many times in the batch (sequence i is case i % cases, joining at join[i]).
+  void ExpectMatchesTransformers(Engine& engine, int64_t chunk, const std::vector<int>& join, int copies = 1) {
+    std::vector<Sequence> seqs;
+    for (int copy = 0; copy < copies; ++copy) {
+      for (Sequence& s : SequencesFor(fixture_, /*teacher_forced=*/true)) seqs.push_back(std::move(s));
+    }
     Generate(engine, seqs, chunk, join);
     int clear = 0;
     ErrorTally errors;
-    for (size_t c = 0; c < seqs.size(); ++c) {
-      for (size_t step = 0; step < seqs[c].run.logits.size(); ++step) {
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const size_t c = i % fixture_.cases.size();
+      for (size_t step = 0; step < seqs[i].run.logits.size(); ++step) {
         const float* ref = fixture_.LogitsRow(c, step);
-        errors.Add(RelativeError(seqs[c].run.logits[step].data(), ref, fixture_.vocab_size),
-                   absl::StrCat("case ", c, " step ", step));
+        errors.Add(RelativeError(seqs[i].run.logits[step].data(), ref, fixture_.vocab_size),
+                   absl::StrCat("sequence ", i, " (case ", c, ") step ", step));
         if (ClearArgmax(ref, fixture_.vocab_size)) {
           ++clear;
-          EXPECT_EQ(seqs[c].run.generated[step], fixture_.cases[c].generated[step]) << "case " << c << " step " << step;
+          EXPECT_EQ(seqs[i].run.generated[step], fixture_.cases[c].generated[step])
+              << "sequence " << i << " (case " << c << ") step " << step;
         }
       }
     }
@@ -146,6 +152,26 @@ TEST_P(CudaEngineFixtureTest, BatchedAndChunkedMatchTransformers) {
   auto engine = MakeEngine(fixture_.model_dir, 3);
   ASSERT_NE(engine, nullptr);
   ExpectMatchesTransformers(*engine, /*chunk=*/4, /*join=*/{0, 2, 3});
+}
+
+// Batches past the skinny GEMM's rows: eight copies of each case join three at a time, so steps mix
+// prefills with 3-21 decodes, then decode-only steps of 24 and fewer rows replay graphs. Up to
+// kRouterFoldMaxTokens rows (cuda_engine.cc) the router's logits come from the input projection and
+// a product beside o_proj on the second stream, past it from the router product.
+TEST_P(CudaEngineFixtureTest, ManySequencesMatchTransformers) {
+  EngineOptions options;
+  options.model_dir = fixture_.model_dir;
+  options.device = "cuda";
+  options.kv_block_size = 16;
+  options.num_kv_blocks = 256;
+  options.max_batch_tokens = 256;
+  options.max_sequences = 24;
+  auto engine = CreateEngine(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const int copies = 8;
+  std::vector<int> join;
+  for (int i = 0; i < copies * static_cast<int>(fixture_.cases.size()); ++i) join.push_back(i / 3);
+  ExpectMatchesTransformers(**engine, /*chunk=*/1 << 20, join, copies);
 }
 
 // Prefill chunks over the absorbed form (every context "too long" to expand) give the same logits.
