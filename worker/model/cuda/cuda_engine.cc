@@ -55,7 +55,7 @@ constexpr int64_t kSkinnyRows = 8;
 // in four device calls, contexts 1024 / 4096): batch 1 -2.3 to -3.6%, batch 3 -1.0 to -1.6%, batch 4
 // -0.6 to -2.3%, batch 8 -0.2 to -1.4%, but batch 2 -0.2 to +1.4%. With the side product (one call,
 // three runs each): batch 16-32 -1.7 to -2.1% at both contexts, 48 -1.1 / -1.4%, 64 -1.1 / 0.0%; in
-// an earlier call 128-512 gained nothing (within noise), so larger steps keep the router product.
+// an earlier call 128-512 showed no gain, so larger steps keep the router product.
 constexpr int64_t kRouterFoldMaxTokens = 64;
 constexpr int64_t kRouterTailMaxTokens = kSkinnyRows;  // o_proj's tail, above: the side product
 constexpr int64_t kRouterProductTokens = 2;
