@@ -255,6 +255,11 @@ class CudaEngine final : public ShardEngine {
   // one token with a folded router. (Up to four tokens in one block measured within 0.3% of the
   // norm launch at batch 3-4, H200; two tokens folded, with it, no better than the router product.)
   bool NormInRoute(const DeviceLayer& l, int64_t tokens) const { return tokens == 1 && RouterFolded(l, tokens); }
+  // Whether a folded router's part over the attention is a product of its own on side_stream_
+  // (forked in Attention, joined in FeedForward) rather than o_proj's tail.
+  bool RouterPartBeside(const DeviceLayer& l, int64_t tokens) const {
+    return RouterFolded(l, tokens) && tokens > kRouterTailMaxTokens;
+  }
   // Row stride of ws_.projected in a step of `tokens` rows: the input projection's columns, and with
   // a folded router its rows over the layer's input (which the route then reads at this stride).
   int64_t ProjectedStride(const DeviceLayer& l, int64_t tokens) const {
@@ -881,7 +886,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   }
   for (const ExpandedGroup& group : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(group, l, cache));
   if (!fold) return Linear(l.o_proj, ws_.attn, T, ws_.delta);
-  if (T > kRouterTailMaxTokens) {
+  if (RouterPartBeside(l, T)) {
     // The router's part over the attention [T, experts] in fp32 on the side stream, beside o_proj and
     // the post-attention norm; FeedForward joins it before the route.
     const DeviceMatrix& part = l.router_from_attention;
@@ -1002,7 +1007,7 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     // side stream's product, joined here).
     fold = {ws_.projected + InputProjectionWidth(c), ProjectedStride(l, T), ws_.router_logits, ws_.inv_rms_in,
             ws_.inv_rms_post};
-    if (T > kRouterTailMaxTokens) COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, side_join_, 0));
+    if (RouterPartBeside(l, T)) COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, side_join_, 0));
   } else {
     COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
                                    {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
