@@ -36,7 +36,9 @@
 #       there: one `cohort bench step` a shape (e.g. 1024x512) under the kernel timeline library, and
 #       its last whole step summed by kernel (scripts/kernel_trace_step.py --by-kernel) and as a
 #       timeline; under $OUT/trace: summary.txt, and traces.tar.gz with every CSV and log. The
-#       tracer slows a step (about a quarter at batch 1): compare traces with traces
+#       tracer slows a step (about a quarter at batch 1): compare traces with traces. With
+#       COHORT_KERNEL_TRACE_HOST=1 the host's CUDA calls are traced too, and each step's graph
+#       launch is shown: at 512 rows CUPTI slows it enough to leave a hole mid-step
 #
 # A skipped test is not a passing one: `run` fails when any test skipped or failed.
 set -euo pipefail

@@ -8,7 +8,13 @@ the step's first kernel, how long it ran, and the gap since the latest end of an
 Steps are told apart by the embedding kernel that starts each forward pass; --step picks one
 (default: the one before the last, whole even if the run stopped mid-step). --by-kernel sums the
 step by kernel name instead: launches, time run (overlapping neighbours counted in both) and its
-share of the step, longest first.
+share of the step, longest first. Copies and memsets are listed like kernels ([memcpy ...]).
+
+Where the trace holds the host's runtime calls (COHORT_KERNEL_TRACE_HOST=1), the step's graph
+launch is printed too: under CUPTI a large graph takes the host long to launch, and the GPU runs its
+kernels only as far as the launch has gone, so a gap that ends when the launch returns is the
+tracer's (a 512-row decode graph: 0.46-0.85 ms a launch, a hole of about 0.5 ms before the dense
+layer's MLP that steps without the tracer do not have).
 """
 import argparse
 import csv
@@ -42,13 +48,18 @@ def main():
     parser.add_argument("--by-kernel", action="store_true", help="one line a kernel name, summed over the step")
     args = parser.parse_args()
 
-    rows = []
+    rows, host = [], []
     with open(args.trace) as f:
         for r in csv.reader(f):
             if len(r) < 9:
                 continue
+            name = ",".join(r[8:])
+            if name.startswith("[host "):
+                host.append({"start": int(r[0]), "end": int(r[1]), "name": name[6:-1]})
+                continue
             rows.append({"start": int(r[0]), "end": int(r[1]), "stream": int(r[2]), "grid": int(r[3]),
-                         "cluster": max(1, int(r[5])), "smem": int(r[7]), "name": short_name(",".join(r[8:]))})
+                         "cluster": max(1, int(r[5])), "smem": int(r[7]),
+                         "name": name if name.startswith("[") else short_name(name)})
     rows.sort(key=lambda r: r["start"])
     starts = [i for i, r in enumerate(rows) if r["name"] == "EmbeddingKernel"]
     if len(starts) < 2:
@@ -59,6 +70,11 @@ def main():
     step = rows[begin:end]
     t0 = step[0]["start"]
     step_us = (max(r["end"] for r in step) - t0) / 1e3
+    launches = [h for h in host if h["name"].startswith("cudaGraphLaunch") and t0 - 5e6 < h["end"] and h["start"] < t0]
+    if launches:
+        h = launches[-1]
+        print(f"host: the step's graph launch began {(t0 - h['start']) / 1e3:.2f} us before its first kernel and "
+              f"returned {(h['end'] - t0) / 1e3:.2f} us after it")
     if args.by_kernel:
         print_by_kernel(step, step_us)
         return
