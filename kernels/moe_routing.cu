@@ -963,17 +963,25 @@ int64_t MoeMaxTiles(int64_t num_rows, int32_t num_experts, int32_t tile_rows) {
 }
 
 int32_t MoeDefaultTileRows(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared) {
-  // Rows per expert that gets any, if routing is even: T*k routed rows over min(T*k, E) experts, T
-  // rows for each shared expert. Switch-overs from moe_bench on an H200 (V2-Lite: E=64, k=6, 2 shared
-  // experts, us per layer): 16-row tiles win while most experts fit one tile and lose once many need
-  // two, each tile streaming the expert's weights again (19 rows: 332 vs 336 at 64, 23 rows: 379 vs
-  // 343); likewise 64 beats 128 at 62 rows (418 vs 505) and 128 beats 64 at 93 (562 vs 660) and 124
-  // (645 vs 772). Without shared experts the same bounds held (16 won at 12 rows, 64 at 24 and 48, 128
-  // at 384).
+  // Each tile of rows streams its expert's weights again (what L2 does not catch), so small tiles win
+  // only while the experts' rows fit about one. The shared experts take every token: past a few tiles
+  // of theirs, 64-row tiles win whatever the routed experts get. On an H200 (V2-Lite: E=64, k=6, 2
+  // shared experts), 16- against 64-row tiles:
+  // - moe_bench, us per layer (two runs): 16 tokens 217 against 224; 32 tokens 274 / 264 against
+  //   268 / 255; 48 and 64 within 1%; 80 -1.5%, 96 -3.5%, 128 -7% (304 against 282), 160 -13% (333
+  //   against 288) for 64-row tiles;
+  // - decode steps (cohort bench step, three runs, contexts 1024 / 4096): 24 to 96 sequences within
+  //   1.3% either way, 128 -2.7 / -4.4% and 160 -7.3 / -6.3% for 64-row tiles.
+  // So with shared experts 16-row tiles up to 96 tokens, where steps measured no difference.
+  // Then the rows per expert that gets any, if routing is even (T*k routed rows over min(T*k, E)
+  // experts, T rows for each shared one): 64 beats 128 at 62 rows (328 against 349 at 512 tokens)
+  // and 128 beats 64 at 93 (388 against 460 at 768). Without shared experts, 16-row tiles won at 12
+  // rows and 64 at 24 (an older moe_bench, before the 64-row tiles' warp-specialised kernel).
+  constexpr int64_t kSharedSmallTileMaxTokens = 96;
   const int64_t routed_rows = num_tokens * top_k;
   const int64_t experts = (routed_rows < num_experts ? routed_rows : num_experts) + (num_tokens > 0 ? num_shared : 0);
   const int64_t rows_per_expert = experts > 0 ? (routed_rows + num_tokens * num_shared) / experts : 0;
-  if (rows_per_expert <= 20) return 16;
+  if (num_shared > 0 ? num_tokens <= kSharedSmallTileMaxTokens : rows_per_expert <= 20) return 16;
   if (rows_per_expert <= 64) return 64;
   return 128;
 }

@@ -114,9 +114,11 @@ int Run() {
 
   std::printf("\n%6s %6s %5s %10s %8s %10s %8s %7s %8s %11s %6s %9s\n", "tokens", "rows", "tile", "us/layer",
               "experts", "weight MB", "GB/s", "of copy", "TFLOP/s", "unfused us", "gain", "route us");
-  // Rows per expert (MoeDefaultTileRows): 160 and 192 tokens give 19 and 23, either side of the
-  // 16 -> 64 switch-over at 20; 512 and 768 give 62 and 93, either side of the 64 -> 128 one at 64.
-  for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 64, 128, 160, 192, 256, 512, 768, 1024, 2048, 4096}) {
+  // MoeDefaultTileRows' switch-overs: 16 -> 64 past 96 tokens (with shared experts); 512 and 768
+  // tokens give 62 and 93 rows per expert, either side of the 64 -> 128 one at 64. The decode graphs'
+  // batch sizes from 32 to 512 among them.
+  for (const int64_t tokens : {1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768,
+                               1024, 2048, 4096}) {
     const int64_t rows = tokens * (kTopK + kShared);
     const int default_tile = MoeDefaultTileRows(tokens, kTopK, kExperts, kShared);
     const int reps = tokens <= 512 ? 100 : 20;

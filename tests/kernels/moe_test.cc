@@ -974,12 +974,15 @@ TEST(MoeRoutingTest, CarvesDisjointBuffersWithinTheWorkspace) {
   EXPECT_EQ(LaunchMoeAlign(ids, r, nullptr, nullptr), cudaErrorInvalidValue);
 }
 
-// Host only: the tile size follows the rows per expert that gets any, shared experts included (the
-// switch-overs moe_bench measured for V2-Lite with its 2 shared experts).
+// Host only: with shared experts (a row a token each), 16-row tiles up to 96 tokens, then the tile
+// size follows the rows per expert that gets any, shared experts included (the switch-overs measured
+// for V2-Lite with its 2 shared experts).
 TEST(MoeRoutingTest, DefaultTileRowsFollowRowsPerExpert) {
   EXPECT_EQ(MoeDefaultTileRows(0, 6, 64, 2), 16);
   EXPECT_EQ(MoeDefaultTileRows(1, 6, 64, 2), 16);     // 1 row per expert
-  EXPECT_EQ(MoeDefaultTileRows(160, 6, 64, 2), 16);   // 19
+  EXPECT_EQ(MoeDefaultTileRows(96, 6, 64, 2), 16);    // 11 rows per expert
+  EXPECT_EQ(MoeDefaultTileRows(97, 6, 64, 2), 64);    // 11, but the shared experts' 97 rows in 7 tiles
+  EXPECT_EQ(MoeDefaultTileRows(160, 6, 64, 2), 64);   // 19
   EXPECT_EQ(MoeDefaultTileRows(192, 6, 64, 2), 64);   // 23
   EXPECT_EQ(MoeDefaultTileRows(512, 6, 64, 2), 64);   // 62
   EXPECT_EQ(MoeDefaultTileRows(768, 6, 64, 2), 128);  // 93
