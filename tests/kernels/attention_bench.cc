@@ -141,9 +141,9 @@ void RunDecode(const testing::BenchDevice& bench) {
     bool spread = false;               // contexts spread evenly from almost none to twice `context`
   };
   std::vector<DecodeShape> shapes;
-  // 192: a part-empty wave unsplit (split at 4096 tokens); 320 and 384: past one wave unsplit.
+  // 192: a part-empty wave unsplit (split at 4096 tokens); 320 to 448: past one wave unsplit.
   for (const int context : {1024, 4096}) {
-    for (const int batch : {1, 4, 16, 64, 128, 192, 256, 320, 384, 512}) shapes.push_back({context, batch, 0});
+    for (const int batch : {1, 4, 16, 64, 128, 192, 256, 320, 384, 448, 512}) shapes.push_back({context, batch, 0});
   }
   // One long request among short ones (MlaDecodePlanner's uneven cut).
   for (const int batch : {1, 16, 64, 256, 512}) shapes.push_back({1024, batch, 32768});
