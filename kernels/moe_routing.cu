@@ -967,16 +967,16 @@ int32_t MoeDefaultTileRows(int64_t num_tokens, int32_t top_k, int32_t num_expert
   // only while the experts' rows fit about one. The shared experts take every token: past a few tiles
   // of theirs, 64-row tiles win whatever the routed experts get. On an H200 (V2-Lite: E=64, k=6, 2
   // shared experts), 16- against 64-row tiles:
-  // - moe_bench, us per layer (two runs): 16 tokens 217 against 224; 32 tokens 274 / 264 against
-  //   268 / 255; 48 and 64 within 1%; 80 -1.5%, 96 -3.5%, 128 -7% (304 against 282), 160 -13% (333
-  //   against 288) for 64-row tiles;
+  // - moe_bench, us per layer (two runs, one at 16 tokens): 16 tokens 217 against 224; 32 tokens
+  //   274 / 264 against 268 / 255; 48 and 64 within 1%; 80 -1.0 to -1.5%, 96 -3.4 to -3.9%, 128 -7%
+  //   (304 against 282), 160 -13% (333 against 288) for 64-row tiles;
   // - decode steps (cohort bench step, three runs, contexts 1024 / 4096): 24 to 96 sequences within
   //   1.3% either way, 128 -2.7 / -4.4% and 160 -7.3 / -6.3% for 64-row tiles.
   // So with shared experts 16-row tiles up to 96 tokens, where steps measured no difference.
   // Then the rows per expert that gets any, if routing is even (T*k routed rows over min(T*k, E)
   // experts, T rows for each shared one): 64 beats 128 at 62 rows (328 against 349 at 512 tokens)
   // and 128 beats 64 at 93 (388 against 460 at 768). Without shared experts, 16-row tiles won at 12
-  // rows and 64 at 24 (an older moe_bench, before the 64-row tiles' warp-specialised kernel).
+  // rows and 64 at 24 (the first round's moe_bench, before the 64-row tiles ran on wgmma).
   constexpr int64_t kSharedSmallTileMaxTokens = 96;
   const int64_t routed_rows = num_tokens * top_k;
   const int64_t experts = (routed_rows < num_experts ? routed_rows : num_experts) + (num_tokens > 0 ? num_shared : 0);
