@@ -3,7 +3,8 @@
 // request's first call used to size the CPU sampler's vocabulary-wide scratch (1.6 MB at DeepSeek's
 // 102400). Prints microseconds per request for its first device-sampled token (sampler built from
 // the prompt, as a new request's), for later tokens, and for the sampler's destruction, against one
-// CPU Sample() over the same vocabulary (what the CPU backend pays per token) in the same process.
+// CPU Sample() over the same vocabulary (what the CPU backend pays per token) in the same process,
+// and one greedy Sample() of a null backend's row (what --device null pays per token).
 //
 //   build/bin/sampler_bench [requests=256] [prompt=1000] [vocab=102400]
 #include <chrono>
@@ -77,12 +78,25 @@ int Run(int requests, int prompt_len, int vocab) {
   for (int i = 0; i < kCpuTokens; ++i) (void)cpu.Sample(logits);
   const double cpu_sample = MicrosSince(start) / kCpuTokens;
 
+  // The null backend's rows (worker/model/null_engine.h): -1e4 everywhere but one 0, sampled greedily,
+  // whose cost the null backend's overhead benchmarks carry for every token of every stream.
+  std::vector<float> null_row(vocab, -1e4f);
+  null_row[vocab / 2] = 0.0f;
+  SamplingConfig greedy;
+  greedy.temperature = 0.0f;
+  Sampler null_sampler(greedy, 0, prompts[0]);
+  (void)null_sampler.Sample(null_row);
+  start = Clock::now();
+  for (int i = 0; i < kCpuTokens; ++i) (void)null_sampler.Sample(null_row);
+  const double null_sample = MicrosSince(start) / kCpuTokens;
+
   std::printf("%d requests, prompts of %d tokens, vocabulary %d\n", requests, prompt_len, vocab);
   std::printf("  first device-sampled token (new sampler)  %9.2f us a request  (%.3fx one CPU Sample)\n", first,
               first / cpu_sample);
   std::printf("  later device-sampled tokens                %9.2f us a token\n", later);
   std::printf("  destruction                                %9.2f us a request\n", destroyed);
   std::printf("  CPU Sample(), top-p 0.9                    %9.2f us a token\n", cpu_sample);
+  std::printf("  CPU Sample(), greedy, a null backend's row %9.2f us a token\n", null_sample);
   return 0;
 }
 

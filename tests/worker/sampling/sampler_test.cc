@@ -60,6 +60,27 @@ TEST(SamplerTest, GreedyPicksArgmaxAndBreaksTiesToTheLowestId) {
   EXPECT_EQ(sampler.Sample(std::vector<float>{0.0f, 4.0f, -1.0f, 4.0f}).token, 1);
 }
 
+// The null backend's rows: -1e4 everywhere but one 0. Every other token's weight is exactly 0 (exp
+// underflows), so greedy and seeded draws alike take the hot token, with logprob 0, and the others'
+// logprobs are their logits.
+TEST(SamplerTest, RowsOfOneLikelyTokenDrawItWithLogprobZero) {
+  std::vector<float> row(1000, -1e4f);
+  row[617] = 0.0f;
+  row[3] = -103.5f;  // a weight of the smallest floats, not 0
+  for (SamplingConfig c : {Greedy(), Seeded(7)}) {
+    c.top_logprobs = 3;
+    Sampler sampler(c, 0, {});
+    for (int i = 0; i < 50; ++i) {
+      const SampledToken t = sampler.Sample(row);
+      ASSERT_EQ(t.token, 617);
+      EXPECT_EQ(t.logprob, 0.0f);
+      ASSERT_EQ(t.top.size(), 3u);
+      EXPECT_EQ(t.top[1], std::make_pair(3, -103.5f));
+      EXPECT_EQ(t.top[2], std::make_pair(0, -1e4f));
+    }
+  }
+}
+
 TEST(SamplerTest, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogitsOfPromptTokens) {
   SamplingConfig c = Greedy();
   c.repetition_penalty = 1.5f;
