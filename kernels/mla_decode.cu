@@ -31,6 +31,9 @@ int64_t HeadGroups(int heads) { return (heads + kHeadsPerBlock - 1) / kHeadsPerB
 // A packed plan's block starts each item after its first about a tile's time late: the item's queries
 // and first tile are requested only once the last item is done (MlaDecodePlanner::Pack).
 constexpr double kPackedItemTiles = 1.0;
+// The fewest tiles a packed plan gives a block: as MlaDecodeSplits' items past 16 splits, where a
+// merge of more partials costs more than a tile.
+constexpr int64_t kMinPackedTiles = 2;
 
 // Work of a tile: scores Q . K^T (16 heads x 32 tokens, k = the cached width) with the k range split
 // over the warps, each holding its slice of the queries in registers; the warps' partial scores are
@@ -793,12 +796,13 @@ bool MlaDecodePlanner::Choose(const MlaDecodeShape& shape, const int32_t* positi
       chosen_ = t;
     }
   }
-  // A packed plan: every block a wave's share of the tiles (or the even plan's average, if more),
-  // taken across query boundaries (each block the next pieces of the queries, longest first), so the
-  // step ends about when that share has passed through every block, whatever the contexts; only
-  // launches with room can take it.
+  // A packed plan: every block a wave's share of the tiles (at least kMinPackedTiles), taken across
+  // query boundaries (each block the next pieces of the queries, longest first), so the step ends
+  // about when that share has passed through every block, whatever the contexts; only launches with
+  // room can take it. Below a wave too: where the even plan's items leave part of a wave idle (96
+  // queries of 4096 tokens cut in two: 192 items of 64 tiles on 264 blocks), its blocks take 47 tiles.
   if (shape.uneven) {
-    const int64_t budget = std::max(shortest, (total + item_slots - 1) / item_slots);
+    const int64_t budget = std::max(kMinPackedTiles, (total + item_slots - 1) / item_slots);
     double end = 0.0;
     const Tally t = Pack(budget, end);
     if (Fits(shape, t)) {

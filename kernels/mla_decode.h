@@ -160,9 +160,10 @@ class MlaDecodePlanner {
   // wide), an uneven plan cuts every query into items of one common size instead: the size whose
   // items end soonest, block by block, with the merge they cost (MlaDecodeSplits' measure), if that
   // beats the even plan and fits `shape` (a launch with room for uneven plans). Or a packed plan:
-  // every block a wave's share of all the tiles (at least the even plan's average), taken across
-  // query boundaries, where that ends sooner still (a second wave of items of one size, or equal
-  // contexts past a wave). Every plan hands out the longest queries' items first.
+  // every block a wave's share of all the tiles (at least two), taken across query boundaries, where
+  // that ends sooner still (a second wave of items of one size, equal contexts past a wave, or even
+  // items that leave part of a wave idle: one query of 32768 tokens in 64 splits, 96 queries of 4096
+  // in two). Every plan hands out the longest queries' items first.
   // every_query_merged: each query goes through the merge (value weights applied there), even when
   // it is one item. Returns whether the plan is uneven or packed: then it needs `shape`; an even one
   // runs in the launch without room.

@@ -509,6 +509,18 @@ TEST(MlaDecodeTest, PlanCoversEveryTileOnceAndCutsALongContextIntoShortItems) {
   EXPECT_GT(packed.work[0].more + packed.work[1].more, 0);
   EXPECT_LE(makespan_over_share(equal_past_a_wave, 16, packed), 1.01);
 
+  // Even items that leave part of a wave idle: 96 x 4096, cut in two (MlaDecodeSplits), is 192
+  // items of 64 tiles on a wave of 264 blocks, against a share of 47; one query of 32768 tokens, in
+  // 64 splits (the most), is 64 blocks of 16 tiles against a share of 4. Packed, both end with it.
+  for (auto [queries, context] : {std::pair{96, 4096}, {1, 32768}}) {
+    const std::vector<int32_t> below_a_wave(queries, context - 1);
+    const Plan plan = make(16, kernels::MlaDecodeSplits(queries, 16, context, kResident, 1024), below_a_wave, false);
+    SCOPED_TRACE(::testing::Message() << queries << " x " << context);
+    check(below_a_wave, false, plan);
+    ASSERT_TRUE(plan.uneven);
+    EXPECT_LE(makespan_over_share(below_a_wave, 16, plan), 1.01);
+  }
+
   // 255 queries of 1024 tokens and one of 32768 (cohort bench step --long-context): the even plan
   // is one item a query, 1024 tiles on one block, against a wave's share of 35. Items of one size
   // cannot end before 64 (the 264 blocks of a wave take 248 short items beside the long query's, and
