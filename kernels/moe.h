@@ -119,8 +119,8 @@ int64_t MoeMaxTiles(int64_t num_rows, int32_t num_experts, int32_t tile_rows);
 // The tile rows (BM) that serve a batch of T tokens best: 16 while experts get few rows each (decode:
 // the GEMM streams weights, and each tile of an expert streams them again; with shared experts, which
 // take every token, up to 96 tokens), then 64 and 128 as the rows per expert that gets any grow (T*k
-// routed rows over min(T*k, E) experts, T rows for each of the S shared ones; prefill: tensor cores). The same value must reach the align and both GEMMs of a layer (it travels in
-// MoeRouting).
+// routed rows over min(T*k, E) experts, T rows for each of the S shared ones; prefill: tensor cores).
+// The same value must reach the align and both GEMMs of a layer (it travels in MoeRouting).
 int32_t MoeDefaultTileRows(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_shared);
 
 // Bytes of a routing workspace that serves up to max_tokens tokens at any tile rows.

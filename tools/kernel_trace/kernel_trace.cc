@@ -31,6 +31,7 @@ namespace {
 constexpr size_t kBufferBytes = 16 << 20;
 
 std::FILE* out = nullptr;
+std::mutex out_mutex;
 
 const char* CopyKind(uint8_t kind) {
   switch (kind) {
@@ -41,7 +42,6 @@ const char* CopyKind(uint8_t kind) {
     default: return "other";
   }
 }
-std::mutex out_mutex;
 
 void CUPTIAPI BufferRequested(uint8_t** buffer, size_t* size, size_t* max_records) {
   *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, kBufferBytes));
