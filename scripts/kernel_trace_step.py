@@ -70,9 +70,11 @@ def main():
     step = rows[begin:end]
     t0 = step[0]["start"]
     step_us = (max(r["end"] for r in step) - t0) / 1e3
-    launches = [h for h in host if h["name"].startswith("cudaGraphLaunch") and t0 - 5e6 < h["end"] and h["start"] < t0]
-    if launches:
-        h = launches[-1]
+    # The step's graph launch, if it had one: begun after the step before it started, before it did.
+    t_before = rows[starts[index - 1]]["start"] if index > 0 else float("-inf")
+    h = max((h for h in host if h["name"].startswith("cudaGraphLaunch") and t_before < h["start"] < t0),
+            key=lambda h: h["start"], default=None)
+    if h is not None:
         print(f"host: the step's graph launch began {(t0 - h['start']) / 1e3:.2f} us before its first kernel and "
               f"returned {(h['end'] - t0) / 1e3:.2f} us after it")
     if args.by_kernel:

@@ -244,6 +244,13 @@ class CudaEngine final : public ShardEngine {
   // here (after the post-attention norm, and the gather of every GPU's rows) and joins it again in
   // FeedForward before the combine; they leave their S outputs in ws_.shared_rows.
   absl::Status SharedExpertsApart(const DeviceLayer& layer, const bf16* x, int64_t num_tokens);
+  // side_stream_ waits for what stream_ has queued so far; work queued on it after runs beside
+  // stream_'s next launches until side_join_ is recorded there and waited for on stream_.
+  absl::Status ForkSide() {
+    COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_fork_, stream_));
+    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
+    return absl::OkStatus();
+  }
   // residual += the last block's output (ws_.delta, or the pending MoE combine; nothing before the
   // first layer), then x = RMSNorm(residual) * weight; inv_rms, when not null, gets each row's scale.
   absl::Status NormalizeResidual(const bf16* weight, int64_t rows, bool first, float* inv_rms = nullptr);
@@ -890,8 +897,7 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     // The router's part over the attention [T, experts] in fp32 on the side stream, beside o_proj and
     // the post-attention norm; FeedForward joins it before the route.
     const DeviceMatrix& part = l.router_from_attention;
-    COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_fork_, stream_));
-    COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
+    COHORT_RETURN_IF_ERROR(ForkSide());
     COHORT_RETURN_IF_ERROR(Gemm(*cublas_api_, side_cublas_, T, part.rows, part.cols, {ws_.attn, part.cols},
                                 {part.data, part.cols}, true, {ws_.router_logits, part.rows, 0, CUDA_R_32F}));
     COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_join_, side_stream_));
@@ -1091,8 +1097,7 @@ absl::Status CudaEngine::SharedExpertsApart(const DeviceLayer& l, const bf16* x,
   const int64_t H = c.hidden_size, inter = c.moe_intermediate_size;
   const int32_t E = shard_.num_routed, k = kSharedApartTopK;
   const int32_t shared = shard_.num_shared();
-  COHORT_CUDA_RETURN_IF_ERROR(cudaEventRecord(side_fork_, stream_));
-  COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_, side_fork_, 0));
+  COHORT_RETURN_IF_ERROR(ForkSide());
   // With every routed id -1 the routing holds the shared experts' rows only: row s*T + t is shared
   // expert s for token t, so the down product leaves the S matrices [T, H] one after another.
   // The align runs every step although its result depends on T alone: routings made once at
