@@ -1,7 +1,8 @@
 // Times the skinny GEMM (kernels/skinny_gemm.h) on the dense products of a DeepSeek-V2-Lite and a
 // DeepSeek-V3 decode step, for 1..32 activation rows, against the device's measured copy bandwidth
 // (a 1 GiB cudaMemcpyAsync, bytes read + written) and against cuBLAS (cublasGemmStridedBatchedEx, bf16
-// in, fp32 compute) on the same operands.
+// in, fp32 compute) on the same operands; then the head GEMM (kernels/head_gemm.h) on the per-head
+// products for 8..512 rows against cuBLAS.
 //
 // Each measurement replays a CUDA graph of back-to-back launches, each on its own weight matrix, so
 // that no launch finds its weights in L2 from an earlier one: at least kMinLaunches launches and at
@@ -26,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/head_gemm.h"
 #include "kernels/skinny_gemm.h"
 #include "tests/testing/gpu_bench.h"
 #include "worker/model/cuda/cublas_api.h"
@@ -77,6 +79,8 @@ const Product kProducts[] = {
 };
 
 constexpr int kRowCounts[] = {1, 2, 4, 8, 16, 32};
+constexpr int kHeadRowCounts[] = {8, 16, 32, 64, 128, 256, 512};
+constexpr int kMaxRows = 512;
 
 uint16_t FloatToBf16(float f) {
   uint32_t u;
@@ -143,10 +147,29 @@ int Run(const std::string& only, int k_splits) {
     x_row = std::max(x_row, int64_t{product.batch} * product.k);
     y_row = std::max(y_row, int64_t{product.batch} * product.n_out);
   }
-  __nv_bfloat16* x = DeviceAlloc<__nv_bfloat16>(kernels::kSkinnyMaxRows * x_row);
-  FillRandomBf16(x, kernels::kSkinnyMaxRows * x_row, rng);
-  float* y = DeviceAlloc<float>(kernels::kSkinnyMaxRows * y_row);
+  __nv_bfloat16* x = DeviceAlloc<__nv_bfloat16>(kMaxRows * x_row);
+  FillRandomBf16(x, kMaxRows * x_row, rng);
+  float* y = DeviceAlloc<float>(kMaxRows * y_row);
   BENCH_CHECK(cudaDeviceSynchronize());
+
+  // cuBLAS on the same operands, us a product (0 without cuBLAS).
+  const auto time_cublas = [&](const Product& product, int rows, int launches, int64_t matrices) -> double {
+    if (handle == nullptr) return 0.0;
+    const float alpha = 1.0f, beta = 0.0f;
+    const int64_t matrix_elements = product.weight_bytes() / 2;
+    // Column-major: y^T [n_out, rows] = w^T' (w stored [n_out, k] row-major is k x n_out, op T) x^T.
+    return TimeLaunches(stream, launches, [&](int l) {
+      const cublasStatus_t status = cublas->gemm_strided_batched_ex(
+          handle, CUBLAS_OP_T, CUBLAS_OP_N, product.n_out, rows, product.k, &alpha,
+          pool + (l % matrices) * matrix_elements, CUDA_R_16BF, product.k, int64_t{product.n_out} * product.k, x,
+          CUDA_R_16BF, product.batch * product.k, product.k, &beta, y, product.y_fp32 ? CUDA_R_32F : CUDA_R_16BF,
+          product.batch * product.n_out, product.n_out, product.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (status != CUBLAS_STATUS_SUCCESS) {
+        std::fprintf(stderr, "cublasGemmStridedBatchedEx: %s\n", cublas->status_name(status));
+        std::exit(1);
+      }
+    });
+  };
 
   std::printf("\n%-24s %6s %6s %5s %4s %4s %8s %9s %7s %9s %11s %8s\n", "product", "N", "K", "batch", "out", "rows",
               "us", "GB/s", "of copy", "cuBLAS us", "cuBLAS GB/s", "speed-up");
@@ -181,20 +204,46 @@ int Run(const std::string& only, int k_splits) {
       std::printf("%-24s %6d %6d %5d %4s %4d %8.1f %9.0f %6.0f%%", product.name, product.n_out, product.k,
                   product.batch, product.y_fp32 ? "f32" : "bf16", rows, us, gbs, 100.0 * gbs / copy_gbs);
       if (handle != nullptr) {
-        const float alpha = 1.0f, beta = 0.0f;
-        // Column-major: y^T [n_out, rows] = w^T' (w stored [n_out, k] row-major is k x n_out, op T) x^T.
-        const double cublas_us = TimeLaunches(stream, launches, [&](int l) {
-          const cublasStatus_t status = cublas->gemm_strided_batched_ex(
-              handle, CUBLAS_OP_T, CUBLAS_OP_N, product.n_out, rows, product.k, &alpha,
-              pool + (l % matrices) * matrix_elements, CUDA_R_16BF, product.k, int64_t{product.n_out} * product.k, x,
-              CUDA_R_16BF, product.batch * product.k, product.k, &beta, y, product.y_fp32 ? CUDA_R_32F : CUDA_R_16BF,
-              product.batch * product.n_out, product.n_out, product.batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-          if (status != CUBLAS_STATUS_SUCCESS) {
-            std::fprintf(stderr, "cublasGemmStridedBatchedEx: %s\n", cublas->status_name(status));
-            std::exit(1);
-          }
-        });
+        const double cublas_us = time_cublas(product, rows, launches, matrices);
         std::printf(" %9.1f %11.0f %7.2fx", cublas_us, bytes / cublas_us / 1e3, cublas_us / us);
+      }
+      std::printf("\n");
+    }
+  }
+
+  // The per-head products past the skinny rows: the head GEMM against cuBLAS. Back-to-back launches
+  // overlap under programmatic dependent launch as in a step: each copies its weights while the one
+  // before it runs.
+  std::printf("\n%-24s %6s %6s %5s %4s %8s %9s %8s\n", "head product", "N", "K", "batch", "rows", "us", "cuBLAS us",
+              "speed-up");
+  for (const Product& product : kProducts) {
+    if (product.batch == 1 || product.y_fp32 || std::string(product.name).find(only) == std::string::npos) continue;
+    const int64_t bytes = product.weight_bytes();
+    const int launches = static_cast<int>(
+        std::clamp<int64_t>((kMinGraphBytes + bytes - 1) / bytes, kMinLaunches, kMaxLaunches));
+    const int64_t matrices = std::max<int64_t>(1, std::min<int64_t>(launches, pool_bytes / bytes));
+    for (const int rows : kHeadRowCounts) {
+      kernels::HeadGemmParams p;
+      p.x = x;
+      p.x_row_stride = int64_t{product.batch} * product.k;
+      p.x_batch_stride = product.k;
+      p.w_row_stride = product.k;
+      p.w_batch_stride = int64_t{product.n_out} * product.k;
+      p.y = reinterpret_cast<__nv_bfloat16*>(y);
+      p.y_row_stride = int64_t{product.batch} * product.n_out;
+      p.y_batch_stride = product.n_out;
+      p.rows = rows;
+      p.n_out = product.n_out;
+      p.k = product.k;
+      p.batch = product.batch;
+      const double us = TimeLaunches(stream, launches, [&](int l) {
+        p.w = pool + (l % matrices) * (bytes / 2);
+        BENCH_CHECK(kernels::LaunchHeadGemm(p, stream));
+      });
+      std::printf("%-24s %6d %6d %5d %4d %8.1f", product.name, product.n_out, product.k, product.batch, rows, us);
+      if (handle != nullptr) {
+        const double cublas_us = time_cublas(product, rows, launches, matrices);
+        std::printf(" %9.1f %7.2fx", cublas_us, cublas_us / us);
       }
       std::printf("\n");
     }

@@ -1,4 +1,5 @@
-// The skinny GEMM (kernels/skinny_gemm.h) against a double-precision CPU product: every row count
+// The skinny GEMM (kernels/skinny_gemm.h), and the head GEMM (kernels/head_gemm.h) through the same
+// checks, against a double-precision CPU product. The skinny GEMM: every row count
 // the mma fragments treat differently (1..32 activation rows), column counts that are not multiples
 // of the 16-row fragments, K tails, forced and chosen cluster splits, bf16 and fp32 outputs, the last
 // columns written to a separate fp32 tail, and the batched per-head products with interleaved strides. Inputs are fresh random values each run; the
@@ -6,6 +7,7 @@
 // output buffer starts as NaN bytes that must survive wherever the product is not written. A chain of
 // dependent products, eager and replayed from a CUDA graph, checks the programmatic-launch edges.
 #include "kernels/skinny_gemm.h"
+#include "kernels/head_gemm.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
@@ -137,8 +139,30 @@ class Stream {
   cudaStream_t stream_ = nullptr;
 };
 
+// The same product by the head GEMM (bf16 y, no tail, no cluster splits).
+cudaError_t LaunchAsHeadGemm(const SkinnyGemmParams& s, cudaStream_t stream) {
+  if (s.y_fp32 || s.tail_from < s.n_out || s.k_splits != 0) return cudaErrorInvalidValue;
+  HeadGemmParams p;
+  p.x = s.x;
+  p.x_row_stride = s.x_row_stride;
+  p.x_batch_stride = s.x_batch_stride;
+  p.w = s.w;
+  p.w_row_stride = s.w_row_stride;
+  p.w_batch_stride = s.w_batch_stride;
+  p.y = static_cast<__nv_bfloat16*>(s.y);
+  p.y_row_stride = s.y_row_stride;
+  p.y_batch_stride = s.y_batch_stride;
+  p.rows = s.rows;
+  p.n_out = s.n_out;
+  p.k = s.k;
+  p.batch = s.batch;
+  return LaunchHeadGemm(p, stream);
+}
+
+using Launcher = cudaError_t (*)(const SkinnyGemmParams&, cudaStream_t);
+
 // Runs `c` on fresh inputs and checks every byte of y: the product where it belongs, poison elsewhere.
-void Check(Case c, std::mt19937& rng) {
+void Check(Case c, std::mt19937& rng, Launcher launch = LaunchSkinnyGemm) {
   c = Dense(c);
   SCOPED_TRACE(Describe(c));
   std::vector<float> x_values, w_values;
@@ -179,7 +203,7 @@ void Check(Case c, std::mt19937& rng) {
     p.tail_from = c.tail_from;
   }
   Stream stream;
-  ASSERT_CUDA_OK(LaunchSkinnyGemm(p, stream.get()));
+  ASSERT_CUDA_OK(launch(p, stream.get()));
   ASSERT_CUDA_OK(cudaStreamSynchronize(stream.get()));
   const std::vector<uint8_t> y_bytes = y.ToHost();
   const std::vector<float> tail_values = tail.ToHost();
@@ -522,6 +546,175 @@ TEST(SkinnyGemmTest, DependentProductsBackToBackEagerAndInAGraph) {
         }
       }
       ASSERT_EQ(bad, 0) << "layer " << l;
+      input = got;
+    }
+  };
+
+  ASSERT_CUDA_OK(record());
+  check("eager");
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+  const cudaError_t recorded = record();
+  ASSERT_CUDA_OK(cudaStreamEndCapture(stream.get(), &graph));
+  ASSERT_CUDA_OK(recorded);
+  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3; ++replay) {
+    ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream.get()));
+    check("graph replay");
+  }
+  ASSERT_CUDA_OK(cudaGraphExecDestroy(exec));
+  ASSERT_CUDA_OK(cudaGraphDestroy(graph));
+}
+
+// ------------------------------------------------------------------------------------ head GEMM
+
+constexpr int kHeadRowCounts[] = {1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 130, 512};
+
+// Every row tiling (16, 32 or 64 rows a block, the last one partial), column counts that leave a
+// block's last warps or n8 tiles without columns, short and long K, batches, and padded strides.
+TEST(HeadGemmTest, EveryRowCountAndTileEdge) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  for (const int rows : kHeadRowCounts) {
+    Check({.rows = rows, .n_out = 8, .k = 16}, rng, LaunchAsHeadGemm);
+    Check({.rows = rows, .n_out = 72, .k = 48, .batch = 3, .x_row_stride = 56, .y_row_stride = 80}, rng,
+          LaunchAsHeadGemm);
+    Check({.rows = rows, .n_out = 200, .k = 512, .batch = 2, .w_row_stride = 520, .w_batch_stride = 200 * 520 + 8},
+          rng, LaunchAsHeadGemm);
+  }
+}
+
+// The engine's two products of DeepSeek-V2-Lite's 16 heads past the skinny rows (see
+// BatchedPerHeadProductsWithInterleavedStrides): W_uk from the rotated queries, W_uv into the
+// attention's output.
+TEST(HeadGemmTest, V2LitePerHeadProducts) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  constexpr int kHeads = 16;
+  for (const int rows : {9, 16, 24, 100, 256, 512}) {
+    Check({.rows = rows, .n_out = 512, .k = 128, .batch = kHeads, .x_row_stride = kHeads * 192, .x_batch_stride = 192,
+           .w_row_stride = 128, .w_batch_stride = 512 * 128, .y_row_stride = kHeads * 512, .y_batch_stride = 512},
+          rng, LaunchAsHeadGemm);
+    Check({.rows = rows, .n_out = 128, .k = 512, .batch = kHeads, .x_row_stride = kHeads * 512, .x_batch_stride = 512,
+           .w_row_stride = 512, .w_batch_stride = 256 * 512, .y_row_stride = kHeads * 128, .y_batch_stride = 128},
+          rng, LaunchAsHeadGemm);
+  }
+}
+
+TEST(HeadGemmTest, RejectsArgumentsOutsideTheContract) {
+  // Checked before any CUDA call: runs without a GPU too. The pointers are never dereferenced.
+  HeadGemmParams valid;
+  valid.x = reinterpret_cast<const __nv_bfloat16*>(uintptr_t{0x10000});
+  valid.w = reinterpret_cast<const __nv_bfloat16*>(uintptr_t{0x20000});
+  valid.y = reinterpret_cast<__nv_bfloat16*>(uintptr_t{0x30000});
+  valid.x_row_stride = 128;
+  valid.w_row_stride = 128;
+  valid.y_row_stride = 512;
+  valid.rows = 40;
+  valid.n_out = 512;
+  valid.k = 128;
+  EXPECT_TRUE(HeadGemmSupports(valid));
+  const auto rejected = [&](const char* what, auto change) {
+    HeadGemmParams p = valid;
+    change(p);
+    EXPECT_FALSE(HeadGemmSupports(p)) << what;
+    EXPECT_EQ(LaunchHeadGemm(p, nullptr), cudaErrorInvalidValue) << what;
+  };
+  rejected("no rows", [](HeadGemmParams& p) { p.rows = 0; });
+  rejected("rows past a grid of 16-row tiles", [](HeadGemmParams& p) { p.rows = kHeadGemmMaxRows + 1; });
+  rejected("n_out not a multiple of 8", [](HeadGemmParams& p) { p.n_out = 500; });
+  rejected("k not a multiple of 16", [](HeadGemmParams& p) { p.k = 120; });
+  rejected("k past the limit", [](HeadGemmParams& p) { p.k = kHeadGemmMaxK + 16; });
+  rejected("batch 0", [](HeadGemmParams& p) { p.batch = 0; });
+  rejected("batch past a grid's y", [](HeadGemmParams& p) { p.batch = 65536; });
+  rejected("null y", [](HeadGemmParams& p) { p.y = nullptr; });
+  rejected("misaligned x", [](HeadGemmParams& p) { p.x += 1; });
+  rejected("x rows not 16-byte apart", [](HeadGemmParams& p) { p.x_row_stride = 132; });
+  rejected("negative batch stride", [](HeadGemmParams& p) { p.w_batch_stride = -8; });
+  rejected("y rows overlapping", [](HeadGemmParams& p) { p.y_row_stride = 256; });
+}
+
+// Two dependent head products (W_uk-like then W_uv-like, 16 heads, 100 rows), each waiting for the
+// one before it under programmatic dependent launch, eager and replayed from a CUDA graph: the
+// second must read the first's finished output.
+TEST(HeadGemmTest, DependentProductsBackToBackEagerAndInAGraph) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  constexpr int kHeads = 16, kRows = 100, kNope = 128, kRank = 512;
+  std::vector<float> x_values, uk_values, uv_values;
+  const Case x_case{.rows = kRows, .n_out = 1, .k = kNope, .batch = kHeads};
+  const Case uk_case{.rows = kRank, .n_out = 1, .k = kNope, .batch = kHeads};
+  const Case uv_case{.rows = kNope, .n_out = 1, .k = kRank, .batch = kHeads};
+  // Batch-major on the host; the device reads them with the engine's strides below.
+  DeviceVector<uint16_t> x(RandomOperand(x_case, kRows, kNope, kNope, kRows * kNope, 1.0f, rng, &x_values));
+  DeviceVector<uint16_t> uk(
+      RandomOperand(uk_case, kRank, kNope, kNope, kRank * kNope, 2.0f / std::sqrt(kNope), rng, &uk_values));
+  DeviceVector<uint16_t> uv(
+      RandomOperand(uv_case, kNope, kRank, kRank, kNope * kRank, 2.0f / std::sqrt(kRank), rng, &uv_values));
+  constexpr size_t kLatentBytes = size_t{kHeads} * kRows * kRank * 2, kOutBytes = size_t{kHeads} * kRows * kNope * 2;
+  DeviceVector<uint16_t> latent(kLatentBytes / 2);  // NaN bytes
+  DeviceVector<uint16_t> out(kOutBytes / 2);
+  Stream stream;
+  auto record = [&]() -> cudaError_t {
+    if (const cudaError_t e = cudaMemsetAsync(latent.get(), 0xff, kLatentBytes, stream.get()); e != cudaSuccess) {
+      return e;
+    }
+    if (const cudaError_t e = cudaMemsetAsync(out.get(), 0xff, kOutBytes, stream.get()); e != cudaSuccess) {
+      return e;
+    }
+    HeadGemmParams p;  // [head][row, nope] x [head][rank, nope]^T -> [head][row, rank]
+    p.x = testing::Bf16(x);
+    p.x_row_stride = kNope;
+    p.x_batch_stride = kRows * kNope;
+    p.w = testing::Bf16(uk);
+    p.w_row_stride = kNope;
+    p.w_batch_stride = kRank * kNope;
+    p.y = reinterpret_cast<__nv_bfloat16*>(latent.get());
+    p.y_row_stride = kRank;
+    p.y_batch_stride = kRows * kRank;
+    p.rows = kRows;
+    p.n_out = kRank;
+    p.k = kNope;
+    p.batch = kHeads;
+    if (const cudaError_t e = LaunchHeadGemm(p, stream.get()); e != cudaSuccess) return e;
+    HeadGemmParams q = p;  // [head][row, rank] x [head][nope, rank]^T -> [head][row, nope]
+    q.x = p.y;
+    q.x_row_stride = kRank;
+    q.x_batch_stride = kRows * kRank;
+    q.w = testing::Bf16(uv);
+    q.w_row_stride = kRank;
+    q.w_batch_stride = kNope * kRank;
+    q.y = reinterpret_cast<__nv_bfloat16*>(out.get());
+    q.y_row_stride = kNope;
+    q.y_batch_stride = kRows * kNope;
+    q.n_out = kNope;
+    q.k = kRank;
+    return LaunchHeadGemm(q, stream.get());
+  };
+  // Each product against the CPU product of the device's own input to it.
+  auto check = [&](const char* what) {
+    SCOPED_TRACE(what);
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream.get()));
+    std::vector<float> input = x_values;
+    const std::pair<const std::vector<float>*, DeviceVector<uint16_t>*> steps[] = {{&uk_values, &latent},
+                                                                                   {&uv_values, &out}};
+    for (int l = 0; l < 2; ++l) {
+      const int n = l == 0 ? kRank : kNope, k = l == 0 ? kNope : kRank;
+      std::vector<float> got;
+      for (const uint16_t bits : steps[l].second->ToHost()) got.push_back(BF16ToFloat(bits));
+      std::vector<double> ref, magnitude;
+      Reference(Case{.rows = kRows, .n_out = n, .k = k, .batch = kHeads}, input, *steps[l].first, &ref, &magnitude);
+      int64_t bad = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double tolerance = Tolerance(/*y_fp32=*/false, ref[i], magnitude[i]);
+        if (!(std::abs(got[i] - ref[i]) <= tolerance) && ++bad <= 5) {
+          ADD_FAILURE() << "product " << l << " element " << i << " = " << got[i] << ", want " << ref[i] << " +- "
+                        << tolerance;
+        }
+      }
+      ASSERT_EQ(bad, 0) << "product " << l;
       input = got;
     }
   };
