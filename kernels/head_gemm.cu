@@ -26,6 +26,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kColumns = 64;  // output columns a block
 constexpr int kPad = 8;       // elements after each shared-memory row: 16 bytes
+static_assert(kHeadGemmMaxK / 8 <= kThreads, "CopyRows: a row's pieces at once");
 
 constexpr int TileRows(int warps_m) { return 16 * warps_m; }
 
@@ -34,14 +35,17 @@ constexpr size_t SmemBytes(int warps_m, int k) {
 }
 
 // Rows [first, first + count) of a [rows, k] operand (row stride `stride`) into shared memory rows of
-// `ld` elements; rows past `valid_rows` are zero-filled and read nothing.
+// `ld` elements; rows past `valid_rows` are zero-filled and read nothing. Thread t copies 16-byte
+// piece t % pieces of every (threads / pieces)-th row: one division, not one a copy.
 __device__ __forceinline__ void CopyRows(__nv_bfloat16* smem, int ld, const __nv_bfloat16* from, int64_t stride,
                                          int first, int count, int valid_rows, int k, int threads) {
-  const int pieces = k / 8;  // 16-byte pieces a row
-  for (int i = threadIdx.x; i < count * pieces; i += threads) {
-    const int r = i / pieces, c = i % pieces;
-    const bool valid = first + r < valid_rows;
-    CpAsync16(smem + r * ld + c * 8, valid ? from + (first + r) * stride + c * 8 : from, valid);
+  const int pieces = k / 8, rows_at_once = threads / pieces;  // k <= kHeadGemmMaxK: pieces <= threads
+  const int c = threadIdx.x % pieces, r0 = threadIdx.x / pieces;
+  if (r0 < rows_at_once) {
+    for (int r = r0; r < count; r += rows_at_once) {
+      const bool valid = first + r < valid_rows;
+      CpAsync16(smem + r * ld + c * 8, valid ? from + (first + r) * stride + c * 8 : from, valid);
+    }
   }
   CpAsyncCommit();
 }
