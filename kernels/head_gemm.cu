@@ -205,8 +205,12 @@ cudaError_t LaunchHeadGemm(const HeadGemmParams& p, cudaStream_t stream) {
   if (!HeadGemmSupports(p)) return cudaErrorInvalidValue;
   int sms = 0;
   if (const cudaError_t e = CurrentDeviceSms(&sms); e != cudaSuccess) return e;
-  // Long K in two halves, on twice the warps.
-  return p.k >= 256 ? LaunchSplit<2>(p, sms, stream) : LaunchSplit<1>(p, sms, stream);
+  // Long K in two halves, on twice the warps. The halves' fp32 sums reuse the operands' shared
+  // memory, which from this K on holds them at every tile height.
+  constexpr int kSplitFromK = 256;
+  static_assert(SmemBytes(4, kSplitFromK) >= size_t{TileRows(4)} * kColumns * sizeof(float) &&
+                SmemBytes(1, kSplitFromK) >= size_t{TileRows(1)} * kColumns * sizeof(float));
+  return p.k >= kSplitFromK ? LaunchSplit<2>(p, sms, stream) : LaunchSplit<1>(p, sms, stream);
 }
 
 }  // namespace cohort::kernels

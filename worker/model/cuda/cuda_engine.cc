@@ -46,7 +46,7 @@ constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 constexpr int64_t kSkinnyRows = 8;
 // The attention's per-head products (W_uk, W_uv) of more rows, up to this many, use the head GEMM
 // (kernels/head_gemm.h): launched under PDL with its weights copied before its wait, where cuBLAS's
-// launch stops the chain. cohort bench step against cuBLAS (H200, three device calls): batch 16-32
+// launch stops the chain. cohort bench step against cuBLAS (H200, four device calls): batch 16-32
 // 0.5-1.5% faster, 48-64 no faster, 128-512 1-3% slower (skinny_gemm_bench: it reads each head's
 // weights and rows again tile by tile, 0.3-0.7x cuBLAS's speed at 128-512 rows).
 constexpr int64_t kHeadProductMaxRows = 32;
