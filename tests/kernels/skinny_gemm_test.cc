@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -265,6 +266,28 @@ void Check(Case c, std::mt19937& rng, Launcher launch = LaunchSkinnyGemm) {
     if (!ok && ++bad_tail <= 5) ADD_FAILURE() << "tail element " << i << " = " << tail_values[i];
   }
   EXPECT_EQ(bad_tail, 0) << bad_tail << " bad elements of the tail's " << tail_elements;
+}
+
+// Runs `record` (a chain of dependent launches) eagerly and checks it, then captures it in a CUDA
+// graph and checks three replays: the programmatic-launch edges must hold both ways.
+void CheckEagerAndInAGraph(cudaStream_t stream, const std::function<cudaError_t()>& record,
+                           const std::function<void(const char*)>& check) {
+  ASSERT_CUDA_OK(record());
+  check("eager");
+  if (::testing::Test::HasFatalFailure()) return;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const cudaError_t recorded = record();
+  ASSERT_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  ASSERT_CUDA_OK(recorded);
+  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3 && !::testing::Test::HasFatalFailure(); ++replay) {
+    ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream));
+    check("graph replay");
+  }
+  ASSERT_CUDA_OK(cudaGraphExecDestroy(exec));
+  ASSERT_CUDA_OK(cudaGraphDestroy(graph));
 }
 
 constexpr int kRowCounts[] = {1, 2, 3, 7, 8, 9, 16, 17, 31, 32};
@@ -550,22 +573,7 @@ TEST(SkinnyGemmTest, DependentProductsBackToBackEagerAndInAGraph) {
     }
   };
 
-  ASSERT_CUDA_OK(record());
-  check("eager");
-
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
-  const cudaError_t recorded = record();
-  ASSERT_CUDA_OK(cudaStreamEndCapture(stream.get(), &graph));
-  ASSERT_CUDA_OK(recorded);
-  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int replay = 0; replay < 3; ++replay) {
-    ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream.get()));
-    check("graph replay");
-  }
-  ASSERT_CUDA_OK(cudaGraphExecDestroy(exec));
-  ASSERT_CUDA_OK(cudaGraphDestroy(graph));
+  CheckEagerAndInAGraph(stream.get(), record, check);
 }
 
 // ------------------------------------------------------------------------------------ head GEMM
@@ -719,22 +727,7 @@ TEST(HeadGemmTest, DependentProductsBackToBackEagerAndInAGraph) {
     }
   };
 
-  ASSERT_CUDA_OK(record());
-  check("eager");
-
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  ASSERT_CUDA_OK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
-  const cudaError_t recorded = record();
-  ASSERT_CUDA_OK(cudaStreamEndCapture(stream.get(), &graph));
-  ASSERT_CUDA_OK(recorded);
-  ASSERT_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int replay = 0; replay < 3; ++replay) {
-    ASSERT_CUDA_OK(cudaGraphLaunch(exec, stream.get()));
-    check("graph replay");
-  }
-  ASSERT_CUDA_OK(cudaGraphExecDestroy(exec));
-  ASSERT_CUDA_OK(cudaGraphDestroy(graph));
+  CheckEagerAndInAGraph(stream.get(), record, check);
 }
 
 }  // namespace

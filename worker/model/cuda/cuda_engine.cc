@@ -110,6 +110,26 @@ std::vector<int> GraphBuckets(int64_t max_sequences) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// y = x . w^T's shape, pointers and strides into a kernel's parameters (kernels::SkinnyGemmParams,
+// kernels::HeadGemmParams: the same fields).
+template <class Params>
+void SetOperands(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w, const GemmOutput& y,
+                 int batch, Params& p) {
+  p.x = static_cast<const bf16*>(x.data);
+  p.x_row_stride = x.ld;
+  p.x_batch_stride = x.batch_stride;
+  p.w = static_cast<const bf16*>(w.data);
+  p.w_row_stride = w.ld;
+  p.w_batch_stride = w.batch_stride;
+  p.y = static_cast<decltype(p.y)>(y.data);
+  p.y_row_stride = y.ld;
+  p.y_batch_stride = y.batch_stride;
+  p.rows = static_cast<int>(m);
+  p.n_out = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.batch = batch;
+}
+
 // Columns of the query part of DeviceLayer::input_proj: the queries, or their LoRA down-projection.
 int64_t QueryProjectionWidth(const ModelConfig& c) {
   return c.q_lora_rank > 0 ? c.q_lora_rank : c.num_heads * c.qk_head_dim();
@@ -1152,20 +1172,8 @@ absl::Status CudaEngine::NormalizeResidual(const bf16* weight, int64_t rows, boo
 absl::Status CudaEngine::Product(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
                                  const GemmOutput& y, int batch) {
   kernels::SkinnyGemmParams p;
-  p.x = static_cast<const bf16*>(x.data);
-  p.x_row_stride = x.ld;
-  p.x_batch_stride = x.batch_stride;
-  p.w = static_cast<const bf16*>(w.data);
-  p.w_row_stride = w.ld;
-  p.w_batch_stride = w.batch_stride;
-  p.y = y.data;
-  p.y_row_stride = y.ld;
-  p.y_batch_stride = y.batch_stride;
+  SetOperands(m, n, k, x, w, y, batch, p);
   p.y_fp32 = y.type == CUDA_R_32F;
-  p.rows = static_cast<int>(m);
-  p.n_out = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.batch = batch;
   if (m <= kSkinnyRows && x.type == CUDA_R_16BF && w.type == CUDA_R_16BF && kernels::SkinnyGemmSupports(p)) {
     return CudaStatus(kernels::LaunchSkinnyGemm(p, stream_), "LaunchSkinnyGemm");
   }
@@ -1175,19 +1183,7 @@ absl::Status CudaEngine::Product(int64_t m, int64_t n, int64_t k, const GemmOper
 absl::Status CudaEngine::HeadProduct(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
                                      const GemmOutput& y, int heads) {
   kernels::HeadGemmParams p;
-  p.x = static_cast<const bf16*>(x.data);
-  p.x_row_stride = x.ld;
-  p.x_batch_stride = x.batch_stride;
-  p.w = static_cast<const bf16*>(w.data);
-  p.w_row_stride = w.ld;
-  p.w_batch_stride = w.batch_stride;
-  p.y = static_cast<bf16*>(y.data);
-  p.y_row_stride = y.ld;
-  p.y_batch_stride = y.batch_stride;
-  p.rows = static_cast<int>(m);
-  p.n_out = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.batch = heads;
+  SetOperands(m, n, k, x, w, y, heads, p);
   if (m > kSkinnyRows && m <= kHeadProductMaxRows && x.type == CUDA_R_16BF && w.type == CUDA_R_16BF &&
       y.type == CUDA_R_16BF && kernels::HeadGemmSupports(p)) {
     return CudaStatus(kernels::LaunchHeadGemm(p, stream_), "LaunchHeadGemm");
