@@ -44,11 +44,11 @@ constexpr int64_t kCublasWorkspaceBytes = int64_t{32} << 20;
 // Products of up to this many rows use the skinny kernel (kernels/skinny_gemm.h): on the H200 it
 // matches or beats cuBLAS at 1-8 rows and trails it at 16-32 (skinny_gemm_bench).
 constexpr int64_t kSkinnyRows = 8;
-// The attention's per-head products (W_uk, W_uv) of more rows, up to this many, use the head GEMM
-// (kernels/head_gemm.h): launched under PDL with its weights copied before its wait, where cuBLAS's
-// launch stops the chain. cohort bench step against cuBLAS (H200, four device calls): batch 16-32
-// 0.5-1.5% faster, 48-64 no faster, 128-512 1-3% slower (skinny_gemm_bench: it reads each head's
-// weights and rows again tile by tile, 0.3-0.7x cuBLAS's speed at 128-512 rows).
+// The attention's per-head products (W_uk, W_uv: Product's batched ones) of more rows, up to this
+// many, use the head GEMM (kernels/head_gemm.h): launched under PDL with its weights copied before its
+// wait, where cuBLAS's launch stops the chain. cohort bench step against cuBLAS (H200, four device
+// calls): batch 16-32 0.5-1.5% faster, 48-64 no faster, 128-512 1-3% slower (skinny_gemm_bench: it
+// reads each head's weights and rows again tile by tile, 0.3-0.7x cuBLAS's speed at 128-512 rows).
 constexpr int64_t kHeadProductMaxRows = 32;
 // Steps of up to this many rows (on one GPU) take their router's logits from the two attention
 // projections (DeviceLayer::router_folded) instead of a router product after the post-attention
@@ -301,13 +301,10 @@ class CudaEngine final : public ShardEngine {
   }
   // y = x . w^T for a weight w stored [n, k] like a Linear layer's (per attention head with
   // batch > 1): the skinny kernel at decode row counts, where it streams weights faster than cuBLAS
-  // and overlaps the kernel before it; cuBLAS above.
+  // and overlaps the kernel before it; the per-head products (W_uk, W_uv) on the head GEMM up to
+  // kHeadProductMaxRows rows; cuBLAS above.
   absl::Status Product(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
                        const GemmOutput& y, int batch = 1);
-  // The attention's per-head products (W_uk, W_uv): the head GEMM (kernels/head_gemm.h) from
-  // kSkinnyRows + 1 to kHeadProductMaxRows rows, Product otherwise.
-  absl::Status HeadProduct(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
-                           const GemmOutput& y, int heads);
   // y[T, N] = x[T, K] . w^T in bf16 (a Linear layer).
   absl::Status Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y);
   // Enqueues one step: inputs, the forward pass (a graph replay for decode-only steps), up to logits;
@@ -883,9 +880,8 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   if (Q > 0) {
     const int64_t kv_b_head = (nope + v) * rank;
     if (absorb.absorbed_keys == nullptr) {
-      COHORT_RETURN_IF_ERROR(HeadProduct(Q, rank, nope, {ws_.q, heads * qk, qk},
-                                         {l.absorbed_keys, nope, rank * nope}, {ws_.q_latent, heads * rank, rank},
-                                         static_cast<int>(heads)));
+      COHORT_RETURN_IF_ERROR(Product(Q, rank, nope, {ws_.q, heads * qk, qk}, {l.absorbed_keys, nope, rank * nope},
+                                     {ws_.q_latent, heads * rank, rank}, static_cast<int>(heads)));
     }
     kernels::MlaDecodeParams p;
     p.q_latent = ws_.q_latent;
@@ -918,9 +914,9 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
     }
     COHORT_CUDA_RETURN_IF_ERROR(kernels::LaunchMlaDecode(p, stream_));
     if (!merge_values) {
-      COHORT_RETURN_IF_ERROR(HeadProduct(Q, v, rank, {ws_.o_latent, heads * rank, rank},
-                                         {l.kv_b_proj.data + nope * rank, rank, kv_b_head}, {ws_.attn, heads * v, v},
-                                         static_cast<int>(heads)));
+      COHORT_RETURN_IF_ERROR(Product(Q, v, rank, {ws_.o_latent, heads * rank, rank},
+                                     {l.kv_b_proj.data + nope * rank, rank, kv_b_head}, {ws_.attn, heads * v, v},
+                                     static_cast<int>(heads)));
     }
   }
   for (const ExpandedGroup& group : s.expanded) COHORT_RETURN_IF_ERROR(ExpandedAttention(group, l, cache));
@@ -1174,21 +1170,16 @@ absl::Status CudaEngine::Product(int64_t m, int64_t n, int64_t k, const GemmOper
   kernels::SkinnyGemmParams p;
   SetOperands(m, n, k, x, w, y, batch, p);
   p.y_fp32 = y.type == CUDA_R_32F;
-  if (m <= kSkinnyRows && x.type == CUDA_R_16BF && w.type == CUDA_R_16BF && kernels::SkinnyGemmSupports(p)) {
+  const bool bf16_in = x.type == CUDA_R_16BF && w.type == CUDA_R_16BF;
+  if (m <= kSkinnyRows && bf16_in && kernels::SkinnyGemmSupports(p)) {
     return CudaStatus(kernels::LaunchSkinnyGemm(p, stream_), "LaunchSkinnyGemm");
   }
-  return Gemm(*cublas_api_, cublas_, m, n, k, x, w, true, y, batch);
-}
-
-absl::Status CudaEngine::HeadProduct(int64_t m, int64_t n, int64_t k, const GemmOperand& x, const GemmOperand& w,
-                                     const GemmOutput& y, int heads) {
-  kernels::HeadGemmParams p;
-  SetOperands(m, n, k, x, w, y, heads, p);
-  if (m > kSkinnyRows && m <= kHeadProductMaxRows && x.type == CUDA_R_16BF && w.type == CUDA_R_16BF &&
-      y.type == CUDA_R_16BF && kernels::HeadGemmSupports(p)) {
-    return CudaStatus(kernels::LaunchHeadGemm(p, stream_), "LaunchHeadGemm");
+  if (batch > 1 && m <= kHeadProductMaxRows && bf16_in && y.type == CUDA_R_16BF) {
+    kernels::HeadGemmParams head;
+    SetOperands(m, n, k, x, w, y, batch, head);
+    if (kernels::HeadGemmSupports(head)) return CudaStatus(kernels::LaunchHeadGemm(head, stream_), "LaunchHeadGemm");
   }
-  return Product(m, n, k, x, w, y, heads);
+  return Gemm(*cublas_api_, cublas_, m, n, k, x, w, true, y, batch);
 }
 
 absl::Status CudaEngine::Linear(const DeviceMatrix& w, const bf16* x, int64_t rows, bf16* y) {
