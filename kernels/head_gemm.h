@@ -28,8 +28,9 @@ inline constexpr int kHeadGemmMaxK = 512;
 inline constexpr int kHeadGemmMaxRows = 65535 * 16;  // tiles of 16 rows along a grid's z
 
 struct HeadGemmParams {
-  const __nv_bfloat16* x = nullptr;  // [batch][rows, k]
-  int64_t x_row_stride = 0;
+  const __nv_bfloat16* x = nullptr;  // [batch][rows, k], or null with x_fp32
+  const float* x_fp32 = nullptr;     // instead of x: fp32 rows, each value rounded to bf16 as it is read
+  int64_t x_row_stride = 0;          // of x or x_fp32, in its elements
   int64_t x_batch_stride = 0;
   const __nv_bfloat16* w = nullptr;  // [batch][n_out, k]
   int64_t w_row_stride = 0;
@@ -43,9 +44,9 @@ struct HeadGemmParams {
   int batch = 1;  // 1..65535
 };
 
-// Whether `p` is inside the contract: rows, n_out, k and batch in range; no null pointer; x, w and y
-// 16-byte aligned; strides non-negative multiples of 8 elements; y_row_stride >= n_out when rows >
-// 1. Host only.
+// Whether `p` is inside the contract: rows, n_out, k and batch in range; exactly one of x and x_fp32,
+// w and y not null; all three 16-byte aligned, strides non-negative multiples of 16 bytes;
+// y_row_stride >= n_out when rows > 1. Host only.
 bool HeadGemmSupports(const HeadGemmParams& p);
 
 // cudaErrorInvalidValue outside the contract (HeadGemmSupports), otherwise the launch's error.

@@ -611,6 +611,68 @@ TEST(HeadGemmTest, V2LitePerHeadProducts) {
   }
 }
 
+// fp32 rows (x_fp32), as the cache write's tiles read the input projection's queries: each value
+// rounded to bf16 as it is read, so the product is the bf16 rows' (row strides of 4-element steps).
+TEST(HeadGemmTest, Fp32RowsAreRoundedAsRead) {
+  COHORT_SKIP_WITHOUT_GPU();
+  std::mt19937 rng = testing::FreshRng();
+  constexpr int kHeads = 4, kNope = 128, kRank = 512, kQk = 192;
+  for (const int rows : {3, 17, 40}) {
+    SCOPED_TRACE("rows " + std::to_string(rows));
+    const int64_t x_row_stride = kHeads * kQk + 4;  // fp32 elements: 16-byte steps, not 32
+    std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+    std::vector<float> x_host(rows * x_row_stride, std::nanf(""));
+    std::vector<float> x_rounded(static_cast<size_t>(kHeads) * rows * kNope);  // [head][row][nope]
+    for (int r = 0; r < rows; ++r) {
+      for (int h = 0; h < kHeads; ++h) {
+        for (int d = 0; d < kNope; ++d) {
+          const float v = uniform(rng);
+          x_host[r * x_row_stride + h * kQk + d] = v;
+          x_rounded[(static_cast<size_t>(h) * rows + r) * kNope + d] = BF16ToFloat(FloatToBF16(v));
+        }
+      }
+    }
+    const Case c{.rows = rows, .n_out = kRank, .k = kNope, .batch = kHeads};
+    std::vector<float> w_values;
+    DeviceVector<uint16_t> w(RandomOperand(c, kRank, kNope, kNope, kRank * kNope, 1.0f, rng, &w_values));
+    DeviceVector<float> x(x_host);
+    DeviceVector<uint16_t> y(static_cast<size_t>(rows) * kHeads * kRank);  // NaN bytes
+    HeadGemmParams p;
+    p.x_fp32 = x.get();
+    p.x_row_stride = x_row_stride;
+    p.x_batch_stride = kQk;
+    p.w = testing::Bf16(w);
+    p.w_row_stride = kNope;
+    p.w_batch_stride = kRank * kNope;
+    p.y = reinterpret_cast<__nv_bfloat16*>(y.get());
+    p.y_row_stride = kHeads * kRank;
+    p.y_batch_stride = kRank;
+    p.rows = rows;
+    p.n_out = kRank;
+    p.k = kNope;
+    p.batch = kHeads;
+    Stream stream;
+    ASSERT_CUDA_OK(LaunchHeadGemm(p, stream.get()));
+    ASSERT_CUDA_OK(cudaStreamSynchronize(stream.get()));
+    const std::vector<uint16_t> got = y.ToHost();
+    std::vector<double> ref, magnitude;
+    Reference(c, x_rounded, w_values, &ref, &magnitude);
+    int64_t bad = 0;
+    for (int h = 0; h < kHeads; ++h) {
+      for (int r = 0; r < rows; ++r) {
+        for (int n = 0; n < kRank; ++n) {
+          const size_t at = (static_cast<size_t>(h) * rows + r) * kRank + n;
+          const float value = BF16ToFloat(got[(static_cast<size_t>(r) * kHeads + h) * kRank + n]);
+          if (!(std::abs(value - ref[at]) <= Tolerance(/*y_fp32=*/false, ref[at], magnitude[at])) && ++bad <= 5) {
+            ADD_FAILURE() << "y[" << h << "][" << r << ", " << n << "] = " << value << ", want " << ref[at];
+          }
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
 TEST(HeadGemmTest, RejectsArgumentsOutsideTheContract) {
   // Checked before any CUDA call: runs without a GPU too. The pointers are never dereferenced.
   HeadGemmParams valid;
@@ -639,6 +701,16 @@ TEST(HeadGemmTest, RejectsArgumentsOutsideTheContract) {
   rejected("batch past a grid's y", [](HeadGemmParams& p) { p.batch = 65536; });
   rejected("null y", [](HeadGemmParams& p) { p.y = nullptr; });
   rejected("misaligned x", [](HeadGemmParams& p) { p.x += 1; });
+  const float* fp32_rows = reinterpret_cast<const float*>(uintptr_t{0x40000});
+  rejected("both x and x_fp32", [&](HeadGemmParams& p) { p.x_fp32 = fp32_rows; });
+  rejected("neither x nor x_fp32", [](HeadGemmParams& p) { p.x = nullptr; });
+  HeadGemmParams fp32 = valid;
+  fp32.x = nullptr;
+  fp32.x_fp32 = fp32_rows;
+  fp32.x_row_stride = 132;  // 16-byte steps of fp32
+  EXPECT_TRUE(HeadGemmSupports(fp32));
+  fp32.x_row_stride = 130;
+  EXPECT_FALSE(HeadGemmSupports(fp32)) << "fp32 rows not 16-byte apart";
   rejected("x rows not 16-byte apart", [](HeadGemmParams& p) { p.x_row_stride = 132; });
   rejected("negative batch stride", [](HeadGemmParams& p) { p.w_batch_stride = -8; });
   rejected("y rows overlapping", [](HeadGemmParams& p) { p.y_row_stride = 256; });
