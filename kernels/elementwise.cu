@@ -1,6 +1,7 @@
 #include "kernels/elementwise.h"
 
 #include "kernels/bf16.cuh"
+#include "kernels/head_gemm.cuh"
 #include "kernels/pdl.cuh"
 #include "kernels/reduce.cuh"
 #include "kernels/rms_norm.cuh"
@@ -204,18 +205,35 @@ __device__ __forceinline__ int64_t CacheSlot(const CacheWriteParams& where, int 
   return static_cast<int64_t>(table[position / where.block_size]) * where.block_size + position % where.block_size;
 }
 
+// The absorbed queries past kMaxRowAbsorbRows rows: head GEMM tiles of 16 rows (two groups of four
+// warps, each half of nope), all a cache-write block's threads.
+constexpr int kAbsorbTileWarpsM = 1;
+constexpr int kAbsorbTileSplitK = 2;
+static_assert(head_gemm::kThreads * kAbsorbTileSplitK == kRowThreads);
+constexpr int kMaxTiledAbsorbNope = 256;  // its tile's shared memory within the default 48 KB
+
 // Block (row, 0) normalises and places the row's latent and rotates its rope key; blocks (row, 1 + j)
 // write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs. With
 // absorbed queries, blocks (row, 1 + query blocks + i) form those of head i / parts, latent values
-// [kAbsorbOutputs * (i % parts), + kAbsorbOutputs) (the same blocks of rows past the absorb rows exit).
+// [kAbsorbOutputs * (i % parts), + kAbsorbOutputs) (the same blocks of rows past the absorb rows exit);
+// or, past kMaxRowAbsorbRows rows, block (x, 1 + query blocks + i) takes head GEMM tile i * rows + x
+// of `tiles` (`tiled`: the product as HeadGemmParams).
 __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_stride, int rank,
                                    const __nv_bfloat16* __restrict__ latent_norm, float eps, RopeParams rope,
                                    CacheWriteParams where, __nv_bfloat16* __restrict__ cache, QueryRopeParams queries,
-                                   QueryAbsorbParams absorb, int query_blocks) {
+                                   QueryAbsorbParams absorb, int query_blocks, HeadGemmParams tiled, int tiles) {
   __shared__ float scratch[32];
   if (static_cast<int>(blockIdx.y) > query_blocks) {
-    if (static_cast<int>(blockIdx.x) >= absorb.rows) return;
     const int i = static_cast<int>(blockIdx.y) - 1 - query_blocks;
+    if (tiles > 0) {
+      const int tile = i * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
+      if (tile >= tiles) return;
+      const int n_blocks = (tiled.n_out + head_gemm::kColumns - 1) / head_gemm::kColumns;
+      head_gemm::Tile<kAbsorbTileWarpsM, kAbsorbTileSplitK>(tiled, tile % n_blocks, tile / n_blocks % tiled.batch,
+                                                            tile / n_blocks / tiled.batch);
+      return;
+    }
+    if (static_cast<int>(blockIdx.x) >= absorb.rows) return;
     const int parts = (absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs;
     AbsorbQueries(queries, absorb, queries.qk_dim - rope.rope_dim, blockIdx.x, i / parts, i % parts);
     return;
@@ -446,9 +464,13 @@ bool CanAbsorbQueries(const QueryRopeParams& queries, int rope_dim, const QueryA
                                   ? aligned(queries.source) && queries.source_row_stride % 4 == 0 &&
                                         queries.qk_dim % 4 == 0
                                   : aligned(queries.q) && queries.qk_dim % 8 == 0;
+  const bool shape = absorb.rows <= kMaxRowAbsorbRows
+                         ? nope >= 8 && nope <= 128 && (nope & (nope - 1)) == 0
+                         : nope >= 16 && nope <= kMaxTiledAbsorbNope && nope % 16 == 0 && absorb.rank % 8 == 0 &&
+                               aligned(absorb.q_latent);
   return queries.q != nullptr && absorb.absorbed_keys != nullptr && absorb.q_latent != nullptr &&
-         absorb.rows >= 1 && absorb.rows <= kMaxAbsorbRows && absorb.rank >= 1 && nope >= 8 && nope <= 128 &&
-         (nope & (nope - 1)) == 0 && aligned(absorb.absorbed_keys) && pieces_aligned;
+         absorb.rows >= 1 && absorb.rows <= kMaxAbsorbRows && absorb.rank >= 1 && shape &&
+         aligned(absorb.absorbed_keys) && pieces_aligned;
 }
 
 cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows, int kv_lora_rank,
@@ -466,10 +488,40 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
     return cudaErrorInvalidValue;
   }
   const int query_blocks = queries.q != nullptr ? (queries.heads + kQueryHeadsPerBlock - 1) / kQueryHeadsPerBlock : 0;
-  int absorb_blocks = 0;
+  int absorb_blocks = 0, tiles = 0;
+  HeadGemmParams tiled;
+  size_t smem = 0;
   if (absorb.absorbed_keys != nullptr) {
     if (absorb.rows > rows || !CanAbsorbQueries(queries, rope.rope_dim, absorb)) return cudaErrorInvalidValue;
-    absorb_blocks = queries.heads * ((absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs);
+    if (absorb.rows <= kMaxRowAbsorbRows) {
+      absorb_blocks = queries.heads * ((absorb.rank + kAbsorbOutputs - 1) / kAbsorbOutputs);
+    } else {
+      // q_latent[r, h] = q_nope[r, h] . absorbed_keys[h]^T, batched over the heads.
+      const int nope = queries.qk_dim - rope.rope_dim;
+      if (queries.source != nullptr) {
+        tiled.x_fp32 = queries.source;
+        tiled.x_row_stride = queries.source_row_stride;
+      } else {
+        tiled.x = queries.q;  // its nope part, which the query blocks leave as it is
+        tiled.x_row_stride = int64_t{queries.heads} * queries.qk_dim;
+      }
+      tiled.x_batch_stride = queries.qk_dim;
+      tiled.w = absorb.absorbed_keys;
+      tiled.w_row_stride = nope;
+      tiled.w_batch_stride = int64_t{absorb.rank} * nope;
+      tiled.y = absorb.q_latent;
+      tiled.y_row_stride = int64_t{queries.heads} * absorb.rank;
+      tiled.y_batch_stride = absorb.rank;
+      tiled.rows = absorb.rows;
+      tiled.n_out = absorb.rank;
+      tiled.k = nope;
+      tiled.batch = queries.heads;
+      if (!HeadGemmSupports(tiled)) return cudaErrorInvalidValue;
+      tiles = (absorb.rank + head_gemm::kColumns - 1) / head_gemm::kColumns * queries.heads *
+              ((absorb.rows + head_gemm::TileRows(kAbsorbTileWarpsM) - 1) / head_gemm::TileRows(kAbsorbTileWarpsM));
+      absorb_blocks = (tiles + rows - 1) / rows;
+      smem = head_gemm::SmemBytes(kAbsorbTileWarpsM, nope);
+    }
   }
   const bool row_pieces_fit = kv_lora_rank <= 32 * kMaxLatentPerLane && rope.rope_dim / 2 <= 32 &&
                               (queries.q == nullptr || queries.qk_dim - rope.rope_dim <= 32 * kMaxNopePerLane);
@@ -480,9 +532,9 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
                      kv_row_stride, kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries,
                      pieces_per_row, rows);
   }
-  return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks + absorb_blocks), dim3(kRowThreads), 0, stream,
+  return LaunchPdl(WriteKvCacheKernel, dim3(rows, 1 + query_blocks + absorb_blocks), dim3(kRowThreads), smem, stream,
                    kv, kv_row_stride, kv_lora_rank, latent_norm, latent_eps, rope, where, layer_cache, queries, absorb,
-                   query_blocks);
+                   query_blocks, tiled, tiles);
 }
 
 cudaError_t LaunchGatherRows(const __nv_bfloat16* in, const int32_t* rows, int num_rows, int dim,

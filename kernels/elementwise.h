@@ -71,8 +71,12 @@ struct QueryRopeParams {
 // rows, heads h and j < rank, q_latent[r, h, j] = sum over d < nope of bf16(q_nope[r, h, d]) *
 // absorbed_keys[h, j, d] in fp32, rounded to bf16, where q_nope is the first nope values of the
 // row's head in QueryRopeParams (its fp32 source, or q). One launch instead of a product after it;
-// each block loads its share of the weights before it waits for the kernel before it.
-inline constexpr int kMaxAbsorbRows = 8;
+// each block loads its share of the weights before it waits for the kernel before it. Up to
+// kMaxRowAbsorbRows rows, blocks of a row and a head each take some latent values on CUDA cores;
+// more rows take the head GEMM's tiles (kernels/head_gemm.cuh: 16 rows and 64 latent values of a
+// head a block, on tensor cores) in the same launch.
+inline constexpr int kMaxRowAbsorbRows = 8;
+inline constexpr int kMaxAbsorbRows = 32;
 struct QueryAbsorbParams {
   const __nv_bfloat16* absorbed_keys = nullptr;  // [heads, rank, nope]; null: nothing to absorb
   __nv_bfloat16* q_latent = nullptr;             // [rows, heads, rank]
@@ -80,9 +84,10 @@ struct QueryAbsorbParams {
   int rank = 0;
 };
 
-// Whether LaunchWriteKvCache takes `absorb` with these queries: 1..kMaxAbsorbRows rows, nope
-// (qk_dim - rope_dim) a power of two from 8 to 128 (each 16-byte piece of a weight row goes to one
-// lane, a row to at most 16 lanes), and 16-byte aligned pieces of weights and queries.
+// Whether LaunchWriteKvCache takes `absorb` with these queries: 1..kMaxAbsorbRows rows, and
+// 16-byte aligned pieces of weights and queries; up to kMaxRowAbsorbRows rows nope (qk_dim -
+// rope_dim) a power of two from 8 to 128 (each 16-byte piece of a weight row goes to one lane, a
+// row to at most 16 lanes), past them nope a multiple of 16 up to 256 and rank a multiple of 8.
 bool CanAbsorbQueries(const QueryRopeParams& queries, int rope_dim, const QueryAbsorbParams& absorb);
 
 // kv [rows, kv_lora_rank + rope_dim] fp32 (kv_a_proj_with_mqa's output; rows kv_row_stride apart) ->

@@ -170,21 +170,34 @@ void ExpectRowWritten(const Rope& rope, int rank, int rope_dim, const std::vecto
 }
 
 // The cache write with the queries of the same rows: rotated in place (bf16 queries), or written
-// from fp32 queries that share their rows with the latent (one product's output: [q | kv] per row).
-TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
+// from fp32 queries that share their rows with the latent (one product's output: [q | kv] per row);
+// absorbed through W_uk for the first rows, a few (a block a row and head) or more (head GEMM tiles,
+// the last one partial), the rows past them left unwritten.
+struct CacheWriteCase {
+  int rows, absorb_rows, nope;
+};
+class WriteKvCacheTest : public ::testing::TestWithParam<CacheWriteCase> {};
+
+TEST_P(WriteKvCacheTest, NormalisesRotatesPlacesAndAbsorbs) {
   COHORT_SKIP_WITHOUT_GPU();
   std::mt19937 rng = testing::FreshRng();
   const ModelConfig config = RopeConfig(true, true);
   const Rope rope(config);
-  const int rank = 512, width = 576, block_size = 16, blocks = 12, rows = 5, heads = 3, qk = 192, nope = 128;
-  const int absorb_rows = 4;  // of 5: the last row's absorbed queries must stay unwritten
+  const auto [rows, absorb_rows, nope] = GetParam();
+  const int rank = 512, width = 576, block_size = 16, blocks = 12, heads = 3, qk = nope + 64;
   const std::vector<uint16_t> norm = RandomBf16(rank, rng);
   const std::vector<uint16_t> absorbed_keys = RandomBf16(static_cast<size_t>(heads) * rank * nope, rng);
   DeviceVector<uint16_t> d_absorbed_keys(absorbed_keys);
-  // Two sequences with scattered blocks; tokens at the positions below.
+  // Two sequences with scattered blocks of 16 tokens (48 positions each); row r of sequence r % 2 at
+  // position 3 (r / 2) + r % 2, or for 5 rows the positions below.
   const std::vector<int32_t> tables = {9, 4, 0, 11, 3, 7};
   const std::vector<int32_t> offsets = {0, 3};
-  const std::vector<int32_t> sequence = {0, 0, 1, 1, 1}, positions = {15, 16, 0, 33, 47};
+  std::vector<int32_t> sequence = {0, 0, 1, 1, 1}, positions = {15, 16, 0, 33, 47};
+  if (rows != 5) {
+    sequence.resize(rows);
+    positions.resize(rows);
+    for (int r = 0; r < rows; ++r) sequence[r] = r % 2, positions[r] = 3 * (r / 2) + r % 2;
+  }
   DeviceVector<float> d_inv_freq(rope.inv_freq());
   DeviceVector<uint16_t> d_norm(norm);
   DeviceVector<int32_t> d_tables(tables), d_offsets(offsets), d_sequence(sequence), d_positions(positions);
@@ -241,6 +254,16 @@ TEST(ElementwiseTest, WriteKvCacheNormalisesRotatesAndPlaces) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Rows, WriteKvCacheTest,
+                         ::testing::Values(CacheWriteCase{5, 4, 128}, CacheWriteCase{24, 20, 128},
+                                           CacheWriteCase{32, 32, 128}, CacheWriteCase{9, 9, 128},
+                                           CacheWriteCase{5, 5, 16}, CacheWriteCase{20, 17, 16},
+                                           CacheWriteCase{12, 12, 32}),
+                         [](const auto& info) {
+                           return std::to_string(info.param.rows) + "_rows_" + std::to_string(info.param.absorb_rows) +
+                                  "_absorbed_nope_" + std::to_string(info.param.nope);
+                         });
 
 // Launches of many rows: a decode batch's 300 (each row spread over blocks) and a prefill's 800 (a
 // warp for each piece of a row) give the same results, for DeepSeek's shapes and the fixtures' small
@@ -365,6 +388,20 @@ TEST(ElementwiseTest, AbsorbedQueriesOnlyInTheShapesTheKernelHandles) {
   const kernels::QueryRopeParams in_place{address(0x1000), 16, 36};  // q LoRA models: q rotated in place
   EXPECT_FALSE(kernels::CanAbsorbQueries(in_place, 4, absorb)) << "bf16 query rows (36 values) not 16-byte aligned";
   EXPECT_TRUE(kernels::CanAbsorbQueries({address(0x1000), 16, 48}, 16, absorb));
+  // Past kMaxRowAbsorbRows rows the head GEMM's tiles: nope any multiple of 16 up to 256.
+  kernels::QueryAbsorbParams tiled = absorb;
+  tiled.rows = kernels::kMaxRowAbsorbRows + 1;
+  EXPECT_TRUE(kernels::CanAbsorbQueries(from_source, 64, tiled));
+  EXPECT_TRUE(kernels::CanAbsorbQueries({address(0x1000), 16, 160, source, 16 * 160 + 576}, 64, tiled))
+      << "nope 96 in tiles";
+  EXPECT_TRUE(kernels::CanAbsorbQueries({address(0x1000), 16, 320, source, 16 * 320 + 576}, 64, tiled))
+      << "nope 256 in tiles";
+  EXPECT_FALSE(kernels::CanAbsorbQueries({address(0x1000), 16, 328, source, 16 * 328 + 576}, 64, tiled))
+      << "nope 264 is past the tile's shared memory";
+  EXPECT_FALSE(kernels::CanAbsorbQueries({address(0x1000), 16, 72}, 64, tiled)) << "nope 8 is not a multiple of 16";
+  kernels::QueryAbsorbParams odd_rank = tiled;
+  odd_rank.rank = 500;
+  EXPECT_FALSE(kernels::CanAbsorbQueries(from_source, 64, odd_rank)) << "latent rows not 16-byte aligned";
 }
 
 TEST(ElementwiseTest, TransposeEachMatrixOfABatch) {

@@ -862,8 +862,8 @@ absl::Status CudaEngine::Attention(const DeviceLayer& l, int64_t index, const St
   }
 
   // The absorbed queries: q_latent[t, h] = q_nope[t, h] . W_uk[h], W_uk[h] = kv_b_proj rows
-  // [h (nope + v), + nope) as [nope, rank], stored transposed ([rank, nope]) in absorbed_keys. For
-  // a few tokens the cache-write launch forms them too; else a product after it.
+  // [h (nope + v), + nope) as [nope, rank], stored transposed ([rank, nope]) in absorbed_keys. Up to
+  // kernels::kMaxAbsorbRows tokens the cache-write launch forms them too; else a product after it.
   const int64_t Q = s.absorbed_tokens;
   kernels::QueryAbsorbParams absorb{l.absorbed_keys, ws_.q_latent, static_cast<int>(Q), static_cast<int>(rank)};
   if (!kernels::CanAbsorbQueries(queries, static_cast<int>(c.qk_rope_head_dim), absorb)) absorb = {};
