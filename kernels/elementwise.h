@@ -76,7 +76,7 @@ struct QueryRopeParams {
 // more rows take the head GEMM's tiles (kernels/head_gemm.cuh: 16 rows and 64 latent values of a
 // head a block, on tensor cores) in the same launch.
 inline constexpr int kMaxRowAbsorbRows = 8;
-inline constexpr int kMaxAbsorbRows = 32;
+inline constexpr int kMaxAbsorbRows = 64;
 struct QueryAbsorbParams {
   const __nv_bfloat16* absorbed_keys = nullptr;  // [heads, rank, nope]; null: nothing to absorb
   __nv_bfloat16* q_latent = nullptr;             // [rows, heads, rank]

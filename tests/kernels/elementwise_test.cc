@@ -189,14 +189,16 @@ TEST_P(WriteKvCacheTest, NormalisesRotatesPlacesAndAbsorbs) {
   const std::vector<uint16_t> absorbed_keys = RandomBf16(static_cast<size_t>(heads) * rank * nope, rng);
   DeviceVector<uint16_t> d_absorbed_keys(absorbed_keys);
   // Two sequences with scattered blocks of 16 tokens (48 positions each); row r of sequence r % 2 at
-  // position 3 (r / 2) + r % 2, or for 5 rows the positions below.
+  // position 3 (r / 2) + r % 2 (past 32 rows 3 (r / 2) / 2 + r % 2, within the 48), or for 5 rows
+  // the positions below.
   const std::vector<int32_t> tables = {9, 4, 0, 11, 3, 7};
   const std::vector<int32_t> offsets = {0, 3};
   std::vector<int32_t> sequence = {0, 0, 1, 1, 1}, positions = {15, 16, 0, 33, 47};
   if (rows != 5) {
     sequence.resize(rows);
     positions.resize(rows);
-    for (int r = 0; r < rows; ++r) sequence[r] = r % 2, positions[r] = 3 * (r / 2) + r % 2;
+    const int spread = rows > 32 ? 2 : 1;
+    for (int r = 0; r < rows; ++r) sequence[r] = r % 2, positions[r] = 3 * (r / 2) / spread + r % 2;
   }
   DeviceVector<float> d_inv_freq(rope.inv_freq());
   DeviceVector<uint16_t> d_norm(norm);
@@ -257,8 +259,9 @@ TEST_P(WriteKvCacheTest, NormalisesRotatesPlacesAndAbsorbs) {
 
 INSTANTIATE_TEST_SUITE_P(Rows, WriteKvCacheTest,
                          ::testing::Values(CacheWriteCase{5, 4, 128}, CacheWriteCase{24, 20, 128},
-                                           CacheWriteCase{32, 32, 128}, CacheWriteCase{9, 9, 128},
-                                           CacheWriteCase{5, 5, 16}, CacheWriteCase{20, 17, 16},
+                                           CacheWriteCase{32, 32, 128}, CacheWriteCase{64, 64, 128},
+                                           CacheWriteCase{9, 9, 128}, CacheWriteCase{5, 5, 16},
+                                           CacheWriteCase{20, 17, 16}, CacheWriteCase{50, 49, 16},
                                            CacheWriteCase{12, 12, 32}),
                          [](const auto& info) {
                            return std::to_string(info.param.rows) + "_rows_" + std::to_string(info.param.absorb_rows) +
