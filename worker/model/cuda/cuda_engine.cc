@@ -54,9 +54,9 @@ constexpr int64_t kHeadProductMaxRows = 32;
 // projections (DeviceLayer::router_folded) instead of a router product after the post-attention
 // norm: a launch fewer between the attention and the expert products, where every launch at small
 // batch is latency. The part over the layer's input is extra columns of the input projection. The
-// part over the attention is, within the skinny GEMM's rows, extra columns of o_proj, which cost
-// about nothing; past them (cuBLAS writes one type a product, and o_proj's is bf16) a product of its
-// own on the side stream, beside o_proj and the post-attention norm. Except at kRouterProductTokens
+// part over the attention is, up to kRouterTailMaxTokens rows, extra columns of o_proj on the skinny
+// GEMM, which cost about nothing; past them (cuBLAS writes one type a product, and o_proj's is bf16)
+// a product of its own on the side stream, beside o_proj and the post-attention norm. Except at kRouterProductTokens
 // rows: there the shared experts' weights, streamed beside the router product and the route
 // (SharedExpertsApart), are worth more than the launch. Against the router product (H200, A/B runs
 // in four device calls, contexts 1024 / 4096): batch 1 -2.3 to -3.6%, batch 3 -1.0 to -1.6%, batch 4
@@ -64,9 +64,12 @@ constexpr int64_t kHeadProductMaxRows = 32;
 // three runs each): batch 16-32 -1.7 to -2.1% at both contexts, 48 -1.1 / -1.4%, 64 -1.1 / 0.0%; in
 // an earlier call 128-512 showed no gain, so larger steps keep the router product.
 constexpr int64_t kRouterFoldMaxTokens = 64;
-constexpr int64_t kRouterTailMaxTokens = kSkinnyRows;  // o_proj's tail, above: the side product
+// o_proj with the router's part as its tail runs on the skinny GEMM up to here, past kSkinnyRows too:
+// a launch fewer than cuBLAS's o_proj and the side product, though the skinny GEMM trails cuBLAS at
+// 16 rows. Against 8 (H200, cohort bench step, three runs each, contexts 1024 / 4096): batch 12
+// -1.7 / -0.6%, 16 -1.2 / -0.2%; 8 and 24 unchanged.
+constexpr int64_t kRouterTailMaxTokens = kernels::kSkinnyMaxTailRows;
 constexpr int64_t kRouterProductTokens = 2;
-static_assert(kRouterTailMaxTokens <= kernels::kSkinnyMaxTailRows, "o_proj writes the router's part as a tail");
 // The side stream's cuBLAS workspace (the folded router's part over the attention: a small product).
 constexpr int64_t kSideCublasWorkspaceBytes = int64_t{4} << 20;
 // Steps of up to this many tokens run the shared experts inside the grouped MoE products; larger
