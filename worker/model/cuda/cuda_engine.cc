@@ -49,6 +49,9 @@ constexpr int64_t kSkinnyRows = 8;
 // wait, where cuBLAS's launch stops the chain. cohort bench step against cuBLAS (H200, four device
 // calls): batch 16-32 0.5-1.5% faster, 48-64 no faster, 128-512 1-3% slower (skinny_gemm_bench: it
 // reads each head's weights and rows again tile by tile, 0.3-0.7x cuBLAS's speed at 128-512 rows).
+// W_uk of up to kernels::kMaxAbsorbRows rows is formed by the cache write's own head GEMM tiles, so
+// this takes W_uv (and W_uk where the cache write cannot); W_uv up to 48 or 64 rows measured no
+// faster than cuBLAS.
 constexpr int64_t kHeadProductMaxRows = 32;
 // Steps of up to this many rows (on one GPU) take their router's logits from the two attention
 // projections (DeviceLayer::router_folded) instead of a router product after the post-attention
