@@ -210,7 +210,9 @@ __device__ __forceinline__ int64_t CacheSlot(const CacheWriteParams& where, int 
 constexpr int kAbsorbTileWarpsM = 1;
 constexpr int kAbsorbTileSplitK = 2;
 static_assert(head_gemm::kThreads * kAbsorbTileSplitK == kRowThreads);
-constexpr int kMaxTiledAbsorbNope = 256;  // its tile's shared memory within the default 48 KB
+constexpr int kMaxTiledAbsorbNope = 256;
+static_assert(head_gemm::SmemBytes(kAbsorbTileWarpsM, kMaxTiledAbsorbNope) <= 48 * 1024,
+              "the tile's shared memory within the default 48 KB, so the launch needs no opt-in");
 
 // Block (row, 0) normalises and places the row's latent and rotates its rope key; blocks (row, 1 + j)
 // write the queries of heads [4j, 4j + 4), so the row's work is spread over several SMs. With
