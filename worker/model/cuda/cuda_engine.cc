@@ -87,6 +87,14 @@ constexpr int64_t kFoldSharedMaxTokens = 512;
 // the routed products; batch 4 and up 1-3% slower. With the router folded (RouterFolded, one GPU:
 // batch 1) the routing is one launch and they run in the routed products again.
 constexpr int64_t kSharedApartMaxTokens = 2;
+// With the router folded, steps of this many tokens run them apart too: from the post-attention norm
+// (and the router's part beside o_proj, past kRouterTailMaxTokens) on, their 35 MB stream beside
+// the route's launch instead of after it in the routed products. Against the routed products (H200,
+// cohort bench step, three runs each, contexts 1024 / 4096, two device calls, batch sizes padded to
+// these graph buckets): 8 rows -0.3 to -0.8%, 16 rows 0.0 to -0.8%, 24 rows -0.3 to -1.9%, 32 rows
+// -1.0 to -2.1%, 48 rows 0.0 to -0.9%; but 4 rows +0.8 / +0.9% and 64 rows +0.3 to +0.6%.
+constexpr int64_t kSharedApartFoldedMinTokens = 8;
+constexpr int64_t kSharedApartFoldedMaxTokens = 48;
 // Routed ids per token in the shared experts' own routing (SharedExpertsApart): all -1, so one is
 // enough. The grouped products size their grids from it (a bound on the tiles from the batch shape):
 // with the model's k they would launch blocks for tiles that cannot exist.
@@ -570,7 +578,9 @@ absl::Status CudaEngine::Initialize() {
     gate_params_ = MoeGateParamsFor(c);
     moe_workspace_bytes_ = MoeRoutingWorkspaceBytes(moe_tokens_, static_cast<int32_t>(c.num_experts_per_tok),
                                                     shard_.num_routed, shard_.num_shared());
-    shared_apart_tokens_ = shard_.num_shared() > 0 ? std::min(moe_tokens_, kSharedApartMaxTokens) : 0;
+    shared_apart_tokens_ =
+        shard_.num_shared() > 0 ? std::min(moe_tokens_, std::max(kSharedApartMaxTokens, kSharedApartFoldedMaxTokens))
+                                : 0;
     shared_routing_bytes_ =
         MoeRoutingWorkspaceBytes(shared_apart_tokens_, kSharedApartTopK, shard_.num_routed, shard_.num_shared());
   }
@@ -1022,33 +1032,38 @@ absl::Status CudaEngine::FeedForward(const DeviceLayer& l, const StepLayout& s) 
     rows = world_ * T;
   }
   // The shared experts are experts E..E+S-1 of the weight arrays. They need no routing: steps of up
-  // to kSharedApartMaxTokens rows run them beside it on a second stream, so that their weight reads
-  // fill the routing's latency-bound launches, unless the router is folded (no router product, so
-  // little routing to fill: beside the route alone they measured 0.9% slower at batch 1 than in the
-  // grouped products, and they lost the SMs to the routed products' blocks waiting for the route).
-  // Up to kFoldSharedMaxTokens rows they join the routed ones in the grouped products (one row per
-  // token, weight 1 in the combine): no extra launches, and they stream like any expert.
-  // Prefill-sized steps run them on cuBLAS.
+  // to kSharedApartMaxTokens rows with a router product, and of kSharedApartFoldedMinTokens to
+  // kSharedApartFoldedMaxTokens with the router folded, run them beside it on a second stream, so
+  // that their weight reads fill the routing's latency-bound launches. Not at one token (router
+  // folded: the routing is one launch, and beside it they measured 0.9% slower at batch 1 than in the
+  // grouped products, losing the SMs to the routed products' blocks waiting for the route), nor
+  // below 8 tokens or past 48 (4 and 64 measured slower). Otherwise up to
+  // kFoldSharedMaxTokens rows they join the routed ones in the grouped products (one row per token,
+  // weight 1 in the combine): no extra launches, and they stream like any expert. Prefill-sized steps
+  // run them on cuBLAS.
   const int32_t E = shard_.num_routed, k = static_cast<int32_t>(c.num_experts_per_tok);
   const int32_t shared = shard_.num_shared();
   const bool router_folded = RouterFolded(l, T);
-  const bool apart = shared > 0 && rows <= kSharedApartMaxTokens && !router_folded;
+  const bool apart = shared > 0 && (router_folded ? rows >= kSharedApartFoldedMinTokens &&
+                                                        rows <= kSharedApartFoldedMaxTokens
+                                                  : rows <= kSharedApartMaxTokens);
   const int32_t folded = !apart && rows <= kFoldSharedMaxTokens ? shared : 0;
   const int64_t inter = c.moe_intermediate_size;
-  MoeCombineAdd add;
-  if (apart) {
-    COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, x, rows));
-    add = {ws_.shared_rows, shared};
-  }
   const int64_t all_experts = c.n_routed_experts;
   MoeRouterFold fold;
   if (router_folded) {
     // The parts Attention left: past the input projection's own columns, and o_proj's tail (or the
-    // side stream's product, joined here).
+    // side stream's product, joined here, before the shared experts take the side stream).
     fold = {ws_.projected + InputProjectionWidth(c), ProjectedStride(l, T), ws_.router_logits, ws_.inv_rms_in,
             ws_.inv_rms_post};
     if (RouterPartBeside(l, T)) COHORT_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, side_join_, 0));
-  } else {
+  }
+  MoeCombineAdd add;
+  if (apart) {  // forked before the router product, where there is one: they stream beside it
+    COHORT_RETURN_IF_ERROR(SharedExpertsApart(l, x, rows));
+    add = {ws_.shared_rows, shared};
+  }
+  if (!router_folded) {
     COHORT_RETURN_IF_ERROR(Product(rows, all_experts, H, {x, H}, {l.router.data, H},
                                    {ws_.router_logits, all_experts, 0, CUDA_R_32F}));
   }
