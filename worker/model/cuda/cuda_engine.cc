@@ -90,9 +90,11 @@ constexpr int64_t kSharedApartMaxTokens = 2;
 // With the router folded, steps of this many tokens run them apart too: from the post-attention norm
 // (and the router's part beside o_proj, past kRouterTailMaxTokens) on, their 35 MB stream beside
 // the route's launch instead of after it in the routed products. Against the routed products (H200,
-// cohort bench step, three runs each, contexts 1024 / 4096, two device calls, batch sizes padded to
-// these graph buckets): 8 rows -0.3 to -0.8%, 16 rows 0.0 to -0.8%, 24 rows -0.3 to -1.9%, 32 rows
-// -1.0 to -2.1%, 48 rows 0.0 to -0.9%; but 4 rows +0.8 / +0.9% and 64 rows +0.3 to +0.6%.
+// cohort bench step, contexts 1024 / 4096, medians of 3-5 runs, four device calls, batch sizes
+// padded to these graph buckets): 8 rows -0.2 to -0.8%, 16 rows -0.8 to +0.7%, 24 rows -0.3 to
+// -1.9% and 32 rows -1.0 to -2.1% in three calls, +1.2% and +0.1 / +0.2% in the fourth (whose runs
+// of this code were all slow together: a mode of a process, not of its steps), 48 rows -0.9 to
+// +0.2%; but 4 rows +0.8 / +0.9% and 64 rows +0.3 to +0.6%.
 constexpr int64_t kSharedApartFoldedMinTokens = 8;
 constexpr int64_t kSharedApartFoldedMaxTokens = 48;
 // Routed ids per token in the shared experts' own routing (SharedExpertsApart): all -1, so one is
