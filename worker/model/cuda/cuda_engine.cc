@@ -84,8 +84,8 @@ constexpr int64_t kFoldSharedMaxTokens = 512;
 // Steps of up to this many tokens run the shared experts on a second stream, beside the routing
 // (SharedExpertsApart), where the layer keeps its router product. cohort bench step, V2-Lite on an
 // H200, same device call: batch 1 and 2 steps 2% faster than with the shared experts folded into
-// the routed products; batch 4 and up 1-3% slower. With the router folded (RouterFolded, one GPU:
-// batch 1) the routing is one launch and they run in the routed products again.
+// the routed products; batch 4 and up 1-3% slower. With the router folded (RouterFolded) at one
+// token the routing is one launch and they run in the routed products again; at 8-48, below.
 constexpr int64_t kSharedApartMaxTokens = 2;
 // With the router folded, steps of this many tokens run them apart too: from the post-attention norm
 // (and the router's part beside o_proj, past kRouterTailMaxTokens) on, their 35 MB stream beside
@@ -284,8 +284,9 @@ class CudaEngine final : public ShardEngine {
   absl::Status GatherRows(const bf16* rows, bf16* all, int64_t T);
   absl::Status ReduceScatterMoe(const MoeRouting& routing, const MoeCombineAdd& add, int64_t rows);
   // Launches a small step's shared experts on the rows x on side_stream_, which forks from stream_
-  // here (after the post-attention norm, and the gather of every GPU's rows) and joins it again in
-  // FeedForward before the combine; they leave their S outputs in ws_.shared_rows.
+  // here (after the post-attention norm, the gather of every GPU's rows, and the join of a folded
+  // router's part beside o_proj) and joins it again in FeedForward before the combine; they leave
+  // their S outputs in ws_.shared_rows.
   absl::Status SharedExpertsApart(const DeviceLayer& layer, const bf16* x, int64_t num_tokens);
   // side_stream_ waits for what stream_ has queued so far; work queued on it after runs beside
   // stream_'s next launches until side_join_ is recorded there and waited for on stream_.
