@@ -230,7 +230,7 @@ __global__ void WriteKvCacheKernel(const float* __restrict__ kv, int64_t kv_row_
     if (tiles > 0) {
       const int tile = i * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
       if (tile >= tiles) return;
-      const int n_blocks = (tiled.n_out + head_gemm::kColumns - 1) / head_gemm::kColumns;
+      const int n_blocks = head_gemm::ColumnBlocks(tiled.n_out);
       head_gemm::Tile<kAbsorbTileWarpsM, kAbsorbTileSplitK>(tiled, tile % n_blocks, tile / n_blocks % tiled.batch,
                                                             tile / n_blocks / tiled.batch);
       return;
@@ -519,8 +519,8 @@ cudaError_t LaunchWriteKvCache(const float* kv, int64_t kv_row_stride, int rows,
       tiled.k = nope;
       tiled.batch = queries.heads;
       if (!HeadGemmSupports(tiled)) return cudaErrorInvalidValue;
-      tiles = (absorb.rank + head_gemm::kColumns - 1) / head_gemm::kColumns * queries.heads *
-              ((absorb.rows + head_gemm::TileRows(kAbsorbTileWarpsM) - 1) / head_gemm::TileRows(kAbsorbTileWarpsM));
+      tiles = head_gemm::ColumnBlocks(absorb.rank) * queries.heads *
+              head_gemm::RowTiles(absorb.rows, kAbsorbTileWarpsM);
       absorb_blocks = (tiles + rows - 1) / rows;
       smem = head_gemm::SmemBytes(kAbsorbTileWarpsM, nope);
     }

@@ -15,8 +15,10 @@
 namespace cohort::kernels {
 namespace {
 
+using head_gemm::ColumnBlocks;
 using head_gemm::kColumns;
 using head_gemm::kThreads;
+using head_gemm::RowTiles;
 using head_gemm::SmemBytes;
 using head_gemm::TileRows;
 
@@ -37,7 +39,7 @@ cudaError_t Launch(const HeadGemmParams& p, cudaStream_t stream) {
       e != cudaSuccess) {
     return e;
   }
-  const dim3 grid((p.n_out + kColumns - 1) / kColumns, p.batch, (p.rows + TileRows(kWarpsM) - 1) / TileRows(kWarpsM));
+  const dim3 grid(ColumnBlocks(p.n_out), p.batch, RowTiles(p.rows, kWarpsM));
   return LaunchPdl(HeadGemmKernel<kWarpsM, kSplitK>, grid, dim3(kThreads * kSplitK), SmemBytes(kWarpsM, p.k), stream,
                    p);
 }
@@ -45,10 +47,8 @@ cudaError_t Launch(const HeadGemmParams& p, cudaStream_t stream) {
 template <int kSplitK>
 cudaError_t LaunchSplit(const HeadGemmParams& p, int sms, cudaStream_t stream) {
   // The tallest tile that still gives every SM a block (or 16 rows).
-  const int64_t column_blocks = int64_t{(p.n_out + kColumns - 1) / kColumns} * p.batch;
-  const auto blocks = [&](int warps_m) {
-    return column_blocks * ((p.rows + TileRows(warps_m) - 1) / TileRows(warps_m));
-  };
+  const int64_t column_blocks = int64_t{ColumnBlocks(p.n_out)} * p.batch;
+  const auto blocks = [&](int warps_m) { return column_blocks * RowTiles(p.rows, warps_m); };
   if (p.rows > 32 && blocks(4) >= sms) return Launch<4, kSplitK>(p, stream);
   if (p.rows > 16 && blocks(2) >= sms) return Launch<2, kSplitK>(p, stream);
   return Launch<1, kSplitK>(p, stream);

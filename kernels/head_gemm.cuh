@@ -29,6 +29,9 @@ constexpr int kPad = 8;       // elements after each shared-memory row: 16 bytes
 static_assert(kHeadGemmMaxK / 8 <= kThreads, "CopyRows: a row's pieces at once");
 
 constexpr int TileRows(int warps_m) { return 16 * warps_m; }
+// Blocks of kColumns output columns, and tiles of TileRows(warps_m) rows, that cover a product.
+constexpr int ColumnBlocks(int n_out) { return (n_out + kColumns - 1) / kColumns; }
+constexpr int RowTiles(int rows, int warps_m) { return (rows + TileRows(warps_m) - 1) / TileRows(warps_m); }
 
 // The operands, or the split groups' fp32 sums of the whole tile where those take more (short K).
 constexpr size_t SmemBytes(int warps_m, int k) {
